@@ -1,0 +1,245 @@
+use std::future::Future;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::time::Duration;
+
+use prost::Message;
+
+use crate::proto::{Features, Opts, Req, ReqType, Resp};
+use crate::swrk::Session;
+use crate::Error;
+
+/// A NOTIFY message from CRIU: the script name (`pre-dump`, `post-dump`,
+/// `setup-namespaces`, …), the pid it concerns, and the fd it carried (only
+/// `orphan-pts-master` sends one).
+#[derive(Debug)]
+pub struct Notify {
+    pub script: String,
+    pub pid: Option<i32>,
+    pub fd: Option<OwnedFd>,
+}
+
+pub type NotifyFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+
+/// Answers CRIU's notifications. `Err` makes CRIU abort the request.
+pub trait NotifyHandler: Send {
+    fn notify(&mut self, n: Notify) -> NotifyFuture<'_>;
+}
+
+impl<F, Fut> NotifyHandler for F
+where
+    F: FnMut(Notify) -> Fut + Send,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
+    fn notify(&mut self, n: Notify) -> NotifyFuture<'_> {
+        Box::pin(self(n))
+    }
+}
+
+/// A handler that acknowledges every notification.
+pub fn ack_all() -> impl NotifyHandler {
+    |_n: Notify| async { Ok(()) }
+}
+
+/// CRIU's version as the VERSION request reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Version {
+    pub major: i32,
+    pub minor: i32,
+    pub sublevel: i32,
+    pub gitid: Option<String>,
+}
+
+impl Version {
+    /// The number the container stack compares (major·10000 + minor·100 + sublevel);
+    /// a git build counts as the next minor, as go-criu does.
+    pub fn number(&self) -> i32 {
+        let minor = if self.gitid.as_deref().is_some_and(|g| !g.is_empty()) { self.minor + 1 } else { self.minor };
+        self.major * 10000 + minor * 100 + if self.gitid.is_some() { 0 } else { self.sublevel }
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.sublevel)
+    }
+}
+
+/// A CRIU binary driven over RPC; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Criu {
+    binary: PathBuf,
+    grace: Duration,
+}
+
+impl Default for Criu {
+    fn default() -> Self {
+        Criu::new("criu")
+    }
+}
+
+impl Criu {
+    pub fn new(binary: impl Into<PathBuf>) -> Self {
+        Criu { binary: binary.into(), grace: Duration::from_secs(10) }
+    }
+
+    /// How long a CRIU whose request was dropped may take to exit by itself before
+    /// it is killed (see the crate docs).
+    pub fn with_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    pub fn grace(&self) -> Duration {
+        self.grace
+    }
+
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+
+    pub async fn version(&self) -> Result<Version, Error> {
+        let resp = self.request(simple(ReqType::Version), &mut ack_all(), Vec::new()).await?;
+        let v = resp.version.ok_or(Error::Protocol { sent: ReqType::Version, got: ReqType::Empty })?;
+        Ok(Version {
+            major: v.major_number,
+            minor: v.minor_number,
+            sublevel: v.sublevel.unwrap_or(0),
+            gitid: v.gitid.filter(|g| !g.is_empty()),
+        })
+    }
+
+    /// CRIU's own kernel check (`criu check` over RPC). CRIU needs a directory for
+    /// its log, or it fails without saying why: a private temporary one is used,
+    /// and its log tail is in the error.
+    pub async fn check(&self) -> Result<(), Error> {
+        let dir = tempfile::Builder::new().prefix("criu-check-").tempdir()?;
+        let fd = std::fs::File::open(dir.path())?;
+        let mut req = simple(ReqType::Check);
+        req.opts = Some(Opts {
+            images_dir_fd: fd.as_raw_fd(),
+            log_file: Some("check.log".into()),
+            log_level: Some(4),
+            ..Default::default()
+        });
+        self.request(req, &mut ack_all(), Vec::new()).await.map(drop)
+    }
+
+    /// Asks which of `wanted`'s features the kernel and CRIU support.
+    pub async fn feature_check(&self, wanted: Features) -> Result<Features, Error> {
+        let mut req = simple(ReqType::FeatureCheck);
+        req.features = Some(wanted);
+        let resp = self.request(req, &mut ack_all(), Vec::new()).await?;
+        Ok(resp.features.unwrap_or_default())
+    }
+
+    pub async fn dump(&self, opts: Opts, handler: &mut dyn NotifyHandler) -> Result<Resp, Error> {
+        let mut req = simple(ReqType::Dump);
+        req.opts = Some(opts);
+        self.request(req, handler, Vec::new()).await
+    }
+
+    /// Restores; `inherit[i]` appears in CRIU as fd `4 + i` for `opts.inherit_fd`.
+    /// Returns the pid of the restored root task.
+    pub async fn restore(&self, opts: Opts, handler: &mut dyn NotifyHandler, inherit: Vec<OwnedFd>) -> Result<i32, Error> {
+        let mut req = simple(ReqType::Restore);
+        req.opts = Some(opts);
+        let resp = self.request(req, handler, inherit).await?;
+        resp.restore.map(|r| r.pid).ok_or(Error::Protocol { sent: ReqType::Restore, got: ReqType::Empty })
+    }
+
+    /// Sends one request, serves notifications, returns the final successful response.
+    pub async fn request(&self, req: Req, handler: &mut dyn NotifyHandler, inherit: Vec<OwnedFd>) -> Result<Resp, Error> {
+        let sent = req.r#type();
+        let log = req.opts.as_ref().and_then(LogFile::of);
+        let mut session = Session::spawn(&self.binary, &inherit, self.grace)?;
+        drop(inherit);
+        session.sock.send(&req.encode_to_vec()).await?;
+        let mut refused: Option<(String, String)> = None;
+        loop {
+            let Some((buf, fd)) = session.sock.recv().await? else {
+                let status = session.exit_status().await;
+                return Err(Error::Crashed { req: sent, status, stderr: session.stderr(), log_tail: log_tail(&log) });
+            };
+            let resp = Resp::decode(buf.as_slice())?;
+            if resp.r#type() == ReqType::Notify {
+                let n = resp.notify.unwrap_or_default();
+                let script = n.script.unwrap_or_default();
+                tracing::debug!(%script, pid = ?n.pid, "CRIU notify");
+                let result = handler.notify(Notify { script: script.clone(), pid: n.pid, fd }).await;
+                let ack = Req { r#type: ReqType::Notify as i32, notify_success: Some(result.is_ok()), ..Default::default() };
+                if let Err(reason) = result {
+                    refused = Some((script, reason));
+                }
+                session.sock.send(&ack.encode_to_vec()).await?;
+                continue;
+            }
+            // The final response. CRIU exits by itself now; `session`'s drop reaps it
+            // off this path so the caller can thaw the container without waiting.
+            if let Some((script, reason)) = refused {
+                return Err(Error::NotifyAborted { req: sent, script, reason, log_tail: log_tail(&log) });
+            }
+            if !resp.success {
+                return Err(Error::Failed {
+                    req: sent,
+                    cr_errno: resp.cr_errno.filter(|e| *e != 0),
+                    cr_errmsg: resp.cr_errmsg,
+                    log_tail: log_tail(&log),
+                });
+            }
+            if resp.r#type() != sent {
+                return Err(Error::Protocol { sent, got: resp.r#type() });
+            }
+            return Ok(resp);
+        }
+    }
+}
+
+fn simple(t: ReqType) -> Req {
+    Req { r#type: t as i32, ..Default::default() }
+}
+
+/// Where CRIU writes its log: `log_file` in the work dir, which defaults to the images dir.
+/// Both are fds of this process, so the log is reachable through a duplicate of the fd.
+struct LogFile {
+    dir: OwnedFd,
+    name: std::ffi::CString,
+}
+
+impl LogFile {
+    fn of(opts: &Opts) -> Option<LogFile> {
+        let name = opts.log_file.as_deref()?;
+        let dir_fd: RawFd = opts.work_dir_fd.unwrap_or(opts.images_dir_fd);
+        if dir_fd < 0 {
+            return None;
+        }
+        // SAFETY: duplicating a descriptor the caller keeps open for the request.
+        let dup = unsafe { libc::fcntl(dir_fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return None;
+        }
+        // SAFETY: dup is a fresh descriptor we own.
+        Some(LogFile { dir: unsafe { OwnedFd::from_raw_fd(dup) }, name: std::ffi::CString::new(name).ok()? })
+    }
+}
+
+/// The last lines of CRIU's log, for error reports.
+fn log_tail(log: &Option<LogFile>) -> String {
+    const TAIL: u64 = 3000;
+    let Some(log) = log else { return String::new() };
+    // SAFETY: openat on a directory fd we own with a NUL-terminated name.
+    let fd = unsafe { libc::openat(log.dir.as_raw_fd(), log.name.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW) };
+    if fd < 0 {
+        return String::new();
+    }
+    // SAFETY: fd was just opened and is owned by the File from here on.
+    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+    let len = f.seek(SeekFrom::End(0)).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(TAIL)));
+    let mut s = String::new();
+    let _ = f.read_to_string(&mut s);
+    let s = if len > TAIL { s.split_once('\n').map(|(_, rest)| rest).unwrap_or(&s) } else { &s };
+    s.trim_end().to_string()
+}

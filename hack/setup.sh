@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Installs everything ckpt-shim needs to build and test on a fresh Debian 12 machine.
+# Idempotent: every step checks whether it is already done. Run as root.
+set -euo pipefail
+
+CRIU_VERSION=4.1.1
+CRIU_TARBALL=criu_${CRIU_VERSION}.orig.tar.xz
+CRIU_SHA256=f80a66cb3726bb2116266d4759ce3bcbfab7abdb6b6d430bf20dd41911717afe
+CACHE=${CKPT_SHIM_CACHE:-/var/cache/ckpt-shim}
+installed=()
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+[ "$(id -u)" = 0 ] || { echo "hack/setup.sh must run as root" >&2; exit 1; }
+export DEBIAN_FRONTEND=noninteractive
+
+PKGS=(
+  # build and protocol compilers
+  build-essential pkg-config protobuf-compiler libprotobuf-dev
+  # the container stack the tests drive
+  runc containerd containernetworking-plugins busybox-static umoci skopeo iproute2 xz-utils
+  # CRIU 4.1.1 build dependencies
+  libprotobuf-c-dev protobuf-c-compiler libnl-3-dev libnl-route-3-dev libcap-dev libaio-dev
+  libnet1-dev libgnutls28-dev libbsd-dev uuid-dev python3-protobuf iptables
+)
+
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing Debian packages: ${missing[*]}"
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  installed+=("${missing[@]}")
+fi
+
+# Debian 12's criu 3.17 fails on this kernel (vdso bounds); never let it be the criu in PATH.
+if dpkg-query -W -f='${Status}' criu 2>/dev/null | grep -q "install ok installed"; then
+  log "removing Debian 12's criu 3.17"
+  apt-get remove -y -qq criu >/dev/null
+fi
+
+criu_ok() { [ -x /usr/local/sbin/criu ] && /usr/local/sbin/criu --version 2>/dev/null | grep -q "Version: ${CRIU_VERSION}"; }
+if ! criu_ok; then
+  mkdir -p "$CACHE" && chmod 0700 "$CACHE"
+  if [ ! -f "$CACHE/$CRIU_TARBALL" ] || ! echo "$CRIU_SHA256  $CACHE/$CRIU_TARBALL" | sha256sum -c --quiet; then
+    log "fetching $CRIU_TARBALL from Debian 13's source archive"
+    # A deb-src entry only: it can never upgrade a binary package (libc6 stays bookworm's).
+    echo "deb-src http://deb.debian.org/debian trixie main" > /etc/apt/sources.list.d/ckpt-shim-trixie-src.list
+    apt-get update -qq -o Dir::Etc::sourcelist=/etc/apt/sources.list.d/ckpt-shim-trixie-src.list \
+      -o Dir::Etc::sourceparts=- -o APT::Get::List-Cleanup=0
+    # The .dsc and debian.tar may 404; the orig tarball is what we need, so tolerate failure and check it.
+    (cd "$CACHE" && apt-get source --download-only -qq "criu/trixie" >/dev/null 2>&1 || true)
+    [ -f "$CACHE/$CRIU_TARBALL" ] || { echo "could not download $CRIU_TARBALL" >&2; exit 1; }
+    echo "$CRIU_SHA256  $CACHE/$CRIU_TARBALL" | sha256sum -c --quiet || { echo "bad sha256 for $CRIU_TARBALL" >&2; exit 1; }
+  fi
+  log "building CRIU $CRIU_VERSION"
+  build=$(mktemp -d)
+  tar -xf "$CACHE/$CRIU_TARBALL" -C "$build"
+  src=$(find "$build" -maxdepth 1 -mindepth 1 -type d | head -n1)
+  make -C "$src" -j"$(nproc)" criu >"$build/build.log" 2>&1 || { tail -n 40 "$build/build.log" >&2; exit 1; }
+  install -D -m 0755 "$src/criu/criu" /usr/local/sbin/criu
+  rm -rf "$build"
+  installed+=("criu-$CRIU_VERSION")
+fi
+hash -r
+[ "$(command -v criu)" = /usr/local/sbin/criu ] || { echo "criu in PATH is $(command -v criu), expected /usr/local/sbin/criu" >&2; exit 1; }
+
+# Rust toolchain: the machine ships one; a fresh generic machine gets it from Debian if missing.
+command -v cargo >/dev/null || { echo "cargo not found: install the Rust toolchain" >&2; exit 1; }
+
+criu check >/dev/null 2>&1 || { criu check >&2; echo "criu check failed" >&2; exit 1; }
+log "criu check passed ($(criu --version | head -n1))"
+if [ ${#installed[@]} -gt 0 ]; then log "installed: ${installed[*]}"; else log "nothing to install"; fi

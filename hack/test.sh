@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set-up, then the whole test suite. Tests need root, CRIU 4.1.1, runc and containerd;
+# they fail (never skip) when a part is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash hack/setup.sh
+export PATH="/usr/local/sbin:$PATH"
+# Tests start real containers and CRIU processes: keep their number bounded on 2 cores.
+cargo test --workspace --locked -- --test-threads=2

@@ -1,0 +1,2 @@
+//! ckpt-shim: checkpoints running containers into the archive Kubernetes tools read,
+//! driving CRIU directly over its RPC.
