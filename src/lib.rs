@@ -1,2 +1,19 @@
 //! ckpt-shim: checkpoints running containers into the archive Kubernetes tools read,
 //! driving CRIU directly over its RPC.
+//!
+//! The data path, one module per step: [`locate`] → [`freeze`] → [`dump`] →
+//! [`collect`] → [`archive`], run by [`checkpoint`]; [`restore`] and [`inspect`]
+//! read archives back.
+
+pub mod archive;
+pub mod checkpoint;
+pub mod collect;
+pub mod dump;
+pub mod error;
+pub mod freeze;
+pub mod locate;
+pub mod mountinfo;
+
+pub use error::{Error, Result};
+pub mod inspect;
+pub mod restore;

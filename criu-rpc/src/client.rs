@@ -26,6 +26,9 @@ pub type NotifyFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Se
 /// Answers CRIU's notifications. `Err` makes CRIU abort the request.
 pub trait NotifyHandler: Send {
     fn notify(&mut self, n: Notify) -> NotifyFuture<'_>;
+
+    /// Called with CRIU's pid once it is spawned, e.g. to watch for its exit.
+    fn spawned(&mut self, _pid: u32) {}
 }
 
 impl<F, Fut> NotifyHandler for F
@@ -156,6 +159,7 @@ impl Criu {
         let log = req.opts.as_ref().and_then(LogFile::of);
         let mut session = Session::spawn(&self.binary, &inherit, self.grace)?;
         drop(inherit);
+        handler.spawned(session.pid());
         session.sock.send(&req.encode_to_vec()).await?;
         let mut refused: Option<(String, String)> = None;
         loop {

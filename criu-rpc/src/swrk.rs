@@ -68,6 +68,10 @@ impl Session {
         Ok(Session { sock: SeqPacket::new(ours)?, child: Some(child), stderr, grace })
     }
 
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
     pub(crate) fn stderr(&self) -> String {
         String::from_utf8_lossy(&self.stderr.lock().unwrap_or_else(|p| p.into_inner())).trim().to_string()
     }

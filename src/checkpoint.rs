@@ -1,0 +1,262 @@
+//! The whole checkpoint: freeze → dump → collect → archive, with the container
+//! thawed as soon as CRIU answers and nothing left behind on failure.
+
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criu_rpc::proto::DumpStatsEntry;
+use criu_rpc::{Criu, Notify};
+
+use crate::archive::{ArchiveWriter, Target};
+use crate::collect::{self, Overlay, RootfsDiff};
+use crate::dump::{self, DumpSettings, DumpTarget};
+use crate::error::{Context, Error, Result};
+use crate::freeze::Freezer;
+use crate::locate::Container;
+use crate::mountinfo;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub location: PathBuf,
+    /// The request's budget; `None` is unbounded.
+    pub deadline: Option<Instant>,
+    pub criu: Criu,
+    pub settings: DumpSettings,
+}
+
+/// What a checkpoint did and how long each phase took.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub location: PathBuf,
+    pub archive_bytes: u64,
+    /// Bytes moved by copy_file_range (the rest was headers and small files).
+    pub copied_bytes: u64,
+    pub phases: Vec<(&'static str, Duration)>,
+    /// How long the container was frozen by us (zero if it was paused already).
+    pub frozen: Duration,
+    pub was_paused: bool,
+    pub stats: Option<DumpStatsEntry>,
+    pub rootfs_entries: u64,
+    pub deleted_files: usize,
+    /// The staging removal, running in the background.
+    pub cleanup: Cleanup,
+}
+
+/// Removal of the staging dir, off the request path. A long-lived server drops it;
+/// a one-shot command waits so nothing is left when it exits.
+#[derive(Debug, Default)]
+pub struct Cleanup(Option<std::thread::JoinHandle<()>>);
+
+impl Cleanup {
+    pub fn wait(mut self) {
+        if let Some(h) = self.0.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+struct Phases {
+    at: Instant,
+    list: Vec<(&'static str, Duration)>,
+}
+
+impl Phases {
+    fn mark(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.list.push((name, now - self.at));
+        self.at = now;
+    }
+}
+
+/// Checkpoints `c` into `opts.location`.
+///
+/// The work runs in its own task: if this future is dropped (a cancelled gRPC
+/// call), the task sees it, thaws the container, lets CRIU wind down, removes what
+/// it wrote, and ends; nothing is abandoned halfway.
+pub async fn checkpoint(c: &Container, opts: &Options) -> Result<Report> {
+    let (keep_going, cancelled) = tokio::sync::watch::channel(());
+    let task = tokio::spawn(run(c.clone(), opts.clone(), cancelled));
+    let res = task.await.map_err(|e| Error::Other(format!("checkpoint task failed: {e}")))?;
+    drop(keep_going);
+    res
+}
+
+/// Answers CRIU during a dump: refuses post-dump once the request has expired,
+/// so CRIU aborts and releases the tasks, and registers CRIU for the freeze guard.
+struct DumpHandler {
+    expired: Arc<AtomicBool>,
+    criu: crate::freeze::CriuWatch,
+}
+
+impl criu_rpc::NotifyHandler for DumpHandler {
+    fn notify(&mut self, n: Notify) -> criu_rpc::NotifyFuture<'_> {
+        let refuse = self.expired.load(Ordering::SeqCst) && n.script == "post-dump";
+        Box::pin(async move { if refuse { Err("request expired".to_string()) } else { Ok(()) } })
+    }
+
+    fn spawned(&mut self, pid: u32) {
+        crate::freeze::watch_pid(&self.criu, pid);
+    }
+}
+
+async fn run(c: Container, opts: Options, mut cancelled: tokio::sync::watch::Receiver<()>) -> Result<Report> {
+    let c = &c;
+    let mut ph = Phases { at: Instant::now(), list: Vec::new() };
+    let deadline = opts.deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 86400));
+    let target = Target::new(&opts.location)?;
+
+    // Staging on the archive's file system, 0700, fresh for every checkpoint.
+    let staging = tempfile::Builder::new()
+        .prefix(".ckpt-shim-staging-")
+        .permissions(std::fs::Permissions::from(std::os::unix::fs::PermissionsExt::from_mode(0o700)))
+        .tempdir_in(&target.dir_path)
+        .ctx(|| format!("create staging dir in {}", target.dir_path.display()))?;
+    let images_path = staging.path().join("checkpoint");
+    std::fs::DirBuilder::new().mode(0o700).create(&images_path).ctx(|| "create images dir".into())?;
+    write_new(&images_path.join("descriptors.json"), &collect::descriptors(c.pid))?;
+    let images: OwnedFd = File::open(&images_path).ctx(|| "open images dir".into())?.into();
+    let work: OwnedFd = File::open(staging.path()).ctx(|| "open staging dir".into())?.into();
+
+    let mounts = mountinfo::read(c.pid)?;
+    let freezer = Freezer::for_pid(c.pid)?;
+    let timeout_secs = deadline.saturating_duration_since(Instant::now()).as_secs().clamp(1, u32::MAX as u64) as u32;
+    let criu_opts = dump::criu_opts(
+        &DumpTarget { pid: c.pid, spec: &c.spec, rootfs: &c.rootfs, mounts: &mounts, freeze_cgroup: freezer.path() },
+        &images,
+        &work,
+        timeout_secs,
+        &opts.settings,
+    )?;
+    ph.mark("prepare");
+
+    let guard = freezer.freeze(&c.id, deadline).await?;
+    ph.mark("freeze");
+
+    // The rootfs diff is taken while CRIU dumps: the container is frozen throughout,
+    // so files match memory, and the walk costs no extra frozen time.
+    let overlay = Overlay::of_root(&mounts);
+    let diff_task = overlay.map(|ov| {
+        let (mounts, spec) = (mounts.clone(), c.spec.clone());
+        let out = create_new(&staging.path().join("rootfs-diff.tar"));
+        tokio::task::spawn_blocking(move || collect::rootfs_diff(&ov, &mounts, &spec, out?))
+    });
+
+    let expired = Arc::new(AtomicBool::new(false));
+    let mut handler = DumpHandler { expired: expired.clone(), criu: guard.criu_watch() };
+    let dump = opts.criu.dump(criu_opts, &mut handler);
+    tokio::pin!(dump);
+    let why = tokio::select! {
+        r = &mut dump => Ok(r),
+        _ = tokio::time::sleep_until(deadline.into()) => Err(Error::DeadlineExceeded("dump")),
+        _ = cancelled.changed() => Err(Error::Cancelled),
+    };
+    let resp = match why {
+        Ok(r) => r,
+        Err(e) => {
+            // Thaw at once so CRIU never waits on a frozen task, let it finish or
+            // fail by itself within its grace, then thaw again (dropping the guard):
+            // CRIU re-freezes the cgroup it found frozen when it ends.
+            expired.store(true, Ordering::SeqCst);
+            guard.thaw_now();
+            let _ = tokio::time::timeout(opts.criu.grace(), &mut dump).await;
+            return Err(e);
+        }
+    };
+    let was_paused = guard.was_paused();
+    let frozen = guard.thaw();
+    resp?;
+    let frozen = frozen?;
+    ph.mark("dump");
+
+    let diff: Option<RootfsDiff> = match diff_task {
+        Some(t) => Some(t.await.map_err(|e| Error::Other(format!("rootfs diff task: {e}")))??),
+        None => None,
+    };
+    ph.mark("rootfs-diff");
+    expire_check(deadline, &cancelled, "rootfs diff")?;
+
+    let stats = std::fs::read(staging.path().join("stats-dump")).ok().and_then(|b| criu_rpc::stats::parse_dump_stats(&b).ok());
+    let checkpointed = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+    let mut w = ArchiveWriter::create(&target)?;
+    w.add_bytes("config.dump", &collect::config_dump(c, &checkpointed))?;
+    w.add_bytes("spec.dump", &c.spec_raw)?;
+    for top in ["stats-dump", "dump.log"] {
+        if let Ok(f) = File::open(staging.path().join(top)) {
+            w.add_file(top, &f)?;
+        }
+    }
+    w.add_dir("checkpoint")?;
+    let mut images_list: Vec<_> = std::fs::read_dir(&images_path).ctx(|| "list images".into())?.filter_map(|e| e.ok()).collect();
+    // Small images first, pages last: the big copies then run back to back.
+    images_list.sort_by_key(|e| (e.metadata().map(|m| m.len()).unwrap_or(0) > 1 << 20, e.file_name()));
+    for e in images_list {
+        let f = File::open(e.path()).ctx(|| format!("open {}", e.path().display()))?;
+        w.add_file(&format!("checkpoint/{}", e.file_name().to_string_lossy()), &f)?;
+        expire_check(deadline, &cancelled, "archive")?;
+    }
+    if let Some(d) = &diff {
+        let f = File::open(staging.path().join("rootfs-diff.tar")).ctx(|| "open rootfs-diff.tar".into())?;
+        w.add_file("rootfs-diff.tar", &f)?;
+        if !d.deleted.is_empty() {
+            w.add_bytes("deleted.files", &serde_json::to_vec(&d.deleted).expect("strings serialise"))?;
+        }
+    }
+    if let Some(b) = collect::bind_mounts(&c.spec) {
+        w.add_bytes("bind.mounts", &b)?;
+    }
+    let copied = w.copied;
+    let archive_bytes = w.commit()?;
+    ph.mark("archive");
+
+    // Deleting GiBs of images costs real time: do it off the request path.
+    let staged = staging.keep();
+    let cleanup = Cleanup(Some(std::thread::spawn(move || {
+        if let Err(e) = std::fs::remove_dir_all(&staged) {
+            tracing::warn!(dir = %staged.display(), "could not remove staging: {e}");
+        }
+    })));
+    Ok(Report {
+        location: target.path.clone(),
+        archive_bytes,
+        copied_bytes: copied,
+        phases: ph.list,
+        frozen,
+        was_paused,
+        stats,
+        rootfs_entries: diff.as_ref().map(|d| d.entries).unwrap_or(0),
+        deleted_files: diff.as_ref().map(|d| d.deleted.len()).unwrap_or(0),
+        cleanup,
+    })
+}
+
+/// Fails once the deadline has passed or the caller has gone.
+fn expire_check(deadline: Instant, cancelled: &tokio::sync::watch::Receiver<()>, phase: &'static str) -> Result<()> {
+    if cancelled.has_changed().is_err() {
+        return Err(Error::Cancelled);
+    }
+    if Instant::now() >= deadline {
+        return Err(Error::DeadlineExceeded(phase));
+    }
+    Ok(())
+}
+
+/// A new root-only file (never follows or reuses an existing name).
+fn create_new(path: &std::path::Path) -> Result<File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .ctx(|| format!("create {}", path.display()))
+}
+
+fn write_new(path: &std::path::Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    create_new(path)?.write_all(data).ctx(|| format!("write {}", path.display()))
+}

@@ -1,0 +1,71 @@
+use std::path::PathBuf;
+
+/// Everything a checkpoint or restore can fail with. The CRI server maps these to
+/// gRPC codes in one place (`Error::grpc_code`).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    #[error("container {0:?} not found")]
+    NotFound(String),
+
+    #[error("container ID prefix {prefix:?} is ambiguous: matches {}", .matches.join(", "))]
+    Ambiguous { prefix: String, matches: Vec<String> },
+
+    #[error("container {id} is not running ({state})")]
+    NotRunning { id: String, state: String },
+
+    #[error("{0} already exists")]
+    AlreadyExists(PathBuf),
+
+    #[error("no space left writing {0}")]
+    NoSpace(PathBuf),
+
+    #[error("deadline exceeded during {0}")]
+    DeadlineExceeded(&'static str),
+
+    #[error("cancelled by the caller")]
+    Cancelled,
+
+    #[error("cgroup of container {id} did not freeze within the deadline (state {state})")]
+    FreezeTimeout { id: String, state: String },
+
+    #[error("unsafe archive member {0:?}")]
+    UnsafeArchive(String),
+
+    #[error("{0}")]
+    Criu(#[from] criu_rpc::Error),
+
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+
+    #[error("{0}")]
+    Other(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Adds what was being done to an I/O error, and recognises a full disk.
+pub(crate) trait Context<T> {
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> Context<T> for std::io::Result<T> {
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| {
+            let context = what();
+            if source.raw_os_error() == Some(libc::ENOSPC) || source.raw_os_error() == Some(libc::EDQUOT) {
+                Error::NoSpace(PathBuf::from(context))
+            } else {
+                Error::Io { context, source }
+            }
+        })
+    }
+}
+
+impl<T> Context<T> for nix::Result<T> {
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(std::io::Error::from).ctx(what)
+    }
+}

@@ -1,0 +1,194 @@
+//! Step 2: freeze the container's cgroup ourselves, polling about every millisecond
+//! (CRIU's own wait sleeps in 100 ms steps), behind a guard that thaws on every
+//! path: error, deadline, cancellation (drop) and panic (unwind).
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::error::{Context, Error, Result};
+use crate::mountinfo;
+
+const POLL: Duration = Duration::from_millis(1);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Freezer {
+    /// cgroup v1 freezer directory (`freezer.state`).
+    V1(PathBuf),
+    /// cgroup v2 directory (`cgroup.freeze`, `cgroup.events`).
+    V2(PathBuf),
+}
+
+impl Freezer {
+    /// The freezer of `pid`'s cgroup. On a hybrid host the v1 freezer wins, as runc
+    /// uses it there; CRIU is later given this same path.
+    pub fn for_pid(pid: i32) -> Result<Freezer> {
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ctx(|| format!("read /proc/{pid}/cgroup"))?;
+        let host = mountinfo::read(std::process::id() as i32)?;
+        let mut v2 = None;
+        for line in cgroup.lines() {
+            let mut parts = line.splitn(3, ':');
+            let (_, controllers, path) = (parts.next(), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            if controllers.split(',').any(|c| c == "freezer") {
+                if let Some(m) = host.iter().find(|m| m.fs_type == "cgroup" && m.super_options.split(',').any(|o| o == "freezer")) {
+                    return Ok(Freezer::V1(join_cgroup(&m.mount_point, &m.root, path)));
+                }
+            } else if controllers.is_empty() {
+                if let Some(m) = host.iter().find(|m| m.fs_type == "cgroup2") {
+                    v2 = Some(Freezer::V2(join_cgroup(&m.mount_point, &m.root, path)));
+                }
+            }
+        }
+        v2.ok_or_else(|| Error::Other(format!("no freezer cgroup found for pid {pid}")))
+    }
+
+    pub fn path(&self) -> &Path {
+        match self {
+            Freezer::V1(p) | Freezer::V2(p) => p,
+        }
+    }
+
+    /// Frozen by its own request (a paused container), not just through a parent.
+    pub fn self_frozen(&self) -> Result<bool> {
+        match self {
+            Freezer::V1(p) => Ok(read_trim(&p.join("freezer.self_freezing"))? == "1"),
+            Freezer::V2(p) => Ok(read_trim(&p.join("cgroup.freeze"))? == "1"),
+        }
+    }
+
+    fn fully_frozen(&self) -> Result<bool> {
+        match self {
+            Freezer::V1(p) => Ok(read_trim(&p.join("freezer.state"))? == "FROZEN"),
+            Freezer::V2(p) => Ok(read_trim(&p.join("cgroup.events"))?.lines().any(|l| l == "frozen 1")),
+        }
+    }
+
+    pub fn state(&self) -> String {
+        let file = match self {
+            Freezer::V1(p) => p.join("freezer.state"),
+            Freezer::V2(p) => p.join("cgroup.events"),
+        };
+        read_trim(&file).unwrap_or_else(|e| e.to_string()).replace('\n', " ")
+    }
+
+    fn request(&self, frozen: bool) -> Result<()> {
+        let (file, value) = match self {
+            Freezer::V1(p) => (p.join("freezer.state"), if frozen { "FROZEN" } else { "THAWED" }),
+            Freezer::V2(p) => (p.join("cgroup.freeze"), if frozen { "1" } else { "0" }),
+        };
+        std::fs::write(&file, value).ctx(|| format!("write {value} to {}", file.display()))
+    }
+
+    /// Freezes and waits until every task is frozen, or thaws again and fails at
+    /// `deadline`. An already-paused container is left as it is and stays paused.
+    pub async fn freeze(&self, id: &str, deadline: Instant) -> Result<FreezeGuard> {
+        if self.self_frozen()? {
+            return Ok(FreezeGuard { freezer: self.clone(), thaw: false, frozen_at: Instant::now(), criu: Default::default() });
+        }
+        let guard = FreezeGuard { freezer: self.clone(), thaw: true, frozen_at: Instant::now(), criu: Default::default() };
+        self.request(true)?;
+        let mut polls = 0u32;
+        while !self.fully_frozen()? {
+            if Instant::now() >= deadline {
+                let state = self.state();
+                drop(guard);
+                return Err(Error::FreezeTimeout { id: id.to_string(), state });
+            }
+            polls += 1;
+            // v1 can stall in FREEZING while tasks fork; asking again moves it on.
+            if polls % 50 == 0 {
+                self.request(true)?;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        Ok(guard)
+    }
+}
+
+/// Thaws on drop unless the container was paused before we came.
+///
+/// CRIU, given a pre-frozen cgroup, writes FROZEN back when it finishes, also when
+/// it aborts. So if the guard is dropped while CRIU still runs, it thaws at once
+/// (CRIU must never wait on a frozen task) and thaws again once CRIU has exited.
+#[derive(Debug)]
+pub struct FreezeGuard {
+    freezer: Freezer,
+    thaw: bool,
+    frozen_at: Instant,
+    criu: CriuWatch,
+}
+
+/// A pidfd of the CRIU working on this cgroup, set once it is spawned.
+pub type CriuWatch = Arc<Mutex<Option<OwnedFd>>>;
+
+/// How long a dropped guard waits for CRIU to exit before its final thaw.
+const CRIU_EXIT_WAIT: Duration = Duration::from_secs(60);
+
+impl FreezeGuard {
+    /// Where to register the CRIU process (see [`watch_pid`]).
+    pub fn criu_watch(&self) -> CriuWatch {
+        self.criu.clone()
+    }
+
+    /// Thaws now but stays armed: dropping it thaws again.
+    pub fn thaw_now(&self) {
+        if self.thaw {
+            if let Err(e) = self.freezer.request(false) {
+                tracing::error!(cgroup = %self.freezer.path().display(), "failed to thaw: {e}");
+            }
+        }
+    }
+
+    /// Was the container paused already (and so stays paused)?
+    pub fn was_paused(&self) -> bool {
+        !self.thaw
+    }
+
+    /// Thaws now; returns how long the container was frozen by us.
+    pub fn thaw(mut self) -> Result<Duration> {
+        let held = self.frozen_at.elapsed();
+        if std::mem::take(&mut self.thaw) {
+            self.freezer.request(false)?;
+        }
+        Ok(held)
+    }
+}
+
+impl Drop for FreezeGuard {
+    fn drop(&mut self) {
+        self.thaw_now();
+        let criu = self.criu.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let (true, Some(pidfd)) = (self.thaw, criu) {
+            let freezer = self.freezer.clone();
+            std::thread::spawn(move || {
+                let mut p = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                // SAFETY: one valid pollfd; a pidfd polls readable when the process exits.
+                unsafe { libc::poll(&mut p, 1, CRIU_EXIT_WAIT.as_millis() as i32) };
+                if let Err(e) = freezer.request(false) {
+                    tracing::error!(cgroup = %freezer.path().display(), "failed to thaw after CRIU exited: {e}");
+                }
+            });
+        }
+    }
+}
+
+/// Registers `pid` (CRIU) in a guard's watch slot.
+pub fn watch_pid(slot: &CriuWatch, pid: u32) {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd >= 0 {
+        // SAFETY: a fresh descriptor owned from here on.
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    }
+}
+
+fn join_cgroup(mount_point: &Path, mount_root: &str, path: &str) -> PathBuf {
+    // A cgroup namespace or a bind of a sub-hierarchy shows a mount root other than "/".
+    let rel = path.strip_prefix(mount_root).filter(|_| mount_root != "/").unwrap_or(path);
+    mount_point.join(rel.trim_start_matches('/'))
+}
+
+fn read_trim(p: &Path) -> Result<String> {
+    Ok(std::fs::read_to_string(p).ctx(|| format!("read {}", p.display()))?.trim().to_string())
+}

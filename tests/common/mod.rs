@@ -1,0 +1,252 @@
+//! Test harness: real runc containers from a busybox-static rootfs, on overlayfs
+//! like containerd's, with pipes for stdio. Everything a test starts is stopped
+//! and removed by `Drop`, also when the test fails.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub const SETUP_HINT: &str = "run `hack/setup.sh` as root first";
+
+/// Fails loudly (never skips) when a part the tests need is missing.
+pub fn require(tools: &[&str]) {
+    assert!(nix::unistd::geteuid().is_root(), "integration tests need root: {SETUP_HINT}");
+    for t in tools {
+        let ok = Command::new("sh").arg("-c").arg(format!("command -v {t}")).stdout(Stdio::null()).status().map(|s| s.success()).unwrap_or(false);
+        assert!(ok, "`{t}` is not installed: {SETUP_HINT}");
+    }
+    let v = Command::new("criu").arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    assert!(v.contains("4.1.1"), "CRIU 4.1.1 must be the `criu` in PATH (found {v:?}): {SETUP_HINT}");
+}
+
+pub fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
+    assert!(out.status.success(), "`{cmd}` failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The image: busybox-static plus the counter workload (hack/build-image.sh).
+pub fn image() -> PathBuf {
+    static IMG: OnceLock<PathBuf> = OnceLock::new();
+    IMG.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("busybox-image");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("hack/build-image.sh");
+        sh(&format!("bash {} {}", script.display(), dir.display()));
+        dir
+    })
+    .clone()
+}
+
+/// A fresh overlay on top of the image, mounted at `<dir>/rootfs`.
+pub struct Overlay {
+    pub dir: PathBuf,
+    pub rootfs: PathBuf,
+}
+
+impl Overlay {
+    pub fn new(dir: &Path) -> Overlay {
+        let rootfs = dir.join("rootfs");
+        for d in ["upper", "work", "rootfs"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        sh(&format!(
+            "mount -t overlay overlay -o lowerdir={},upperdir={}/upper,workdir={}/work {}",
+            image().display(),
+            dir.display(),
+            dir.display(),
+            rootfs.display()
+        ));
+        Overlay { dir: dir.to_path_buf(), rootfs }
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.rootfs, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// A container run by runc in its own state root, counting into /tmp/count.
+pub struct Runc {
+    pub id: String,
+    pub root: PathBuf,
+    pub bundle: PathBuf,
+    pub overlay: Overlay,
+    pub output: Arc<Mutex<Vec<u8>>>,
+    pub cgroup: String,
+    _tmp: tempfile::TempDir,
+}
+
+pub struct Spec {
+    pub mib: u32,
+    /// Send the container's stdout to this host file instead of a pipe.
+    pub stdout_file: bool,
+}
+
+impl Default for Spec {
+    fn default() -> Self {
+        Spec { mib: 1, stdout_file: false }
+    }
+}
+
+impl Runc {
+    pub fn start(id: &str) -> Runc {
+        Self::start_with(id, Spec::default())
+    }
+
+    pub fn start_with(id: &str, spec: Spec) -> Runc {
+        let tmp = tempfile::Builder::new().prefix("ckpt-test-").tempdir().unwrap();
+        let root = tmp.path().join("state");
+        let bundle = tmp.path().join("bundle");
+        std::fs::create_dir_all(&bundle).unwrap();
+        let overlay = Overlay::new(&bundle);
+        let cgroup = format!("/ckpt-shim-test/{id}-{}", std::process::id());
+        write_config(&bundle, &cgroup, &["/bin/counter", "/tmp/count", &spec.mib.to_string(), "50"]);
+        let mut c = Runc { id: id.to_string(), root, bundle, overlay, output: Default::default(), cgroup, _tmp: tmp };
+        c.run(spec.stdout_file);
+        c.wait_count(|v| v >= 3);
+        c
+    }
+
+    fn run(&mut self, stdout_file: bool) {
+        let mut cmd = Command::new("runc");
+        cmd.arg("--root").arg(&self.root).args(["run", "-d", &self.id]).current_dir(&self.bundle).stdin(Stdio::null());
+        if stdout_file {
+            let f = std::fs::File::create(self.bundle.join("stdout.log")).unwrap();
+            cmd.stdout(f.try_clone().unwrap()).stderr(f);
+            assert!(cmd.status().unwrap().success(), "runc run {}", self.id);
+            return;
+        }
+        // CRIU cannot dump an fd to a host file outside the container: use a pipe,
+        // one for stdout and stderr, drained by a thread for as long as it lives.
+        let (r, w) = nix::unistd::pipe().unwrap();
+        cmd.stdout(w.try_clone().unwrap()).stderr(w);
+        let mut child = cmd.spawn().unwrap();
+        drop(cmd);
+        let sink = self.output.clone();
+        let mut pipe = std::fs::File::from(r);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        let st = child.wait().unwrap();
+        assert!(st.success(), "runc run {}: {}", self.id, String::from_utf8_lossy(&self.output.lock().unwrap()));
+    }
+
+    pub fn state(&self) -> serde_json::Value {
+        let out = Command::new("runc").arg("--root").arg(&self.root).args(["state", &self.id]).output().unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    }
+
+    pub fn status(&self) -> String {
+        self.state()["status"].as_str().unwrap_or("gone").to_string()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.state()["pid"].as_i64().unwrap_or(0) as i32
+    }
+
+    pub fn count(&self) -> Option<u64> {
+        read_count(&self.overlay.rootfs)
+    }
+
+    pub fn wait_count(&self, pred: impl Fn(u64) -> bool) -> u64 {
+        wait_count(&self.overlay.rootfs, pred)
+    }
+
+    /// The container's v1 freezer state.
+    pub fn freezer(&self) -> String {
+        std::fs::read_to_string(format!("/sys/fs/cgroup/freezer{}/freezer.state", self.cgroup)).unwrap_or_default().trim().to_string()
+    }
+
+    /// Running, counting, and not frozen.
+    pub fn assert_running(&self) {
+        assert_eq!(self.status(), "running");
+        assert_eq!(self.freezer(), "THAWED");
+        let now = self.count().unwrap();
+        self.wait_count(|v| v > now + 1);
+    }
+
+    pub fn exec(&self, cmd: &str) {
+        let st = Command::new("runc")
+            .arg("--root")
+            .arg(&self.root)
+            .args(["exec", &self.id, "/bin/sh", "-c", cmd])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "runc exec {cmd}");
+    }
+
+    pub fn kill(&self) {
+        let r = self.root.display();
+        let _ = Command::new("sh").arg("-c").arg(format!("runc --root {r} kill {id} KILL; sleep 0.2; runc --root {r} delete -f {id}", id = self.id)).stderr(Stdio::null()).status();
+    }
+}
+
+impl Drop for Runc {
+    fn drop(&mut self) {
+        self.kill();
+        remove_cgroup(&self.cgroup);
+    }
+}
+
+pub fn remove_cgroup(path: &str) {
+    for h in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+        let dir = h.path().join(path.trim_start_matches('/'));
+        let _ = std::fs::remove_dir(&dir);
+        let _ = std::fs::remove_dir(dir.parent().unwrap());
+    }
+}
+
+pub fn write_config(bundle: &Path, cgroup: &str, args: &[&str]) {
+    let _ = std::fs::remove_file(bundle.join("config.json"));
+    sh(&format!("runc spec --bundle {}", bundle.display()));
+    let p = bundle.join("config.json");
+    let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    c["process"]["terminal"] = false.into();
+    c["process"]["args"] = serde_json::json!(args);
+    c["root"]["readonly"] = false.into();
+    c["linux"]["cgroupsPath"] = cgroup.into();
+    std::fs::write(&p, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
+}
+
+pub fn read_count(rootfs: &Path) -> Option<u64> {
+    std::fs::read_to_string(rootfs.join("tmp/count")).ok()?.trim().parse().ok()
+}
+
+pub fn wait_count(rootfs: &Path, pred: impl Fn(u64) -> bool) -> u64 {
+    let t = Instant::now();
+    loop {
+        if let Some(v) = read_count(rootfs).filter(|v| pred(*v)) {
+            return v;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "counter in {} stuck at {:?}", rootfs.display(), read_count(rootfs));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Names in `dir`, to check that nothing was left behind.
+pub fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+/// A private 0700 output dir for archives.
+pub fn out_dir() -> tempfile::TempDir {
+    let d = tempfile::Builder::new().prefix("ckpt-out-").tempdir().unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    d
+}
