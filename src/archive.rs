@@ -30,21 +30,36 @@ impl Target {
     /// `location` must be absolute, name a missing entry (not even a dangling
     /// symlink) in an existing directory.
     pub fn new(location: &Path) -> Result<Target> {
-        let bad = |why: &str| Error::InvalidArgument(format!("location {}: {why}", location.display()));
+        let bad =
+            |why: &str| Error::InvalidArgument(format!("location {}: {why}", location.display()));
         if location.as_os_str().is_empty() {
             return Err(bad("empty"));
         }
         if !location.is_absolute() {
             return Err(bad("must be an absolute path"));
         }
-        let name = location.file_name().ok_or_else(|| bad("has no file name"))?;
-        if location.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+        let name = location
+            .file_name()
+            .ok_or_else(|| bad("has no file name"))?;
+        if location
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
             return Err(bad("must not contain '..'"));
         }
-        let dir_path = location.parent().ok_or_else(|| bad("has no parent directory"))?.to_path_buf();
-        let cdir = CString::new(dir_path.as_os_str().as_bytes()).map_err(|_| bad("contains NUL"))?;
+        let dir_path = location
+            .parent()
+            .ok_or_else(|| bad("has no parent directory"))?
+            .to_path_buf();
+        let cdir =
+            CString::new(dir_path.as_os_str().as_bytes()).map_err(|_| bad("contains NUL"))?;
         // SAFETY: a NUL-terminated path; the result is checked.
-        let fd = unsafe { libc::open(cdir.as_ptr(), libc::O_DIRECTORY | libc::O_RDONLY | libc::O_CLOEXEC) };
+        let fd = unsafe {
+            libc::open(
+                cdir.as_ptr(),
+                libc::O_DIRECTORY | libc::O_RDONLY | libc::O_CLOEXEC,
+            )
+        };
         if fd < 0 {
             let e = std::io::Error::last_os_error();
             return Err(bad(&format!("parent directory unusable: {e}")));
@@ -52,7 +67,12 @@ impl Target {
         // SAFETY: fd was just opened.
         let dir = unsafe { OwnedFd::from_raw_fd(fd) };
         let name = CString::new(name.as_bytes()).map_err(|_| bad("contains NUL"))?;
-        let t = Target { path: location.to_path_buf(), dir_path, dir, name };
+        let t = Target {
+            path: location.to_path_buf(),
+            dir_path,
+            dir,
+            name,
+        };
         if t.exists()? {
             return Err(Error::AlreadyExists(t.path.clone()));
         }
@@ -60,7 +80,11 @@ impl Target {
     }
 
     fn exists(&self) -> Result<bool> {
-        match nix::sys::stat::fstatat(self.dir.as_fd(), self.name.as_c_str(), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+        match nix::sys::stat::fstatat(
+            self.dir.as_fd(),
+            self.name.as_c_str(),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        ) {
             Ok(_) => Ok(true),
             Err(nix::errno::Errno::ENOENT) => Ok(false),
             Err(e) => Err(e).ctx(|| format!("stat {}", self.path.display())),
@@ -83,23 +107,52 @@ pub struct ArchiveWriter<'t> {
 impl<'t> ArchiveWriter<'t> {
     pub fn create(target: &'t Target) -> Result<ArchiveWriter<'t>> {
         let rand: u64 = rand_u64();
-        let tmp = CString::new(format!(".{}.{rand:016x}.ckpt-shim-tmp", target.name.to_string_lossy())).expect("no NUL");
-        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        let tmp = CString::new(format!(
+            ".{}.{rand:016x}.ckpt-shim-tmp",
+            target.name.to_string_lossy()
+        ))
+        .expect("no NUL");
+        let flags =
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
         // SAFETY: openat on an open dir fd with a NUL-terminated name; 0600 from creation.
-        let fd = unsafe { libc::openat(target.dir.as_raw_fd(), tmp.as_ptr(), flags, 0o600 as libc::c_uint) };
+        let fd = unsafe {
+            libc::openat(
+                target.dir.as_raw_fd(),
+                tmp.as_ptr(),
+                flags,
+                0o600 as libc::c_uint,
+            )
+        };
         if fd < 0 {
-            return Err(std::io::Error::last_os_error()).ctx(|| format!("create archive in {}", target.dir_path.display()));
+            return Err(std::io::Error::last_os_error())
+                .ctx(|| format!("create archive in {}", target.dir_path.display()));
         }
         // SAFETY: fd was just opened and is owned by the File.
         let file = unsafe { File::from_raw_fd(fd) };
-        let w = ArchiveWriter { target, tmp, file, offset: 0, committed: false, copied: 0 };
+        let w = ArchiveWriter {
+            target,
+            tmp,
+            file,
+            offset: 0,
+            committed: false,
+            copied: 0,
+        };
         // The umask cannot widen 0600, but make the mode explicit whatever it was.
-        nix::sys::stat::fchmod(w.file.as_fd(), nix::sys::stat::Mode::from_bits_truncate(0o600)).ctx(|| "chmod archive".into())?;
+        nix::sys::stat::fchmod(
+            w.file.as_fd(),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .ctx(|| "chmod archive".into())?;
         Ok(w)
     }
 
     pub fn add_dir(&mut self, name: &str) -> Result<()> {
-        let h = header(&format!("{}/", name.trim_end_matches('/')), 0, 0o700, tar::EntryType::Directory)?;
+        let h = header(
+            &format!("{}/", name.trim_end_matches('/')),
+            0,
+            0o700,
+            tar::EntryType::Directory,
+        )?;
         self.write(h.as_bytes())
     }
 
@@ -119,7 +172,8 @@ impl<'t> ArchiveWriter<'t> {
         let size_field = if len > USTAR_MAX { 0 } else { len };
         let h = header(name, size_field, 0o600, tar::EntryType::Regular)?;
         self.write(h.as_bytes())?;
-        self.copy_from(src, len).ctx(|| format!("copy {name} into {}", self.target.path.display()))?;
+        self.copy_from(src, len)
+            .ctx(|| format!("copy {name} into {}", self.target.path.display()))?;
         self.pad()
     }
 
@@ -127,7 +181,12 @@ impl<'t> ArchiveWriter<'t> {
     /// and pads so that the next member's data starts on a 4 KiB boundary.
     fn pax(&mut self, len: u64) -> Result<()> {
         let body = pax_body(self.offset, len);
-        let h = header("PaxHeader", body.len() as u64, 0o600, tar::EntryType::XHeader)?;
+        let h = header(
+            "PaxHeader",
+            body.len() as u64,
+            0o600,
+            tar::EntryType::XHeader,
+        )?;
         self.write(h.as_bytes())?;
         self.write(body.as_bytes())
     }
@@ -139,17 +198,30 @@ impl<'t> ArchiveWriter<'t> {
             let chunk = left.min(1 << 30) as usize;
             // SAFETY: both fds are open; offsets are local variables.
             let n = unsafe {
-                libc::copy_file_range(src.as_raw_fd(), &mut src_off, self.file.as_raw_fd(), std::ptr::null_mut(), chunk, 0)
+                libc::copy_file_range(
+                    src.as_raw_fd(),
+                    &mut src_off,
+                    self.file.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    chunk,
+                    0,
+                )
             };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
-                if matches!(e.raw_os_error(), Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)) {
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+                ) {
                     return self.copy_by_read(src, src_off as u64, left);
                 }
                 return Err(e);
             }
             if n == 0 {
-                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "source shrank while archiving"));
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "source shrank while archiving",
+                ));
             }
             left -= n as u64;
             self.offset += n as u64;
@@ -168,7 +240,10 @@ impl<'t> ArchiveWriter<'t> {
             let want = ((end - off) as usize).min(buf.len());
             let n = src.read_at(&mut buf[..want], off)?;
             if n == 0 {
-                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "source shrank while archiving"));
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "source shrank while archiving",
+                ));
             }
             self.file.write_all(&buf[..n])?;
             off += n as u64;
@@ -178,7 +253,9 @@ impl<'t> ArchiveWriter<'t> {
     }
 
     fn write(&mut self, b: &[u8]) -> Result<()> {
-        self.file.write_all(b).ctx(|| format!("write {}", self.target.path.display()))?;
+        self.file
+            .write_all(b)
+            .ctx(|| format!("write {}", self.target.path.display()))?;
         self.offset += b.len() as u64;
         Ok(())
     }
@@ -192,10 +269,20 @@ impl<'t> ArchiveWriter<'t> {
     /// replacing an existing file. Returns the archive's size.
     pub fn commit(mut self) -> Result<u64> {
         self.write(&[0u8; 2 * BLOCK as usize])?;
-        self.file.sync_data().ctx(|| format!("fdatasync {}", self.target.path.display()))?;
+        self.file
+            .sync_data()
+            .ctx(|| format!("fdatasync {}", self.target.path.display()))?;
         let dir = self.target.dir.as_raw_fd();
         // SAFETY: renameat2 on an open dir fd with NUL-terminated names.
-        let rc = unsafe { libc::renameat2(dir, self.tmp.as_ptr(), dir, self.target.name.as_ptr(), libc::RENAME_NOREPLACE) };
+        let rc = unsafe {
+            libc::renameat2(
+                dir,
+                self.tmp.as_ptr(),
+                dir,
+                self.target.name.as_ptr(),
+                libc::RENAME_NOREPLACE,
+            )
+        };
         if rc != 0 {
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::EEXIST) {
@@ -204,7 +291,8 @@ impl<'t> ArchiveWriter<'t> {
             return Err(e).ctx(|| format!("rename archive to {}", self.target.path.display()));
         }
         self.committed = true;
-        nix::unistd::fsync(self.target.dir.as_fd()).ctx(|| format!("fsync {}", self.target.dir_path.display()))?;
+        nix::unistd::fsync(self.target.dir.as_fd())
+            .ctx(|| format!("fsync {}", self.target.dir_path.display()))?;
         Ok(self.offset)
     }
 }
@@ -220,12 +308,18 @@ impl Drop for ArchiveWriter<'_> {
 
 fn header(name: &str, size: u64, mode: u32, kind: tar::EntryType) -> Result<tar::Header> {
     let mut h = tar::Header::new_ustar();
-    h.set_path(name).map_err(|e| Error::Other(format!("archive member name {name:?}: {e}")))?;
+    h.set_path(name)
+        .map_err(|e| Error::Other(format!("archive member name {name:?}: {e}")))?;
     h.set_size(size);
     h.set_mode(mode);
     h.set_uid(0);
     h.set_gid(0);
-    h.set_mtime(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0));
+    h.set_mtime(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    );
     h.set_entry_type(kind);
     h.set_cksum();
     Ok(h)
@@ -235,7 +329,11 @@ fn header(name: &str, size: u64, mode: u32, kind: tar::EntryType) -> Result<tar:
 /// ustar cannot hold `len`, and a `comment` record sized so that the member's data
 /// (after this header, the body and the member header) starts on a 4 KiB boundary.
 fn pax_body(offset: u64, len: u64) -> String {
-    let size_rec = if len > USTAR_MAX { pax_record("size", &len.to_string()) } else { String::new() };
+    let size_rec = if len > USTAR_MAX {
+        pax_record("size", &len.to_string())
+    } else {
+        String::new()
+    };
     let mut r = (ALIGN - (offset + 2 * BLOCK) % ALIGN) % ALIGN;
     while r < size_rec.len() as u64 + 32 {
         r += ALIGN;
@@ -265,14 +363,24 @@ fn rand_u64() -> u64 {
     // SAFETY: getrandom fills the buffer it is given.
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
     if n != 8 {
-        return std::process::id() as u64 ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+        return std::process::id() as u64
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
     }
     u64::from_ne_bytes(b)
 }
 
 /// Checks a member name read back from an archive: relative, no `..`, no NUL.
 pub fn safe_member_name(name: &Path) -> bool {
-    !name.as_os_str().is_empty() && name.components().all(|c| matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir))
+    !name.as_os_str().is_empty()
+        && name.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::Normal(_) | std::path::Component::CurDir
+            )
+        })
 }
 
 #[cfg(test)]
@@ -283,7 +391,11 @@ mod tests {
 
     #[test]
     fn pax_records_count_their_own_length() {
-        for (k, v) in [("size", "8589934592"), ("comment", "x"), ("size", &"9".repeat(95))] {
+        for (k, v) in [
+            ("size", "8589934592"),
+            ("comment", "x"),
+            ("size", &"9".repeat(95)),
+        ] {
             let r = pax_record(k, v);
             let (len, rest) = r.split_once(' ').unwrap();
             assert_eq!(len.parse::<usize>().unwrap(), r.len(), "{r:?}");
@@ -298,7 +410,11 @@ mod tests {
             for len in [ALIGN_FROM, USTAR_MAX + 1, 20 << 30] {
                 let body = pax_body(offset, len);
                 assert_eq!(body.len() as u64 % BLOCK, 0);
-                assert_eq!((offset + 2 * BLOCK + body.len() as u64) % ALIGN, 0, "offset {offset}");
+                assert_eq!(
+                    (offset + 2 * BLOCK + body.len() as u64) % ALIGN,
+                    0,
+                    "offset {offset}"
+                );
                 assert_eq!(body.contains(&format!(" size={len}\n")), len > USTAR_MAX);
             }
         }
@@ -309,25 +425,49 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("f"), "x").unwrap();
         std::os::unix::fs::symlink("/nonexistent", d.path().join("l")).unwrap();
-        assert!(matches!(Target::new(Path::new("rel.tar")), Err(Error::InvalidArgument(_))));
-        assert!(matches!(Target::new(&d.path().join("no/such.tar")), Err(Error::InvalidArgument(_))));
-        assert!(matches!(Target::new(&d.path().join("f/x.tar")), Err(Error::InvalidArgument(_))));
-        assert!(matches!(Target::new(&d.path().join("../x.tar")), Err(Error::InvalidArgument(_))));
-        assert!(matches!(Target::new(&d.path().join("f")), Err(Error::AlreadyExists(_))));
-        assert!(matches!(Target::new(&d.path().join("l")), Err(Error::AlreadyExists(_))));
+        assert!(matches!(
+            Target::new(Path::new("rel.tar")),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            Target::new(&d.path().join("no/such.tar")),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            Target::new(&d.path().join("f/x.tar")),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            Target::new(&d.path().join("../x.tar")),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            Target::new(&d.path().join("f")),
+            Err(Error::AlreadyExists(_))
+        ));
+        assert!(matches!(
+            Target::new(&d.path().join("l")),
+            Err(Error::AlreadyExists(_))
+        ));
         assert!(Target::new(&d.path().join("new.tar")).is_ok());
     }
 
     #[test]
     fn archive_round_trips_with_aligned_large_members() {
         let d = tempfile::tempdir().unwrap();
-        let big: Vec<u8> = (0..300_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let big: Vec<u8> = (0..300_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         std::fs::write(d.path().join("big"), &big).unwrap();
         let t = Target::new(&d.path().join("a.tar")).unwrap();
         let mut w = ArchiveWriter::create(&t).unwrap();
         w.add_bytes("config.dump", b"{}").unwrap();
         w.add_dir("checkpoint").unwrap();
-        w.add_file("checkpoint/pages-1.img", &File::open(d.path().join("big")).unwrap()).unwrap();
+        w.add_file(
+            "checkpoint/pages-1.img",
+            &File::open(d.path().join("big")).unwrap(),
+        )
+        .unwrap();
         w.add_bytes("spec.dump", b"{\"a\":1}").unwrap();
         assert_eq!(w.copied, big.len() as u64);
         let size = w.commit().unwrap();
@@ -345,12 +485,24 @@ mod tests {
             e.read_to_end(&mut data).unwrap();
             if name == "checkpoint/pages-1.img" {
                 assert_eq!(data, big);
-                assert_eq!(e.raw_file_position() % ALIGN, 0, "page data not 4 KiB-aligned");
+                assert_eq!(
+                    e.raw_file_position() % ALIGN,
+                    0,
+                    "page data not 4 KiB-aligned"
+                );
             }
             seen.push((name, e.header().entry_type()));
         }
         let names: Vec<&str> = seen.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["config.dump", "checkpoint/", "checkpoint/pages-1.img", "spec.dump"]);
+        assert_eq!(
+            names,
+            [
+                "config.dump",
+                "checkpoint/",
+                "checkpoint/pages-1.img",
+                "spec.dump"
+            ]
+        );
         assert!(seen[1].1.is_dir());
     }
 

@@ -27,6 +27,9 @@ pub struct Options {
     pub deadline: Option<Instant>,
     pub criu: Criu,
     pub settings: DumpSettings,
+    /// Parent dir for staging; `None` stages beside the archive (same file system,
+    /// so the copy into the archive can share extents).
+    pub staging_dir: Option<PathBuf>,
 }
 
 /// What a checkpoint did and how long each phase took.
@@ -81,7 +84,9 @@ impl Phases {
 pub async fn checkpoint(c: &Container, opts: &Options) -> Result<Report> {
     let (keep_going, cancelled) = tokio::sync::watch::channel(());
     let task = tokio::spawn(run(c.clone(), opts.clone(), cancelled));
-    let res = task.await.map_err(|e| Error::Other(format!("checkpoint task failed: {e}")))?;
+    let res = task
+        .await
+        .map_err(|e| Error::Other(format!("checkpoint task failed: {e}")))?;
     drop(keep_going);
     res
 }
@@ -96,7 +101,13 @@ struct DumpHandler {
 impl criu_rpc::NotifyHandler for DumpHandler {
     fn notify(&mut self, n: Notify) -> criu_rpc::NotifyFuture<'_> {
         let refuse = self.expired.load(Ordering::SeqCst) && n.script == "post-dump";
-        Box::pin(async move { if refuse { Err("request expired".to_string()) } else { Ok(()) } })
+        Box::pin(async move {
+            if refuse {
+                Err("request expired".to_string())
+            } else {
+                Ok(())
+            }
+        })
     }
 
     fn spawned(&mut self, pid: u32) {
@@ -104,29 +115,67 @@ impl criu_rpc::NotifyHandler for DumpHandler {
     }
 }
 
-async fn run(c: Container, opts: Options, mut cancelled: tokio::sync::watch::Receiver<()>) -> Result<Report> {
+async fn run(
+    c: Container,
+    opts: Options,
+    mut cancelled: tokio::sync::watch::Receiver<()>,
+) -> Result<Report> {
     let c = &c;
-    let mut ph = Phases { at: Instant::now(), list: Vec::new() };
-    let deadline = opts.deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 86400));
+    let mut ph = Phases {
+        at: Instant::now(),
+        list: Vec::new(),
+    };
+    let deadline = opts
+        .deadline
+        .unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 86400));
     let target = Target::new(&opts.location)?;
 
     // Staging on the archive's file system, 0700, fresh for every checkpoint.
     let staging = tempfile::Builder::new()
         .prefix(".ckpt-shim-staging-")
-        .permissions(std::fs::Permissions::from(std::os::unix::fs::PermissionsExt::from_mode(0o700)))
-        .tempdir_in(&target.dir_path)
-        .ctx(|| format!("create staging dir in {}", target.dir_path.display()))?;
+        .permissions(std::fs::Permissions::from(
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        ))
+        .tempdir_in(opts.staging_dir.as_ref().unwrap_or(&target.dir_path))
+        .ctx(|| {
+            format!(
+                "create staging dir in {}",
+                opts.staging_dir
+                    .as_ref()
+                    .unwrap_or(&target.dir_path)
+                    .display()
+            )
+        })?;
     let images_path = staging.path().join("checkpoint");
-    std::fs::DirBuilder::new().mode(0o700).create(&images_path).ctx(|| "create images dir".into())?;
-    write_new(&images_path.join("descriptors.json"), &collect::descriptors(c.pid))?;
-    let images: OwnedFd = File::open(&images_path).ctx(|| "open images dir".into())?.into();
-    let work: OwnedFd = File::open(staging.path()).ctx(|| "open staging dir".into())?.into();
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&images_path)
+        .ctx(|| "create images dir".into())?;
+    write_new(
+        &images_path.join("descriptors.json"),
+        &collect::descriptors(c.pid),
+    )?;
+    let images: OwnedFd = File::open(&images_path)
+        .ctx(|| "open images dir".into())?
+        .into();
+    let work: OwnedFd = File::open(staging.path())
+        .ctx(|| "open staging dir".into())?
+        .into();
 
     let mounts = mountinfo::read(c.pid)?;
     let freezer = Freezer::for_pid(c.pid)?;
-    let timeout_secs = deadline.saturating_duration_since(Instant::now()).as_secs().clamp(1, u32::MAX as u64) as u32;
+    let timeout_secs = deadline
+        .saturating_duration_since(Instant::now())
+        .as_secs()
+        .clamp(1, u32::MAX as u64) as u32;
     let criu_opts = dump::criu_opts(
-        &DumpTarget { pid: c.pid, spec: &c.spec, rootfs: &c.rootfs, mounts: &mounts, freeze_cgroup: freezer.path() },
+        &DumpTarget {
+            pid: c.pid,
+            spec: &c.spec,
+            rootfs: &c.rootfs,
+            mounts: &mounts,
+            freeze_cgroup: freezer.path(),
+        },
         &images,
         &work,
         timeout_secs,
@@ -147,7 +196,10 @@ async fn run(c: Container, opts: Options, mut cancelled: tokio::sync::watch::Rec
     });
 
     let expired = Arc::new(AtomicBool::new(false));
-    let mut handler = DumpHandler { expired: expired.clone(), criu: guard.criu_watch() };
+    let mut handler = DumpHandler {
+        expired: expired.clone(),
+        criu: guard.criu_watch(),
+    };
     let dump = opts.criu.dump(criu_opts, &mut handler);
     tokio::pin!(dump);
     let why = tokio::select! {
@@ -174,13 +226,18 @@ async fn run(c: Container, opts: Options, mut cancelled: tokio::sync::watch::Rec
     ph.mark("dump");
 
     let diff: Option<RootfsDiff> = match diff_task {
-        Some(t) => Some(t.await.map_err(|e| Error::Other(format!("rootfs diff task: {e}")))??),
+        Some(t) => Some(
+            t.await
+                .map_err(|e| Error::Other(format!("rootfs diff task: {e}")))??,
+        ),
         None => None,
     };
     ph.mark("rootfs-diff");
     expire_check(deadline, &cancelled, "rootfs diff")?;
 
-    let stats = std::fs::read(staging.path().join("stats-dump")).ok().and_then(|b| criu_rpc::stats::parse_dump_stats(&b).ok());
+    let stats = std::fs::read(staging.path().join("stats-dump"))
+        .ok()
+        .and_then(|b| criu_rpc::stats::parse_dump_stats(&b).ok());
     let checkpointed = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
     let mut w = ArchiveWriter::create(&target)?;
     w.add_bytes("config.dump", &collect::config_dump(c, &checkpointed))?;
@@ -191,19 +248,34 @@ async fn run(c: Container, opts: Options, mut cancelled: tokio::sync::watch::Rec
         }
     }
     w.add_dir("checkpoint")?;
-    let mut images_list: Vec<_> = std::fs::read_dir(&images_path).ctx(|| "list images".into())?.filter_map(|e| e.ok()).collect();
+    let mut images_list: Vec<_> = std::fs::read_dir(&images_path)
+        .ctx(|| "list images".into())?
+        .filter_map(|e| e.ok())
+        .collect();
     // Small images first, pages last: the big copies then run back to back.
-    images_list.sort_by_key(|e| (e.metadata().map(|m| m.len()).unwrap_or(0) > 1 << 20, e.file_name()));
+    images_list.sort_by_key(|e| {
+        (
+            e.metadata().map(|m| m.len()).unwrap_or(0) > 1 << 20,
+            e.file_name(),
+        )
+    });
     for e in images_list {
         let f = File::open(e.path()).ctx(|| format!("open {}", e.path().display()))?;
-        w.add_file(&format!("checkpoint/{}", e.file_name().to_string_lossy()), &f)?;
+        w.add_file(
+            &format!("checkpoint/{}", e.file_name().to_string_lossy()),
+            &f,
+        )?;
         expire_check(deadline, &cancelled, "archive")?;
     }
     if let Some(d) = &diff {
-        let f = File::open(staging.path().join("rootfs-diff.tar")).ctx(|| "open rootfs-diff.tar".into())?;
+        let f = File::open(staging.path().join("rootfs-diff.tar"))
+            .ctx(|| "open rootfs-diff.tar".into())?;
         w.add_file("rootfs-diff.tar", &f)?;
         if !d.deleted.is_empty() {
-            w.add_bytes("deleted.files", &serde_json::to_vec(&d.deleted).expect("strings serialise"))?;
+            w.add_bytes(
+                "deleted.files",
+                &serde_json::to_vec(&d.deleted).expect("strings serialise"),
+            )?;
         }
     }
     if let Some(b) = collect::bind_mounts(&c.spec) {
@@ -235,7 +307,11 @@ async fn run(c: Container, opts: Options, mut cancelled: tokio::sync::watch::Rec
 }
 
 /// Fails once the deadline has passed or the caller has gone.
-fn expire_check(deadline: Instant, cancelled: &tokio::sync::watch::Receiver<()>, phase: &'static str) -> Result<()> {
+fn expire_check(
+    deadline: Instant,
+    cancelled: &tokio::sync::watch::Receiver<()>,
+    phase: &'static str,
+) -> Result<()> {
     if cancelled.has_changed().is_err() {
         return Err(Error::Cancelled);
     }
@@ -258,5 +334,7 @@ fn create_new(path: &std::path::Path) -> Result<File> {
 
 fn write_new(path: &std::path::Path, data: &[u8]) -> Result<()> {
     use std::io::Write;
-    create_new(path)?.write_all(data).ctx(|| format!("write {}", path.display()))
+    create_new(path)?
+        .write_all(data)
+        .ctx(|| format!("write {}", path.display()))
 }

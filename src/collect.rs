@@ -44,7 +44,11 @@ pub fn config_dump(c: &Container, checkpointed: &str) -> Vec<u8> {
         rootfs_image_name: c.image_name.clone(),
         runtime: c.runtime.clone(),
         // Go's time parser needs a zone: fall back to the checkpoint time.
-        created_time: if c.created.is_empty() { checkpointed.to_string() } else { c.created.clone() },
+        created_time: if c.created.is_empty() {
+            checkpointed.to_string()
+        } else {
+            c.created.clone()
+        },
         checkpointed_time: checkpointed.to_string(),
         restored_time: "0001-01-01T00:00:00Z".into(),
         restored: false,
@@ -55,7 +59,11 @@ pub fn config_dump(c: &Container, checkpointed: &str) -> Vec<u8> {
 /// Targets of the init process's fds 0–2, as runc records them for restore.
 pub fn descriptors(pid: i32) -> Vec<u8> {
     let fds: Vec<String> = (0..3)
-        .map(|fd| std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).map(|p| p.to_string_lossy().into_owned()).unwrap_or_else(|_| "/dev/null".into()))
+        .map(|fd| {
+            std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "/dev/null".into())
+        })
         .collect();
     serde_json::to_vec(&fds).expect("strings serialise")
 }
@@ -69,13 +77,24 @@ pub fn bind_mounts(spec: &Spec) -> Option<Vec<u8>> {
         file_type: &'static str,
         permissions: u32,
     }
-    const SKIP: &[&str] = &["/dev", "/dev/shm", "/proc", "/run", "/run/.containerenv", "/run/secrets", "/sys"];
+    const SKIP: &[&str] = &[
+        "/dev",
+        "/dev/shm",
+        "/proc",
+        "/run",
+        "/run/.containerenv",
+        "/run/secrets",
+        "/sys",
+    ];
     let binds = bind_destinations(spec);
     let list: Vec<BindMount> = spec
         .mounts()
         .as_ref()?
         .iter()
-        .filter(|m| binds.contains(m.destination()) && !SKIP.contains(&m.destination().to_str().unwrap_or("")))
+        .filter(|m| {
+            binds.contains(m.destination())
+                && !SKIP.contains(&m.destination().to_str().unwrap_or(""))
+        })
         .filter_map(|m| {
             let source = m.source().as_ref()?;
             let meta = std::fs::metadata(source).ok()?;
@@ -105,7 +124,10 @@ impl Overlay {
             return None;
         }
         let upper = PathBuf::from(root.super_option("upperdir")?);
-        let lowers = root.super_option("lowerdir").map(|l| l.split(':').map(PathBuf::from).collect()).unwrap_or_default();
+        let lowers = root
+            .super_option("lowerdir")
+            .map(|l| l.split(':').map(PathBuf::from).collect())
+            .unwrap_or_default();
         Some(Overlay { upper, lowers })
     }
 }
@@ -121,9 +143,18 @@ pub struct RootfsDiff {
 
 /// Paths never taken into the diff: kernel file systems and the runtime's mount points.
 fn skipped(rel: &Path, mount_points: &[PathBuf]) -> bool {
-    const SKIP: &[&str] = &["/dev", "/proc", "/sys", "/run/secrets", "/run/.containerenv"];
+    const SKIP: &[&str] = &[
+        "/dev",
+        "/proc",
+        "/sys",
+        "/run/secrets",
+        "/run/.containerenv",
+    ];
     let abs = Path::new("/").join(rel);
-    SKIP.iter().any(|s| abs.starts_with(s)) || mount_points.iter().any(|m| m != Path::new("/") && abs.starts_with(m))
+    SKIP.iter().any(|s| abs.starts_with(s))
+        || mount_points
+            .iter()
+            .any(|m| m != Path::new("/") && abs.starts_with(m))
 }
 
 /// Writes every added or changed entry of the upper dir into `out` as an
@@ -133,27 +164,54 @@ fn skipped(rel: &Path, mount_points: &[PathBuf]) -> bool {
 /// Judged by the upper dir alone, i.e. by the container's own paths.
 pub fn rootfs_diff(ov: &Overlay, mounts: &[Mount], spec: &Spec, out: File) -> Result<RootfsDiff> {
     let mut mount_points: Vec<PathBuf> = mounts.iter().map(|m| m.mount_point.clone()).collect();
-    mount_points.extend(spec.mounts().as_ref().map(|ms| ms.iter().map(|m| m.destination().clone()).collect::<Vec<_>>()).unwrap_or_default());
+    mount_points.extend(
+        spec.mounts()
+            .as_ref()
+            .map(|ms| {
+                ms.iter()
+                    .map(|m| m.destination().clone())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default(),
+    );
     let mut tar = tar::Builder::new(out);
     tar.follow_symlinks(false);
     let mut diff = RootfsDiff::default();
     walk(ov, Path::new(""), &mount_points, &mut tar, &mut diff)?;
-    tar.into_inner().ctx(|| "finish rootfs-diff.tar".into())?.sync_data().ctx(|| "sync rootfs-diff.tar".into())?;
+    tar.into_inner()
+        .ctx(|| "finish rootfs-diff.tar".into())?
+        .sync_data()
+        .ctx(|| "sync rootfs-diff.tar".into())?;
     diff.deleted.sort();
     Ok(diff)
 }
 
-fn walk(ov: &Overlay, rel: &Path, mps: &[PathBuf], tar: &mut tar::Builder<File>, diff: &mut RootfsDiff) -> Result<()> {
+fn walk(
+    ov: &Overlay,
+    rel: &Path,
+    mps: &[PathBuf],
+    tar: &mut tar::Builder<File>,
+    diff: &mut RootfsDiff,
+) -> Result<()> {
     let dir = ov.upper.join(rel);
-    let mut names: Vec<_> = std::fs::read_dir(&dir).ctx(|| format!("read {}", dir.display()))?.filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .ctx(|| format!("read {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .collect();
     names.sort();
     if !rel.as_os_str().is_empty() && is_opaque(&dir) {
         // Everything the image had here is gone unless the upper dir has it again.
         for lower in &ov.lowers {
-            for e in std::fs::read_dir(lower.join(rel)).into_iter().flatten().flatten() {
+            for e in std::fs::read_dir(lower.join(rel))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
                 let p = rel.join(e.file_name());
                 if !names.contains(&e.file_name()) && !skipped(&p, mps) {
-                    diff.deleted.push(Path::new("/").join(&p).to_string_lossy().into_owned());
+                    diff.deleted
+                        .push(Path::new("/").join(&p).to_string_lossy().into_owned());
                 }
             }
         }
@@ -167,13 +225,15 @@ fn walk(ov: &Overlay, rel: &Path, mps: &[PathBuf], tar: &mut tar::Builder<File>,
         let meta = std::fs::symlink_metadata(&full).ctx(|| format!("stat {}", full.display()))?;
         let ft = meta.file_type();
         if ft.is_char_device() && meta.rdev() == 0 {
-            diff.deleted.push(Path::new("/").join(&p).to_string_lossy().into_owned());
+            diff.deleted
+                .push(Path::new("/").join(&p).to_string_lossy().into_owned());
             continue;
         }
         if ft.is_char_device() || ft.is_block_device() || ft.is_socket() {
             continue;
         }
-        tar.append_path_with_name(&full, &p).ctx(|| format!("add {} to rootfs-diff.tar", full.display()))?;
+        tar.append_path_with_name(&full, &p)
+            .ctx(|| format!("add {} to rootfs-diff.tar", full.display()))?;
         diff.entries += 1;
         if ft.is_dir() {
             walk(ov, &p, mps, tar, diff)?;
@@ -183,11 +243,15 @@ fn walk(ov: &Overlay, rel: &Path, mps: &[PathBuf], tar: &mut tar::Builder<File>,
 }
 
 fn is_opaque(dir: &Path) -> bool {
-    let Ok(path) = CString::new(dir.as_os_str().as_bytes()) else { return false };
+    let Ok(path) = CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
     let mut v = [0u8; 4];
     for name in [c"trusted.overlay.opaque", c"user.overlay.opaque"] {
         // SAFETY: valid NUL-terminated strings and a buffer of the stated size.
-        let n = unsafe { libc::lgetxattr(path.as_ptr(), name.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+        let n = unsafe {
+            libc::lgetxattr(path.as_ptr(), name.as_ptr(), v.as_mut_ptr().cast(), v.len())
+        };
         if n >= 1 && v[0] == b'y' {
             return true;
         }

@@ -13,7 +13,18 @@ use crate::mountinfo::Mount;
 
 /// File systems CRIU recreates by itself; any other mount comes from outside the
 /// container and must be declared external.
-const RECREATED_FS: &[&str] = &["proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup2", "binfmt_misc", "securityfs", "debugfs", "tracefs"];
+const RECREATED_FS: &[&str] = &[
+    "proc",
+    "sysfs",
+    "tmpfs",
+    "devpts",
+    "mqueue",
+    "cgroup2",
+    "binfmt_misc",
+    "securityfs",
+    "debugfs",
+    "tracefs",
+];
 
 /// Operator choices for the dump (CRI-O/containerd parity by default).
 #[derive(Debug, Clone)]
@@ -26,7 +37,12 @@ pub struct DumpSettings {
 
 impl Default for DumpSettings {
     fn default() -> Self {
-        DumpSettings { tcp_established: false, ext_unix_sk: false, file_locks: true, manage_cgroups: CgMode::Soft }
+        DumpSettings {
+            tcp_established: false,
+            ext_unix_sk: false,
+            file_locks: true,
+            manage_cgroups: CgMode::Soft,
+        }
     }
 }
 
@@ -39,7 +55,13 @@ pub struct DumpTarget<'a> {
     pub freeze_cgroup: &'a Path,
 }
 
-pub fn criu_opts(t: &DumpTarget, images: &OwnedFd, work: &OwnedFd, timeout_secs: u32, s: &DumpSettings) -> Result<Opts> {
+pub fn criu_opts(
+    t: &DumpTarget,
+    images: &OwnedFd,
+    work: &OwnedFd,
+    timeout_secs: u32,
+    s: &DumpSettings,
+) -> Result<Opts> {
     Ok(Opts {
         images_dir_fd: images.as_raw_fd(),
         work_dir_fd: Some(work.as_raw_fd()),
@@ -91,7 +113,10 @@ pub fn external_mounts(spec: &Spec, mounts: &[Mount]) -> Vec<ExtMountMap> {
                 continue;
             }
             "/dev/null".to_string()
-        } else if m.fs_type == "cgroup" || binds.contains(mp) || !RECREATED_FS.contains(&m.fs_type.as_str()) {
+        } else if m.fs_type == "cgroup"
+            || binds.contains(mp)
+            || !RECREATED_FS.contains(&m.fs_type.as_str())
+        {
             key.clone()
         } else {
             continue;
@@ -111,7 +136,9 @@ pub fn bind_destinations(spec: &Spec) -> Vec<PathBuf> {
             ms.iter()
                 .filter(|m| {
                     m.typ().as_deref() == Some("bind")
-                        || m.options().as_ref().is_some_and(|o| o.iter().any(|o| o == "bind" || o == "rbind"))
+                        || m.options()
+                            .as_ref()
+                            .is_some_and(|o| o.iter().any(|o| o == "bind" || o == "rbind"))
                 })
                 .map(|m| m.destination().clone())
                 .collect()
@@ -123,14 +150,21 @@ pub fn bind_destinations(spec: &Spec) -> Vec<PathBuf> {
 /// CRIU must neither dump nor recreate them. Keys as runc and crun name them.
 pub fn external_namespaces(spec: &Spec) -> Result<Vec<String>> {
     let mut out = Vec::new();
-    for ns in spec.linux().as_ref().and_then(|l| l.namespaces().clone()).unwrap_or_default() {
+    for ns in spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().clone())
+        .unwrap_or_default()
+    {
         let (kind, key) = match ns.typ() {
             LinuxNamespaceType::Network => ("net", "extRootNetNS"),
             LinuxNamespaceType::Pid => ("pid", "extRootPidNS"),
             _ => continue,
         };
         if let Some(path) = ns.path() {
-            let ino = std::fs::metadata(path).ctx(|| format!("stat namespace {}", path.display()))?.ino();
+            let ino = std::fs::metadata(path)
+                .ctx(|| format!("stat namespace {}", path.display()))?
+                .ino();
             out.push(format!("{kind}[{ino}]:{key}"));
         }
     }

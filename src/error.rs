@@ -11,7 +11,10 @@ pub enum Error {
     NotFound(String),
 
     #[error("container ID prefix {prefix:?} is ambiguous: matches {}", .matches.join(", "))]
-    Ambiguous { prefix: String, matches: Vec<String> },
+    Ambiguous {
+        prefix: String,
+        matches: Vec<String>,
+    },
 
     #[error("container {id} is not running ({state})")]
     NotRunning { id: String, state: String },
@@ -38,10 +41,38 @@ pub enum Error {
     Criu(#[from] criu_rpc::Error),
 
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+
+    /// The upstream runtime answered with an error: passed back unchanged.
+    #[error("upstream runtime: {}", .0.message())]
+    Upstream(#[from] tonic::Status),
 
     #[error("{0}")]
     Other(String),
+}
+
+/// The one place engine errors become gRPC statuses.
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> tonic::Status {
+        use tonic::Code;
+        let code = match &e {
+            Error::Upstream(s) => return s.clone(),
+            Error::InvalidArgument(_) | Error::Ambiguous { .. } | Error::UnsafeArchive(_) => {
+                Code::InvalidArgument
+            }
+            Error::NotFound(_) => Code::NotFound,
+            Error::NotRunning { .. } => Code::FailedPrecondition,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::NoSpace(_) => Code::ResourceExhausted,
+            Error::DeadlineExceeded(_) | Error::FreezeTimeout { .. } => Code::DeadlineExceeded,
+            Error::Cancelled => Code::Cancelled,
+            Error::Criu(_) | Error::Io { .. } | Error::Other(_) => Code::Internal,
+        };
+        tonic::Status::new(code, e.to_string())
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -55,7 +86,9 @@ impl<T> Context<T> for std::io::Result<T> {
     fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
         self.map_err(|source| {
             let context = what();
-            if source.raw_os_error() == Some(libc::ENOSPC) || source.raw_os_error() == Some(libc::EDQUOT) {
+            if source.raw_os_error() == Some(libc::ENOSPC)
+                || source.raw_os_error() == Some(libc::EDQUOT)
+            {
                 Error::NoSpace(PathBuf::from(context))
             } else {
                 Error::Io { context, source }

@@ -24,14 +24,21 @@ impl Freezer {
     /// The freezer of `pid`'s cgroup. On a hybrid host the v1 freezer wins, as runc
     /// uses it there; CRIU is later given this same path.
     pub fn for_pid(pid: i32) -> Result<Freezer> {
-        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ctx(|| format!("read /proc/{pid}/cgroup"))?;
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .ctx(|| format!("read /proc/{pid}/cgroup"))?;
         let host = mountinfo::read(std::process::id() as i32)?;
         let mut v2 = None;
         for line in cgroup.lines() {
             let mut parts = line.splitn(3, ':');
-            let (_, controllers, path) = (parts.next(), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let (_, controllers, path) = (
+                parts.next(),
+                parts.next().unwrap_or(""),
+                parts.next().unwrap_or(""),
+            );
             if controllers.split(',').any(|c| c == "freezer") {
-                if let Some(m) = host.iter().find(|m| m.fs_type == "cgroup" && m.super_options.split(',').any(|o| o == "freezer")) {
+                if let Some(m) = host.iter().find(|m| {
+                    m.fs_type == "cgroup" && m.super_options.split(',').any(|o| o == "freezer")
+                }) {
                     return Ok(Freezer::V1(join_cgroup(&m.mount_point, &m.root, path)));
                 }
             } else if controllers.is_empty() {
@@ -60,7 +67,9 @@ impl Freezer {
     fn fully_frozen(&self) -> Result<bool> {
         match self {
             Freezer::V1(p) => Ok(read_trim(&p.join("freezer.state"))? == "FROZEN"),
-            Freezer::V2(p) => Ok(read_trim(&p.join("cgroup.events"))?.lines().any(|l| l == "frozen 1")),
+            Freezer::V2(p) => Ok(read_trim(&p.join("cgroup.events"))?
+                .lines()
+                .any(|l| l == "frozen 1")),
         }
     }
 
@@ -69,12 +78,17 @@ impl Freezer {
             Freezer::V1(p) => p.join("freezer.state"),
             Freezer::V2(p) => p.join("cgroup.events"),
         };
-        read_trim(&file).unwrap_or_else(|e| e.to_string()).replace('\n', " ")
+        read_trim(&file)
+            .unwrap_or_else(|e| e.to_string())
+            .replace('\n', " ")
     }
 
     fn request(&self, frozen: bool) -> Result<()> {
         let (file, value) = match self {
-            Freezer::V1(p) => (p.join("freezer.state"), if frozen { "FROZEN" } else { "THAWED" }),
+            Freezer::V1(p) => (
+                p.join("freezer.state"),
+                if frozen { "FROZEN" } else { "THAWED" },
+            ),
             Freezer::V2(p) => (p.join("cgroup.freeze"), if frozen { "1" } else { "0" }),
         };
         std::fs::write(&file, value).ctx(|| format!("write {value} to {}", file.display()))
@@ -84,16 +98,29 @@ impl Freezer {
     /// `deadline`. An already-paused container is left as it is and stays paused.
     pub async fn freeze(&self, id: &str, deadline: Instant) -> Result<FreezeGuard> {
         if self.self_frozen()? {
-            return Ok(FreezeGuard { freezer: self.clone(), thaw: false, frozen_at: Instant::now(), criu: Default::default() });
+            return Ok(FreezeGuard {
+                freezer: self.clone(),
+                thaw: false,
+                frozen_at: Instant::now(),
+                criu: Default::default(),
+            });
         }
-        let guard = FreezeGuard { freezer: self.clone(), thaw: true, frozen_at: Instant::now(), criu: Default::default() };
+        let guard = FreezeGuard {
+            freezer: self.clone(),
+            thaw: true,
+            frozen_at: Instant::now(),
+            criu: Default::default(),
+        };
         self.request(true)?;
         let mut polls = 0u32;
         while !self.fully_frozen()? {
             if Instant::now() >= deadline {
                 let state = self.state();
                 drop(guard);
-                return Err(Error::FreezeTimeout { id: id.to_string(), state });
+                return Err(Error::FreezeTimeout {
+                    id: id.to_string(),
+                    state,
+                });
             }
             polls += 1;
             // v1 can stall in FREEZING while tasks fork; asking again moves it on.
@@ -162,7 +189,11 @@ impl Drop for FreezeGuard {
         if let (true, Some(pidfd)) = (self.thaw, criu) {
             let freezer = self.freezer.clone();
             std::thread::spawn(move || {
-                let mut p = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                let mut p = libc::pollfd {
+                    fd: pidfd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
                 // SAFETY: one valid pollfd; a pidfd polls readable when the process exits.
                 unsafe { libc::poll(&mut p, 1, CRIU_EXIT_WAIT.as_millis() as i32) };
                 if let Err(e) = freezer.request(false) {
@@ -179,16 +210,23 @@ pub fn watch_pid(slot: &CriuWatch, pid: u32) {
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     if fd >= 0 {
         // SAFETY: a fresh descriptor owned from here on.
-        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(unsafe { OwnedFd::from_raw_fd(fd as i32) });
     }
 }
 
 fn join_cgroup(mount_point: &Path, mount_root: &str, path: &str) -> PathBuf {
     // A cgroup namespace or a bind of a sub-hierarchy shows a mount root other than "/".
-    let rel = path.strip_prefix(mount_root).filter(|_| mount_root != "/").unwrap_or(path);
+    let rel = path
+        .strip_prefix(mount_root)
+        .filter(|_| mount_root != "/")
+        .unwrap_or(path);
     mount_point.join(rel.trim_start_matches('/'))
 }
 
 fn read_trim(p: &Path) -> Result<String> {
-    Ok(std::fs::read_to_string(p).ctx(|| format!("read {}", p.display()))?.trim().to_string())
+    Ok(std::fs::read_to_string(p)
+        .ctx(|| format!("read {}", p.display()))?
+        .trim()
+        .to_string())
 }

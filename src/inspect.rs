@@ -27,13 +27,26 @@ pub fn inspect(path: &Path) -> Result<Summary> {
     let file = File::open(path).ctx(|| format!("open {}", path.display()))?;
     let meta = file.metadata().ctx(|| format!("stat {}", path.display()))?;
     if !meta.is_file() {
-        return Err(Error::InvalidArgument(format!("{} is not a regular file", path.display())));
+        return Err(Error::InvalidArgument(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
     }
-    let mut s = Summary { archive_bytes: meta.len(), ..Default::default() };
+    let mut s = Summary {
+        archive_bytes: meta.len(),
+        ..Default::default()
+    };
     let mut archive = tar::Archive::new(file);
-    for entry in archive.entries_with_seek().ctx(|| format!("read {}", path.display()))? {
+    for entry in archive
+        .entries_with_seek()
+        .ctx(|| format!("read {}", path.display()))?
+    {
         let mut e = entry.ctx(|| format!("read {}", path.display()))?;
-        let name = e.path().ctx(|| "member name".into())?.to_string_lossy().into_owned();
+        let name = e
+            .path()
+            .ctx(|| "member name".into())?
+            .to_string_lossy()
+            .into_owned();
         let size = e.size();
         if e.header().entry_type().is_dir() && name.trim_end_matches('/') == "checkpoint" {
             s.has_checkpoint_dir = true;
@@ -46,13 +59,16 @@ pub fn inspect(path: &Path) -> Result<Summary> {
         }
         let small = |e: &mut tar::Entry<File>| -> Result<Vec<u8>> {
             let mut b = Vec::new();
-            e.take(16 << 20).read_to_end(&mut b).ctx(|| format!("read member {name}"))?;
+            e.take(16 << 20)
+                .read_to_end(&mut b)
+                .ctx(|| format!("read member {name}"))?;
             Ok(b)
         };
         match name.as_str() {
             "config.dump" => s.config = serde_json::from_slice(&small(&mut e)?).ok(),
             "spec.dump" => {
-                let spec: serde_json::Value = serde_json::from_slice(&small(&mut e)?).unwrap_or_default();
+                let spec: serde_json::Value =
+                    serde_json::from_slice(&small(&mut e)?).unwrap_or_default();
                 s.engine = match spec["annotations"]["io.container.manager"].as_str() {
                     Some("cri-o") => "CRI-O".into(),
                     Some("libpod") => "Podman".into(),
@@ -60,7 +76,9 @@ pub fn inspect(path: &Path) -> Result<Summary> {
                 };
             }
             "stats-dump" => s.stats = criu_rpc::stats::parse_dump_stats(&small(&mut e)?).ok(),
-            "deleted.files" => s.deleted_files = serde_json::from_slice(&small(&mut e)?).unwrap_or_default(),
+            "deleted.files" => {
+                s.deleted_files = serde_json::from_slice(&small(&mut e)?).unwrap_or_default()
+            }
             "rootfs-diff.tar" => s.rootfs_diff_bytes = Some(size),
             _ => {}
         }
@@ -74,16 +92,43 @@ impl std::fmt::Display for Summary {
         let mib = |b: u64| format!("{:.1} MiB", b as f64 / 1048576.0);
         if let Some(c) = &self.config {
             writeln!(f, "container:    {} ({})", c.name, c.id)?;
-            writeln!(f, "image:        {}", c.rootfs_image_name.as_deref().unwrap_or("-"))?;
-            writeln!(f, "runtime:      {}", if c.runtime.is_empty() { "-" } else { &c.runtime })?;
+            writeln!(
+                f,
+                "image:        {}",
+                c.rootfs_image_name.as_deref().unwrap_or("-")
+            )?;
+            writeln!(
+                f,
+                "runtime:      {}",
+                if c.runtime.is_empty() {
+                    "-"
+                } else {
+                    &c.runtime
+                }
+            )?;
             writeln!(f, "created:      {}", c.created_time)?;
             writeln!(f, "checkpointed: {}", c.checkpointed_time)?;
         }
         writeln!(f, "engine:       {}", self.engine)?;
-        writeln!(f, "archive:      {} in {} members", mib(self.archive_bytes), self.members.len())?;
-        writeln!(f, "criu images:  {} (memory pages {})", mib(self.images_bytes), mib(self.pages_bytes))?;
+        writeln!(
+            f,
+            "archive:      {} in {} members",
+            mib(self.archive_bytes),
+            self.members.len()
+        )?;
+        writeln!(
+            f,
+            "criu images:  {} (memory pages {})",
+            mib(self.images_bytes),
+            mib(self.pages_bytes)
+        )?;
         match self.rootfs_diff_bytes {
-            Some(b) => writeln!(f, "rootfs diff:  {} , {} deleted paths", mib(b), self.deleted_files.len())?,
+            Some(b) => writeln!(
+                f,
+                "rootfs diff:  {} , {} deleted paths",
+                mib(b),
+                self.deleted_files.len()
+            )?,
             None => writeln!(f, "rootfs diff:  none")?,
         }
         if let Some(st) = &self.stats {

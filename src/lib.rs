@@ -6,6 +6,10 @@
 //! read archives back.
 
 pub mod archive;
+pub mod cri {
+    //! Generated from `proto/cri.proto`: the CRI messages the shim decodes.
+    tonic::include_proto!("runtime.v1");
+}
 pub mod checkpoint;
 pub mod collect;
 pub mod dump;
@@ -17,3 +21,4 @@ pub mod mountinfo;
 pub use error::{Error, Result};
 pub mod inspect;
 pub mod restore;
+pub mod server;

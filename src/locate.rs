@@ -30,9 +30,19 @@ pub struct Container {
 impl Container {
     /// Builds a container from its spec and init pid (the CRI path gets these from
     /// the upstream runtime); checks the process is alive.
-    pub fn from_spec(id: String, pid: i32, spec_raw: Vec<u8>, bundle: Option<&Path>) -> Result<Container> {
-        let spec: Spec = serde_json::from_slice(&spec_raw).map_err(|e| Error::Other(format!("container {id}: bad OCI spec: {e}")))?;
-        let root = spec.root().as_ref().map(|r| r.path().clone()).unwrap_or_else(|| PathBuf::from("rootfs"));
+    pub fn from_spec(
+        id: String,
+        pid: i32,
+        spec_raw: Vec<u8>,
+        bundle: Option<&Path>,
+    ) -> Result<Container> {
+        let spec: Spec = serde_json::from_slice(&spec_raw)
+            .map_err(|e| Error::Other(format!("container {id}: bad OCI spec: {e}")))?;
+        let root = spec
+            .root()
+            .as_ref()
+            .map(|r| r.path().clone())
+            .unwrap_or_else(|| PathBuf::from("rootfs"));
         let rootfs = match (root.is_absolute(), bundle) {
             (true, _) => root,
             (false, Some(b)) => b.join(root),
@@ -42,7 +52,10 @@ impl Container {
         let annotation = |k: &str| spec.annotations().as_ref().and_then(|a| a.get(k).cloned());
         let image_name = annotation("io.kubernetes.cri.image-name");
         if pid <= 0 || !process_alive(pid) {
-            return Err(Error::NotRunning { id, state: "no init process".into() });
+            return Err(Error::NotRunning {
+                id,
+                state: "no init process".into(),
+            });
         }
         Ok(Container {
             name: id.clone(),
@@ -65,16 +78,25 @@ pub fn from_runtime_root(root: &Path, id_or_prefix: &str) -> Result<Container> {
     validate_id(id_or_prefix)?;
     let id = resolve_prefix(root, id_or_prefix)?;
     let state_path = root.join(&id).join("state.json");
-    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(&state_path).ctx(|| format!("read {}", state_path.display()))?)
-        .map_err(|e| Error::Other(format!("{}: {e}", state_path.display())))?;
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&state_path).ctx(|| format!("read {}", state_path.display()))?,
+    )
+    .map_err(|e| Error::Other(format!("{}: {e}", state_path.display())))?;
     let pid = state["init_process_pid"].as_i64().unwrap_or(0) as i32;
     let start = state["init_process_start"].as_u64();
     if pid <= 0 || !process_alive(pid) || start.is_some_and(|s| start_time(pid) != Some(s)) {
-        return Err(Error::NotRunning { id, state: "stopped".into() });
+        return Err(Error::NotRunning {
+            id,
+            state: "stopped".into(),
+        });
     }
     let bundle = state["config"]["labels"]
         .as_array()
-        .and_then(|l| l.iter().filter_map(|v| v.as_str()?.strip_prefix("bundle=")).next())
+        .and_then(|l| {
+            l.iter()
+                .filter_map(|v| v.as_str()?.strip_prefix("bundle="))
+                .next()
+        })
         .map(PathBuf::from)
         .ok_or_else(|| Error::Other(format!("{}: no bundle label", state_path.display())))?;
     let config = bundle.join("config.json");
@@ -96,7 +118,8 @@ fn validate_id(id: &str) -> Result<()> {
 }
 
 fn resolve_prefix(root: &Path, prefix: &str) -> Result<String> {
-    let entries = std::fs::read_dir(root).ctx(|| format!("read runtime root {}", root.display()))?;
+    let entries =
+        std::fs::read_dir(root).ctx(|| format!("read runtime root {}", root.display()))?;
     let mut matches: Vec<String> = entries
         .filter_map(|e| e.ok())
         .filter(|e| e.path().join("state.json").is_file())
@@ -110,7 +133,10 @@ fn resolve_prefix(root: &Path, prefix: &str) -> Result<String> {
     match matches.len() {
         0 => Err(Error::NotFound(prefix.to_string())),
         1 => Ok(matches.remove(0)),
-        _ => Err(Error::Ambiguous { prefix: prefix.to_string(), matches }),
+        _ => Err(Error::Ambiguous {
+            prefix: prefix.to_string(),
+            matches,
+        }),
     }
 }
 

@@ -7,20 +7,47 @@ use clap::{Parser, Subcommand};
 use ckpt_shim::checkpoint::{self, Options};
 use ckpt_shim::dump::DumpSettings;
 use ckpt_shim::restore::{self, RestoreOptions};
+use ckpt_shim::server::config::{FileConfig, DEFAULT_CONFIG};
+use ckpt_shim::server::{self, Config};
 use ckpt_shim::{inspect, locate};
 
 #[derive(Parser)]
-#[command(name = "ckpt-shim", version, about = "CRI-to-CRIU checkpoint runtime shim")]
+#[command(
+    name = "ckpt-shim",
+    version,
+    about = "CRI-to-CRIU checkpoint runtime shim"
+)]
 struct Cli {
-    /// CRIU binary to drive.
-    #[arg(long, global = true, default_value = "criu")]
-    criu: PathBuf,
+    /// CRIU binary to drive [default: criu from PATH].
+    #[arg(long, global = true)]
+    criu: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Serve CRI runtime.v1 on a unix socket: CheckpointContainer natively, all else forwarded.
+    Serve {
+        /// Socket to listen on [default: /run/ckpt-shim/ckpt-shim.sock].
+        #[arg(long)]
+        listen: Option<PathBuf>,
+        /// The real runtime's CRI endpoint [default: unix:///run/containerd/containerd.sock].
+        #[arg(long)]
+        upstream: Option<String>,
+        /// TOML settings (absent is fine at the default path).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Parent dir for staging [default: beside each archive].
+        #[arg(long)]
+        staging_dir: Option<PathBuf>,
+        /// Log filter, e.g. info or debug [default: info].
+        #[arg(long)]
+        log_level: Option<String>,
+        /// runc state dir of the upstream's containers [default: /run/containerd/runc/k8s.io].
+        #[arg(long)]
+        runc_root: Option<PathBuf>,
+    },
     /// Checkpoint a running container of an OCI runtime (runc/crun state dir) into one archive.
     Checkpoint {
         /// The runtime's state dir, e.g. /run/runc or /run/containerd/runc/k8s.io.
@@ -52,12 +79,11 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CKPT_SHIM_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -67,16 +93,89 @@ fn main() -> ExitCode {
     }
 }
 
+fn init_logging(level: &str) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CKPT_SHIM_LOG")
+        .unwrap_or_else(|_| level.into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 async fn run(cli: Cli) -> ckpt_shim::Result<()> {
-    let criu = criu_rpc::Criu::new(cli.criu);
+    if !matches!(cli.cmd, Cmd::Serve { .. }) {
+        init_logging("info");
+    }
+    let criu = criu_rpc::Criu::new(cli.criu.clone().unwrap_or_else(|| "criu".into()));
     match cli.cmd {
-        Cmd::Checkpoint { runtime_root, id, output, timeout, tcp_established } => {
+        Cmd::Serve {
+            listen,
+            upstream,
+            config,
+            staging_dir,
+            log_level,
+            runc_root,
+        } => {
+            let mut cfg = Config::default();
+            let (path, optional) = match config {
+                Some(p) => (p, false),
+                None => (PathBuf::from(DEFAULT_CONFIG), true),
+            };
+            FileConfig::load(&path, optional)?.apply(&mut cfg);
+            // Flags win over the file.
+            if let Some(v) = listen {
+                cfg.listen = v;
+            }
+            if let Some(v) = upstream {
+                cfg.upstream = v;
+            }
+            if let Some(v) = staging_dir {
+                cfg.staging_dir = Some(v);
+            }
+            if let Some(v) = log_level {
+                cfg.log_level = v;
+            }
+            if let Some(v) = cli.criu {
+                cfg.criu = v;
+            }
+            if let Some(v) = runc_root {
+                cfg.runc_root = v;
+            }
+            init_logging(&cfg.log_level);
+            server::serve(cfg).await?;
+        }
+        Cmd::Checkpoint {
+            runtime_root,
+            id,
+            output,
+            timeout,
+            tcp_established,
+        } => {
             let started = Instant::now();
             let deadline = timeout.map(|t| started + Duration::from_secs(t));
             let c = locate::from_runtime_root(&runtime_root, &id)?;
-            let settings = DumpSettings { tcp_established, ..Default::default() };
-            let r = checkpoint::checkpoint(&c, &Options { location: output, deadline, criu, settings }).await?;
-            let phases: Vec<String> = r.phases.iter().map(|(n, d)| format!("{n}={:.1}ms", d.as_secs_f64() * 1e3)).collect();
+            let settings = DumpSettings {
+                tcp_established,
+                ..Default::default()
+            };
+            let r = checkpoint::checkpoint(
+                &c,
+                &Options {
+                    location: output,
+                    deadline,
+                    criu,
+                    settings,
+                    staging_dir: None,
+                },
+            )
+            .await?;
+            let phases: Vec<String> = r
+                .phases
+                .iter()
+                .map(|(n, d)| format!("{n}={:.1}ms", d.as_secs_f64() * 1e3))
+                .collect();
             println!(
                 "checkpointed {} into {} ({} bytes) in {:.3}s; frozen {:.1}ms; {}",
                 c.id,
@@ -88,8 +187,20 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
             );
             r.cleanup.wait();
         }
-        Cmd::Restore { archive, bundle, id } => {
-            let pid = restore::restore(&RestoreOptions { archive, bundle, id: id.clone(), criu, settings: DumpSettings::default(), stdio: None }).await?;
+        Cmd::Restore {
+            archive,
+            bundle,
+            id,
+        } => {
+            let pid = restore::restore(&RestoreOptions {
+                archive,
+                bundle,
+                id: id.clone(),
+                criu,
+                settings: DumpSettings::default(),
+                stdio: None,
+            })
+            .await?;
             println!("restored {id} as pid {pid}");
         }
         Cmd::Inspect { archive } => print!("{}", inspect::inspect(&archive)?),

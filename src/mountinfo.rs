@@ -17,7 +17,10 @@ pub struct Mount {
 impl Mount {
     /// A `key=value` super-block option, such as overlay's `upperdir`.
     pub fn super_option(&self, key: &str) -> Option<String> {
-        self.super_options.split(',').find_map(|o| o.strip_prefix(key)?.strip_prefix('=')).map(unescape)
+        self.super_options
+            .split(',')
+            .find_map(|o| o.strip_prefix(key)?.strip_prefix('='))
+            .map(unescape)
     }
 }
 
@@ -55,7 +58,10 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -79,6 +85,9 @@ mod tests {
         assert_eq!(m[0].super_option("upperdir").as_deref(), Some("/a b/up"));
         assert_eq!(m[0].super_option("lowerdir").as_deref(), Some("/l"));
         assert_eq!(m[1].root, "/k/t1");
-        assert_eq!(at(&m, Path::new("/sys/fs/cgroup/cpu")).unwrap().fs_type, "cgroup");
+        assert_eq!(
+            at(&m, Path::new("/sys/fs/cgroup/cpu")).unwrap().fs_type,
+            "cgroup"
+        );
     }
 }

@@ -33,8 +33,15 @@ pub struct RestoreOptions {
 /// directories only, relative names without `..`, nothing followed or replaced.
 pub fn extract(archive: &Path, dest: &Path) -> Result<()> {
     let file = File::open(archive).ctx(|| format!("open {}", archive.display()))?;
-    if !file.metadata().ctx(|| format!("stat {}", archive.display()))?.is_file() {
-        return Err(Error::InvalidArgument(format!("{} is not a regular file", archive.display())));
+    if !file
+        .metadata()
+        .ctx(|| format!("stat {}", archive.display()))?
+        .is_file()
+    {
+        return Err(Error::InvalidArgument(format!(
+            "{} is not a regular file",
+            archive.display()
+        )));
     }
     let mut ar = tar::Archive::new(file);
     for entry in ar.entries().ctx(|| format!("read {}", archive.display()))? {
@@ -45,10 +52,18 @@ pub fn extract(archive: &Path, dest: &Path) -> Result<()> {
         }
         let out = dest.join(&name);
         match e.header().entry_type() {
-            tar::EntryType::Directory => std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&out).ctx(|| format!("create {}", out.display()))?,
+            tar::EntryType::Directory => std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&out)
+                .ctx(|| format!("create {}", out.display()))?,
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 if let Some(parent) = out.parent() {
-                    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(parent).ctx(|| format!("create {}", parent.display()))?;
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(parent)
+                        .ctx(|| format!("create {}", parent.display()))?;
                 }
                 // Parents were made by us from checked names, so no link can redirect this.
                 let mut f = std::fs::OpenOptions::new()
@@ -60,7 +75,12 @@ pub fn extract(archive: &Path, dest: &Path) -> Result<()> {
                     .ctx(|| format!("create {}", out.display()))?;
                 std::io::copy(&mut e, &mut f).ctx(|| format!("extract {}", out.display()))?;
             }
-            other => return Err(Error::UnsafeArchive(format!("{} ({other:?} entries are refused)", name.display()))),
+            other => {
+                return Err(Error::UnsafeArchive(format!(
+                    "{} ({other:?} entries are refused)",
+                    name.display()
+                )))
+            }
         }
     }
     Ok(())
@@ -76,7 +96,10 @@ pub fn apply_rootfs_diff(extracted: &Path, rootfs: &Path) -> Result<()> {
         for entry in ar.entries().ctx(|| "read rootfs-diff.tar".into())? {
             let mut e = entry.ctx(|| "read rootfs-diff.tar".into())?;
             // Device nodes from an archive are never created.
-            if matches!(e.header().entry_type(), tar::EntryType::Char | tar::EntryType::Block) {
+            if matches!(
+                e.header().entry_type(),
+                tar::EntryType::Char | tar::EntryType::Block
+            ) {
                 continue;
             }
             // unpack_in refuses names that climb out of the rootfs.
@@ -85,25 +108,87 @@ pub fn apply_rootfs_diff(extracted: &Path, rootfs: &Path) -> Result<()> {
     }
     let deleted = extracted.join("deleted.files");
     if deleted.exists() {
-        let list: Vec<String> = serde_json::from_slice(&std::fs::read(&deleted).ctx(|| "read deleted.files".into())?)
-            .map_err(|e| Error::UnsafeArchive(format!("deleted.files: {e}")))?;
-        let root = rootfs.canonicalize().ctx(|| format!("resolve {}", rootfs.display()))?;
+        let list: Vec<String> =
+            serde_json::from_slice(&std::fs::read(&deleted).ctx(|| "read deleted.files".into())?)
+                .map_err(|e| Error::UnsafeArchive(format!("deleted.files: {e}")))?;
+        let root = rootfs
+            .canonicalize()
+            .ctx(|| format!("resolve {}", rootfs.display()))?;
         for p in list {
-            let rel = Path::new(&p).strip_prefix("/").map_err(|_| Error::UnsafeArchive(p.clone()))?;
+            let rel = Path::new(&p)
+                .strip_prefix("/")
+                .map_err(|_| Error::UnsafeArchive(p.clone()))?;
             if !safe_member_name(rel) {
                 return Err(Error::UnsafeArchive(p));
             }
             let target = root.join(rel);
             // The parent must resolve inside the rootfs, whatever links the image has.
-            let parent_ok = target.parent().and_then(|d| d.canonicalize().ok()).is_some_and(|d| d.starts_with(&root));
+            let parent_ok = target
+                .parent()
+                .and_then(|d| d.canonicalize().ok())
+                .is_some_and(|d| d.starts_with(&root));
             if !parent_ok {
                 continue;
             }
             match std::fs::symlink_metadata(&target) {
-                Ok(m) if m.is_dir() => std::fs::remove_dir_all(&target).ctx(|| format!("remove {}", target.display()))?,
-                Ok(_) => std::fs::remove_file(&target).ctx(|| format!("remove {}", target.display()))?,
+                Ok(m) if m.is_dir() => std::fs::remove_dir_all(&target)
+                    .ctx(|| format!("remove {}", target.display()))?,
+                Ok(_) => {
+                    std::fs::remove_file(&target).ctx(|| format!("remove {}", target.display()))?
+                }
                 Err(_) => {}
             }
+        }
+    }
+    Ok(())
+}
+
+/// Creates the spec's missing mount targets in the rootfs, as a runtime does when
+/// it starts a container: a file where a file is bound, a directory otherwise.
+/// CRIU needs them to exist before it can mount the restored tree.
+pub fn create_mount_points(spec: &Spec, rootfs: &Path) -> Result<()> {
+    let root = rootfs
+        .canonicalize()
+        .ctx(|| format!("resolve {}", rootfs.display()))?;
+    for m in spec.mounts().as_ref().into_iter().flatten() {
+        let Ok(rel) = m.destination().strip_prefix("/") else {
+            continue;
+        };
+        if !safe_member_name(rel) {
+            continue;
+        }
+        let target = root.join(rel);
+        if std::fs::symlink_metadata(&target).is_ok() {
+            continue;
+        }
+        let parent = target.parent().unwrap_or(&root);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
+            .ctx(|| format!("create {}", parent.display()))?;
+        // Never create through a link that leads out of the rootfs.
+        if !parent.canonicalize().is_ok_and(|p| p.starts_with(&root)) {
+            continue;
+        }
+        let is_file = m
+            .source()
+            .as_ref()
+            .and_then(|s| std::fs::metadata(s).ok())
+            .is_some_and(|md| !md.is_dir());
+        if is_file {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&target)
+                .ctx(|| format!("create {}", target.display()))?;
+        } else {
+            std::fs::DirBuilder::new()
+                .mode(0o755)
+                .create(&target)
+                .ctx(|| format!("create {}", target.display()))?;
         }
     }
     Ok(())
@@ -113,30 +198,59 @@ pub fn apply_rootfs_diff(extracted: &Path, rootfs: &Path) -> Result<()> {
 pub async fn restore(o: &RestoreOptions) -> Result<i32> {
     let work = tempfile::Builder::new()
         .prefix(".ckpt-shim-restore-")
-        .permissions(std::fs::Permissions::from(std::os::unix::fs::PermissionsExt::from_mode(0o700)))
+        .permissions(std::fs::Permissions::from(
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        ))
         .tempdir_in(&o.bundle)
         .ctx(|| format!("create work dir in {}", o.bundle.display()))?;
     let x = work.path().join("archive");
-    std::fs::DirBuilder::new().mode(0o700).create(&x).ctx(|| "create extraction dir".into())?;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&x)
+        .ctx(|| "create extraction dir".into())?;
     extract(&o.archive, &x)?;
     if !x.join("checkpoint/inventory.img").is_file() {
-        return Err(Error::InvalidArgument(format!("{}: no checkpoint/inventory.img: not a complete checkpoint", o.archive.display())));
+        return Err(Error::InvalidArgument(format!(
+            "{}: no checkpoint/inventory.img: not a complete checkpoint",
+            o.archive.display()
+        )));
     }
     let config = o.bundle.join("config.json");
     if !config.exists() {
-        std::fs::copy(x.join("spec.dump"), &config).ctx(|| format!("write {}", config.display()))?;
+        std::fs::copy(x.join("spec.dump"), &config)
+            .ctx(|| format!("write {}", config.display()))?;
     }
-    let spec: Spec = serde_json::from_slice(&std::fs::read(&config).ctx(|| format!("read {}", config.display()))?)
-        .map_err(|e| Error::InvalidArgument(format!("{}: {e}", config.display())))?;
-    let root = spec.root().as_ref().map(|r| r.path().clone()).unwrap_or_else(|| "rootfs".into());
-    let rootfs = if root.is_absolute() { root } else { o.bundle.join(root) };
+    let spec: Spec = serde_json::from_slice(
+        &std::fs::read(&config).ctx(|| format!("read {}", config.display()))?,
+    )
+    .map_err(|e| Error::InvalidArgument(format!("{}: {e}", config.display())))?;
+    let root = spec
+        .root()
+        .as_ref()
+        .map(|r| r.path().clone())
+        .unwrap_or_else(|| "rootfs".into());
+    let rootfs = if root.is_absolute() {
+        root
+    } else {
+        o.bundle.join(root)
+    };
     apply_rootfs_diff(&x, &rootfs)?;
+    create_mount_points(&spec, &rootfs)?;
 
     // CRIU wants the root to be a mount point: bind the rootfs onto a private dir.
     let criu_root = work.path().join("criu-root");
-    std::fs::DirBuilder::new().mode(0o700).create(&criu_root).ctx(|| "create criu-root".into())?;
-    nix::mount::mount(Some(&rootfs), &criu_root, None::<&str>, nix::mount::MsFlags::MS_BIND | nix::mount::MsFlags::MS_REC, None::<&str>)
-        .ctx(|| format!("bind {} for CRIU", rootfs.display()))?;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&criu_root)
+        .ctx(|| "create criu-root".into())?;
+    nix::mount::mount(
+        Some(&rootfs),
+        &criu_root,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND | nix::mount::MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .ctx(|| format!("bind {} for CRIU", rootfs.display()))?;
     let _unmount = Unmount(criu_root.clone());
 
     let descriptors: Vec<String> = std::fs::read(x.join("checkpoint/descriptors.json"))
@@ -145,30 +259,58 @@ pub async fn restore(o: &RestoreOptions) -> Result<i32> {
         .unwrap_or_default();
     // New stdio takes the place of the pipes the container had.
     let stdio: Vec<OwnedFd> = match &o.stdio {
-        Some(fds) => fds.iter().map(|f| f.try_clone()).collect::<std::io::Result<_>>().ctx(|| "dup stdio".into())?,
+        Some(fds) => fds
+            .iter()
+            .map(|f| f.try_clone())
+            .collect::<std::io::Result<_>>()
+            .ctx(|| "dup stdio".into())?,
         // SAFETY: fds 0-2 are open for the life of the process.
-        None => (0..3).map(|i| unsafe { std::os::fd::BorrowedFd::borrow_raw(i) }.try_clone_to_owned()).collect::<std::io::Result<_>>().ctx(|| "dup stdio".into())?,
+        None => (0..3)
+            .map(|i| unsafe { std::os::fd::BorrowedFd::borrow_raw(i) }.try_clone_to_owned())
+            .collect::<std::io::Result<_>>()
+            .ctx(|| "dup stdio".into())?,
     };
     let mut inherit: Vec<OwnedFd> = Vec::new();
     let mut inherit_fd = Vec::new();
     for (d, fd) in descriptors.iter().zip(stdio) {
         if d.contains("pipe:") {
-            inherit_fd.push(InheritFd { key: d.clone(), fd: 4 + inherit.len() as i32 });
+            inherit_fd.push(InheritFd {
+                key: d.clone(),
+                fd: 4 + inherit.len() as i32,
+            });
             inherit.push(fd);
         }
     }
     let mut join_ns = Vec::new();
-    for ns in spec.linux().as_ref().and_then(|l| l.namespaces().clone()).unwrap_or_default() {
+    for ns in spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().clone())
+        .unwrap_or_default()
+    {
         let Some(path) = ns.path() else { continue };
         match ns.typ() {
             LinuxNamespaceType::Network | LinuxNamespaceType::Pid => {
-                let key = if ns.typ() == LinuxNamespaceType::Network { "extRootNetNS" } else { "extRootPidNS" };
-                let fd: OwnedFd = File::open(path).ctx(|| format!("open {}", path.display()))?.into();
-                inherit_fd.push(InheritFd { key: key.into(), fd: 4 + inherit.len() as i32 });
+                let key = if ns.typ() == LinuxNamespaceType::Network {
+                    "extRootNetNS"
+                } else {
+                    "extRootPidNS"
+                };
+                let fd: OwnedFd = File::open(path)
+                    .ctx(|| format!("open {}", path.display()))?
+                    .into();
+                inherit_fd.push(InheritFd {
+                    key: key.into(),
+                    fd: 4 + inherit.len() as i32,
+                });
                 inherit.push(fd);
             }
             LinuxNamespaceType::Ipc | LinuxNamespaceType::Uts => join_ns.push(JoinNamespace {
-                ns: if ns.typ() == LinuxNamespaceType::Ipc { "ipc".into() } else { "uts".into() },
+                ns: if ns.typ() == LinuxNamespaceType::Ipc {
+                    "ipc".into()
+                } else {
+                    "uts".into()
+                },
                 ns_file: path.to_string_lossy().into_owned(),
                 extra_opt: None,
             }),
@@ -202,23 +344,43 @@ pub async fn restore(o: &RestoreOptions) -> Result<i32> {
 
 /// The inverse of the dump's external-mount map: identifier → host path.
 fn restore_mounts(spec: &Spec) -> Result<Vec<ExtMountMap>> {
-    let mut out = vec![ExtMountMap { key: "/dev/null".into(), val: "/dev/null".into() }];
+    let mut out = vec![ExtMountMap {
+        key: "/dev/null".into(),
+        val: "/dev/null".into(),
+    }];
     let binds = bind_destinations(spec);
     for m in spec.mounts().as_ref().into_iter().flatten() {
         if binds.contains(m.destination()) {
             if let Some(src) = m.source() {
-                out.push(ExtMountMap { key: m.destination().to_string_lossy().into_owned(), val: src.to_string_lossy().into_owned() });
+                out.push(ExtMountMap {
+                    key: m.destination().to_string_lossy().into_owned(),
+                    val: src.to_string_lossy().into_owned(),
+                });
             }
         }
     }
     // cgroup v1 hierarchies appear inside the container as binds of its own cgroup.
-    let cg_path = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()).unwrap_or_default();
-    for h in mountinfo::read(std::process::id() as i32)?.iter().filter(|m| m.fs_type == "cgroup") {
-        let Some(name) = h.mount_point.file_name() else { continue };
-        let dir = h.mount_point.join(cg_path.strip_prefix("/").unwrap_or(&cg_path));
+    let cg_path = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().clone())
+        .unwrap_or_default();
+    for h in mountinfo::read(std::process::id() as i32)?
+        .iter()
+        .filter(|m| m.fs_type == "cgroup")
+    {
+        let Some(name) = h.mount_point.file_name() else {
+            continue;
+        };
+        let dir = h
+            .mount_point
+            .join(cg_path.strip_prefix("/").unwrap_or(&cg_path));
         ensure_cgroup(&h.mount_point, &dir)?;
         out.push(ExtMountMap {
-            key: Path::new("/sys/fs/cgroup").join(name).to_string_lossy().into_owned(),
+            key: Path::new("/sys/fs/cgroup")
+                .join(name)
+                .to_string_lossy()
+                .into_owned(),
             val: dir.to_string_lossy().into_owned(),
         });
     }
@@ -229,7 +391,11 @@ fn restore_mounts(spec: &Spec) -> Result<Vec<ExtMountMap>> {
 /// cpus and mems, so those are copied down from the parent, as runc does.
 fn ensure_cgroup(hierarchy: &Path, dir: &Path) -> Result<()> {
     let mut cur = hierarchy.to_path_buf();
-    for part in dir.strip_prefix(hierarchy).unwrap_or(Path::new("")).components() {
+    for part in dir
+        .strip_prefix(hierarchy)
+        .unwrap_or(Path::new(""))
+        .components()
+    {
         let parent = cur.clone();
         cur.push(part);
         if cur.exists() {
@@ -238,7 +404,8 @@ fn ensure_cgroup(hierarchy: &Path, dir: &Path) -> Result<()> {
         std::fs::create_dir(&cur).ctx(|| format!("create cgroup {}", cur.display()))?;
         for f in ["cpuset.cpus", "cpuset.mems"] {
             if let Ok(v) = std::fs::read_to_string(parent.join(f)) {
-                std::fs::write(cur.join(f), v.trim()).ctx(|| format!("write {}", cur.join(f).display()))?;
+                std::fs::write(cur.join(f), v.trim())
+                    .ctx(|| format!("write {}", cur.join(f).display()))?;
             }
         }
     }
@@ -282,7 +449,11 @@ mod tests {
             ("/etc/evil", tar::EntryType::Regular, None),
             ("../evil", tar::EntryType::Regular, None),
             ("checkpoint/../../evil", tar::EntryType::Regular, None),
-            ("checkpoint/link", tar::EntryType::Symlink, Some("/etc/passwd")),
+            (
+                "checkpoint/link",
+                tar::EntryType::Symlink,
+                Some("/etc/passwd"),
+            ),
             ("checkpoint/hard", tar::EntryType::Link, Some("/etc/passwd")),
             ("checkpoint/null", tar::EntryType::Char, None),
             ("checkpoint/fifo", tar::EntryType::Fifo, None),
@@ -292,7 +463,11 @@ mod tests {
             let dest = tempfile::tempdir().unwrap();
             let err = extract(ar.path(), dest.path()).unwrap_err();
             assert!(matches!(err, Error::UnsafeArchive(_)), "{name}: {err:?}");
-            assert_eq!(std::fs::read_dir(dest.path()).unwrap().count(), 0, "{name}: something was written");
+            assert_eq!(
+                std::fs::read_dir(dest.path()).unwrap().count(),
+                0,
+                "{name}: something was written"
+            );
         }
     }
 
@@ -312,11 +487,21 @@ mod tests {
         std::fs::write(outside.path().join("victim"), "x").unwrap();
         std::os::unix::fs::symlink(outside.path(), root.path().join("escape")).unwrap();
         std::fs::write(root.path().join("gone"), "x").unwrap();
-        std::fs::write(x.path().join("deleted.files"), r#"["/gone", "/escape/victim"]"#).unwrap();
+        std::fs::write(
+            x.path().join("deleted.files"),
+            r#"["/gone", "/escape/victim"]"#,
+        )
+        .unwrap();
         apply_rootfs_diff(x.path(), root.path()).unwrap();
         assert!(!root.path().join("gone").exists());
-        assert!(outside.path().join("victim").exists(), "followed a link out of the rootfs");
+        assert!(
+            outside.path().join("victim").exists(),
+            "followed a link out of the rootfs"
+        );
         std::fs::write(x.path().join("deleted.files"), r#"["/../etc/passwd"]"#).unwrap();
-        assert!(matches!(apply_rootfs_diff(x.path(), root.path()), Err(Error::UnsafeArchive(_))));
+        assert!(matches!(
+            apply_rootfs_diff(x.path(), root.path()),
+            Err(Error::UnsafeArchive(_))
+        ));
     }
 }

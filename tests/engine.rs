@@ -15,15 +15,27 @@ use ckpt_shim::{locate, Error};
 use common::*;
 
 fn opts(location: &Path) -> Options {
-    Options { location: location.to_path_buf(), deadline: None, criu: criu_rpc::Criu::new("criu"), settings: DumpSettings::default() }
+    Options {
+        location: location.to_path_buf(),
+        deadline: None,
+        criu: criu_rpc::Criu::new("criu"),
+        settings: DumpSettings::default(),
+        staging_dir: None,
+    }
 }
 
 fn members(archive: &Path) -> Vec<(String, tar::EntryType)> {
     let mut ar = tar::Archive::new(std::fs::File::open(archive).unwrap());
-    ar.entries().unwrap().map(|e| {
-        let e = e.unwrap();
-        (e.path().unwrap().to_string_lossy().into_owned(), e.header().entry_type())
-    }).collect()
+    ar.entries()
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.path().unwrap().to_string_lossy().into_owned(),
+                e.header().entry_type(),
+            )
+        })
+        .collect()
 }
 
 fn member_bytes(archive: &Path, name: &str) -> Vec<u8> {
@@ -44,7 +56,10 @@ fn member_bytes(archive: &Path, name: &str) -> Vec<u8> {
 struct Restored(i32, String);
 impl Drop for Restored {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGKILL,
+        );
         std::thread::sleep(Duration::from_millis(100));
         remove_cgroup(&self.1);
     }
@@ -68,22 +83,61 @@ async fn checkpoint_keeps_running_and_both_restores_continue_the_count() {
     c.assert_running();
     // Root-only from the start, and nothing else left in the directory.
     let meta = std::fs::symlink_metadata(&archive).unwrap();
-    assert_eq!((meta.mode() & 0o777, meta.uid()), (0o600, 0), "archive mode/owner");
+    assert_eq!(
+        (meta.mode() & 0o777, meta.uid()),
+        (0o600, 0),
+        "archive mode/owner"
+    );
     assert_eq!(entries(out.path()), vec!["ckpt.tar"]);
     let m = members(&archive);
-    for want in ["spec.dump", "config.dump", "checkpoint/inventory.img", "checkpoint/descriptors.json", "stats-dump", "dump.log", "rootfs-diff.tar", "deleted.files"] {
-        assert!(m.iter().any(|(n, _)| n == want), "{want} missing from {m:?}");
+    for want in [
+        "spec.dump",
+        "config.dump",
+        "checkpoint/inventory.img",
+        "checkpoint/descriptors.json",
+        "stats-dump",
+        "dump.log",
+        "rootfs-diff.tar",
+        "deleted.files",
+    ] {
+        assert!(
+            m.iter().any(|(n, _)| n == want),
+            "{want} missing from {m:?}"
+        );
     }
-    assert!(m.iter().any(|(n, t)| n == "checkpoint/" && t.is_dir()), "no checkpoint/ directory entry");
-    assert!(m.iter().all(|(n, _)| !n.starts_with('/') && !n.starts_with("./")), "names must be relative: {m:?}");
-    let cfg: serde_json::Value = serde_json::from_slice(&member_bytes(&archive, "config.dump")).unwrap();
+    assert!(
+        m.iter().any(|(n, t)| n == "checkpoint/" && t.is_dir()),
+        "no checkpoint/ directory entry"
+    );
+    assert!(
+        m.iter()
+            .all(|(n, _)| !n.starts_with('/') && !n.starts_with("./")),
+        "names must be relative: {m:?}"
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&member_bytes(&archive, "config.dump")).unwrap();
     assert_eq!(cfg["id"], "engine-main");
-    assert!(chrono::DateTime::parse_from_rfc3339(cfg["checkpointedTime"].as_str().unwrap()).is_ok());
-    assert_eq!(member_bytes(&archive, "spec.dump"), std::fs::read(c.bundle.join("config.json")).unwrap());
-    let deleted: Vec<String> = serde_json::from_slice(&member_bytes(&archive, "deleted.files")).unwrap();
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(cfg["checkpointedTime"].as_str().unwrap()).is_ok()
+    );
+    assert_eq!(
+        member_bytes(&archive, "spec.dump"),
+        std::fs::read(c.bundle.join("config.json")).unwrap()
+    );
+    let deleted: Vec<String> =
+        serde_json::from_slice(&member_bytes(&archive, "deleted.files")).unwrap();
     assert_eq!(deleted, vec!["/bin/vi"]);
     let inspect = ckpt_shim::inspect::inspect(&archive).unwrap();
-    assert!(inspect.stats.as_ref().and_then(|s| s.pages_written).unwrap_or(0) > 0, "CRIU stats: {:?}", inspect.stats);
+    assert!(
+        inspect
+            .stats
+            .as_ref()
+            .and_then(|s| s.pages_written)
+            .unwrap_or(0)
+            > 0,
+        "CRIU stats: {:?}",
+        inspect.stats
+    );
 
     // Our restore, into a fresh overlay of the same image.
     c.kill();
@@ -101,9 +155,15 @@ async fn checkpoint_keeps_running_and_both_restores_continue_the_count() {
     .unwrap();
     let guard = Restored(pid, c.cgroup.clone());
     let first = wait_count(&ov.rootfs, |_| true);
-    assert!(first > before && first <= after + 3, "restored count {first}, dump saw {before}..{after}");
+    assert!(
+        first > before && first <= after + 3,
+        "restored count {first}, dump saw {before}..{after}"
+    );
     wait_count(&ov.rootfs, |v| v >= first + 3);
-    assert_eq!(std::fs::read_to_string(ov.rootfs.join("root/newfile")).unwrap(), "written-before-checkpoint\n");
+    assert_eq!(
+        std::fs::read_to_string(ov.rootfs.join("root/newfile")).unwrap(),
+        "written-before-checkpoint\n"
+    );
     assert!(!ov.rootfs.join("bin/vi").exists(), "deleted file came back");
     drop(guard);
     drop(ov);
@@ -117,13 +177,19 @@ async fn checkpoint_keeps_running_and_both_restores_continue_the_count() {
     ckpt_shim::restore::apply_rootfs_diff(x.path(), &ov.rootfs).unwrap();
     let state = rb.path().join("state");
     let mut runc = Command::new("runc")
-        .arg("--root").arg(&state)
-        .args(["restore", "-d", "--image-path"]).arg(x.path().join("checkpoint"))
-        .arg("--work-path").arg(x.path().join("work"))
+        .arg("--root")
+        .arg(&state)
+        .args(["restore", "-d", "--image-path"])
+        .arg(x.path().join("checkpoint"))
+        .arg("--work-path")
+        .arg(x.path().join("work"))
         .arg("engine-runc-restored")
         .current_dir(rb.path())
-        .stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped())
-        .spawn().unwrap();
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     // The restored process inherits the pipe; keep reading it so it never blocks.
     let mut pipe = runc.stdout.take().unwrap();
     std::thread::spawn(move || std::io::copy(&mut pipe, &mut std::io::sink()));
@@ -131,7 +197,10 @@ async fn checkpoint_keeps_running_and_both_restores_continue_the_count() {
     let cleanup = scopeguard_runc(state.clone(), "engine-runc-restored", c.cgroup.clone());
     assert!(st.success(), "runc restore failed");
     let first = wait_count(&ov.rootfs, |_| true);
-    assert!(first > before && first <= after + 3, "runc-restored count {first}, dump saw {before}..{after}");
+    assert!(
+        first > before && first <= after + 3,
+        "runc-restored count {first}, dump saw {before}..{after}"
+    );
     wait_count(&ov.rootfs, |v| v >= first + 3);
     assert!(ov.rootfs.join("root/newfile").exists() && !ov.rootfs.join("bin/vi").exists());
     drop(cleanup);
@@ -147,7 +216,11 @@ fn drained_pipe() -> [std::os::fd::OwnedFd; 3] {
         let mut buf = [0u8; 4096];
         while matches!(f.read(&mut buf), Ok(n) if n > 0) {}
     });
-    [std::fs::File::open("/dev/null").unwrap().into(), w.try_clone().unwrap(), w]
+    [
+        std::fs::File::open("/dev/null").unwrap().into(),
+        w.try_clone().unwrap(),
+        w,
+    ]
 }
 
 fn scopeguard_runc(root: PathBuf, id: &'static str, cgroup: String) -> impl Drop {
@@ -155,7 +228,14 @@ fn scopeguard_runc(root: PathBuf, id: &'static str, cgroup: String) -> impl Drop
     impl Drop for G {
         fn drop(&mut self) {
             let r = self.0.display();
-            let _ = Command::new("sh").arg("-c").arg(format!("runc --root {r} kill {0} KILL; sleep 0.2; runc --root {r} delete -f {0}", self.1)).stderr(Stdio::null()).status();
+            let _ = Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "runc --root {r} kill {0} KILL; sleep 0.2; runc --root {r} delete -f {0}",
+                    self.1
+                ))
+                .stderr(Stdio::null())
+                .status();
             remove_cgroup(&self.2);
         }
     }
@@ -169,8 +249,14 @@ async fn bad_input_is_a_typed_error_and_leaves_nothing_behind() {
     let out = out_dir();
     let ok = |l: &str| -> PathBuf { out.path().join(l) };
 
-    assert!(matches!(locate::from_runtime_root(&a.root, "nope"), Err(Error::NotFound(_))));
-    assert!(matches!(locate::from_runtime_root(&a.root, "../x"), Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        locate::from_runtime_root(&a.root, "nope"),
+        Err(Error::NotFound(_))
+    ));
+    assert!(matches!(
+        locate::from_runtime_root(&a.root, "../x"),
+        Err(Error::InvalidArgument(_))
+    ));
     let found = locate::from_runtime_root(&a.root, "amb").unwrap();
 
     std::fs::write(ok("exists.tar"), b"keep me").unwrap();
@@ -193,12 +279,19 @@ async fn bad_input_is_a_typed_error_and_leaves_nothing_behind() {
             ("invalid", Error::InvalidArgument(_)) | ("exists", Error::AlreadyExists(_)) => {}
             _ => panic!("{}: expected {kind}, got {err:?}", loc.display()),
         }
-        assert_eq!(entries(out.path()), before, "{}: something was left behind", loc.display());
+        assert_eq!(
+            entries(out.path()),
+            before,
+            "{}: something was left behind",
+            loc.display()
+        );
         a.assert_running();
     }
     assert_eq!(std::fs::read(ok("exists.tar")).unwrap(), b"keep me");
-    assert_eq!(std::fs::read_link(ok("link.tar")).unwrap(), Path::new("/etc/passwd"));
-
+    assert_eq!(
+        std::fs::read_link(ok("link.tar")).unwrap(),
+        Path::new("/etc/passwd")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -207,26 +300,43 @@ async fn ambiguous_prefix_and_stopped_container_are_refused() {
     let a = Runc::start("prefix-one");
     // A second container in the same runc root, from the same bundle.
     let st = Command::new("runc")
-        .arg("--root").arg(&a.root)
+        .arg("--root")
+        .arg(&a.root)
         .args(["run", "-d", "prefix-two"])
         .current_dir(&a.bundle)
-        .stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null())
-        .status().unwrap();
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
     assert!(st.success());
     let two = scopeguard_runc(a.root.clone(), "prefix-two", a.cgroup.clone());
     match locate::from_runtime_root(&a.root, "prefix-") {
-        Err(Error::Ambiguous { matches, .. }) => assert_eq!(matches, vec!["prefix-one", "prefix-two"]),
+        Err(Error::Ambiguous { matches, .. }) => {
+            assert_eq!(matches, vec!["prefix-one", "prefix-two"])
+        }
         other => panic!("expected Ambiguous, got {other:?}"),
     }
-    assert_eq!(locate::from_runtime_root(&a.root, "prefix-o").unwrap().id, "prefix-one");
+    assert_eq!(
+        locate::from_runtime_root(&a.root, "prefix-o").unwrap().id,
+        "prefix-one"
+    );
     // Stopped but not deleted: state.json remains, the process is gone.
-    let st = Command::new("runc").arg("--root").arg(&a.root).args(["kill", "prefix-two", "KILL"]).status().unwrap();
+    let st = Command::new("runc")
+        .arg("--root")
+        .arg(&a.root)
+        .args(["kill", "prefix-two", "KILL"])
+        .status()
+        .unwrap();
     assert!(st.success());
     let t = Instant::now();
     loop {
         match locate::from_runtime_root(&a.root, "prefix-two") {
             Err(Error::NotRunning { .. }) => break,
-            other => assert!(t.elapsed() < Duration::from_secs(5), "expected NotRunning, got {other:?}"),
+            other => assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "expected NotRunning, got {other:?}"
+            ),
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -237,16 +347,30 @@ async fn ambiguous_prefix_and_stopped_container_are_refused() {
 async fn criu_failure_mid_dump_thaws_and_cleans_up() {
     require(&["runc", "criu", "cc"]);
     // stdout on a host file outside the container: CRIU fails after seizing the tasks.
-    let c = Runc::start_with("engine-fail", Spec { stdout_file: true, ..Default::default() });
+    let c = Runc::start_with(
+        "engine-fail",
+        Spec {
+            stdout_file: true,
+            ..Default::default()
+        },
+    );
     let out = out_dir();
     let found = locate::from_runtime_root(&c.root, &c.id).unwrap();
-    let err = checkpoint(&found, &opts(&out.path().join("x.tar"))).await.unwrap_err();
+    let err = checkpoint(&found, &opts(&out.path().join("x.tar")))
+        .await
+        .unwrap_err();
     match &err {
-        Error::Criu(criu_rpc::Error::Failed { log_tail, .. }) => assert!(log_tail.contains("Error"), "log tail: {log_tail}"),
+        Error::Criu(criu_rpc::Error::Failed { log_tail, .. }) => {
+            assert!(log_tail.contains("Error"), "log tail: {log_tail}")
+        }
         other => panic!("expected a CRIU failure, got {other:?}"),
     }
     assert!(err.to_string().contains("CRIU log tail"), "{err}");
-    assert_eq!(entries(out.path()), Vec::<String>::new(), "archive or staging left behind");
+    assert_eq!(
+        entries(out.path()),
+        Vec::<String>::new(),
+        "archive or staging left behind"
+    );
     c.assert_running();
 }
 
@@ -254,14 +378,24 @@ async fn criu_failure_mid_dump_thaws_and_cleans_up() {
 async fn deadline_during_dump_thaws_and_leaves_nothing() {
     require(&["runc", "criu", "cc"]);
     // 256 MiB cannot be dumped in 50 ms here (page cache writes at ~3 GB/s at best).
-    let c = Runc::start_with("engine-deadline", Spec { mib: 256, ..Default::default() });
+    let c = Runc::start_with(
+        "engine-deadline",
+        Spec {
+            mib: 256,
+            ..Default::default()
+        },
+    );
     let out = out_dir();
     let found = locate::from_runtime_root(&c.root, &c.id).unwrap();
     let mut o = opts(&out.path().join("x.tar"));
     o.deadline = Some(Instant::now() + Duration::from_millis(50));
     let err = checkpoint(&found, &o).await.unwrap_err();
     assert!(matches!(err, Error::DeadlineExceeded(_)), "{err:?}");
-    assert_eq!(entries(out.path()), Vec::<String>::new(), "archive or staging left behind");
+    assert_eq!(
+        entries(out.path()),
+        Vec::<String>::new(),
+        "archive or staging left behind"
+    );
     c.assert_running();
     // No CRIU left behind either.
     let t = Instant::now();
@@ -275,16 +409,30 @@ async fn deadline_during_dump_thaws_and_leaves_nothing() {
 async fn paused_container_is_dumped_and_stays_paused() {
     require(&["runc", "criu", "cc"]);
     let c = Runc::start("engine-paused");
-    assert!(Command::new("runc").arg("--root").arg(&c.root).args(["pause", &c.id]).status().unwrap().success());
+    assert!(Command::new("runc")
+        .arg("--root")
+        .arg(&c.root)
+        .args(["pause", &c.id])
+        .status()
+        .unwrap()
+        .success());
     let out = out_dir();
     let found = locate::from_runtime_root(&c.root, &c.id).unwrap();
-    let r = checkpoint(&found, &opts(&out.path().join("p.tar"))).await.unwrap();
+    let r = checkpoint(&found, &opts(&out.path().join("p.tar")))
+        .await
+        .unwrap();
     assert!(r.was_paused);
     r.cleanup.wait();
     assert_eq!(c.freezer(), "FROZEN");
     assert_eq!(c.status(), "paused");
     assert_eq!(entries(out.path()), vec!["p.tar"]);
-    assert!(Command::new("runc").arg("--root").arg(&c.root).args(["resume", &c.id]).status().unwrap().success());
+    assert!(Command::new("runc")
+        .arg("--root")
+        .arg(&c.root)
+        .args(["resume", &c.id])
+        .status()
+        .unwrap()
+        .success());
     c.assert_running();
 }
 
@@ -295,36 +443,89 @@ fn cli_checkpoint_and_inspect() {
     let out = out_dir();
     let archive = out.path().join("cli.tar");
     let bin = env!("CARGO_BIN_EXE_ckpt-shim");
-    let o = Command::new(bin).arg("checkpoint").arg("--runtime-root").arg(&c.root).arg("engine-cli").arg("--output").arg(&archive).output().unwrap();
+    let o = Command::new(bin)
+        .arg("checkpoint")
+        .arg("--runtime-root")
+        .arg(&c.root)
+        .arg("engine-cli")
+        .arg("--output")
+        .arg(&archive)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(entries(out.path()), vec!["cli.tar"], "staging left after the command exited");
+    assert_eq!(
+        entries(out.path()),
+        vec!["cli.tar"],
+        "staging left after the command exited"
+    );
     c.assert_running();
-    let o = Command::new(bin).arg("inspect").arg(&archive).output().unwrap();
+    let o = Command::new(bin)
+        .arg("inspect")
+        .arg(&archive)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success() && text.contains("engine-cli") && text.contains("memory pages") && text.contains("frozen"), "{text}");
+    assert!(
+        o.status.success()
+            && text.contains("engine-cli")
+            && text.contains("memory pages")
+            && text.contains("frozen"),
+        "{text}"
+    );
     // A failing command says why and exits non-zero.
-    let o = Command::new(bin).arg("checkpoint").arg("--runtime-root").arg(&c.root).arg("nope").arg("--output").arg(out.path().join("y.tar")).output().unwrap();
+    let o = Command::new(bin)
+        .arg("checkpoint")
+        .arg("--runtime-root")
+        .arg(&c.root)
+        .arg("nope")
+        .arg("--output")
+        .arg(out.path().join("y.tar"))
+        .output()
+        .unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("not found"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dropped_checkpoint_future_thaws_and_cleans_up() {
     require(&["runc", "criu", "cc"]);
-    let c = Runc::start_with("engine-cancel", Spec { mib: 256, ..Default::default() });
+    let c = Runc::start_with(
+        "engine-cancel",
+        Spec {
+            mib: 256,
+            ..Default::default()
+        },
+    );
     let out = out_dir();
     let found = locate::from_runtime_root(&c.root, &c.id).unwrap();
     // Dropped while CRIU is writing 256 MiB: the caller went away.
-    let res = tokio::time::timeout(Duration::from_millis(40), checkpoint(&found, &opts(&out.path().join("x.tar")))).await;
-    assert!(res.is_err(), "the checkpoint should still have been running");
+    let res = tokio::time::timeout(
+        Duration::from_millis(40),
+        checkpoint(&found, &opts(&out.path().join("x.tar"))),
+    )
+    .await;
+    assert!(
+        res.is_err(),
+        "the checkpoint should still have been running"
+    );
     // The work winds down by itself: CRIU ends, the container is thawed, nothing stays.
     let t = Instant::now();
     while !(entries(out.path()).is_empty() && c.freezer() == "THAWED" && !criu_running()) {
-        assert!(t.elapsed() < Duration::from_secs(20), "left behind: {:?}, freezer {}", entries(out.path()), c.freezer());
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "left behind: {:?}, freezer {}",
+            entries(out.path()),
+            c.freezer()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     c.assert_running();
 }
 
 fn criu_running() -> bool {
-    Command::new("pgrep").args(["-x", "criu"]).stdout(Stdio::null()).status().unwrap().success()
+    Command::new("pgrep")
+        .args(["-x", "criu"])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
 }

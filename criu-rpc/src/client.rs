@@ -59,8 +59,18 @@ impl Version {
     /// The number the container stack compares (major·10000 + minor·100 + sublevel);
     /// a git build counts as the next minor, as go-criu does.
     pub fn number(&self) -> i32 {
-        let minor = if self.gitid.as_deref().is_some_and(|g| !g.is_empty()) { self.minor + 1 } else { self.minor };
-        self.major * 10000 + minor * 100 + if self.gitid.is_some() { 0 } else { self.sublevel }
+        let minor = if self.gitid.as_deref().is_some_and(|g| !g.is_empty()) {
+            self.minor + 1
+        } else {
+            self.minor
+        };
+        self.major * 10000
+            + minor * 100
+            + if self.gitid.is_some() {
+                0
+            } else {
+                self.sublevel
+            }
     }
 }
 
@@ -85,7 +95,10 @@ impl Default for Criu {
 
 impl Criu {
     pub fn new(binary: impl Into<PathBuf>) -> Self {
-        Criu { binary: binary.into(), grace: Duration::from_secs(10) }
+        Criu {
+            binary: binary.into(),
+            grace: Duration::from_secs(10),
+        }
     }
 
     /// How long a CRIU whose request was dropped may take to exit by itself before
@@ -104,8 +117,13 @@ impl Criu {
     }
 
     pub async fn version(&self) -> Result<Version, Error> {
-        let resp = self.request(simple(ReqType::Version), &mut ack_all(), Vec::new()).await?;
-        let v = resp.version.ok_or(Error::Protocol { sent: ReqType::Version, got: ReqType::Empty })?;
+        let resp = self
+            .request(simple(ReqType::Version), &mut ack_all(), Vec::new())
+            .await?;
+        let v = resp.version.ok_or(Error::Protocol {
+            sent: ReqType::Version,
+            got: ReqType::Empty,
+        })?;
         Ok(Version {
             major: v.major_number,
             minor: v.minor_number,
@@ -127,7 +145,9 @@ impl Criu {
             log_level: Some(4),
             ..Default::default()
         });
-        self.request(req, &mut ack_all(), Vec::new()).await.map(drop)
+        self.request(req, &mut ack_all(), Vec::new())
+            .await
+            .map(drop)
     }
 
     /// Asks which of `wanted`'s features the kernel and CRIU support.
@@ -146,15 +166,28 @@ impl Criu {
 
     /// Restores; `inherit[i]` appears in CRIU as fd `4 + i` for `opts.inherit_fd`.
     /// Returns the pid of the restored root task.
-    pub async fn restore(&self, opts: Opts, handler: &mut dyn NotifyHandler, inherit: Vec<OwnedFd>) -> Result<i32, Error> {
+    pub async fn restore(
+        &self,
+        opts: Opts,
+        handler: &mut dyn NotifyHandler,
+        inherit: Vec<OwnedFd>,
+    ) -> Result<i32, Error> {
         let mut req = simple(ReqType::Restore);
         req.opts = Some(opts);
         let resp = self.request(req, handler, inherit).await?;
-        resp.restore.map(|r| r.pid).ok_or(Error::Protocol { sent: ReqType::Restore, got: ReqType::Empty })
+        resp.restore.map(|r| r.pid).ok_or(Error::Protocol {
+            sent: ReqType::Restore,
+            got: ReqType::Empty,
+        })
     }
 
     /// Sends one request, serves notifications, returns the final successful response.
-    pub async fn request(&self, req: Req, handler: &mut dyn NotifyHandler, inherit: Vec<OwnedFd>) -> Result<Resp, Error> {
+    pub async fn request(
+        &self,
+        req: Req,
+        handler: &mut dyn NotifyHandler,
+        inherit: Vec<OwnedFd>,
+    ) -> Result<Resp, Error> {
         let sent = req.r#type();
         let log = req.opts.as_ref().and_then(LogFile::of);
         let mut session = Session::spawn(&self.binary, &inherit, self.grace)?;
@@ -165,15 +198,30 @@ impl Criu {
         loop {
             let Some((buf, fd)) = session.sock.recv().await? else {
                 let status = session.exit_status().await;
-                return Err(Error::Crashed { req: sent, status, stderr: session.stderr(), log_tail: log_tail(&log) });
+                return Err(Error::Crashed {
+                    req: sent,
+                    status,
+                    stderr: session.stderr(),
+                    log_tail: log_tail(&log),
+                });
             };
             let resp = Resp::decode(buf.as_slice())?;
             if resp.r#type() == ReqType::Notify {
                 let n = resp.notify.unwrap_or_default();
                 let script = n.script.unwrap_or_default();
                 tracing::debug!(%script, pid = ?n.pid, "CRIU notify");
-                let result = handler.notify(Notify { script: script.clone(), pid: n.pid, fd }).await;
-                let ack = Req { r#type: ReqType::Notify as i32, notify_success: Some(result.is_ok()), ..Default::default() };
+                let result = handler
+                    .notify(Notify {
+                        script: script.clone(),
+                        pid: n.pid,
+                        fd,
+                    })
+                    .await;
+                let ack = Req {
+                    r#type: ReqType::Notify as i32,
+                    notify_success: Some(result.is_ok()),
+                    ..Default::default()
+                };
                 if let Err(reason) = result {
                     refused = Some((script, reason));
                 }
@@ -183,7 +231,12 @@ impl Criu {
             // The final response. CRIU exits by itself now; `session`'s drop reaps it
             // off this path so the caller can thaw the container without waiting.
             if let Some((script, reason)) = refused {
-                return Err(Error::NotifyAborted { req: sent, script, reason, log_tail: log_tail(&log) });
+                return Err(Error::NotifyAborted {
+                    req: sent,
+                    script,
+                    reason,
+                    log_tail: log_tail(&log),
+                });
             }
             if !resp.success {
                 return Err(Error::Failed {
@@ -194,7 +247,10 @@ impl Criu {
                 });
             }
             if resp.r#type() != sent {
-                return Err(Error::Protocol { sent, got: resp.r#type() });
+                return Err(Error::Protocol {
+                    sent,
+                    got: resp.r#type(),
+                });
             }
             return Ok(resp);
         }
@@ -202,7 +258,10 @@ impl Criu {
 }
 
 fn simple(t: ReqType) -> Req {
-    Req { r#type: t as i32, ..Default::default() }
+    Req {
+        r#type: t as i32,
+        ..Default::default()
+    }
 }
 
 /// Where CRIU writes its log: `log_file` in the work dir, which defaults to the images dir.
@@ -225,7 +284,10 @@ impl LogFile {
             return None;
         }
         // SAFETY: dup is a fresh descriptor we own.
-        Some(LogFile { dir: unsafe { OwnedFd::from_raw_fd(dup) }, name: std::ffi::CString::new(name).ok()? })
+        Some(LogFile {
+            dir: unsafe { OwnedFd::from_raw_fd(dup) },
+            name: std::ffi::CString::new(name).ok()?,
+        })
     }
 }
 
@@ -234,7 +296,13 @@ fn log_tail(log: &Option<LogFile>) -> String {
     const TAIL: u64 = 3000;
     let Some(log) = log else { return String::new() };
     // SAFETY: openat on a directory fd we own with a NUL-terminated name.
-    let fd = unsafe { libc::openat(log.dir.as_raw_fd(), log.name.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW) };
+    let fd = unsafe {
+        libc::openat(
+            log.dir.as_raw_fd(),
+            log.name.as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+        )
+    };
     if fd < 0 {
         return String::new();
     }
@@ -244,6 +312,10 @@ fn log_tail(log: &Option<LogFile>) -> String {
     let _ = f.seek(SeekFrom::Start(len.saturating_sub(TAIL)));
     let mut s = String::new();
     let _ = f.read_to_string(&mut s);
-    let s = if len > TAIL { s.split_once('\n').map(|(_, rest)| rest).unwrap_or(&s) } else { &s };
+    let s = if len > TAIL {
+        s.split_once('\n').map(|(_, rest)| rest).unwrap_or(&s)
+    } else {
+        &s
+    };
     s.trim_end().to_string()
 }

@@ -4,7 +4,10 @@ use crate::proto::ReqType;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot start CRIU ({binary}): {source}")]
-    Spawn { binary: String, source: std::io::Error },
+    Spawn {
+        binary: String,
+        source: std::io::Error,
+    },
 
     #[error("CRIU RPC socket: {0}")]
     Io(#[from] std::io::Error),
@@ -17,11 +20,21 @@ pub enum Error {
 
     /// EOF before the final response: CRIU crashed or was killed.
     #[error("CRIU exited without answering the {req:?} request ({status}){}", tail(.log_tail, .stderr))]
-    Crashed { req: ReqType, status: String, stderr: String, log_tail: String },
+    Crashed {
+        req: ReqType,
+        status: String,
+        stderr: String,
+        log_tail: String,
+    },
 
     /// A NOTIFY handler refused: CRIU aborted the request.
     #[error("CRIU {req:?} aborted: notify handler for '{script}' failed: {reason}{}", tail(.log_tail, ""))]
-    NotifyAborted { req: ReqType, script: String, reason: String, log_tail: String },
+    NotifyAborted {
+        req: ReqType,
+        script: String,
+        reason: String,
+        log_tail: String,
+    },
 
     /// CRIU answered with `success = false`.
     #[error("CRIU {req:?} failed{}{}{}", errno(.cr_errno), msg(.cr_errmsg), tail(.log_tail, ""))]
@@ -38,8 +51,12 @@ impl Error {
     /// The tail of CRIU's log file (or its stderr), where there is one.
     pub fn log_tail(&self) -> &str {
         match self {
-            Error::Crashed { log_tail, stderr, .. } if log_tail.is_empty() => stderr,
-            Error::Crashed { log_tail, .. } | Error::NotifyAborted { log_tail, .. } | Error::Failed { log_tail, .. } => log_tail,
+            Error::Crashed {
+                log_tail, stderr, ..
+            } if log_tail.is_empty() => stderr,
+            Error::Crashed { log_tail, .. }
+            | Error::NotifyAborted { log_tail, .. }
+            | Error::Failed { log_tail, .. } => log_tail,
             _ => "",
         }
     }
@@ -53,10 +70,17 @@ fn errno(e: &Option<i32>) -> String {
 }
 
 fn msg(m: &Option<String>) -> String {
-    m.as_deref().filter(|s| !s.is_empty()).map(|s| format!(" (first logged error: {s})")).unwrap_or_default()
+    m.as_deref()
+        .filter(|s| !s.is_empty())
+        .map(|s| format!(" (first logged error: {s})"))
+        .unwrap_or_default()
 }
 
 fn tail(log: &str, stderr: &str) -> String {
     let t = if log.is_empty() { stderr } else { log };
-    if t.is_empty() { String::new() } else { format!("\n--- CRIU log tail ---\n{t}") }
+    if t.is_empty() {
+        String::new()
+    } else {
+        format!("\n--- CRIU log tail ---\n{t}")
+    }
 }

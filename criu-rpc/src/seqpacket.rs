@@ -9,7 +9,14 @@ use tokio::io::unix::AsyncFd;
 pub(crate) fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as RawFd; 2];
     // SAFETY: fds is a valid two-element array for the kernel to fill.
-    let rc = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) };
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -26,12 +33,15 @@ impl SeqPacket {
         // SAFETY: plain fcntl on a descriptor we own.
         unsafe {
             let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-            if flags < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+            if flags < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) < 0
+            {
                 return Err(io::Error::last_os_error());
             }
         }
         // SAFETY: an OwnedFd stays open and unchanged for as long as the AsyncFd owns it.
-        Ok(SeqPacket { fd: unsafe { AsyncFd::register(fd) }? })
+        Ok(SeqPacket {
+            fd: unsafe { AsyncFd::register(fd) }?,
+        })
     }
 
     pub(crate) async fn send(&self, buf: &[u8]) -> io::Result<()> {
@@ -39,12 +49,28 @@ impl SeqPacket {
             let mut guard = self.fd.writable().await?;
             let res = guard.try_io(|fd| {
                 // SAFETY: buf is valid for buf.len() bytes; MSG_NOSIGNAL avoids SIGPIPE.
-                let n = unsafe { libc::send(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
-                if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+                let n = unsafe {
+                    libc::send(
+                        fd.as_raw_fd(),
+                        buf.as_ptr().cast(),
+                        buf.len(),
+                        libc::MSG_NOSIGNAL,
+                    )
+                };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
             });
             match res {
                 Ok(Ok(n)) if n == buf.len() => return Ok(()),
-                Ok(Ok(n)) => return Err(io::Error::other(format!("short seqpacket send: {n} of {}", buf.len()))),
+                Ok(Ok(n)) => {
+                    return Err(io::Error::other(format!(
+                        "short seqpacket send: {n} of {}",
+                        buf.len()
+                    )))
+                }
                 Ok(Err(e)) => return Err(e),
                 Err(_would_block) => continue,
             }
@@ -65,12 +91,22 @@ impl SeqPacket {
 
 fn recv_one(fd: RawFd) -> io::Result<Option<(Vec<u8>, Option<OwnedFd>)>> {
     // SAFETY: a zero-length peek only asks the kernel for the packet's size.
-    let size = unsafe { libc::recv(fd, std::ptr::null_mut(), 0, libc::MSG_PEEK | libc::MSG_TRUNC | libc::MSG_DONTWAIT) };
+    let size = unsafe {
+        libc::recv(
+            fd,
+            std::ptr::null_mut(),
+            0,
+            libc::MSG_PEEK | libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+        )
+    };
     if size < 0 {
         return Err(io::Error::last_os_error());
     }
     let mut buf = vec![0u8; (size as usize).max(1)];
-    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
     // Room for exactly one fd, the most CRIU ever sends.
     let mut cmsg = [0u64; 8];
     // SAFETY: msghdr is plain data; every pointer in it refers to live buffers above.

@@ -20,7 +20,11 @@ pub enum StatsError {
 }
 
 pub fn parse_dump_stats(bytes: &[u8]) -> Result<DumpStatsEntry, StatsError> {
-    let word = |i: usize| bytes.get(i..i + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let word = |i: usize| {
+        bytes
+            .get(i..i + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
     if word(0) != Some(IMG_SERVICE_MAGIC) || word(4) != Some(STATS_MAGIC) {
         return Err(StatsError::Magic);
     }

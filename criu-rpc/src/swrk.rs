@@ -29,7 +29,11 @@ pub(crate) struct Session {
 impl Session {
     /// Spawns `criu --no-default-config swrk 3`. `inherit[i]` is placed at fd `4 + i`
     /// in the child, for `inherit_fd` entries of a restore.
-    pub(crate) fn spawn(binary: &Path, inherit: &[OwnedFd], grace: Duration) -> Result<Self, Error> {
+    pub(crate) fn spawn(
+        binary: &Path,
+        inherit: &[OwnedFd],
+        grace: Duration,
+    ) -> Result<Self, Error> {
         let (ours, theirs) = seqpacket::pair()?;
         let mut sources: Vec<RawFd> = vec![theirs.as_raw_fd()];
         sources.extend(inherit.iter().map(|f| f.as_raw_fd()));
@@ -46,7 +50,10 @@ impl Session {
         unsafe {
             cmd.pre_exec(move || place_fds(&sources));
         }
-        let mut child = cmd.spawn().map_err(|source| Error::Spawn { binary: binary.display().to_string(), source })?;
+        let mut child = cmd.spawn().map_err(|source| Error::Spawn {
+            binary: binary.display().to_string(),
+            source,
+        })?;
         drop(theirs);
 
         let stderr = Arc::new(Mutex::new(Vec::new()));
@@ -65,7 +72,12 @@ impl Session {
                 }
             });
         }
-        Ok(Session { sock: SeqPacket::new(ours)?, child: Some(child), stderr, grace })
+        Ok(Session {
+            sock: SeqPacket::new(ours)?,
+            child: Some(child),
+            stderr,
+            grace,
+        })
     }
 
     pub(crate) fn pid(&self) -> u32 {
@@ -73,12 +85,16 @@ impl Session {
     }
 
     pub(crate) fn stderr(&self) -> String {
-        String::from_utf8_lossy(&self.stderr.lock().unwrap_or_else(|p| p.into_inner())).trim().to_string()
+        String::from_utf8_lossy(&self.stderr.lock().unwrap_or_else(|p| p.into_inner()))
+            .trim()
+            .to_string()
     }
 
     /// Waits (without blocking the runtime) for CRIU to exit after EOF on the socket.
     pub(crate) async fn exit_status(&mut self) -> String {
-        let Some(mut child) = self.child.take() else { return "already reaped".into() };
+        let Some(mut child) = self.child.take() else {
+            return "already reaped".into();
+        };
         let grace = self.grace;
         match tokio::task::spawn_blocking(move || reap(&mut child, grace)).await {
             Ok(status) => describe(status),
@@ -105,7 +121,10 @@ fn reap(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
             Ok(Some(status)) => return Some(status),
             Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
             Ok(None) => {
-                tracing::warn!(pid = child.id(), "CRIU did not exit within {grace:?}; killing it");
+                tracing::warn!(
+                    pid = child.id(),
+                    "CRIU did not exit within {grace:?}; killing it"
+                );
                 let _ = child.kill();
                 return child.wait().ok();
             }
@@ -117,7 +136,9 @@ fn reap(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
 fn describe(status: Option<ExitStatus>) -> String {
     use std::os::unix::process::ExitStatusExt;
     match status {
-        Some(s) if s.signal().is_some() => format!("killed by signal {}", s.signal().unwrap_or_default()),
+        Some(s) if s.signal().is_some() => {
+            format!("killed by signal {}", s.signal().unwrap_or_default())
+        }
         Some(s) => format!("exit status {}", s.code().unwrap_or(-1)),
         None => "exit status unknown".into(),
     }

@@ -11,10 +11,19 @@ use criu_rpc::proto::{Features, Opts};
 use criu_rpc::{ack_all, Criu, Error, Notify};
 
 fn criu() -> Criu {
-    assert!(nix::unistd::geteuid().is_root(), "these tests need root: run them as root after `hack/setup.sh`");
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these tests need root: run them as root after `hack/setup.sh`"
+    );
     let out = Command::new("criu").arg("--version").output();
-    let ok = out.as_ref().map(|o| String::from_utf8_lossy(&o.stdout).contains("4.1.1")).unwrap_or(false);
-    assert!(ok, "CRIU 4.1.1 is not the `criu` in PATH ({out:?}): run `hack/setup.sh` as root");
+    let ok = out
+        .as_ref()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("4.1.1"))
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "CRIU 4.1.1 is not the `criu` in PATH ({out:?}): run `hack/setup.sh` as root"
+    );
     Criu::new("criu")
 }
 
@@ -24,7 +33,12 @@ fn counter_binary() -> PathBuf {
     BIN.get_or_init(|| {
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/workloads/counter.c");
         let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("counter");
-        let st = Command::new("cc").args(["-O2", "-static", "-o"]).arg(&out).arg(&src).status().expect("cc (hack/setup.sh installs it)");
+        let st = Command::new("cc")
+            .args(["-O2", "-static", "-o"])
+            .arg(&out)
+            .arg(&src)
+            .status()
+            .expect("cc (hack/setup.sh installs it)");
         assert!(st.success(), "building {src:?} failed");
         out
     })
@@ -41,12 +55,25 @@ impl Counter {
     fn start(dir: &Path) -> Counter {
         let file = dir.join("count");
         let mut cmd = Command::new(counter_binary());
-        cmd.arg(&file).arg("1").arg("50").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).current_dir("/");
+        cmd.arg(&file)
+            .arg("1")
+            .arg("50")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .current_dir("/");
         // SAFETY: setsid is async-signal-safe.
         unsafe {
-            cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(std::io::Error::from));
+            cmd.pre_exec(|| {
+                nix::unistd::setsid()
+                    .map(drop)
+                    .map_err(std::io::Error::from)
+            });
         }
-        let c = Counter { child: Some(cmd.spawn().unwrap()), file };
+        let c = Counter {
+            child: Some(cmd.spawn().unwrap()),
+            file,
+        };
         c.wait_for(|v| v >= 3);
         c
     }
@@ -54,7 +81,11 @@ impl Counter {
         self.child.as_ref().unwrap().id() as i32
     }
     fn read(&self) -> Option<u64> {
-        std::fs::read_to_string(&self.file).ok()?.trim().parse().ok()
+        std::fs::read_to_string(&self.file)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
     fn wait_for(&self, f: impl Fn(u64) -> bool) -> u64 {
         let t = Instant::now();
@@ -62,13 +93,19 @@ impl Counter {
             if let Some(v) = self.read().filter(|v| f(*v)) {
                 return v;
             }
-            assert!(t.elapsed() < Duration::from_secs(10), "counter stuck at {:?}", self.read());
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "counter stuck at {:?}",
+                self.read()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
     fn alive(&self) -> bool {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), None).is_ok()
-            && !std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default().contains(") Z")
+            && !std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+                .unwrap_or_default()
+                .contains(") Z")
     }
     fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -109,7 +146,10 @@ fn criu_children() -> Vec<i32> {
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| {
             let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-            status.lines().any(|l| l == "Name:\tcriu") && status.lines().any(|l| l.strip_prefix("PPid:\t") == Some(me.as_str()))
+            status.lines().any(|l| l == "Name:\tcriu")
+                && status
+                    .lines()
+                    .any(|l| l.strip_prefix("PPid:\t") == Some(me.as_str()))
         })
         .collect()
 }
@@ -125,7 +165,14 @@ async fn version_reports_4_1_1() {
 async fn check_passes_and_features_answer() {
     let c = criu();
     c.check().await.unwrap();
-    let f = c.feature_check(Features { mem_track: Some(true), lazy_pages: Some(true), pidfd_store: Some(true) }).await.unwrap();
+    let f = c
+        .feature_check(Features {
+            mem_track: Some(true),
+            lazy_pages: Some(true),
+            pidfd_store: Some(true),
+        })
+        .await
+        .unwrap();
     // This kernel has no soft-dirty tracking but does have pidfds.
     assert_eq!(f.pidfd_store, Some(true), "{f:?}");
 }
@@ -147,10 +194,16 @@ async fn dump_leave_running_then_restore_continues_count() {
         seen.push(n.script);
         async { Ok(()) }
     };
-    let resp = c.dump(dump_opts(pid, &ifd, &wfd), &mut handler).await.unwrap();
+    let resp = c
+        .dump(dump_opts(pid, &ifd, &wfd), &mut handler)
+        .await
+        .unwrap();
     let after = counter.read().unwrap();
     assert!(resp.success);
-    assert!(seen.iter().any(|s| s == "pre-dump") && seen.iter().any(|s| s == "post-dump"), "notifications: {seen:?}");
+    assert!(
+        seen.iter().any(|s| s == "pre-dump") && seen.iter().any(|s| s == "post-dump"),
+        "notifications: {seen:?}"
+    );
     assert!(images.join("inventory.img").exists() && work.join("dump.log").exists());
     // leave_running: the original keeps counting.
     counter.wait_for(|v| v > after + 2);
@@ -177,11 +230,17 @@ async fn dump_leave_running_then_restore_continues_count() {
         if let Some(v) = counter.read() {
             break v;
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "restored counter never wrote");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "restored counter never wrote"
+        );
         std::thread::sleep(Duration::from_millis(5));
     };
     // It resumes from its memory at dump time, not from 1.
-    assert!(first > before && first <= after + 2, "restored counter wrote {first}; dump saw {before}..{after}");
+    assert!(
+        first > before && first <= after + 2,
+        "restored counter wrote {first}; dump saw {before}..{after}"
+    );
     counter.wait_for(|v| v >= first + 3);
     drop(reap);
 }
@@ -205,11 +264,19 @@ async fn dump_of_missing_pid_is_a_typed_error_with_log_tail() {
     let tmp = tempfile::tempdir().unwrap();
     let fd = dir_fd(tmp.path());
     // pid_max is 32768 here and at most 4194304 anywhere: this pid cannot exist.
-    let err = c.dump(dump_opts(4_194_303, &fd, &fd), &mut ack_all()).await.unwrap_err();
+    let err = c
+        .dump(dump_opts(4_194_303, &fd, &fd), &mut ack_all())
+        .await
+        .unwrap_err();
     match &err {
-        Error::Failed { cr_errno, log_tail, .. } => {
+        Error::Failed {
+            cr_errno, log_tail, ..
+        } => {
             assert_eq!(*cr_errno, Some(libc::ESRCH), "{err}");
-            assert!(log_tail.contains("Error") || log_tail.contains("4194303"), "log tail: {log_tail}");
+            assert!(
+                log_tail.contains("Error") || log_tail.contains("4194303"),
+                "log tail: {log_tail}"
+            );
         }
         other => panic!("expected Error::Failed, got {other:?}"),
     }
@@ -224,9 +291,16 @@ async fn failing_notify_handler_aborts_dump_and_process_keeps_running() {
     let fd = dir_fd(tmp.path());
     for refuse in ["pre-dump", "post-dump"] {
         let mut handler = move |n: Notify| async move {
-            if n.script == refuse { Err(format!("refusing {refuse}")) } else { Ok(()) }
+            if n.script == refuse {
+                Err(format!("refusing {refuse}"))
+            } else {
+                Ok(())
+            }
         };
-        let err = c.dump(dump_opts(counter.pid(), &fd, &fd), &mut handler).await.unwrap_err();
+        let err = c
+            .dump(dump_opts(counter.pid(), &fd, &fd), &mut handler)
+            .await
+            .unwrap_err();
         match &err {
             Error::NotifyAborted { script, reason, .. } => {
                 assert_eq!(script, refuse);
@@ -238,7 +312,10 @@ async fn failing_notify_handler_aborts_dump_and_process_keeps_running() {
         counter.wait_for(|v| v > now + 2);
         assert!(counter.alive());
         let state = std::fs::read_to_string(format!("/proc/{}/stat", counter.pid())).unwrap();
-        assert!(!state.contains(") t") && !state.contains(") T"), "task left stopped: {state}");
+        assert!(
+            !state.contains(") t") && !state.contains(") T"),
+            "task left stopped: {state}"
+        );
     }
 }
 
@@ -257,11 +334,18 @@ async fn dropped_request_leaves_no_criu_child_and_the_task_running() {
     };
     let fut = c.dump(dump_opts(counter.pid(), &fd, &fd), &mut handler);
     let res = tokio::time::timeout(Duration::from_millis(1500), fut).await;
-    assert!(res.is_err(), "the dump should still be waiting on post-dump");
+    assert!(
+        res.is_err(),
+        "the dump should still be waiting on post-dump"
+    );
     // CRIU sees EOF, aborts on its own and releases the task; the reaper collects it.
     let t = Instant::now();
     while !criu_children().is_empty() {
-        assert!(t.elapsed() < c.grace() + Duration::from_secs(2), "CRIU left behind: {:?}", criu_children());
+        assert!(
+            t.elapsed() < c.grace() + Duration::from_secs(2),
+            "CRIU left behind: {:?}",
+            criu_children()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let now = counter.read().unwrap();

@@ -14,18 +14,38 @@ pub const SETUP_HINT: &str = "run `hack/setup.sh` as root first";
 
 /// Fails loudly (never skips) when a part the tests need is missing.
 pub fn require(tools: &[&str]) {
-    assert!(nix::unistd::geteuid().is_root(), "integration tests need root: {SETUP_HINT}");
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "integration tests need root: {SETUP_HINT}"
+    );
     for t in tools {
-        let ok = Command::new("sh").arg("-c").arg(format!("command -v {t}")).stdout(Stdio::null()).status().map(|s| s.success()).unwrap_or(false);
+        let ok = Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {t}"))
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
         assert!(ok, "`{t}` is not installed: {SETUP_HINT}");
     }
-    let v = Command::new("criu").arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
-    assert!(v.contains("4.1.1"), "CRIU 4.1.1 must be the `criu` in PATH (found {v:?}): {SETUP_HINT}");
+    let v = Command::new("criu")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    assert!(
+        v.contains("4.1.1"),
+        "CRIU 4.1.1 must be the `criu` in PATH (found {v:?}): {SETUP_HINT}"
+    );
 }
 
 pub fn sh(cmd: &str) -> String {
     let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
-    assert!(out.status.success(), "`{cmd}` failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -60,7 +80,10 @@ impl Overlay {
             dir.display(),
             rootfs.display()
         ));
-        Overlay { dir: dir.to_path_buf(), rootfs }
+        Overlay {
+            dir: dir.to_path_buf(),
+            rootfs,
+        }
     }
 }
 
@@ -89,7 +112,10 @@ pub struct Spec {
 
 impl Default for Spec {
     fn default() -> Self {
-        Spec { mib: 1, stdout_file: false }
+        Spec {
+            mib: 1,
+            stdout_file: false,
+        }
     }
 }
 
@@ -99,14 +125,29 @@ impl Runc {
     }
 
     pub fn start_with(id: &str, spec: Spec) -> Runc {
-        let tmp = tempfile::Builder::new().prefix("ckpt-test-").tempdir().unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix("ckpt-test-")
+            .tempdir()
+            .unwrap();
         let root = tmp.path().join("state");
         let bundle = tmp.path().join("bundle");
         std::fs::create_dir_all(&bundle).unwrap();
         let overlay = Overlay::new(&bundle);
         let cgroup = format!("/ckpt-shim-test/{id}-{}", std::process::id());
-        write_config(&bundle, &cgroup, &["/bin/counter", "/tmp/count", &spec.mib.to_string(), "50"]);
-        let mut c = Runc { id: id.to_string(), root, bundle, overlay, output: Default::default(), cgroup, _tmp: tmp };
+        write_config(
+            &bundle,
+            &cgroup,
+            &["/bin/counter", "/tmp/count", &spec.mib.to_string(), "50"],
+        );
+        let mut c = Runc {
+            id: id.to_string(),
+            root,
+            bundle,
+            overlay,
+            output: Default::default(),
+            cgroup,
+            _tmp: tmp,
+        };
         c.run(spec.stdout_file);
         c.wait_count(|v| v >= 3);
         c
@@ -114,7 +155,11 @@ impl Runc {
 
     fn run(&mut self, stdout_file: bool) {
         let mut cmd = Command::new("runc");
-        cmd.arg("--root").arg(&self.root).args(["run", "-d", &self.id]).current_dir(&self.bundle).stdin(Stdio::null());
+        cmd.arg("--root")
+            .arg(&self.root)
+            .args(["run", "-d", &self.id])
+            .current_dir(&self.bundle)
+            .stdin(Stdio::null());
         if stdout_file {
             let f = std::fs::File::create(self.bundle.join("stdout.log")).unwrap();
             cmd.stdout(f.try_clone().unwrap()).stderr(f);
@@ -139,16 +184,29 @@ impl Runc {
             }
         });
         let st = child.wait().unwrap();
-        assert!(st.success(), "runc run {}: {}", self.id, String::from_utf8_lossy(&self.output.lock().unwrap()));
+        assert!(
+            st.success(),
+            "runc run {}: {}",
+            self.id,
+            String::from_utf8_lossy(&self.output.lock().unwrap())
+        );
     }
 
     pub fn state(&self) -> serde_json::Value {
-        let out = Command::new("runc").arg("--root").arg(&self.root).args(["state", &self.id]).output().unwrap();
+        let out = Command::new("runc")
+            .arg("--root")
+            .arg(&self.root)
+            .args(["state", &self.id])
+            .output()
+            .unwrap();
         serde_json::from_slice(&out.stdout).unwrap_or_default()
     }
 
     pub fn status(&self) -> String {
-        self.state()["status"].as_str().unwrap_or("gone").to_string()
+        self.state()["status"]
+            .as_str()
+            .unwrap_or("gone")
+            .to_string()
     }
 
     pub fn pid(&self) -> i32 {
@@ -165,7 +223,13 @@ impl Runc {
 
     /// The container's v1 freezer state.
     pub fn freezer(&self) -> String {
-        std::fs::read_to_string(format!("/sys/fs/cgroup/freezer{}/freezer.state", self.cgroup)).unwrap_or_default().trim().to_string()
+        std::fs::read_to_string(format!(
+            "/sys/fs/cgroup/freezer{}/freezer.state",
+            self.cgroup
+        ))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
     }
 
     /// Running, counting, and not frozen.
@@ -191,7 +255,14 @@ impl Runc {
 
     pub fn kill(&self) {
         let r = self.root.display();
-        let _ = Command::new("sh").arg("-c").arg(format!("runc --root {r} kill {id} KILL; sleep 0.2; runc --root {r} delete -f {id}", id = self.id)).stderr(Stdio::null()).status();
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "runc --root {r} kill {id} KILL; sleep 0.2; runc --root {r} delete -f {id}",
+                id = self.id
+            ))
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -203,7 +274,11 @@ impl Drop for Runc {
 }
 
 pub fn remove_cgroup(path: &str) {
-    for h in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+    for h in std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let dir = h.path().join(path.trim_start_matches('/'));
         let _ = std::fs::remove_dir(&dir);
         let _ = std::fs::remove_dir(dir.parent().unwrap());
@@ -223,7 +298,11 @@ pub fn write_config(bundle: &Path, cgroup: &str, args: &[&str]) {
 }
 
 pub fn read_count(rootfs: &Path) -> Option<u64> {
-    std::fs::read_to_string(rootfs.join("tmp/count")).ok()?.trim().parse().ok()
+    std::fs::read_to_string(rootfs.join("tmp/count"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 pub fn wait_count(rootfs: &Path, pred: impl Fn(u64) -> bool) -> u64 {
@@ -232,21 +311,34 @@ pub fn wait_count(rootfs: &Path, pred: impl Fn(u64) -> bool) -> u64 {
         if let Some(v) = read_count(rootfs).filter(|v| pred(*v)) {
             return v;
         }
-        assert!(t.elapsed() < Duration::from_secs(20), "counter in {} stuck at {:?}", rootfs.display(), read_count(rootfs));
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "counter in {} stuck at {:?}",
+            rootfs.display(),
+            read_count(rootfs)
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
 
 /// Names in `dir`, to check that nothing was left behind.
 pub fn entries(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     v.sort();
     v
 }
 
 /// A private 0700 output dir for archives.
 pub fn out_dir() -> tempfile::TempDir {
-    let d = tempfile::Builder::new().prefix("ckpt-out-").tempdir().unwrap();
+    let d = tempfile::Builder::new()
+        .prefix("ckpt-out-")
+        .tempdir()
+        .unwrap();
     std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     d
 }
+pub mod cri;
+pub mod raw;

@@ -1,0 +1,130 @@
+//! Settings: flags win over the TOML file, which wins over defaults.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+pub const DEFAULT_LISTEN: &str = "/run/ckpt-shim/ckpt-shim.sock";
+pub const DEFAULT_UPSTREAM: &str = "unix:///run/containerd/containerd.sock";
+pub const DEFAULT_CONFIG: &str = "/etc/ckpt-shim/config.toml";
+/// Where containerd's runc shim keeps runc state for CRI containers.
+pub const DEFAULT_RUNC_ROOT: &str = "/run/containerd/runc/k8s.io";
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: PathBuf,
+    pub upstream: String,
+    /// Parent of staging dirs; `None` stages beside the archive (same file system).
+    pub staging_dir: Option<PathBuf>,
+    pub log_level: String,
+    pub criu: PathBuf,
+    /// runc state dir of the upstream's containers, to read `config.json` unchanged.
+    pub runc_root: PathBuf,
+    pub tcp_established: bool,
+    pub file_locks: bool,
+    /// `false` answers CheckpointContainer with UNIMPLEMENTED, like a runtime without it.
+    pub checkpoint_enabled: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: DEFAULT_LISTEN.into(),
+            upstream: DEFAULT_UPSTREAM.into(),
+            staging_dir: None,
+            log_level: "info".into(),
+            criu: "criu".into(),
+            runc_root: DEFAULT_RUNC_ROOT.into(),
+            tcp_established: false,
+            file_locks: true,
+            checkpoint_enabled: true,
+        }
+    }
+}
+
+/// The file's shape; every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<PathBuf>,
+    pub upstream: Option<String>,
+    pub staging_dir: Option<PathBuf>,
+    pub log_level: Option<String>,
+    pub criu: Option<PathBuf>,
+    pub runc_root: Option<PathBuf>,
+    pub tcp_established: Option<bool>,
+    pub file_locks: Option<bool>,
+    pub checkpoint_enabled: Option<bool>,
+}
+
+impl FileConfig {
+    /// Reads `path`; a missing file is an empty config only when `optional`.
+    pub fn load(path: &Path, optional: bool) -> Result<FileConfig> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text)
+                .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display()))),
+            Err(e) if optional && e.kind() == std::io::ErrorKind::NotFound => {
+                Ok(FileConfig::default())
+            }
+            Err(e) => Err(Error::InvalidArgument(format!("{}: {e}", path.display()))),
+        }
+    }
+
+    pub fn apply(self, c: &mut Config) {
+        macro_rules! take {
+            ($($f:ident),*) => { $(if let Some(v) = self.$f { c.$f = v; })* };
+        }
+        take!(
+            listen,
+            upstream,
+            log_level,
+            criu,
+            runc_root,
+            tcp_established,
+            file_locks,
+            checkpoint_enabled
+        );
+        if self.staging_dir.is_some() {
+            c.staging_dir = self.staging_dir;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_values_apply_and_unknown_keys_are_refused() {
+        let f: FileConfig =
+            toml::from_str("upstream = \"unix:///x.sock\"\ntcp_established = true\n").unwrap();
+        let mut c = Config::default();
+        f.apply(&mut c);
+        assert_eq!(
+            (
+                c.upstream.as_str(),
+                c.tcp_established,
+                c.listen.to_str().unwrap()
+            ),
+            ("unix:///x.sock", true, DEFAULT_LISTEN)
+        );
+        assert!(toml::from_str::<FileConfig>("listne = \"/x\"").is_err());
+        let d = tempfile::tempdir().unwrap();
+        assert!(FileConfig::load(&d.path().join("absent.toml"), true).is_ok());
+        assert!(FileConfig::load(&d.path().join("absent.toml"), false).is_err());
+    }
+}
+
+#[cfg(test)]
+mod shipped {
+    /// The example config in hack/deploy parses and sets what it says.
+    #[test]
+    fn deploy_example_parses() {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("hack/deploy/config.toml");
+        let f = super::FileConfig::load(&p, false).unwrap();
+        assert_eq!(f.upstream.as_deref(), Some(super::DEFAULT_UPSTREAM));
+        assert_eq!(f.checkpoint_enabled, Some(true));
+    }
+}

@@ -1,0 +1,305 @@
+//! The native `CheckpointContainer`: resolve the container through the upstream's
+//! `ContainerStatus(verbose)`, then run the engine. One checkpoint per container
+//! at a time; different containers in parallel.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use tonic::body::Body;
+use tonic::transport::Channel;
+
+use crate::checkpoint::{self, Options};
+use crate::cri::runtime_service_client::RuntimeServiceClient;
+use crate::cri::{
+    CheckpointContainerRequest, CheckpointContainerResponse, ContainerState,
+    ContainerStatusRequest, ListContainersRequest,
+};
+use crate::dump::DumpSettings;
+use crate::error::{Error, Result};
+use crate::locate::Container;
+use crate::server::Config;
+
+pub struct Native {
+    upstream: RuntimeServiceClient<Channel>,
+    criu: criu_rpc::Criu,
+    settings: DumpSettings,
+    runc_root: PathBuf,
+    staging_dir: Option<PathBuf>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Native {
+    pub fn new(cfg: &Config, upstream: Channel) -> Native {
+        Native {
+            upstream: RuntimeServiceClient::new(upstream),
+            criu: criu_rpc::Criu::new(&cfg.criu),
+            settings: DumpSettings {
+                tcp_established: cfg.tcp_established,
+                file_locks: cfg.file_locks,
+                ..Default::default()
+            },
+            runc_root: cfg.runc_root.clone(),
+            staging_dir: cfg.staging_dir.clone(),
+            locks: Mutex::default(),
+        }
+    }
+
+    pub async fn handle(self: Arc<Self>, req: http::Request<Incoming>) -> http::Response<Body> {
+        let deadline = grpc_deadline(req.headers());
+        let svc = Svc {
+            native: self,
+            deadline,
+        };
+        tonic::server::Grpc::new(tonic_prost::ProstCodec::default())
+            .unary(svc, req)
+            .await
+    }
+
+    async fn checkpoint(
+        &self,
+        r: CheckpointContainerRequest,
+        grpc_deadline: Option<Instant>,
+    ) -> Result<()> {
+        let started = Instant::now();
+        if r.container_id.is_empty() {
+            return Err(Error::InvalidArgument("container_id is empty".into()));
+        }
+        let location = PathBuf::from(&r.location);
+        if r.location.is_empty() || !location.is_absolute() {
+            return Err(Error::InvalidArgument(format!(
+                "location {:?} must be an absolute path",
+                r.location
+            )));
+        }
+        if r.timeout < 0 {
+            return Err(Error::InvalidArgument(format!(
+                "timeout {} is negative",
+                r.timeout
+            )));
+        }
+        // The CRI timeout field (seconds, 0 = default) and the gRPC deadline both bind.
+        let field = (r.timeout > 0).then(|| started + Duration::from_secs(r.timeout as u64));
+        let deadline = [field, grpc_deadline].into_iter().flatten().min();
+        let within = |what: &'static str| async move {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+            Error::DeadlineExceeded(what)
+        };
+
+        let c = tokio::select! { c = self.resolve(&r.container_id) => c?, e = within("resolving the container") => return Err(e) };
+        let lock = self
+            .locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(c.id.clone())
+            .or_default()
+            .clone();
+        let _serial = tokio::select! { g = lock.lock() => g, e = within("waiting for another checkpoint") => return Err(e) };
+        let opts = Options {
+            location,
+            deadline,
+            criu: self.criu.clone(),
+            settings: self.settings.clone(),
+            staging_dir: self.staging_dir.clone(),
+        };
+        let report = checkpoint::checkpoint(&c, &opts).await?;
+        let ms = |d: Duration| (d.as_secs_f64() * 1e3 * 10.0).round() / 10.0;
+        let phases: Vec<String> = report
+            .phases
+            .iter()
+            .map(|(n, d)| format!("{n}={}ms", ms(*d)))
+            .collect();
+        tracing::info!(
+            container = %c.id,
+            location = %report.location.display(),
+            bytes = report.archive_bytes,
+            copied = report.copied_bytes,
+            frozen_ms = ms(report.frozen),
+            criu_frozen_ms = report.stats.as_ref().and_then(|s| s.frozen_time).map(|us| us as f64 / 1e3),
+            pages_written = report.stats.as_ref().and_then(|s| s.pages_written),
+            total_ms = ms(started.elapsed()),
+            phases = %phases.join(" "),
+            "checkpointed"
+        );
+        Ok(())
+    }
+
+    /// Full ID or unique prefix (crictl sends what the user typed) → a running container.
+    async fn resolve(&self, id_or_prefix: &str) -> Result<Container> {
+        let mut client = self.upstream.clone();
+        let list = client
+            .list_containers(ListContainersRequest {})
+            .await?
+            .into_inner();
+        let mut ids: Vec<String> = list
+            .containers
+            .into_iter()
+            .map(|c| c.id)
+            .filter(|id| id.starts_with(id_or_prefix))
+            .collect();
+        ids.sort();
+        let id = match ids.iter().position(|i| i == id_or_prefix) {
+            Some(i) => ids.swap_remove(i),
+            None if ids.len() == 1 => ids.remove(0),
+            None if ids.is_empty() => return Err(Error::NotFound(id_or_prefix.to_string())),
+            None => {
+                return Err(Error::Ambiguous {
+                    prefix: id_or_prefix.to_string(),
+                    matches: ids,
+                })
+            }
+        };
+        let resp = client
+            .container_status(ContainerStatusRequest {
+                container_id: id.clone(),
+                verbose: true,
+            })
+            .await?
+            .into_inner();
+        let status = resp
+            .status
+            .ok_or_else(|| Error::Other(format!("upstream returned no status for {id}")))?;
+        if status.state() != ContainerState::ContainerRunning {
+            return Err(Error::NotRunning {
+                id,
+                state: status.state().as_str_name().to_string(),
+            });
+        }
+        let info: serde_json::Value = resp
+            .info
+            .get("info")
+            .and_then(|s| serde_json::from_str(s).ok())
+            .ok_or_else(|| Error::Other(format!("upstream gave no verbose info for {id}")))?;
+        let pid = info["pid"].as_i64().unwrap_or(0) as i32;
+        // Prefer the bundle's config.json byte for byte; fall back to the spec in the info.
+        let bundle = runc_bundle(&self.runc_root, &id);
+        let spec_raw = match bundle
+            .as_ref()
+            .and_then(|b| std::fs::read(b.join("config.json")).ok())
+        {
+            Some(raw) => raw,
+            None => serde_json::to_vec(&info["runtimeSpec"])
+                .map_err(|e| Error::Other(format!("runtimeSpec of {id}: {e}")))?,
+        };
+        let mut c = Container::from_spec(id, pid, spec_raw, bundle.as_deref())?;
+        let a = |k: &str| {
+            status
+                .annotations
+                .get(k)
+                .cloned()
+                .or_else(|| {
+                    c.spec
+                        .annotations()
+                        .as_ref()
+                        .and_then(|m| m.get(k).cloned())
+                })
+                .unwrap_or_default()
+        };
+        let meta = status.metadata.clone().unwrap_or_default();
+        c.name = format!(
+            "{}_{}_{}_{}_{}",
+            meta.name,
+            a("io.kubernetes.cri.sandbox-name"),
+            a("io.kubernetes.cri.sandbox-namespace"),
+            a("io.kubernetes.cri.sandbox-uid"),
+            meta.attempt
+        );
+        c.created = chrono::DateTime::from_timestamp_nanos(status.created_at)
+            .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+        c.image_name = status
+            .image
+            .as_ref()
+            .map(|i| i.image.clone())
+            .filter(|s| !s.is_empty())
+            .or(c.image_name);
+        c.image_ref = Some(status.image_ref.clone()).filter(|s| !s.is_empty());
+        if let Some(rt) = info["runtimeType"].as_str() {
+            c.runtime = rt.to_string();
+        }
+        Ok(c)
+    }
+}
+
+/// The bundle dir runc recorded for `id`, when the upstream runs runc under `root`.
+fn runc_bundle(root: &Path, id: &str) -> Option<PathBuf> {
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join(id).join("state.json")).ok()?).ok()?;
+    state["config"]["labels"]
+        .as_array()?
+        .iter()
+        .find_map(|l| l.as_str()?.strip_prefix("bundle="))
+        .map(PathBuf::from)
+}
+
+/// The deadline a `grpc-timeout` header sets (digits and a unit: H M S m u n).
+fn grpc_deadline(headers: &http::HeaderMap) -> Option<Instant> {
+    let v = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    let d = match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    Some(Instant::now() + d)
+}
+
+struct Svc {
+    native: Arc<Native>,
+    deadline: Option<Instant>,
+}
+
+impl tonic::server::UnaryService<CheckpointContainerRequest> for Svc {
+    type Response = CheckpointContainerResponse;
+    type Future = std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<tonic::Response<Self::Response>, tonic::Status>>
+                + Send,
+        >,
+    >;
+
+    fn call(&mut self, req: tonic::Request<CheckpointContainerRequest>) -> Self::Future {
+        let (native, deadline) = (self.native.clone(), self.deadline);
+        Box::pin(async move {
+            let r = req.into_inner();
+            let id = r.container_id.clone();
+            match native.checkpoint(r, deadline).await {
+                Ok(()) => Ok(tonic::Response::new(CheckpointContainerResponse {})),
+                Err(e) => {
+                    tracing::warn!(container = %id, "checkpoint failed: {e}");
+                    Err(e.into())
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_header_units() {
+        let mut h = http::HeaderMap::new();
+        for (v, d) in [("5S", 5000u64), ("250m", 250), ("2M", 120_000)] {
+            h.insert("grpc-timeout", v.parse().unwrap());
+            let left = grpc_deadline(&h).unwrap() - Instant::now();
+            assert!(
+                left <= Duration::from_millis(d)
+                    && left + Duration::from_millis(50) > Duration::from_millis(d),
+                "{v}"
+            );
+        }
+        h.insert("grpc-timeout", "12X".parse().unwrap());
+        assert!(grpc_deadline(&h).is_none());
+    }
+}

@@ -1,0 +1,369 @@
+//! CRI harness: a private containerd (hack/containerd.sh), `ckpt-shim serve` in
+//! front of it, and an independent CRI client (the k8s-cri crate) on the shim's
+//! socket. Pods, containers, containerd and the shim are removed on drop.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use super::sh;
+
+pub type Client = RuntimeServiceClient<Channel>;
+
+pub async fn connect(sock: &Path) -> Client {
+    let sock = sock.to_path_buf();
+    let ch = Endpoint::try_from("http://[::]")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let s = sock.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(s).await?))
+            }
+        }))
+        .await
+        .expect("connect");
+    RuntimeServiceClient::new(ch)
+}
+
+fn wait_socket(p: &Path, what: &str, log: &Path) {
+    let t = Instant::now();
+    while std::os::unix::net::UnixStream::connect(p).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{what} did not come up: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// containerd + the shim, with clients for both sockets.
+pub struct Env {
+    pub dir: PathBuf,
+    pub shim_sock: PathBuf,
+    pub containerd_sock: PathBuf,
+    shim: Option<Child>,
+    pub pods: Vec<String>,
+    pub cgroup_parent: String,
+}
+
+impl Env {
+    pub fn start() -> Env {
+        Self::start_with_upstream(None)
+    }
+
+    /// The shim in front of `upstream` instead of containerd (for proxy tests).
+    pub fn start_with_upstream(upstream: Option<&Path>) -> Env {
+        super::require(&[
+            "runc",
+            "criu",
+            "containerd",
+            "ctr",
+            "umoci",
+            "skopeo",
+            "nsenter",
+        ]);
+        let dir = PathBuf::from(sh("mktemp -d /tmp/ckpt-cri.XXXXXX").trim());
+        let containerd_sock = dir.join("containerd.sock");
+        if upstream.is_none() {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("hack/containerd.sh");
+            sh(&format!(
+                "bash {} start {}",
+                script.display(),
+                dir.display()
+            ));
+        }
+        let shim_sock = dir.join("shim/ckpt-shim.sock");
+        let up = upstream
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| containerd_sock.clone());
+        let log = dir.join("shim.log");
+        let shim = Command::new(env!("CARGO_BIN_EXE_ckpt-shim"))
+            .arg("serve")
+            .arg("--listen")
+            .arg(&shim_sock)
+            .arg("--upstream")
+            .arg(format!("unix://{}", up.display()))
+            .arg("--config")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/empty.toml"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let cgroup_parent = format!("/ckpt-shim-test-pods-{}", std::process::id());
+        let env = Env {
+            dir,
+            shim_sock,
+            containerd_sock,
+            shim: Some(shim),
+            pods: Vec::new(),
+            cgroup_parent,
+        };
+        wait_socket(&env.shim_sock, "ckpt-shim", &log);
+        env
+    }
+
+    pub async fn client(&self) -> Client {
+        connect(&self.shim_sock).await
+    }
+
+    pub fn shim_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("shim.log")).unwrap_or_default()
+    }
+
+    pub fn sandbox_config(&self, name: &str, host_network: bool) -> cri::PodSandboxConfig {
+        let mode = if host_network {
+            cri::NamespaceMode::Node
+        } else {
+            cri::NamespaceMode::Pod
+        };
+        cri::PodSandboxConfig {
+            metadata: Some(cri::PodSandboxMetadata {
+                name: name.into(),
+                uid: format!("uid-{name}"),
+                namespace: "default".into(),
+                attempt: 0,
+            }),
+            // runc cannot set a hostname without a private UTS namespace.
+            hostname: if host_network {
+                String::new()
+            } else {
+                name.into()
+            },
+            log_directory: self
+                .dir
+                .join("logs")
+                .join(name)
+                .to_string_lossy()
+                .into_owned(),
+            linux: Some(cri::LinuxPodSandboxConfig {
+                cgroup_parent: format!("{}/{name}", self.cgroup_parent),
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    namespace_options: Some(cri::NamespaceOption {
+                        network: mode as i32,
+                        pid: cri::NamespaceMode::Container as i32,
+                        ipc: cri::NamespaceMode::Pod as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    pub async fn run_pod(
+        &mut self,
+        c: &mut Client,
+        name: &str,
+        host_network: bool,
+    ) -> (String, cri::PodSandboxConfig) {
+        let cfg = self.sandbox_config(name, host_network);
+        std::fs::create_dir_all(&cfg.log_directory).unwrap();
+        let id = c
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(cfg.clone()),
+                runtime_handler: String::new(),
+            })
+            .await
+            .expect("RunPodSandbox")
+            .into_inner()
+            .pod_sandbox_id;
+        self.pods.push(id.clone());
+        (id, cfg)
+    }
+
+    /// Creates (and optionally starts) the counter workload touching `mib` MiB.
+    pub async fn counter(
+        &self,
+        c: &mut Client,
+        pod: &(String, cri::PodSandboxConfig),
+        name: &str,
+        mib: u32,
+        start: bool,
+    ) -> String {
+        let host_network = pod.1.hostname.is_empty();
+        let mode = if host_network {
+            cri::NamespaceMode::Node
+        } else {
+            cri::NamespaceMode::Pod
+        };
+        let cfg = cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata {
+                name: name.into(),
+                attempt: 0,
+            }),
+            image: Some(cri::ImageSpec {
+                image: "docker.io/library/ckpt-counter:latest".into(),
+                ..Default::default()
+            }),
+            command: vec!["/bin/counter".into()],
+            args: vec!["/tmp/count".into(), mib.to_string(), "50".into()],
+            log_path: format!("{name}.log"),
+            linux: Some(cri::LinuxContainerConfig {
+                security_context: Some(cri::LinuxContainerSecurityContext {
+                    namespace_options: Some(cri::NamespaceOption {
+                        network: mode as i32,
+                        pid: cri::NamespaceMode::Container as i32,
+                        ipc: cri::NamespaceMode::Pod as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let id = c
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod.0.clone(),
+                config: Some(cfg),
+                sandbox_config: Some(pod.1.clone()),
+            })
+            .await
+            .expect("CreateContainer")
+            .into_inner()
+            .container_id;
+        if start {
+            c.start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .expect("StartContainer");
+            wait_count(&self.rootfs(&id), |v| v >= 3);
+        }
+        id
+    }
+
+    /// The container's root as the host sees it (containerd's task bundle).
+    pub fn rootfs(&self, id: &str) -> PathBuf {
+        self.dir
+            .join("state/io.containerd.runtime.v2.task/k8s.io")
+            .join(id)
+            .join("rootfs")
+    }
+
+    pub fn count(&self, id: &str) -> Option<u64> {
+        super::read_count(&self.rootfs(id))
+    }
+
+    pub fn spec(&self, id: &str) -> serde_json::Value {
+        let p = self
+            .dir
+            .join("state/io.containerd.runtime.v2.task/k8s.io")
+            .join(id)
+            .join("config.json");
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    }
+
+    pub fn freezer(&self, id: &str) -> String {
+        let cg = self.spec(id)["linux"]["cgroupsPath"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        std::fs::read_to_string(format!("/sys/fs/cgroup/freezer{cg}/freezer.state"))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    }
+
+    pub async fn state(&self, c: &mut Client, id: &str) -> cri::ContainerState {
+        let s = c
+            .container_status(cri::ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        s.status.unwrap().state()
+    }
+
+    /// RUNNING through CRI, thawed, and still counting.
+    pub async fn assert_running(&self, c: &mut Client, id: &str) {
+        assert_eq!(
+            self.state(c, id).await,
+            cri::ContainerState::ContainerRunning
+        );
+        assert_eq!(self.freezer(id), "THAWED");
+        let now = self.count(id).unwrap();
+        wait_count(&self.rootfs(id), |v| v > now + 1);
+    }
+}
+
+pub fn wait_count(rootfs: &Path, pred: impl Fn(u64) -> bool) -> u64 {
+    super::wait_count(rootfs, pred)
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.shim.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(s.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let t = Instant::now();
+            while s.try_wait().ok().flatten().is_none() && t.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        if self.containerd_sock.exists() {
+            // Remove pods through containerd itself so its shims exit cleanly.
+            let sock = self.containerd_sock.clone();
+            let pods = std::mem::take(&mut self.pods);
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    let mut c = connect(&sock).await;
+                    for p in pods {
+                        let _ = c
+                            .stop_pod_sandbox(cri::StopPodSandboxRequest {
+                                pod_sandbox_id: p.clone(),
+                            })
+                            .await;
+                        let _ = c
+                            .remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: p })
+                            .await;
+                    }
+                });
+            })
+            .join();
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("hack/containerd.sh");
+        let _ = Command::new("bash")
+            .arg(script)
+            .arg("stop")
+            .arg(&self.dir)
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        for h in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let base = h.path().join(self.cgroup_parent.trim_start_matches('/'));
+            if base.exists() {
+                let _ = Command::new("sh")
+                    .arg("-c")
+                    .arg(format!(
+                        "find {} -depth -type d -exec rmdir {{}} \\; 2>/dev/null",
+                        base.display()
+                    ))
+                    .status();
+            }
+        }
+    }
+}

@@ -1,0 +1,405 @@
+//! The shim as the CRI endpoint in front of a real containerd, driven with an
+//! independent CRI client (k8s-cri): pods, containers, CheckpointContainer,
+//! restore, errors, deadlines, parallelism, and transparency of the proxy.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Duration;
+
+use ckpt_shim::dump::DumpSettings;
+use ckpt_shim::restore::{restore, RestoreOptions};
+use common::cri::{wait_count, Client, Env};
+use common::{entries, out_dir, Overlay};
+use k8s_cri::v1 as cri;
+use tonic::Code;
+
+async fn checkpoint(
+    c: &mut Client,
+    id: &str,
+    location: &Path,
+    timeout: i64,
+) -> Result<(), tonic::Status> {
+    c.checkpoint_container(cri::CheckpointContainerRequest {
+        container_id: id.into(),
+        location: location.to_string_lossy().into_owned(),
+        timeout,
+    })
+    .await
+    .map(drop)
+}
+
+fn member_names(archive: &Path) -> Vec<String> {
+    let mut ar = tar::Archive::new(std::fs::File::open(archive).unwrap());
+    ar.entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// A restored tree: killed on drop.
+struct Restored(i32);
+impl Drop for Restored {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pod_checkpointed_through_the_shim_is_restored_and_continues() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    // Everything below goes through the shim's socket.
+    let v = c
+        .version(cri::VersionRequest {
+            version: "v1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.runtime_name, "containerd", "Version is forwarded");
+    let pod = env.run_pod(&mut c, "pod1", false).await;
+    let id = env.counter(&mut c, &pod, "counter", 1, true).await;
+    let listed = c
+        .list_containers(cri::ListContainersRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.containers.iter().any(|x| x.id == id));
+    let exec = c
+        .exec_sync(cri::ExecSyncRequest {
+            container_id: id.clone(),
+            cmd: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "echo written > /root/newfile && rm /bin/vi".into(),
+            ],
+            timeout: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        exec.exit_code,
+        0,
+        "{}",
+        String::from_utf8_lossy(&exec.stderr)
+    );
+
+    let out = out_dir();
+    let archive = out.path().join("checkpoint-pod1_default-counter.tar");
+    let before = env.count(&id).unwrap();
+    // A short ID, as crictl users type it.
+    checkpoint(&mut c, &id[..12], &archive, 30).await.unwrap();
+    let after = env.count(&id).unwrap();
+    env.assert_running(&mut c, &id).await;
+
+    let meta = std::fs::metadata(&archive).unwrap();
+    assert_eq!((meta.mode() & 0o777, meta.uid()), (0o600, 0));
+    let names = member_names(&archive);
+    for want in [
+        "spec.dump",
+        "config.dump",
+        "checkpoint/",
+        "checkpoint/inventory.img",
+        "rootfs-diff.tar",
+        "deleted.files",
+        "stats-dump",
+    ] {
+        assert!(names.iter().any(|n| n == want), "{want} missing: {names:?}");
+    }
+    let t = std::time::Instant::now();
+    while entries(out.path()).len() > 1 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "staging left: {:?}",
+            entries(out.path())
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let summary = ckpt_shim::inspect::inspect(&archive).unwrap();
+    let cfg = summary.config.as_ref().unwrap();
+    assert_eq!(cfg.id, id);
+    assert_eq!(cfg.name, "counter_pod1_default_uid-pod1_0");
+    assert_eq!(
+        cfg.rootfs_image_name.as_deref(),
+        Some("docker.io/library/ckpt-counter:latest")
+    );
+    assert!(
+        cfg.rootfs_image_ref
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("sha256:"),
+        "{cfg:?}"
+    );
+    assert_eq!(summary.deleted_files, vec!["/bin/vi"]);
+
+    // Restore next to the pod: same image layers, a fresh writable layer.
+    let spec = env.spec(&id);
+    let pid = spec_pid(&env, &id);
+    let lower = root_lowerdir(pid);
+    let cg = spec["linux"]["cgroupsPath"].as_str().unwrap().to_string();
+    c.stop_container(cri::StopContainerRequest {
+        container_id: id.clone(),
+        timeout: 0,
+    })
+    .await
+    .unwrap();
+    let target = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(target.path().join("rootfs")).unwrap();
+    let ov = overlay_on(&lower, target.path());
+    let (r, w) = nix::unistd::pipe().unwrap();
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::fs::File::from(r), &mut std::io::sink());
+    });
+    let pid = restore(&RestoreOptions {
+        archive: archive.clone(),
+        bundle: target.path().to_path_buf(),
+        id: "restored".into(),
+        criu: criu_rpc::Criu::new("criu"),
+        settings: DumpSettings::default(),
+        stdio: Some([
+            std::fs::File::open("/dev/null").unwrap().into(),
+            w.try_clone().unwrap(),
+            w,
+        ]),
+    })
+    .await
+    .unwrap();
+    let _restored = Restored(pid);
+    let first = wait_count(&ov.rootfs, |_| true);
+    assert!(
+        first > before && first <= after + 3,
+        "restored count {first}, dump saw {before}..{after}"
+    );
+    wait_count(&ov.rootfs, |v| v >= first + 3);
+    assert!(ov.rootfs.join("root/newfile").exists() && !ov.rootfs.join("bin/vi").exists());
+    // The restored process is in the pod's network namespace.
+    let pod_net = std::fs::read_link(format!("/proc/{}/ns/net", spec_pause_pid(&spec))).unwrap();
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap(),
+        pod_net
+    );
+    drop(_restored);
+    let _ = cg;
+}
+
+fn spec_pid(env: &Env, id: &str) -> i32 {
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(format!("/run/containerd/runc/k8s.io/{id}/state.json")).unwrap(),
+    )
+    .unwrap();
+    let _ = env;
+    state["init_process_pid"].as_i64().unwrap() as i32
+}
+
+fn spec_pause_pid(spec: &serde_json::Value) -> String {
+    let ns = spec["linux"]["namespaces"].as_array().unwrap();
+    let net = ns.iter().find(|n| n["type"] == "network").unwrap()["path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // "/proc/<pid>/ns/net" or a bind-mounted netns file; both resolve the same.
+    net.trim_start_matches("/proc/")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn root_lowerdir(pid: i32) -> String {
+    let mi = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let root = mi
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some("/"))
+        .unwrap();
+    root.split(',')
+        .find_map(|o| o.strip_prefix("lowerdir="))
+        .unwrap()
+        .to_string()
+}
+
+fn overlay_on(lower: &str, dir: &Path) -> Overlay {
+    for d in ["upper", "work"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    common::sh(&format!("mount -t overlay overlay -o lowerdir={lower},upperdir={0}/upper,workdir={0}/work {0}/rootfs", dir.display()));
+    Overlay {
+        dir: dir.to_path_buf(),
+        rootfs: dir.join("rootfs"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn host_network_pod_checkpoints() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let pod = env.run_pod(&mut c, "hostnet", true).await;
+    let id = env.counter(&mut c, &pod, "counter", 1, true).await;
+    let out = out_dir();
+    checkpoint(&mut c, &id, &out.path().join("h.tar"), 30)
+        .await
+        .unwrap();
+    env.assert_running(&mut c, &id).await;
+    assert!(member_names(&out.path().join("h.tar"))
+        .iter()
+        .any(|n| n == "checkpoint/inventory.img"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn errors_have_the_right_codes_and_leave_the_container_running() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let pod = env.run_pod(&mut c, "errs", false).await;
+    let id = env.counter(&mut c, &pod, "counter", 1, true).await;
+    let created = env.counter(&mut c, &pod, "notstarted", 1, false).await;
+    let out = out_dir();
+    std::fs::write(out.path().join("exists.tar"), b"x").unwrap();
+    let before = entries(out.path());
+    let p = |n: &str| out.path().join(n);
+    let cases: Vec<(&str, String, std::path::PathBuf, i64, Code)> = vec![
+        (
+            "unknown container",
+            "0123456789abcdef".into(),
+            p("a.tar"),
+            0,
+            Code::NotFound,
+        ),
+        (
+            "empty id",
+            String::new(),
+            p("a.tar"),
+            0,
+            Code::InvalidArgument,
+        ),
+        (
+            "relative location",
+            id.clone(),
+            "rel.tar".into(),
+            0,
+            Code::InvalidArgument,
+        ),
+        (
+            "missing parent",
+            id.clone(),
+            p("nodir/a.tar"),
+            0,
+            Code::InvalidArgument,
+        ),
+        (
+            "negative timeout",
+            id.clone(),
+            p("a.tar"),
+            -1,
+            Code::InvalidArgument,
+        ),
+        (
+            "existing file",
+            id.clone(),
+            p("exists.tar"),
+            0,
+            Code::AlreadyExists,
+        ),
+        (
+            "not running",
+            created.clone(),
+            p("a.tar"),
+            0,
+            Code::FailedPrecondition,
+        ),
+    ];
+    for (what, cid, loc, timeout, code) in cases {
+        let err = checkpoint(&mut c, &cid, &loc, timeout).await.unwrap_err();
+        assert_eq!(err.code(), code, "{what}: {err:?}");
+        assert_eq!(entries(out.path()), before, "{what}: left something behind");
+        env.assert_running(&mut c, &id).await;
+    }
+    assert_eq!(std::fs::read(p("exists.tar")).unwrap(), b"x");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deadline_shorter_than_the_dump_is_deadline_exceeded_with_nothing_left() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let pod = env.run_pod(&mut c, "slow", false).await;
+    let id = env.counter(&mut c, &pod, "big", 256, true).await;
+    let out = out_dir();
+    // A raw client: it sends the deadline and waits for the server's own answer
+    // (tonic's client would give up locally at the same moment).
+    let msg = prost::Message::encode_to_vec(&cri::CheckpointContainerRequest {
+        container_id: id.clone(),
+        location: out.path().join("d.tar").to_string_lossy().into_owned(),
+        timeout: 0,
+    });
+    let r = common::raw::call(
+        &env.shim_sock,
+        "/runtime.v1.RuntimeService/CheckpointContainer",
+        &[("grpc-timeout", "80m")],
+        common::raw::frame(&msg),
+    )
+    .await;
+    assert_eq!(
+        r.status(),
+        Some(Code::DeadlineExceeded as i32),
+        "{}",
+        r.message()
+    );
+    // The server thaws, lets CRIU end, and removes staging; give it that time.
+    let t = std::time::Instant::now();
+    while !(entries(out.path()).is_empty() && env.freezer(&id) == "THAWED") {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "left: {:?}, freezer {}",
+            entries(out.path()),
+            env.freezer(&id)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    env.assert_running(&mut c, &id).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parallel_checkpoints_of_two_containers_and_of_one_container() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let pod = env.run_pod(&mut c, "par", false).await;
+    let a = env.counter(&mut c, &pod, "a", 32, true).await;
+    let b = env.counter(&mut c, &pod, "b", 32, true).await;
+    let out = out_dir();
+    let (mut c1, mut c2, mut c3) = (c.clone(), c.clone(), c.clone());
+    let (pa, pb, pa2) = (
+        out.path().join("a.tar"),
+        out.path().join("b.tar"),
+        out.path().join("a2.tar"),
+    );
+    let (ra, rb, ra2) = tokio::join!(
+        checkpoint(&mut c1, &a, &pa, 60),
+        checkpoint(&mut c2, &b, &pb, 60),
+        // The same container again: serialised behind the first, both succeed.
+        checkpoint(&mut c3, &a, &pa2, 60),
+    );
+    ra.unwrap();
+    rb.unwrap();
+    ra2.unwrap();
+    for f in ["a.tar", "b.tar", "a2.tar"] {
+        assert!(
+            member_names(&out.path().join(f))
+                .iter()
+                .any(|n| n == "checkpoint/inventory.img"),
+            "{f}"
+        );
+    }
+    env.assert_running(&mut c, &a).await;
+    env.assert_running(&mut c, &b).await;
+    let log = env.shim_log();
+    assert_eq!(
+        log.matches("checkpointed").count(),
+        3,
+        "one log line per checkpoint: {log}"
+    );
+    assert!(log.contains("phases=") && log.contains("bytes="), "{log}");
+}
