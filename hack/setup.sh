@@ -17,7 +17,7 @@ PKGS=(
   # build and protocol compilers
   build-essential pkg-config protobuf-compiler libprotobuf-dev
   # the container stack the tests drive
-  runc containerd containernetworking-plugins busybox-static umoci skopeo iproute2 xz-utils
+  runc containerd containernetworking-plugins busybox-static umoci skopeo iproute2 xz-utils procps util-linux
   # CRIU 4.1.1 build dependencies
   libprotobuf-c-dev protobuf-c-compiler libnl-3-dev libnl-route-3-dev libcap-dev libaio-dev
   libnet1-dev libgnutls28-dev libbsd-dev uuid-dev python3-protobuf iptables

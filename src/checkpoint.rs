@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,6 +19,7 @@ use crate::error::{Context, Error, Result};
 use crate::freeze::Freezer;
 use crate::locate::Container;
 use crate::mountinfo;
+use crate::safefs;
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -131,21 +132,10 @@ async fn run(
     let target = Target::new(&opts.location)?;
 
     // Staging on the archive's file system, 0700, fresh for every checkpoint.
-    let staging = tempfile::Builder::new()
-        .prefix(".ckpt-shim-staging-")
-        .permissions(std::fs::Permissions::from(
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        ))
-        .tempdir_in(opts.staging_dir.as_ref().unwrap_or(&target.dir_path))
-        .ctx(|| {
-            format!(
-                "create staging dir in {}",
-                opts.staging_dir
-                    .as_ref()
-                    .unwrap_or(&target.dir_path)
-                    .display()
-            )
-        })?;
+    let staging = safefs::private_tempdir(
+        ".ckpt-shim-staging-",
+        opts.staging_dir.as_ref().unwrap_or(&target.dir_path),
+    )?;
     let images_path = staging.path().join("checkpoint");
     std::fs::DirBuilder::new()
         .mode(0o700)
@@ -191,7 +181,7 @@ async fn run(
     let overlay = Overlay::of_root(&mounts);
     let diff_task = overlay.map(|ov| {
         let (mounts, spec) = (mounts.clone(), c.spec.clone());
-        let out = create_new(&staging.path().join("rootfs-diff.tar"));
+        let out = safefs::create_new(&staging.path().join("rootfs-diff.tar"), 0o600);
         tokio::task::spawn_blocking(move || collect::rootfs_diff(&ov, &mounts, &spec, out?))
     });
 
@@ -321,20 +311,9 @@ fn expire_check(
     Ok(())
 }
 
-/// A new root-only file (never follows or reuses an existing name).
-fn create_new(path: &std::path::Path) -> Result<File> {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .ctx(|| format!("create {}", path.display()))
-}
-
 fn write_new(path: &std::path::Path, data: &[u8]) -> Result<()> {
     use std::io::Write;
-    create_new(path)?
+    safefs::create_new(path, 0o600)?
         .write_all(data)
         .ctx(|| format!("write {}", path.display()))
 }

@@ -21,4 +21,5 @@ pub mod mountinfo;
 pub use error::{Error, Result};
 pub mod inspect;
 pub mod restore;
+pub mod safefs;
 pub mod server;

@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use criu_rpc::proto::{ExtMountMap, InheritFd, JoinNamespace, Opts};
@@ -14,6 +14,7 @@ use crate::archive::safe_member_name;
 use crate::dump::{bind_destinations, DumpSettings};
 use crate::error::{Context, Error, Result};
 use crate::mountinfo;
+use crate::safefs;
 
 #[derive(Debug)]
 pub struct RestoreOptions {
@@ -66,13 +67,7 @@ pub fn extract(archive: &Path, dest: &Path) -> Result<()> {
                         .ctx(|| format!("create {}", parent.display()))?;
                 }
                 // Parents were made by us from checked names, so no link can redirect this.
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&out)
-                    .ctx(|| format!("create {}", out.display()))?;
+                let mut f = safefs::create_new(&out, 0o600)?;
                 std::io::copy(&mut e, &mut f).ctx(|| format!("extract {}", out.display()))?;
             }
             other => {
@@ -177,13 +172,7 @@ pub fn create_mount_points(spec: &Spec, rootfs: &Path) -> Result<()> {
             .and_then(|s| std::fs::metadata(s).ok())
             .is_some_and(|md| !md.is_dir());
         if is_file {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o644)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&target)
-                .ctx(|| format!("create {}", target.display()))?;
+            safefs::create_new(&target, 0o644)?;
         } else {
             std::fs::DirBuilder::new()
                 .mode(0o755)
@@ -196,13 +185,7 @@ pub fn create_mount_points(spec: &Spec, rootfs: &Path) -> Result<()> {
 
 /// Restores the archive as container `id`; returns the restored init's host pid.
 pub async fn restore(o: &RestoreOptions) -> Result<i32> {
-    let work = tempfile::Builder::new()
-        .prefix(".ckpt-shim-restore-")
-        .permissions(std::fs::Permissions::from(
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        ))
-        .tempdir_in(&o.bundle)
-        .ctx(|| format!("create work dir in {}", o.bundle.display()))?;
+    let work = safefs::private_tempdir(".ckpt-shim-restore-", &o.bundle)?;
     let x = work.path().join("archive");
     std::fs::DirBuilder::new()
         .mode(0o700)
@@ -282,12 +265,7 @@ pub async fn restore(o: &RestoreOptions) -> Result<i32> {
         }
     }
     let mut join_ns = Vec::new();
-    for ns in spec
-        .linux()
-        .as_ref()
-        .and_then(|l| l.namespaces().clone())
-        .unwrap_or_default()
-    {
+    for ns in crate::locate::namespaces(&spec) {
         let Some(path) = ns.path() else { continue };
         match ns.typ() {
             LinuxNamespaceType::Network | LinuxNamespaceType::Pid => {

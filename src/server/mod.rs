@@ -33,7 +33,10 @@ impl Router {
         if req.uri().path() == CHECKPOINT_PATH {
             if !self.native_enabled {
                 // The message the kubelet's e2e test recognises as "not supported".
-                return Ok(tonic::Status::unimplemented("method CheckpointContainer not implemented").into_http());
+                return Ok(tonic::Status::unimplemented(
+                    "method CheckpointContainer not implemented",
+                )
+                .into_http());
             }
             return Ok(self.native.handle(req).await);
         }

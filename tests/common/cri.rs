@@ -119,11 +119,6 @@ impl Env {
     }
 
     pub fn sandbox_config(&self, name: &str, host_network: bool) -> cri::PodSandboxConfig {
-        let mode = if host_network {
-            cri::NamespaceMode::Node
-        } else {
-            cri::NamespaceMode::Pod
-        };
         cri::PodSandboxConfig {
             metadata: Some(cri::PodSandboxMetadata {
                 name: name.into(),
@@ -146,12 +141,7 @@ impl Env {
             linux: Some(cri::LinuxPodSandboxConfig {
                 cgroup_parent: format!("{}/{name}", self.cgroup_parent),
                 security_context: Some(cri::LinuxSandboxSecurityContext {
-                    namespace_options: Some(cri::NamespaceOption {
-                        network: mode as i32,
-                        pid: cri::NamespaceMode::Container as i32,
-                        ipc: cri::NamespaceMode::Pod as i32,
-                        ..Default::default()
-                    }),
+                    namespace_options: Some(namespaces(host_network)),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -191,11 +181,6 @@ impl Env {
         start: bool,
     ) -> String {
         let host_network = pod.1.hostname.is_empty();
-        let mode = if host_network {
-            cri::NamespaceMode::Node
-        } else {
-            cri::NamespaceMode::Pod
-        };
         let cfg = cri::ContainerConfig {
             metadata: Some(cri::ContainerMetadata {
                 name: name.into(),
@@ -210,12 +195,7 @@ impl Env {
             log_path: format!("{name}.log"),
             linux: Some(cri::LinuxContainerConfig {
                 security_context: Some(cri::LinuxContainerSecurityContext {
-                    namespace_options: Some(cri::NamespaceOption {
-                        network: mode as i32,
-                        pid: cri::NamespaceMode::Container as i32,
-                        ipc: cri::NamespaceMode::Pod as i32,
-                        ..Default::default()
-                    }),
+                    namespace_options: Some(namespaces(host_network)),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -296,6 +276,21 @@ impl Env {
         assert_eq!(self.freezer(id), "THAWED");
         let now = self.count(id).unwrap();
         wait_count(&self.rootfs(id), |v| v > now + 1);
+    }
+}
+
+/// What kubelet asks for: the pod's network (or the node's), own pid namespace, pod IPC.
+fn namespaces(host_network: bool) -> cri::NamespaceOption {
+    let network = if host_network {
+        cri::NamespaceMode::Node
+    } else {
+        cri::NamespaceMode::Pod
+    };
+    cri::NamespaceOption {
+        network: network as i32,
+        pid: cri::NamespaceMode::Container as i32,
+        ipc: cri::NamespaceMode::Pod as i32,
+        ..Default::default()
     }
 }
 

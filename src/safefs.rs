@@ -1,0 +1,29 @@
+//! Root-only file system primitives used wherever the shim writes: files are
+//! new (never reused), never created through a symlink, and private from birth.
+
+use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use crate::error::{Context, Result};
+
+/// Creates a new file with `mode` (never follows or reuses an existing name).
+pub fn create_new(path: &Path, mode: u32) -> Result<File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .ctx(|| format!("create {}", path.display()))
+}
+
+/// A fresh 0700 directory `<prefix>XXXXXX` in `parent`, removed when dropped.
+pub fn private_tempdir(prefix: &str, parent: &Path) -> Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir_in(parent)
+        .ctx(|| format!("create a private directory in {}", parent.display()))
+}
