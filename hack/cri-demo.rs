@@ -4,36 +4,18 @@
 //! the pod, in its network namespace), and show the count continuing.
 //! usage: cri-demo SHIM_SOCK CKPT_SHIM_BIN WORK_DIR
 
+#[path = "cri_common.rs"]
+mod cri_common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
+use cri_common::*;
 use k8s_cri::v1 as cri;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use tonic::transport::{Channel, Endpoint, Uri};
-
-type Client = RuntimeServiceClient<Channel>;
-type Res<T> = Result<T, Box<dyn std::error::Error>>;
-
-async fn exec(c: &mut Client, id: &str, script: &str) -> Res<String> {
-    let cmd = vec!["/bin/sh".into(), "-c".into(), script.into()];
-    let r = c
-        .exec_sync(cri::ExecSyncRequest {
-            container_id: id.into(),
-            cmd,
-            timeout: 10,
-        })
-        .await?
-        .into_inner();
-    Ok(String::from_utf8_lossy(&r.stdout).trim().to_string())
-}
 
 fn count(rootfs: &Path) -> u64 {
-    std::fs::read_to_string(rootfs.join("tmp/count"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
+    std::fs::read_to_string(rootfs.join("tmp/count")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
 }
 
 fn run(cmd: &mut Command) -> Res<String> {
@@ -47,195 +29,42 @@ fn run(cmd: &mut Command) -> Res<String> {
 #[tokio::main]
 async fn main() -> Res<()> {
     let args: Vec<String> = std::env::args().collect();
-    let (sock, shim, work) = (
-        PathBuf::from(&args[1]),
-        PathBuf::from(&args[2]),
-        PathBuf::from(&args[3]),
-    );
-    let s = sock.clone();
-    let channel = Endpoint::try_from("http://[::]")?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let s = s.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(s).await?))
-            }
-        }))
-        .await?;
-    let mut c = RuntimeServiceClient::new(channel);
-    let v = c
-        .version(cri::VersionRequest {
-            version: "v1".into(),
-        })
-        .await?
-        .into_inner();
-    println!(
-        "== CRI endpoint {}: {} {} (forwarded by ckpt-shim)",
-        sock.display(),
-        v.runtime_name,
-        v.runtime_version
-    );
+    let (sock, shim, work) = (PathBuf::from(&args[1]), PathBuf::from(&args[2]), PathBuf::from(&args[3]));
+    let mut c = connect(&sock).await?;
+    let v = c.version(cri::VersionRequest { version: "v1".into() }).await?.into_inner();
+    println!("== CRI endpoint {}: {} {} (forwarded by ckpt-shim)", sock.display(), v.runtime_name, v.runtime_version);
 
-    let ns = cri::NamespaceOption {
-        network: cri::NamespaceMode::Pod as i32,
-        pid: cri::NamespaceMode::Container as i32,
-        ipc: cri::NamespaceMode::Pod as i32,
-        ..Default::default()
-    };
-    let logs = work.join("logs");
-    std::fs::create_dir_all(&logs)?;
-    let sandbox = cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: "demo".into(),
-            uid: "uid-demo".into(),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        hostname: "demo".into(),
-        log_directory: logs.to_string_lossy().into_owned(),
-        linux: Some(cri::LinuxPodSandboxConfig {
-            cgroup_parent: "/ckpt-shim-demo/demo".into(),
-            security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(ns.clone()),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let pod = c
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(sandbox.clone()),
-            runtime_handler: String::new(),
-        })
-        .await?
-        .into_inner()
-        .pod_sandbox_id;
-    println!("== pod demo: {}", &pod[..12]);
-    let config = cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata {
-            name: "counter".into(),
-            attempt: 0,
-        }),
-        image: Some(cri::ImageSpec {
-            image: "docker.io/library/ckpt-counter:latest".into(),
-            ..Default::default()
-        }),
-        command: vec!["/bin/counter".into()],
-        args: vec!["/tmp/count".into(), "64".into(), "200".into()],
-        log_path: "counter.log".into(),
-        linux: Some(cri::LinuxContainerConfig {
-            security_context: Some(cri::LinuxContainerSecurityContext {
-                namespace_options: Some(ns),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let id = c
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: pod.clone(),
-            config: Some(config),
-            sandbox_config: Some(sandbox),
-        })
-        .await?
-        .into_inner()
-        .container_id;
-    c.start_container(cri::StartContainerRequest {
-        container_id: id.clone(),
-    })
-    .await?;
-    let t = Instant::now();
-    while exec(&mut c, &id, "cat /tmp/count 2>/dev/null || echo 0")
-        .await?
-        .parse::<u64>()
-        .unwrap_or(0)
-        < 5
-    {
-        if t.elapsed() > Duration::from_secs(30) {
-            return Err("counter did not start".into());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    println!(
-        "== container counter {} counts (64 MiB touched): {}",
-        &id[..12],
-        exec(&mut c, &id, "cat /tmp/count").await?
-    );
-    exec(
-        &mut c,
-        &id,
-        "echo written-before-checkpoint > /root/note; rm /bin/vi",
-    )
-    .await?;
+    let (pod, id) = run_counter(&mut c, "demo", "/ckpt-shim-demo", &work.join("logs"), 64, 200).await?;
+    println!("== pod demo {}: container counter {} counts (64 MiB touched): {}", &pod[..12], &id[..12], exec(&mut c, &id, "cat /tmp/count").await?);
+    exec(&mut c, &id, "echo written-before-checkpoint > /root/note; rm /bin/vi").await?;
     println!("== inside it (ExecSync): wrote /root/note, deleted /bin/vi");
 
     let out = work.join("checkpoints");
     std::fs::create_dir_all(&out)?;
     let archive = out.join("checkpoint-demo_default-counter.tar");
     let started = Instant::now();
-    c.checkpoint_container(cri::CheckpointContainerRequest {
-        container_id: id[..12].into(),
-        location: archive.to_string_lossy().into_owned(),
-        timeout: 60,
-    })
-    .await?;
-    println!(
-        "== CheckpointContainer({}, {}) answered OK in {:.3}s",
-        &id[..12],
-        archive.display(),
-        started.elapsed().as_secs_f64()
-    );
-    println!(
-        "{}",
-        run(Command::new("ls").arg("-l").arg(&archive))?.trim()
-    );
+    c.checkpoint_container(cri::CheckpointContainerRequest { container_id: id[..12].into(), location: archive.to_string_lossy().into_owned(), timeout: 60 }).await?;
+    println!("== CheckpointContainer({}, {}) answered OK in {:.3}s", &id[..12], archive.display(), started.elapsed().as_secs_f64());
+    println!("{}", run(Command::new("ls").arg("-l").arg(&archive))?.trim());
     let before = exec(&mut c, &id, "cat /tmp/count").await?;
     tokio::time::sleep(Duration::from_millis(600)).await;
-    println!(
-        "== the container kept running: {before}, then {}",
-        exec(&mut c, &id, "cat /tmp/count").await?
-    );
-    println!(
-        "== ckpt-shim inspect\n{}",
-        run(Command::new(&shim).arg("inspect").arg(&archive))?.trim_end()
-    );
+    println!("== the container kept running: {before}, then {}", exec(&mut c, &id, "cat /tmp/count").await?);
+    println!("== ckpt-shim inspect\n{}", run(Command::new(&shim).arg("inspect").arg(&archive))?.trim_end());
 
     // A fresh writable layer over the same image layers, next to the live pod.
-    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(format!(
-        "/run/containerd/runc/k8s.io/{id}/state.json"
-    ))?)?;
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(format!("/run/containerd/runc/k8s.io/{id}/state.json"))?)?;
     let pid = state["init_process_pid"].as_i64().ok_or("no pid")?;
     let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
-    let root = mountinfo
-        .lines()
-        .find(|l| l.split(' ').nth(4) == Some("/"))
-        .ok_or("no root mount")?;
-    let lower = root
-        .split(',')
-        .find_map(|o| o.strip_prefix("lowerdir="))
-        .ok_or("root is not an overlay")?
-        .to_string();
-    c.stop_container(cri::StopContainerRequest {
-        container_id: id.clone(),
-        timeout: 0,
-    })
-    .await?;
+    let root = mountinfo.lines().find(|l| l.split(' ').nth(4) == Some("/")).ok_or("no root mount")?;
+    let lower = root.split(',').find_map(|o| o.strip_prefix("lowerdir=")).ok_or("root is not an overlay")?.to_string();
+    c.stop_container(cri::StopContainerRequest { container_id: id.clone(), timeout: 0 }).await?;
     println!("== StopContainer: the original is gone; restoring the archive into a fresh rootfs");
     let bundle = work.join("restored");
     for d in ["upper", "work", "rootfs"] {
         std::fs::create_dir_all(bundle.join(d))?;
     }
     let b = bundle.display();
-    run(Command::new("mount")
-        .args([
-            "-t",
-            "overlay",
-            "overlay",
-            "-o",
-            &format!("lowerdir={lower},upperdir={b}/upper,workdir={b}/work"),
-        ])
-        .arg(bundle.join("rootfs")))?;
+    run(Command::new("mount").args(["-t", "overlay", "overlay", "-o", &format!("lowerdir={lower},upperdir={b}/upper,workdir={b}/work")]).arg(bundle.join("rootfs")))?;
     let log = std::fs::File::create(work.join("restored.log"))?;
     let status = Command::new(&shim)
         .arg("restore")
@@ -248,11 +77,7 @@ async fn main() -> Res<()> {
         .stderr(log)
         .status()?;
     let said = std::fs::read_to_string(work.join("restored.log"))?;
-    let line = said
-        .lines()
-        .find(|l| l.starts_with("restored") || l.starts_with("ckpt-shim:"))
-        .unwrap_or("")
-        .to_string();
+    let line = said.lines().find(|l| l.starts_with("restored") || l.starts_with("ckpt-shim:")).unwrap_or("").to_string();
     println!("== ckpt-shim restore: {line}");
     if !status.success() {
         return Err(said.into());
@@ -261,25 +86,12 @@ async fn main() -> Res<()> {
     let first = count(&rootfs);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let then = count(&rootfs);
-    println!(
-        "== restored counter: {first}, a second later {then} (resumed from its memory, not from 1)"
-    );
-    println!(
-        "== restored rootfs: /root/note = {:?}, /bin/vi present: {}",
-        std::fs::read_to_string(rootfs.join("root/note"))?.trim(),
-        rootfs.join("bin/vi").exists()
-    );
+    println!("== restored counter: {first}, a second later {then} (resumed from its memory, not from 1)");
+    println!("== restored rootfs: /root/note = {:?}, /bin/vi present: {}", std::fs::read_to_string(rootfs.join("root/note"))?.trim(), rootfs.join("bin/vi").exists());
     if let Some(p) = line.split("pid ").nth(1) {
         std::fs::write(work.join("restored.pid"), p.trim())?;
-        let net = |p: &str| {
-            std::fs::read_link(format!("/proc/{p}/ns/net"))
-                .map(|l| l.display().to_string())
-                .unwrap_or_default()
-        };
-        println!(
-            "== restored process network namespace {} (the pod's)",
-            net(p.trim())
-        );
+        let net = std::fs::read_link(format!("/proc/{}/ns/net", p.trim())).map(|l| l.display().to_string()).unwrap_or_default();
+        println!("== restored process network namespace {net} (the pod's)");
     }
     if !(then > first && first > 5) {
         return Err("the restored counter did not continue".into());

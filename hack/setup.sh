@@ -21,6 +21,8 @@ PKGS=(
   # CRIU 4.1.1 build dependencies
   libprotobuf-c-dev protobuf-c-compiler libnl-3-dev libnl-route-3-dev libcap-dev libaio-dev
   libnet1-dev libgnutls28-dev libbsd-dev uuid-dev python3-protobuf iptables
+  # the reflink test (XFS on a loop device)
+  xfsprogs
 )
 
 missing=()

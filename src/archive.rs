@@ -2,7 +2,7 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::io::Write;
+use std::io::{Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -96,7 +96,12 @@ impl Target {
 /// it into place, dropping without commit removes it.
 pub struct ArchiveWriter<'t> {
     target: &'t Target,
+    /// Where the unfinished archive lives: a temp name beside the target, or an
+    /// adopted image in the staging dir.
+    tmp_dir: OwnedFd,
     tmp: CString,
+    /// Set when adopting: where the adopted data starts, and its length.
+    adopted: Option<(u64, u64)>,
     file: File,
     offset: u64,
     committed: bool,
@@ -131,7 +136,9 @@ impl<'t> ArchiveWriter<'t> {
         let file = unsafe { File::from_raw_fd(fd) };
         let w = ArchiveWriter {
             target,
+            tmp_dir: target.dir.try_clone().ctx(|| "dup archive dir".into())?,
             tmp,
+            adopted: None,
             file,
             offset: 0,
             committed: false,
@@ -146,6 +153,53 @@ impl<'t> ArchiveWriter<'t> {
         Ok(w)
     }
 
+    /// Makes a staged file on the archive's file system the archive itself, with no
+    /// copy of its data: `FALLOC_FL_INSERT_RANGE` inserts `data_at` bytes (the
+    /// members before it and its own headers, block-aligned by the PAX padding) in
+    /// front of its extents. Members are then added from offset 0 as usual, the
+    /// adopted data is passed with [`add_adopted`](Self::add_adopted), and the rest
+    /// is appended. `None` where the file system cannot insert ranges (the caller
+    /// copies instead). The file is root's, 0600, in a 0700 dir from creation.
+    pub fn adopt(target: &'t Target, dir: &Path, rel: &str, data_at: u64) -> Result<Option<ArchiveWriter<'t>>> {
+        let tmp_dir: OwnedFd = File::open(dir).ctx(|| format!("open {}", dir.display()))?.into();
+        let tmp = CString::new(rel).map_err(|_| Error::Other(format!("bad name {rel}")))?;
+        let same_fs = nix::sys::stat::fstat(tmp_dir.as_fd()).ok().map(|s| s.st_dev) == nix::sys::stat::fstat(target.dir.as_fd()).ok().map(|s| s.st_dev);
+        // SAFETY: openat on an open dir fd with a NUL-terminated name.
+        let fd = unsafe { libc::openat(tmp_dir.as_raw_fd(), tmp.as_ptr(), libc::O_RDWR | libc::O_NOFOLLOW | libc::O_CLOEXEC) };
+        if fd < 0 || !same_fs {
+            if fd >= 0 {
+                // SAFETY: closing the fd we just opened.
+                unsafe { libc::close(fd) };
+            }
+            return Ok(None);
+        }
+        // SAFETY: fd was just opened and is owned by the File.
+        let file = unsafe { File::from_raw_fd(fd) };
+        let len = file.metadata().ctx(|| format!("stat {rel}"))?.len();
+        nix::sys::stat::fchmod(file.as_fd(), nix::sys::stat::Mode::from_bits_truncate(0o600)).ctx(|| "chmod archive".into())?;
+        // SAFETY: fallocate on our own fd; on failure the file is unchanged.
+        if unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_INSERT_RANGE, 0, data_at as i64) } != 0 {
+            tracing::debug!("cannot insert a range here, copying instead: {}", std::io::Error::last_os_error());
+            return Ok(None);
+        }
+        Ok(Some(ArchiveWriter { target, tmp_dir, tmp, adopted: Some((data_at, len)), file, offset: 0, committed: false, copied: 0 }))
+    }
+
+    /// The adopted file's member: its headers, then a jump over its data.
+    pub fn add_adopted(&mut self, name: &str) -> Result<()> {
+        let (at, len) = self.adopted.ok_or_else(|| Error::Other("no adopted file".into()))?;
+        self.pax(len)?;
+        let size_field = if len > USTAR_MAX { 0 } else { len };
+        let h = header(name, size_field, 0o600, tar::EntryType::Regular)?;
+        self.write(h.as_bytes())?;
+        if self.offset != at {
+            return Err(Error::Other(format!("archive plan is off: {name} data at {} not {at}", self.offset)));
+        }
+        self.offset = at + len;
+        self.file.seek(SeekFrom::Start(self.offset)).ctx(|| "seek past adopted data".into())?;
+        self.pad()
+    }
+
     pub fn add_dir(&mut self, name: &str) -> Result<()> {
         let h = header(
             &format!("{}/", name.trim_end_matches('/')),
@@ -157,7 +211,11 @@ impl<'t> ArchiveWriter<'t> {
     }
 
     pub fn add_bytes(&mut self, name: &str, data: &[u8]) -> Result<()> {
-        let h = header(name, data.len() as u64, 0o600, tar::EntryType::Regular)?;
+        let len = data.len() as u64;
+        if len >= ALIGN_FROM {
+            self.pax(len)?;
+        }
+        let h = header(name, len, 0o600, tar::EntryType::Regular)?;
         self.write(h.as_bytes())?;
         self.write(data)?;
         self.pad()
@@ -192,6 +250,9 @@ impl<'t> ArchiveWriter<'t> {
     }
 
     fn copy_from(&mut self, src: &File, len: u64) -> std::io::Result<()> {
+        if self.offset % ALIGN == 0 && len >= ALIGN_FROM && self.try_clone(src, len) {
+            return Ok(());
+        }
         let mut src_off: i64 = 0;
         let mut left = len;
         while left > 0 {
@@ -230,6 +291,33 @@ impl<'t> ArchiveWriter<'t> {
         Ok(())
     }
 
+    /// Shares the source's extents (XFS, btrfs reflink) instead of copying them.
+    fn try_clone(&mut self, src: &File, len: u64) -> bool {
+        #[repr(C)]
+        struct FileCloneRange {
+            src_fd: i64,
+            src_offset: u64,
+            src_length: u64,
+            dest_offset: u64,
+        }
+        const FICLONERANGE: libc::c_ulong = 0x4020_940d;
+        let arg = FileCloneRange { src_fd: src.as_raw_fd() as i64, src_offset: 0, src_length: len, dest_offset: self.offset };
+        // SAFETY: FICLONERANGE reads one file_clone_range struct from the pointer.
+        let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), FICLONERANGE, &arg) };
+        if rc != 0 {
+            tracing::debug!("reflink not possible here, copying: {}", std::io::Error::last_os_error());
+            return false;
+        }
+        let end = (self.offset + len) as i64;
+        // SAFETY: moving our own file position past the shared range.
+        if unsafe { libc::lseek(self.file.as_raw_fd(), end, libc::SEEK_SET) } != end {
+            return false;
+        }
+        self.offset += len;
+        self.copied += len;
+        true
+    }
+
     /// Fallback where the kernel cannot copy between these files.
     fn copy_by_read(&mut self, src: &File, from: u64, len: u64) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
@@ -265,20 +353,21 @@ impl<'t> ArchiveWriter<'t> {
         self.write(&vec![0u8; rem as usize])
     }
 
-    /// Ends the tar, makes it durable once, and renames it into place without ever
-    /// replacing an existing file. Returns the archive's size.
-    pub fn commit(mut self) -> Result<u64> {
+    /// Ends the tar, makes it durable once (unless `durable` is off), and renames
+    /// it into place without ever replacing an existing file. Returns its size.
+    pub fn commit(mut self, durable: bool) -> Result<u64> {
         self.write(&[0u8; 2 * BLOCK as usize])?;
-        self.file
-            .sync_data()
-            .ctx(|| format!("fdatasync {}", self.target.path.display()))?;
-        let dir = self.target.dir.as_raw_fd();
-        // SAFETY: renameat2 on an open dir fd with NUL-terminated names.
+        if durable {
+            self.file
+                .sync_data()
+                .ctx(|| format!("fdatasync {}", self.target.path.display()))?;
+        }
+        // SAFETY: renameat2 on open dir fds with NUL-terminated names.
         let rc = unsafe {
             libc::renameat2(
-                dir,
+                self.tmp_dir.as_raw_fd(),
                 self.tmp.as_ptr(),
-                dir,
+                self.target.dir.as_raw_fd(),
                 self.target.name.as_ptr(),
                 libc::RENAME_NOREPLACE,
             )
@@ -291,8 +380,10 @@ impl<'t> ArchiveWriter<'t> {
             return Err(e).ctx(|| format!("rename archive to {}", self.target.path.display()));
         }
         self.committed = true;
-        nix::unistd::fsync(self.target.dir.as_fd())
-            .ctx(|| format!("fsync {}", self.target.dir_path.display()))?;
+        if durable {
+            nix::unistd::fsync(self.target.dir.as_fd())
+                .ctx(|| format!("fsync {}", self.target.dir_path.display()))?;
+        }
         Ok(self.offset)
     }
 }
@@ -301,7 +392,7 @@ impl Drop for ArchiveWriter<'_> {
     fn drop(&mut self) {
         if !self.committed {
             // SAFETY: unlinkat on our own temp name in an open dir fd.
-            unsafe { libc::unlinkat(self.target.dir.as_raw_fd(), self.tmp.as_ptr(), 0) };
+            unsafe { libc::unlinkat(self.tmp_dir.as_raw_fd(), self.tmp.as_ptr(), 0) };
         }
     }
 }
@@ -323,6 +414,30 @@ fn header(name: &str, size: u64, mode: u32, kind: tar::EntryType) -> Result<tar:
     h.set_entry_type(kind);
     h.set_cksum();
     Ok(h)
+}
+
+/// Where each member's data will start, for members of the given sizes (`None`
+/// for a directory) written in order from offset 0: the same rules as the writer.
+pub fn plan(sizes: &[Option<u64>]) -> Vec<u64> {
+    let mut o = 0u64;
+    sizes
+        .iter()
+        .map(|s| match s {
+            None => {
+                o += BLOCK;
+                o
+            }
+            Some(len) => {
+                if *len >= ALIGN_FROM || *len > USTAR_MAX {
+                    o += BLOCK + pax_body(o, *len).len() as u64;
+                }
+                o += BLOCK;
+                let at = o;
+                o += len.div_ceil(BLOCK) * BLOCK;
+                at
+            }
+        })
+        .collect()
 }
 
 /// The PAX body for a member whose headers start at `offset`: a `size` record when
@@ -470,7 +585,7 @@ mod tests {
         .unwrap();
         w.add_bytes("spec.dump", b"{\"a\":1}").unwrap();
         assert_eq!(w.copied, big.len() as u64);
-        let size = w.commit().unwrap();
+        let size = w.commit(true).unwrap();
         let meta = std::fs::metadata(d.path().join("a.tar")).unwrap();
         assert_eq!((meta.len(), meta.mode() & 0o777), (size, 0o600));
         // Only the archive is left: the temp name was renamed.
@@ -504,6 +619,74 @@ mod tests {
             ]
         );
         assert!(seen[1].1.is_dir());
+    }
+
+    fn data_offsets(path: &Path) -> Vec<(String, u64, Vec<u8>)> {
+        let mut ar = tar::Archive::new(File::open(path).unwrap());
+        ar.entries()
+            .unwrap()
+            .map(|e| {
+                let mut e = e.unwrap();
+                let mut d = Vec::new();
+                e.read_to_end(&mut d).unwrap();
+                (e.path().unwrap().to_string_lossy().into_owned(), e.raw_file_position(), d)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn plan_matches_where_the_writer_puts_data() {
+        let d = tempfile::tempdir().unwrap();
+        let sizes = [70_000usize, 10, 200_000, 4096 * 300];
+        for (i, n) in sizes.iter().enumerate() {
+            std::fs::write(d.path().join(format!("f{i}")), vec![i as u8 + 1; *n]).unwrap();
+        }
+        let t = Target::new(&d.path().join("a.tar")).unwrap();
+        let mut w = ArchiveWriter::create(&t).unwrap();
+        w.add_bytes("big.dump", &vec![7u8; 100_000]).unwrap();
+        w.add_dir("checkpoint").unwrap();
+        for i in 0..sizes.len() {
+            w.add_file(&format!("checkpoint/f{i}"), &File::open(d.path().join(format!("f{i}"))).unwrap()).unwrap();
+        }
+        w.commit(false).unwrap();
+        let mut want = vec![Some(100_000u64), None];
+        want.extend(sizes.iter().map(|n| Some(*n as u64)));
+        let planned = plan(&want);
+        let got = data_offsets(&d.path().join("a.tar"));
+        let files: Vec<(u64, u64)> = got.iter().zip(&planned).zip(&want).filter(|(_, s)| s.is_some()).map(|((g, p), _)| (g.1, *p)).collect();
+        for (g, p) in files {
+            assert_eq!(g, p);
+        }
+    }
+
+    #[test]
+    fn adopting_a_staged_file_makes_it_the_archive() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("staging")).unwrap();
+        let pages: Vec<u8> = (0..(3u32 << 20)).map(|i| (i.wrapping_mul(2654435761) >> 9) as u8).collect();
+        std::fs::write(d.path().join("staging/pages-1.img"), &pages).unwrap();
+        std::fs::write(d.path().join("staging/small.img"), b"small").unwrap();
+        let ino = std::fs::metadata(d.path().join("staging/pages-1.img")).unwrap().ino();
+        let t = Target::new(&d.path().join("a.tar")).unwrap();
+        let at = plan(&[Some(2), None, Some(5), Some(pages.len() as u64)])[3];
+        let Some(mut w) = ArchiveWriter::adopt(&t, &d.path().join("staging"), "pages-1.img", at).unwrap() else {
+            panic!("this file system cannot insert ranges");
+        };
+        w.add_bytes("config.dump", b"{}").unwrap();
+        w.add_dir("checkpoint").unwrap();
+        w.add_file("checkpoint/small.img", &File::open(d.path().join("staging/small.img")).unwrap()).unwrap();
+        w.add_adopted("checkpoint/pages-1.img").unwrap();
+        w.add_bytes("dump.log", b"log").unwrap();
+        w.commit(true).unwrap();
+        let meta = std::fs::metadata(d.path().join("a.tar")).unwrap();
+        assert_eq!((meta.ino(), meta.mode() & 0o777), (ino, 0o600), "the staged file itself became the archive");
+        assert!(!d.path().join("staging/pages-1.img").exists());
+        let got = data_offsets(&d.path().join("a.tar"));
+        let names: Vec<&str> = got.iter().map(|g| g.0.as_str()).collect();
+        assert_eq!(names, ["config.dump", "checkpoint/", "checkpoint/small.img", "checkpoint/pages-1.img", "dump.log"]);
+        assert!(got[3].2 == pages, "adopted data changed");
+        assert_eq!(got[3].1, at);
+        assert_eq!((got[2].2.as_slice(), got[4].2.as_slice()), (&b"small"[..], &b"log"[..]));
     }
 
     #[test]

@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 use criu_rpc::proto::DumpStatsEntry;
 use criu_rpc::{Criu, Notify};
 
-use crate::archive::{ArchiveWriter, Target};
+use crate::archive::{self, ArchiveWriter, Target};
 use crate::collect::{self, Overlay, RootfsDiff};
 use crate::dump::{self, DumpSettings, DumpTarget};
 use crate::error::{Context, Error, Result};
-use crate::freeze::Freezer;
+use crate::freeze::{self, CriuWatch, Freezer};
 use crate::locate::Container;
 use crate::mountinfo;
 use crate::safefs;
@@ -28,6 +28,8 @@ pub struct Options {
     pub deadline: Option<Instant>,
     pub criu: Criu,
     pub settings: DumpSettings,
+    /// fdatasync the archive and fsync its directory (on by default).
+    pub durable: bool,
     /// Parent dir for staging; `None` stages beside the archive (same file system,
     /// so the copy into the archive can share extents).
     pub staging_dir: Option<PathBuf>,
@@ -40,6 +42,9 @@ pub struct Report {
     pub archive_bytes: u64,
     /// Bytes moved by copy_file_range (the rest was headers and small files).
     pub copied_bytes: u64,
+    /// New space the archive step took on the archive's file system (statvfs
+    /// before and after): near zero where its data shares CRIU's extents (reflink).
+    pub archive_new_bytes: u64,
     pub phases: Vec<(&'static str, Duration)>,
     /// How long the container was frozen by us (zero if it was paused already).
     pub frozen: Duration,
@@ -96,7 +101,8 @@ pub async fn checkpoint(c: &Container, opts: &Options) -> Result<Report> {
 /// so CRIU aborts and releases the tasks, and registers CRIU for the freeze guard.
 struct DumpHandler {
     expired: Arc<AtomicBool>,
-    criu: crate::freeze::CriuWatch,
+    /// The freeze guard's watch, for its final thaw after CRIU exits.
+    criu: CriuWatch,
 }
 
 impl criu_rpc::NotifyHandler for DumpHandler {
@@ -112,7 +118,7 @@ impl criu_rpc::NotifyHandler for DumpHandler {
     }
 
     fn spawned(&mut self, pid: u32) {
-        crate::freeze::watch_pid(&self.criu, pid);
+        freeze::watch_pid(&self.criu, pid);
     }
 }
 
@@ -229,50 +235,65 @@ async fn run(
         .ok()
         .and_then(|b| criu_rpc::stats::parse_dump_stats(&b).ok());
     let checkpointed = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
-    let mut w = ArchiveWriter::create(&target)?;
-    w.add_bytes("config.dump", &collect::config_dump(c, &checkpointed))?;
-    w.add_bytes("spec.dump", &c.spec_raw)?;
-    for top in ["stats-dump", "dump.log"] {
-        if let Ok(f) = File::open(staging.path().join(top)) {
-            w.add_file(top, &f)?;
-        }
+    let free_before = free_bytes(&target.dir_path);
+
+    // The members, in archive order: metadata, small images, the biggest image
+    // (the pages), then the rootfs diff and the log.
+    let mut members = vec![
+        Member::Bytes("config.dump".into(), collect::config_dump(c, &checkpointed)),
+        Member::Bytes("spec.dump".into(), c.spec_raw.clone()),
+    ];
+    if staging.path().join("stats-dump").exists() {
+        members.push(Member::File("stats-dump".into(), staging.path().join("stats-dump")));
     }
-    w.add_dir("checkpoint")?;
-    let mut images_list: Vec<_> = std::fs::read_dir(&images_path)
+    members.push(Member::Dir("checkpoint"));
+    let mut images: Vec<(u64, std::ffi::OsString)> = std::fs::read_dir(&images_path)
         .ctx(|| "list images".into())?
         .filter_map(|e| e.ok())
+        .map(|e| (e.metadata().map(|m| m.len()).unwrap_or(0), e.file_name()))
         .collect();
-    // Small images first, pages last: the big copies then run back to back.
-    images_list.sort_by_key(|e| {
-        (
-            e.metadata().map(|m| m.len()).unwrap_or(0) > 1 << 20,
-            e.file_name(),
-        )
-    });
-    for e in images_list {
-        let f = File::open(e.path()).ctx(|| format!("open {}", e.path().display()))?;
-        w.add_file(
-            &format!("checkpoint/{}", e.file_name().to_string_lossy()),
-            &f,
-        )?;
-        expire_check(deadline, &cancelled, "archive")?;
+    images.sort();
+    let biggest = images.last().filter(|(len, _)| *len >= ADOPT_FROM).map(|_| members.len() + images.len() - 1);
+    for (_, name) in &images {
+        members.push(Member::File(format!("checkpoint/{}", name.to_string_lossy()), images_path.join(name)));
     }
     if let Some(d) = &diff {
-        let f = File::open(staging.path().join("rootfs-diff.tar"))
-            .ctx(|| "open rootfs-diff.tar".into())?;
-        w.add_file("rootfs-diff.tar", &f)?;
+        members.push(Member::File("rootfs-diff.tar".into(), staging.path().join("rootfs-diff.tar")));
         if !d.deleted.is_empty() {
-            w.add_bytes(
-                "deleted.files",
-                &serde_json::to_vec(&d.deleted).expect("strings serialise"),
-            )?;
+            members.push(Member::Bytes("deleted.files".into(), serde_json::to_vec(&d.deleted).expect("strings serialise")));
         }
     }
     if let Some(b) = collect::bind_mounts(&c.spec) {
-        w.add_bytes("bind.mounts", &b)?;
+        members.push(Member::Bytes("bind.mounts".into(), b));
+    }
+    if staging.path().join("dump.log").exists() {
+        members.push(Member::File("dump.log".into(), staging.path().join("dump.log")));
+    }
+
+    // Durable archives adopt the pages image: its data is written to disk once,
+    // where it lies, instead of being copied and then written again.
+    let sizes: Vec<Option<u64>> = members.iter().map(Member::size).collect::<Result<_>>()?;
+    let plan = archive::plan(&sizes);
+    let adopted = match biggest.filter(|_| opts.durable) {
+        Some(i) => ArchiveWriter::adopt(&target, staging.path(), members[i].name(), plan[i])?.map(|w| (w, i)),
+        None => None,
+    };
+    let (mut w, adopted) = match adopted {
+        Some((w, i)) => (w, Some(i)),
+        None => (ArchiveWriter::create(&target)?, None),
+    };
+    for (i, m) in members.iter().enumerate() {
+        match m {
+            _ if Some(i) == adopted => w.add_adopted(m.name())?,
+            Member::Dir(name) => w.add_dir(name)?,
+            Member::Bytes(name, data) => w.add_bytes(name, data)?,
+            Member::File(name, path) => w.add_file(name, &File::open(path).ctx(|| format!("open {}", path.display()))?)?,
+        }
+        expire_check(deadline, &cancelled, "archive")?;
     }
     let copied = w.copied;
-    let archive_bytes = w.commit()?;
+    let archive_bytes = w.commit(opts.durable)?;
+    let archive_new_bytes = free_before.saturating_sub(free_bytes(&target.dir_path));
     ph.mark("archive");
 
     // Deleting GiBs of images costs real time: do it off the request path.
@@ -286,6 +307,7 @@ async fn run(
         location: target.path.clone(),
         archive_bytes,
         copied_bytes: copied,
+        archive_new_bytes,
         phases: ph.list,
         frozen,
         was_paused,
@@ -294,6 +316,39 @@ async fn run(
         deleted_files: diff.as_ref().map(|d| d.deleted.len()).unwrap_or(0),
         cleanup,
     })
+}
+
+/// Images at least this big are adopted as the archive rather than copied.
+const ADOPT_FROM: u64 = 1 << 20;
+
+/// One archive member, before it is written.
+enum Member {
+    Dir(&'static str),
+    Bytes(String, Vec<u8>),
+    File(String, PathBuf),
+}
+
+impl Member {
+    fn name(&self) -> &str {
+        match self {
+            Member::Dir(n) => n,
+            Member::Bytes(n, _) | Member::File(n, _) => n,
+        }
+    }
+
+    /// Data size (`None` for a directory), as the archive plan needs it.
+    fn size(&self) -> Result<Option<u64>> {
+        Ok(match self {
+            Member::Dir(_) => None,
+            Member::Bytes(_, d) => Some(d.len() as u64),
+            Member::File(_, p) => Some(std::fs::metadata(p).ctx(|| format!("stat {}", p.display()))?.len()),
+        })
+    }
+}
+
+/// Free bytes on the file system holding `dir`.
+fn free_bytes(dir: &std::path::Path) -> u64 {
+    nix::sys::statvfs::statvfs(dir).map(|s| s.blocks_free() as u64 * s.fragment_size() as u64).unwrap_or(0)
 }
 
 /// Fails once the deadline has passed or the caller has gone.

@@ -204,17 +204,24 @@ impl Drop for FreezeGuard {
     }
 }
 
-/// Registers `pid` (CRIU) in a guard's watch slot.
+/// Registers `pid` (CRIU) in a watch slot, as a pidfd.
 pub fn watch_pid(slot: &CriuWatch, pid: u32) {
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     if fd >= 0 {
         // SAFETY: a fresh descriptor owned from here on.
-        *slot.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(unsafe { OwnedFd::from_raw_fd(fd as i32) });
     }
 }
 
+/// Waits (blocking) up to `timeout` for the process watched in `slot` to exit.
+pub fn wait_exit(slot: &CriuWatch, timeout: Duration) {
+    if let Some(fd) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd; a pidfd polls readable when the process exits.
+        unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) };
+    }
+}
 fn join_cgroup(mount_point: &Path, mount_root: &str, path: &str) -> PathBuf {
     // A cgroup namespace or a bind of a sub-hierarchy shows a mount root other than "/".
     let rel = path

@@ -64,6 +64,9 @@ enum Cmd {
         /// Also dump established TCP connections.
         #[arg(long)]
         tcp_established: bool,
+        /// Skip the fdatasync of the archive (it is still complete and atomic, not durable).
+        #[arg(long)]
+        no_fsync: bool,
     },
     /// Restore an archive into a bundle (config.json + rootfs holding the image).
     Restore {
@@ -152,6 +155,7 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
             output,
             timeout,
             tcp_established,
+            no_fsync,
         } => {
             let started = Instant::now();
             let deadline = timeout.map(|t| started + Duration::from_secs(t));
@@ -168,6 +172,7 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
                     criu,
                     settings,
                     staging_dir: None,
+                    durable: !no_fsync,
                 },
             )
             .await?;
@@ -176,13 +181,16 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
                 .iter()
                 .map(|(n, d)| format!("{n}={:.1}ms", d.as_secs_f64() * 1e3))
                 .collect();
+            let criu_frozen = r.stats.as_ref().and_then(|s| s.frozen_time).unwrap_or(0);
             println!(
-                "checkpointed {} into {} ({} bytes) in {:.3}s; frozen {:.1}ms; {}",
+                "checkpointed {} into {} ({} bytes) in {:.3}s; frozen {:.1}ms (CRIU {:.1}ms); archive step took {} new bytes; {}",
                 c.id,
                 r.location.display(),
                 r.archive_bytes,
                 started.elapsed().as_secs_f64(),
                 r.frozen.as_secs_f64() * 1e3,
+                criu_frozen as f64 / 1e3,
+                r.archive_new_bytes,
                 phases.join(" ")
             );
             r.cleanup.wait();

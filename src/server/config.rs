@@ -26,6 +26,8 @@ pub struct Config {
     pub file_locks: bool,
     /// `false` answers CheckpointContainer with UNIMPLEMENTED, like a runtime without it.
     pub checkpoint_enabled: bool,
+    /// fdatasync each archive before answering (on by default).
+    pub durable: bool,
 }
 
 impl Default for Config {
@@ -40,6 +42,7 @@ impl Default for Config {
             tcp_established: false,
             file_locks: true,
             checkpoint_enabled: true,
+            durable: true,
         }
     }
 }
@@ -57,6 +60,7 @@ pub struct FileConfig {
     pub tcp_established: Option<bool>,
     pub file_locks: Option<bool>,
     pub checkpoint_enabled: Option<bool>,
+    pub durable: Option<bool>,
 }
 
 impl FileConfig {
@@ -84,7 +88,8 @@ impl FileConfig {
             runc_root,
             tcp_established,
             file_locks,
-            checkpoint_enabled
+            checkpoint_enabled,
+            durable
         );
         if self.staging_dir.is_some() {
             c.staging_dir = self.staging_dir;

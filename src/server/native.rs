@@ -28,6 +28,7 @@ pub struct Native {
     settings: DumpSettings,
     runc_root: PathBuf,
     staging_dir: Option<PathBuf>,
+    durable: bool,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -43,6 +44,7 @@ impl Native {
             },
             runc_root: cfg.runc_root.clone(),
             staging_dir: cfg.staging_dir.clone(),
+            durable: cfg.durable,
             locks: Mutex::default(),
         }
     }
@@ -106,6 +108,7 @@ impl Native {
             criu: self.criu.clone(),
             settings: self.settings.clone(),
             staging_dir: self.staging_dir.clone(),
+            durable: self.durable,
         };
         let report = checkpoint::checkpoint(&c, &opts).await?;
         let ms = |d: Duration| (d.as_secs_f64() * 1e3 * 10.0).round() / 10.0;
@@ -119,6 +122,7 @@ impl Native {
             location = %report.location.display(),
             bytes = report.archive_bytes,
             copied = report.copied_bytes,
+            archive_new_bytes = report.archive_new_bytes,
             frozen_ms = ms(report.frozen),
             criu_frozen_ms = report.stats.as_ref().and_then(|s| s.frozen_time).map(|us| us as f64 / 1e3),
             pages_written = report.stats.as_ref().and_then(|s| s.pages_written),

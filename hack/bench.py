@@ -1,0 +1,319 @@
+#!/usr/bin/env python3
+"""Checkpoint benchmark: ckpt-shim against the peers, measured in the same run.
+
+For containers touching N MiB of incompressible memory (hack/workloads/counter.c),
+each round runs, in an order that rotates from round to round:
+  A      ckpt-shim CheckpointContainer through its CRI socket, in front of containerd
+  A-cli  ckpt-shim checkpoint (standalone, on a runc container), archive fdatasync'd
+  A-nf   the same without the fdatasync
+  B      raw `criu dump --leave-running` of the same runc container into a fresh dir
+  C      `runc checkpoint --leave-running` + `tar cf` (what containerd 2.x does)
+  D      `podman container checkpoint --leave-running --export` (runc, no compression)
+Every run writes to a fresh directory on the same file system; outputs are deleted
+and synced between runs, outside the timing. Durable variants add the `sync` that
+makes B, C and D's output durable; A-cli already includes its one fdatasync.
+Also: CRIU's frozen time, the shim's peak RSS, and on an XFS loop image how much new
+space the archive step takes (reflink shares CRIU's extents). Not a test: it asserts nothing.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIM = os.path.join(ROOT, "target/release/ckpt-shim")
+CRICTL = os.path.join(ROOT, "target/release/examples/cri-ctl")
+
+
+def sh(cmd, check=True, **kw):
+    r = subprocess.run(cmd, shell=isinstance(cmd, str), capture_output=True, text=True, **kw)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{cmd}: {r.stderr.strip()}")
+    return r.stdout
+
+
+# --- CRIU's stats-dump: two magics, a length, then a protobuf StatsEntry ---
+def _varint(b, i):
+    v = s = 0
+    while True:
+        c = b[i]
+        i += 1
+        v |= (c & 0x7F) << s
+        s += 7
+        if c < 0x80:
+            return v, i
+
+
+def _fields(b):
+    i, out = 0, {}
+    while i < len(b):
+        key, i = _varint(b, i)
+        num, wt = key >> 3, key & 7
+        if wt == 0:
+            out[num], i = _varint(b, i)
+        elif wt == 2:
+            n, i = _varint(b, i)
+            out[num] = b[i:i + n]
+            i += n
+        else:
+            raise ValueError("unexpected wire type")
+    return out
+
+
+def frozen_ms(stats_bytes):
+    """CRIU's frozen_time in ms from a stats-dump image, or None."""
+    if not stats_bytes or len(stats_bytes) < 12:
+        return None
+    n = int.from_bytes(stats_bytes[8:12], "little")
+    dump = _fields(_fields(stats_bytes[12:12 + n]).get(1, b""))
+    return dump.get(2, 0) / 1000.0 if dump else None
+
+
+def stats_in_tar(path):
+    with tarfile.open(path) as t:
+        try:
+            return t.extractfile("stats-dump").read()
+        except KeyError:
+            return None
+
+
+def read(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+class Bench:
+    def __init__(self, work, sizes, rounds):
+        self.w, self.sizes, self.rounds = work, sizes, rounds
+        self.results = {}  # (size, variant) -> list of dicts
+        self.n = 0
+        self.podman = ["podman", "--root", f"{work}/podman/root", "--runroot", f"{work}/podman/run",
+                       "--storage-driver", "overlay", "--cgroup-manager", "cgroupfs", "--events-backend", "file",
+                       "--runtime", "runc", "--tmpdir", f"{work}/podman/tmp"]
+        self.shim = None
+
+    # --- set-up ---
+    def setup(self):
+        os.makedirs(self.w, exist_ok=True)
+        env = dict(os.environ, CKPT_SHIM_IMAGES=f"{self.w}/images")
+        sh(["bash", f"{ROOT}/hack/build-image.sh", f"{self.w}/image"])
+        sh(["bash", f"{ROOT}/hack/containerd.sh", "start", f"{self.w}/ctrd"], env=env)
+        self.sock = f"{self.w}/shim/ckpt-shim.sock"
+        self.shim = subprocess.Popen([SHIM, "serve", "--listen", self.sock, "--upstream", f"unix://{self.w}/ctrd/containerd.sock"],
+                                     stdout=subprocess.DEVNULL, stderr=open(f"{self.w}/shim.log", "w"))
+        for _ in range(200):
+            if os.path.exists(self.sock):
+                break
+            time.sleep(0.05)
+        sh(self.podman + ["load", "-q", "-i", f"{self.w}/images/counter-oci.tar"])
+
+    def teardown(self):
+        if self.shim:
+            self.shim.terminate()
+            self.shim.wait()
+        sh(self.podman + ["rm", "-f", "-t", "0", "--all"], check=False)
+        for s in self.sizes:
+            sh(f"runc --root {self.w}/runc-state kill runc-{s} KILL; sleep 0.3; runc --root {self.w}/runc-state delete -f runc-{s}", check=False)
+        sh(["bash", f"{ROOT}/hack/containerd.sh", "stop", f"{self.w}/ctrd"], check=False)
+        sh(f"umount -l {self.w}/runc-*/rootfs {self.w}/xfs 2>/dev/null; find /sys/fs/cgroup/*/ckpt-shim-bench -depth -type d -exec rmdir {{}} \\; 2>/dev/null", check=False)
+        shutil.rmtree(self.w, ignore_errors=True)
+
+    def start_containers(self, mib):
+        # runc, on an overlay like containerd's, stdio on a pipe.
+        b = f"{self.w}/runc-{mib}"
+        for d in ("upper", "work", "rootfs"):
+            os.makedirs(f"{b}/{d}", exist_ok=True)
+        sh(f"mount -t overlay overlay -o lowerdir={self.w}/image,upperdir={b}/upper,workdir={b}/work {b}/rootfs")
+        sh(["runc", "spec", "--bundle", b])
+        cfg = json.load(open(f"{b}/config.json"))
+        cfg["process"].update(terminal=False, args=["/bin/counter", "/tmp/count", str(mib), "1000"])
+        cfg["root"]["readonly"] = False
+        cfg["linux"]["cgroupsPath"] = f"/ckpt-shim-bench/runc-{mib}"
+        json.dump(cfg, open(f"{b}/config.json", "w"))
+        subprocess.Popen(["setsid", "sh", "-c", f"cd {b} && runc --root {self.w}/runc-state run -d runc-{mib} </dev/null 2>&1 | cat >/dev/null"])
+        self.cri_pod, self.cri_id = sh([CRICTL, self.sock, "run-counter", f"bench-{mib}", str(mib)]).split()
+        sh(self.podman + ["run", "-d", "--name", f"pm-{mib}", "--network", "none", "--ulimit", "nofile=1024:1024",
+                          "--ulimit", "nproc=1024:1024", "docker.io/library/ckpt-counter:latest", "/bin/counter", "/tmp/count", str(mib), "1000"])
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            ok = os.path.exists(f"{b}/rootfs/tmp/count") and sh(self.podman + ["exec", f"pm-{mib}", "cat", "/tmp/count"], check=False).strip()
+            if ok:
+                return
+            time.sleep(0.2)
+        raise RuntimeError("containers did not start")
+
+    def stop_containers(self, mib):
+        sh([CRICTL, self.sock, "rm-pod", self.cri_pod], check=False)
+        sh(self.podman + ["rm", "-f", "-t", "0", f"pm-{mib}"], check=False)
+        sh(f"runc --root {self.w}/runc-state kill runc-{mib} KILL; sleep 0.3; runc --root {self.w}/runc-state delete -f runc-{mib}; umount {self.w}/runc-{mib}/rootfs", check=False)
+
+    def runc_pid(self, mib):
+        return json.load(open(f"{self.w}/runc-state/runc-{mib}/state.json"))["init_process_pid"]
+
+    # --- one run of each variant ---
+    def fresh(self, base=None):
+        self.n += 1
+        d = f"{base or self.w + '/out'}/run-{self.n}"
+        os.makedirs(d, mode=0o700)
+        return d
+
+    def timed(self, fn):
+        sh("sync")
+        t = time.monotonic()
+        extra = fn()
+        return time.monotonic() - t, extra
+
+    def sync_time(self):
+        t = time.monotonic()
+        sh("sync")
+        return time.monotonic() - t
+
+    def run_A(self, mib):
+        d = self.fresh()
+        wall, _ = self.timed(lambda: sh([CRICTL, self.sock, "checkpoint", self.cri_id, f"{d}/a.tar", "600"]))
+        return dict(wall=wall, frozen=frozen_ms(stats_in_tar(f"{d}/a.tar")), bytes=os.path.getsize(f"{d}/a.tar"), dir=d)
+
+    def run_A_cli(self, mib, fsync=True, base=None):
+        d = self.fresh(base)
+        cmd = [SHIM, "checkpoint", "--runtime-root", f"{self.w}/runc-state", f"runc-{mib}", "--output", f"{d}/a.tar"] + ([] if fsync else ["--no-fsync"])
+        wall, out = self.timed(lambda: sh(cmd))
+        wrote = int(re.search(r"archive step took (\d+) new bytes", out).group(1))
+        return dict(wall=wall, frozen=frozen_ms(stats_in_tar(f"{d}/a.tar")), bytes=os.path.getsize(f"{d}/a.tar"), archive_wrote=wrote, dir=d)
+
+    def run_B(self, mib):
+        d = self.fresh()
+        os.makedirs(f"{d}/img")
+        os.makedirs(f"{d}/work")
+        pid = self.runc_pid(mib)
+        cfg = json.load(open(f"{self.w}/runc-{mib}/config.json"))
+        masked = set(cfg["linux"].get("maskedPaths", []))
+        ext = []
+        for line in open(f"/proc/{pid}/mountinfo"):
+            pre, post = line.split(" - ")
+            mp, fstype = pre.split()[4], post.split()[0]
+            if mp in masked and not (fstype == "tmpfs" and pre.split()[3] == "/"):
+                ext += ["--ext-mount-map", f"{mp}:/dev/null"]
+            elif fstype == "cgroup":
+                ext += ["--ext-mount-map", f"{mp}:{mp}"]
+        cmd = ["criu", "dump", "-t", str(pid), "-D", f"{d}/img", "-W", f"{d}/work", "--leave-running", "--root", f"{self.w}/runc-{mib}/rootfs",
+               "--manage-cgroups=soft", "--file-locks", "-v4", "-o", "dump.log"] + ext
+        wall, _ = self.timed(lambda: sh(cmd))
+        return dict(wall=wall, frozen=frozen_ms(read(f"{d}/work/stats-dump")), bytes=int(sh(["du", "-sb", f"{d}/img"]).split()[0]), dir=d)
+
+    def run_C(self, mib):
+        d = self.fresh()
+        cmd = ["runc", "--root", f"{self.w}/runc-state", "checkpoint", "--leave-running", "--image-path", f"{d}/img", "--work-path", f"{d}/work", f"runc-{mib}"]
+        wall1, _ = self.timed(lambda: sh(cmd))
+        t = time.monotonic()
+        sh(["tar", "cf", f"{d}/c.tar", "-C", f"{d}/img", "."])
+        wall = wall1 + time.monotonic() - t
+        return dict(wall=wall, dump=wall1, frozen=frozen_ms(read(f"{d}/work/stats-dump")), bytes=os.path.getsize(f"{d}/c.tar"), dir=d)
+
+    def run_D(self, mib):
+        d = self.fresh()
+        cmd = self.podman + ["container", "checkpoint", "--leave-running", "--compress", "none", "--print-stats", f"--export={d}/d.tar", f"pm-{mib}"]
+        wall, out = self.timed(lambda: sh(cmd))
+        st = json.loads(out[out.index("{"):]) if "{" in out else {}
+        fr = (st.get("container_statistics") or [{}])[0].get("criu_statistics", {}).get("frozen_time")
+        return dict(wall=wall, frozen=fr / 1000.0 if fr is not None else None, bytes=os.path.getsize(f"{d}/d.tar"), dir=d)
+
+    def record(self, mib, name, r, durable_sync=False):
+        if durable_sync:
+            r["durable"] = r["wall"] + self.sync_time()
+        d = r.pop("dir")
+        # The shim removes staging in the background after answering: let it
+        # finish (untimed) so it does not slow the next run.
+        deadline = time.time() + 60
+        while any(n.startswith(".ckpt-shim-staging-") for n in os.listdir(d)) and time.time() < deadline:
+            time.sleep(0.02)
+        shutil.rmtree(d, ignore_errors=True)
+        sh("sync")
+        self.results.setdefault((mib, name), []).append(r)
+
+    def run(self):
+        for mib in self.sizes:
+            self.start_containers(mib)
+            variants = [
+                ("A", lambda: self.run_A(mib), False),
+                ("A-cli", lambda: self.run_A_cli(mib, True), False),
+                ("A-nf", lambda: self.run_A_cli(mib, False), False),
+                ("B", lambda: self.run_B(mib), True),
+                ("C", lambda: self.run_C(mib), True),
+                ("D", lambda: self.run_D(mib), True),
+            ]
+            for rnd in range(self.rounds):
+                k = rnd % len(variants)
+                for name, fn, durable in variants[k:] + variants[:k]:
+                    r = fn()
+                    self.record(mib, name, r, durable)
+                    print(f"  {mib} MiB round {rnd + 1} {name}: {r['wall']:.3f}s frozen {r.get('frozen')}", file=sys.stderr, flush=True)
+            self.xfs(mib)
+            self.stop_containers(mib)
+        self.rss = int(re.search(r"VmHWM:\s+(\d+)", open(f"/proc/{self.shim.pid}/status").read()).group(1)) // 1024
+
+    def xfs(self, mib):
+        """On a reflink XFS loop image, how many bytes the archive step writes."""
+        if not shutil.which("mkfs.xfs"):
+            return
+        mnt = f"{self.w}/xfs"
+        if not os.path.ismount(mnt):
+            os.makedirs(mnt, exist_ok=True)
+            sh(f"truncate -s {max(8, 3 * max(self.sizes) // 1024 + 4)}G {self.w}/xfs.img && mkfs.xfs -q -f -m reflink=1 {self.w}/xfs.img && mount -o loop {self.w}/xfs.img {mnt}")
+            os.makedirs(f"{mnt}/out", mode=0o700, exist_ok=True)
+        r = self.run_A_cli(mib, True, base=f"{mnt}/out")
+        self.record(mib, "A-xfs", r)
+
+    # --- report ---
+    def med(self, mib, name, key="wall"):
+        v = [r[key] for r in self.results.get((mib, name), []) if r.get(key) is not None]
+        return (statistics.median(v), min(v), max(v)) if v else None
+
+    def report(self):
+        fmt = lambda m: "-" if not m else f"{m[0]:.3f} ({m[1]:.3f}–{m[2]:.3f})"
+        fz = lambda m: "-" if not m else f"{m[0]:.0f}"
+        lines = ["| MiB | variant | wall s, median (min–max) | durable s (with sync) | CRIU frozen ms | output bytes |", "|---|---|---|---|---|---|"]
+        names = {"A": "A shim via CRI", "A-cli": "A shim CLI (fdatasync)", "A-nf": "A shim CLI, no fsync", "B": "B raw criu dump", "C": "C runc checkpoint + tar", "D": "D podman --export"}
+        for mib in self.sizes:
+            for v, label in names.items():
+                by = self.med(mib, v, "bytes")
+                lines.append(f"| {mib} | {label} | {fmt(self.med(mib, v))} | {fmt(self.med(mib, v, 'durable'))} | {fz(self.med(mib, v, 'frozen'))} | {by[0]:.0f} |" if by else f"| {mib} | {label} | - | - | - | - |")
+        lines += ["", "| MiB | A/B | A-nf/B | C/A | D/A | A frozen − B frozen (ms) | durable C+sync / A-cli | durable D+sync / A-cli | XFS: new space taken by the archive step / archive |", "|---|---|---|---|---|---|---|---|---|"]
+        for mib in self.sizes:
+            m = lambda v, k="wall": (self.med(mib, v, k) or [float("nan")])[0]
+            x = self.results.get((mib, "A-xfs"), [{}])[0]
+            xfs = f"{x['archive_wrote'] / x['bytes'] * 100:.2f}%" if x.get("bytes") else "-"
+            lines.append(f"| {mib} | {m('A') / m('B'):.2f} | {m('A-nf') / m('B'):.2f} | {m('C') / m('A'):.2f} | {m('D') / m('A'):.2f} | {m('A', 'frozen') - m('B', 'frozen'):+.0f} | {m('C', 'durable') / m('A-cli'):.2f} | {m('D', 'durable') / m('A-cli'):.2f} | {xfs} |")
+        lines += ["", f"shim (`ckpt-shim serve`) peak RSS over the whole run: {self.rss} MiB"]
+        return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="64,512,2048", help="MiB of touched memory, comma-separated")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--work", default="/var/tmp/ckpt-shim-bench")
+    ap.add_argument("--out", help="also write the tables here")
+    a = ap.parse_args()
+    b = Bench(a.work, [int(s) for s in a.sizes.split(",")], a.rounds)
+    try:
+        b.setup()
+        b.run()
+        text = b.report()
+    finally:
+        b.teardown()
+    print(text)
+    if a.out:
+        open(a.out, "w").write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+//! A small CRI client for scripts (the benchmark): crictl is not packaged here.
+//!   cri-ctl SOCK run-counter POD_NAME MIB      → prints "<pod id> <container id>"
+//!   cri-ctl SOCK checkpoint ID LOCATION [TIMEOUT_S]
+//!   cri-ctl SOCK rm-pod POD_ID
+
+#[path = "cri_common.rs"]
+mod cri_common;
+
+use cri_common::*;
+use k8s_cri::v1 as cri;
+
+#[tokio::main]
+async fn main() -> Res<()> {
+    let a: Vec<String> = std::env::args().collect();
+    let usage = "usage: cri-ctl SOCK run-counter POD MIB | checkpoint ID LOCATION [TIMEOUT] | rm-pod POD_ID";
+    if a.len() < 3 {
+        return Err(usage.into());
+    }
+    let mut c = connect(std::path::Path::new(&a[1])).await?;
+    match (a[2].as_str(), &a[3..]) {
+        ("run-counter", [pod, mib]) => {
+            let logs = std::env::temp_dir().join(format!("cri-ctl-logs-{pod}"));
+            let (p, id) = run_counter(&mut c, pod, "/ckpt-shim-bench", &logs, mib.parse()?, 1000).await?;
+            println!("{p} {id}");
+        }
+        ("checkpoint", [id, location, rest @ ..]) => {
+            let timeout = rest.first().map(|t| t.parse()).transpose()?.unwrap_or(600);
+            c.checkpoint_container(cri::CheckpointContainerRequest { container_id: id.clone(), location: location.clone(), timeout }).await?;
+        }
+        ("rm-pod", [pod]) => {
+            c.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: pod.clone() }).await?;
+            c.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod.clone() }).await?;
+        }
+        _ => return Err(usage.into()),
+    }
+    Ok(())
+}
