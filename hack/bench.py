@@ -12,8 +12,8 @@ each round runs, in an order that rotates from round to round:
 Every run writes to a fresh directory on the same file system; outputs are deleted
 and synced between runs, outside the timing. Durable variants add the `sync` that
 makes B, C and D's output durable; A-cli already includes its one fdatasync.
-Also: CRIU's frozen time, the shim's peak RSS, and on an XFS loop image how much new
-space the archive step takes (reflink shares CRIU's extents). Not a test: it asserts nothing.
+Also: CRIU's frozen time, the shim's peak RSS, and on an XFS loop image how many bytes
+the archive step writes itself (reflink and adoption copy no page data). Not a test: it asserts nothing.
 """
 import argparse
 import json
@@ -186,7 +186,7 @@ class Bench:
         d = self.fresh(base)
         cmd = [SHIM, "checkpoint", "--runtime-root", f"{self.w}/runc-state", f"runc-{mib}", "--output", f"{d}/a.tar"] + ([] if fsync else ["--no-fsync"])
         wall, out = self.timed(lambda: sh(cmd))
-        wrote = int(re.search(r"archive step took (\d+) new bytes", out).group(1))
+        wrote = int(re.search(r"archive step wrote (\d+) bytes", out).group(1))
         return dict(wall=wall, frozen=frozen_ms(stats_in_tar(f"{d}/a.tar")), bytes=os.path.getsize(f"{d}/a.tar"), archive_wrote=wrote, dir=d)
 
     def run_B(self, mib):
@@ -286,7 +286,7 @@ class Bench:
             for v, label in names.items():
                 by = self.med(mib, v, "bytes")
                 lines.append(f"| {mib} | {label} | {fmt(self.med(mib, v))} | {fmt(self.med(mib, v, 'durable'))} | {fz(self.med(mib, v, 'frozen'))} | {by[0]:.0f} |" if by else f"| {mib} | {label} | - | - | - | - |")
-        lines += ["", "| MiB | A/B | A-nf/B | C/A | D/A | A frozen − B frozen (ms) | durable C+sync / A-cli | durable D+sync / A-cli | XFS: new space taken by the archive step / archive |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| MiB | A/B | A-nf/B | C/A | D/A | A frozen − B frozen (ms) | durable C+sync / A-cli | durable D+sync / A-cli | XFS: bytes the archive step wrote / archive |", "|---|---|---|---|---|---|---|---|---|"]
         for mib in self.sizes:
             m = lambda v, k="wall": (self.med(mib, v, k) or [float("nan")])[0]
             x = self.results.get((mib, "A-xfs"), [{}])[0]

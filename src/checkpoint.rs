@@ -40,11 +40,9 @@ pub struct Options {
 pub struct Report {
     pub location: PathBuf,
     pub archive_bytes: u64,
-    /// Bytes moved by copy_file_range (the rest was headers and small files).
-    pub copied_bytes: u64,
-    /// New space the archive step took on the archive's file system (statvfs
-    /// before and after): near zero where its data shares CRIU's extents (reflink).
-    pub archive_new_bytes: u64,
+    /// Bytes the archive step wrote itself: headers, small members and copies.
+    /// Adopted and cloned (reflink) page data is not copied, so not counted.
+    pub archive_written_bytes: u64,
     pub phases: Vec<(&'static str, Duration)>,
     /// How long the container was frozen by us (zero if it was paused already).
     pub frozen: Duration,
@@ -235,7 +233,6 @@ async fn run(
         .ok()
         .and_then(|b| criu_rpc::stats::parse_dump_stats(&b).ok());
     let checkpointed = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
-    let free_before = free_bytes(&target.dir_path);
 
     // The members, in archive order: metadata, small images, the biggest image
     // (the pages), then the rootfs diff and the log.
@@ -270,11 +267,13 @@ async fn run(
         members.push(Member::File("dump.log".into(), staging.path().join("dump.log")));
     }
 
-    // Durable archives adopt the pages image: its data is written to disk once,
-    // where it lies, instead of being copied and then written again.
+    // Adopt the pages image when the archive must be durable (its data is then
+    // written to disk once, where it lies, never copied) or when a copy would be
+    // throttled to disk speed anyway.
     let sizes: Vec<Option<u64>> = members.iter().map(Member::size).collect::<Result<_>>()?;
     let plan = archive::plan(&sizes);
-    let adopted = match biggest.filter(|_| opts.durable) {
+    let adopt = biggest.filter(|&i| opts.durable || sizes[i].is_some_and(copy_would_throttle));
+    let adopted = match adopt {
         Some(i) => ArchiveWriter::adopt(&target, staging.path(), members[i].name(), plan[i])?.map(|w| (w, i)),
         None => None,
     };
@@ -291,9 +290,8 @@ async fn run(
         }
         expire_check(deadline, &cancelled, "archive")?;
     }
-    let copied = w.copied;
+    let archive_written_bytes = w.written;
     let archive_bytes = w.commit(opts.durable)?;
-    let archive_new_bytes = free_before.saturating_sub(free_bytes(&target.dir_path));
     ph.mark("archive");
 
     // Deleting GiBs of images costs real time: do it off the request path.
@@ -306,8 +304,7 @@ async fn run(
     Ok(Report {
         location: target.path.clone(),
         archive_bytes,
-        copied_bytes: copied,
-        archive_new_bytes,
+        archive_written_bytes,
         phases: ph.list,
         frozen,
         was_paused,
@@ -346,9 +343,22 @@ impl Member {
     }
 }
 
-/// Free bytes on the file system holding `dir`.
-fn free_bytes(dir: &std::path::Path) -> u64 {
-    nix::sys::statvfs::statvfs(dir).map(|s| s.blocks_free() as u64 * s.fragment_size() as u64).unwrap_or(0)
+/// Would copying `len` more bytes of fresh page cache, on top of CRIU's `len`,
+/// cross the kernel's background dirty threshold? Then the copy is throttled to
+/// disk speed, and writing the pages back once in place is the cheaper way.
+fn copy_would_throttle(len: u64) -> bool {
+    let read = |p: &str| std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
+    let threshold = match read("/proc/sys/vm/dirty_background_bytes") {
+        0 => {
+            let available_kib = std::fs::read_to_string("/proc/meminfo")
+                .ok()
+                .and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemAvailable:")?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()))
+                .unwrap_or(0);
+            available_kib * 1024 / 100 * read("/proc/sys/vm/dirty_background_ratio")
+        }
+        bytes => bytes,
+    };
+    2 * len > threshold
 }
 
 /// Fails once the deadline has passed or the caller has gone.

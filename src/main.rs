@@ -183,14 +183,14 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
                 .collect();
             let criu_frozen = r.stats.as_ref().and_then(|s| s.frozen_time).unwrap_or(0);
             println!(
-                "checkpointed {} into {} ({} bytes) in {:.3}s; frozen {:.1}ms (CRIU {:.1}ms); archive step took {} new bytes; {}",
+                "checkpointed {} into {} ({} bytes) in {:.3}s; frozen {:.1}ms (CRIU {:.1}ms); archive step wrote {} bytes; {}",
                 c.id,
                 r.location.display(),
                 r.archive_bytes,
                 started.elapsed().as_secs_f64(),
                 r.frozen.as_secs_f64() * 1e3,
                 criu_frozen as f64 / 1e3,
-                r.archive_new_bytes,
+                r.archive_written_bytes,
                 phases.join(" ")
             );
             r.cleanup.wait();

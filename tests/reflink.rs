@@ -39,9 +39,12 @@ fn large_members_share_extents_on_xfs() {
     w.add_dir("checkpoint").unwrap();
     w.add_file("checkpoint/small.img", &std::fs::File::open(m.join("small.img")).unwrap()).unwrap();
     w.add_file("checkpoint/pages-1.img", &std::fs::File::open(m.join("pages-1.img")).unwrap()).unwrap();
+    let written = w.written;
     w.commit(true).unwrap();
+    assert!(written < (data.len() as u64) / 100, "the archive step wrote {written} bytes for {} of pages", data.len());
+    // And it took no new space for them: the extents are shared.
     let taken = before.saturating_sub(free(&m));
-    assert!(taken < (data.len() as u64) / 100, "the archive took {taken} new bytes for {} of pages", data.len());
+    assert!(taken < (data.len() as u64) / 10, "the archive took {taken} new bytes for {} of pages", data.len());
 
     // The shared data reads back intact, also once the source is gone.
     std::fs::remove_file(m.join("pages-1.img")).unwrap();
