@@ -20,16 +20,28 @@ async fn main() -> Res<()> {
     match (a[2].as_str(), &a[3..]) {
         ("run-counter", [pod, mib]) => {
             let logs = std::env::temp_dir().join(format!("cri-ctl-logs-{pod}"));
-            let (p, id) = run_counter(&mut c, pod, "/ckpt-shim-bench", &logs, mib.parse()?, 1000).await?;
+            let (p, id) =
+                run_counter(&mut c, pod, "/ckpt-shim-bench", &logs, mib.parse()?, 1000).await?;
             println!("{p} {id}");
         }
         ("checkpoint", [id, location, rest @ ..]) => {
             let timeout = rest.first().map(|t| t.parse()).transpose()?.unwrap_or(600);
-            c.checkpoint_container(cri::CheckpointContainerRequest { container_id: id.clone(), location: location.clone(), timeout }).await?;
+            c.checkpoint_container(cri::CheckpointContainerRequest {
+                container_id: id.clone(),
+                location: location.clone(),
+                timeout,
+            })
+            .await?;
         }
         ("rm-pod", [pod]) => {
-            c.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: pod.clone() }).await?;
-            c.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod.clone() }).await?;
+            c.stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+            .await?;
+            c.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+            .await?;
         }
         _ => return Err(usage.into()),
     }

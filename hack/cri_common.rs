@@ -17,7 +17,9 @@ pub async fn connect(sock: &Path) -> Res<Client> {
     let channel = Endpoint::try_from("http://[::]")?
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let s = s.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(s).await?)) }
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(s).await?))
+            }
         }))
         .await?;
     Ok(RuntimeServiceClient::new(channel))
@@ -35,12 +37,20 @@ fn namespaces() -> cri::NamespaceOption {
 
 pub fn sandbox(name: &str, cgroup_parent: &str, logs: &Path) -> cri::PodSandboxConfig {
     cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata { name: name.into(), uid: format!("uid-{name}"), namespace: "default".into(), attempt: 0 }),
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
         hostname: name.into(),
         log_directory: logs.to_string_lossy().into_owned(),
         linux: Some(cri::LinuxPodSandboxConfig {
             cgroup_parent: format!("{cgroup_parent}/{name}"),
-            security_context: Some(cri::LinuxSandboxSecurityContext { namespace_options: Some(namespaces()), ..Default::default() }),
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(namespaces()),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         ..Default::default()
@@ -50,13 +60,26 @@ pub fn sandbox(name: &str, cgroup_parent: &str, logs: &Path) -> cri::PodSandboxC
 /// The counter workload touching `mib` MiB, counting every `interval_ms`.
 pub fn counter(name: &str, mib: u32, interval_ms: u32) -> cri::ContainerConfig {
     cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata { name: name.into(), attempt: 0 }),
-        image: Some(cri::ImageSpec { image: "docker.io/library/ckpt-counter:latest".into(), ..Default::default() }),
+        metadata: Some(cri::ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: "docker.io/library/ckpt-counter:latest".into(),
+            ..Default::default()
+        }),
         command: vec!["/bin/counter".into()],
-        args: vec!["/tmp/count".into(), mib.to_string(), interval_ms.to_string()],
+        args: vec![
+            "/tmp/count".into(),
+            mib.to_string(),
+            interval_ms.to_string(),
+        ],
         log_path: format!("{name}.log"),
         linux: Some(cri::LinuxContainerConfig {
-            security_context: Some(cri::LinuxContainerSecurityContext { namespace_options: Some(namespaces()), ..Default::default() }),
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                namespace_options: Some(namespaces()),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         ..Default::default()
@@ -65,24 +88,57 @@ pub fn counter(name: &str, mib: u32, interval_ms: u32) -> cri::ContainerConfig {
 
 pub async fn exec(c: &mut Client, id: &str, script: &str) -> Res<String> {
     let cmd = vec!["/bin/sh".into(), "-c".into(), script.into()];
-    let r = c.exec_sync(cri::ExecSyncRequest { container_id: id.into(), cmd, timeout: 10 }).await?.into_inner();
+    let r = c
+        .exec_sync(cri::ExecSyncRequest {
+            container_id: id.into(),
+            cmd,
+            timeout: 10,
+        })
+        .await?
+        .into_inner();
     Ok(String::from_utf8_lossy(&r.stdout).trim().to_string())
 }
 
 /// Creates and starts a counter in a new pod; returns (pod id, container id)
 /// once the counter has counted (so its memory is touched).
-pub async fn run_counter(c: &mut Client, pod_name: &str, cgroup_parent: &str, logs: &Path, mib: u32, interval_ms: u32) -> Res<(String, String)> {
+pub async fn run_counter(
+    c: &mut Client,
+    pod_name: &str,
+    cgroup_parent: &str,
+    logs: &Path,
+    mib: u32,
+    interval_ms: u32,
+) -> Res<(String, String)> {
     std::fs::create_dir_all(logs)?;
     let sb = sandbox(pod_name, cgroup_parent, logs);
-    let pod = c.run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(sb.clone()), runtime_handler: String::new() }).await?.into_inner().pod_sandbox_id;
+    let pod = c
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(sb.clone()),
+            runtime_handler: String::new(),
+        })
+        .await?
+        .into_inner()
+        .pod_sandbox_id;
     let id = c
-        .create_container(cri::CreateContainerRequest { pod_sandbox_id: pod.clone(), config: Some(counter("counter", mib, interval_ms)), sandbox_config: Some(sb) })
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(counter("counter", mib, interval_ms)),
+            sandbox_config: Some(sb),
+        })
         .await?
         .into_inner()
         .container_id;
-    c.start_container(cri::StartContainerRequest { container_id: id.clone() }).await?;
+    c.start_container(cri::StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await?;
     let t = std::time::Instant::now();
-    while exec(c, &id, "cat /tmp/count 2>/dev/null || echo 0").await?.parse::<u64>().unwrap_or(0) < 2 {
+    while exec(c, &id, "cat /tmp/count 2>/dev/null || echo 0")
+        .await?
+        .parse::<u64>()
+        .unwrap_or(0)
+        < 2
+    {
         if t.elapsed() > std::time::Duration::from_secs(120) {
             return Err("counter did not start".into());
         }

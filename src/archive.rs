@@ -161,12 +161,30 @@ impl<'t> ArchiveWriter<'t> {
     /// adopted data is passed with [`add_adopted`](Self::add_adopted), and the rest
     /// is appended. `None` where the file system cannot insert ranges (the caller
     /// copies instead). The file is root's, 0600, in a 0700 dir from creation.
-    pub fn adopt(target: &'t Target, dir: &Path, rel: &str, data_at: u64) -> Result<Option<ArchiveWriter<'t>>> {
-        let tmp_dir: OwnedFd = File::open(dir).ctx(|| format!("open {}", dir.display()))?.into();
+    pub fn adopt(
+        target: &'t Target,
+        dir: &Path,
+        rel: &str,
+        data_at: u64,
+    ) -> Result<Option<ArchiveWriter<'t>>> {
+        let tmp_dir: OwnedFd = File::open(dir)
+            .ctx(|| format!("open {}", dir.display()))?
+            .into();
         let tmp = CString::new(rel).map_err(|_| Error::Other(format!("bad name {rel}")))?;
-        let same_fs = nix::sys::stat::fstat(tmp_dir.as_fd()).ok().map(|s| s.st_dev) == nix::sys::stat::fstat(target.dir.as_fd()).ok().map(|s| s.st_dev);
+        let same_fs = nix::sys::stat::fstat(tmp_dir.as_fd())
+            .ok()
+            .map(|s| s.st_dev)
+            == nix::sys::stat::fstat(target.dir.as_fd())
+                .ok()
+                .map(|s| s.st_dev);
         // SAFETY: openat on an open dir fd with a NUL-terminated name.
-        let fd = unsafe { libc::openat(tmp_dir.as_raw_fd(), tmp.as_ptr(), libc::O_RDWR | libc::O_NOFOLLOW | libc::O_CLOEXEC) };
+        let fd = unsafe {
+            libc::openat(
+                tmp_dir.as_raw_fd(),
+                tmp.as_ptr(),
+                libc::O_RDWR | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        };
         if fd < 0 || !same_fs {
             if fd >= 0 {
                 // SAFETY: closing the fd we just opened.
@@ -177,27 +195,58 @@ impl<'t> ArchiveWriter<'t> {
         // SAFETY: fd was just opened and is owned by the File.
         let file = unsafe { File::from_raw_fd(fd) };
         let len = file.metadata().ctx(|| format!("stat {rel}"))?.len();
-        nix::sys::stat::fchmod(file.as_fd(), nix::sys::stat::Mode::from_bits_truncate(0o600)).ctx(|| "chmod archive".into())?;
+        nix::sys::stat::fchmod(
+            file.as_fd(),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .ctx(|| "chmod archive".into())?;
         // SAFETY: fallocate on our own fd; on failure the file is unchanged.
-        if unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_INSERT_RANGE, 0, data_at as i64) } != 0 {
-            tracing::debug!("cannot insert a range here, copying instead: {}", std::io::Error::last_os_error());
+        if unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                libc::FALLOC_FL_INSERT_RANGE,
+                0,
+                data_at as i64,
+            )
+        } != 0
+        {
+            tracing::debug!(
+                "cannot insert a range here, copying instead: {}",
+                std::io::Error::last_os_error()
+            );
             return Ok(None);
         }
-        Ok(Some(ArchiveWriter { target, tmp_dir, tmp, adopted: Some((data_at, len)), file, offset: 0, committed: false, written: 0 }))
+        Ok(Some(ArchiveWriter {
+            target,
+            tmp_dir,
+            tmp,
+            adopted: Some((data_at, len)),
+            file,
+            offset: 0,
+            committed: false,
+            written: 0,
+        }))
     }
 
     /// The adopted file's member: its headers, then a jump over its data.
     pub fn add_adopted(&mut self, name: &str) -> Result<()> {
-        let (at, len) = self.adopted.ok_or_else(|| Error::Other("no adopted file".into()))?;
+        let (at, len) = self
+            .adopted
+            .ok_or_else(|| Error::Other("no adopted file".into()))?;
         self.pax(len)?;
         let size_field = if len > USTAR_MAX { 0 } else { len };
         let h = header(name, size_field, 0o600, tar::EntryType::Regular)?;
         self.write(h.as_bytes())?;
         if self.offset != at {
-            return Err(Error::Other(format!("archive plan is off: {name} data at {} not {at}", self.offset)));
+            return Err(Error::Other(format!(
+                "archive plan is off: {name} data at {} not {at}",
+                self.offset
+            )));
         }
         self.offset = at + len;
-        self.file.seek(SeekFrom::Start(self.offset)).ctx(|| "seek past adopted data".into())?;
+        self.file
+            .seek(SeekFrom::Start(self.offset))
+            .ctx(|| "seek past adopted data".into())?;
         self.pad()
     }
 
@@ -302,11 +351,19 @@ impl<'t> ArchiveWriter<'t> {
             dest_offset: u64,
         }
         const FICLONERANGE: libc::c_ulong = 0x4020_940d;
-        let arg = FileCloneRange { src_fd: src.as_raw_fd() as i64, src_offset: 0, src_length: len, dest_offset: self.offset };
+        let arg = FileCloneRange {
+            src_fd: src.as_raw_fd() as i64,
+            src_offset: 0,
+            src_length: len,
+            dest_offset: self.offset,
+        };
         // SAFETY: FICLONERANGE reads one file_clone_range struct from the pointer.
         let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), FICLONERANGE, &arg) };
         if rc != 0 {
-            tracing::debug!("reflink not possible here, copying: {}", std::io::Error::last_os_error());
+            tracing::debug!(
+                "reflink not possible here, copying: {}",
+                std::io::Error::last_os_error()
+            );
             return false;
         }
         let end = (self.offset + len) as i64;
@@ -631,7 +688,11 @@ mod tests {
                 let mut e = e.unwrap();
                 let mut d = Vec::new();
                 e.read_to_end(&mut d).unwrap();
-                (e.path().unwrap().to_string_lossy().into_owned(), e.raw_file_position(), d)
+                (
+                    e.path().unwrap().to_string_lossy().into_owned(),
+                    e.raw_file_position(),
+                    d,
+                )
             })
             .collect()
     }
@@ -648,14 +709,24 @@ mod tests {
         w.add_bytes("big.dump", &vec![7u8; 100_000]).unwrap();
         w.add_dir("checkpoint").unwrap();
         for i in 0..sizes.len() {
-            w.add_file(&format!("checkpoint/f{i}"), &File::open(d.path().join(format!("f{i}"))).unwrap()).unwrap();
+            w.add_file(
+                &format!("checkpoint/f{i}"),
+                &File::open(d.path().join(format!("f{i}"))).unwrap(),
+            )
+            .unwrap();
         }
         w.commit(false).unwrap();
         let mut want = vec![Some(100_000u64), None];
         want.extend(sizes.iter().map(|n| Some(*n as u64)));
         let planned = plan(&want);
         let got = data_offsets(&d.path().join("a.tar"));
-        let files: Vec<(u64, u64)> = got.iter().zip(&planned).zip(&want).filter(|(_, s)| s.is_some()).map(|((g, p), _)| (g.1, *p)).collect();
+        let files: Vec<(u64, u64)> = got
+            .iter()
+            .zip(&planned)
+            .zip(&want)
+            .filter(|(_, s)| s.is_some())
+            .map(|((g, p), _)| (g.1, *p))
+            .collect();
         for (g, p) in files {
             assert_eq!(g, p);
         }
@@ -665,30 +736,56 @@ mod tests {
     fn adopting_a_staged_file_makes_it_the_archive() {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir(d.path().join("staging")).unwrap();
-        let pages: Vec<u8> = (0..(3u32 << 20)).map(|i| (i.wrapping_mul(2654435761) >> 9) as u8).collect();
+        let pages: Vec<u8> = (0..(3u32 << 20))
+            .map(|i| (i.wrapping_mul(2654435761) >> 9) as u8)
+            .collect();
         std::fs::write(d.path().join("staging/pages-1.img"), &pages).unwrap();
         std::fs::write(d.path().join("staging/small.img"), b"small").unwrap();
-        let ino = std::fs::metadata(d.path().join("staging/pages-1.img")).unwrap().ino();
+        let ino = std::fs::metadata(d.path().join("staging/pages-1.img"))
+            .unwrap()
+            .ino();
         let t = Target::new(&d.path().join("a.tar")).unwrap();
         let at = plan(&[Some(2), None, Some(5), Some(pages.len() as u64)])[3];
-        let Some(mut w) = ArchiveWriter::adopt(&t, &d.path().join("staging"), "pages-1.img", at).unwrap() else {
+        let Some(mut w) =
+            ArchiveWriter::adopt(&t, &d.path().join("staging"), "pages-1.img", at).unwrap()
+        else {
             panic!("this file system cannot insert ranges");
         };
         w.add_bytes("config.dump", b"{}").unwrap();
         w.add_dir("checkpoint").unwrap();
-        w.add_file("checkpoint/small.img", &File::open(d.path().join("staging/small.img")).unwrap()).unwrap();
+        w.add_file(
+            "checkpoint/small.img",
+            &File::open(d.path().join("staging/small.img")).unwrap(),
+        )
+        .unwrap();
         w.add_adopted("checkpoint/pages-1.img").unwrap();
         w.add_bytes("dump.log", b"log").unwrap();
         w.commit(true).unwrap();
         let meta = std::fs::metadata(d.path().join("a.tar")).unwrap();
-        assert_eq!((meta.ino(), meta.mode() & 0o777), (ino, 0o600), "the staged file itself became the archive");
+        assert_eq!(
+            (meta.ino(), meta.mode() & 0o777),
+            (ino, 0o600),
+            "the staged file itself became the archive"
+        );
         assert!(!d.path().join("staging/pages-1.img").exists());
         let got = data_offsets(&d.path().join("a.tar"));
         let names: Vec<&str> = got.iter().map(|g| g.0.as_str()).collect();
-        assert_eq!(names, ["config.dump", "checkpoint/", "checkpoint/small.img", "checkpoint/pages-1.img", "dump.log"]);
+        assert_eq!(
+            names,
+            [
+                "config.dump",
+                "checkpoint/",
+                "checkpoint/small.img",
+                "checkpoint/pages-1.img",
+                "dump.log"
+            ]
+        );
         assert!(got[3].2 == pages, "adopted data changed");
         assert_eq!(got[3].1, at);
-        assert_eq!((got[2].2.as_slice(), got[4].2.as_slice()), (&b"small"[..], &b"log"[..]));
+        assert_eq!(
+            (got[2].2.as_slice(), got[4].2.as_slice()),
+            (&b"small"[..], &b"log"[..])
+        );
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub struct Options {
     pub settings: DumpSettings,
     /// fdatasync the archive and fsync its directory (on by default).
     pub durable: bool,
+    /// Where to note cgroups frozen by us, for [`freeze::recover`] after a crash.
+    pub freeze_journal: Option<PathBuf>,
     /// Parent dir for staging; `None` stages beside the archive (same file system,
     /// so the copy into the archive can share extents).
     pub staging_dir: Option<PathBuf>,
@@ -177,7 +179,11 @@ async fn run(
     )?;
     ph.mark("prepare");
 
-    let guard = freezer.freeze(&c.id, deadline).await?;
+    let journal = match &opts.freeze_journal {
+        Some(dir) => Some(freeze::JournalEntry::record(dir, &freezer, staging.path())?),
+        None => None,
+    };
+    let guard = freezer.freeze(&c.id, deadline, journal).await?;
     ph.mark("freeze");
 
     // The rootfs diff is taken while CRIU dumps: the container is frozen throughout,
@@ -241,7 +247,10 @@ async fn run(
         Member::Bytes("spec.dump".into(), c.spec_raw.clone()),
     ];
     if staging.path().join("stats-dump").exists() {
-        members.push(Member::File("stats-dump".into(), staging.path().join("stats-dump")));
+        members.push(Member::File(
+            "stats-dump".into(),
+            staging.path().join("stats-dump"),
+        ));
     }
     members.push(Member::Dir("checkpoint"));
     let mut images: Vec<(u64, std::ffi::OsString)> = std::fs::read_dir(&images_path)
@@ -250,21 +259,36 @@ async fn run(
         .map(|e| (e.metadata().map(|m| m.len()).unwrap_or(0), e.file_name()))
         .collect();
     images.sort();
-    let biggest = images.last().filter(|(len, _)| *len >= ADOPT_FROM).map(|_| members.len() + images.len() - 1);
+    let biggest = images
+        .last()
+        .filter(|(len, _)| *len >= ADOPT_FROM)
+        .map(|_| members.len() + images.len() - 1);
     for (_, name) in &images {
-        members.push(Member::File(format!("checkpoint/{}", name.to_string_lossy()), images_path.join(name)));
+        members.push(Member::File(
+            format!("checkpoint/{}", name.to_string_lossy()),
+            images_path.join(name),
+        ));
     }
     if let Some(d) = &diff {
-        members.push(Member::File("rootfs-diff.tar".into(), staging.path().join("rootfs-diff.tar")));
+        members.push(Member::File(
+            "rootfs-diff.tar".into(),
+            staging.path().join("rootfs-diff.tar"),
+        ));
         if !d.deleted.is_empty() {
-            members.push(Member::Bytes("deleted.files".into(), serde_json::to_vec(&d.deleted).expect("strings serialise")));
+            members.push(Member::Bytes(
+                "deleted.files".into(),
+                serde_json::to_vec(&d.deleted).expect("strings serialise"),
+            ));
         }
     }
     if let Some(b) = collect::bind_mounts(&c.spec) {
         members.push(Member::Bytes("bind.mounts".into(), b));
     }
     if staging.path().join("dump.log").exists() {
-        members.push(Member::File("dump.log".into(), staging.path().join("dump.log")));
+        members.push(Member::File(
+            "dump.log".into(),
+            staging.path().join("dump.log"),
+        ));
     }
 
     // Adopt the pages image when the archive must be durable (its data is then
@@ -274,7 +298,8 @@ async fn run(
     let plan = archive::plan(&sizes);
     let adopt = biggest.filter(|&i| opts.durable || sizes[i].is_some_and(copy_would_throttle));
     let adopted = match adopt {
-        Some(i) => ArchiveWriter::adopt(&target, staging.path(), members[i].name(), plan[i])?.map(|w| (w, i)),
+        Some(i) => ArchiveWriter::adopt(&target, staging.path(), members[i].name(), plan[i])?
+            .map(|w| (w, i)),
         None => None,
     };
     let (mut w, adopted) = match adopted {
@@ -286,7 +311,10 @@ async fn run(
             _ if Some(i) == adopted => w.add_adopted(m.name())?,
             Member::Dir(name) => w.add_dir(name)?,
             Member::Bytes(name, data) => w.add_bytes(name, data)?,
-            Member::File(name, path) => w.add_file(name, &File::open(path).ctx(|| format!("open {}", path.display()))?)?,
+            Member::File(name, path) => w.add_file(
+                name,
+                &File::open(path).ctx(|| format!("open {}", path.display()))?,
+            )?,
         }
         expire_check(deadline, &cancelled, "archive")?;
     }
@@ -338,7 +366,11 @@ impl Member {
         Ok(match self {
             Member::Dir(_) => None,
             Member::Bytes(_, d) => Some(d.len() as u64),
-            Member::File(_, p) => Some(std::fs::metadata(p).ctx(|| format!("stat {}", p.display()))?.len()),
+            Member::File(_, p) => Some(
+                std::fs::metadata(p)
+                    .ctx(|| format!("stat {}", p.display()))?
+                    .len(),
+            ),
         })
     }
 }
@@ -347,12 +379,26 @@ impl Member {
 /// cross the kernel's background dirty threshold? Then the copy is throttled to
 /// disk speed, and writing the pages back once in place is the cheaper way.
 fn copy_would_throttle(len: u64) -> bool {
-    let read = |p: &str| std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     let threshold = match read("/proc/sys/vm/dirty_background_bytes") {
         0 => {
             let available_kib = std::fs::read_to_string("/proc/meminfo")
                 .ok()
-                .and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemAvailable:")?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()))
+                .and_then(|m| {
+                    m.lines().find_map(|l| {
+                        l.strip_prefix("MemAvailable:")?
+                            .trim()
+                            .strip_suffix("kB")?
+                            .trim()
+                            .parse::<u64>()
+                            .ok()
+                    })
+                })
                 .unwrap_or(0);
             available_kib * 1024 / 100 * read("/proc/sys/vm/dirty_background_ratio")
         }

@@ -96,13 +96,20 @@ impl Freezer {
 
     /// Freezes and waits until every task is frozen, or thaws again and fails at
     /// `deadline`. An already-paused container is left as it is and stays paused.
-    pub async fn freeze(&self, id: &str, deadline: Instant) -> Result<FreezeGuard> {
+    /// `journal` notes the freeze on disk until the cgroup is thawed for good.
+    pub async fn freeze(
+        &self,
+        id: &str,
+        deadline: Instant,
+        journal: Option<JournalEntry>,
+    ) -> Result<FreezeGuard> {
         if self.self_frozen()? {
             return Ok(FreezeGuard {
                 freezer: self.clone(),
                 thaw: false,
                 frozen_at: Instant::now(),
                 criu: Default::default(),
+                journal: None,
             });
         }
         let guard = FreezeGuard {
@@ -110,6 +117,7 @@ impl Freezer {
             thaw: true,
             frozen_at: Instant::now(),
             criu: Default::default(),
+            journal,
         };
         self.request(true)?;
         let mut polls = 0u32;
@@ -144,6 +152,8 @@ pub struct FreezeGuard {
     thaw: bool,
     frozen_at: Instant,
     criu: CriuWatch,
+    /// Removed only once the cgroup is thawed for good.
+    journal: Option<JournalEntry>,
 }
 
 /// A pidfd of the CRIU working on this cgroup, set once it is spawned.
@@ -187,21 +197,89 @@ impl Drop for FreezeGuard {
         self.thaw_now();
         let criu = self.criu.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let (true, Some(pidfd)) = (self.thaw, criu) {
+            // CRIU may still re-freeze the cgroup as it ends: thaw again after
+            // it exits, and only then forget the journal entry.
             let freezer = self.freezer.clone();
+            let journal = self.journal.take();
             std::thread::spawn(move || {
-                let mut p = libc::pollfd {
-                    fd: pidfd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd; a pidfd polls readable when the process exits.
-                unsafe { libc::poll(&mut p, 1, CRIU_EXIT_WAIT.as_millis() as i32) };
+                wait_exit(&Arc::new(Mutex::new(Some(pidfd))), CRIU_EXIT_WAIT);
                 if let Err(e) = freezer.request(false) {
                     tracing::error!(cgroup = %freezer.path().display(), "failed to thaw after CRIU exited: {e}");
                 }
+                drop(journal);
             });
         }
     }
+}
+
+/// A note on disk that we froze a cgroup (and where we staged), written before
+/// freezing and removed once the cgroup is thawed for good. If the shim dies in
+/// between (SIGKILL skips every guard) and CRIU, aborting, re-freezes the cgroup
+/// it found frozen, the restarted shim thaws it with [`recover`].
+#[derive(Debug)]
+pub struct JournalEntry(PathBuf);
+
+impl JournalEntry {
+    pub fn record(dir: &Path, freezer: &Freezer, staging: &Path) -> Result<JournalEntry> {
+        std::fs::create_dir_all(dir).ctx(|| format!("create {}", dir.display()))?;
+        let (kind, cg) = match freezer {
+            Freezer::V1(p) => ("v1", p),
+            Freezer::V2(p) => ("v2", p),
+        };
+        // One entry per cgroup: checkpoints of one container are serialised.
+        let name = format!("{:016x}.frozen", fnv1a(cg.as_os_str().as_encoded_bytes()));
+        let path = dir.join(name);
+        std::fs::write(
+            &path,
+            format!("{kind} {}\nstaging {}\n", cg.display(), staging.display()),
+        )
+        .ctx(|| format!("write {}", path.display()))?;
+        Ok(JournalEntry(path))
+    }
+}
+
+impl Drop for JournalEntry {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Thaws every cgroup a previous shim left recorded as frozen by it, removes its
+/// staging dir, and forgets the entry. Returns the cgroups it thawed.
+pub fn recover(dir: &Path) -> Vec<PathBuf> {
+    let mut thawed = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        for line in text.lines() {
+            let freezer = match line.split_once(' ') {
+                Some(("v1", p)) => Freezer::V1(PathBuf::from(p)),
+                Some(("v2", p)) => Freezer::V2(PathBuf::from(p)),
+                Some(("staging", p)) => {
+                    let p = Path::new(p);
+                    if p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(".ckpt-shim-staging-"))
+                    {
+                        let _ = std::fs::remove_dir_all(p);
+                    }
+                    continue;
+                }
+                _ => continue,
+            };
+            // A cgroup that is gone (container removed) needs nothing.
+            if freezer.path().exists() && freezer.request(false).is_ok() {
+                thawed.push(freezer.path().to_path_buf());
+            }
+        }
+        let _ = std::fs::remove_file(e.path());
+    }
+    thawed
+}
+
+fn fnv1a(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &c| {
+        (h ^ c as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Registers `pid` (CRIU) in a watch slot, as a pidfd.
@@ -210,14 +288,19 @@ pub fn watch_pid(slot: &CriuWatch, pid: u32) {
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     if fd >= 0 {
         // SAFETY: a fresh descriptor owned from here on.
-        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(unsafe { OwnedFd::from_raw_fd(fd as i32) });
     }
 }
 
 /// Waits (blocking) up to `timeout` for the process watched in `slot` to exit.
 pub fn wait_exit(slot: &CriuWatch, timeout: Duration) {
     if let Some(fd) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd; a pidfd polls readable when the process exits.
         unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) };
     }

@@ -172,6 +172,7 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
                     criu,
                     settings,
                     staging_dir: None,
+                    freeze_journal: None,
                     durable: !no_fsync,
                 },
             )

@@ -403,3 +403,62 @@ async fn parallel_checkpoints_of_two_containers_and_of_one_container() {
     );
     assert!(log.contains("phases=") && log.contains("bytes="), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shim_killed_mid_dump_is_recovered_by_the_next_one() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let pod = env.run_pod(&mut c, "crash", false).await;
+    let id = env.counter(&mut c, &pod, "big", 512, true).await;
+    let out = out_dir();
+    let location = out.path().join("k.tar");
+    let mut c2 = c.clone();
+    let (cid, loc) = (id.clone(), location.clone());
+    let call = tokio::spawn(async move { checkpoint(&mut c2, &cid, &loc, 60).await });
+    // Wait until the shim has frozen the container, then kill it outright.
+    let t = std::time::Instant::now();
+    while env.freezer(&id) != "FROZEN" {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the checkpoint never froze the container"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    env.kill_shim();
+    assert!(call.await.unwrap().is_err());
+    // CRIU loses its client, aborts, and puts back the frozen state it found.
+    let t = std::time::Instant::now();
+    while std::process::Command::new("pgrep")
+        .args(["-x", "criu"])
+        .status()
+        .unwrap()
+        .success()
+    {
+        assert!(t.elapsed() < Duration::from_secs(30), "CRIU did not end");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Nothing thaws it now: without the journal it would stay frozen for good.
+    assert_eq!(env.freezer(&id), "FROZEN");
+    // The next shim finds the journal entry and thaws the container.
+    env.spawn_shim();
+    let t = std::time::Instant::now();
+    while env.freezer(&id) != "THAWED" {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "still {} after restart",
+            env.freezer(&id)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut c = env.client().await;
+    env.assert_running(&mut c, &id).await;
+    assert!(
+        !entries(out.path())
+            .iter()
+            .any(|n| n.starts_with(".ckpt-shim-staging-")),
+        "{:?}",
+        entries(out.path())
+    );
+    assert!(!location.exists());
+    assert!(env.shim_log().contains("left frozen"), "{}", env.shim_log());
+}

@@ -21,6 +21,7 @@ fn opts(location: &Path) -> Options {
         criu: criu_rpc::Criu::new("criu"),
         settings: DumpSettings::default(),
         staging_dir: None,
+        freeze_journal: None,
         durable: true,
     }
 }

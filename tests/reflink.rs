@@ -26,10 +26,16 @@ fn large_members_share_extents_on_xfs() {
     let t = Xfs(tempfile::tempdir().unwrap());
     let (img, m) = (t.0.path().join("xfs.img"), t.0.path().join("m"));
     std::fs::create_dir(&m).unwrap();
-    common::sh(&format!("truncate -s 1G {0} && mkfs.xfs -q -f -m reflink=1 {0} && mount -o loop {0} {1}", img.display(), m.display()));
+    common::sh(&format!(
+        "truncate -s 1G {0} && mkfs.xfs -q -f -m reflink=1 {0} && mount -o loop {0} {1}",
+        img.display(),
+        m.display()
+    ));
 
     // A 64 MiB "pages" image, as CRIU leaves it: just written, still dirty.
-    let data: Vec<u8> = (0..64u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+    let data: Vec<u8> = (0..64u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
     std::fs::write(m.join("pages-1.img"), &data).unwrap();
     std::fs::write(m.join("small.img"), b"small").unwrap();
     let before = free(&m);
@@ -37,14 +43,30 @@ fn large_members_share_extents_on_xfs() {
     let mut w = ArchiveWriter::create(&target).unwrap();
     w.add_bytes("config.dump", b"{}").unwrap();
     w.add_dir("checkpoint").unwrap();
-    w.add_file("checkpoint/small.img", &std::fs::File::open(m.join("small.img")).unwrap()).unwrap();
-    w.add_file("checkpoint/pages-1.img", &std::fs::File::open(m.join("pages-1.img")).unwrap()).unwrap();
+    w.add_file(
+        "checkpoint/small.img",
+        &std::fs::File::open(m.join("small.img")).unwrap(),
+    )
+    .unwrap();
+    w.add_file(
+        "checkpoint/pages-1.img",
+        &std::fs::File::open(m.join("pages-1.img")).unwrap(),
+    )
+    .unwrap();
     let written = w.written;
     w.commit(true).unwrap();
-    assert!(written < (data.len() as u64) / 100, "the archive step wrote {written} bytes for {} of pages", data.len());
+    assert!(
+        written < (data.len() as u64) / 100,
+        "the archive step wrote {written} bytes for {} of pages",
+        data.len()
+    );
     // And it took no new space for them: the extents are shared.
     let taken = before.saturating_sub(free(&m));
-    assert!(taken < (data.len() as u64) / 10, "the archive took {taken} new bytes for {} of pages", data.len());
+    assert!(
+        taken < (data.len() as u64) / 10,
+        "the archive took {taken} new bytes for {} of pages",
+        data.len()
+    );
 
     // The shared data reads back intact, also once the source is gone.
     std::fs::remove_file(m.join("pages-1.img")).unwrap();

@@ -47,6 +47,16 @@ impl Default for Config {
     }
 }
 
+impl Config {
+    /// Where the server notes the cgroups it froze (beside its socket, on /run).
+    pub fn journal_dir(&self) -> PathBuf {
+        self.listen
+            .parent()
+            .unwrap_or(Path::new("/run/ckpt-shim"))
+            .join("frozen")
+    }
+}
+
 /// The file's shape; every key is optional.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -48,6 +48,10 @@ impl Router {
 pub async fn serve(cfg: Config) -> Result<()> {
     let upstream = proxy::channel(&cfg.upstream)?;
     let listener = socket::bind(&cfg.listen)?;
+    // A previous shim killed mid-checkpoint may have left containers frozen.
+    for cg in crate::freeze::recover(&cfg.journal_dir()) {
+        tracing::warn!(cgroup = %cg.display(), "thawed a container a previous ckpt-shim left frozen");
+    }
     tracing::info!(listen = %cfg.listen.display(), upstream = %cfg.upstream, "serving CRI");
     let router = Router {
         native: Arc::new(native::Native::new(&cfg, upstream.clone())),

@@ -29,6 +29,7 @@ pub struct Native {
     runc_root: PathBuf,
     staging_dir: Option<PathBuf>,
     durable: bool,
+    journal: PathBuf,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -45,6 +46,7 @@ impl Native {
             runc_root: cfg.runc_root.clone(),
             staging_dir: cfg.staging_dir.clone(),
             durable: cfg.durable,
+            journal: cfg.journal_dir(),
             locks: Mutex::default(),
         }
     }
@@ -109,6 +111,7 @@ impl Native {
             settings: self.settings.clone(),
             staging_dir: self.staging_dir.clone(),
             durable: self.durable,
+            freeze_journal: Some(self.journal.clone()),
         };
         let report = checkpoint::checkpoint(&c, &opts).await?;
         let ms = |d: Duration| (d.as_secs_f64() * 1e3 * 10.0).round() / 10.0;

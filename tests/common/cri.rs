@@ -48,6 +48,7 @@ pub struct Env {
     pub dir: PathBuf,
     pub shim_sock: PathBuf,
     pub containerd_sock: PathBuf,
+    upstream: PathBuf,
     shim: Option<Child>,
     pub pods: Vec<String>,
     pub cgroup_parent: String,
@@ -83,31 +84,52 @@ impl Env {
         let up = upstream
             .map(Path::to_path_buf)
             .unwrap_or_else(|| containerd_sock.clone());
-        let log = dir.join("shim.log");
+        let cgroup_parent = format!("/ckpt-shim-test-pods-{}", std::process::id());
+        let mut env = Env {
+            dir,
+            shim_sock,
+            containerd_sock,
+            upstream: up,
+            shim: None,
+            pods: Vec::new(),
+            cgroup_parent,
+        };
+        env.spawn_shim();
+        env
+    }
+
+    /// Starts `ckpt-shim serve` in front of the upstream; its log is appended.
+    pub fn spawn_shim(&mut self) {
+        let log = self.dir.join("shim.log");
         let shim = Command::new(env!("CARGO_BIN_EXE_ckpt-shim"))
             .arg("serve")
             .arg("--listen")
-            .arg(&shim_sock)
+            .arg(&self.shim_sock)
             .arg("--upstream")
-            .arg(format!("unix://{}", up.display()))
+            .arg(format!("unix://{}", self.upstream.display()))
             .arg("--config")
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/empty.toml"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            )
             .spawn()
             .unwrap();
-        let cgroup_parent = format!("/ckpt-shim-test-pods-{}", std::process::id());
-        let env = Env {
-            dir,
-            shim_sock,
-            containerd_sock,
-            shim: Some(shim),
-            pods: Vec::new(),
-            cgroup_parent,
-        };
-        wait_socket(&env.shim_sock, "ckpt-shim", &log);
-        env
+        self.shim = Some(shim);
+        wait_socket(&self.shim_sock, "ckpt-shim", &log);
+    }
+
+    /// SIGKILL: the shim dies without running any of its guards.
+    pub fn kill_shim(&mut self) {
+        if let Some(mut s) = self.shim.take() {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
     }
 
     pub async fn client(&self) -> Client {
