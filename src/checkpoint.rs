@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::DirBuilderExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -240,86 +240,15 @@ async fn run(
         .and_then(|b| criu_rpc::stats::parse_dump_stats(&b).ok());
     let checkpointed = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
 
-    // The members, in archive order: metadata, small images, the biggest image
-    // (the pages), then the rootfs diff and the log.
-    let mut members = vec![
-        Member::Bytes("config.dump".into(), collect::config_dump(c, &checkpointed)),
-        Member::Bytes("spec.dump".into(), c.spec_raw.clone()),
-    ];
-    if staging.path().join("stats-dump").exists() {
-        members.push(Member::File(
-            "stats-dump".into(),
-            staging.path().join("stats-dump"),
-        ));
-    }
-    members.push(Member::Dir("checkpoint"));
-    let mut images: Vec<(u64, std::ffi::OsString)> = std::fs::read_dir(&images_path)
-        .ctx(|| "list images".into())?
-        .filter_map(|e| e.ok())
-        .map(|e| (e.metadata().map(|m| m.len()).unwrap_or(0), e.file_name()))
-        .collect();
-    images.sort();
-    let biggest = images
-        .last()
-        .filter(|(len, _)| *len >= ADOPT_FROM)
-        .map(|_| members.len() + images.len() - 1);
-    for (_, name) in &images {
-        members.push(Member::File(
-            format!("checkpoint/{}", name.to_string_lossy()),
-            images_path.join(name),
-        ));
-    }
-    if let Some(d) = &diff {
-        members.push(Member::File(
-            "rootfs-diff.tar".into(),
-            staging.path().join("rootfs-diff.tar"),
-        ));
-        if !d.deleted.is_empty() {
-            members.push(Member::Bytes(
-                "deleted.files".into(),
-                serde_json::to_vec(&d.deleted).expect("strings serialise"),
-            ));
-        }
-    }
-    if let Some(b) = collect::bind_mounts(&c.spec) {
-        members.push(Member::Bytes("bind.mounts".into(), b));
-    }
-    if staging.path().join("dump.log").exists() {
-        members.push(Member::File(
-            "dump.log".into(),
-            staging.path().join("dump.log"),
-        ));
-    }
-
-    // Adopt the pages image when the archive must be durable (its data is then
-    // written to disk once, where it lies, never copied) or when a copy would be
-    // throttled to disk speed anyway.
-    let sizes: Vec<Option<u64>> = members.iter().map(Member::size).collect::<Result<_>>()?;
-    let plan = archive::plan(&sizes);
-    let adopt = biggest.filter(|&i| opts.durable || sizes[i].is_some_and(copy_would_throttle));
-    let adopted = match adopt {
-        Some(i) => ArchiveWriter::adopt(&target, staging.path(), members[i].name(), plan[i])?
-            .map(|w| (w, i)),
-        None => None,
-    };
-    let (mut w, adopted) = match adopted {
-        Some((w, i)) => (w, Some(i)),
-        None => (ArchiveWriter::create(&target)?, None),
-    };
-    for (i, m) in members.iter().enumerate() {
-        match m {
-            _ if Some(i) == adopted => w.add_adopted(m.name())?,
-            Member::Dir(name) => w.add_dir(name)?,
-            Member::Bytes(name, data) => w.add_bytes(name, data)?,
-            Member::File(name, path) => w.add_file(
-                name,
-                &File::open(path).ctx(|| format!("open {}", path.display()))?,
-            )?,
-        }
-        expire_check(deadline, &cancelled, "archive")?;
-    }
-    let archive_written_bytes = w.written;
-    let archive_bytes = w.commit(opts.durable)?;
+    let (archive_bytes, archive_written_bytes) = build_archive(
+        c,
+        &target,
+        staging.path(),
+        diff.as_ref(),
+        &checkpointed,
+        &opts,
+        || expire_check(deadline, &cancelled, "archive"),
+    )?;
     ph.mark("archive");
 
     // Deleting GiBs of images costs real time: do it off the request path.
@@ -341,6 +270,99 @@ async fn run(
         deleted_files: diff.as_ref().map(|d| d.deleted.len()).unwrap_or(0),
         cleanup,
     })
+}
+
+/// Step 5 as a whole: lists the members, plans the layout, and writes the archive,
+/// adopting the pages image where that is cheaper than copying it. Returns the
+/// archive's size and the bytes the archive step wrote itself.
+fn build_archive(
+    c: &Container,
+    target: &Target,
+    staging: &Path,
+    diff: Option<&RootfsDiff>,
+    checkpointed: &str,
+    opts: &Options,
+    expired: impl Fn() -> Result<()>,
+) -> Result<(u64, u64)> {
+    let images_dir = staging.join("checkpoint");
+    // The members, in archive order: metadata, small images, the biggest image
+    // (the pages), then the rootfs diff and the log.
+    let mut members = vec![
+        Member::Bytes("config.dump".into(), collect::config_dump(c, checkpointed)),
+        Member::Bytes("spec.dump".into(), c.spec_raw.clone()),
+    ];
+    if staging.join("stats-dump").exists() {
+        members.push(Member::File(
+            "stats-dump".into(),
+            staging.join("stats-dump"),
+        ));
+    }
+    members.push(Member::Dir("checkpoint"));
+    let mut images: Vec<(u64, std::ffi::OsString)> = std::fs::read_dir(&images_dir)
+        .ctx(|| "list images".into())?
+        .filter_map(|e| e.ok())
+        .map(|e| (e.metadata().map(|m| m.len()).unwrap_or(0), e.file_name()))
+        .collect();
+    images.sort();
+    let biggest = images
+        .last()
+        .filter(|(len, _)| *len >= ADOPT_FROM)
+        .map(|_| members.len() + images.len() - 1);
+    for (_, name) in &images {
+        members.push(Member::File(
+            format!("checkpoint/{}", name.to_string_lossy()),
+            images_dir.join(name),
+        ));
+    }
+    if let Some(d) = diff {
+        members.push(Member::File(
+            "rootfs-diff.tar".into(),
+            staging.join("rootfs-diff.tar"),
+        ));
+        if !d.deleted.is_empty() {
+            members.push(Member::Bytes(
+                "deleted.files".into(),
+                serde_json::to_vec(&d.deleted).expect("strings serialise"),
+            ));
+        }
+    }
+    if let Some(b) = collect::bind_mounts(&c.spec) {
+        members.push(Member::Bytes("bind.mounts".into(), b));
+    }
+    if staging.join("dump.log").exists() {
+        members.push(Member::File("dump.log".into(), staging.join("dump.log")));
+    }
+
+    // Adopt the pages image when the archive must be durable (its data is then
+    // written to disk once, where it lies, never copied) or when a copy would be
+    // throttled to disk speed anyway.
+    let sizes: Vec<Option<u64>> = members.iter().map(Member::size).collect::<Result<_>>()?;
+    let plan = archive::plan(&sizes);
+    let adopt = biggest.filter(|&i| opts.durable || sizes[i].is_some_and(copy_would_throttle));
+    let adopted = match adopt {
+        Some(i) => {
+            ArchiveWriter::adopt(target, staging, members[i].name(), plan[i])?.map(|w| (w, i))
+        }
+        None => None,
+    };
+    let (mut w, adopted) = match adopted {
+        Some((w, i)) => (w, Some(i)),
+        None => (ArchiveWriter::create(target)?, None),
+    };
+    for (i, m) in members.iter().enumerate() {
+        match m {
+            _ if Some(i) == adopted => w.add_adopted(m.name())?,
+            Member::Dir(name) => w.add_dir(name)?,
+            Member::Bytes(name, data) => w.add_bytes(name, data)?,
+            Member::File(name, path) => w.add_file(
+                name,
+                &File::open(path).ctx(|| format!("open {}", path.display()))?,
+            )?,
+        }
+        expired()?;
+    }
+    let written = w.written;
+    Ok((w.commit(opts.durable)?, written))
 }
 
 /// Images at least this big are adopted as the archive rather than copied.
