@@ -143,12 +143,27 @@ async fn pod_checkpointed_through_the_shim_is_restored_and_continues() {
     let pid = spec_pid(&env, &id);
     let lower = root_lowerdir(pid);
     let cg = spec["linux"]["cgroupsPath"].as_str().unwrap().to_string();
+    // Remove the original and wait until containerd has removed its cgroup:
+    // the restore goes to the same cgroup path.
     c.stop_container(cri::StopContainerRequest {
         container_id: id.clone(),
         timeout: 0,
     })
     .await
     .unwrap();
+    c.remove_container(cri::RemoveContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .unwrap();
+    let t = std::time::Instant::now();
+    while Path::new(&format!("/sys/fs/cgroup/freezer{cg}")).exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the original's cgroup {cg} stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let target = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(target.path().join("rootfs")).unwrap();
     let ov = overlay_on(&lower, target.path());
@@ -185,7 +200,6 @@ async fn pod_checkpointed_through_the_shim_is_restored_and_continues() {
         pod_net
     );
     drop(_restored);
-    let _ = cg;
 }
 
 fn spec_pid(env: &Env, id: &str) -> i32 {
