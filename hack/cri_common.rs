@@ -1,5 +1,5 @@
-//! Shared by the hack/ CRI tools: a client on a unix socket, and the pod and
-//! container configs kubelet would send for the counter workload.
+//! Shared by the hack/ CRI tools and the CRI tests: a client on a unix socket,
+//! and the pod and container configs kubelet would send for the counter workload.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -25,17 +25,28 @@ pub async fn connect(sock: &Path) -> Res<Client> {
     Ok(RuntimeServiceClient::new(channel))
 }
 
-/// Pod network (through the CNI plugin), own pid namespace, pod IPC.
-fn namespaces() -> cri::NamespaceOption {
+/// What kubelet asks for: the pod's network (through the CNI plugin) or the
+/// node's, an own pid namespace, pod IPC.
+fn namespaces(host_network: bool) -> cri::NamespaceOption {
+    let network = if host_network {
+        cri::NamespaceMode::Node
+    } else {
+        cri::NamespaceMode::Pod
+    };
     cri::NamespaceOption {
-        network: cri::NamespaceMode::Pod as i32,
+        network: network as i32,
         pid: cri::NamespaceMode::Container as i32,
         ipc: cri::NamespaceMode::Pod as i32,
         ..Default::default()
     }
 }
 
-pub fn sandbox(name: &str, cgroup_parent: &str, logs: &Path) -> cri::PodSandboxConfig {
+pub fn sandbox(
+    name: &str,
+    cgroup_parent: &str,
+    logs: &Path,
+    host_network: bool,
+) -> cri::PodSandboxConfig {
     cri::PodSandboxConfig {
         metadata: Some(cri::PodSandboxMetadata {
             name: name.into(),
@@ -43,12 +54,17 @@ pub fn sandbox(name: &str, cgroup_parent: &str, logs: &Path) -> cri::PodSandboxC
             namespace: "default".into(),
             attempt: 0,
         }),
-        hostname: name.into(),
+        // runc cannot set a hostname without a private UTS namespace.
+        hostname: if host_network {
+            String::new()
+        } else {
+            name.into()
+        },
         log_directory: logs.to_string_lossy().into_owned(),
         linux: Some(cri::LinuxPodSandboxConfig {
             cgroup_parent: format!("{cgroup_parent}/{name}"),
             security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(namespaces()),
+                namespace_options: Some(namespaces(host_network)),
                 ..Default::default()
             }),
             ..Default::default()
@@ -58,7 +74,7 @@ pub fn sandbox(name: &str, cgroup_parent: &str, logs: &Path) -> cri::PodSandboxC
 }
 
 /// The counter workload touching `mib` MiB, counting every `interval_ms`.
-pub fn counter(name: &str, mib: u32, interval_ms: u32) -> cri::ContainerConfig {
+pub fn counter(name: &str, mib: u32, interval_ms: u32, host_network: bool) -> cri::ContainerConfig {
     cri::ContainerConfig {
         metadata: Some(cri::ContainerMetadata {
             name: name.into(),
@@ -77,7 +93,7 @@ pub fn counter(name: &str, mib: u32, interval_ms: u32) -> cri::ContainerConfig {
         log_path: format!("{name}.log"),
         linux: Some(cri::LinuxContainerConfig {
             security_context: Some(cri::LinuxContainerSecurityContext {
-                namespace_options: Some(namespaces()),
+                namespace_options: Some(namespaces(host_network)),
                 ..Default::default()
             }),
             ..Default::default()
@@ -110,7 +126,7 @@ pub async fn run_counter(
     interval_ms: u32,
 ) -> Res<(String, String)> {
     std::fs::create_dir_all(logs)?;
-    let sb = sandbox(pod_name, cgroup_parent, logs);
+    let sb = sandbox(pod_name, cgroup_parent, logs, false);
     let pod = c
         .run_pod_sandbox(cri::RunPodSandboxRequest {
             config: Some(sb.clone()),
@@ -122,7 +138,7 @@ pub async fn run_counter(
     let id = c
         .create_container(cri::CreateContainerRequest {
             pod_sandbox_id: pod.clone(),
-            config: Some(counter("counter", mib, interval_ms)),
+            config: Some(counter("counter", mib, interval_ms, false)),
             sandbox_config: Some(sb),
         })
         .await?

@@ -7,28 +7,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
 use k8s_cri::v1 as cri;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::sh;
 
-pub type Client = RuntimeServiceClient<Channel>;
+#[path = "../../hack/cri_common.rs"]
+mod cri_common;
+
+pub type Client = cri_common::Client;
 
 pub async fn connect(sock: &Path) -> Client {
-    let sock = sock.to_path_buf();
-    let ch = Endpoint::try_from("http://[::]")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let s = sock.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(s).await?))
-            }
-        }))
+    cri_common::connect(sock)
         .await
-        .expect("connect");
-    RuntimeServiceClient::new(ch)
+        .expect("connect to CRI socket")
 }
 
 fn wait_socket(p: &Path, what: &str, log: &Path) {
@@ -141,35 +132,12 @@ impl Env {
     }
 
     pub fn sandbox_config(&self, name: &str, host_network: bool) -> cri::PodSandboxConfig {
-        cri::PodSandboxConfig {
-            metadata: Some(cri::PodSandboxMetadata {
-                name: name.into(),
-                uid: format!("uid-{name}"),
-                namespace: "default".into(),
-                attempt: 0,
-            }),
-            // runc cannot set a hostname without a private UTS namespace.
-            hostname: if host_network {
-                String::new()
-            } else {
-                name.into()
-            },
-            log_directory: self
-                .dir
-                .join("logs")
-                .join(name)
-                .to_string_lossy()
-                .into_owned(),
-            linux: Some(cri::LinuxPodSandboxConfig {
-                cgroup_parent: format!("{}/{name}", self.cgroup_parent),
-                security_context: Some(cri::LinuxSandboxSecurityContext {
-                    namespace_options: Some(namespaces(host_network)),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
+        cri_common::sandbox(
+            name,
+            &self.cgroup_parent,
+            &self.dir.join("logs").join(name),
+            host_network,
+        )
     }
 
     pub async fn run_pod(
@@ -203,27 +171,7 @@ impl Env {
         start: bool,
     ) -> String {
         let host_network = pod.1.hostname.is_empty();
-        let cfg = cri::ContainerConfig {
-            metadata: Some(cri::ContainerMetadata {
-                name: name.into(),
-                attempt: 0,
-            }),
-            image: Some(cri::ImageSpec {
-                image: "docker.io/library/ckpt-counter:latest".into(),
-                ..Default::default()
-            }),
-            command: vec!["/bin/counter".into()],
-            args: vec!["/tmp/count".into(), mib.to_string(), "50".into()],
-            log_path: format!("{name}.log"),
-            linux: Some(cri::LinuxContainerConfig {
-                security_context: Some(cri::LinuxContainerSecurityContext {
-                    namespace_options: Some(namespaces(host_network)),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
+        let cfg = cri_common::counter(name, mib, 50, host_network);
         let id = c
             .create_container(cri::CreateContainerRequest {
                 pod_sandbox_id: pod.0.clone(),
@@ -298,21 +246,6 @@ impl Env {
         assert_eq!(self.freezer(id), "THAWED");
         let now = self.count(id).unwrap();
         wait_count(&self.rootfs(id), |v| v > now + 1);
-    }
-}
-
-/// What kubelet asks for: the pod's network (or the node's), own pid namespace, pod IPC.
-fn namespaces(host_network: bool) -> cri::NamespaceOption {
-    let network = if host_network {
-        cri::NamespaceMode::Node
-    } else {
-        cri::NamespaceMode::Pod
-    };
-    cri::NamespaceOption {
-        network: network as i32,
-        pid: cri::NamespaceMode::Container as i32,
-        ipc: cri::NamespaceMode::Pod as i32,
-        ..Default::default()
     }
 }
 
