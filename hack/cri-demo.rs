@@ -138,17 +138,6 @@ async fn main() -> Res<()> {
         container_id: id.clone(),
     })
     .await?;
-    // The restore goes to the same cgroup path: let containerd finish removing it.
-    let cgroup = state["config"]["cgroups"]["path"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let t = Instant::now();
-    while Path::new(&format!("/sys/fs/cgroup/freezer{cgroup}")).exists()
-        && t.elapsed() < Duration::from_secs(10)
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     println!("== StopContainer, RemoveContainer: the original is gone; restoring the archive into a fresh rootfs");
     let bundle = work.join("restored");
     for d in ["upper", "work", "rootfs"] {

@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
-use criu_rpc::proto::{ExtMountMap, InheritFd, JoinNamespace, Opts};
+use criu_rpc::proto::{CgroupRoot, ExtMountMap, InheritFd, JoinNamespace, Opts};
 use criu_rpc::{ack_all, Criu};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
@@ -295,6 +295,7 @@ pub async fn restore(o: &RestoreOptions) -> Result<i32> {
             _ => {}
         }
     }
+    let cgroup = restored_cgroup(&spec, &o.id);
     let work_fd = File::open(work.path()).ctx(|| "open work dir".into())?;
     let images_fd = File::open(x.join("checkpoint")).ctx(|| "open images".into())?;
     let opts = Opts {
@@ -311,7 +312,11 @@ pub async fn restore(o: &RestoreOptions) -> Result<i32> {
         tcp_established: Some(o.settings.tcp_established),
         ext_unix_sk: Some(o.settings.ext_unix_sk),
         shell_job: Some(false),
-        ext_mnt: restore_mounts(&spec)?,
+        ext_mnt: restore_mounts(&spec, &cgroup)?,
+        cg_root: vec![CgroupRoot {
+            ctrl: None,
+            path: cgroup.to_string_lossy().into_owned(),
+        }],
         inherit_fd,
         join_ns,
         ..Default::default()
@@ -321,7 +326,7 @@ pub async fn restore(o: &RestoreOptions) -> Result<i32> {
 }
 
 /// The inverse of the dump's external-mount map: identifier → host path.
-fn restore_mounts(spec: &Spec) -> Result<Vec<ExtMountMap>> {
+fn restore_mounts(spec: &Spec, cg_path: &Path) -> Result<Vec<ExtMountMap>> {
     let mut out = vec![ExtMountMap {
         key: "/dev/null".into(),
         val: "/dev/null".into(),
@@ -338,11 +343,6 @@ fn restore_mounts(spec: &Spec) -> Result<Vec<ExtMountMap>> {
         }
     }
     // cgroup v1 hierarchies appear inside the container as binds of its own cgroup.
-    let cg_path = spec
-        .linux()
-        .as_ref()
-        .and_then(|l| l.cgroups_path().clone())
-        .unwrap_or_default();
     for h in mountinfo::read(std::process::id() as i32)?
         .iter()
         .filter(|m| m.fs_type == "cgroup")
@@ -363,6 +363,17 @@ fn restore_mounts(spec: &Spec) -> Result<Vec<ExtMountMap>> {
         });
     }
     Ok(out)
+}
+
+/// The restored container's own cgroup: beside the original's, named by its ID,
+/// so a restore never races the original's teardown.
+fn restored_cgroup(spec: &Spec, id: &str) -> PathBuf {
+    let original = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().clone())
+        .unwrap_or_else(|| PathBuf::from("/ckpt-shim"));
+    original.parent().unwrap_or(Path::new("/")).join(id)
 }
 
 /// Creates a v1 cgroup dir level by level. A new cpuset is unusable until it has

@@ -143,27 +143,14 @@ async fn pod_checkpointed_through_the_shim_is_restored_and_continues() {
     let pid = spec_pid(&env, &id);
     let lower = root_lowerdir(pid);
     let cg = spec["linux"]["cgroupsPath"].as_str().unwrap().to_string();
-    // Remove the original and wait until containerd has removed its cgroup:
-    // the restore goes to the same cgroup path.
+    // Restore right away, while containerd is still tearing the original down:
+    // the restored container gets a cgroup of its own.
     c.stop_container(cri::StopContainerRequest {
         container_id: id.clone(),
         timeout: 0,
     })
     .await
     .unwrap();
-    c.remove_container(cri::RemoveContainerRequest {
-        container_id: id.clone(),
-    })
-    .await
-    .unwrap();
-    let t = std::time::Instant::now();
-    while Path::new(&format!("/sys/fs/cgroup/freezer{cg}")).exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "the original's cgroup {cg} stayed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     let target = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(target.path().join("rootfs")).unwrap();
     let ov = overlay_on(&lower, target.path());
@@ -186,6 +173,12 @@ async fn pod_checkpointed_through_the_shim_is_restored_and_continues() {
     .await
     .unwrap();
     let _restored = Restored(pid);
+    let own = format!("{}/restored", Path::new(&cg).parent().unwrap().display());
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(
+        cgroups.lines().all(|l| l.ends_with(&own)),
+        "not all in {own}: {cgroups}"
+    );
     let first = wait_count(&ov.rootfs, |_| true);
     assert!(
         first > before && first <= after + 3,

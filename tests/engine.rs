@@ -155,7 +155,17 @@ async fn checkpoint_keeps_running_and_both_restores_continue_the_count() {
     })
     .await
     .unwrap();
-    let guard = Restored(pid, c.cgroup.clone());
+    // It runs in a cgroup of its own, named by its ID, beside the original's.
+    let restored_cg = format!(
+        "{}/engine-restored",
+        Path::new(&c.cgroup).parent().unwrap().display()
+    );
+    let guard = Restored(pid, restored_cg.clone());
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(
+        cgroups.lines().all(|l| l.ends_with(&restored_cg)),
+        "not all in {restored_cg}: {cgroups}"
+    );
     let first = wait_count(&ov.rootfs, |_| true);
     assert!(
         first > before && first <= after + 3,
