@@ -202,7 +202,7 @@ impl Drop for FreezeGuard {
             let freezer = self.freezer.clone();
             let journal = self.journal.take();
             std::thread::spawn(move || {
-                wait_exit(&Arc::new(Mutex::new(Some(pidfd))), CRIU_EXIT_WAIT);
+                wait_exit(&pidfd, CRIU_EXIT_WAIT);
                 if let Err(e) = freezer.request(false) {
                     tracing::error!(cgroup = %freezer.path().display(), "failed to thaw after CRIU exited: {e}");
                 }
@@ -293,18 +293,17 @@ pub fn watch_pid(slot: &CriuWatch, pid: u32) {
     }
 }
 
-/// Waits (blocking) up to `timeout` for the process watched in `slot` to exit.
-pub fn wait_exit(slot: &CriuWatch, timeout: Duration) {
-    if let Some(fd) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        let mut p = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd; a pidfd polls readable when the process exits.
-        unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) };
-    }
+/// Waits (blocking) up to `timeout` for the process behind `pidfd` to exit.
+fn wait_exit(pidfd: &OwnedFd, timeout: Duration) {
+    let mut p = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; a pidfd polls readable when the process exits.
+    unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) };
 }
+
 fn join_cgroup(mount_point: &Path, mount_root: &str, path: &str) -> PathBuf {
     // A cgroup namespace or a bind of a sub-hierarchy shows a mount root other than "/".
     let rel = path
