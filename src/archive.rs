@@ -16,6 +16,8 @@ const ALIGN_FROM: u64 = 64 * 1024;
 const ALIGN: u64 = 4096;
 /// ustar's 11 octal digits hold sizes below 8 GiB; larger ones need a PAX size.
 const USTAR_MAX: u64 = 0o77777777777;
+// Every member too big for ustar is also big enough to get a PAX header.
+const _: () = assert!(ALIGN_FROM <= USTAR_MAX);
 
 /// Where the archive will go: a validated, not-yet-existing name in an open directory.
 #[derive(Debug)]
@@ -233,10 +235,7 @@ impl<'t> ArchiveWriter<'t> {
         let (at, len) = self
             .adopted
             .ok_or_else(|| Error::Other("no adopted file".into()))?;
-        self.pax(len)?;
-        let size_field = if len > USTAR_MAX { 0 } else { len };
-        let h = header(name, size_field, 0o600, tar::EntryType::Regular)?;
-        self.write(h.as_bytes())?;
+        self.file_header(name, len)?;
         if self.offset != at {
             return Err(Error::Other(format!(
                 "archive plan is off: {name} data at {} not {at}",
@@ -261,12 +260,7 @@ impl<'t> ArchiveWriter<'t> {
     }
 
     pub fn add_bytes(&mut self, name: &str, data: &[u8]) -> Result<()> {
-        let len = data.len() as u64;
-        if len >= ALIGN_FROM {
-            self.pax(len)?;
-        }
-        let h = header(name, len, 0o600, tar::EntryType::Regular)?;
-        self.write(h.as_bytes())?;
+        self.file_header(name, data.len() as u64)?;
         self.write(data)?;
         self.pad()
     }
@@ -274,29 +268,30 @@ impl<'t> ArchiveWriter<'t> {
     /// Adds a regular file's content, moved in the kernel with copy_file_range.
     pub fn add_file(&mut self, name: &str, src: &File) -> Result<()> {
         let len = src.metadata().ctx(|| format!("stat {name}"))?.len();
-        if len >= ALIGN_FROM || len > USTAR_MAX {
-            self.pax(len)?;
-        }
-        let size_field = if len > USTAR_MAX { 0 } else { len };
-        let h = header(name, size_field, 0o600, tar::EntryType::Regular)?;
-        self.write(h.as_bytes())?;
+        self.file_header(name, len)?;
         self.copy_from(src, len)
             .ctx(|| format!("copy {name} into {}", self.target.path.display()))?;
         self.pad()
     }
 
-    /// A PAX extended header that carries the size when it is too big for ustar,
-    /// and pads so that the next member's data starts on a 4 KiB boundary.
-    fn pax(&mut self, len: u64) -> Result<()> {
-        let body = pax_body(self.offset, len);
-        let h = header(
-            "PaxHeader",
-            body.len() as u64,
-            0o600,
-            tar::EntryType::XHeader,
-        )?;
-        self.write(h.as_bytes())?;
-        self.write(body.as_bytes())
+    /// The headers of a regular member of `len` bytes, by the rules [`plan`]
+    /// follows: large members first get a PAX header that carries sizes past ustar's
+    /// limit and 4 KiB-aligns their data.
+    fn file_header(&mut self, name: &str, len: u64) -> Result<()> {
+        if len >= ALIGN_FROM {
+            let body = pax_body(self.offset, len);
+            let h = header(
+                "PaxHeader",
+                body.len() as u64,
+                0o600,
+                tar::EntryType::XHeader,
+            )?;
+            self.write(h.as_bytes())?;
+            self.write(body.as_bytes())?;
+        }
+        let size_field = if len > USTAR_MAX { 0 } else { len };
+        let h = header(name, size_field, 0o600, tar::EntryType::Regular)?;
+        self.write(h.as_bytes())
     }
 
     fn copy_from(&mut self, src: &File, len: u64) -> std::io::Result<()> {
@@ -487,7 +482,7 @@ pub fn plan(sizes: &[Option<u64>]) -> Vec<u64> {
                 o
             }
             Some(len) => {
-                if *len >= ALIGN_FROM || *len > USTAR_MAX {
+                if *len >= ALIGN_FROM {
                     o += BLOCK + pax_body(o, *len).len() as u64;
                 }
                 o += BLOCK;
