@@ -90,14 +90,7 @@ pub fn from_runtime_root(root: &Path, id_or_prefix: &str) -> Result<Container> {
             state: "stopped".into(),
         });
     }
-    let bundle = state["config"]["labels"]
-        .as_array()
-        .and_then(|l| {
-            l.iter()
-                .filter_map(|v| v.as_str()?.strip_prefix("bundle="))
-                .next()
-        })
-        .map(PathBuf::from)
+    let bundle = bundle_of(&state)
         .ok_or_else(|| Error::Other(format!("{}: no bundle label", state_path.display())))?;
     let config = bundle.join("config.json");
     let spec_raw = std::fs::read(&config).ctx(|| format!("read {}", config.display()))?;
@@ -108,6 +101,15 @@ pub fn from_runtime_root(root: &Path, id_or_prefix: &str) -> Result<Container> {
     }
     c.created = state["created"].as_str().unwrap_or_default().to_string();
     Ok(c)
+}
+
+/// The bundle dir runc recorded in a container's `state.json` (its `bundle=` label).
+pub fn bundle_of(state: &serde_json::Value) -> Option<PathBuf> {
+    state["config"]["labels"]
+        .as_array()?
+        .iter()
+        .find_map(|l| l.as_str()?.strip_prefix("bundle="))
+        .map(PathBuf::from)
 }
 
 fn validate_id(id: &str) -> Result<()> {

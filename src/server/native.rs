@@ -235,11 +235,7 @@ impl Native {
 fn runc_bundle(root: &Path, id: &str) -> Option<PathBuf> {
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(root.join(id).join("state.json")).ok()?).ok()?;
-    state["config"]["labels"]
-        .as_array()?
-        .iter()
-        .find_map(|l| l.as_str()?.strip_prefix("bundle="))
-        .map(PathBuf::from)
+    crate::locate::bundle_of(&state)
 }
 
 /// The deadline a `grpc-timeout` header sets (digits and a unit: H M S m u n).
