@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use ckpt_shim::dump::DumpSettings;
 use ckpt_shim::restore::{restore, RestoreOptions};
-use common::cri::{wait_count, Client, Env};
-use common::{entries, out_dir, Overlay};
+use common::cri::{Client, Env};
+use common::{assert_resumed, drained_pipe, entries, out_dir, Overlay, Restored};
 use k8s_cri::v1 as cri;
 use tonic::Code;
 
@@ -36,17 +36,6 @@ fn member_names(archive: &Path) -> Vec<String> {
         .unwrap()
         .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
         .collect()
-}
-
-/// A restored tree: killed on drop.
-struct Restored(i32);
-impl Drop for Restored {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -140,7 +129,7 @@ async fn pod_checkpointed_through_the_shim_is_restored_and_continues() {
 
     // Restore next to the pod: same image layers, a fresh writable layer.
     let spec = env.spec(&id);
-    let pid = spec_pid(&env, &id);
+    let pid = spec_pid(&id);
     let lower = root_lowerdir(pid);
     let cg = spec["linux"]["cgroupsPath"].as_str().unwrap().to_string();
     // Restore right away, while containerd is still tearing the original down:
@@ -152,39 +141,23 @@ async fn pod_checkpointed_through_the_shim_is_restored_and_continues() {
     .await
     .unwrap();
     let target = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(target.path().join("rootfs")).unwrap();
-    let ov = overlay_on(&lower, target.path());
-    let (r, w) = nix::unistd::pipe().unwrap();
-    std::thread::spawn(move || {
-        let _ = std::io::copy(&mut std::fs::File::from(r), &mut std::io::sink());
-    });
+    let ov = Overlay::on(&lower, target.path());
     let pid = restore(&RestoreOptions {
         archive: archive.clone(),
         bundle: target.path().to_path_buf(),
         id: "restored".into(),
         criu: criu_rpc::Criu::new("criu"),
         settings: DumpSettings::default(),
-        stdio: Some([
-            std::fs::File::open("/dev/null").unwrap().into(),
-            w.try_clone().unwrap(),
-            w,
-        ]),
+        stdio: Some(drained_pipe()),
     })
     .await
     .unwrap();
-    let _restored = Restored(pid);
-    let own = format!("{}/restored", Path::new(&cg).parent().unwrap().display());
-    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    assert!(
-        cgroups.lines().all(|l| l.ends_with(&own)),
-        "not all in {own}: {cgroups}"
-    );
-    let first = wait_count(&ov.rootfs, |_| true);
-    assert!(
-        first > before && first <= after + 3,
-        "restored count {first}, dump saw {before}..{after}"
-    );
-    wait_count(&ov.rootfs, |v| v >= first + 3);
+    let restored = Restored {
+        pid,
+        cgroup: format!("{}/restored", Path::new(&cg).parent().unwrap().display()),
+    };
+    restored.assert_in_own_cgroup();
+    assert_resumed(&ov.rootfs, before, after);
     assert!(ov.rootfs.join("root/newfile").exists() && !ov.rootfs.join("bin/vi").exists());
     // The restored process is in the pod's network namespace.
     let pod_net = std::fs::read_link(format!("/proc/{}/ns/net", spec_pause_pid(&spec))).unwrap();
@@ -192,15 +165,14 @@ async fn pod_checkpointed_through_the_shim_is_restored_and_continues() {
         std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap(),
         pod_net
     );
-    drop(_restored);
+    drop(restored);
 }
 
-fn spec_pid(env: &Env, id: &str) -> i32 {
+fn spec_pid(id: &str) -> i32 {
     let state: serde_json::Value = serde_json::from_slice(
         &std::fs::read(format!("/run/containerd/runc/k8s.io/{id}/state.json")).unwrap(),
     )
     .unwrap();
-    let _ = env;
     state["init_process_pid"].as_i64().unwrap() as i32
 }
 
@@ -228,17 +200,6 @@ fn root_lowerdir(pid: i32) -> String {
         .find_map(|o| o.strip_prefix("lowerdir="))
         .unwrap()
         .to_string()
-}
-
-fn overlay_on(lower: &str, dir: &Path) -> Overlay {
-    for d in ["upper", "work"] {
-        std::fs::create_dir_all(dir.join(d)).unwrap();
-    }
-    common::sh(&format!("mount -t overlay overlay -o lowerdir={lower},upperdir={0}/upper,workdir={0}/work {0}/rootfs", dir.display()));
-    Overlay {
-        dir: dir.to_path_buf(),
-        rootfs: dir.join("rootfs"),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

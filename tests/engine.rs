@@ -54,19 +54,6 @@ fn member_bytes(archive: &Path, name: &str) -> Vec<u8> {
     panic!("{name} not in {}", archive.display());
 }
 
-/// A restored tree that is not a child of ours: killed on drop.
-struct Restored(i32, String);
-impl Drop for Restored {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        std::thread::sleep(Duration::from_millis(100));
-        remove_cgroup(&self.1);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn checkpoint_keeps_running_and_both_restores_continue_the_count() {
     require(&["runc", "criu", "cc"]);
@@ -160,18 +147,12 @@ async fn checkpoint_keeps_running_and_both_restores_continue_the_count() {
         "{}/engine-restored",
         Path::new(&c.cgroup).parent().unwrap().display()
     );
-    let guard = Restored(pid, restored_cg.clone());
-    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    assert!(
-        cgroups.lines().all(|l| l.ends_with(&restored_cg)),
-        "not all in {restored_cg}: {cgroups}"
-    );
-    let first = wait_count(&ov.rootfs, |_| true);
-    assert!(
-        first > before && first <= after + 3,
-        "restored count {first}, dump saw {before}..{after}"
-    );
-    wait_count(&ov.rootfs, |v| v >= first + 3);
+    let guard = Restored {
+        pid,
+        cgroup: restored_cg,
+    };
+    guard.assert_in_own_cgroup();
+    assert_resumed(&ov.rootfs, before, after);
     assert_eq!(
         std::fs::read_to_string(ov.rootfs.join("root/newfile")).unwrap(),
         "written-before-checkpoint\n"
@@ -216,23 +197,6 @@ async fn checkpoint_keeps_running_and_both_restores_continue_the_count() {
     wait_count(&ov.rootfs, |v| v >= first + 3);
     assert!(ov.rootfs.join("root/newfile").exists() && !ov.rootfs.join("bin/vi").exists());
     drop(cleanup);
-}
-
-/// stdin, stdout and stderr for a restored process: /dev/null and a pipe drained
-/// by a thread for as long as the process lives.
-fn drained_pipe() -> [std::os::fd::OwnedFd; 3] {
-    use std::io::Read;
-    let (r, w) = nix::unistd::pipe().unwrap();
-    std::thread::spawn(move || {
-        let mut f = std::fs::File::from(r);
-        let mut buf = [0u8; 4096];
-        while matches!(f.read(&mut buf), Ok(n) if n > 0) {}
-    });
-    [
-        std::fs::File::open("/dev/null").unwrap().into(),
-        w.try_clone().unwrap(),
-        w,
-    ]
 }
 
 fn scopeguard_runc(root: PathBuf, id: &'static str, cgroup: String) -> impl Drop {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
 
-use super::sh;
+use super::{sh, wait_count};
 
 #[path = "../../hack/cri_common.rs"]
 mod cri_common;
@@ -247,10 +247,6 @@ impl Env {
         let now = self.count(id).unwrap();
         wait_count(&self.rootfs(id), |v| v > now + 1);
     }
-}
-
-pub fn wait_count(rootfs: &Path, pred: impl Fn(u64) -> bool) -> u64 {
-    super::wait_count(rootfs, pred)
 }
 
 impl Drop for Env {

@@ -69,15 +69,18 @@ pub struct Overlay {
 
 impl Overlay {
     pub fn new(dir: &Path) -> Overlay {
+        Self::on(&image().to_string_lossy(), dir)
+    }
+
+    /// A fresh writable layer over `lower` (colon-separated layers).
+    pub fn on(lower: &str, dir: &Path) -> Overlay {
         let rootfs = dir.join("rootfs");
         for d in ["upper", "work", "rootfs"] {
             std::fs::create_dir_all(dir.join(d)).unwrap();
         }
+        let d = dir.display();
         sh(&format!(
-            "mount -t overlay overlay -o lowerdir={},upperdir={}/upper,workdir={}/work {}",
-            image().display(),
-            dir.display(),
-            dir.display(),
+            "mount -t overlay overlay -o lowerdir={lower},upperdir={d}/upper,workdir={d}/work {}",
             rootfs.display()
         ));
         Overlay {
@@ -342,3 +345,60 @@ pub fn out_dir() -> tempfile::TempDir {
 }
 pub mod cri;
 pub mod raw;
+
+/// stdin, stdout and stderr for a restored process: /dev/null and a pipe drained
+/// by a thread for as long as the process lives.
+pub fn drained_pipe() -> [std::os::fd::OwnedFd; 3] {
+    let (r, w) = nix::unistd::pipe().unwrap();
+    std::thread::spawn(move || {
+        let mut f = std::fs::File::from(r);
+        let mut buf = [0u8; 4096];
+        while matches!(f.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    [
+        std::fs::File::open("/dev/null").unwrap().into(),
+        w.try_clone().unwrap(),
+        w,
+    ]
+}
+
+/// A restored tree, which is no child of ours: killed, and its cgroup removed, on drop.
+pub struct Restored {
+    pub pid: i32,
+    pub cgroup: String,
+}
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        remove_cgroup(&self.cgroup);
+    }
+}
+
+impl Restored {
+    /// Asserts the restored process is in its own cgroup in every hierarchy.
+    pub fn assert_in_own_cgroup(&self) {
+        let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", self.pid)).unwrap();
+        assert!(
+            cgroups.lines().all(|l| l.ends_with(&self.cgroup)),
+            "not all in {}: {cgroups}",
+            self.cgroup
+        );
+    }
+}
+
+/// Waits for a restored counter in `rootfs` and asserts it resumed from its memory
+/// at dump time (the dump saw `before..after`), not from 1, and keeps counting.
+pub fn assert_resumed(rootfs: &Path, before: u64, after: u64) -> u64 {
+    let first = wait_count(rootfs, |_| true);
+    assert!(
+        first > before && first <= after + 3,
+        "restored count {first}, dump saw {before}..{after}"
+    );
+    wait_count(rootfs, |v| v >= first + 3);
+    first
+}
