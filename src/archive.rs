@@ -14,6 +14,8 @@ const BLOCK: u64 = 512;
 /// reflink-capable file system can share extents instead of copying.
 const ALIGN_FROM: u64 = 64 * 1024;
 const ALIGN: u64 = 4096;
+/// The pipe size asked for when receiving a stream: fs.pipe-max-size's default.
+const PIPE_SIZE: libc::c_int = 1 << 20;
 /// ustar's 11 octal digits hold sizes below 8 GiB; larger ones need a PAX size.
 const USTAR_MAX: u64 = 0o77777777777;
 // Every member too big for ustar is also big enough to get a PAX header.
@@ -81,6 +83,16 @@ impl Target {
         Ok(t)
     }
 
+    /// The same target through a duplicate of its directory fd.
+    fn try_clone(&self) -> Result<Target> {
+        Ok(Target {
+            path: self.path.clone(),
+            dir_path: self.dir_path.clone(),
+            dir: self.dir.try_clone().ctx(|| "dup archive dir".into())?,
+            name: self.name.clone(),
+        })
+    }
+
     fn exists(&self) -> Result<bool> {
         match nix::sys::stat::fstatat(
             self.dir.as_fd(),
@@ -96,8 +108,8 @@ impl Target {
 
 /// Writes the archive into a hidden temp file beside the target; `commit` renames
 /// it into place, dropping without commit removes it.
-pub struct ArchiveWriter<'t> {
-    target: &'t Target,
+pub struct ArchiveWriter {
+    target: Target,
     /// Where the unfinished archive lives: a temp name beside the target, or an
     /// adopted image in the staging dir.
     tmp_dir: OwnedFd,
@@ -112,8 +124,8 @@ pub struct ArchiveWriter<'t> {
     pub written: u64,
 }
 
-impl<'t> ArchiveWriter<'t> {
-    pub fn create(target: &'t Target) -> Result<ArchiveWriter<'t>> {
+impl ArchiveWriter {
+    pub fn create(target: &Target) -> Result<ArchiveWriter> {
         let rand: u64 = rand_u64();
         let tmp = CString::new(format!(
             ".{}.{rand:016x}.ckpt-shim-tmp",
@@ -138,7 +150,7 @@ impl<'t> ArchiveWriter<'t> {
         // SAFETY: fd was just opened and is owned by the File.
         let file = unsafe { File::from_raw_fd(fd) };
         let w = ArchiveWriter {
-            target,
+            target: target.try_clone()?,
             tmp_dir: target.dir.try_clone().ctx(|| "dup archive dir".into())?,
             tmp,
             adopted: None,
@@ -164,11 +176,11 @@ impl<'t> ArchiveWriter<'t> {
     /// is appended. `None` where the file system cannot insert ranges (the caller
     /// copies instead). The file is root's, 0600, in a 0700 dir from creation.
     pub fn adopt(
-        target: &'t Target,
+        target: &Target,
         dir: &Path,
         rel: &str,
         data_at: u64,
-    ) -> Result<Option<ArchiveWriter<'t>>> {
+    ) -> Result<Option<ArchiveWriter>> {
         let tmp_dir: OwnedFd = File::open(dir)
             .ctx(|| format!("open {}", dir.display()))?
             .into();
@@ -219,7 +231,7 @@ impl<'t> ArchiveWriter<'t> {
             return Ok(None);
         }
         Ok(Some(ArchiveWriter {
-            target,
+            target: target.try_clone()?,
             tmp_dir,
             tmp,
             adopted: Some((data_at, len)),
@@ -278,20 +290,83 @@ impl<'t> ArchiveWriter<'t> {
     /// follows: large members first get a PAX header that carries sizes past ustar's
     /// limit and 4 KiB-aligns their data.
     fn file_header(&mut self, name: &str, len: u64) -> Result<()> {
-        if len >= ALIGN_FROM {
-            let body = pax_body(self.offset, len);
-            let h = header(
-                "PaxHeader",
-                body.len() as u64,
-                0o600,
-                tar::EntryType::XHeader,
-            )?;
-            self.write(h.as_bytes())?;
-            self.write(body.as_bytes())?;
+        let pax = (len >= ALIGN_FROM).then(|| pax_body_len(self.offset, len));
+        let h = member_headers(name, len, pax)?;
+        self.write(&h)
+    }
+
+    /// Adds a member whose size is known only at its end: CRIU's image arriving
+    /// through a pipe. Its headers are reserved for any size (a PAX header that
+    /// 4 KiB-aligns the data), the data is spliced from the pipe into place, and
+    /// the headers are written once the size is known. Stops early with an error
+    /// once `stop` is set, which drops the pipe and makes CRIU abort. Returns the
+    /// member's size.
+    pub fn add_stream(
+        &mut self,
+        name: &str,
+        pipe: &OwnedFd,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> Result<u64> {
+        let start = self.offset;
+        let pax = pax_body_len(start, u64::MAX);
+        let data_at = start + 2 * BLOCK + pax;
+        let len = self
+            .splice_in(pipe, data_at, stop)
+            .ctx(|| format!("stream {name} into {}", self.target.path.display()))?;
+        let h = member_headers(name, len, Some(pax))?;
+        use std::os::unix::fs::FileExt;
+        self.file
+            .write_all_at(&h, start)
+            .ctx(|| format!("write {}", self.target.path.display()))?;
+        self.written += h.len() as u64;
+        self.offset = data_at + len;
+        self.file
+            .seek(SeekFrom::Start(self.offset))
+            .ctx(|| "seek past streamed data".into())?;
+        self.pad()?;
+        Ok(len)
+    }
+
+    /// Moves everything `pipe` carries into the archive at `at`, in the kernel.
+    fn splice_in(
+        &mut self,
+        pipe: &OwnedFd,
+        at: u64,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> std::io::Result<u64> {
+        // Bigger pipes mean fewer wake-ups; the size is capped without CAP_SYS_RESOURCE.
+        // SAFETY: fcntl on a pipe we hold; failure leaves the size as it was.
+        unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
+        let mut off = at as i64;
+        loop {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Interrupted,
+                    "capture abandoned",
+                ));
+            }
+            // SAFETY: both fds are open; `off` is a local the kernel advances.
+            let n = unsafe {
+                libc::splice(
+                    pipe.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    self.file.as_raw_fd(),
+                    &mut off,
+                    PIPE_SIZE as usize,
+                    libc::SPLICE_F_MOVE | libc::SPLICE_F_MORE,
+                )
+            };
+            match n {
+                0 => return Ok(off as u64 - at),
+                n if n > 0 => {}
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
         }
-        let size_field = if len > USTAR_MAX { 0 } else { len };
-        let h = header(name, size_field, 0o600, tar::EntryType::Regular)?;
-        self.write(h.as_bytes())
     }
 
     fn copy_from(&mut self, src: &File, len: u64) -> std::io::Result<()> {
@@ -442,7 +517,7 @@ impl<'t> ArchiveWriter<'t> {
     }
 }
 
-impl Drop for ArchiveWriter<'_> {
+impl Drop for ArchiveWriter {
     fn drop(&mut self) {
         if !self.committed {
             // SAFETY: unlinkat on our own temp name in an open dir fd.
@@ -498,16 +573,49 @@ pub fn plan(sizes: &[Option<u64>]) -> Vec<u64> {
 /// ustar cannot hold `len`, and a `comment` record sized so that the member's data
 /// (after this header, the body and the member header) starts on a 4 KiB boundary.
 fn pax_body(offset: u64, len: u64) -> String {
-    let size_rec = if len > USTAR_MAX {
+    pax_body_filled(len, pax_body_len(offset, len))
+}
+
+/// The length of [`pax_body`]: room for the size record and at least a minimal
+/// comment, rounded so that the data lands on a 4 KiB boundary. With `u64::MAX`
+/// it is room enough for any size.
+fn pax_body_len(offset: u64, len: u64) -> u64 {
+    let size_len = size_record(len).len() as u64;
+    let mut r = (ALIGN - (offset + 2 * BLOCK) % ALIGN) % ALIGN;
+    while r < size_len + 32 {
+        r += ALIGN;
+    }
+    r
+}
+
+/// A PAX body of exactly `total` bytes for a member of `len` bytes.
+fn pax_body_filled(len: u64, total: u64) -> String {
+    let size_rec = size_record(len);
+    pax_padding(total as usize - size_rec.len()) + &size_rec
+}
+
+fn size_record(len: u64) -> String {
+    if len > USTAR_MAX {
         pax_record("size", &len.to_string())
     } else {
         String::new()
-    };
-    let mut r = (ALIGN - (offset + 2 * BLOCK) % ALIGN) % ALIGN;
-    while r < size_rec.len() as u64 + 32 {
-        r += ALIGN;
     }
-    pax_padding(r as usize - size_rec.len()) + &size_rec
+}
+
+/// A regular member's headers: with `pax` (the PAX body's length), a PAX header
+/// and body first, then the ustar header (its size zero past ustar's limit).
+fn member_headers(name: &str, len: u64, pax: Option<u64>) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    if let Some(total) = pax {
+        let body = pax_body_filled(len, total);
+        let h = header("PaxHeader", total, 0o600, tar::EntryType::XHeader)?;
+        out.extend_from_slice(h.as_bytes());
+        out.extend_from_slice(body.as_bytes());
+    }
+    let size_field = if len > USTAR_MAX { 0 } else { len };
+    let h = header(name, size_field, 0o600, tar::EntryType::Regular)?;
+    out.extend_from_slice(h.as_bytes());
+    Ok(out)
 }
 
 /// One PAX record: "<len> <key>=<value>\n", where len counts itself.

@@ -20,6 +20,8 @@ use crate::freeze::{self, CriuWatch, Freezer};
 use crate::locate::Container;
 use crate::mountinfo;
 use crate::safefs;
+use crate::stream;
+use criu_rpc::streamer::CaptureSocket;
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -35,6 +37,10 @@ pub struct Options {
     /// Parent dir for staging; `None` stages beside the archive (same file system,
     /// so the copy into the archive can share extents).
     pub staging_dir: Option<PathBuf>,
+    /// Stream CRIU's images straight into the archive (`criu dump --stream` through
+    /// its command line) instead of dumping them into staging first. Falls back to
+    /// the staged dump where the stream socket cannot be placed.
+    pub stream: bool,
 }
 
 /// What a checkpoint did and how long each phase took.
@@ -43,8 +49,11 @@ pub struct Report {
     pub location: PathBuf,
     pub archive_bytes: u64,
     /// Bytes the archive step wrote itself: headers, small members and copies.
-    /// Adopted and cloned (reflink) page data is not copied, so not counted.
+    /// Adopted, cloned (reflink) and streamed page data is not copied, so not
+    /// counted.
     pub archive_written_bytes: u64,
+    /// Whether CRIU streamed its images into the archive.
+    pub streamed: bool,
     pub phases: Vec<(&'static str, Duration)>,
     /// How long the container was frozen by us (zero if it was paused already).
     pub frozen: Duration,
@@ -147,10 +156,27 @@ async fn run(
         .mode(0o700)
         .create(&images_path)
         .ctx(|| "create images dir".into())?;
-    write_new(
-        &images_path.join("descriptors.json"),
-        &collect::descriptors(c.pid),
-    )?;
+    let descriptors = collect::descriptors(c.pid);
+    let checkpointed = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+
+    // Streaming: the archive is opened now and its leading members written, so
+    // that CRIU's images can go straight into it.
+    let mut streaming = None;
+    if opts.stream {
+        match CaptureSocket::bind(&images_path) {
+            Ok(sock) => {
+                let mut w = ArchiveWriter::create(&target)?;
+                write_members(&mut w, &head_members(c, &checkpointed))?;
+                w.add_dir("checkpoint")?;
+                w.add_bytes("checkpoint/descriptors.json", &descriptors)?;
+                streaming = Some((w, sock));
+            }
+            Err(e) => tracing::info!("dumping to staging instead of streaming: {e}"),
+        }
+    }
+    if streaming.is_none() {
+        write_new(&images_path.join("descriptors.json"), &descriptors)?;
+    }
     let images: OwnedFd = File::open(&images_path)
         .ctx(|| "open images dir".into())?
         .into();
@@ -195,33 +221,56 @@ async fn run(
         tokio::task::spawn_blocking(move || collect::rootfs_diff(&ov, &mounts, &spec, out?))
     });
 
-    let expired = Arc::new(AtomicBool::new(false));
-    let mut handler = DumpHandler {
-        expired: expired.clone(),
-        criu: guard.criu_watch(),
+    let wait = Wait {
+        guard: &guard,
+        deadline,
+        grace: opts.criu.grace(),
     };
-    let dump = opts.criu.dump(criu_opts, &mut handler);
-    tokio::pin!(dump);
-    let why = tokio::select! {
-        r = &mut dump => Ok(r),
-        _ = tokio::time::sleep_until(deadline.into()) => Err(Error::DeadlineExceeded("dump")),
-        _ = cancelled.changed() => Err(Error::Cancelled),
-    };
-    let resp = match why {
-        Ok(r) => r,
-        Err(e) => {
-            // Thaw at once so CRIU never waits on a frozen task, let it finish or
-            // fail by itself within its grace, then thaw again (dropping the guard):
-            // CRIU re-freezes the cgroup it found frozen when it ends.
-            expired.store(true, Ordering::SeqCst);
-            guard.thaw_now();
-            let _ = tokio::time::timeout(opts.criu.grace(), &mut dump).await;
-            return Err(e);
+    let (dumped, streamed) = match streaming {
+        None => {
+            let expired = Arc::new(AtomicBool::new(false));
+            let mut handler = DumpHandler {
+                expired: expired.clone(),
+                criu: guard.criu_watch(),
+            };
+            let dump = opts.criu.dump(criu_opts, &mut handler);
+            let abort = || expired.store(true, Ordering::SeqCst);
+            (wait.dump(dump, abort, &mut cancelled).await, None)
+        }
+        Some((mut w, sock)) => {
+            let mut cli = opts
+                .criu
+                .dump_cli(&criu_opts, &images_path, staging.path(), true)?;
+            freeze::watch_pid(&guard.criu_watch(), cli.pid());
+            let criu_gone = Arc::new(AtomicBool::new(false));
+            let capture = {
+                let (gone, spool) = (criu_gone.clone(), staging.path().to_path_buf());
+                tokio::task::spawn_blocking(move || {
+                    let r = stream::capture(&sock, &mut w, &spool, || gone.load(Ordering::SeqCst));
+                    r.map(|captured| (w, captured))
+                })
+            };
+            let aborter = cli.aborter();
+            let r = wait
+                .dump(cli.wait(), || aborter.abort(), &mut cancelled)
+                .await;
+            criu_gone.store(true, Ordering::SeqCst);
+            // CRIU has exited, so every pipe is closed and the capture ends.
+            let captured = capture
+                .await
+                .map_err(|e| Error::Other(format!("capture task failed: {e}")));
+            match r {
+                Err(e) => (Err(e), None),
+                Ok(()) => match captured {
+                    Ok(Ok(wc)) => (Ok(()), Some(wc)),
+                    Ok(Err(e)) | Err(e) => (Err(e), None),
+                },
+            }
         }
     };
     let was_paused = guard.was_paused();
     let frozen = guard.thaw();
-    resp?;
+    dumped?;
     let frozen = frozen?;
     ph.mark("dump");
 
@@ -238,17 +287,29 @@ async fn run(
     let stats = std::fs::read(staging.path().join("stats-dump"))
         .ok()
         .and_then(|b| criu_rpc::stats::parse_dump_stats(&b).ok());
-    let checkpointed = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
 
-    let (archive_bytes, archive_written_bytes) = build_archive(
-        c,
-        &target,
-        staging.path(),
-        diff.as_ref(),
-        &checkpointed,
-        &opts,
-        || expire_check(deadline, &cancelled, "archive"),
-    )?;
+    let expired = || expire_check(deadline, &cancelled, "archive");
+    let is_streamed = streamed.is_some();
+    let (archive_bytes, archive_written_bytes) = match streamed {
+        Some((mut w, captured)) => {
+            tracing::debug!(images = captured.images, bytes = captured.bytes, "streamed");
+            let mut tail: Vec<Member> = stats_member(staging.path()).into_iter().collect();
+            tail.extend(tail_members(c, staging.path(), diff.as_ref()));
+            write_members(&mut w, &tail)?;
+            expired()?;
+            let written = w.written;
+            (w.commit(opts.durable)?, written)
+        }
+        None => build_archive(
+            c,
+            &target,
+            staging.path(),
+            diff.as_ref(),
+            &checkpointed,
+            &opts,
+            expired,
+        )?,
+    };
     ph.mark("archive");
 
     // Deleting GiBs of images costs real time: do it off the request path.
@@ -262,6 +323,7 @@ async fn run(
         location: target.path.clone(),
         archive_bytes,
         archive_written_bytes,
+        streamed: is_streamed,
         phases: ph.list,
         frozen,
         was_paused,
@@ -272,9 +334,40 @@ async fn run(
     })
 }
 
-/// Step 5 as a whole: lists the members, plans the layout, and writes the archive,
-/// adopting the pages image where that is cheaper than copying it. Returns the
-/// archive's size and the bytes the archive step wrote itself.
+/// Waiting for CRIU's dump under the request's deadline and cancellation.
+struct Wait<'g> {
+    guard: &'g freeze::FreezeGuard,
+    deadline: Instant,
+    grace: Duration,
+}
+
+impl Wait<'_> {
+    /// On expiry or cancellation, `abort` makes CRIU fail at post-dump, the
+    /// container is thawed at once so CRIU never waits on a frozen task, and CRIU
+    /// gets its grace to wind down by itself. The guard thaws once more when
+    /// dropped: CRIU re-freezes the cgroup it found frozen when it ends.
+    async fn dump<T, E: Into<Error>>(
+        &self,
+        dump: impl std::future::Future<Output = std::result::Result<T, E>>,
+        abort: impl FnOnce(),
+        cancelled: &mut tokio::sync::watch::Receiver<()>,
+    ) -> Result<()> {
+        tokio::pin!(dump);
+        let why = tokio::select! {
+            r = &mut dump => return r.map(drop).map_err(Into::into),
+            _ = tokio::time::sleep_until(self.deadline.into()) => Error::DeadlineExceeded("dump"),
+            _ = cancelled.changed() => Error::Cancelled,
+        };
+        abort();
+        self.guard.thaw_now();
+        let _ = tokio::time::timeout(self.grace, &mut dump).await;
+        Err(why)
+    }
+}
+
+/// Step 5 as a whole for a staged dump: lists the members, plans the layout, and
+/// writes the archive, adopting the pages image where that is cheaper than copying
+/// it. Returns the archive's size and the bytes the archive step wrote itself.
 fn build_archive(
     c: &Container,
     target: &Target,
@@ -287,16 +380,8 @@ fn build_archive(
     let images_dir = staging.join("checkpoint");
     // The members, in archive order: metadata, small images, the biggest image
     // (the pages), then the rootfs diff and the log.
-    let mut members = vec![
-        Member::Bytes("config.dump".into(), collect::config_dump(c, checkpointed)),
-        Member::Bytes("spec.dump".into(), c.spec_raw.clone()),
-    ];
-    if staging.join("stats-dump").exists() {
-        members.push(Member::File(
-            "stats-dump".into(),
-            staging.join("stats-dump"),
-        ));
-    }
+    let mut members = head_members(c, checkpointed);
+    members.extend(stats_member(staging));
     members.push(Member::Dir("checkpoint"));
     let mut images: Vec<(u64, std::ffi::OsString)> = std::fs::read_dir(&images_dir)
         .ctx(|| "list images".into())?
@@ -314,24 +399,7 @@ fn build_archive(
             images_dir.join(name),
         ));
     }
-    if let Some(d) = diff {
-        members.push(Member::File(
-            "rootfs-diff.tar".into(),
-            staging.join("rootfs-diff.tar"),
-        ));
-        if !d.deleted.is_empty() {
-            members.push(Member::Bytes(
-                "deleted.files".into(),
-                serde_json::to_vec(&d.deleted).expect("strings serialise"),
-            ));
-        }
-    }
-    if let Some(b) = collect::bind_mounts(&c.spec) {
-        members.push(Member::Bytes("bind.mounts".into(), b));
-    }
-    if staging.join("dump.log").exists() {
-        members.push(Member::File("dump.log".into(), staging.join("dump.log")));
-    }
+    members.extend(tail_members(c, staging, diff));
 
     // Adopt the pages image when the archive must be durable (its data is then
     // written to disk once, where it lies, never copied) or when a copy would be
@@ -350,8 +418,58 @@ fn build_archive(
         None => (ArchiveWriter::create(target)?, None),
     };
     for (i, m) in members.iter().enumerate() {
+        if Some(i) == adopted {
+            w.add_adopted(m.name())?;
+        } else {
+            write_members(&mut w, std::slice::from_ref(m))?;
+        }
+        expired()?;
+    }
+    let written = w.written;
+    Ok((w.commit(opts.durable)?, written))
+}
+
+/// The members that open every archive: the container's metadata.
+fn head_members(c: &Container, checkpointed: &str) -> Vec<Member> {
+    vec![
+        Member::Bytes("config.dump".into(), collect::config_dump(c, checkpointed)),
+        Member::Bytes("spec.dump".into(), c.spec_raw.clone()),
+    ]
+}
+
+/// CRIU's statistics, which it writes into its work dir even when streaming.
+fn stats_member(staging: &Path) -> Option<Member> {
+    let p = staging.join("stats-dump");
+    p.exists().then(|| Member::File("stats-dump".into(), p))
+}
+
+/// The members after CRIU's images: the rootfs diff, the bind mounts, the log.
+fn tail_members(c: &Container, staging: &Path, diff: Option<&RootfsDiff>) -> Vec<Member> {
+    let mut members = Vec::new();
+    if let Some(d) = diff {
+        members.push(Member::File(
+            "rootfs-diff.tar".into(),
+            staging.join("rootfs-diff.tar"),
+        ));
+        if !d.deleted.is_empty() {
+            members.push(Member::Bytes(
+                "deleted.files".into(),
+                serde_json::to_vec(&d.deleted).expect("strings serialise"),
+            ));
+        }
+    }
+    if let Some(b) = collect::bind_mounts(&c.spec) {
+        members.push(Member::Bytes("bind.mounts".into(), b));
+    }
+    if staging.join("dump.log").exists() {
+        members.push(Member::File("dump.log".into(), staging.join("dump.log")));
+    }
+    members
+}
+
+fn write_members(w: &mut ArchiveWriter, members: &[Member]) -> Result<()> {
+    for m in members {
         match m {
-            _ if Some(i) == adopted => w.add_adopted(m.name())?,
             Member::Dir(name) => w.add_dir(name)?,
             Member::Bytes(name, data) => w.add_bytes(name, data)?,
             Member::File(name, path) => w.add_file(
@@ -359,10 +477,8 @@ fn build_archive(
                 &File::open(path).ctx(|| format!("open {}", path.display()))?,
             )?,
         }
-        expired()?;
     }
-    let written = w.written;
-    Ok((w.commit(opts.durable)?, written))
+    Ok(())
 }
 
 /// Images at least this big are adopted as the archive rather than copied.

@@ -71,7 +71,6 @@ pub fn criu_opts(
         // We froze the cgroup: naming it lets CRIU seize the frozen tasks at once.
         freeze_cgroup: Some(t.freeze_cgroup.to_string_lossy().into_owned()),
         timeout: Some(timeout_secs.max(1)),
-        orphan_pts_master: Some(true),
         manage_cgroups: Some(true),
         manage_cgroups_mode: Some(s.manage_cgroups as i32),
         file_locks: Some(s.file_locks),

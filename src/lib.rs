@@ -23,3 +23,4 @@ pub mod inspect;
 pub mod restore;
 pub mod safefs;
 pub mod server;
+pub mod stream;

@@ -67,6 +67,9 @@ enum Cmd {
         /// Skip the fdatasync of the archive (it is still complete and atomic, not durable).
         #[arg(long)]
         no_fsync: bool,
+        /// Stream CRIU's images straight into the archive (`criu dump --stream`).
+        #[arg(long)]
+        stream: bool,
     },
     /// Restore an archive into a bundle (config.json + rootfs holding the image).
     Restore {
@@ -156,6 +159,7 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
             timeout,
             tcp_established,
             no_fsync,
+            stream,
         } => {
             let started = Instant::now();
             let deadline = timeout.map(|t| started + Duration::from_secs(t));
@@ -174,6 +178,7 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
                     staging_dir: None,
                     freeze_journal: None,
                     durable: !no_fsync,
+                    stream,
                 },
             )
             .await?;
@@ -184,10 +189,11 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
                 .collect();
             let criu_frozen = r.stats.as_ref().and_then(|s| s.frozen_time).unwrap_or(0);
             println!(
-                "checkpointed {} into {} ({} bytes) in {:.3}s; frozen {:.1}ms (CRIU {:.1}ms); archive step wrote {} bytes; {}",
+                "checkpointed {} into {} ({} bytes{}) in {:.3}s; frozen {:.1}ms (CRIU {:.1}ms); archive step wrote {} bytes; {}",
                 c.id,
                 r.location.display(),
                 r.archive_bytes,
+                if r.streamed { ", streamed" } else { "" },
                 started.elapsed().as_secs_f64(),
                 r.frozen.as_secs_f64() * 1e3,
                 criu_frozen as f64 / 1e3,

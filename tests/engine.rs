@@ -23,6 +23,15 @@ fn opts(location: &Path) -> Options {
         staging_dir: None,
         freeze_journal: None,
         durable: true,
+        stream: false,
+    }
+}
+
+/// The same, with CRIU's images streamed straight into the archive.
+fn stream_opts(location: &Path) -> Options {
+    Options {
+        stream: true,
+        ..opts(location)
     }
 }
 
@@ -56,16 +65,32 @@ fn member_bytes(archive: &Path, name: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn checkpoint_keeps_running_and_both_restores_continue_the_count() {
+    cycle("engine-main", "engine-m", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streamed_checkpoint_keeps_running_and_both_restores_continue_the_count() {
+    cycle("engine-stream", "engine-st", true).await;
+}
+
+/// Checkpoint, check the archive, then restore it both ways and see the count go on.
+async fn cycle(id: &str, prefix: &str, stream: bool) {
     require(&["runc", "criu", "cc"]);
-    let c = Runc::start("engine-main");
+    let c = Runc::start(id);
     c.exec("echo written-before-checkpoint > /root/newfile && rm /bin/vi");
     let out = out_dir();
     let archive = out.path().join("ckpt.tar");
-    let found = locate::from_runtime_root(&c.root, "engine-m").unwrap();
+    let found = locate::from_runtime_root(&c.root, prefix).unwrap();
     assert_eq!(found.pid, c.pid());
     let before = c.count().unwrap();
-    let report = checkpoint(&found, &opts(&archive)).await.unwrap();
+    let o = if stream {
+        stream_opts(&archive)
+    } else {
+        opts(&archive)
+    };
+    let report = checkpoint(&found, &o).await.unwrap();
     let after = c.count().unwrap();
+    assert_eq!(report.streamed, stream);
     report.cleanup.wait();
 
     // The original keeps running, unfrozen.
@@ -105,7 +130,7 @@ async fn checkpoint_keeps_running_and_both_restores_continue_the_count() {
     );
     let cfg: serde_json::Value =
         serde_json::from_slice(&member_bytes(&archive, "config.dump")).unwrap();
-    assert_eq!(cfg["id"], "engine-main");
+    assert_eq!(cfg["id"], id);
     assert!(
         chrono::DateTime::parse_from_rfc3339(cfg["checkpointedTime"].as_str().unwrap()).is_ok()
     );
@@ -128,6 +153,31 @@ async fn checkpoint_keeps_running_and_both_restores_continue_the_count() {
         inspect.stats
     );
 
+    // Every page image is in the archive, 4 KiB-aligned (reflink-ready) when large.
+    let mut ar = tar::Archive::new(std::fs::File::open(&archive).unwrap());
+    let pages: Vec<(u64, u64)> = ar
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| {
+            e.path()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("checkpoint/pages-")
+        })
+        .map(|e| (e.size(), e.raw_file_position()))
+        .collect();
+    assert!(
+        pages.iter().any(|(len, _)| *len >= 1 << 20),
+        "no pages image holds the touched MiB: {pages:?}"
+    );
+    assert!(
+        pages
+            .iter()
+            .all(|(len, at)| *len < 64 << 10 || at % 4096 == 0),
+        "{pages:?}"
+    );
+
     // Our restore, into a fresh overlay of the same image.
     c.kill();
     let target = tempfile::tempdir().unwrap();
@@ -135,7 +185,7 @@ async fn checkpoint_keeps_running_and_both_restores_continue_the_count() {
     let pid = restore(&RestoreOptions {
         archive: archive.clone(),
         bundle: target.path().to_path_buf(),
-        id: "engine-restored".into(),
+        id: format!("{id}-restored"),
         criu: criu_rpc::Criu::new("criu"),
         settings: DumpSettings::default(),
         stdio: Some(drained_pipe()),
@@ -144,7 +194,7 @@ async fn checkpoint_keeps_running_and_both_restores_continue_the_count() {
     .unwrap();
     // It runs in a cgroup of its own, named by its ID, beside the original's.
     let restored_cg = format!(
-        "{}/engine-restored",
+        "{}/{id}-restored",
         Path::new(&c.cgroup).parent().unwrap().display()
     );
     let guard = Restored {
@@ -176,7 +226,7 @@ async fn checkpoint_keeps_running_and_both_restores_continue_the_count() {
         .arg(x.path().join("checkpoint"))
         .arg("--work-path")
         .arg(x.path().join("work"))
-        .arg("engine-runc-restored")
+        .arg(format!("{id}-runc"))
         .current_dir(rb.path())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -187,7 +237,7 @@ async fn checkpoint_keeps_running_and_both_restores_continue_the_count() {
     let mut pipe = runc.stdout.take().unwrap();
     std::thread::spawn(move || std::io::copy(&mut pipe, &mut std::io::sink()));
     let st = runc.wait().unwrap();
-    let cleanup = scopeguard_runc(state.clone(), "engine-runc-restored", c.cgroup.clone());
+    let cleanup = scopeguard_runc(state.clone(), format!("{id}-runc"), c.cgroup.clone());
     assert!(st.success(), "runc restore failed");
     let first = wait_count(&ov.rootfs, |_| true);
     assert!(
@@ -199,8 +249,8 @@ async fn checkpoint_keeps_running_and_both_restores_continue_the_count() {
     drop(cleanup);
 }
 
-fn scopeguard_runc(root: PathBuf, id: &'static str, cgroup: String) -> impl Drop {
-    struct G(PathBuf, &'static str, String);
+fn scopeguard_runc(root: PathBuf, id: String, cgroup: String) -> impl Drop {
+    struct G(PathBuf, String, String);
     impl Drop for G {
         fn drop(&mut self) {
             let r = self.0.display();
@@ -286,7 +336,7 @@ async fn ambiguous_prefix_and_stopped_container_are_refused() {
         .status()
         .unwrap();
     assert!(st.success());
-    let two = scopeguard_runc(a.root.clone(), "prefix-two", a.cgroup.clone());
+    let two = scopeguard_runc(a.root.clone(), "prefix-two".into(), a.cgroup.clone());
     match locate::from_runtime_root(&a.root, "prefix-") {
         Err(Error::Ambiguous { matches, .. }) => {
             assert_eq!(matches, vec!["prefix-one", "prefix-two"])
@@ -321,10 +371,19 @@ async fn ambiguous_prefix_and_stopped_container_are_refused() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn criu_failure_mid_dump_thaws_and_cleans_up() {
+    criu_failure("engine-fail", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streamed_criu_failure_mid_dump_thaws_and_cleans_up() {
+    criu_failure("engine-sfail", true).await;
+}
+
+async fn criu_failure(id: &str, stream: bool) {
     require(&["runc", "criu", "cc"]);
     // stdout on a host file outside the container: CRIU fails after seizing the tasks.
     let c = Runc::start_with(
-        "engine-fail",
+        id,
         Spec {
             stdout_file: true,
             ..Default::default()
@@ -332,11 +391,12 @@ async fn criu_failure_mid_dump_thaws_and_cleans_up() {
     );
     let out = out_dir();
     let found = locate::from_runtime_root(&c.root, &c.id).unwrap();
-    let err = checkpoint(&found, &opts(&out.path().join("x.tar")))
-        .await
-        .unwrap_err();
+    let mut o = opts(&out.path().join("x.tar"));
+    o.stream = stream;
+    let err = checkpoint(&found, &o).await.unwrap_err();
     match &err {
-        Error::Criu(criu_rpc::Error::Failed { log_tail, .. }) => {
+        Error::Criu(criu_rpc::Error::Failed { log_tail, .. })
+        | Error::Criu(criu_rpc::Error::Exited { log_tail, .. }) => {
             assert!(log_tail.contains("Error"), "log tail: {log_tail}")
         }
         other => panic!("expected a CRIU failure, got {other:?}"),
@@ -352,10 +412,19 @@ async fn criu_failure_mid_dump_thaws_and_cleans_up() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn deadline_during_dump_thaws_and_leaves_nothing() {
+    deadline_during_dump("engine-deadline", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streamed_deadline_during_dump_thaws_and_leaves_nothing() {
+    deadline_during_dump("engine-sdeadline", true).await;
+}
+
+async fn deadline_during_dump(id: &str, stream: bool) {
     require(&["runc", "criu", "cc"]);
     // 256 MiB cannot be dumped in 50 ms here (page cache writes at ~3 GB/s at best).
     let c = Runc::start_with(
-        "engine-deadline",
+        id,
         Spec {
             mib: 256,
             ..Default::default()
@@ -364,21 +433,22 @@ async fn deadline_during_dump_thaws_and_leaves_nothing() {
     let out = out_dir();
     let found = locate::from_runtime_root(&c.root, &c.id).unwrap();
     let mut o = opts(&out.path().join("x.tar"));
+    o.stream = stream;
     o.deadline = Some(Instant::now() + Duration::from_millis(50));
     let err = checkpoint(&found, &o).await.unwrap_err();
     assert!(matches!(err, Error::DeadlineExceeded(_)), "{err:?}");
+    // No CRIU left behind (it ends within its grace), and then nothing else either.
+    let t = Instant::now();
+    while criu_running() {
+        assert!(t.elapsed() < Duration::from_secs(15), "CRIU still running");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(
         entries(out.path()),
         Vec::<String>::new(),
         "archive or staging left behind"
     );
     c.assert_running();
-    // No CRIU left behind either.
-    let t = Instant::now();
-    while criu_running() {
-        assert!(t.elapsed() < Duration::from_secs(15), "CRIU still running");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -192,16 +192,16 @@ impl Criu {
         let log = req.opts.as_ref().and_then(LogFile::of);
         let mut session = Session::spawn(&self.binary, &inherit, self.grace)?;
         drop(inherit);
-        handler.spawned(session.pid());
+        handler.spawned(session.proc.pid());
         session.sock.send(&req.encode_to_vec()).await?;
         let mut refused: Option<(String, String)> = None;
         loop {
             let Some((buf, fd)) = session.sock.recv().await? else {
-                let status = session.exit_status().await;
+                let status = session.proc.exit_status().await;
                 return Err(Error::Crashed {
                     req: sent,
                     status,
-                    stderr: session.stderr(),
+                    stderr: session.proc.stderr(),
                     log_tail: log_tail(&log),
                 });
             };
@@ -266,12 +266,19 @@ fn simple(t: ReqType) -> Req {
 
 /// Where CRIU writes its log: `log_file` in the work dir, which defaults to the images dir.
 /// Both are fds of this process, so the log is reachable through a duplicate of the fd.
-struct LogFile {
+pub(crate) struct LogFile {
     dir: OwnedFd,
     name: std::ffi::CString,
 }
 
 impl LogFile {
+    pub(crate) fn at(dir: &Path, name: &str) -> Option<LogFile> {
+        Some(LogFile {
+            dir: std::fs::File::open(dir).ok()?.into(),
+            name: std::ffi::CString::new(name).ok()?,
+        })
+    }
+
     fn of(opts: &Opts) -> Option<LogFile> {
         let name = opts.log_file.as_deref()?;
         let dir_fd: RawFd = opts.work_dir_fd.unwrap_or(opts.images_dir_fd);
@@ -292,7 +299,7 @@ impl LogFile {
 }
 
 /// The last lines of CRIU's log, for error reports.
-fn log_tail(log: &Option<LogFile>) -> String {
+pub(crate) fn log_tail(log: &Option<LogFile>) -> String {
     const TAIL: u64 = 3000;
     let Some(log) = log else { return String::new() };
     // SAFETY: openat on a directory fd we own with a NUL-terminated name.

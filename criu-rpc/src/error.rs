@@ -27,6 +27,19 @@ pub enum Error {
         log_tail: String,
     },
 
+    /// A command-line CRIU (see [`crate::cli`]) exited unsuccessfully.
+    #[error("CRIU {req:?} failed ({status}){}", tail(.log_tail, .stderr))]
+    Exited {
+        req: ReqType,
+        status: String,
+        stderr: String,
+        log_tail: String,
+    },
+
+    /// An option the command line cannot express for this request.
+    #[error("CRIU option not supported here: {0}")]
+    Unsupported(&'static str),
+
     /// A NOTIFY handler refused: CRIU aborted the request.
     #[error("CRIU {req:?} aborted: notify handler for '{script}' failed: {reason}{}", tail(.log_tail, ""))]
     NotifyAborted {
@@ -53,8 +66,12 @@ impl Error {
         match self {
             Error::Crashed {
                 log_tail, stderr, ..
+            }
+            | Error::Exited {
+                log_tail, stderr, ..
             } if log_tail.is_empty() => stderr,
             Error::Crashed { log_tail, .. }
+            | Error::Exited { log_tail, .. }
             | Error::NotifyAborted { log_tail, .. }
             | Error::Failed { log_tail, .. } => log_tail,
             _ => "",

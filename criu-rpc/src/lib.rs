@@ -21,11 +21,14 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/criu.rs"));
 }
 
+pub mod cli;
 mod client;
 mod error;
 mod seqpacket;
 pub mod stats;
+pub mod streamer;
 mod swrk;
 
+pub use cli::CliDump;
 pub use client::{ack_all, Criu, Notify, NotifyFuture, NotifyHandler, Version};
 pub use error::Error;

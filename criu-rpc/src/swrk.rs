@@ -21,9 +21,7 @@ const STDERR_KEEP: usize = 4096;
 
 pub(crate) struct Session {
     pub(crate) sock: SeqPacket,
-    child: Option<Child>,
-    stderr: Arc<Mutex<Vec<u8>>>,
-    grace: Duration,
+    pub(crate) proc: Proc,
 }
 
 impl Session {
@@ -37,11 +35,40 @@ impl Session {
         let (ours, theirs) = seqpacket::pair()?;
         let mut sources: Vec<RawFd> = vec![theirs.as_raw_fd()];
         sources.extend(inherit.iter().map(|f| f.as_raw_fd()));
+        let proc = Proc::spawn(binary, &["swrk".into(), "3".into()], &[], &sources, grace)?;
+        drop(theirs);
+        Ok(Session {
+            sock: SeqPacket::new(ours)?,
+            proc,
+        })
+    }
+}
 
+/// One CRIU child: its stderr kept for reports, and never left behind: dropping it
+/// gives CRIU `grace` to exit by itself before it is killed and reaped.
+pub(crate) struct Proc {
+    child: Option<Child>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    grace: Duration,
+}
+
+impl Proc {
+    /// Spawns `criu --no-default-config ARGS` with a cleared environment (plus
+    /// `env`), `/` as its cwd and umask 077; `fds[i]` is placed at fd `3 + i`.
+    pub(crate) fn spawn(
+        binary: &Path,
+        args: &[std::ffi::OsString],
+        env: &[(&str, &std::ffi::OsStr)],
+        fds: &[RawFd],
+        grace: Duration,
+    ) -> Result<Self, Error> {
+        let sources = fds.to_vec();
         let mut cmd = Command::new(binary);
-        cmd.args(["--no-default-config", "swrk", "3"])
+        cmd.arg("--no-default-config")
+            .args(args)
             .env_clear()
             .env("PATH", SAFE_PATH)
+            .envs(env.iter().copied())
             .current_dir("/")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -54,7 +81,6 @@ impl Session {
             binary: binary.display().to_string(),
             source,
         })?;
-        drop(theirs);
 
         let stderr = Arc::new(Mutex::new(Vec::new()));
         if let Some(mut pipe) = child.stderr.take() {
@@ -72,8 +98,7 @@ impl Session {
                 }
             });
         }
-        Ok(Session {
-            sock: SeqPacket::new(ours)?,
+        Ok(Proc {
             child: Some(child),
             stderr,
             grace,
@@ -90,22 +115,30 @@ impl Session {
             .to_string()
     }
 
-    /// Waits (without blocking the runtime) for CRIU to exit after EOF on the socket.
+    /// Waits (without blocking the runtime, and for at most the grace period once
+    /// `bounded`) for CRIU to exit; `None` if it could not be reaped.
+    pub(crate) async fn wait(&mut self, bounded: bool) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        let grace = if bounded { self.grace } else { Duration::MAX };
+        tokio::task::spawn_blocking(move || reap(&mut child, grace))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Waits for CRIU to exit after EOF on its socket; describes how it ended.
     pub(crate) async fn exit_status(&mut self) -> String {
-        let Some(mut child) = self.child.take() else {
+        if self.child.is_none() {
             return "already reaped".into();
-        };
-        let grace = self.grace;
-        match tokio::task::spawn_blocking(move || reap(&mut child, grace)).await {
-            Ok(status) => describe(status),
-            Err(e) => format!("reaper failed: {e}"),
         }
+        describe(self.wait(true).await)
     }
 }
 
-impl Drop for Session {
+impl Drop for Proc {
     fn drop(&mut self) {
-        // Our socket end closes with `self`; CRIU notices and winds down by itself.
+        // CRIU notices its request is gone (closed socket, closed pipes) and winds
+        // down by itself; reap it off the caller's path.
         if let Some(mut child) = self.child.take() {
             let grace = self.grace;
             std::thread::spawn(move || reap(&mut child, grace));
@@ -115,11 +148,13 @@ impl Drop for Session {
 
 /// Waits up to `grace` for CRIU to exit on its own, then kills and reaps it.
 fn reap(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + grace;
+    let deadline = Instant::now().checked_add(grace);
     loop {
         match child.try_wait() {
             Ok(Some(status)) => return Some(status),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Ok(None) if deadline.is_none_or(|d| Instant::now() < d) => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
             Ok(None) => {
                 tracing::warn!(
                     pid = child.id(),
@@ -133,7 +168,7 @@ fn reap(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
     }
 }
 
-fn describe(status: Option<ExitStatus>) -> String {
+pub(crate) fn describe(status: Option<ExitStatus>) -> String {
     use std::os::unix::process::ExitStatusExt;
     match status {
         Some(s) if s.signal().is_some() => {
@@ -144,7 +179,7 @@ fn describe(status: Option<ExitStatus>) -> String {
     }
 }
 
-/// In the child: move the socket to fd 3 and inherited fds to 4.., umask 077.
+/// In the child: move `sources` to fds 3.., umask 077.
 fn place_fds(sources: &[RawFd]) -> std::io::Result<()> {
     // First lift every source above the targets so no dup2 clobbers a later source.
     let mut lifted = [0 as RawFd; 64];

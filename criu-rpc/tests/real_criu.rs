@@ -352,3 +352,122 @@ async fn dropped_request_leaves_no_criu_child_and_the_task_running() {
     counter.wait_for(|v| v > now + 2);
     assert!(counter.alive());
 }
+
+/// Reads every image CRIU streams, each pipe on its own thread, into memory.
+fn capture_all(
+    sock: criu_rpc::streamer::CaptureSocket,
+) -> std::thread::JoinHandle<Vec<(String, Vec<u8>)>> {
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut conn = sock.accept(|| false).unwrap().unwrap();
+        let mut readers = Vec::new();
+        while let Some((name, pipe)) = conn.next_image().unwrap() {
+            readers.push(std::thread::spawn(move || {
+                let mut data = Vec::new();
+                File::from(pipe).read_to_end(&mut data).unwrap();
+                (name, data)
+            }));
+        }
+        readers.into_iter().map(|r| r.join().unwrap()).collect()
+    })
+}
+
+#[tokio::test]
+async fn cli_stream_dump_hands_over_every_image_and_they_restore() {
+    let c = criu();
+    let tmp = tempfile::tempdir().unwrap();
+    let (images, work) = (tmp.path().join("images"), tmp.path().join("work"));
+    std::fs::create_dir(&images).unwrap();
+    std::fs::create_dir(&work).unwrap();
+    let mut counter = Counter::start(tmp.path());
+    let pid = counter.pid();
+    let sock = criu_rpc::streamer::CaptureSocket::bind(&images).unwrap();
+    let captured = capture_all(sock);
+    let opts = Opts {
+        pid: Some(pid),
+        leave_running: Some(true),
+        log_level: Some(4),
+        log_file: Some("dump.log".into()),
+        ..Default::default()
+    };
+    let before = counter.read().unwrap();
+    let mut dump = c.dump_cli(&opts, &images, &work, true).unwrap();
+    dump.wait().await.unwrap();
+    let after = counter.read().unwrap();
+    let got = captured.join().unwrap();
+    let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+    for want in ["inventory.img", "pstree.img", "pages-1.img"] {
+        assert!(names.contains(&want), "{want} not streamed: {names:?}");
+    }
+    assert!(
+        names.contains(&format!("pagemap-{pid}.img").as_str()),
+        "{names:?}"
+    );
+    // Nothing was written to the images dir but the socket; statistics go to work.
+    assert_eq!(
+        std::fs::read_dir(&images).unwrap().count(),
+        0,
+        "images written besides the stream"
+    );
+    assert!(work.join("stats-dump").exists() && work.join("dump.log").exists());
+    counter.wait_for(|v| v > after + 2);
+
+    // The streamed images, written out as files, restore the counter.
+    let restore_dir = tmp.path().join("restore");
+    std::fs::create_dir(&restore_dir).unwrap();
+    for (name, data) in &got {
+        assert!(!name.contains('/'), "{name}");
+        std::fs::write(restore_dir.join(name), data).unwrap();
+    }
+    counter.kill();
+    std::fs::remove_file(&counter.file).unwrap();
+    let (ifd, wfd) = (dir_fd(&restore_dir), dir_fd(&work));
+    let opts = Opts {
+        images_dir_fd: ifd.as_raw_fd(),
+        work_dir_fd: Some(wfd.as_raw_fd()),
+        log_level: Some(4),
+        log_file: Some("restore.log".into()),
+        rst_sibling: Some(true),
+        ..Default::default()
+    };
+    let restored = c.restore(opts, &mut ack_all(), Vec::new()).await.unwrap();
+    let reap = scopeguard(restored);
+    let first = counter.wait_for(|_| true);
+    assert!(
+        first > before && first <= after + 2,
+        "restored counter wrote {first}; dump saw {before}..{after}"
+    );
+    counter.wait_for(|v| v >= first + 3);
+    drop(reap);
+}
+
+#[tokio::test]
+async fn aborted_cli_dump_fails_at_post_dump_and_the_task_runs_on() {
+    let c = criu();
+    let tmp = tempfile::tempdir().unwrap();
+    let counter = Counter::start(tmp.path());
+    let opts = Opts {
+        pid: Some(counter.pid()),
+        leave_running: Some(true),
+        log_level: Some(4),
+        log_file: Some("dump.log".into()),
+        ..Default::default()
+    };
+    let mut dump = c.dump_cli(&opts, tmp.path(), tmp.path(), false).unwrap();
+    dump.aborter().abort();
+    let err = dump.wait().await.unwrap_err();
+    match &err {
+        Error::Exited { log_tail, .. } => assert!(
+            log_tail.contains("post-dump") || log_tail.contains("script"),
+            "log tail: {log_tail}"
+        ),
+        other => panic!("expected Error::Exited, got {other:?}"),
+    }
+    let now = counter.read().unwrap();
+    counter.wait_for(|v| v > now + 2);
+    let state = std::fs::read_to_string(format!("/proc/{}/stat", counter.pid())).unwrap();
+    assert!(
+        !state.contains(") t") && !state.contains(") T"),
+        "task left stopped: {state}"
+    );
+}

@@ -28,6 +28,8 @@ pub struct Config {
     pub checkpoint_enabled: bool,
     /// fdatasync each archive before answering (on by default).
     pub durable: bool,
+    /// Stream CRIU's images straight into the archive (`criu dump --stream`).
+    pub stream: bool,
 }
 
 impl Default for Config {
@@ -43,6 +45,7 @@ impl Default for Config {
             file_locks: true,
             checkpoint_enabled: true,
             durable: true,
+            stream: false,
         }
     }
 }
@@ -71,6 +74,7 @@ pub struct FileConfig {
     pub file_locks: Option<bool>,
     pub checkpoint_enabled: Option<bool>,
     pub durable: Option<bool>,
+    pub stream: Option<bool>,
 }
 
 impl FileConfig {
@@ -99,7 +103,8 @@ impl FileConfig {
             tcp_established,
             file_locks,
             checkpoint_enabled,
-            durable
+            durable,
+            stream
         );
         if self.staging_dir.is_some() {
             c.staging_dir = self.staging_dir;

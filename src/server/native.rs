@@ -29,6 +29,7 @@ pub struct Native {
     runc_root: PathBuf,
     staging_dir: Option<PathBuf>,
     durable: bool,
+    stream: bool,
     journal: PathBuf,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -46,6 +47,7 @@ impl Native {
             runc_root: cfg.runc_root.clone(),
             staging_dir: cfg.staging_dir.clone(),
             durable: cfg.durable,
+            stream: cfg.stream,
             journal: cfg.journal_dir(),
             locks: Mutex::default(),
         }
@@ -111,6 +113,7 @@ impl Native {
             settings: self.settings.clone(),
             staging_dir: self.staging_dir.clone(),
             durable: self.durable,
+            stream: self.stream,
             freeze_journal: Some(self.journal.clone()),
         };
         let report = checkpoint::checkpoint(&c, &opts).await?;

@@ -1,0 +1,292 @@
+//! `criu dump` driven through its command line, for what RPC cannot carry: image
+//! streaming (`--stream` makes `criu swrk` 4.1.1 abort before it answers).
+//!
+//! The options are the same [`Opts`] a DUMP request takes, turned into flags by
+//! [`dump_args`]. What NOTIFY does over RPC, an action script does here: CRIU runs
+//! it at each stage and aborts the dump when it fails. Ours fails `post-dump` once
+//! the caller has given up ([`CliDump::abort`]), so CRIU unwinds through its own
+//! clean-up and releases the tasks, just as a refused notification makes it do.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::client::{log_tail, LogFile};
+use crate::proto::{CgMode, NetworkLockMethod, Opts, ReqType};
+use crate::swrk::{describe, Proc};
+use crate::{Criu, Error};
+
+/// The action script, written into the work dir. It refuses `post-dump` once the
+/// abort file exists; every other stage passes.
+const ACTION_SCRIPT: &str = "#!/bin/sh\n\
+# Written by ckpt-shim's criu-rpc: fail post-dump once the dump was abandoned.\n\
+[ \"$CRTOOLS_SCRIPT_ACTION\" != post-dump ] || [ ! -e \"$CRIU_RPC_ABORT\" ]\n";
+const SCRIPT_NAME: &str = "criu-action.sh";
+const ABORT_NAME: &str = "criu-abort";
+
+/// A running `criu dump`.
+pub struct CliDump {
+    proc: Proc,
+    work: PathBuf,
+    log: Option<String>,
+}
+
+impl Criu {
+    /// Starts `criu dump` with `opts` (see [`dump_args`]); `images` and `work` are
+    /// private directories of the caller. With `stream`, CRIU sends its images to
+    /// the streamer listening on `images/streamer-capture.sock` instead of writing
+    /// them (see [`crate::streamer`]).
+    pub fn dump_cli(
+        &self,
+        opts: &Opts,
+        images: &Path,
+        work: &Path,
+        stream: bool,
+    ) -> Result<CliDump, Error> {
+        let script = work.join(SCRIPT_NAME);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o700)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&script)
+            .and_then(|mut f| f.write_all(ACTION_SCRIPT.as_bytes()))?;
+        let mut args = dump_args(opts, images, work)?;
+        args.push("--action-script".into());
+        args.push(script.into());
+        if stream {
+            args.push("--stream".into());
+        }
+        let abort = work.join(ABORT_NAME);
+        let proc = Proc::spawn(
+            self.binary(),
+            &args,
+            &[("CRIU_RPC_ABORT", abort.as_os_str())],
+            &[],
+            self.grace(),
+        )?;
+        Ok(CliDump {
+            proc,
+            work: work.to_path_buf(),
+            log: opts.log_file.clone(),
+        })
+    }
+}
+
+impl CliDump {
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// What aborts this dump, usable while [`wait`](Self::wait) runs.
+    pub fn aborter(&self) -> Aborter {
+        Aborter(self.work.join(ABORT_NAME))
+    }
+
+    /// Waits for CRIU to exit; success is exit status 0.
+    pub async fn wait(&mut self) -> Result<(), Error> {
+        let status = self.proc.wait(false).await;
+        if status.is_some_and(|s| s.success()) {
+            return Ok(());
+        }
+        let log = self
+            .log
+            .as_deref()
+            .and_then(|name| LogFile::at(&self.work, name));
+        Err(Error::Exited {
+            req: ReqType::Dump,
+            status: describe(status),
+            stderr: self.proc.stderr(),
+            log_tail: log_tail(&log),
+        })
+    }
+}
+
+/// Aborts a [`CliDump`].
+pub struct Aborter(PathBuf);
+
+impl Aborter {
+    /// Makes CRIU fail at `post-dump` (if it has not passed it yet), so it releases
+    /// the tasks and exits by itself; [`CliDump::wait`] then reports the failure.
+    pub fn abort(&self) {
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&self.0);
+    }
+}
+
+/// The `criu dump` command line for `opts`. Options that only mean something to a
+/// restore, or that the command line cannot express, are refused rather than
+/// dropped.
+pub fn dump_args(opts: &Opts, images: &Path, work: &Path) -> Result<Vec<OsString>, Error> {
+    let unsupported = |what: &'static str| Err(Error::Unsupported(what));
+    if !opts.cg_root.is_empty() {
+        return unsupported("cg_root");
+    }
+    if !opts.inherit_fd.is_empty() || !opts.join_ns.is_empty() {
+        return unsupported("inherit_fd/join_ns");
+    }
+    if opts.config_file.is_some() {
+        return unsupported("config_file");
+    }
+    if opts.orphan_pts_master == Some(true) {
+        return unsupported("orphan_pts_master (RPC only, and for restores)");
+    }
+    if opts.auto_ext_mnt == Some(true) || opts.empty_ns.is_some() {
+        return unsupported("auto_ext_mnt/empty_ns");
+    }
+    let pid = opts.pid.ok_or(Error::Unsupported("dump without a pid"))?;
+    let mut a: Vec<OsString> = vec![
+        "dump".into(),
+        "-D".into(),
+        images.into(),
+        "-W".into(),
+        work.into(),
+        "-t".into(),
+        pid.to_string().into(),
+        format!("-v{}", opts.log_level()).into(),
+    ];
+    let mut pair = |flag: &str, v: OsString| {
+        a.push(flag.into());
+        a.push(v);
+    };
+    if let Some(l) = &opts.log_file {
+        pair("-o", l.into());
+    }
+    if let Some(r) = &opts.root {
+        pair("--root", r.into());
+    }
+    if let Some(c) = &opts.freeze_cgroup {
+        pair("--freeze-cgroup", c.into());
+    }
+    if let Some(t) = opts.timeout {
+        pair("--timeout", t.to_string().into());
+    }
+    if opts.ghost_limit.is_some() {
+        pair("--ghost-limit", opts.ghost_limit().to_string().into());
+    }
+    if let Some(p) = &opts.lsm_profile {
+        pair("--lsm-profile", p.into());
+    }
+    if opts.network_lock.is_some() {
+        let m = match opts.network_lock() {
+            NetworkLockMethod::Iptables => "iptables",
+            NetworkLockMethod::Nftables => "nftables",
+            NetworkLockMethod::Skip => "skip",
+        };
+        pair("--network-lock", m.into());
+    }
+    for m in &opts.ext_mnt {
+        pair("--external", format!("mnt[{}]:{}", m.key, m.val).into());
+    }
+    for e in &opts.external {
+        pair("--external", e.into());
+    }
+    for m in &opts.skip_mnt {
+        pair("--skip-mnt", m.into());
+    }
+    for f in &opts.enable_fs {
+        pair("--enable-fs", f.into());
+    }
+    if opts.manage_cgroups == Some(true) {
+        let mode = match opts.manage_cgroups_mode.map(|_| opts.manage_cgroups_mode()) {
+            None | Some(CgMode::Default) => None,
+            Some(CgMode::Ignore) => Some("ignore"),
+            Some(CgMode::CgNone) => Some("none"),
+            Some(CgMode::Props) => Some("props"),
+            Some(CgMode::Soft) => Some("soft"),
+            Some(CgMode::Full) => Some("full"),
+            Some(CgMode::Strict) => Some("strict"),
+        };
+        a.push(match mode {
+            Some(m) => format!("--manage-cgroups={m}").into(),
+            None => "--manage-cgroups".into(),
+        });
+    }
+    let flags = [
+        (opts.leave_running, "--leave-running"),
+        (opts.ext_unix_sk, "--ext-unix-sk"),
+        (opts.tcp_established, "--tcp-established"),
+        (opts.evasive_devices, "--evasive-devices"),
+        (opts.shell_job, "--shell-job"),
+        (opts.file_locks, "--file-locks"),
+        (opts.link_remap, "--link-remap"),
+        (opts.ext_sharing, "--enable-external-sharing"),
+        (opts.ext_masters, "--enable-external-masters"),
+        (opts.tcp_skip_in_flight, "--skip-in-flight"),
+        (opts.tcp_close, "--tcp-close"),
+    ];
+    a.extend(
+        flags
+            .into_iter()
+            .filter(|(on, _)| *on == Some(true))
+            .map(|(_, f)| f.into()),
+    );
+    Ok(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::ExtMountMap;
+
+    fn joined(o: &Opts) -> String {
+        dump_args(o, Path::new("/s/img"), Path::new("/s"))
+            .unwrap()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn dump_opts_become_flags() {
+        let o = Opts {
+            pid: Some(42),
+            root: Some("/r".into()),
+            leave_running: Some(true),
+            freeze_cgroup: Some("/sys/fs/cgroup/freezer/c".into()),
+            timeout: Some(7),
+            manage_cgroups: Some(true),
+            manage_cgroups_mode: Some(CgMode::Soft as i32),
+            file_locks: Some(true),
+            tcp_established: Some(false),
+            log_level: Some(4),
+            log_file: Some("dump.log".into()),
+            ext_mnt: vec![ExtMountMap {
+                key: "/etc/hosts".into(),
+                val: "/etc/hosts".into(),
+            }],
+            external: vec!["net[4026531840]:extRootNetNS".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            joined(&o),
+            "dump -D /s/img -W /s -t 42 -v4 -o dump.log --root /r \
+             --freeze-cgroup /sys/fs/cgroup/freezer/c --timeout 7 \
+             --external mnt[/etc/hosts]:/etc/hosts --external net[4026531840]:extRootNetNS \
+             --manage-cgroups=soft --leave-running --file-locks"
+        );
+    }
+
+    #[test]
+    fn restore_only_opts_are_refused() {
+        let o = Opts {
+            pid: Some(1),
+            cg_root: vec![Default::default()],
+            ..Default::default()
+        };
+        assert!(matches!(
+            dump_args(&o, Path::new("/i"), Path::new("/w")),
+            Err(Error::Unsupported("cg_root"))
+        ));
+        assert!(matches!(
+            dump_args(&Opts::default(), Path::new("/i"), Path::new("/w")),
+            Err(Error::Unsupported(_))
+        ));
+    }
+}

@@ -1,0 +1,193 @@
+//! Steps 3 and 5 fused: CRIU's images, streamed (`criu dump --stream`), written
+//! straight into the archive, so every page is written once, where it stays.
+//!
+//! CRIU keeps several images open at once. The first `pages-*` image (the bulk)
+//! is spliced into the archive as it arrives; every other image is spooled (in
+//! memory, then in an unlinked file once large) and appended when complete. Every
+//! pipe is drained on its own thread, so CRIU never waits on us for one image
+//! while we wait on it for another.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use criu_rpc::streamer::CaptureSocket;
+
+use crate::archive::{safe_member_name, ArchiveWriter};
+use crate::error::{Context, Error, Result};
+
+/// Spooled images stay in memory up to this size, then move to a file.
+const SPOOL_MEM: usize = 4 << 20;
+
+/// What a capture wrote.
+#[derive(Debug, Default)]
+pub struct Captured {
+    pub images: usize,
+    pub bytes: u64,
+}
+
+/// Serves CRIU's connection on `sock`, writing each image as `checkpoint/<name>`.
+/// Blocking: returns once CRIU has closed the connection and every image is in.
+/// `criu_gone` is polled while waiting for CRIU to connect. `spool_dir` (private)
+/// takes large spooled images. On error every pipe is dropped, so CRIU fails its
+/// next write and aborts.
+pub fn capture(
+    sock: &CaptureSocket,
+    w: &mut ArchiveWriter,
+    spool_dir: &Path,
+    criu_gone: impl Fn() -> bool,
+) -> Result<Captured> {
+    let Some(mut conn) = sock
+        .accept(criu_gone)
+        .ctx(|| "accept CRIU's image stream".into())?
+    else {
+        return Err(Error::Other(
+            "CRIU ended without streaming its images".into(),
+        ));
+    };
+    let shared = Shared {
+        w: Mutex::new(w),
+        direct: AtomicBool::new(false),
+        failed: AtomicBool::new(false),
+        total: Mutex::new(Captured::default()),
+    };
+    let shared = &shared;
+    let results: Vec<Result<()>> = std::thread::scope(|s| {
+        let mut threads = Vec::new();
+        let mut first_err = None;
+        loop {
+            match conn.next_image() {
+                Ok(Some((name, pipe))) => threads.push(s.spawn(move || {
+                    let r = receive(shared, &name, pipe, spool_dir);
+                    if r.is_err() {
+                        shared.failed.store(true, Ordering::SeqCst);
+                    }
+                    r
+                })),
+                Ok(None) => break,
+                Err(e) => {
+                    first_err = Some(Err(e).ctx(|| "CRIU's image stream".into()));
+                    shared.failed.store(true, Ordering::SeqCst);
+                    break;
+                }
+            }
+            if shared.failed.load(Ordering::SeqCst) {
+                break;
+            }
+        }
+        // Closing the connection now (on failure) makes CRIU's next open fail.
+        drop(conn);
+        let mut out: Vec<Result<()>> = threads
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| Err(Error::Other("image receiver panicked".into())))
+            })
+            .collect();
+        out.extend(first_err);
+        out
+    });
+    for r in results {
+        r?;
+    }
+    let total = std::mem::take(&mut *shared.total.lock().unwrap_or_else(|p| p.into_inner()));
+    Ok(total)
+}
+
+struct Shared<'w> {
+    w: Mutex<&'w mut ArchiveWriter>,
+    /// Whether some image is being spliced into the archive right now.
+    direct: AtomicBool,
+    failed: AtomicBool,
+    total: Mutex<Captured>,
+}
+
+fn receive(shared: &Shared, name: &str, pipe: OwnedFd, spool_dir: &Path) -> Result<()> {
+    if name.contains('/') || !safe_member_name(Path::new(name)) {
+        return Err(Error::Other(format!(
+            "CRIU streamed a bad image name {name:?}"
+        )));
+    }
+    let member = format!("checkpoint/{name}");
+    let len = if name.starts_with("pages-") && !shared.direct.swap(true, Ordering::SeqCst) {
+        let mut w = lock(&shared.w);
+        let r = w.add_stream(&member, &pipe, &shared.failed);
+        shared.direct.store(false, Ordering::SeqCst);
+        r?
+    } else {
+        let spool = Spool::fill(File::from(pipe), spool_dir, &shared.failed)
+            .ctx(|| format!("receive {name} from CRIU"))?;
+        let mut w = lock(&shared.w);
+        spool.append(&mut w, &member)?
+    };
+    let mut t = lock(&shared.total);
+    t.images += 1;
+    t.bytes += len;
+    Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// An image received in full before it goes into the archive.
+enum Spool {
+    Mem(Vec<u8>),
+    File(File),
+}
+
+impl Spool {
+    fn fill(mut pipe: File, dir: &Path, stop: &AtomicBool) -> std::io::Result<Spool> {
+        let mut mem = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
+        let mut file: Option<File> = None;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Interrupted,
+                    "capture abandoned",
+                ));
+            }
+            let n = match pipe.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            match &mut file {
+                Some(f) => f.write_all(&buf[..n])?,
+                None if mem.len() + n > SPOOL_MEM => {
+                    // Unnamed and private: nothing to clean up, nothing to open.
+                    let mut f = tempfile::tempfile_in(dir)?;
+                    f.write_all(&mem)?;
+                    f.write_all(&buf[..n])?;
+                    mem = Vec::new();
+                    file = Some(f);
+                }
+                None => mem.extend_from_slice(&buf[..n]),
+            }
+        }
+        Ok(match file {
+            Some(f) => Spool::File(f),
+            None => Spool::Mem(mem),
+        })
+    }
+
+    fn append(self, w: &mut ArchiveWriter, member: &str) -> Result<u64> {
+        match self {
+            Spool::Mem(m) => {
+                w.add_bytes(member, &m)?;
+                Ok(m.len() as u64)
+            }
+            Spool::File(f) => {
+                w.add_file(member, &f)?;
+                f.metadata()
+                    .map(|m| m.len())
+                    .ctx(|| format!("stat {member}"))
+            }
+        }
+    }
+}
