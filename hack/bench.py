@@ -6,6 +6,7 @@ each round runs, in an order that rotates from round to round:
   A      ckpt-shim CheckpointContainer through its CRI socket, in front of containerd
   A-cli  ckpt-shim checkpoint (standalone, on a runc container), archive fdatasync'd
   A-nf   the same without the fdatasync
+  A-stg, A-stg-nf  the same two dumping into staging first (--no-stream)
   B      raw `criu dump --leave-running` of the same runc container into a fresh dir
   C      `runc checkpoint --leave-running` + `tar cf` (what containerd 2.x does)
   D      `podman container checkpoint --leave-running --export` (runc, no compression)
@@ -92,8 +93,8 @@ def read(path):
 
 
 class Bench:
-    def __init__(self, work, sizes, rounds):
-        self.w, self.sizes, self.rounds = work, sizes, rounds
+    def __init__(self, work, sizes, rounds, only=None):
+        self.w, self.sizes, self.rounds, self.only = work, sizes, rounds, only
         self.results = {}  # (size, variant) -> list of dicts
         self.n = 0
         self.podman = ["podman", "--root", f"{work}/podman/root", "--runroot", f"{work}/podman/run",
@@ -182,9 +183,9 @@ class Bench:
         wall, _ = self.timed(lambda: sh([CRICTL, self.sock, "checkpoint", self.cri_id, f"{d}/a.tar", "600"]))
         return dict(wall=wall, frozen=frozen_ms(stats_in_tar(f"{d}/a.tar")), bytes=os.path.getsize(f"{d}/a.tar"), dir=d)
 
-    def run_A_cli(self, mib, fsync=True, base=None):
+    def run_A_cli(self, mib, fsync=True, base=None, stream=True):
         d = self.fresh(base)
-        cmd = [SHIM, "checkpoint", "--runtime-root", f"{self.w}/runc-state", f"runc-{mib}", "--output", f"{d}/a.tar"] + ([] if fsync else ["--no-fsync"])
+        cmd = [SHIM, "checkpoint", "--runtime-root", f"{self.w}/runc-state", f"runc-{mib}", "--output", f"{d}/a.tar"] + ([] if fsync else ["--no-fsync"]) + ([] if stream else ["--no-stream"])
         wall, out = self.timed(lambda: sh(cmd))
         wrote = int(re.search(r"archive step wrote (\d+) bytes", out).group(1))
         return dict(wall=wall, frozen=frozen_ms(stats_in_tar(f"{d}/a.tar")), bytes=os.path.getsize(f"{d}/a.tar"), archive_wrote=wrote, dir=d)
@@ -260,17 +261,22 @@ class Bench:
                 ("A", lambda: self.run_A(mib), False),
                 ("A-cli", lambda: self.run_A_cli(mib, True), False),
                 ("A-nf", lambda: self.run_A_cli(mib, False), False),
+                ("A-stg", lambda: self.run_A_cli(mib, True, stream=False), False),
+                ("A-stg-nf", lambda: self.run_A_cli(mib, False, stream=False), False),
                 ("B", lambda: self.run_B(mib), True),
                 ("C", lambda: self.run_C(mib), True),
                 ("D", lambda: self.run_D(mib), True),
             ]
+            if self.only:
+                variants = [v for v in variants if v[0] in self.only]
             for rnd in range(self.rounds):
                 k = rnd % len(variants)
                 for name, fn, durable in variants[k:] + variants[:k]:
                     r = fn()
                     self.record(mib, name, r, durable)
                     print(f"  {mib} MiB round {rnd + 1} {name}: {r['wall']:.3f}s frozen {r.get('frozen')}", file=sys.stderr, flush=True)
-            self.xfs(mib)
+            if not self.only or "A-xfs" in self.only:
+                self.xfs(mib)
             self.stop_containers(mib)
         self.rss = int(re.search(r"VmHWM:\s+(\d+)", open(f"/proc/{self.shim.pid}/status").read()).group(1)) // 1024
 
@@ -295,17 +301,17 @@ class Bench:
         fmt = lambda m: "-" if not m else f"{m[0]:.3f} ({m[1]:.3f}–{m[2]:.3f})"
         fz = lambda m: "-" if not m else f"{m[0]:.0f}"
         lines = ["| MiB | variant | wall s, median (min–max) | durable s (with sync) | CRIU frozen ms | output bytes |", "|---|---|---|---|---|---|"]
-        names = {"A": "A shim via CRI", "A-cli": "A shim CLI (fdatasync)", "A-nf": "A shim CLI, no fsync", "B": "B raw criu dump", "C": "C runc checkpoint + tar", "D": "D podman --export"}
+        names = {"A": "A shim via CRI", "A-cli": "A shim CLI (fdatasync)", "A-nf": "A shim CLI, no fsync", "A-stg": "A shim CLI staged (fdatasync)", "A-stg-nf": "A shim CLI staged, no fsync", "B": "B raw criu dump", "C": "C runc checkpoint + tar", "D": "D podman --export"}
         for mib in self.sizes:
             for v, label in names.items():
                 by = self.med(mib, v, "bytes")
                 lines.append(f"| {mib} | {label} | {fmt(self.med(mib, v))} | {fmt(self.med(mib, v, 'durable'))} | {fz(self.med(mib, v, 'frozen'))} | {by[0]:.0f} |" if by else f"| {mib} | {label} | - | - | - | - |")
-        lines += ["", "| MiB | A/B | A-nf/B | C/A | D/A | A-cli frozen − B frozen (ms, same container) | durable C+sync / A-cli | durable D+sync / A-cli | XFS: bytes the archive step wrote / archive |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| MiB | A/B | A-nf/B | staged A-stg-nf/B | C/A | D/A | A-cli frozen − B frozen (ms, same container) | durable C+sync / A-cli | durable D+sync / A-cli | XFS: bytes the archive step wrote / archive |", "|---|---|---|---|---|---|---|---|---|---|"]
         for mib in self.sizes:
             m = lambda v, k="wall": (self.med(mib, v, k) or [float("nan")])[0]
             x = self.results.get((mib, "A-xfs"), [{}])[0]
             xfs = f"{x['archive_wrote'] / x['bytes'] * 100:.2f}%" if x.get("bytes") else "-"
-            lines.append(f"| {mib} | {m('A') / m('B'):.2f} | {m('A-nf') / m('B'):.2f} | {m('C') / m('A'):.2f} | {m('D') / m('A'):.2f} | {m('A-cli', 'frozen') - m('B', 'frozen'):+.0f} | {m('C', 'durable') / m('A-cli'):.2f} | {m('D', 'durable') / m('A-cli'):.2f} | {xfs} |")
+            lines.append(f"| {mib} | {m('A') / m('B'):.2f} | {m('A-nf') / m('B'):.2f} | {m('A-stg-nf') / m('B'):.2f} | {m('C') / m('A'):.2f} | {m('D') / m('A'):.2f} | {m('A-cli', 'frozen') - m('B', 'frozen'):+.0f} | {m('C', 'durable') / m('A-cli'):.2f} | {m('D', 'durable') / m('A-cli'):.2f} | {xfs} |")
         lines += ["", f"shim (`ckpt-shim serve`) peak RSS over the whole run: {self.rss} MiB"]
         return "\n".join(lines)
 
@@ -316,8 +322,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--work", default="/var/tmp/ckpt-shim-bench")
     ap.add_argument("--out", help="also write the tables here")
+    ap.add_argument("--only", help="run just these variants, comma-separated (e.g. A-st,B)")
     a = ap.parse_args()
-    b = Bench(a.work, [int(s) for s in a.sizes.split(",")], a.rounds)
+    b = Bench(a.work, [int(s) for s in a.sizes.split(",")], a.rounds, a.only.split(",") if a.only else None)
     try:
         b.setup()
         b.run()

@@ -892,6 +892,56 @@ mod tests {
     }
 
     #[test]
+    fn streamed_member_gets_its_headers_once_its_size_is_known() {
+        use std::sync::atomic::AtomicBool;
+        let d = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..(5u32 << 20) + 123)
+            .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+            .collect();
+        let (rx, tx) = nix::unistd::pipe().unwrap();
+        let sent = data.clone();
+        let writer = std::thread::spawn(move || File::from(tx).write_all(&sent).unwrap());
+        let t = Target::new(&d.path().join("s.tar")).unwrap();
+        let mut w = ArchiveWriter::create(&t).unwrap();
+        w.add_bytes("config.dump", b"{}").unwrap();
+        w.add_dir("checkpoint").unwrap();
+        let len = w
+            .add_stream("checkpoint/pages-1.img", &rx, &AtomicBool::new(false))
+            .unwrap();
+        writer.join().unwrap();
+        assert_eq!(len, data.len() as u64);
+        w.add_bytes("dump.log", b"log").unwrap();
+        w.commit(false).unwrap();
+        let got = data_offsets(&d.path().join("s.tar"));
+        let names: Vec<&str> = got.iter().map(|g| g.0.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "config.dump",
+                "checkpoint/",
+                "checkpoint/pages-1.img",
+                "dump.log"
+            ]
+        );
+        assert!(got[2].2 == data, "streamed data changed");
+        assert_eq!(got[2].1 % ALIGN, 0, "streamed data not 4 KiB-aligned");
+        assert_eq!(got[3].2, b"log");
+    }
+
+    #[test]
+    fn stream_reservation_fits_any_size() {
+        for offset in (0..10).map(|i| i * BLOCK) {
+            let reserved = pax_body_len(offset, u64::MAX);
+            for len in [0, 1, USTAR_MAX, USTAR_MAX + 1, 1 << 40, u64::MAX] {
+                let body = pax_body_filled(len, reserved);
+                assert_eq!(body.len() as u64, reserved);
+                assert_eq!((offset + 2 * BLOCK + reserved) % ALIGN, 0);
+                assert_eq!(body.contains(&format!(" size={len}\n")), len > USTAR_MAX);
+            }
+        }
+    }
+
+    #[test]
     fn uncommitted_archive_leaves_nothing() {
         let d = tempfile::tempdir().unwrap();
         let t = Target::new(&d.path().join("a.tar")).unwrap();

@@ -163,7 +163,7 @@ async fn run(
     // that CRIU's images can go straight into it.
     let mut streaming = None;
     if opts.stream {
-        match CaptureSocket::bind(&images_path) {
+        match stream_socket(&images_path, staging.path()) {
             Ok(sock) => {
                 let mut w = ArchiveWriter::create(&target)?;
                 write_members(&mut w, &head_members(c, &checkpointed))?;
@@ -332,6 +332,20 @@ async fn run(
         deleted_files: diff.as_ref().map(|d| d.deleted.len()).unwrap_or(0),
         cleanup,
     })
+}
+
+/// The socket CRIU streams to, where streaming can work: the socket's path must
+/// fit a socket address, and CRIU must be able to run the action script that lets
+/// us abort it, which lives in the staging dir.
+fn stream_socket(images: &Path, staging: &Path) -> std::io::Result<CaptureSocket> {
+    let vfs = nix::sys::statvfs::statvfs(staging)?;
+    if vfs.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC) {
+        return Err(std::io::Error::other(format!(
+            "{} is on a noexec file system",
+            staging.display()
+        )));
+    }
+    CaptureSocket::bind(images)
 }
 
 /// Waiting for CRIU's dump under the request's deadline and cancellation.

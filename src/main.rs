@@ -67,9 +67,10 @@ enum Cmd {
         /// Skip the fdatasync of the archive (it is still complete and atomic, not durable).
         #[arg(long)]
         no_fsync: bool,
-        /// Stream CRIU's images straight into the archive (`criu dump --stream`).
+        /// Dump into a staging dir first and build the archive after, instead of
+        /// streaming CRIU's images straight into it.
         #[arg(long)]
-        stream: bool,
+        no_stream: bool,
     },
     /// Restore an archive into a bundle (config.json + rootfs holding the image).
     Restore {
@@ -159,7 +160,7 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
             timeout,
             tcp_established,
             no_fsync,
-            stream,
+            no_stream,
         } => {
             let started = Instant::now();
             let deadline = timeout.map(|t| started + Duration::from_secs(t));
@@ -178,7 +179,7 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
                     staging_dir: None,
                     freeze_journal: None,
                     durable: !no_fsync,
-                    stream,
+                    stream: !no_stream,
                 },
             )
             .await?;

@@ -28,7 +28,8 @@ pub struct Config {
     pub checkpoint_enabled: bool,
     /// fdatasync each archive before answering (on by default).
     pub durable: bool,
-    /// Stream CRIU's images straight into the archive (`criu dump --stream`).
+    /// Stream CRIU's images straight into the archive (`criu dump --stream`, on by
+    /// default); `false` dumps into staging first and builds the archive after.
     pub stream: bool,
 }
 
@@ -45,7 +46,7 @@ impl Default for Config {
             file_locks: true,
             checkpoint_enabled: true,
             durable: true,
-            stream: false,
+            stream: true,
         }
     }
 }
