@@ -3,7 +3,9 @@
 
 For containers touching N MiB of incompressible memory (hack/workloads/counter.c),
 each round runs, in an order that rotates from round to round:
-  A      ckpt-shim CheckpointContainer through its CRI socket, in front of containerd
+  A      ckpt-shim CheckpointContainer through its CRI socket, in front of containerd,
+         with `durable = false` (no fdatasync)
+  A-d    the same through a second ckpt-shim with the default `durable = true`
   A-cli  ckpt-shim checkpoint (standalone, on a runc container), archive fdatasync'd
   A-nf   the same without the fdatasync
   A-stg, A-stg-nf  the same two dumping into staging first (--no-stream)
@@ -12,7 +14,7 @@ each round runs, in an order that rotates from round to round:
   D      `podman container checkpoint --leave-running --export` (runc, no compression)
 Every run writes to a fresh directory on the same file system; outputs are deleted
 and synced between runs, outside the timing. Durable variants add the `sync` that
-makes B, C and D's output durable; A-cli already includes its one fdatasync.
+makes B, C and D's output durable; A-d and A-cli already include their one fdatasync.
 Also: CRIU's frozen time, the shim's peak RSS, and on an XFS loop image how many bytes
 the archive step writes itself (reflink and adoption copy no page data). Not a test: it asserts nothing.
 """
@@ -100,7 +102,7 @@ class Bench:
         self.podman = ["podman", "--root", f"{work}/podman/root", "--runroot", f"{work}/podman/run",
                        "--storage-driver", "overlay", "--cgroup-manager", "cgroupfs", "--events-backend", "file",
                        "--runtime", "runc", "--tmpdir", f"{work}/podman/tmp"]
-        self.shim = None
+        self.shim = self.shim_d = None
 
     # --- set-up ---
     def setup(self):
@@ -108,19 +110,26 @@ class Bench:
         env = dict(os.environ, CKPT_SHIM_IMAGES=f"{self.w}/images")
         sh(["bash", f"{ROOT}/hack/build-image.sh", f"{self.w}/image"])
         sh(["bash", f"{ROOT}/hack/containerd.sh", "start", f"{self.w}/ctrd"], env=env)
-        self.sock = f"{self.w}/shim/ckpt-shim.sock"
-        self.shim = subprocess.Popen([SHIM, "serve", "--listen", self.sock, "--upstream", f"unix://{self.w}/ctrd/containerd.sock"],
+        # Two shims in front of the same containerd: the default (durable) one, and
+        # one without the fdatasync, for like-for-like ratios against B, C and D.
+        self.sock, self.sock_d = f"{self.w}/shim/ckpt-shim.sock", f"{self.w}/shim-d/ckpt-shim.sock"
+        open(f"{self.w}/shim-nf.toml", "w").write("durable = false\n")
+        up = f"unix://{self.w}/ctrd/containerd.sock"
+        self.shim = subprocess.Popen([SHIM, "serve", "--listen", self.sock, "--upstream", up, "--config", f"{self.w}/shim-nf.toml"],
                                      stdout=subprocess.DEVNULL, stderr=open(f"{self.w}/shim.log", "w"))
+        self.shim_d = subprocess.Popen([SHIM, "serve", "--listen", self.sock_d, "--upstream", up],
+                                       stdout=subprocess.DEVNULL, stderr=open(f"{self.w}/shim-d.log", "w"))
         for _ in range(200):
-            if os.path.exists(self.sock):
+            if os.path.exists(self.sock) and os.path.exists(self.sock_d):
                 break
             time.sleep(0.05)
         sh(self.podman + ["load", "-q", "-i", f"{self.w}/images/counter-oci.tar"])
 
     def teardown(self):
-        if self.shim:
-            self.shim.terminate()
-            self.shim.wait()
+        for p in (self.shim, self.shim_d):
+            if p:
+                p.terminate()
+                p.wait()
         sh(self.podman + ["rm", "-f", "-t", "0", "--all"], check=False)
         for s in self.sizes:
             sh(f"runc --root {self.w}/runc-state kill runc-{s} KILL; sleep 0.3; runc --root {self.w}/runc-state delete -f runc-{s}", check=False)
@@ -178,9 +187,10 @@ class Bench:
         sh("sync")
         return time.monotonic() - t
 
-    def run_A(self, mib):
+    def run_A(self, mib, durable=False):
         d = self.fresh()
-        wall, _ = self.timed(lambda: sh([CRICTL, self.sock, "checkpoint", self.cri_id, f"{d}/a.tar", "600"]))
+        sock = self.sock_d if durable else self.sock
+        wall, _ = self.timed(lambda: sh([CRICTL, sock, "checkpoint", self.cri_id, f"{d}/a.tar", "600"]))
         return dict(wall=wall, frozen=frozen_ms(stats_in_tar(f"{d}/a.tar")), bytes=os.path.getsize(f"{d}/a.tar"), dir=d)
 
     def run_A_cli(self, mib, fsync=True, base=None, stream=True):
@@ -259,6 +269,7 @@ class Bench:
             self.start_containers(mib)
             variants = [
                 ("A", lambda: self.run_A(mib), False),
+                ("A-d", lambda: self.run_A(mib, durable=True), False),
                 ("A-cli", lambda: self.run_A_cli(mib, True), False),
                 ("A-nf", lambda: self.run_A_cli(mib, False), False),
                 ("A-stg", lambda: self.run_A_cli(mib, True, stream=False), False),
@@ -278,7 +289,7 @@ class Bench:
             if not self.only or "A-xfs" in self.only:
                 self.xfs(mib)
             self.stop_containers(mib)
-        self.rss = int(re.search(r"VmHWM:\s+(\d+)", open(f"/proc/{self.shim.pid}/status").read()).group(1)) // 1024
+        self.rss = max(int(re.search(r"VmHWM:\s+(\d+)", open(f"/proc/{p.pid}/status").read()).group(1)) // 1024 for p in (self.shim, self.shim_d))
 
     def xfs(self, mib):
         """On a reflink XFS loop image, how many bytes the archive step writes."""
@@ -301,17 +312,17 @@ class Bench:
         fmt = lambda m: "-" if not m else f"{m[0]:.3f} ({m[1]:.3f}–{m[2]:.3f})"
         fz = lambda m: "-" if not m else f"{m[0]:.0f}"
         lines = ["| MiB | variant | wall s, median (min–max) | durable s (with sync) | CRIU frozen ms | output bytes |", "|---|---|---|---|---|---|"]
-        names = {"A": "A shim via CRI", "A-cli": "A shim CLI (fdatasync)", "A-nf": "A shim CLI, no fsync", "A-stg": "A shim CLI staged (fdatasync)", "A-stg-nf": "A shim CLI staged, no fsync", "B": "B raw criu dump", "C": "C runc checkpoint + tar", "D": "D podman --export"}
+        names = {"A": "A shim via CRI, no fsync", "A-d": "A shim via CRI (fdatasync)", "A-cli": "A shim CLI (fdatasync)", "A-nf": "A shim CLI, no fsync", "A-stg": "A shim CLI staged (fdatasync)", "A-stg-nf": "A shim CLI staged, no fsync", "B": "B raw criu dump", "C": "C runc checkpoint + tar", "D": "D podman --export"}
         for mib in self.sizes:
             for v, label in names.items():
                 by = self.med(mib, v, "bytes")
                 lines.append(f"| {mib} | {label} | {fmt(self.med(mib, v))} | {fmt(self.med(mib, v, 'durable'))} | {fz(self.med(mib, v, 'frozen'))} | {by[0]:.0f} |" if by else f"| {mib} | {label} | - | - | - | - |")
-        lines += ["", "| MiB | A/B | A-nf/B | staged A-stg-nf/B | C/A | D/A | A-cli frozen − B frozen (ms, same container) | durable C+sync / A-cli | durable D+sync / A-cli | XFS: bytes the archive step wrote / archive |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| MiB | A/B | A-nf/B (CLI) | staged A-stg-nf/B | C/A | D/A | A-nf frozen − B frozen (ms, same container) | durable: C+sync / A-d | D+sync / A-d | A-cli / B+sync | XFS: bytes the archive step wrote / archive |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for mib in self.sizes:
             m = lambda v, k="wall": (self.med(mib, v, k) or [float("nan")])[0]
             x = self.results.get((mib, "A-xfs"), [{}])[0]
             xfs = f"{x['archive_wrote'] / x['bytes'] * 100:.2f}%" if x.get("bytes") else "-"
-            lines.append(f"| {mib} | {m('A') / m('B'):.2f} | {m('A-nf') / m('B'):.2f} | {m('A-stg-nf') / m('B'):.2f} | {m('C') / m('A'):.2f} | {m('D') / m('A'):.2f} | {m('A-cli', 'frozen') - m('B', 'frozen'):+.0f} | {m('C', 'durable') / m('A-cli'):.2f} | {m('D', 'durable') / m('A-cli'):.2f} | {xfs} |")
+            lines.append(f"| {mib} | {m('A') / m('B'):.2f} | {m('A-nf') / m('B'):.2f} | {m('A-stg-nf') / m('B'):.2f} | {m('C') / m('A'):.2f} | {m('D') / m('A'):.2f} | {m('A-nf', 'frozen') - m('B', 'frozen'):+.0f} | {m('C', 'durable') / m('A-d'):.2f} | {m('D', 'durable') / m('A-d'):.2f} | {m('A-cli') / m('B', 'durable'):.2f} | {xfs} |")
         lines += ["", f"shim (`ckpt-shim serve`) peak RSS over the whole run: {self.rss} MiB"]
         return "\n".join(lines)
 

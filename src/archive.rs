@@ -370,7 +370,7 @@ impl ArchiveWriter {
     }
 
     fn copy_from(&mut self, src: &File, len: u64) -> std::io::Result<()> {
-        if self.offset % ALIGN == 0 && len >= ALIGN_FROM && self.try_clone(src, len) {
+        if self.offset.is_multiple_of(ALIGN) && len >= ALIGN_FROM && self.try_clone(src, len) {
             return Ok(());
         }
         let mut src_off: i64 = 0;

@@ -132,7 +132,7 @@ impl Freezer {
             }
             polls += 1;
             // v1 can stall in FREEZING while tasks fork; asking again moves it on.
-            if polls % 50 == 0 {
+            if polls.is_multiple_of(50) {
                 self.request(true)?;
             }
             tokio::time::sleep(POLL).await;

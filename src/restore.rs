@@ -352,7 +352,7 @@ fn restore_mounts(spec: &Spec, cg_path: &Path) -> Result<Vec<ExtMountMap>> {
         };
         let dir = h
             .mount_point
-            .join(cg_path.strip_prefix("/").unwrap_or(&cg_path));
+            .join(cg_path.strip_prefix("/").unwrap_or(cg_path));
         ensure_cgroup(&h.mount_point, &dir)?;
         out.push(ExtMountMap {
             key: Path::new("/sys/fs/cgroup")

@@ -78,6 +78,9 @@ async fn cycle(id: &str, prefix: &str, stream: bool) {
     require(&["runc", "criu", "cc"]);
     let c = Runc::start(id);
     c.exec("echo written-before-checkpoint > /root/newfile && rm /bin/vi");
+    // A second process (reparented to the container's init): two sets of page
+    // images, one after the other in the stream.
+    c.exec("sleep 1000 </dev/null >/dev/null 2>&1 &");
     let out = out_dir();
     let archive = out.path().join("ckpt.tar");
     let found = locate::from_runtime_root(&c.root, prefix).unwrap();
@@ -171,6 +174,7 @@ async fn cycle(id: &str, prefix: &str, stream: bool) {
         pages.iter().any(|(len, _)| *len >= 1 << 20),
         "no pages image holds the touched MiB: {pages:?}"
     );
+    assert!(pages.len() >= 2, "one pages image per process: {pages:?}");
     assert!(
         pages
             .iter()
@@ -203,6 +207,12 @@ async fn cycle(id: &str, prefix: &str, stream: bool) {
     };
     guard.assert_in_own_cgroup();
     assert_resumed(&ov.rootfs, before, after);
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    assert_eq!(
+        children.split_whitespace().count(),
+        1,
+        "the second process was not restored under init"
+    );
     assert_eq!(
         std::fs::read_to_string(ov.rootfs.join("root/newfile")).unwrap(),
         "written-before-checkpoint\n"
