@@ -1,9 +1,10 @@
 //! ckpt-shim: checkpoints running containers into the archive Kubernetes tools read,
-//! driving CRIU directly over its RPC.
+//! driving CRIU itself.
 //!
 //! The data path, one module per step: [`locate`] → [`freeze`] → [`dump`] →
-//! [`collect`] → [`archive`], run by [`checkpoint`]; [`restore`] and [`inspect`]
-//! read archives back.
+//! [`collect`] → [`archive`], run by [`checkpoint`]; [`stream`] fuses the dump and
+//! the archive when CRIU streams its images; [`restore`] and [`inspect`] read
+//! archives back.
 
 pub mod archive;
 pub mod cri {

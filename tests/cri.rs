@@ -370,6 +370,8 @@ async fn parallel_checkpoints_of_two_containers_and_of_one_container() {
         "one log line per checkpoint: {log}"
     );
     assert!(log.contains("phases=") && log.contains("bytes="), "{log}");
+    // The default: CRIU's images streamed straight into each archive.
+    assert_eq!(log.matches("streamed=true").count(), 3, "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -543,9 +543,18 @@ fn cli_checkpoint_and_inspect() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dropped_checkpoint_future_thaws_and_cleans_up() {
+    dropped_checkpoint("engine-cancel", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dropped_streamed_checkpoint_thaws_and_cleans_up() {
+    dropped_checkpoint("engine-scancel", true).await;
+}
+
+async fn dropped_checkpoint(id: &str, stream: bool) {
     require(&["runc", "criu", "cc"]);
     let c = Runc::start_with(
-        "engine-cancel",
+        id,
         Spec {
             mib: 256,
             ..Default::default()
@@ -553,12 +562,10 @@ async fn dropped_checkpoint_future_thaws_and_cleans_up() {
     );
     let out = out_dir();
     let found = locate::from_runtime_root(&c.root, &c.id).unwrap();
+    let mut o = opts(&out.path().join("x.tar"));
+    o.stream = stream;
     // Dropped while CRIU is writing 256 MiB: the caller went away.
-    let res = tokio::time::timeout(
-        Duration::from_millis(40),
-        checkpoint(&found, &opts(&out.path().join("x.tar"))),
-    )
-    .await;
+    let res = tokio::time::timeout(Duration::from_millis(40), checkpoint(&found, &o)).await;
     assert!(
         res.is_err(),
         "the checkpoint should still have been running"

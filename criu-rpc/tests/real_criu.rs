@@ -138,6 +138,70 @@ fn dump_opts(pid: i32, images: &OwnedFd, work: &OwnedFd) -> Opts {
     }
 }
 
+/// Fresh `images` and `work` dirs in `tmp`.
+fn image_dirs(tmp: &Path) -> (PathBuf, PathBuf) {
+    let (images, work) = (tmp.join("images"), tmp.join("work"));
+    std::fs::create_dir(&images).unwrap();
+    std::fs::create_dir(&work).unwrap();
+    (images, work)
+}
+
+/// The options of a command-line dump of `pid`, left running, logged.
+fn cli_opts(pid: i32) -> Opts {
+    Opts {
+        pid: Some(pid),
+        leave_running: Some(true),
+        log_level: Some(4),
+        log_file: Some("dump.log".into()),
+        ..Default::default()
+    }
+}
+
+/// Kills the counter, restores it from `images` and checks it resumes from its
+/// memory at dump time (`before..after`), not from 1.
+async fn restore_resumes(
+    c: &Criu,
+    counter: &mut Counter,
+    images: &Path,
+    work: &Path,
+    before: u64,
+    after: u64,
+) {
+    let pid = counter.pid();
+    counter.kill();
+    std::fs::remove_file(&counter.file).unwrap();
+    let (ifd, wfd) = (dir_fd(images), dir_fd(work));
+    let opts = Opts {
+        images_dir_fd: ifd.as_raw_fd(),
+        work_dir_fd: Some(wfd.as_raw_fd()),
+        log_level: Some(4),
+        log_file: Some("restore.log".into()),
+        rst_sibling: Some(true),
+        notify_scripts: Some(true),
+        ..Default::default()
+    };
+    let restored = c.restore(opts, &mut ack_all(), Vec::new()).await.unwrap();
+    assert_eq!(restored, pid, "CRIU restores the original pid");
+    // rst_sibling makes the restored task our child: reap it when done.
+    let reap = scopeguard(restored);
+    let first = counter.wait_for(|_| true);
+    assert!(
+        first > before && first <= after + 2,
+        "restored counter wrote {first}; dump saw {before}..{after}"
+    );
+    counter.wait_for(|v| v >= first + 3);
+    drop(reap);
+}
+
+/// Neither stopped nor traced: CRIU let go of the task.
+fn assert_not_stopped(pid: i32) {
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    assert!(
+        !state.contains(") t") && !state.contains(") T"),
+        "task left stopped: {state}"
+    );
+}
+
 /// Children of this process named `criu`.
 fn criu_children() -> Vec<i32> {
     let me = std::process::id().to_string();
@@ -181,9 +245,7 @@ async fn check_passes_and_features_answer() {
 async fn dump_leave_running_then_restore_continues_count() {
     let c = criu();
     let tmp = tempfile::tempdir().unwrap();
-    let (images, work) = (tmp.path().join("images"), tmp.path().join("work"));
-    std::fs::create_dir(&images).unwrap();
-    std::fs::create_dir(&work).unwrap();
+    let (images, work) = image_dirs(tmp.path());
     let mut counter = Counter::start(tmp.path());
     let pid = counter.pid();
 
@@ -209,40 +271,7 @@ async fn dump_leave_running_then_restore_continues_count() {
     counter.wait_for(|v| v > after + 2);
     assert!(counter.alive());
 
-    counter.kill();
-    std::fs::remove_file(&counter.file).unwrap();
-    let ifd = dir_fd(&images);
-    let opts = Opts {
-        images_dir_fd: ifd.as_raw_fd(),
-        work_dir_fd: Some(wfd.as_raw_fd()),
-        log_level: Some(4),
-        log_file: Some("restore.log".into()),
-        rst_sibling: Some(true),
-        notify_scripts: Some(true),
-        ..Default::default()
-    };
-    let restored = c.restore(opts, &mut ack_all(), Vec::new()).await.unwrap();
-    assert_eq!(restored, pid, "CRIU restores the original pid");
-    // rst_sibling makes the restored task our child: reap it when done.
-    let reap = scopeguard(restored);
-    let t = Instant::now();
-    let first = loop {
-        if let Some(v) = counter.read() {
-            break v;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "restored counter never wrote"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    // It resumes from its memory at dump time, not from 1.
-    assert!(
-        first > before && first <= after + 2,
-        "restored counter wrote {first}; dump saw {before}..{after}"
-    );
-    counter.wait_for(|v| v >= first + 3);
-    drop(reap);
+    restore_resumes(&c, &mut counter, &images, &work, before, after).await;
 }
 
 /// Kills and reaps a restored child on scope exit.
@@ -311,11 +340,7 @@ async fn failing_notify_handler_aborts_dump_and_process_keeps_running() {
         let now = counter.read().unwrap();
         counter.wait_for(|v| v > now + 2);
         assert!(counter.alive());
-        let state = std::fs::read_to_string(format!("/proc/{}/stat", counter.pid())).unwrap();
-        assert!(
-            !state.contains(") t") && !state.contains(") T"),
-            "task left stopped: {state}"
-        );
+        assert_not_stopped(counter.pid());
     }
 }
 
@@ -376,20 +401,12 @@ fn capture_all(
 async fn cli_stream_dump_hands_over_every_image_and_they_restore() {
     let c = criu();
     let tmp = tempfile::tempdir().unwrap();
-    let (images, work) = (tmp.path().join("images"), tmp.path().join("work"));
-    std::fs::create_dir(&images).unwrap();
-    std::fs::create_dir(&work).unwrap();
+    let (images, work) = image_dirs(tmp.path());
     let mut counter = Counter::start(tmp.path());
     let pid = counter.pid();
     let sock = criu_rpc::streamer::CaptureSocket::bind(&images).unwrap();
     let captured = capture_all(sock);
-    let opts = Opts {
-        pid: Some(pid),
-        leave_running: Some(true),
-        log_level: Some(4),
-        log_file: Some("dump.log".into()),
-        ..Default::default()
-    };
+    let opts = cli_opts(pid);
     let before = counter.read().unwrap();
     let mut dump = c.dump_cli(&opts, &images, &work, true).unwrap();
     dump.wait().await.unwrap();
@@ -419,26 +436,7 @@ async fn cli_stream_dump_hands_over_every_image_and_they_restore() {
         assert!(!name.contains('/'), "{name}");
         std::fs::write(restore_dir.join(name), data).unwrap();
     }
-    counter.kill();
-    std::fs::remove_file(&counter.file).unwrap();
-    let (ifd, wfd) = (dir_fd(&restore_dir), dir_fd(&work));
-    let opts = Opts {
-        images_dir_fd: ifd.as_raw_fd(),
-        work_dir_fd: Some(wfd.as_raw_fd()),
-        log_level: Some(4),
-        log_file: Some("restore.log".into()),
-        rst_sibling: Some(true),
-        ..Default::default()
-    };
-    let restored = c.restore(opts, &mut ack_all(), Vec::new()).await.unwrap();
-    let reap = scopeguard(restored);
-    let first = counter.wait_for(|_| true);
-    assert!(
-        first > before && first <= after + 2,
-        "restored counter wrote {first}; dump saw {before}..{after}"
-    );
-    counter.wait_for(|v| v >= first + 3);
-    drop(reap);
+    restore_resumes(&c, &mut counter, &restore_dir, &work, before, after).await;
 }
 
 #[tokio::test]
@@ -446,14 +444,9 @@ async fn aborted_cli_dump_fails_at_post_dump_and_the_task_runs_on() {
     let c = criu();
     let tmp = tempfile::tempdir().unwrap();
     let counter = Counter::start(tmp.path());
-    let opts = Opts {
-        pid: Some(counter.pid()),
-        leave_running: Some(true),
-        log_level: Some(4),
-        log_file: Some("dump.log".into()),
-        ..Default::default()
-    };
-    let mut dump = c.dump_cli(&opts, tmp.path(), tmp.path(), false).unwrap();
+    let mut dump = c
+        .dump_cli(&cli_opts(counter.pid()), tmp.path(), tmp.path(), false)
+        .unwrap();
     dump.aborter().abort();
     let err = dump.wait().await.unwrap_err();
     match &err {
@@ -465,9 +458,5 @@ async fn aborted_cli_dump_fails_at_post_dump_and_the_task_runs_on() {
     }
     let now = counter.read().unwrap();
     counter.wait_for(|v| v > now + 2);
-    let state = std::fs::read_to_string(format!("/proc/{}/stat", counter.pid())).unwrap();
-    assert!(
-        !state.contains(") t") && !state.contains(") T"),
-        "task left stopped: {state}"
-    );
+    assert_not_stopped(counter.pid());
 }

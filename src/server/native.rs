@@ -128,6 +128,7 @@ impl Native {
             location = %report.location.display(),
             bytes = report.archive_bytes,
             archive_written_bytes = report.archive_written_bytes,
+            streamed = report.streamed,
             frozen_ms = ms(report.frozen),
             criu_frozen_ms = report.stats.as_ref().and_then(|s| s.frozen_time).map(|us| us as f64 / 1e3),
             pages_written = report.stats.as_ref().and_then(|s| s.pages_written),
