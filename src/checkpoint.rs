@@ -259,18 +259,19 @@ async fn run(
             let captured = capture
                 .await
                 .map_err(|e| Error::Other(format!("capture task failed: {e}")));
-            match r {
-                Err(e) => (Err(e), None),
-                Ok(()) => match captured {
-                    Ok(Ok(wc)) => (Ok(()), Some(wc)),
-                    Ok(Err(e)) | Err(e) => (Err(e), None),
-                },
+            match (r, captured) {
+                (Ok(()), Ok(Ok(wc))) => (Ok(()), Some(wc)),
+                (Err(e @ (Error::DeadlineExceeded(_) | Error::Cancelled)), _) => (Err(e), None),
+                // A failed capture closes CRIU's pipes, so CRIU fails too: the
+                // capture's error (a full disk, say) is the cause.
+                (_, Ok(Err(e)) | Err(e)) => (Err(e), None),
+                (Err(e), Ok(Ok(_))) => (Err(e), None),
             }
         }
     };
     let was_paused = guard.was_paused();
     let frozen = guard.thaw();
-    dumped?;
+    dumped.map_err(|e| out_of_space(e, staging.path()))?;
     let frozen = frozen?;
     ph.mark("dump");
 
@@ -332,6 +333,20 @@ async fn run(
         deleted_files: diff.as_ref().map(|d| d.deleted.len()).unwrap_or(0),
         cleanup,
     })
+}
+
+/// CRIU reports a full disk only in its log, which cannot be written then either:
+/// a CRIU failure with (almost) no space left where it wrote is a full disk.
+fn out_of_space(e: Error, dir: &Path) -> Error {
+    const NEARLY_FULL: u64 = 2 << 20;
+    let Error::Criu(criu) = &e else { return e };
+    match nix::sys::statvfs::statvfs(dir) {
+        Ok(v) if v.blocks_free().saturating_mul(v.fragment_size()) < NEARLY_FULL => {
+            tracing::warn!("CRIU failed on a full file system: {criu}");
+            Error::NoSpace(dir.to_path_buf())
+        }
+        _ => e,
+    }
 }
 
 /// The socket CRIU streams to, where streaming can work: the socket's path must

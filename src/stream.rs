@@ -90,8 +90,11 @@ pub fn capture(
         out.extend(first_err);
         out
     });
-    for r in results {
-        r?;
+    // Receivers stopped by another's failure say so; the first other error is the cause.
+    let mut errs: Vec<Error> = results.into_iter().filter_map(|r| r.err()).collect();
+    if !errs.is_empty() {
+        let cause = errs.iter().position(|e| !abandoned(e)).unwrap_or(0);
+        return Err(errs.swap_remove(cause));
     }
     let total = std::mem::take(&mut *shared.total.lock().unwrap_or_else(|p| p.into_inner()));
     Ok(total)
@@ -127,6 +130,10 @@ fn receive(shared: &Shared, name: &str, pipe: OwnedFd, spool_dir: &Path) -> Resu
     t.images += 1;
     t.bytes += len;
     Ok(())
+}
+
+fn abandoned(e: &Error) -> bool {
+    matches!(e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::Interrupted)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -462,6 +462,58 @@ async fn deadline_during_dump(id: &str, stream: bool) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn full_disk_is_no_space_and_leaves_nothing() {
+    full_disk("engine-full", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streamed_full_disk_is_no_space_and_leaves_nothing() {
+    full_disk("engine-sfull", true).await;
+}
+
+/// 64 MiB of memory into a 16 MiB file system: the disk fills mid-dump.
+async fn full_disk(id: &str, stream: bool) {
+    require(&["runc", "criu", "cc"]);
+    let c = Runc::start_with(
+        id,
+        Spec {
+            mib: 64,
+            ..Default::default()
+        },
+    );
+    let out = out_dir();
+    let small = out.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    sh(&format!(
+        "mount -t tmpfs -o size=16m,mode=0700 ckpt-full {}",
+        small.display()
+    ));
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    let found = locate::from_runtime_root(&c.root, &c.id).unwrap();
+    let mut o = opts(&small.join("x.tar"));
+    o.stream = stream;
+    let err = checkpoint(&found, &o).await.unwrap_err();
+    let shown = err.to_string();
+    assert_eq!(
+        tonic::Status::from(err).code(),
+        tonic::Code::ResourceExhausted,
+        "{shown}"
+    );
+    assert_eq!(
+        entries(&small),
+        Vec::<String>::new(),
+        "archive or staging left behind"
+    );
+    c.assert_running();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn paused_container_is_dumped_and_stays_paused() {
     require(&["runc", "criu", "cc"]);
     let c = Runc::start("engine-paused");
