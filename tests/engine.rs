@@ -27,12 +27,32 @@ fn opts(location: &Path) -> Options {
     }
 }
 
-/// The same, with CRIU's images streamed straight into the archive.
-fn stream_opts(location: &Path) -> Options {
+/// `opts`, staged or with CRIU's images streamed straight into the archive.
+fn mode_opts(location: &Path, stream: bool) -> Options {
     Options {
-        stream: true,
+        stream,
         ..opts(location)
     }
+}
+
+/// A counter container touching `mib` MiB.
+fn start_mib(id: &str, mib: u32) -> Runc {
+    Runc::start_with(
+        id,
+        Spec {
+            mib,
+            ..Default::default()
+        },
+    )
+}
+
+/// Nothing in `dir`: no archive, temp file or staging.
+fn assert_left_nothing(dir: &Path) {
+    assert_eq!(
+        entries(dir),
+        Vec::<String>::new(),
+        "archive or staging left behind"
+    );
 }
 
 fn members(archive: &Path) -> Vec<(String, tar::EntryType)> {
@@ -86,12 +106,9 @@ async fn cycle(id: &str, prefix: &str, stream: bool) {
     let found = locate::from_runtime_root(&c.root, prefix).unwrap();
     assert_eq!(found.pid, c.pid());
     let before = c.count().unwrap();
-    let o = if stream {
-        stream_opts(&archive)
-    } else {
-        opts(&archive)
-    };
-    let report = checkpoint(&found, &o).await.unwrap();
+    let report = checkpoint(&found, &mode_opts(&archive, stream))
+        .await
+        .unwrap();
     let after = c.count().unwrap();
     assert_eq!(report.streamed, stream);
     report.cleanup.wait();
@@ -401,8 +418,7 @@ async fn criu_failure(id: &str, stream: bool) {
     );
     let out = out_dir();
     let found = locate::from_runtime_root(&c.root, &c.id).unwrap();
-    let mut o = opts(&out.path().join("x.tar"));
-    o.stream = stream;
+    let o = mode_opts(&out.path().join("x.tar"), stream);
     let err = checkpoint(&found, &o).await.unwrap_err();
     match &err {
         Error::Criu(criu_rpc::Error::Failed { log_tail, .. })
@@ -412,11 +428,7 @@ async fn criu_failure(id: &str, stream: bool) {
         other => panic!("expected a CRIU failure, got {other:?}"),
     }
     assert!(err.to_string().contains("CRIU log tail"), "{err}");
-    assert_eq!(
-        entries(out.path()),
-        Vec::<String>::new(),
-        "archive or staging left behind"
-    );
+    assert_left_nothing(out.path());
     c.assert_running();
 }
 
@@ -433,17 +445,10 @@ async fn streamed_deadline_during_dump_thaws_and_leaves_nothing() {
 async fn deadline_during_dump(id: &str, stream: bool) {
     require(&["runc", "criu", "cc"]);
     // 256 MiB cannot be dumped in 50 ms here (page cache writes at ~3 GB/s at best).
-    let c = Runc::start_with(
-        id,
-        Spec {
-            mib: 256,
-            ..Default::default()
-        },
-    );
+    let c = start_mib(id, 256);
     let out = out_dir();
     let found = locate::from_runtime_root(&c.root, &c.id).unwrap();
-    let mut o = opts(&out.path().join("x.tar"));
-    o.stream = stream;
+    let mut o = mode_opts(&out.path().join("x.tar"), stream);
     o.deadline = Some(Instant::now() + Duration::from_millis(50));
     let err = checkpoint(&found, &o).await.unwrap_err();
     assert!(matches!(err, Error::DeadlineExceeded(_)), "{err:?}");
@@ -453,11 +458,7 @@ async fn deadline_during_dump(id: &str, stream: bool) {
         assert!(t.elapsed() < Duration::from_secs(15), "CRIU still running");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(
-        entries(out.path()),
-        Vec::<String>::new(),
-        "archive or staging left behind"
-    );
+    assert_left_nothing(out.path());
     c.assert_running();
 }
 
@@ -474,13 +475,7 @@ async fn streamed_full_disk_is_no_space_and_leaves_nothing() {
 /// 64 MiB of memory into a 16 MiB file system: the disk fills mid-dump.
 async fn full_disk(id: &str, stream: bool) {
     require(&["runc", "criu", "cc"]);
-    let c = Runc::start_with(
-        id,
-        Spec {
-            mib: 64,
-            ..Default::default()
-        },
-    );
+    let c = start_mib(id, 64);
     let out = out_dir();
     let small = out.path().join("small");
     std::fs::create_dir(&small).unwrap();
@@ -496,8 +491,7 @@ async fn full_disk(id: &str, stream: bool) {
     }
     let _unmount = Unmount(small.clone());
     let found = locate::from_runtime_root(&c.root, &c.id).unwrap();
-    let mut o = opts(&small.join("x.tar"));
-    o.stream = stream;
+    let o = mode_opts(&small.join("x.tar"), stream);
     let err = checkpoint(&found, &o).await.unwrap_err();
     let shown = err.to_string();
     assert_eq!(
@@ -505,11 +499,7 @@ async fn full_disk(id: &str, stream: bool) {
         tonic::Code::ResourceExhausted,
         "{shown}"
     );
-    assert_eq!(
-        entries(&small),
-        Vec::<String>::new(),
-        "archive or staging left behind"
-    );
+    assert_left_nothing(&small);
     c.assert_running();
 }
 
@@ -605,17 +595,10 @@ async fn dropped_streamed_checkpoint_thaws_and_cleans_up() {
 
 async fn dropped_checkpoint(id: &str, stream: bool) {
     require(&["runc", "criu", "cc"]);
-    let c = Runc::start_with(
-        id,
-        Spec {
-            mib: 256,
-            ..Default::default()
-        },
-    );
+    let c = start_mib(id, 256);
     let out = out_dir();
     let found = locate::from_runtime_root(&c.root, &c.id).unwrap();
-    let mut o = opts(&out.path().join("x.tar"));
-    o.stream = stream;
+    let o = mode_opts(&out.path().join("x.tar"), stream);
     // Dropped while CRIU is writing 256 MiB: the caller went away.
     let res = tokio::time::timeout(Duration::from_millis(40), checkpoint(&found, &o)).await;
     assert!(
