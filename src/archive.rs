@@ -126,6 +126,26 @@ pub struct ArchiveWriter {
 
 impl ArchiveWriter {
     pub fn create(target: &Target) -> Result<ArchiveWriter> {
+        let dir = target.dir.try_clone().ctx(|| "dup archive dir".into())?;
+        Self::create_at(target, dir)
+    }
+
+    /// Like [`create`](Self::create), but the unfinished archive lives in
+    /// `staging` (private, on the archive's file system), so that whatever removes
+    /// the staging dir after a crash removes it too. Beside the target where
+    /// `staging` is on another file system.
+    pub fn create_in(target: &Target, staging: &Path) -> Result<ArchiveWriter> {
+        let dir: OwnedFd = File::open(staging)
+            .ctx(|| format!("open {}", staging.display()))?
+            .into();
+        if same_fs(&dir, &target.dir) {
+            Self::create_at(target, dir)
+        } else {
+            Self::create(target)
+        }
+    }
+
+    fn create_at(target: &Target, tmp_dir: OwnedFd) -> Result<ArchiveWriter> {
         let rand: u64 = rand_u64();
         let tmp = CString::new(format!(
             ".{}.{rand:016x}.ckpt-shim-tmp",
@@ -137,7 +157,7 @@ impl ArchiveWriter {
         // SAFETY: openat on an open dir fd with a NUL-terminated name; 0600 from creation.
         let fd = unsafe {
             libc::openat(
-                target.dir.as_raw_fd(),
+                tmp_dir.as_raw_fd(),
                 tmp.as_ptr(),
                 flags,
                 0o600 as libc::c_uint,
@@ -151,7 +171,7 @@ impl ArchiveWriter {
         let file = unsafe { File::from_raw_fd(fd) };
         let w = ArchiveWriter {
             target: target.try_clone()?,
-            tmp_dir: target.dir.try_clone().ctx(|| "dup archive dir".into())?,
+            tmp_dir,
             tmp,
             adopted: None,
             file,
@@ -185,12 +205,7 @@ impl ArchiveWriter {
             .ctx(|| format!("open {}", dir.display()))?
             .into();
         let tmp = CString::new(rel).map_err(|_| Error::Other(format!("bad name {rel}")))?;
-        let same_fs = nix::sys::stat::fstat(tmp_dir.as_fd())
-            .ok()
-            .map(|s| s.st_dev)
-            == nix::sys::stat::fstat(target.dir.as_fd())
-                .ok()
-                .map(|s| s.st_dev);
+        let same_fs = same_fs(&tmp_dir, &target.dir);
         // SAFETY: openat on an open dir fd with a NUL-terminated name.
         let fd = unsafe {
             libc::openat(
@@ -524,6 +539,12 @@ impl Drop for ArchiveWriter {
             unsafe { libc::unlinkat(self.tmp_dir.as_raw_fd(), self.tmp.as_ptr(), 0) };
         }
     }
+}
+
+/// Whether two open directories are on one file system (so a rename between them works).
+fn same_fs(a: &OwnedFd, b: &OwnedFd) -> bool {
+    let dev = |fd: &OwnedFd| nix::sys::stat::fstat(fd.as_fd()).ok().map(|s| s.st_dev);
+    dev(a).is_some() && dev(a) == dev(b)
 }
 
 fn header(name: &str, size: u64, mode: u32, kind: tar::EntryType) -> Result<tar::Header> {

@@ -151,6 +151,10 @@ async fn run(
         ".ckpt-shim-staging-",
         opts.staging_dir.as_ref().unwrap_or(&target.dir_path),
     )?;
+    let staging_note = match &opts.freeze_journal {
+        Some(dir) => Some(freeze::JournalEntry::staging(dir, staging.path())?),
+        None => None,
+    };
     let images_path = staging.path().join("checkpoint");
     std::fs::DirBuilder::new()
         .mode(0o700)
@@ -165,7 +169,9 @@ async fn run(
     if opts.stream {
         match stream_socket(&images_path, staging.path()) {
             Ok(sock) => {
-                let mut w = ArchiveWriter::create(&target)?;
+                // In staging, like every unfinished archive: a crashed shim's
+                // (memory pages and all) goes with the staging dir on recovery.
+                let mut w = ArchiveWriter::create_in(&target, staging.path())?;
                 write_members(&mut w, &head_members(c, &checkpointed))?;
                 w.add_dir("checkpoint")?;
                 w.add_bytes("checkpoint/descriptors.json", &descriptors)?;
@@ -319,6 +325,7 @@ async fn run(
         if let Err(e) = std::fs::remove_dir_all(&staged) {
             tracing::warn!(dir = %staged.display(), "could not remove staging: {e}");
         }
+        drop(staging_note);
     })));
     Ok(Report {
         location: target.path.clone(),
@@ -444,7 +451,7 @@ fn build_archive(
     };
     let (mut w, adopted) = match adopted {
         Some((w, i)) => (w, Some(i)),
-        None => (ArchiveWriter::create(target)?, None),
+        None => (ArchiveWriter::create_in(target, staging)?, None),
     };
     for (i, m) in members.iter().enumerate() {
         if Some(i) == adopted {

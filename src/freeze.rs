@@ -238,6 +238,24 @@ impl JournalEntry {
     }
 }
 
+impl JournalEntry {
+    /// A note that `staging` is in use, kept from its creation until it is
+    /// removed: a shim that dies after the thaw (while it builds the archive)
+    /// leaves its staging, with images or an unfinished archive inside, for
+    /// [`recover`] to remove.
+    pub fn staging(dir: &Path, staging: &Path) -> Result<JournalEntry> {
+        std::fs::create_dir_all(dir).ctx(|| format!("create {}", dir.display()))?;
+        let name = format!(
+            "{:016x}.staging",
+            fnv1a(staging.as_os_str().as_encoded_bytes())
+        );
+        let path = dir.join(name);
+        std::fs::write(&path, format!("staging {}\n", staging.display()))
+            .ctx(|| format!("write {}", path.display()))?;
+        Ok(JournalEntry(path))
+    }
+}
+
 impl Drop for JournalEntry {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
@@ -318,4 +336,30 @@ fn read_trim(p: &Path) -> Result<String> {
         .ctx(|| format!("read {}", p.display()))?
         .trim()
         .to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recover_removes_a_noted_staging_dir_and_the_note() {
+        let d = tempfile::tempdir().unwrap();
+        let journal = d.path().join("frozen");
+        let staging = d.path().join(".ckpt-shim-staging-abc");
+        std::fs::create_dir_all(staging.join("checkpoint")).unwrap();
+        std::fs::write(staging.join(".x.tar.1.ckpt-shim-tmp"), b"pages").unwrap();
+        let other = d.path().join("not-staging");
+        std::fs::create_dir(&other).unwrap();
+        // A crash: the notes are never dropped.
+        std::mem::forget(JournalEntry::staging(&journal, &staging).unwrap());
+        std::mem::forget(JournalEntry::staging(&journal, &other).unwrap());
+        assert_eq!(recover(&journal), Vec::<PathBuf>::new());
+        assert!(!staging.exists(), "staging left");
+        assert!(
+            other.exists(),
+            "only the shim's own staging dirs are removed"
+        );
+        assert_eq!(std::fs::read_dir(&journal).unwrap().count(), 0);
+    }
 }
