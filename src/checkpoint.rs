@@ -243,35 +243,12 @@ async fn run(
             let abort = || expired.store(true, Ordering::SeqCst);
             (wait.dump(dump, abort, &mut cancelled).await, None)
         }
-        Some((mut w, sock)) => {
-            let mut cli = opts
-                .criu
-                .dump_cli(&criu_opts, &images_path, staging.path(), true)?;
-            freeze::watch_pid(&guard.criu_watch(), cli.pid());
-            let criu_gone = Arc::new(AtomicBool::new(false));
-            let capture = {
-                let (gone, spool) = (criu_gone.clone(), staging.path().to_path_buf());
-                tokio::task::spawn_blocking(move || {
-                    let r = stream::capture(&sock, &mut w, &spool, || gone.load(Ordering::SeqCst));
-                    r.map(|captured| (w, captured))
-                })
-            };
-            let aborter = cli.aborter();
-            let r = wait
-                .dump(cli.wait(), || aborter.abort(), &mut cancelled)
-                .await;
-            criu_gone.store(true, Ordering::SeqCst);
-            // CRIU has exited, so every pipe is closed and the capture ends.
-            let captured = capture
-                .await
-                .map_err(|e| Error::Other(format!("capture task failed: {e}")));
-            match (r, captured) {
-                (Ok(()), Ok(Ok(wc))) => (Ok(()), Some(wc)),
-                (Err(e @ (Error::DeadlineExceeded(_) | Error::Cancelled)), _) => (Err(e), None),
-                // A failed capture closes CRIU's pipes, so CRIU fails too: the
-                // capture's error (a full disk, say) is the cause.
-                (_, Ok(Err(e)) | Err(e)) => (Err(e), None),
-                (Err(e), Ok(Ok(_))) => (Err(e), None),
+        Some((w, sock)) => {
+            let dirs = (images_path.as_path(), staging.path());
+            match dump_streamed(&opts.criu, &criu_opts, dirs, w, sock, &wait, &mut cancelled).await
+            {
+                Ok(wc) => (Ok(()), Some(wc)),
+                Err(e) => (Err(e), None),
             }
         }
     };
@@ -340,6 +317,44 @@ async fn run(
         deleted_files: diff.as_ref().map(|d| d.deleted.len()).unwrap_or(0),
         cleanup,
     })
+}
+
+/// `criu dump --stream` with the shim capturing its images into `w`. Returns the
+/// writer, ready for the members after the images, and what was captured.
+async fn dump_streamed(
+    criu: &Criu,
+    criu_opts: &criu_rpc::proto::Opts,
+    (images, staging): (&Path, &Path),
+    mut w: ArchiveWriter,
+    sock: CaptureSocket,
+    wait: &Wait<'_>,
+    cancelled: &mut tokio::sync::watch::Receiver<()>,
+) -> Result<(ArchiveWriter, stream::Captured)> {
+    let mut cli = criu.dump_cli(criu_opts, images, staging, true)?;
+    freeze::watch_pid(&wait.guard.criu_watch(), cli.pid());
+    let criu_gone = Arc::new(AtomicBool::new(false));
+    let capture = {
+        let (gone, spool) = (criu_gone.clone(), staging.to_path_buf());
+        tokio::task::spawn_blocking(move || {
+            let r = stream::capture(&sock, &mut w, &spool, || gone.load(Ordering::SeqCst));
+            r.map(|captured| (w, captured))
+        })
+    };
+    let aborter = cli.aborter();
+    let dumped = wait.dump(cli.wait(), || aborter.abort(), cancelled).await;
+    criu_gone.store(true, Ordering::SeqCst);
+    // CRIU has exited, so every pipe is closed and the capture ends.
+    let captured = capture
+        .await
+        .map_err(|e| Error::Other(format!("capture task failed: {e}")))
+        .and_then(|r| r);
+    match (dumped, captured) {
+        (Ok(()), Ok(wc)) => Ok(wc),
+        (Err(e @ (Error::DeadlineExceeded(_) | Error::Cancelled)), _) => Err(e),
+        // A failed capture closes CRIU's pipes, so CRIU fails too: the capture's
+        // error (a full disk, say) is the cause.
+        (_, Err(e)) | (Err(e), Ok(_)) => Err(e),
+    }
 }
 
 /// CRIU reports a full disk only in its log, which cannot be written then either:

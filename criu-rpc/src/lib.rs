@@ -1,4 +1,6 @@
-//! CRIU's RPC schema and an async client for `criu swrk`.
+//! CRIU's RPC schema and an async client for `criu swrk`; for what RPC cannot
+//! carry (image streaming), a command-line dump built from the same options
+//! ([`cli`]) and the capture side of CRIU's image streamer ([`streamer`]).
 //!
 //! One request runs in one CRIU child: [`Criu::request`] spawns
 //! `criu --no-default-config swrk 3` on a `SOCK_SEQPACKET` socketpair, sends the
