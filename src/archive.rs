@@ -355,10 +355,7 @@ impl ArchiveWriter {
         let mut off = at as i64;
         loop {
             if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::Interrupted,
-                    "capture abandoned",
-                ));
+                return Err(abandoned());
             }
             // SAFETY: both fds are open; `off` is a local the kernel advances.
             let n = unsafe {
@@ -539,6 +536,17 @@ impl Drop for ArchiveWriter {
             unsafe { libc::unlinkat(self.tmp_dir.as_raw_fd(), self.tmp.as_ptr(), 0) };
         }
     }
+}
+
+/// The error of a stream receiver stopped because another one failed; see
+/// [`is_abandoned`].
+pub(crate) fn abandoned() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::Interrupted, "capture abandoned")
+}
+
+/// Whether `e` only says the receiver was stopped ([`abandoned`]), not why.
+pub(crate) fn is_abandoned(e: &Error) -> bool {
+    matches!(e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::Interrupted)
 }
 
 /// Whether two open directories are on one file system (so a rename between them works).

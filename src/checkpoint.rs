@@ -212,7 +212,7 @@ async fn run(
     ph.mark("prepare");
 
     let journal = match &opts.freeze_journal {
-        Some(dir) => Some(freeze::JournalEntry::record(dir, &freezer, staging.path())?),
+        Some(dir) => Some(freeze::JournalEntry::record(dir, &freezer)?),
         None => None,
     };
     let guard = freezer.freeze(&c.id, deadline, journal).await?;

@@ -212,46 +212,44 @@ impl Drop for FreezeGuard {
     }
 }
 
-/// A note on disk that we froze a cgroup (and where we staged), written before
-/// freezing and removed once the cgroup is thawed for good. If the shim dies in
-/// between (SIGKILL skips every guard) and CRIU, aborting, re-freezes the cgroup
-/// it found frozen, the restarted shim thaws it with [`recover`].
+/// A note on disk, removed when dropped, for [`recover`] after a crash: that we
+/// froze a cgroup ([`record`](Self::record)), or that a staging dir is in use
+/// ([`staging`](Self::staging)).
 #[derive(Debug)]
 pub struct JournalEntry(PathBuf);
 
 impl JournalEntry {
-    pub fn record(dir: &Path, freezer: &Freezer, staging: &Path) -> Result<JournalEntry> {
-        std::fs::create_dir_all(dir).ctx(|| format!("create {}", dir.display()))?;
+    /// Written before freezing and removed once the cgroup is thawed for good. If
+    /// the shim dies in between (SIGKILL skips every guard) and CRIU, aborting,
+    /// re-freezes the cgroup it found frozen, the restarted shim thaws it.
+    pub fn record(dir: &Path, freezer: &Freezer) -> Result<JournalEntry> {
         let (kind, cg) = match freezer {
             Freezer::V1(p) => ("v1", p),
             Freezer::V2(p) => ("v2", p),
         };
         // One entry per cgroup: checkpoints of one container are serialised.
-        let name = format!("{:016x}.frozen", fnv1a(cg.as_os_str().as_encoded_bytes()));
-        let path = dir.join(name);
-        std::fs::write(
-            &path,
-            format!("{kind} {}\nstaging {}\n", cg.display(), staging.display()),
-        )
-        .ctx(|| format!("write {}", path.display()))?;
-        Ok(JournalEntry(path))
+        Self::write(dir, cg, "frozen", &format!("{kind} {}\n", cg.display()))
     }
-}
 
-impl JournalEntry {
-    /// A note that `staging` is in use, kept from its creation until it is
-    /// removed: a shim that dies after the thaw (while it builds the archive)
-    /// leaves its staging, with images or an unfinished archive inside, for
-    /// [`recover`] to remove.
+    /// Kept from the staging dir's creation until it is removed: a shim that dies
+    /// at any point (during the dump, or after the thaw while it builds the
+    /// archive) leaves its staging, with images or an unfinished archive inside,
+    /// for [`recover`] to remove.
     pub fn staging(dir: &Path, staging: &Path) -> Result<JournalEntry> {
+        Self::write(
+            dir,
+            staging,
+            "staging",
+            &format!("staging {}\n", staging.display()),
+        )
+    }
+
+    /// The entry `<hash of key>.<kind>` in `dir`, holding `text`.
+    fn write(dir: &Path, key: &Path, kind: &str, text: &str) -> Result<JournalEntry> {
         std::fs::create_dir_all(dir).ctx(|| format!("create {}", dir.display()))?;
-        let name = format!(
-            "{:016x}.staging",
-            fnv1a(staging.as_os_str().as_encoded_bytes())
-        );
+        let name = format!("{:016x}.{kind}", fnv1a(key.as_os_str().as_encoded_bytes()));
         let path = dir.join(name);
-        std::fs::write(&path, format!("staging {}\n", staging.display()))
-            .ctx(|| format!("write {}", path.display()))?;
+        std::fs::write(&path, text).ctx(|| format!("write {}", path.display()))?;
         Ok(JournalEntry(path))
     }
 }

@@ -16,7 +16,7 @@ use std::sync::Mutex;
 
 use criu_rpc::streamer::CaptureSocket;
 
-use crate::archive::{safe_member_name, ArchiveWriter};
+use crate::archive::{self, safe_member_name, ArchiveWriter};
 use crate::error::{Context, Error, Result};
 
 /// Spooled images stay in memory up to this size, then move to a file.
@@ -93,7 +93,10 @@ pub fn capture(
     // Receivers stopped by another's failure say so; the first other error is the cause.
     let mut errs: Vec<Error> = results.into_iter().filter_map(|r| r.err()).collect();
     if !errs.is_empty() {
-        let cause = errs.iter().position(|e| !abandoned(e)).unwrap_or(0);
+        let cause = errs
+            .iter()
+            .position(|e| !archive::is_abandoned(e))
+            .unwrap_or(0);
         return Err(errs.swap_remove(cause));
     }
     let total = std::mem::take(&mut *shared.total.lock().unwrap_or_else(|p| p.into_inner()));
@@ -132,10 +135,6 @@ fn receive(shared: &Shared, name: &str, pipe: OwnedFd, spool_dir: &Path) -> Resu
     Ok(())
 }
 
-fn abandoned(e: &Error) -> bool {
-    matches!(e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::Interrupted)
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -153,10 +152,7 @@ impl Spool {
         let mut file: Option<File> = None;
         loop {
             if stop.load(Ordering::Relaxed) {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::Interrupted,
-                    "capture abandoned",
-                ));
+                return Err(archive::abandoned());
             }
             let n = match pipe.read(&mut buf) {
                 Ok(0) => break,
