@@ -13,16 +13,20 @@ pub type Client = RuntimeServiceClient<Channel>;
 pub type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 pub async fn connect(sock: &Path) -> Res<Client> {
+    Ok(RuntimeServiceClient::new(channel(sock).await?))
+}
+
+/// A gRPC channel on a unix socket, with one connection.
+pub async fn channel(sock: &Path) -> Res<Channel> {
     let s: PathBuf = sock.to_path_buf();
-    let channel = Endpoint::try_from("http://[::]")?
+    Ok(Endpoint::try_from("http://[::]")?
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let s = s.clone();
             async move {
                 Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(s).await?))
             }
         }))
-        .await?;
-    Ok(RuntimeServiceClient::new(channel))
+        .await?)
 }
 
 /// What kubelet asks for: the pod's network (through the CNI plugin) or the

@@ -23,6 +23,9 @@ PKGS=(
   libnet1-dev libgnutls28-dev libbsd-dev uuid-dev python3-protobuf iptables
   # the reflink test (XFS on a loop device)
   xfsprogs
+  # CRI clients unlike ours, for the tests: grpc-go as the kubelet uses it, and
+  # Python for gRPC C-core (grpcio, from PyPI below)
+  golang-go golang-google-grpc-dev golang-google-protobuf-dev python3-venv
 )
 
 missing=()
@@ -70,6 +73,18 @@ hash -r
 
 # Rust toolchain: the machine ships one; a fresh generic machine gets it from Debian if missing.
 command -v cargo >/dev/null || { echo "cargo not found: install the Rust toolchain" >&2; exit 1; }
+
+# gRPC C-core ≥ 1.57 percent-encodes the socket path as :authority; Debian's
+# python3-grpcio is older, so the tests use a pinned grpcio from PyPI.
+GRPCIO=1.85.1
+venv="$CACHE/venv"
+if ! "$venv/bin/python3" -c "import grpc, grpc_tools; assert grpc.__version__ == '$GRPCIO'" 2>/dev/null; then
+  log "installing grpcio $GRPCIO into $venv"
+  mkdir -p "$CACHE" && chmod 0700 "$CACHE"
+  /usr/bin/python3 -m venv "$venv"
+  "$venv/bin/pip" install -q "grpcio==$GRPCIO" "grpcio-tools==$GRPCIO"
+  installed+=("grpcio-$GRPCIO")
+fi
 
 criu check >/dev/null 2>&1 || { criu check >&2; echo "criu check failed" >&2; exit 1; }
 log "criu check passed ($(criu --version | head -n1))"

@@ -98,7 +98,15 @@ impl Phases {
 /// it wrote, and ends; nothing is abandoned halfway.
 pub async fn checkpoint(c: &Container, opts: &Options) -> Result<Report> {
     let (keep_going, cancelled) = tokio::sync::watch::channel(());
-    let task = tokio::spawn(run(c.clone(), opts.clone(), cancelled));
+    let (id, work) = (c.id.clone(), run(c.clone(), opts.clone(), cancelled));
+    let task = tokio::spawn(async move {
+        let r = work.await;
+        if let Err(e @ Error::Cancelled) = &r {
+            // Nobody waits for this answer any more: say it here.
+            tracing::warn!(container = %id, "checkpoint stopped: {e}; the container runs on, nothing was left");
+        }
+        r
+    });
     let res = task
         .await
         .map_err(|e| Error::Other(format!("checkpoint task failed: {e}")))?;

@@ -330,6 +330,43 @@ async fn deadline_shorter_than_the_dump_is_deadline_exceeded_with_nothing_left()
     env.assert_running(&mut c, &id).await;
 }
 
+/// A client that gives up mid-dump resets its stream (RST_STREAM): the shim
+/// stops the checkpoint, and the other calls on the same connection go on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_call_stops_the_checkpoint_and_the_connection_goes_on() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let pod = env.run_pod(&mut c, "cancel", false).await;
+    let id = env.counter(&mut c, &pod, "big", 256, true).await;
+    let out = out_dir();
+    let location = out.path().join("c.tar");
+    let mut c2 = c.clone();
+    let call = tokio::spawn({
+        let id = id.clone();
+        async move { checkpoint(&mut c2, &id, &location, 60).await }
+    });
+    // Wait until the dump is under way (the staging dir exists), then give up.
+    let t = std::time::Instant::now();
+    while entries(out.path()).is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(20), "checkpoint never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    call.abort();
+    let t = std::time::Instant::now();
+    while !(entries(out.path()).is_empty() && env.freezer(&id) == "THAWED") {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "left: {:?}, freezer {}",
+            entries(out.path()),
+            env.freezer(&id)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(env.shim_log().contains("cancelled by the caller"), "{}", env.shim_log());
+    // The same connection still works.
+    env.assert_running(&mut c, &id).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn parallel_checkpoints_of_two_containers_and_of_one_container() {
     let mut env = Env::start();

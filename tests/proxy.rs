@@ -141,6 +141,17 @@ async fn unreachable_upstream_is_unavailable_and_a_stale_socket_is_replaced() {
     let mut c = env.client().await;
     let err = c.version(cri::VersionRequest::default()).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    // Connections that end are let go of.
+    let before = env.shim_fds();
+    for _ in 0..20 {
+        let mut c = env.client().await;
+        assert!(c.version(cri::VersionRequest::default()).await.is_err());
+    }
+    let t = std::time::Instant::now();
+    while env.shim_fds() > before {
+        assert!(t.elapsed() < Duration::from_secs(5), "{} fds, {before} before", env.shim_fds());
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // A second shim on a live socket refuses to start; on a stale one it takes over.
     let bin = env!("CARGO_BIN_EXE_ckpt-shim");
@@ -241,4 +252,78 @@ async fn containerd_answers_the_same_through_the_shim_as_directly() {
         .await
         .unwrap_err();
     assert_eq!((err.code(), err.message()), (err2.code(), err2.message()));
+}
+
+/// The `:authority` values real clients send on a unix socket, and what a strict
+/// upstream should get: the kubelet up to 1.27 sends the bare path, gRPC C-core
+/// ≥ 1.57 and grpc-java percent-encode it, some send none; valid ones, like
+/// newer crictl's `localhost`, are kept.
+fn authorities(sock: &std::path::Path) -> Vec<(String, &'static str)> {
+    let bare = sock.to_string_lossy().into_owned();
+    let encoded = bare.replace('/', "%2F");
+    vec![
+        (bare, "localhost"),
+        (encoded, "localhost"),
+        (String::new(), "localhost"),
+        ("localhost".into(), "localhost"),
+        ("runtime.invalid:1".into(), "runtime.invalid:1"),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_authority_reaches_forwarded_native_and_streaming_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = dir.path().join("upstream.sock");
+    let seen = raw::recorder(&up, reply);
+    let env = Env::start_with_upstream(Some(&up));
+    let msg = frame(
+        &cri::ContainerStatusRequest {
+            container_id: "abc".into(),
+            verbose: true,
+        }
+        .encode_to_vec(),
+    );
+    for (authority, upstream_gets) in authorities(&env.shim_sock) {
+        // Forwarded unary: the bytes come back, and the upstream (a strict
+        // HTTP/2 server itself) got a valid authority.
+        let a = raw::frames::call(
+            &env.shim_sock,
+            &authority,
+            "/runtime.v1.RuntimeService/ContainerStatus",
+            &msg,
+            0,
+        )
+        .await;
+        assert_eq!((a.reset, a.grpc_status()), (None, Some(0)), "{authority:?}: {a:?}");
+        assert_eq!(a.data, msg, "{authority:?}");
+        let s = seen.lock().unwrap().last().cloned().unwrap();
+        assert_eq!(s.body, msg);
+        assert_eq!(s.authority.as_deref(), Some(upstream_gets), "{authority:?}");
+        // A server stream.
+        let a = raw::frames::call(
+            &env.shim_sock,
+            &authority,
+            "/runtime.v1.RuntimeService/GetContainerEvents",
+            &frame(&[]),
+            0,
+        )
+        .await;
+        assert_eq!((a.reset, a.grpc_status()), (None, Some(0)), "{authority:?}: {a:?}");
+        assert_eq!(raw::frames::count_messages(&a.data), 3, "{authority:?}");
+        // The shim's own method: it resolves through the upstream, which lists none.
+        let req = cri::CheckpointContainerRequest {
+            container_id: "nope".into(),
+            location: "/tmp/x.tar".into(),
+            timeout: 0,
+        };
+        let a = raw::frames::call(
+            &env.shim_sock,
+            &authority,
+            "/runtime.v1.RuntimeService/CheckpointContainer",
+            &frame(&req.encode_to_vec()),
+            0,
+        )
+        .await;
+        assert_eq!((a.reset, a.grpc_status()), (None, Some(5)), "{authority:?}: {a:?}");
+    }
 }

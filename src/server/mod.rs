@@ -1,63 +1,88 @@
 //! `ckpt-shim serve`: a CRI `runtime.v1` endpoint on a unix socket. It serves
-//! `CheckpointContainer` itself and forwards every other call, unchanged, to the
-//! real runtime.
+//! `CheckpointContainer` itself and relays every other call, unchanged, to the
+//! real runtime ([`relay`]).
 
 pub mod config;
+mod frame;
+mod headers;
 mod native;
-mod proxy;
+pub mod relay;
 mod socket;
 
-use std::convert::Infallible;
+use std::path::PathBuf;
 use std::sync::Arc;
-
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tonic::body::Body;
 
 pub use config::Config;
 
-use crate::error::{Context, Result};
+use crate::error::{Context, Error, Result};
+use relay::{Call, Owner, Reply, ReplyFuture};
 
 /// The one method the shim owns.
 pub const CHECKPOINT_PATH: &str = "/runtime.v1.RuntimeService/CheckpointContainer";
 
-#[derive(Clone)]
+/// The calls the shim answers itself.
 struct Router {
     native: Arc<native::Native>,
-    upstream: tonic::transport::Channel,
     native_enabled: bool,
 }
 
-impl Router {
-    async fn route(self, req: http::Request<Incoming>) -> Result<http::Response<Body>, Infallible> {
-        if req.uri().path() == CHECKPOINT_PATH {
+impl Owner for Router {
+    fn owns(&self, path: &str) -> bool {
+        path == CHECKPOINT_PATH
+    }
+
+    fn call(self: Arc<Self>, call: Call) -> ReplyFuture {
+        Box::pin(async move {
             if !self.native_enabled {
                 // The message the kubelet's e2e test recognises as "not supported".
-                return Ok(tonic::Status::unimplemented(
+                return Reply::status(tonic::Status::unimplemented(
                     "method CheckpointContainer not implemented",
-                )
-                .into_http());
+                ));
             }
-            return Ok(self.native.handle(req).await);
-        }
-        Ok(proxy::forward(&self.upstream, req).await)
+            self.native.clone().handle(call).await
+        })
     }
+}
+
+/// The upstream's socket path from `unix:///path` (or a plain path).
+pub fn socket_path(upstream: &str) -> Result<PathBuf> {
+    let path = upstream.strip_prefix("unix://").unwrap_or(upstream);
+    if !path.starts_with('/') {
+        return Err(Error::InvalidArgument(format!(
+            "upstream {upstream:?}: only unix:///absolute/path endpoints are supported"
+        )));
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// A lazy gRPC channel to the upstream, for the calls the shim makes itself.
+fn channel(path: &std::path::Path) -> tonic::transport::Channel {
+    let path = path.to_path_buf();
+    tonic::transport::Endpoint::from_static("http://localhost").connect_with_connector_lazy(
+        tower::service_fn(move |_: http::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }),
+    )
 }
 
 /// Serves until SIGTERM or SIGINT, then removes the socket.
 pub async fn serve(cfg: Config) -> Result<()> {
-    let upstream = proxy::channel(&cfg.upstream)?;
+    let upstream = Arc::new(socket_path(&cfg.upstream)?);
     let listener = socket::bind(&cfg.listen)?;
     // A previous shim killed mid-checkpoint may have left containers frozen.
     for cg in crate::freeze::recover(&cfg.journal_dir()) {
         tracing::warn!(cgroup = %cg.display(), "thawed a container a previous ckpt-shim left frozen");
     }
     tracing::info!(listen = %cfg.listen.display(), upstream = %cfg.upstream, "serving CRI");
-    let router = Router {
-        native: Arc::new(native::Native::new(&cfg, upstream.clone())),
-        upstream,
+    let owner: Arc<dyn Owner> = Arc::new(Router {
+        native: Arc::new(native::Native::new(&cfg, channel(&upstream))),
         native_enabled: cfg.checkpoint_enabled,
-    };
+    });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .ctx(|| "SIGTERM handler".into())?;
     loop {
@@ -73,18 +98,8 @@ pub async fn serve(cfg: Config) -> Result<()> {
                 continue;
             }
         };
-        let router = router.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| router.clone().route(req));
-            let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-            // CRI messages (image lists, exec output) can be large; match gRPC's usual window.
-            http2
-                .initial_stream_window_size(1 << 20)
-                .initial_connection_window_size(4 << 20);
-            if let Err(e) = http2.serve_connection(TokioIo::new(stream), svc).await {
-                tracing::debug!("connection ended: {e}");
-            }
-        });
+        let (owner, upstream) = (owner.clone(), upstream.clone());
+        tokio::spawn(async move { relay::relay(stream, &upstream, owner).await });
     }
     let _ = std::fs::remove_file(&cfg.listen);
     tracing::info!("stopped");

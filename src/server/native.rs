@@ -7,8 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hyper::body::Incoming;
-use tonic::body::Body;
 use tonic::transport::Channel;
 
 use crate::checkpoint::{self, Options};
@@ -20,6 +18,7 @@ use crate::cri::{
 use crate::dump::DumpSettings;
 use crate::error::{Error, Result};
 use crate::locate::Container;
+use crate::server::relay::{Call, Reply};
 use crate::server::Config;
 
 pub struct Native {
@@ -53,15 +52,14 @@ impl Native {
         }
     }
 
-    pub async fn handle(self: Arc<Self>, req: http::Request<Incoming>) -> http::Response<Body> {
-        let deadline = grpc_deadline(req.headers());
+    /// Answers a CheckpointContainer call.
+    pub async fn handle(self: Arc<Self>, call: Call) -> Reply {
+        let deadline = grpc_deadline(&call.metadata);
         let svc = Svc {
             native: self,
             deadline,
         };
-        tonic::server::Grpc::new(tonic_prost::ProstCodec::default())
-            .unary(svc, req)
-            .await
+        unary(svc, call).await
     }
 
     async fn checkpoint(
@@ -257,6 +255,33 @@ fn grpc_deadline(headers: &http::HeaderMap) -> Option<Instant> {
         _ => return None,
     };
     Some(Instant::now() + d)
+}
+
+/// Runs a tonic unary service on a collected call, and collects its answer.
+async fn unary<S, M>(svc: S, call: Call) -> Reply
+where
+    S: tonic::server::UnaryService<M>,
+    S::Response: prost::Message + 'static,
+    M: prost::Message + Default + Send + 'static,
+{
+    use http_body_util::BodyExt;
+    let mut req = http::Request::new(http_body_util::Full::new(call.body));
+    *req.headers_mut() = call.metadata;
+    let resp = tonic::server::Grpc::new(tonic_prost::ProstCodec::<S::Response, M>::default())
+        .unary(svc, req)
+        .await;
+    let (parts, body) = resp.into_parts();
+    match body.collect().await {
+        Ok(c) => {
+            let trailers = c.trailers().cloned();
+            Reply {
+                headers: parts.headers,
+                body: c.to_bytes(),
+                trailers,
+            }
+        }
+        Err(e) => Reply::status(tonic::Status::internal(format!("ckpt-shim: {e}"))),
+    }
 }
 
 struct Svc {

@@ -123,6 +123,15 @@ impl Env {
         }
     }
 
+    pub fn shim_pid(&self) -> u32 {
+        self.shim.as_ref().expect("shim running").id()
+    }
+
+    /// How many fds the shim holds (one per client connection, among others).
+    pub fn shim_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.shim_pid())).unwrap().count()
+    }
+
     pub async fn client(&self) -> Client {
         connect(&self.shim_sock).await
     }

@@ -1,0 +1,552 @@
+//! The proxy: each client connection is relayed, frame by frame, over a
+//! connection of its own to the upstream runtime. SETTINGS, flow control,
+//! PING and GOAWAY are the two peers' own; message bytes pass unchanged, so
+//! fields this shim does not know survive and streaming methods work; header
+//! blocks are decoded and re-encoded ([`super::headers`]), which is where an
+//! `:authority` no server should have to take is made valid.
+//!
+//! The calls the shim answers itself ([`Owner`]) are taken out of the stream
+//! before the upstream sees them: their request is collected, handed to the
+//! owner, and the reply is written back on the client's stream. The upstream
+//! sees a gap in the stream numbers, which HTTP/2 allows. Two flow-control
+//! windows need care: the client's bytes for such a call never reach the
+//! upstream, so the relay returns their credit to the client itself; and the
+//! reply's bytes use the client's window without the upstream knowing, so the
+//! relay takes that much out of the client's next connection WINDOW_UPDATEs.
+//!
+//! Relaying frames costs one read and one write per batch and direction. A
+//! full HTTP/2 server and client per call (hyper) cost about four times as much
+//! CPU on this project's VM, which is why the forwarding path is this one.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+
+use super::frame::{self, Frame};
+use super::headers::{self, Fields, HeaderCodec};
+
+/// A call the shim answers itself: its path, metadata and request bytes (the
+/// gRPC length-prefixed messages, as sent).
+pub struct Call {
+    pub path: String,
+    pub metadata: http::HeaderMap,
+    pub body: Bytes,
+}
+
+/// The answer to a [`Call`]: response headers, the framed messages, trailers.
+/// With an empty body and no trailers the headers end the stream (gRPC's
+/// trailers-only form).
+pub struct Reply {
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+    pub trailers: Option<http::HeaderMap>,
+}
+
+impl Reply {
+    /// A trailers-only gRPC error.
+    pub fn status(s: tonic::Status) -> Reply {
+        let (parts, _) = s.into_http::<()>().into_parts();
+        Reply {
+            headers: parts.headers,
+            body: Bytes::new(),
+            trailers: None,
+        }
+    }
+}
+
+pub type ReplyFuture = Pin<Box<dyn Future<Output = Reply> + Send>>;
+
+/// What the shim serves itself.
+pub trait Owner: Send + Sync + 'static {
+    fn owns(&self, path: &str) -> bool;
+    fn call(self: Arc<Self>, call: Call) -> ReplyFuture;
+}
+
+/// Requests larger than this are not collected for the shim's own calls.
+const MAX_CALL: usize = 4 << 20;
+
+/// Relays one client connection until either side closes it.
+pub async fn relay(client: UnixStream, upstream: &Path, owner: Arc<dyn Owner>) {
+    let (crd, cwr) = client.into_split();
+    let (to_client, from_client_side) = mpsc::unbounded_channel();
+    let (to_upstream, from_upstream_side) = mpsc::unbounded_channel();
+    let shared = Arc::new(Mutex::new(Flow::default()));
+    let up = match UnixStream::connect(upstream).await {
+        Ok(u) => Some(u.into_split()),
+        Err(e) => {
+            tracing::warn!(upstream = %upstream.display(), "upstream unreachable: {e}");
+            None
+        }
+    };
+    let reach = match &up {
+        Some(_) => Reach::Upstream,
+        None => Reach::Unreachable(format!(
+            "ckpt-shim: upstream runtime unreachable: {}",
+            upstream.display()
+        )),
+    };
+    let (urd, uwr) = match up {
+        Some((r, w)) => (Some(r), Some(w)),
+        None => (None, None),
+    };
+    // Each side is dropped when its loop ends; the client side's end closes the
+    // channel the upstream side also waits on.
+    let c2u = ClientSide::new(owner, reach, to_client, shared.clone()).run(crd, uwr, from_upstream_side);
+    let u2c = UpstreamSide::new(shared).run(urd, cwr, from_client_side, to_upstream);
+    let (a, b) = tokio::join!(c2u, u2c);
+    for e in [a.err(), b.err()].into_iter().flatten() {
+        tracing::debug!("connection ended: {e}");
+    }
+}
+
+/// Whether calls can be forwarded, or why not.
+enum Reach {
+    Upstream,
+    Unreachable(String),
+}
+
+/// The client's connection-level receive window, as both sides affect it.
+#[derive(Default)]
+struct Flow {
+    /// What the client can still receive (RFC 9113 §6.9.2: starts at 65535).
+    window: i64,
+    started: bool,
+    /// Bytes the relay sent the client that the upstream does not know of.
+    debt: u64,
+    /// Replies waiting for window.
+    waiting: usize,
+}
+
+impl Flow {
+    fn window(&mut self) -> &mut i64 {
+        if !self.started {
+            self.started = true;
+            self.window = 65_535;
+        }
+        &mut self.window
+    }
+}
+
+/// To the task writing to the client.
+enum ToClient {
+    Reply(u32, Reply),
+    Frames(Bytes),
+    /// The client's SETTINGS_HEADER_TABLE_SIZE.
+    TableSize(u32),
+    /// The client's window grew.
+    Wake,
+}
+
+/// To the task writing to the upstream: the upstream's SETTINGS_HEADER_TABLE_SIZE.
+struct UpstreamTableSize(u32);
+
+/// A header block being collected from HEADERS and CONTINUATION frames.
+struct Block {
+    stream: u32,
+    flags: u8,
+    priority: Option<[u8; 5]>,
+    fragment: Vec<u8>,
+}
+
+impl Block {
+    /// Collects `f`; returns the block once END_HEADERS has come.
+    fn collect(slot: &mut Option<Block>, f: &Frame) -> std::io::Result<Option<Block>> {
+        let fragment = match (f.kind, slot.as_mut()) {
+            (frame::HEADERS, None) => {
+                let (fragment, priority) = f.header_fragment()?;
+                *slot = Some(Block {
+                    stream: f.stream,
+                    flags: f.flags,
+                    priority,
+                    fragment: Vec::new(),
+                });
+                fragment
+            }
+            (frame::CONTINUATION, Some(b)) if b.stream == f.stream => &f.payload[..],
+            _ => return Err(frame::bad("header block out of place")),
+        };
+        let b = slot.as_mut().expect("set above");
+        if b.fragment.len() + fragment.len() > headers::MAX_BLOCK {
+            return Err(frame::bad("header block too large"));
+        }
+        b.fragment.extend_from_slice(fragment);
+        Ok(if f.has(frame::END_HEADERS) { slot.take() } else { None })
+    }
+
+    fn ends_stream(&self) -> bool {
+        self.flags & frame::END_STREAM != 0
+    }
+}
+
+/// A stream the shim answers itself.
+struct Owned {
+    path: String,
+    metadata: http::HeaderMap,
+    body: BytesMut,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Reads the client, forwards to the upstream, and takes out the owned calls.
+struct ClientSide {
+    owner: Arc<dyn Owner>,
+    reach: Reach,
+    codec: HeaderCodec,
+    block: Option<Block>,
+    owned: HashMap<u32, Owned>,
+    last_stream: u32,
+    out: BytesMut,
+    to_client: mpsc::UnboundedSender<ToClient>,
+    flow: Arc<Mutex<Flow>>,
+}
+
+impl ClientSide {
+    fn new(
+        owner: Arc<dyn Owner>,
+        reach: Reach,
+        to_client: mpsc::UnboundedSender<ToClient>,
+        flow: Arc<Mutex<Flow>>,
+    ) -> ClientSide {
+        ClientSide {
+            owner,
+            reach,
+            codec: HeaderCodec::default(),
+            block: None,
+            owned: HashMap::new(),
+            last_stream: 0,
+            out: BytesMut::with_capacity(32 << 10),
+            to_client,
+            flow,
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut crd: OwnedReadHalf,
+        mut uwr: Option<OwnedWriteHalf>,
+        mut table: mpsc::UnboundedReceiver<UpstreamTableSize>,
+    ) -> std::io::Result<()> {
+        let mut reader = frame::Reader::new(true);
+        let result = async {
+            loop {
+                tokio::select! {
+                    n = crd.read_buf(reader.buf()) => {
+                        if n? == 0 {
+                            return Ok(());
+                        }
+                        self.out.extend_from_slice(&reader.take_preface()?);
+                        while let Some(f) = reader.next()? {
+                            self.on_frame(f)?;
+                        }
+                    }
+                    Some(UpstreamTableSize(n)) = table.recv() => self.codec.receiver_table_size(n),
+                }
+                if let Some(w) = uwr.as_mut().filter(|_| !self.out.is_empty()) {
+                    w.write_all(&self.out).await?;
+                }
+                self.out.clear();
+            }
+        }
+        .await;
+        for o in self.owned.values_mut() {
+            if let Some(t) = o.task.take() {
+                t.abort();
+            }
+        }
+        if let Some(mut w) = uwr {
+            let _ = w.shutdown().await;
+        }
+        result
+    }
+
+    fn on_frame(&mut self, f: Frame) -> std::io::Result<()> {
+        let owned = f.stream != 0 && self.owned.contains_key(&f.stream);
+        match f.kind {
+            frame::HEADERS | frame::CONTINUATION => {
+                if let Some(b) = Block::collect(&mut self.block, &f)? {
+                    self.on_block(b)?;
+                }
+            }
+            frame::DATA if owned => self.on_owned_data(&f)?,
+            frame::RST_STREAM if owned => {
+                if let Some(t) = self.owned.remove(&f.stream).and_then(|o| o.task) {
+                    t.abort();
+                }
+            }
+            frame::WINDOW_UPDATE if f.stream == 0 => self.on_window_update(&f),
+            frame::WINDOW_UPDATE | frame::PRIORITY if owned => {}
+            frame::SETTINGS => self.on_settings(&f),
+            frame::PING if matches!(self.reach, Reach::Unreachable(_)) => {
+                if !f.has(frame::ACK) {
+                    let mut b = BytesMut::new();
+                    frame::put_frame(&mut b, frame::PING, frame::ACK, 0, &f.payload);
+                    self.client(ToClient::Frames(b.freeze()));
+                }
+            }
+            _ => self.out.extend_from_slice(&f.raw),
+        }
+        Ok(())
+    }
+
+    fn on_block(&mut self, b: Block) -> std::io::Result<()> {
+        let mut fields = self.codec.decode(&b.fragment)?;
+        if let Some(o) = self.owned.get(&b.stream) {
+            // Trailers on an owned call: nothing in them is used.
+            if b.ends_stream() && o.task.is_none() {
+                self.dispatch(b.stream);
+            }
+            return Ok(());
+        }
+        if b.stream > self.last_stream {
+            self.last_stream = b.stream;
+            let path = String::from_utf8_lossy(headers::get(&fields, ":path").unwrap_or_default());
+            if self.owner.owns(&path) || matches!(self.reach, Reach::Unreachable(_)) {
+                let o = Owned {
+                    path: path.into_owned(),
+                    metadata: headers::to_http(&fields),
+                    body: BytesMut::new(),
+                    task: None,
+                };
+                self.owned.insert(b.stream, o);
+                if b.ends_stream() {
+                    self.dispatch(b.stream);
+                }
+                return Ok(());
+            }
+        }
+        headers::fix_authority(&mut fields);
+        self.codec
+            .put(&mut self.out, b.stream, &fields, b.ends_stream(), b.priority);
+        Ok(())
+    }
+
+    fn on_owned_data(&mut self, f: &Frame) -> std::io::Result<()> {
+        let (data, flow_len) = f.data()?;
+        let o = self.owned.get_mut(&f.stream).expect("checked by the caller");
+        // These bytes never reach the upstream, so its credit never comes back:
+        // give it back ourselves, for the connection and the stream.
+        if flow_len > 0 {
+            let mut b = BytesMut::new();
+            frame::put_window_update(&mut b, 0, flow_len as u32);
+            if !f.has(frame::END_STREAM) {
+                frame::put_window_update(&mut b, f.stream, flow_len as u32);
+            }
+            let _ = self.to_client.send(ToClient::Frames(b.freeze()));
+        }
+        if o.task.is_some() {
+            return Ok(());
+        }
+        if o.body.len() + data.len() > MAX_CALL {
+            self.owned.remove(&f.stream);
+            let s = tonic::Status::resource_exhausted("request too large for ckpt-shim");
+            self.client(ToClient::Reply(f.stream, Reply::status(s)));
+            return Ok(());
+        }
+        o.body.extend_from_slice(data);
+        if f.has(frame::END_STREAM) {
+            self.dispatch(f.stream);
+        }
+        Ok(())
+    }
+
+    /// The whole request of an owned call is in: answer it.
+    fn dispatch(&mut self, stream: u32) {
+        self.owned.retain(|_, o| !o.task.as_ref().is_some_and(|t| t.is_finished()));
+        let Some(o) = self.owned.get_mut(&stream) else { return };
+        let to_client = self.to_client.clone();
+        let reply: ReplyFuture = match &self.reach {
+            Reach::Unreachable(why) if !self.owner.owns(&o.path) => {
+                let r = Reply::status(tonic::Status::unavailable(why.clone()));
+                Box::pin(async move { r })
+            }
+            _ => self.owner.clone().call(Call {
+                path: o.path.clone(),
+                metadata: std::mem::take(&mut o.metadata),
+                body: std::mem::take(&mut o.body).freeze(),
+            }),
+        };
+        o.task = Some(tokio::spawn(async move {
+            let _ = to_client.send(ToClient::Reply(stream, reply.await));
+        }));
+    }
+
+    /// Connection credit from the client: what covers our own replies' bytes is
+    /// kept back from the upstream, which never sent them.
+    fn on_window_update(&mut self, f: &Frame) {
+        let inc = f.window_increment();
+        let (forward, wake) = {
+            let mut flow = self.flow.lock().unwrap_or_else(|p| p.into_inner());
+            *flow.window() += inc as i64;
+            let pay = flow.debt.min(inc as u64);
+            flow.debt -= pay;
+            (inc - pay as u32, flow.waiting > 0)
+        };
+        if wake {
+            self.client(ToClient::Wake);
+        }
+        if forward == inc {
+            self.out.extend_from_slice(&f.raw);
+        } else if forward > 0 {
+            frame::put_window_update(&mut self.out, 0, forward);
+        }
+    }
+
+    fn on_settings(&mut self, f: &Frame) {
+        if !f.has(frame::ACK) {
+            for (id, v) in f.settings() {
+                if id == frame::SETTINGS_HEADER_TABLE_SIZE {
+                    self.client(ToClient::TableSize(v));
+                }
+            }
+        }
+        if let Reach::Unreachable(_) = self.reach {
+            // With no upstream the relay is the client's server.
+            if !f.has(frame::ACK) {
+                let mut b = BytesMut::new();
+                frame::put_frame(&mut b, frame::SETTINGS, frame::ACK, 0, &[]);
+                self.client(ToClient::Frames(b.freeze()));
+            }
+            return;
+        }
+        self.out.extend_from_slice(&f.raw);
+    }
+
+    fn client(&self, m: ToClient) {
+        let _ = self.to_client.send(m);
+    }
+}
+
+/// Reads the upstream, forwards to the client, and writes the shim's replies.
+struct UpstreamSide {
+    codec: HeaderCodec,
+    block: Option<Block>,
+    waiting: Vec<(u32, Reply)>,
+    out: BytesMut,
+    flow: Arc<Mutex<Flow>>,
+}
+
+impl UpstreamSide {
+    fn new(flow: Arc<Mutex<Flow>>) -> UpstreamSide {
+        UpstreamSide {
+            codec: HeaderCodec::default(),
+            block: None,
+            waiting: Vec::new(),
+            out: BytesMut::with_capacity(32 << 10),
+            flow,
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut urd: Option<OwnedReadHalf>,
+        mut cwr: OwnedWriteHalf,
+        mut msgs: mpsc::UnboundedReceiver<ToClient>,
+        to_upstream: mpsc::UnboundedSender<UpstreamTableSize>,
+    ) -> std::io::Result<()> {
+        let mut reader = frame::Reader::new(false);
+        if urd.is_none() {
+            // With no upstream the relay is the client's server: its SETTINGS first.
+            frame::put_frame(&mut self.out, frame::SETTINGS, 0, 0, &[]);
+        }
+        loop {
+            tokio::select! {
+                n = async { urd.as_mut().expect("guarded").read_buf(reader.buf()).await }, if urd.is_some() => {
+                    if n? == 0 {
+                        break;
+                    }
+                    while let Some(f) = reader.next()? {
+                        self.on_frame(f, &to_upstream)?;
+                    }
+                }
+                m = msgs.recv() => match m {
+                    Some(m) => self.on_message(m),
+                    None => break,
+                },
+            }
+            if !self.out.is_empty() {
+                cwr.write_all(&self.out).await?;
+                self.out.clear();
+            }
+        }
+        let _ = cwr.shutdown().await;
+        Ok(())
+    }
+
+    fn on_frame(
+        &mut self,
+        f: Frame,
+        to_upstream: &mpsc::UnboundedSender<UpstreamTableSize>,
+    ) -> std::io::Result<()> {
+        match f.kind {
+            frame::HEADERS | frame::CONTINUATION => {
+                if let Some(b) = Block::collect(&mut self.block, &f)? {
+                    let fields = self.codec.decode(&b.fragment)?;
+                    self.codec
+                        .put(&mut self.out, b.stream, &fields, b.ends_stream(), b.priority);
+                }
+                return Ok(());
+            }
+            frame::DATA => {
+                let mut flow = self.flow.lock().unwrap_or_else(|p| p.into_inner());
+                *flow.window() -= f.payload.len() as i64;
+            }
+            frame::SETTINGS if !f.has(frame::ACK) => {
+                for (id, v) in f.settings() {
+                    if id == frame::SETTINGS_HEADER_TABLE_SIZE {
+                        let _ = to_upstream.send(UpstreamTableSize(v));
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.out.extend_from_slice(&f.raw);
+        Ok(())
+    }
+
+    fn on_message(&mut self, m: ToClient) {
+        match m {
+            ToClient::Frames(b) => self.out.extend_from_slice(&b),
+            ToClient::TableSize(n) => self.codec.receiver_table_size(n),
+            ToClient::Reply(stream, r) => self.waiting.push((stream, r)),
+            ToClient::Wake => {}
+        }
+        self.write_replies();
+    }
+
+    /// Writes the replies the client's window has room for, in order.
+    fn write_replies(&mut self) {
+        let mut flow = self.flow.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some((_, r)) = self.waiting.first() {
+            let len = r.body.len() as i64;
+            if len > *flow.window() {
+                break;
+            }
+            *flow.window() -= len;
+            flow.debt += len as u64;
+            let (stream, r) = self.waiting.remove(0);
+            put_reply(&mut self.codec, &mut self.out, stream, r);
+        }
+        flow.waiting = self.waiting.len();
+    }
+}
+
+fn put_reply(codec: &mut HeaderCodec, out: &mut BytesMut, stream: u32, r: Reply) {
+    let head: Fields = headers::from_http(Some(http::StatusCode::OK), &r.headers);
+    let trailers_only = r.body.is_empty() && r.trailers.is_none();
+    codec.put(out, stream, &head, trailers_only, None);
+    if trailers_only {
+        return;
+    }
+    let trailers = r.trailers.unwrap_or_default();
+    if !r.body.is_empty() {
+        frame::put_data(out, stream, &r.body, false);
+    }
+    codec.put(out, stream, &headers::from_http(None, &trailers), true, None);
+}
