@@ -4,12 +4,16 @@
 # locally built images imported. No systemd is needed.
 #   hack/containerd.sh start DIR   # prints nothing; socket at DIR/containerd.sock
 #   hack/containerd.sh stop DIR    # stops containerd, its shims and containers, unmounts, removes DIR
+# The node set-up step for restores through CRI: the runc runtime's BinaryName is
+# ckpt-runc (a link to ckpt-shim), from $CKPT_RUNC or PATH, else plain runc; and
+# containerd gets $CKPT_SHIM_RESTORE_DIR, the shim's --restore-dir, if set.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cmd=${1:?usage: containerd.sh start|stop DIR}
 dir=${2:?usage: containerd.sh start|stop DIR}
 
 start() {
+  runc_bin=${CKPT_RUNC:-$(command -v ckpt-runc || echo /usr/sbin/runc)}
   mkdir -p "$dir/cni" "$dir/cni-bin"
   ln -sf /usr/lib/cni/loopback "$dir/cni-bin/loopback"
   install -m 0755 "$here/cni/ckpt-loopback" "$dir/cni-bin/ckpt-loopback"
@@ -42,7 +46,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
-        BinaryName = "/usr/sbin/runc"
+        BinaryName = "$runc_bin"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "$dir/cni-bin"
     conf_dir = "$dir/cni"

@@ -1,5 +1,8 @@
 //! A small CRI client for scripts (the benchmark): crictl is not packaged here.
 //!   cri-ctl SOCK run-counter POD_NAME MIB      → prints "<pod id> <container id>"
+//!   cri-ctl SOCK create POD_NAME IMAGE         → a new pod and a container of IMAGE
+//!                                                (e.g. a checkpoint), not started
+//!   cri-ctl SOCK start ID
 //!   cri-ctl SOCK checkpoint ID LOCATION [TIMEOUT_S]
 //!   cri-ctl SOCK rm-pod POD_ID
 
@@ -23,6 +26,19 @@ async fn main() -> Res<()> {
             let (p, id) =
                 run_counter(&mut c, pod, "/ckpt-shim-bench", &logs, mib.parse()?, 1000).await?;
             println!("{p} {id}");
+        }
+        ("create", [pod, image]) => {
+            let logs = std::env::temp_dir().join(format!("cri-ctl-logs-{pod}"));
+            let (p, id) =
+                create_in_new_pod(&mut c, pod, "/ckpt-shim-bench", &logs, Some(image), 0, 1000)
+                    .await?;
+            println!("{p} {id}");
+        }
+        ("start", [id]) => {
+            c.start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await?;
         }
         ("checkpoint", [id, location, rest @ ..]) => {
             let timeout = rest.first().map(|t| t.parse()).transpose()?.unwrap_or(600);

@@ -119,13 +119,14 @@ pub async fn exec(c: &mut Client, id: &str, script: &str) -> Res<String> {
     Ok(String::from_utf8_lossy(&r.stdout).trim().to_string())
 }
 
-/// Creates and starts a counter in a new pod; returns (pod id, container id)
-/// once the counter has counted (so its memory is touched).
-pub async fn run_counter(
+/// Runs a pod and creates a container from `image` (the counter's image, or a
+/// checkpoint) in it; returns (pod id, container id).
+pub async fn create_in_new_pod(
     c: &mut Client,
     pod_name: &str,
     cgroup_parent: &str,
     logs: &Path,
+    image: Option<&str>,
     mib: u32,
     interval_ms: u32,
 ) -> Res<(String, String)> {
@@ -139,15 +140,37 @@ pub async fn run_counter(
         .await?
         .into_inner()
         .pod_sandbox_id;
+    let mut config = counter("counter", mib, interval_ms, false);
+    if let Some(image) = image {
+        config.image = Some(cri::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        });
+    }
     let id = c
         .create_container(cri::CreateContainerRequest {
             pod_sandbox_id: pod.clone(),
-            config: Some(counter("counter", mib, interval_ms, false)),
+            config: Some(config),
             sandbox_config: Some(sb),
         })
         .await?
         .into_inner()
         .container_id;
+    Ok((pod, id))
+}
+
+/// Creates and starts a counter in a new pod; returns (pod id, container id)
+/// once the counter has counted (so its memory is touched).
+pub async fn run_counter(
+    c: &mut Client,
+    pod_name: &str,
+    cgroup_parent: &str,
+    logs: &Path,
+    mib: u32,
+    interval_ms: u32,
+) -> Res<(String, String)> {
+    let (pod, id) =
+        create_in_new_pod(c, pod_name, cgroup_parent, logs, None, mib, interval_ms).await?;
     c.start_container(cri::StartContainerRequest {
         container_id: id.clone(),
     })

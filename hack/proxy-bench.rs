@@ -41,18 +41,16 @@ async fn call(c: &mut Clients, method: &str, id: &str) -> Res<()> {
         "Version" => drop(c.rt.version(cri::VersionRequest::default()).await?),
         "Status" => drop(c.rt.status(cri::StatusRequest::default()).await?),
         "ListContainers" => drop(
-            c.rt
-                .list_containers(cri::ListContainersRequest::default())
+            c.rt.list_containers(cri::ListContainersRequest::default())
                 .await?,
         ),
         "ListImages" => drop(c.img.list_images(cri::ListImagesRequest::default()).await?),
         "ContainerStatus" => drop(
-            c.rt
-                .container_status(cri::ContainerStatusRequest {
-                    container_id: id.into(),
-                    verbose: false,
-                })
-                .await?,
+            c.rt.container_status(cri::ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: false,
+            })
+            .await?,
         ),
         _ => unreachable!(),
     }
@@ -75,11 +73,20 @@ async fn latency(direct: &mut Clients, shim: &mut Clients, id: &str, n: usize) -
                 call(c, m, id).await?;
                 let us = t.elapsed().as_secs_f64() * 1e6;
                 if i >= 50 {
-                    if which == 0 { d.push(us) } else { s.push(us) }
+                    if which == 0 {
+                        d.push(us)
+                    } else {
+                        s.push(us)
+                    }
                 }
             }
         }
-        let (d50, d99, s50, s99) = (pct(&mut d, 0.5), pct(&mut d, 0.99), pct(&mut s, 0.5), pct(&mut s, 0.99));
+        let (d50, d99, s50, s99) = (
+            pct(&mut d, 0.5),
+            pct(&mut d, 0.99),
+            pct(&mut s, 0.5),
+            pct(&mut s, 0.99),
+        );
         rows.push(format!(
             r#"{{"method":"{m}","direct_p50_us":{d50:.1},"direct_p99_us":{d99:.1},"shim_p50_us":{s50:.1},"shim_p99_us":{s99:.1},"added_p50_us":{:.1}}}"#,
             s50 - d50
@@ -121,7 +128,10 @@ async fn throughput(sock: &Path, n: usize, secs: f64, id: &str) -> Res<f64> {
 async fn main() -> Res<()> {
     let a: Vec<String> = std::env::args().collect();
     if a.len() < 3 {
-        return Err("usage: proxy-bench DIRECT_SOCK SHIM_SOCK [--calls N] [--clients N] [--seconds S]".into());
+        return Err(
+            "usage: proxy-bench DIRECT_SOCK SHIM_SOCK [--calls N] [--clients N] [--seconds S]"
+                .into(),
+        );
     }
     let opt = |name: &str, default: f64| -> f64 {
         a.iter()
@@ -130,7 +140,11 @@ async fn main() -> Res<()> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(default)
     };
-    let (calls, n, secs) = (opt("--calls", 2000.0) as usize, opt("--clients", 32.0) as usize, opt("--seconds", 3.0));
+    let (calls, n, secs) = (
+        opt("--calls", 2000.0) as usize,
+        opt("--clients", 32.0) as usize,
+        opt("--seconds", 3.0),
+    );
     let (direct_sock, shim_sock) = (Path::new(&a[1]), Path::new(&a[2]));
     let mut direct = clients(direct_sock).await?;
     let mut shim = clients(shim_sock).await?;

@@ -16,6 +16,9 @@ pub enum Error {
         matches: Vec<String>,
     },
 
+    #[error("image {image:?} not found: {why}")]
+    ImageNotFound { image: String, why: String },
+
     #[error("container {id} is not running ({state})")]
     NotRunning { id: String, state: String },
 
@@ -63,7 +66,7 @@ impl From<Error> for tonic::Status {
             Error::InvalidArgument(_) | Error::Ambiguous { .. } | Error::UnsafeArchive(_) => {
                 Code::InvalidArgument
             }
-            Error::NotFound(_) => Code::NotFound,
+            Error::NotFound(_) | Error::ImageNotFound { .. } => Code::NotFound,
             Error::NotRunning { .. } => Code::FailedPrecondition,
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::NoSpace(_) => Code::ResourceExhausted,

@@ -18,6 +18,7 @@ pub mod error;
 pub mod freeze;
 pub mod locate;
 pub mod mountinfo;
+pub mod pbwire;
 
 pub use error::{Error, Result};
 pub mod inspect;

@@ -47,6 +47,10 @@ enum Cmd {
         /// runc state dir of the upstream's containers [default: /run/containerd/runc/k8s.io].
         #[arg(long)]
         runc_root: Option<PathBuf>,
+        /// Where restores wait for their container to start; the runtime's
+        /// ckpt-runc must see the same in CKPT_SHIM_RESTORE_DIR [default: /var/lib/ckpt-shim/restore].
+        #[arg(long)]
+        restore_dir: Option<PathBuf>,
     },
     /// Checkpoint a running container of an OCI runtime (runc/crun state dir) into one archive.
     Checkpoint {
@@ -86,6 +90,12 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // Installed as `ckpt-runc` (a link to this binary), it is the runtime's runc.
+    let mut args = std::env::args_os();
+    let argv0 = args.next().unwrap_or_default();
+    if std::path::Path::new(&argv0).file_name() == Some(std::ffi::OsStr::new("ckpt-runc")) {
+        return ExitCode::from(ckpt_shim::restore::runc::main(args.collect()) as u8);
+    }
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -124,6 +134,7 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
             staging_dir,
             log_level,
             runc_root,
+            restore_dir,
         } => {
             let mut cfg = Config::default();
             let (path, optional) = match config {
@@ -149,6 +160,9 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
             }
             if let Some(v) = runc_root {
                 cfg.runc_root = v;
+            }
+            if let Some(v) = restore_dir {
+                cfg.restore_dir = v;
             }
             init_logging(&cfg.log_level);
             server::serve(cfg).await?;

@@ -57,7 +57,11 @@ fn assert_same_but_checkpoint(shim: &[Answer], direct: &[Answer], archive: &Path
     assert_eq!(shim.len(), 4, "{shim:?}");
     assert_eq!(shim[..3], direct[..3]);
     assert_eq!(shim[0].detail, "\"containerd\"");
-    assert_eq!((shim[3].call.as_str(), shim[3].code.as_str()), ("CheckpointContainer", "ok"), "{shim:?}");
+    assert_eq!(
+        (shim[3].call.as_str(), shim[3].code.as_str()),
+        ("CheckpointContainer", "ok"),
+        "{shim:?}"
+    );
     assert_eq!(direct[3].code, "unimplemented", "{direct:?}");
     let m = std::fs::metadata(archive).unwrap();
     assert_eq!((m.mode() & 0o777, m.uid()), (0o600, 0));
@@ -78,10 +82,17 @@ fn go_client() -> PathBuf {
         .current_dir(&src)
         .env("GO111MODULE", "off")
         .env("GOPATH", "/usr/share/gocode")
-        .env("GOCACHE", Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-cache"))
+        .env(
+            "GOCACHE",
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-cache"),
+        )
         .output()
         .expect("go: run hack/setup.sh");
-    assert!(out.status.success(), "go build: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "go build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     bin
 }
 
@@ -101,7 +112,10 @@ async fn kubelet_transport_and_grpc_core_get_containerds_answers() {
     let out = common::out_dir();
     let go = go_client();
     let py = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/cri_client.py");
-    for (name, cmd) in [("go", vec![go.clone()]), ("python", vec![PYTHON.into(), py])] {
+    for (name, cmd) in [
+        ("go", vec![go.clone()]),
+        ("python", vec![PYTHON.into(), py]),
+    ] {
         let run = |sock: &Path, loc: &Path| {
             let mut c = Command::new(&cmd[0]);
             c.args(&cmd[1..]);
@@ -126,7 +140,12 @@ async fn raw_frames_with_socket_path_authorities_checkpoint_through_the_shim() {
     let mut env = Env::start();
     let id = counting_container(&mut env).await;
     let out = common::out_dir();
-    let version = frame(&cri::VersionRequest { version: "v1".into() }.encode_to_vec());
+    let version = frame(
+        &cri::VersionRequest {
+            version: "v1".into(),
+        }
+        .encode_to_vec(),
+    );
     let path = "/runtime.v1.RuntimeService/";
     for (i, authority) in [
         env.shim_sock.to_string_lossy().into_owned(),
@@ -135,9 +154,27 @@ async fn raw_frames_with_socket_path_authorities_checkpoint_through_the_shim() {
     .into_iter()
     .enumerate()
     {
-        let via = raw::frames::call(&env.shim_sock, &authority, &format!("{path}Version"), &version, 0).await;
-        let direct = raw::frames::call(&env.containerd_sock, &authority, &format!("{path}Version"), &version, 0).await;
-        assert_eq!((via.reset, via.grpc_status()), (None, Some(0)), "{authority}: {via:?}");
+        let via = raw::frames::call(
+            &env.shim_sock,
+            &authority,
+            &format!("{path}Version"),
+            &version,
+            0,
+        )
+        .await;
+        let direct = raw::frames::call(
+            &env.containerd_sock,
+            &authority,
+            &format!("{path}Version"),
+            &version,
+            0,
+        )
+        .await;
+        assert_eq!(
+            (via.reset, via.grpc_status()),
+            (None, Some(0)),
+            "{authority}: {via:?}"
+        );
         assert_eq!(via.data, direct.data, "{authority}");
         let archive = out.path().join(format!("raw-{i}.tar"));
         let req = cri::CheckpointContainerRequest {
@@ -153,7 +190,11 @@ async fn raw_frames_with_socket_path_authorities_checkpoint_through_the_shim() {
             0,
         )
         .await;
-        assert_eq!((a.reset, a.grpc_status()), (None, Some(0)), "{authority}: {a:?}");
+        assert_eq!(
+            (a.reset, a.grpc_status()),
+            (None, Some(0)),
+            "{authority}: {a:?}"
+        );
         assert!(archive.is_file());
     }
 }

@@ -348,7 +348,10 @@ async fn a_cancelled_call_stops_the_checkpoint_and_the_connection_goes_on() {
     // Wait until the dump is under way (the staging dir exists), then give up.
     let t = std::time::Instant::now();
     while entries(out.path()).is_empty() {
-        assert!(t.elapsed() < Duration::from_secs(20), "checkpoint never started");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "checkpoint never started"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     call.abort();
@@ -362,7 +365,11 @@ async fn a_cancelled_call_stops_the_checkpoint_and_the_connection_goes_on() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(env.shim_log().contains("cancelled by the caller"), "{}", env.shim_log());
+    assert!(
+        env.shim_log().contains("cancelled by the caller"),
+        "{}",
+        env.shim_log()
+    );
     // The same connection still works.
     env.assert_running(&mut c, &id).await;
 }

@@ -149,7 +149,11 @@ async fn unreachable_upstream_is_unavailable_and_a_stale_socket_is_replaced() {
     }
     let t = std::time::Instant::now();
     while env.shim_fds() > before {
-        assert!(t.elapsed() < Duration::from_secs(5), "{} fds, {before} before", env.shim_fds());
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{} fds, {before} before",
+            env.shim_fds()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 
@@ -294,7 +298,11 @@ async fn every_authority_reaches_forwarded_native_and_streaming_calls() {
             0,
         )
         .await;
-        assert_eq!((a.reset, a.grpc_status()), (None, Some(0)), "{authority:?}: {a:?}");
+        assert_eq!(
+            (a.reset, a.grpc_status()),
+            (None, Some(0)),
+            "{authority:?}: {a:?}"
+        );
         assert_eq!(a.data, msg, "{authority:?}");
         let s = seen.lock().unwrap().last().cloned().unwrap();
         assert_eq!(s.body, msg);
@@ -308,7 +316,11 @@ async fn every_authority_reaches_forwarded_native_and_streaming_calls() {
             0,
         )
         .await;
-        assert_eq!((a.reset, a.grpc_status()), (None, Some(0)), "{authority:?}: {a:?}");
+        assert_eq!(
+            (a.reset, a.grpc_status()),
+            (None, Some(0)),
+            "{authority:?}: {a:?}"
+        );
         assert_eq!(raw::frames::count_messages(&a.data), 3, "{authority:?}");
         // The shim's own method: it resolves through the upstream, which lists none.
         let req = cri::CheckpointContainerRequest {
@@ -324,6 +336,10 @@ async fn every_authority_reaches_forwarded_native_and_streaming_calls() {
             0,
         )
         .await;
-        assert_eq!((a.reset, a.grpc_status()), (None, Some(5)), "{authority:?}: {a:?}");
+        assert_eq!(
+            (a.reset, a.grpc_status()),
+            (None, Some(5)),
+            "{authority:?}: {a:?}"
+        );
     }
 }

@@ -31,6 +31,9 @@ pub struct Config {
     /// Stream CRIU's images straight into the archive (`criu dump --stream`, on by
     /// default); `false` dumps into staging first and builds the archive after.
     pub stream: bool,
+    /// Where restores wait between CreateContainer and StartContainer; the
+    /// runtime's `ckpt-runc` must see the same (`CKPT_SHIM_RESTORE_DIR`).
+    pub restore_dir: PathBuf,
 }
 
 impl Default for Config {
@@ -47,6 +50,7 @@ impl Default for Config {
             checkpoint_enabled: true,
             durable: true,
             stream: true,
+            restore_dir: crate::restore::stage::DEFAULT_ROOT.into(),
         }
     }
 }
@@ -76,6 +80,7 @@ pub struct FileConfig {
     pub checkpoint_enabled: Option<bool>,
     pub durable: Option<bool>,
     pub stream: Option<bool>,
+    pub restore_dir: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -105,7 +110,8 @@ impl FileConfig {
             file_locks,
             checkpoint_enabled,
             durable,
-            stream
+            stream,
+            restore_dir
         );
         if self.staging_dir.is_some() {
             c.staging_dir = self.staging_dir;

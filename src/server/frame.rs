@@ -67,7 +67,10 @@ impl Frame {
         if !self.has(PADDED) {
             return Ok((&self.payload, len));
         }
-        let pad = *self.payload.first().ok_or_else(|| bad("empty padded DATA"))? as usize;
+        let pad = *self
+            .payload
+            .first()
+            .ok_or_else(|| bad("empty padded DATA"))? as usize;
         if pad + 1 > len {
             return Err(bad("DATA padding exceeds the frame"));
         }
@@ -213,11 +216,23 @@ pub fn put_header_block(
 pub fn put_data(out: &mut BytesMut, stream: u32, data: &[u8], end_stream: bool) {
     let mut chunks = data.chunks(MAX_FRAME).peekable();
     if chunks.peek().is_none() {
-        put_frame(out, DATA, if end_stream { END_STREAM } else { 0 }, stream, &[]);
+        put_frame(
+            out,
+            DATA,
+            if end_stream { END_STREAM } else { 0 },
+            stream,
+            &[],
+        );
     }
     while let Some(c) = chunks.next() {
         let last = chunks.peek().is_none();
-        put_frame(out, DATA, if last && end_stream { END_STREAM } else { 0 }, stream, c);
+        put_frame(
+            out,
+            DATA,
+            if last && end_stream { END_STREAM } else { 0 },
+            stream,
+            c,
+        );
     }
 }
 

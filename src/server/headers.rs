@@ -69,7 +69,10 @@ impl HeaderCodec {
                 .expect("writing to a Vec");
         }
         self.encoder
-            .encode_into(fields.iter().map(|(n, v)| (n.as_slice(), v.as_slice())), &mut out)
+            .encode_into(
+                fields.iter().map(|(n, v)| (n.as_slice(), v.as_slice())),
+                &mut out,
+            )
             .expect("writing to a Vec");
         out
     }
@@ -100,7 +103,9 @@ pub fn get<'f>(fields: &'f Fields, name: &str) -> Option<&'f [u8]> {
 pub fn fix_authority(fields: &mut Fields) -> bool {
     let mut fixed = false;
     for (name, value) in fields.iter_mut() {
-        if name.as_slice() == b":authority" && http::uri::Authority::try_from(value.as_slice()).is_err() {
+        if name.as_slice() == b":authority"
+            && http::uri::Authority::try_from(value.as_slice()).is_err()
+        {
             *value = SUBSTITUTE.to_vec();
             fixed = true;
         }
@@ -158,7 +163,10 @@ mod tests {
         ] {
             let mut f = fields(&[(":method", "POST"), (":authority", given), ("x-a", "b")]);
             assert_eq!(fix_authority(&mut f), given != want, "{given:?}");
-            assert_eq!(f, fields(&[(":method", "POST"), (":authority", want), ("x-a", "b")]));
+            assert_eq!(
+                f,
+                fields(&[(":method", "POST"), (":authority", want), ("x-a", "b")])
+            );
         }
     }
 
@@ -178,7 +186,11 @@ mod tests {
             let block = sender.encode(f.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
             let got = relay.decode(&block).unwrap();
             assert_eq!(got, f);
-            assert_eq!(receiver.decode(&relay.encode(&got)).unwrap(), f, "block {i}");
+            assert_eq!(
+                receiver.decode(&relay.encode(&got)).unwrap(),
+                f,
+                "block {i}"
+            );
         }
         relay.receiver_table_size(256);
         receiver.set_max_table_size(4096);

@@ -3,11 +3,13 @@
 //! real runtime ([`relay`]).
 
 pub mod config;
+mod containers;
 mod frame;
 mod headers;
 mod native;
 pub mod relay;
 mod socket;
+mod upstream;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,30 +19,45 @@ pub use config::Config;
 use crate::error::{Context, Error, Result};
 use relay::{Call, Owner, Reply, ReplyFuture};
 
-/// The one method the shim owns.
+const RUNTIME: &str = "/runtime.v1.RuntimeService/";
 pub const CHECKPOINT_PATH: &str = "/runtime.v1.RuntimeService/CheckpointContainer";
 
-/// The calls the shim answers itself.
+/// The calls the shim answers itself, or looks at before handing them on.
 struct Router {
     native: Arc<native::Native>,
     native_enabled: bool,
+    containers: Arc<containers::Containers>,
 }
 
 impl Owner for Router {
     fn owns(&self, path: &str) -> bool {
-        path == CHECKPOINT_PATH
+        matches!(
+            path.strip_prefix(RUNTIME),
+            Some("CheckpointContainer" | "CreateContainer" | "StartContainer" | "RemoveContainer")
+        )
     }
 
     fn call(self: Arc<Self>, call: Call) -> ReplyFuture {
         Box::pin(async move {
-            if !self.native_enabled {
+            match call.path.strip_prefix(RUNTIME).unwrap_or_default() {
+                "CreateContainer" => self.containers.create(call).await,
+                "StartContainer" => self.containers.start(call).await,
+                "RemoveContainer" => self.containers.remove(call).await,
                 // The message the kubelet's e2e test recognises as "not supported".
-                return Reply::status(tonic::Status::unimplemented(
+                _ if !self.native_enabled => Reply::status(tonic::Status::unimplemented(
                     "method CheckpointContainer not implemented",
-                ));
+                )),
+                _ => self.native.clone().handle(call).await,
             }
-            self.native.clone().handle(call).await
         })
+    }
+
+    fn watches(&self, path: &str) -> bool {
+        path.strip_prefix(RUNTIME) == Some("ContainerStatus")
+    }
+
+    fn amend(&self, _path: &str, request: &[u8]) -> Option<relay::Amend> {
+        self.containers.amend_status(request)
     }
 }
 
@@ -55,21 +72,6 @@ pub fn socket_path(upstream: &str) -> Result<PathBuf> {
     Ok(PathBuf::from(path))
 }
 
-/// A lazy gRPC channel to the upstream, for the calls the shim makes itself.
-fn channel(path: &std::path::Path) -> tonic::transport::Channel {
-    let path = path.to_path_buf();
-    tonic::transport::Endpoint::from_static("http://localhost").connect_with_connector_lazy(
-        tower::service_fn(move |_: http::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }),
-    )
-}
-
 /// Serves until SIGTERM or SIGINT, then removes the socket.
 pub async fn serve(cfg: Config) -> Result<()> {
     let upstream = Arc::new(socket_path(&cfg.upstream)?);
@@ -79,9 +81,16 @@ pub async fn serve(cfg: Config) -> Result<()> {
         tracing::warn!(cgroup = %cg.display(), "thawed a container a previous ckpt-shim left frozen");
     }
     tracing::info!(listen = %cfg.listen.display(), upstream = %cfg.upstream, "serving CRI");
+    let up = Arc::new(upstream::Upstream::new(&upstream));
+    let containers = Arc::new(containers::Containers::new(up.clone(), &cfg.restore_dir));
+    tokio::spawn({
+        let c = containers.clone();
+        async move { c.collect_garbage().await }
+    });
     let owner: Arc<dyn Owner> = Arc::new(Router {
-        native: Arc::new(native::Native::new(&cfg, channel(&upstream))),
+        native: Arc::new(native::Native::new(&cfg, up.channel())),
         native_enabled: cfg.checkpoint_enabled,
+        containers,
     });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .ctx(|| "SIGTERM handler".into())?;

@@ -60,14 +60,78 @@ impl Reply {
             trailers: None,
         }
     }
+
+    /// A successful unary answer carrying `m`.
+    pub fn message(m: &impl prost::Message) -> Reply {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            "content-type",
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        Reply {
+            headers,
+            body: crate::pbwire::grpc_frame(&m.encode_to_vec()).into(),
+            trailers: Some(trailers),
+        }
+    }
+
+    /// The gRPC status code (from the trailers, or the headers of a
+    /// trailers-only answer); a missing one counts as UNKNOWN.
+    pub fn code(&self) -> tonic::Code {
+        let v = self
+            .trailers
+            .as_ref()
+            .and_then(|t| t.get("grpc-status"))
+            .or(self.headers.get("grpc-status"));
+        v.and_then(|v| v.to_str().ok()?.parse::<i32>().ok())
+            .map(tonic::Code::from)
+            .unwrap_or(tonic::Code::Unknown)
+    }
+
+    /// The one message of a successful unary answer, decoded.
+    pub fn decode<M: prost::Message + Default>(&self) -> Option<M> {
+        (self.code() == tonic::Code::Ok)
+            .then(|| crate::pbwire::grpc_message(&self.body))
+            .flatten()
+            .and_then(|m| M::decode(m).ok())
+    }
+}
+
+impl Call {
+    /// The request's one message, decoded.
+    pub fn decode<M: prost::Message + Default>(&self) -> Result<M, tonic::Status> {
+        crate::pbwire::grpc_message(&self.body)
+            .and_then(|m| M::decode(m).ok())
+            .ok_or_else(|| {
+                tonic::Status::invalid_argument(format!(
+                    "{}: not one well-formed request message",
+                    self.path
+                ))
+            })
+    }
 }
 
 pub type ReplyFuture = Pin<Box<dyn Future<Output = Reply> + Send>>;
 
-/// What the shim serves itself.
+/// A change to a forwarded call's reply message (protobuf bytes in, out). It
+/// may only append: protobuf merges what is appended, so nothing the upstream
+/// said is lost or re-encoded.
+pub type Amend = Box<dyn FnOnce(&[u8]) -> Vec<u8> + Send>;
+
+/// What the shim serves itself, and what it amends on the way.
 pub trait Owner: Send + Sync + 'static {
     fn owns(&self, path: &str) -> bool;
     fn call(self: Arc<Self>, call: Call) -> ReplyFuture;
+    /// Whether requests to `path` are shown to [`amend`](Self::amend).
+    fn watches(&self, _path: &str) -> bool {
+        false
+    }
+    /// Given a forwarded request's message, how to amend its reply, if at all.
+    fn amend(&self, _path: &str, _request: &[u8]) -> Option<Amend> {
+        None
+    }
 }
 
 /// Requests larger than this are not collected for the shim's own calls.
@@ -99,7 +163,8 @@ pub async fn relay(client: UnixStream, upstream: &Path, owner: Arc<dyn Owner>) {
     };
     // Each side is dropped when its loop ends; the client side's end closes the
     // channel the upstream side also waits on.
-    let c2u = ClientSide::new(owner, reach, to_client, shared.clone()).run(crd, uwr, from_upstream_side);
+    let c2u =
+        ClientSide::new(owner, reach, to_client, shared.clone()).run(crd, uwr, from_upstream_side);
     let u2c = UpstreamSide::new(shared).run(urd, cwr, from_client_side, to_upstream);
     let (a, b) = tokio::join!(c2u, u2c);
     for e in [a.err(), b.err()].into_iter().flatten() {
@@ -113,9 +178,11 @@ enum Reach {
     Unreachable(String),
 }
 
-/// The client's connection-level receive window, as both sides affect it.
+/// What both sides share: the client's connection-level receive window, as
+/// both affect it, and the replies to amend.
 #[derive(Default)]
 struct Flow {
+    amends: HashMap<u32, Amend>,
     /// What the client can still receive (RFC 9113 §6.9.2: starts at 65535).
     window: i64,
     started: bool,
@@ -145,8 +212,14 @@ enum ToClient {
     Wake,
 }
 
-/// To the task writing to the upstream: the upstream's SETTINGS_HEADER_TABLE_SIZE.
-struct UpstreamTableSize(u32);
+/// To the task writing to the upstream.
+enum ToUpstream {
+    /// The upstream's SETTINGS_HEADER_TABLE_SIZE.
+    TableSize(u32),
+    /// Connection credit for bytes the upstream sent that the client never got
+    /// (an amended reply came out shorter).
+    Credit(u32),
+}
 
 /// A header block being collected from HEADERS and CONTINUATION frames.
 struct Block {
@@ -178,7 +251,11 @@ impl Block {
             return Err(frame::bad("header block too large"));
         }
         b.fragment.extend_from_slice(fragment);
-        Ok(if f.has(frame::END_HEADERS) { slot.take() } else { None })
+        Ok(if f.has(frame::END_HEADERS) {
+            slot.take()
+        } else {
+            None
+        })
     }
 
     fn ends_stream(&self) -> bool {
@@ -201,6 +278,8 @@ struct ClientSide {
     codec: HeaderCodec,
     block: Option<Block>,
     owned: HashMap<u32, Owned>,
+    /// Forwarded calls the owner watches: their path and request so far.
+    watched: HashMap<u32, (String, BytesMut)>,
     last_stream: u32,
     out: BytesMut,
     to_client: mpsc::UnboundedSender<ToClient>,
@@ -220,6 +299,7 @@ impl ClientSide {
             codec: HeaderCodec::default(),
             block: None,
             owned: HashMap::new(),
+            watched: HashMap::new(),
             last_stream: 0,
             out: BytesMut::with_capacity(32 << 10),
             to_client,
@@ -231,7 +311,7 @@ impl ClientSide {
         mut self,
         mut crd: OwnedReadHalf,
         mut uwr: Option<OwnedWriteHalf>,
-        mut table: mpsc::UnboundedReceiver<UpstreamTableSize>,
+        mut table: mpsc::UnboundedReceiver<ToUpstream>,
     ) -> std::io::Result<()> {
         let mut reader = frame::Reader::new(true);
         let result = async {
@@ -246,7 +326,10 @@ impl ClientSide {
                             self.on_frame(f)?;
                         }
                     }
-                    Some(UpstreamTableSize(n)) = table.recv() => self.codec.receiver_table_size(n),
+                    Some(m) = table.recv() => match m {
+                        ToUpstream::TableSize(n) => self.codec.receiver_table_size(n),
+                        ToUpstream::Credit(n) => frame::put_window_update(&mut self.out, 0, n),
+                    },
                 }
                 if let Some(w) = uwr.as_mut().filter(|_| !self.out.is_empty()) {
                     w.write_all(&self.out).await?;
@@ -275,6 +358,13 @@ impl ClientSide {
                 }
             }
             frame::DATA if owned => self.on_owned_data(&f)?,
+            frame::DATA if self.watched.contains_key(&f.stream) => {
+                self.on_watched_data(&f)?;
+                self.out.extend_from_slice(&f.raw);
+            }
+            frame::RST_STREAM if self.watched.remove(&f.stream).is_some() => {
+                self.out.extend_from_slice(&f.raw)
+            }
             frame::RST_STREAM if owned => {
                 if let Some(t) = self.owned.remove(&f.stream).and_then(|o| o.task) {
                     t.abort();
@@ -320,16 +410,28 @@ impl ClientSide {
                 }
                 return Ok(());
             }
+            if self.owner.watches(&path) {
+                self.watched
+                    .insert(b.stream, (path.into_owned(), BytesMut::new()));
+            }
         }
         headers::fix_authority(&mut fields);
-        self.codec
-            .put(&mut self.out, b.stream, &fields, b.ends_stream(), b.priority);
+        self.codec.put(
+            &mut self.out,
+            b.stream,
+            &fields,
+            b.ends_stream(),
+            b.priority,
+        );
         Ok(())
     }
 
     fn on_owned_data(&mut self, f: &Frame) -> std::io::Result<()> {
         let (data, flow_len) = f.data()?;
-        let o = self.owned.get_mut(&f.stream).expect("checked by the caller");
+        let o = self
+            .owned
+            .get_mut(&f.stream)
+            .expect("checked by the caller");
         // These bytes never reach the upstream, so its credit never comes back:
         // give it back ourselves, for the connection and the stream.
         if flow_len > 0 {
@@ -356,10 +458,38 @@ impl ClientSide {
         Ok(())
     }
 
+    /// Collects a watched call's request; once whole, asks how to amend its reply
+    /// (before the last of it goes upstream, so the reply cannot come first).
+    fn on_watched_data(&mut self, f: &Frame) -> std::io::Result<()> {
+        let (data, _) = f.data()?;
+        let (_, body) = self
+            .watched
+            .get_mut(&f.stream)
+            .expect("checked by the caller");
+        body.extend_from_slice(data);
+        if body.len() > MAX_CALL {
+            self.watched.remove(&f.stream);
+        } else if f.has(frame::END_STREAM) {
+            let (path, body) = self.watched.remove(&f.stream).expect("present");
+            let amend = crate::pbwire::grpc_message(&body).and_then(|m| self.owner.amend(&path, m));
+            if let Some(a) = amend {
+                self.flow
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .amends
+                    .insert(f.stream, a);
+            }
+        }
+        Ok(())
+    }
+
     /// The whole request of an owned call is in: answer it.
     fn dispatch(&mut self, stream: u32) {
-        self.owned.retain(|_, o| !o.task.as_ref().is_some_and(|t| t.is_finished()));
-        let Some(o) = self.owned.get_mut(&stream) else { return };
+        self.owned
+            .retain(|_, o| !o.task.as_ref().is_some_and(|t| t.is_finished()));
+        let Some(o) = self.owned.get_mut(&stream) else {
+            return;
+        };
         let to_client = self.to_client.clone();
         let reply: ReplyFuture = match &self.reach {
             Reach::Unreachable(why) if !self.owner.owns(&o.path) => {
@@ -428,6 +558,8 @@ struct UpstreamSide {
     codec: HeaderCodec,
     block: Option<Block>,
     waiting: Vec<(u32, Reply)>,
+    /// Replies being amended: the change, the bytes so far, their flow length.
+    amending: HashMap<u32, (Amend, BytesMut, usize)>,
     out: BytesMut,
     flow: Arc<Mutex<Flow>>,
 }
@@ -438,6 +570,7 @@ impl UpstreamSide {
             codec: HeaderCodec::default(),
             block: None,
             waiting: Vec::new(),
+            amending: HashMap::new(),
             out: BytesMut::with_capacity(32 << 10),
             flow,
         }
@@ -448,7 +581,7 @@ impl UpstreamSide {
         mut urd: Option<OwnedReadHalf>,
         mut cwr: OwnedWriteHalf,
         mut msgs: mpsc::UnboundedReceiver<ToClient>,
-        to_upstream: mpsc::UnboundedSender<UpstreamTableSize>,
+        to_upstream: mpsc::UnboundedSender<ToUpstream>,
     ) -> std::io::Result<()> {
         let mut reader = frame::Reader::new(false);
         if urd.is_none() {
@@ -482,25 +615,42 @@ impl UpstreamSide {
     fn on_frame(
         &mut self,
         f: Frame,
-        to_upstream: &mpsc::UnboundedSender<UpstreamTableSize>,
+        to_upstream: &mpsc::UnboundedSender<ToUpstream>,
     ) -> std::io::Result<()> {
         match f.kind {
             frame::HEADERS | frame::CONTINUATION => {
                 if let Some(b) = Block::collect(&mut self.block, &f)? {
+                    if b.ends_stream() {
+                        self.finish_amending(b.stream, false, to_upstream);
+                    }
                     let fields = self.codec.decode(&b.fragment)?;
-                    self.codec
-                        .put(&mut self.out, b.stream, &fields, b.ends_stream(), b.priority);
+                    self.codec.put(
+                        &mut self.out,
+                        b.stream,
+                        &fields,
+                        b.ends_stream(),
+                        b.priority,
+                    );
                 }
                 return Ok(());
             }
+            frame::DATA if self.amends(f.stream) => return self.amend_data(&f, to_upstream),
             frame::DATA => {
                 let mut flow = self.flow.lock().unwrap_or_else(|p| p.into_inner());
                 *flow.window() -= f.payload.len() as i64;
             }
+            frame::RST_STREAM => {
+                self.amending.remove(&f.stream);
+                self.flow
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .amends
+                    .remove(&f.stream);
+            }
             frame::SETTINGS if !f.has(frame::ACK) => {
                 for (id, v) in f.settings() {
                     if id == frame::SETTINGS_HEADER_TABLE_SIZE {
-                        let _ = to_upstream.send(UpstreamTableSize(v));
+                        let _ = to_upstream.send(ToUpstream::TableSize(v));
                     }
                 }
             }
@@ -508,6 +658,67 @@ impl UpstreamSide {
         }
         self.out.extend_from_slice(&f.raw);
         Ok(())
+    }
+
+    /// Whether `stream`'s reply is to be amended; takes the change on first sight.
+    fn amends(&mut self, stream: u32) -> bool {
+        if self.amending.contains_key(&stream) {
+            return true;
+        }
+        let a = self
+            .flow
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .amends
+            .remove(&stream);
+        a.map(|a| self.amending.insert(stream, (a, BytesMut::new(), 0)))
+            .is_some()
+    }
+
+    /// Holds a reply's bytes until its message is whole, then amends it.
+    fn amend_data(
+        &mut self,
+        f: &Frame,
+        to_upstream: &mpsc::UnboundedSender<ToUpstream>,
+    ) -> std::io::Result<()> {
+        let (data, flow_len) = f.data()?;
+        let (_, buf, consumed) = self
+            .amending
+            .get_mut(&f.stream)
+            .expect("checked by the caller");
+        buf.extend_from_slice(data);
+        *consumed += flow_len;
+        let whole = buf.len() >= 5
+            && buf.len() >= 5 + u32::from_be_bytes(buf[1..5].try_into().expect("4 bytes")) as usize;
+        if whole || f.has(frame::END_STREAM) {
+            self.finish_amending(f.stream, f.has(frame::END_STREAM), to_upstream);
+        }
+        Ok(())
+    }
+
+    /// Writes what was held for `stream`, amended if it is one whole
+    /// uncompressed message (the change applies to nothing else), and settles
+    /// the windows for the difference.
+    fn finish_amending(
+        &mut self,
+        stream: u32,
+        end: bool,
+        to_upstream: &mpsc::UnboundedSender<ToUpstream>,
+    ) {
+        let Some((amend, buf, consumed)) = self.amending.remove(&stream) else {
+            return;
+        };
+        let out = match crate::pbwire::grpc_message(&buf) {
+            Some(msg) => crate::pbwire::grpc_frame(&amend(msg)),
+            None => buf.to_vec(),
+        };
+        frame::put_data(&mut self.out, stream, &out, end);
+        let mut flow = self.flow.lock().unwrap_or_else(|p| p.into_inner());
+        *flow.window() -= out.len() as i64;
+        match out.len().checked_sub(consumed) {
+            Some(more) => flow.debt += more as u64,
+            None => drop(to_upstream.send(ToUpstream::Credit((consumed - out.len()) as u32))),
+        }
     }
 
     fn on_message(&mut self, m: ToClient) {
@@ -548,5 +759,11 @@ fn put_reply(codec: &mut HeaderCodec, out: &mut BytesMut, stream: u32, r: Reply)
     if !r.body.is_empty() {
         frame::put_data(out, stream, &r.body, false);
     }
-    codec.put(out, stream, &headers::from_http(None, &trailers), true, None);
+    codec.put(
+        out,
+        stream,
+        &headers::from_http(None, &trailers),
+        true,
+        None,
+    );
 }

@@ -16,6 +16,16 @@ mod cri_common;
 
 pub type Client = cri_common::Client;
 
+/// Runs `script` in the container with ExecSync; its stdout.
+pub async fn exec(c: &mut Client, id: &str, script: &str) -> String {
+    cri_common::exec(c, id, script).await.expect("ExecSync")
+}
+
+/// The counter workload's config (8 MiB, counting every 50 ms).
+pub fn counter_config(name: &str, host_network: bool) -> cri::ContainerConfig {
+    cri_common::counter(name, 8, 50, host_network)
+}
+
 pub async fn connect(sock: &Path) -> Client {
     cri_common::connect(sock)
         .await
@@ -32,6 +42,28 @@ fn wait_socket(p: &Path, what: &str, log: &Path) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A private containerd whose runc runtime is ckpt-runc (the built ckpt-shim,
+/// linked under that name), with its restores in `<dir>/restore`.
+pub fn start_containerd(dir: &Path) {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_ckpt-shim"), bin.join("ckpt-runc")).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("hack/containerd.sh");
+    let out = Command::new("bash")
+        .arg(script)
+        .arg("start")
+        .arg(dir)
+        .env("CKPT_RUNC", bin.join("ckpt-runc"))
+        .env("CKPT_SHIM_RESTORE_DIR", dir.join("restore"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "containerd.sh start: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// containerd + the shim, with clients for both sockets.
@@ -64,12 +96,7 @@ impl Env {
         let dir = PathBuf::from(sh("mktemp -d /tmp/ckpt-cri.XXXXXX").trim());
         let containerd_sock = dir.join("containerd.sock");
         if upstream.is_none() {
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("hack/containerd.sh");
-            sh(&format!(
-                "bash {} start {}",
-                script.display(),
-                dir.display()
-            ));
+            start_containerd(&dir);
         }
         let shim_sock = dir.join("shim/ckpt-shim.sock");
         let up = upstream
@@ -100,6 +127,8 @@ impl Env {
             .arg(format!("unix://{}", self.upstream.display()))
             .arg("--config")
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/empty.toml"))
+            .arg("--restore-dir")
+            .arg(self.dir.join("restore"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(
@@ -123,13 +152,25 @@ impl Env {
         }
     }
 
+    /// What the shim keeps of restores (none once their containers are gone).
+    pub fn restores(&self) -> Vec<String> {
+        let d = self.dir.join("restore");
+        if d.exists() {
+            super::entries(&d)
+        } else {
+            Vec::new()
+        }
+    }
+
     pub fn shim_pid(&self) -> u32 {
         self.shim.as_ref().expect("shim running").id()
     }
 
     /// How many fds the shim holds (one per client connection, among others).
     pub fn shim_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.shim_pid())).unwrap().count()
+        std::fs::read_dir(format!("/proc/{}/fd", self.shim_pid()))
+            .unwrap()
+            .count()
     }
 
     pub async fn client(&self) -> Client {
@@ -221,6 +262,26 @@ impl Env {
             .join(id)
             .join("config.json");
         serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    }
+
+    /// The pod's pause process, from the container's spec (it joins its IPC
+    /// namespace by `/proc/<pid>/ns/ipc`).
+    pub fn pause_pid(&self, id: &str) -> i64 {
+        let spec = self.spec(id);
+        let ipc = spec["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["type"] == "ipc")
+            .and_then(|n| n["path"].as_str())
+            .expect("the container joins its pod's IPC namespace")
+            .to_string();
+        ipc.trim_start_matches("/proc/")
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
     }
 
     pub fn freezer(&self, id: &str) -> String {

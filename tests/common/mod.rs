@@ -402,3 +402,48 @@ pub fn assert_resumed(rootfs: &Path, before: u64, after: u64) -> u64 {
     wait_count(rootfs, |v| v >= first + 3);
     first
 }
+
+/// Archives made from a real one, changed on the way.
+pub mod archive {
+    use std::io::Read;
+    use std::path::{Path, PathBuf};
+
+    /// Copies `src` to `dst` member by member; `change(name, data)` may replace
+    /// a regular file's data. `link` adds a symlink member (name, target) at the
+    /// end, written raw, as a hostile archive would have it.
+    pub fn rewrite(
+        src: &Path,
+        dst: &Path,
+        change: impl Fn(&str, &[u8]) -> Option<Vec<u8>>,
+        link: Option<(&str, &str)>,
+    ) -> PathBuf {
+        let mut input = tar::Archive::new(std::fs::File::open(src).unwrap());
+        let mut out = tar::Builder::new(std::fs::File::create(dst).unwrap());
+        for e in input.entries().unwrap() {
+            let mut e = e.unwrap();
+            let name = e.path().unwrap().to_string_lossy().into_owned();
+            let mut h = e.header().clone();
+            if h.entry_type().is_dir() {
+                out.append_data(&mut h, &name, std::io::empty()).unwrap();
+                continue;
+            }
+            let mut data = Vec::new();
+            e.read_to_end(&mut data).unwrap();
+            let data = change(&name, &data).unwrap_or(data);
+            h.set_size(data.len() as u64);
+            out.append_data(&mut h, &name, data.as_slice()).unwrap();
+        }
+        if let Some((name, target)) = link {
+            let mut h = tar::Header::new_old();
+            h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+            h.as_old_mut().linkname[..target.len()].copy_from_slice(target.as_bytes());
+            h.set_entry_type(tar::EntryType::Symlink);
+            h.set_size(0);
+            h.set_mode(0o777);
+            h.set_cksum();
+            out.append(&h, std::io::empty()).unwrap();
+        }
+        out.finish().unwrap();
+        dst.to_path_buf()
+    }
+}

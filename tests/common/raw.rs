@@ -177,7 +177,13 @@ pub mod frames {
 
     /// One call on stream 1 of a fresh connection. Returns when the stream ends,
     /// or once `messages` gRPC messages have arrived (for endless streams).
-    pub async fn call(sock: &Path, authority: &str, path: &str, body: &[u8], messages: usize) -> Answer {
+    pub async fn call(
+        sock: &Path,
+        authority: &str,
+        path: &str,
+        body: &[u8],
+        messages: usize,
+    ) -> Answer {
         let mut s = tokio::net::UnixStream::connect(sock).await.unwrap();
         let mut enc = loona_hpack::Encoder::new();
         let fields: Vec<(&[u8], &[u8])> = vec![
@@ -217,9 +223,15 @@ pub mod frames {
                         .decode(&p)
                         .unwrap()
                         .into_iter()
-                        .map(|(n, v)| (String::from_utf8(n).unwrap(), String::from_utf8(v).unwrap()))
+                        .map(|(n, v)| {
+                            (String::from_utf8(n).unwrap(), String::from_utf8(v).unwrap())
+                        })
                         .collect();
-                    if got_headers { a.trailers = f } else { a.headers = f }
+                    if got_headers {
+                        a.trailers = f
+                    } else {
+                        a.headers = f
+                    }
                     got_headers = true;
                     if flags & 1 != 0 {
                         return a;

@@ -1,0 +1,19 @@
+//! Restores: an archive back into a running process tree.
+//!
+//! - [`archive`]: an archive checked member by member, its metadata, extraction;
+//! - [`create`]: CreateContainer of a checkpoint, rewritten for the runtime;
+//! - [`rootfs`]: the checkpoint's file changes applied to a new root file system;
+//! - [`runc`]: `ckpt-runc`, the runtime's runc, which turns a create into a restore;
+//! - [`stage`]: a CRI restore's checkpoint, kept by container ID until it starts;
+//! - [`standalone`]: `ckpt-shim restore`, CRIU driven directly into a bundle.
+
+pub mod archive;
+pub mod create;
+pub mod rootfs;
+pub mod runc;
+pub mod stage;
+pub mod standalone;
+
+pub use archive::{extract, Checkpoint};
+pub use rootfs::{apply_rootfs_diff, create_mount_points};
+pub use standalone::{restore, RestoreOptions};

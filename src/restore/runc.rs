@@ -1,0 +1,292 @@
+//! `ckpt-runc`: the runc that containerd's runc runtime runs (its `BinaryName`)
+//! on a node where ckpt-shim restores containers through CRI. Every call goes
+//! to the real runc unchanged, by `exec`, except two, and only for a container
+//! the shim filed a restore for ([`super::stage`]):
+//!
+//! - `create` becomes `runc restore --detach --no-subreaper` with the
+//!   checkpoint's images, after the checkpoint's file changes are applied to
+//!   the bundle's root file system. runc restores into the container the
+//!   runtime just set up: its cgroup, the new pod's network namespace (as the
+//!   external namespace the dump named), and the pod's IPC and UTS namespaces
+//!   (joined). It maps the checkpointed stdio pipes to the runtime's new ones
+//!   from `descriptors.json`. Without a subreaper of runc's own, the restored
+//!   process is the runtime shim's, like any container's init.
+//! - `start` then has nothing left to do.
+//!
+//! CRIU restores the checkpoint's hostname into the UTS namespace it joins,
+//! which would rename the whole new pod. So before the restore, the UTS image
+//! is rewritten to hold the new pod's names.
+
+use std::ffi::{OsStr, OsString};
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+
+use super::stage::{self, Staged};
+use crate::error::{Context, Error, Result};
+
+/// The real runc: `$CKPT_SHIM_RUNC`, or `runc` from PATH.
+fn real_runc() -> OsString {
+    std::env::var_os("CKPT_SHIM_RUNC").unwrap_or_else(|| "runc".into())
+}
+
+/// Global options of runc that take a value.
+const GLOBAL_VALUE: &[&str] = &["--root", "--log", "--log-format", "--criu", "--rootless"];
+/// `create` options that take a value.
+const CREATE_VALUE: &[&str] = &[
+    "--bundle",
+    "-b",
+    "--console-socket",
+    "--pid-file",
+    "--preserve-fds",
+];
+
+/// A runc command line, cut where the wrapper needs it.
+#[derive(Debug, PartialEq)]
+struct Invocation {
+    globals: Vec<OsString>,
+    command: String,
+    /// The command's options (with their values), without the container ID.
+    options: Vec<(String, Option<OsString>)>,
+    id: String,
+}
+
+impl Invocation {
+    fn parse(args: &[OsString]) -> Option<Invocation> {
+        let mut i = 0;
+        while i < args.len() {
+            let a = args[i].to_str()?;
+            if !a.starts_with('-') {
+                break;
+            }
+            i += if GLOBAL_VALUE.contains(&a) { 2 } else { 1 };
+        }
+        let globals = args.get(..i)?.to_vec();
+        let command = args.get(i)?.to_str()?.to_string();
+        let (id, rest) = args.get(i + 1..)?.split_last()?;
+        let mut options = Vec::new();
+        let mut it = rest.iter();
+        while let Some(a) = it.next() {
+            let a = a.to_str()?;
+            match a.split_once('=') {
+                Some((k, v)) if k.starts_with("--") => {
+                    options.push((k.to_string(), Some(v.into())))
+                }
+                _ if CREATE_VALUE.contains(&a) => {
+                    options.push((a.to_string(), Some(it.next()?.clone())))
+                }
+                _ => options.push((a.to_string(), None)),
+            }
+        }
+        Some(Invocation {
+            globals,
+            command,
+            options,
+            id: id.to_str()?.to_string(),
+        })
+    }
+
+    fn option(&self, names: &[&str]) -> Option<&OsStr> {
+        self.options
+            .iter()
+            .find(|(k, _)| names.contains(&k.as_str()))
+            .and_then(|(_, v)| v.as_deref())
+    }
+}
+
+/// Runs as runc would; returns the exit status (or does not return: exec).
+pub fn main(args: Vec<OsString>) -> i32 {
+    let inv = Invocation::parse(&args);
+    let staged = inv
+        .as_ref()
+        .and_then(|inv| Staged::find(&stage::root_from_env(), &inv.id).map(|s| (inv, s)));
+    match staged {
+        Some((inv, s)) if inv.command == "create" && s.pending() => match restore(inv, &s) {
+            Ok(()) => 0,
+            Err(e) => {
+                report(inv, &e);
+                1
+            }
+        },
+        Some((inv, s)) if inv.command == "start" && s.take_restored_mark() => 0,
+        _ => {
+            let e = Command::new(real_runc()).args(&args).exec();
+            eprintln!("ckpt-runc: cannot run {:?}: {e}", real_runc());
+            127
+        }
+    }
+}
+
+fn restore(inv: &Invocation, s: &Staged) -> Result<()> {
+    let bundle = PathBuf::from(inv.option(&["--bundle", "-b"]).unwrap_or(OsStr::new(".")));
+    let spec = Spec::load(bundle.join("config.json"))
+        .map_err(|e| Error::Other(format!("{}/config.json: {e}", bundle.display())))?;
+    let root = spec
+        .root()
+        .as_ref()
+        .map(|r| r.path().clone())
+        .unwrap_or_else(|| "rootfs".into());
+    let rootfs = if root.is_absolute() {
+        root
+    } else {
+        bundle.join(root)
+    };
+    super::apply_rootfs_diff(&s.dir, &rootfs)?;
+    rename_uts(&spec, &s.images())?;
+    std::fs::create_dir_all(s.work()).ctx(|| format!("create {}", s.work().display()))?;
+    let mut cmd = Command::new(real_runc());
+    cmd.args(&inv.globals)
+        .args(["restore", "--detach", "--no-subreaper", "--file-locks"])
+        .arg("--bundle")
+        .arg(&bundle)
+        .arg("--image-path")
+        .arg(s.images())
+        .arg("--work-path")
+        .arg(s.work());
+    for (k, v) in &inv.options {
+        // What create and restore share; the rest means nothing to a restore.
+        if ["--pid-file", "--console-socket", "--no-pivot"].contains(&k.as_str()) {
+            cmd.arg(k).args(v);
+        }
+    }
+    let status = cmd
+        .arg(&inv.id)
+        .status()
+        .ctx(|| format!("run {:?}", real_runc()))?;
+    if !status.success() {
+        return Err(Error::Other(format!(
+            "runc restore failed ({status}); CRIU's restore log ends: {}",
+            log_tail(&s.work().join("restore.log"))
+        )));
+    }
+    s.mark_restored()
+}
+
+/// Rewrites the checkpoint's UTS images with the names of the UTS namespace the
+/// container joins (the new pod's), if it joins one.
+fn rename_uts(spec: &Spec, images: &Path) -> Result<()> {
+    let Some(ns) = crate::locate::namespaces(spec)
+        .into_iter()
+        .find(|n| n.typ() == LinuxNamespaceType::Uts)
+        .and_then(|n| n.path().clone())
+    else {
+        return Ok(());
+    };
+    let names = uts_names(&ns)?;
+    for e in std::fs::read_dir(images).ctx(|| format!("list {}", images.display()))? {
+        let e = e.ctx(|| format!("list {}", images.display()))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("utsns-") && name.ends_with(".img") {
+            let bytes = criu_rpc::stats::encode_utsns(&names);
+            std::fs::write(e.path(), bytes).ctx(|| format!("write {}", e.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The host and domain names of the UTS namespace at `path`, read from a thread
+/// that joins it (namespaces are per thread for setns).
+fn uts_names(path: &Path) -> Result<criu_rpc::proto::UtsnsEntry> {
+    let f = std::fs::File::open(path).ctx(|| format!("open {}", path.display()))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWUTS)
+                .ctx(|| format!("join {}", path.display()))?;
+            let u = nix::sys::utsname::uname().ctx(|| "uname".into())?;
+            Ok(criu_rpc::proto::UtsnsEntry {
+                nodename: u.nodename().to_string_lossy().into_owned(),
+                domainname: u.domainname().to_string_lossy().into_owned(),
+            })
+        })
+        .join()
+        .unwrap_or_else(|_| Err(Error::Other("UTS name thread panicked".into())))
+    })
+}
+
+/// The last lines of CRIU's log, where it says what failed. CRIU logs an
+/// error it then gets past when it may not raise RLIMIT_NOFILE (no
+/// CAP_SYS_RESOURCE); that line says nothing about the failure.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let errors: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.contains("Error") && !l.contains("Can't setup RLIMIT_NOFILE"))
+        .collect();
+    let pick = if errors.is_empty() {
+        &lines[lines.len().saturating_sub(8)..]
+    } else {
+        &errors[errors.len().saturating_sub(8)..]
+    };
+    if pick.is_empty() {
+        format!("(no log at {})", path.display())
+    } else {
+        pick.join(" | ")
+    }
+}
+
+/// Tells the runtime what failed: on stderr, and as the last error in runc's
+/// JSON log, which is the message containerd's shim reports.
+fn report(inv: &Invocation, e: &Error) {
+    let msg = format!("ckpt-runc: restoring {}: {e}", inv.id);
+    eprintln!("{msg}");
+    let log = inv
+        .globals
+        .iter()
+        .position(|g| g == "--log")
+        .and_then(|i| inv.globals.get(i + 1));
+    if let Some(log) = log {
+        let line = serde_json::json!({
+            "level": "error",
+            "msg": msg,
+            "time": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+        });
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(log)
+        {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<OsString> {
+        s.split(' ').map(OsString::from).collect()
+    }
+
+    #[test]
+    fn containerds_command_lines_are_understood() {
+        let inv = Invocation::parse(&args(
+            "--root /run/r --log /b/log.json --log-format json create --bundle /b --pid-file /b/init.pid --no-pivot abc",
+        ))
+        .unwrap();
+        assert_eq!(
+            inv.globals,
+            args("--root /run/r --log /b/log.json --log-format json")
+        );
+        assert_eq!((inv.command.as_str(), inv.id.as_str()), ("create", "abc"));
+        assert_eq!(inv.option(&["--bundle", "-b"]), Some(OsStr::new("/b")));
+        assert_eq!(inv.option(&["--pid-file"]), Some(OsStr::new("/b/init.pid")));
+        assert!(inv.options.contains(&("--no-pivot".into(), None)));
+        let start = Invocation::parse(&args("--root /run/r start abc")).unwrap();
+        assert_eq!(
+            (start.command.as_str(), start.id.as_str()),
+            ("start", "abc")
+        );
+        let eq = Invocation::parse(&args("--root=/r create -b /b --pid-file=/p x")).unwrap();
+        assert_eq!(
+            (eq.option(&["-b"]), eq.option(&["--pid-file"])),
+            (Some(OsStr::new("/b")), Some(OsStr::new("/p")))
+        );
+        assert_eq!(Invocation::parse(&args("--version")), None);
+    }
+}

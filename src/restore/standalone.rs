@@ -1,0 +1,251 @@
+//! `ckpt-shim restore`: extract an archive safely, apply its root file system
+//! changes to a bundle, and restore the process tree with CRIU.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use criu_rpc::proto::{CgroupRoot, ExtMountMap, InheritFd, JoinNamespace, Opts};
+use criu_rpc::{ack_all, Criu};
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+
+use super::{apply_rootfs_diff, create_mount_points, Checkpoint};
+use crate::dump::{bind_destinations, DumpSettings};
+use crate::error::{Context, Error, Result};
+use crate::mountinfo;
+use crate::safefs;
+
+#[derive(Debug)]
+pub struct RestoreOptions {
+    pub archive: PathBuf,
+    /// Bundle of the new container: `config.json` (written from `spec.dump` when
+    /// absent) and its root file system, already holding the image.
+    pub bundle: PathBuf,
+    pub id: String,
+    pub criu: Criu,
+    pub settings: DumpSettings,
+    /// What the restored process gets in place of the stdio pipes it had (fds 0,
+    /// 1, 2); `None` hands over this process's own stdio.
+    pub stdio: Option<[OwnedFd; 3]>,
+}
+
+/// Restores the archive as container `id`; returns the restored init's host pid.
+pub async fn restore(o: &RestoreOptions) -> Result<i32> {
+    let work = safefs::private_tempdir(".ckpt-shim-restore-", &o.bundle)?;
+    let x = work.path().join("archive");
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&x)
+        .ctx(|| "create extraction dir".into())?;
+    Checkpoint::open(&o.archive)?.extract(&x)?;
+    let config = o.bundle.join("config.json");
+    if !config.exists() {
+        std::fs::copy(x.join("spec.dump"), &config)
+            .ctx(|| format!("write {}", config.display()))?;
+    }
+    let spec: Spec = serde_json::from_slice(
+        &std::fs::read(&config).ctx(|| format!("read {}", config.display()))?,
+    )
+    .map_err(|e| Error::InvalidArgument(format!("{}: {e}", config.display())))?;
+    let root = spec
+        .root()
+        .as_ref()
+        .map(|r| r.path().clone())
+        .unwrap_or_else(|| "rootfs".into());
+    let rootfs = if root.is_absolute() {
+        root
+    } else {
+        o.bundle.join(root)
+    };
+    apply_rootfs_diff(&x, &rootfs)?;
+    create_mount_points(&spec, &rootfs)?;
+
+    // CRIU wants the root to be a mount point: bind the rootfs onto a private dir.
+    let criu_root = work.path().join("criu-root");
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&criu_root)
+        .ctx(|| "create criu-root".into())?;
+    nix::mount::mount(
+        Some(&rootfs),
+        &criu_root,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND | nix::mount::MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .ctx(|| format!("bind {} for CRIU", rootfs.display()))?;
+    let _unmount = Unmount(criu_root.clone());
+
+    let descriptors: Vec<String> = std::fs::read(x.join("checkpoint/descriptors.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    // New stdio takes the place of the pipes the container had.
+    let stdio: Vec<OwnedFd> = match &o.stdio {
+        Some(fds) => fds
+            .iter()
+            .map(|f| f.try_clone())
+            .collect::<std::io::Result<_>>()
+            .ctx(|| "dup stdio".into())?,
+        // SAFETY: fds 0-2 are open for the life of the process.
+        None => (0..3)
+            .map(|i| unsafe { std::os::fd::BorrowedFd::borrow_raw(i) }.try_clone_to_owned())
+            .collect::<std::io::Result<_>>()
+            .ctx(|| "dup stdio".into())?,
+    };
+    let mut inherit: Vec<OwnedFd> = Vec::new();
+    let mut inherit_fd = Vec::new();
+    for (d, fd) in descriptors.iter().zip(stdio) {
+        if d.contains("pipe:") {
+            inherit_fd.push(InheritFd {
+                key: d.clone(),
+                fd: 4 + inherit.len() as i32,
+            });
+            inherit.push(fd);
+        }
+    }
+    let mut join_ns = Vec::new();
+    for ns in crate::locate::namespaces(&spec) {
+        let Some(path) = ns.path() else { continue };
+        match ns.typ() {
+            LinuxNamespaceType::Network | LinuxNamespaceType::Pid => {
+                let key = if ns.typ() == LinuxNamespaceType::Network {
+                    "extRootNetNS"
+                } else {
+                    "extRootPidNS"
+                };
+                let fd: OwnedFd = File::open(path)
+                    .ctx(|| format!("open {}", path.display()))?
+                    .into();
+                inherit_fd.push(InheritFd {
+                    key: key.into(),
+                    fd: 4 + inherit.len() as i32,
+                });
+                inherit.push(fd);
+            }
+            LinuxNamespaceType::Ipc | LinuxNamespaceType::Uts => join_ns.push(JoinNamespace {
+                ns: if ns.typ() == LinuxNamespaceType::Ipc {
+                    "ipc".into()
+                } else {
+                    "uts".into()
+                },
+                ns_file: path.to_string_lossy().into_owned(),
+                extra_opt: None,
+            }),
+            _ => {}
+        }
+    }
+    let cgroup = restored_cgroup(&spec, &o.id);
+    let work_fd = File::open(work.path()).ctx(|| "open work dir".into())?;
+    let images_fd = File::open(x.join("checkpoint")).ctx(|| "open images".into())?;
+    let opts = Opts {
+        images_dir_fd: images_fd.as_raw_fd(),
+        work_dir_fd: Some(work_fd.as_raw_fd()),
+        root: Some(criu_root.to_string_lossy().into_owned()),
+        log_level: Some(4),
+        log_file: Some("restore.log".into()),
+        notify_scripts: Some(true),
+        orphan_pts_master: Some(true),
+        manage_cgroups: Some(true),
+        manage_cgroups_mode: Some(o.settings.manage_cgroups as i32),
+        file_locks: Some(o.settings.file_locks),
+        tcp_established: Some(o.settings.tcp_established),
+        ext_unix_sk: Some(o.settings.ext_unix_sk),
+        shell_job: Some(false),
+        ext_mnt: restore_mounts(&spec, &cgroup)?,
+        cg_root: vec![CgroupRoot {
+            ctrl: None,
+            path: cgroup.to_string_lossy().into_owned(),
+        }],
+        inherit_fd,
+        join_ns,
+        ..Default::default()
+    };
+    let pid = o.criu.restore(opts, &mut ack_all(), inherit).await?;
+    Ok(pid)
+}
+
+/// The inverse of the dump's external-mount map: identifier → host path.
+fn restore_mounts(spec: &Spec, cg_path: &Path) -> Result<Vec<ExtMountMap>> {
+    let mut out = vec![ExtMountMap {
+        key: "/dev/null".into(),
+        val: "/dev/null".into(),
+    }];
+    let binds = bind_destinations(spec);
+    for m in spec.mounts().as_ref().into_iter().flatten() {
+        if binds.contains(m.destination()) {
+            if let Some(src) = m.source() {
+                out.push(ExtMountMap {
+                    key: m.destination().to_string_lossy().into_owned(),
+                    val: src.to_string_lossy().into_owned(),
+                });
+            }
+        }
+    }
+    // cgroup v1 hierarchies appear inside the container as binds of its own cgroup.
+    for h in mountinfo::read(std::process::id() as i32)?
+        .iter()
+        .filter(|m| m.fs_type == "cgroup")
+    {
+        let Some(name) = h.mount_point.file_name() else {
+            continue;
+        };
+        let dir = h
+            .mount_point
+            .join(cg_path.strip_prefix("/").unwrap_or(cg_path));
+        ensure_cgroup(&h.mount_point, &dir)?;
+        out.push(ExtMountMap {
+            key: Path::new("/sys/fs/cgroup")
+                .join(name)
+                .to_string_lossy()
+                .into_owned(),
+            val: dir.to_string_lossy().into_owned(),
+        });
+    }
+    Ok(out)
+}
+
+/// The restored container's own cgroup: beside the original's, named by its ID,
+/// so a restore never races the original's teardown.
+fn restored_cgroup(spec: &Spec, id: &str) -> PathBuf {
+    let original = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().clone())
+        .unwrap_or_else(|| PathBuf::from("/ckpt-shim"));
+    original.parent().unwrap_or(Path::new("/")).join(id)
+}
+
+/// Creates a v1 cgroup dir level by level. A new cpuset is unusable until it has
+/// cpus and mems, so those are copied down from the parent, as runc does.
+fn ensure_cgroup(hierarchy: &Path, dir: &Path) -> Result<()> {
+    let mut cur = hierarchy.to_path_buf();
+    for part in dir
+        .strip_prefix(hierarchy)
+        .unwrap_or(Path::new(""))
+        .components()
+    {
+        let parent = cur.clone();
+        cur.push(part);
+        if cur.exists() {
+            continue;
+        }
+        std::fs::create_dir(&cur).ctx(|| format!("create cgroup {}", cur.display()))?;
+        for f in ["cpuset.cpus", "cpuset.mems"] {
+            if let Ok(v) = std::fs::read_to_string(parent.join(f)) {
+                std::fs::write(cur.join(f), v.trim())
+                    .ctx(|| format!("write {}", cur.join(f).display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}

@@ -1,0 +1,274 @@
+//! The container calls the shim looks at before the runtime does:
+//! CreateContainer (a checkpoint archive as the image means a restore),
+//! StartContainer (a restored container's images can go once it has started),
+//! RemoveContainer (its restore goes with it). Any other is handed on as it came.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use prost::Message;
+
+use super::relay::{Amend, Call, Reply};
+use super::upstream::Upstream;
+use crate::cri::{
+    ContainerStatusRequest, CreateContainerRequest, CreateContainerResponse, ImageSpec,
+    ImageStatusRequest, PullImageRequest, RemoveContainerRequest, StartContainerRequest,
+};
+use crate::error::{Error, Result};
+use crate::pbwire::Fields;
+use crate::restore::create::{self as plan};
+use crate::restore::stage::{self, RestoreInfo, Staged, Staging};
+use crate::restore::Checkpoint;
+
+pub struct Containers {
+    upstream: Arc<Upstream>,
+    root: PathBuf,
+    /// IDs of the containers restored here, for `ContainerStatus`.
+    pub restored: Arc<RwLock<HashSet<String>>>,
+}
+
+impl Containers {
+    pub fn new(upstream: Arc<Upstream>, root: &Path) -> Containers {
+        let ids = stage::restored_ids(root).into_iter().collect();
+        Containers {
+            upstream,
+            root: root.to_path_buf(),
+            restored: Arc::new(RwLock::new(ids)),
+        }
+    }
+
+    /// Removes restores whose containers are gone, and unfinished ones.
+    pub async fn collect_garbage(&self) {
+        let Ok(list) = self
+            .upstream
+            .runtime()
+            .list_containers(crate::cri::ListContainersRequest {})
+            .await
+        else {
+            return;
+        };
+        let live: HashSet<String> = list
+            .into_inner()
+            .containers
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        let root = self.root.clone();
+        let n = tokio::task::spawn_blocking(move || stage::collect_garbage(&root, &live))
+            .await
+            .unwrap_or(0);
+        if n > 0 {
+            tracing::info!(removed = n, "removed restores of containers that are gone");
+        }
+        self.restored
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id| Staged::find(&self.root, id).is_some());
+    }
+
+    pub async fn create(&self, call: Call) -> Reply {
+        let req: CreateContainerRequest = match call.decode() {
+            Ok(r) => r,
+            Err(s) => return Reply::status(s),
+        };
+        let Some(path) = plan::archive_path(&req) else {
+            return self.upstream.forward(&call).await;
+        };
+        let started = Instant::now();
+        match self.restore(&call, &path).await {
+            Ok(reply) => {
+                if let Some(r) = reply.decode::<CreateContainerResponse>() {
+                    tracing::info!(container = %r.container_id, source = %path.display(), ms = started.elapsed().as_millis() as u64, "created a container to restore");
+                }
+                reply
+            }
+            Err(e) => {
+                tracing::warn!(source = %path.display(), "restore refused: {e}");
+                Reply::status(e.into())
+            }
+        }
+    }
+
+    /// Checks the archive, finds its base image, stages its images, and has the
+    /// runtime create the container; on any failure nothing is left.
+    async fn restore(&self, call: &Call, path: &Path) -> Result<Reply> {
+        let ckpt = {
+            let p = path.to_path_buf();
+            blocking(move || Checkpoint::open(&p)).await?
+        };
+        let image = self.base_image(&ckpt).await?;
+        let msg = crate::pbwire::grpc_message(&call.body).unwrap_or_default();
+        let create = plan::request(msg, &ckpt, &image, &path.to_string_lossy())?;
+        let staging = Staging::new(&self.root)?;
+        let ckpt = {
+            let dest = staging.path().to_path_buf();
+            blocking(move || ckpt.extract(&dest).map(|()| ckpt)).await?
+        };
+        plan::create_sources(&create.sources)?;
+        let reply = self
+            .upstream
+            .forward(&Call {
+                path: call.path.clone(),
+                metadata: call.metadata.clone(),
+                body: crate::pbwire::grpc_frame(&create.request).into(),
+            })
+            .await;
+        // The runtime's own refusal goes back unchanged; staging goes with it.
+        let Some(created) = reply.decode::<CreateContainerResponse>() else {
+            return Ok(reply);
+        };
+        let info = RestoreInfo {
+            source: path.to_string_lossy().into_owned(),
+            checkpointed_id: ckpt.config.id.clone(),
+            checkpointed_name: ckpt.config.name.clone(),
+            checkpointed_at: ckpt.config.checkpointed_time.clone(),
+        };
+        if let Err(e) = staging.commit(&self.root, &created.container_id, &info) {
+            self.remove_upstream(&created.container_id).await;
+            return Err(e);
+        }
+        self.restored
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(created.container_id);
+        Ok(reply)
+    }
+
+    /// The checkpoint's base image as this node's runtime knows it: by ID or
+    /// digest, else by name, else pulled by name; NotFound if none works.
+    async fn base_image(&self, ckpt: &Checkpoint) -> Result<String> {
+        let (reference, name) = ckpt.base_image();
+        let mut images = self.upstream.images();
+        for r in [reference, name].into_iter().flatten() {
+            let req = ImageStatusRequest {
+                image: Some(spec(r)),
+            };
+            if let Ok(resp) = images.image_status(req).await {
+                if let Some(img) = resp.into_inner().image {
+                    return Ok(if img.id.is_empty() {
+                        r.to_string()
+                    } else {
+                        img.id
+                    });
+                }
+            }
+        }
+        let Some(name) = name else {
+            return Err(Error::ImageNotFound {
+                image: reference.unwrap_or("(none)").into(),
+                why: "the checkpoint names no image to pull".into(),
+            });
+        };
+        match images
+            .pull_image(PullImageRequest {
+                image: Some(spec(name)),
+            })
+            .await
+        {
+            Ok(r) => Ok(Some(r.into_inner().image_ref)
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| name.into())),
+            Err(s) => Err(Error::ImageNotFound {
+                image: name.into(),
+                why: format!("not on this node, and pulling it failed: {}", s.message()),
+            }),
+        }
+    }
+
+    /// For a verbose ContainerStatus of a container restored here: its info
+    /// gains `restored: "true"` (CRI-O's key), where it came from and when it
+    /// was checkpointed.
+    pub fn amend_status(&self, request: &[u8]) -> Option<Amend> {
+        let r = ContainerStatusRequest::decode(request).ok()?;
+        if !r.verbose
+            || !self
+                .restored
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&r.container_id)
+        {
+            return None;
+        }
+        let info = Staged::find(&self.root, &r.container_id)?.info()?;
+        let entries = [
+            ("restored".to_string(), "true".to_string()),
+            ("restoredFrom".into(), info.source),
+            ("checkpointedAt".into(), info.checkpointed_at),
+        ];
+        Some(Box::new(move |msg: &[u8]| {
+            let mut info = Fields::default();
+            for (k, v) in &entries {
+                let mut e = Fields::default();
+                e.push(1, k.as_bytes());
+                e.push(2, v.as_bytes());
+                info.push(2, &e.encode());
+            }
+            [msg, &info.encode()].concat()
+        }))
+    }
+
+    /// StartContainer, and for a restored container, its images removed after.
+    pub async fn start(&self, call: Call) -> Reply {
+        let id = call
+            .decode::<StartContainerRequest>()
+            .map(|r| r.container_id)
+            .unwrap_or_default();
+        let reply = self.upstream.forward(&call).await;
+        if let Some(s) = Staged::find(&self.root, &id) {
+            match reply.code() {
+                tonic::Code::Ok => tracing::info!(container = %id, "restored"),
+                code => tracing::warn!(container = %id, ?code, "restore failed at start"),
+            }
+            // Off the request path: deleting GiBs of pages takes time.
+            tokio::task::spawn_blocking(move || s.drop_images());
+        }
+        reply
+    }
+
+    /// RemoveContainer, and a restored container's restore with it.
+    pub async fn remove(&self, call: Call) -> Reply {
+        let id = call
+            .decode::<RemoveContainerRequest>()
+            .map(|r| r.container_id)
+            .unwrap_or_default();
+        let reply = self.upstream.forward(&call).await;
+        if reply.code() == tonic::Code::Ok {
+            self.forget(&id).await;
+        }
+        reply
+    }
+
+    async fn remove_upstream(&self, id: &str) {
+        let req = RemoveContainerRequest {
+            container_id: id.into(),
+        };
+        if let Err(e) = self.upstream.runtime().remove_container(req).await {
+            tracing::error!(container = %id, "could not remove a half-restored container: {e}");
+        }
+    }
+
+    async fn forget(&self, id: &str) {
+        self.restored
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        if let Some(s) = Staged::find(&self.root, id) {
+            let _ = tokio::task::spawn_blocking(move || s.remove()).await;
+        }
+    }
+}
+
+fn spec(image: &str) -> ImageSpec {
+    ImageSpec {
+        image: image.into(),
+        ..Default::default()
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Other(format!("blocking task: {e}")))?
+}
