@@ -107,7 +107,13 @@ class Bench:
     # --- set-up ---
     def setup(self):
         os.makedirs(self.w, exist_ok=True)
-        env = dict(os.environ, CKPT_SHIM_IMAGES=f"{self.w}/images")
+        # The node as README sets it up: containerd's runc is ckpt-runc.
+        os.makedirs(f"{self.w}/bin", exist_ok=True)
+        if not os.path.exists(f"{self.w}/bin/ckpt-runc"):
+            os.symlink(SHIM, f"{self.w}/bin/ckpt-runc")
+        self.restore_dir = f"{self.w}/restore"
+        env = dict(os.environ, CKPT_SHIM_IMAGES=f"{self.w}/images", CKPT_RUNC=f"{self.w}/bin/ckpt-runc",
+                   CKPT_SHIM_RESTORE_DIR=self.restore_dir)
         sh(["bash", f"{ROOT}/hack/build-image.sh", f"{self.w}/image"])
         sh(["bash", f"{ROOT}/hack/containerd.sh", "start", f"{self.w}/ctrd"], env=env)
         # Two shims in front of the same containerd: the default (durable) one, and
@@ -115,9 +121,10 @@ class Bench:
         self.sock, self.sock_d = f"{self.w}/shim/ckpt-shim.sock", f"{self.w}/shim-d/ckpt-shim.sock"
         open(f"{self.w}/shim-nf.toml", "w").write("durable = false\n")
         up = f"unix://{self.w}/ctrd/containerd.sock"
-        self.shim = subprocess.Popen([SHIM, "serve", "--listen", self.sock, "--upstream", up, "--config", f"{self.w}/shim-nf.toml"],
+        self.shim = subprocess.Popen([SHIM, "serve", "--listen", self.sock, "--upstream", up, "--config", f"{self.w}/shim-nf.toml",
+                                      "--restore-dir", self.restore_dir],
                                      stdout=subprocess.DEVNULL, stderr=open(f"{self.w}/shim.log", "w"))
-        self.shim_d = subprocess.Popen([SHIM, "serve", "--listen", self.sock_d, "--upstream", up],
+        self.shim_d = subprocess.Popen([SHIM, "serve", "--listen", self.sock_d, "--upstream", up, "--restore-dir", self.restore_dir],
                                        stdout=subprocess.DEVNULL, stderr=open(f"{self.w}/shim-d.log", "w"))
         for _ in range(200):
             if os.path.exists(self.sock) and os.path.exists(self.sock_d):

@@ -3,6 +3,9 @@
 //!   cri-ctl SOCK create POD_NAME IMAGE         → a new pod and a container of IMAGE
 //!                                                (e.g. a checkpoint), not started
 //!   cri-ctl SOCK start ID
+//!   cri-ctl SOCK restore POD_NAME ARCHIVE      → a new pod, then CreateContainer with
+//!                                                the archive as image + StartContainer,
+//!                                                timed: "<pod id> <container id> <ms>"
 //!   cri-ctl SOCK checkpoint ID LOCATION [TIMEOUT_S]
 //!   cri-ctl SOCK rm-pod POD_ID
 
@@ -33,6 +36,39 @@ async fn main() -> Res<()> {
                 create_in_new_pod(&mut c, pod, "/ckpt-shim-bench", &logs, Some(image), 0, 1000)
                     .await?;
             println!("{p} {id}");
+        }
+        ("restore", [pod, archive]) => {
+            let logs = std::env::temp_dir().join(format!("cri-ctl-logs-{pod}"));
+            std::fs::create_dir_all(&logs)?;
+            let sb = sandbox(pod, "/ckpt-shim-bench", &logs, false);
+            let p = c
+                .run_pod_sandbox(cri::RunPodSandboxRequest {
+                    config: Some(sb.clone()),
+                    runtime_handler: String::new(),
+                })
+                .await?
+                .into_inner()
+                .pod_sandbox_id;
+            let mut config = counter("counter", 0, 1000, false);
+            config.image = Some(cri::ImageSpec {
+                image: archive.clone(),
+                ..Default::default()
+            });
+            let t = std::time::Instant::now();
+            let id = c
+                .create_container(cri::CreateContainerRequest {
+                    pod_sandbox_id: p.clone(),
+                    config: Some(config),
+                    sandbox_config: Some(sb),
+                })
+                .await?
+                .into_inner()
+                .container_id;
+            c.start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await?;
+            println!("{p} {id} {:.1}", t.elapsed().as_secs_f64() * 1e3);
         }
         ("start", [id]) => {
             c.start_container(cri::StartContainerRequest {

@@ -1,25 +1,19 @@
 //! The CRI half of hack/demo.sh: through ckpt-shim's socket, run a counter pod,
-//! checkpoint it with CheckpointContainer, inspect the archive, stop the
-//! container, restore the archive into a fresh rootfs of the same image (beside
-//! the pod, in its network namespace), and show the count continuing.
+//! checkpoint it with CheckpointContainer, inspect the archive, remove the
+//! container, restore the archive through CRI into a new pod (CreateContainer
+//! with the archive as the image, then StartContainer), and show the count
+//! continuing in the runtime's own container.
 //! usage: cri-demo SHIM_SOCK CKPT_SHIM_BIN WORK_DIR
 
 #[path = "cri_common.rs"]
 mod cri_common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cri_common::*;
 use k8s_cri::v1 as cri;
-
-fn count(rootfs: &Path) -> u64 {
-    std::fs::read_to_string(rootfs.join("tmp/count"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
-}
 
 fn run(cmd: &mut Command) -> Res<String> {
     let o = cmd.output()?;
@@ -114,21 +108,6 @@ async fn main() -> Res<()> {
         run(Command::new(&shim).arg("inspect").arg(&archive))?.trim_end()
     );
 
-    // A fresh writable layer over the same image layers, next to the live pod.
-    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(format!(
-        "/run/containerd/runc/k8s.io/{id}/state.json"
-    ))?)?;
-    let pid = state["init_process_pid"].as_i64().ok_or("no pid")?;
-    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
-    let root = mountinfo
-        .lines()
-        .find(|l| l.split(' ').nth(4) == Some("/"))
-        .ok_or("no root mount")?;
-    let lower = root
-        .split(',')
-        .find_map(|o| o.strip_prefix("lowerdir="))
-        .ok_or("root is not an overlay")?
-        .to_string();
     c.stop_container(cri::StopContainerRequest {
         container_id: id.clone(),
         timeout: 0,
@@ -138,63 +117,81 @@ async fn main() -> Res<()> {
         container_id: id.clone(),
     })
     .await?;
-    println!("== StopContainer, RemoveContainer: the original is gone; restoring the archive into a fresh rootfs");
-    let bundle = work.join("restored");
-    for d in ["upper", "work", "rootfs"] {
-        std::fs::create_dir_all(bundle.join(d))?;
-    }
-    let b = bundle.display();
-    run(Command::new("mount")
-        .args([
-            "-t",
-            "overlay",
-            "overlay",
-            "-o",
-            &format!("lowerdir={lower},upperdir={b}/upper,workdir={b}/work"),
-        ])
-        .arg(bundle.join("rootfs")))?;
-    let log = std::fs::File::create(work.join("restored.log"))?;
-    let status = Command::new(&shim)
-        .arg("restore")
-        .arg(&archive)
-        .arg("--bundle")
-        .arg(&bundle)
-        .args(["--id", "counter-restored"])
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .status()?;
-    let said = std::fs::read_to_string(work.join("restored.log"))?;
-    let line = said
-        .lines()
-        .find(|l| l.starts_with("restored") || l.starts_with("ckpt-shim:"))
-        .unwrap_or("")
-        .to_string();
-    println!("== ckpt-shim restore: {line}");
-    if !status.success() {
-        return Err(said.into());
-    }
-    let rootfs = bundle.join("rootfs");
-    let first = count(&rootfs);
+    println!("== StopContainer, RemoveContainer: the original is gone");
+
+    // The restore, as CRI-O takes it: a new pod, and CreateContainer with the
+    // archive as the image. The runtime (containerd, through ckpt-runc) owns it.
+    let logs = work.join("logs-restored");
+    std::fs::create_dir_all(&logs)?;
+    let sb = sandbox("demo-restored", "/ckpt-shim-demo", &logs, false);
+    let started = Instant::now();
+    let pod2 = c
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(sb.clone()),
+            runtime_handler: String::new(),
+        })
+        .await?
+        .into_inner()
+        .pod_sandbox_id;
+    let pod_ms = started.elapsed().as_secs_f64() * 1e3;
+    let mut cfg = counter("counter", 0, 200, false);
+    cfg.image = Some(cri::ImageSpec {
+        image: archive.to_string_lossy().into_owned(),
+        ..Default::default()
+    });
+    let started = Instant::now();
+    let id2 = c
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod2.clone(),
+            config: Some(cfg),
+            sandbox_config: Some(sb),
+        })
+        .await?
+        .into_inner()
+        .container_id;
+    c.start_container(cri::StartContainerRequest {
+        container_id: id2.clone(),
+    })
+    .await?;
+    println!(
+        "== new pod demo-restored ({pod_ms:.0} ms); CreateContainer(image = the archive) + StartContainer: {:.3}s",
+        started.elapsed().as_secs_f64()
+    );
+    let st = c
+        .container_status(cri::ContainerStatusRequest {
+            container_id: id2.clone(),
+            verbose: true,
+        })
+        .await?
+        .into_inner();
+    let state = st
+        .status
+        .as_ref()
+        .map(|s| s.state().as_str_name())
+        .unwrap_or("?");
+    println!(
+        "== ContainerStatus {}: {state}, info restored={}",
+        &id2[..12],
+        st.info.get("restored").map(String::as_str).unwrap_or("-")
+    );
+    let first: u64 = exec(&mut c, &id2, "cat /tmp/count").await?.parse()?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let then = count(&rootfs);
+    let then: u64 = exec(&mut c, &id2, "cat /tmp/count").await?.parse()?;
+    println!("== restored counter (ExecSync): {first}, a second later {then} (resumed from its memory, not from 1)");
     println!(
-        "== restored counter: {first}, a second later {then} (resumed from its memory, not from 1)"
+        "== inside it: /root/note = {:?}, hostname {:?}",
+        exec(&mut c, &id2, "cat /root/note").await?,
+        exec(&mut c, &id2, "hostname").await?
     );
+    let log = std::fs::read_to_string(logs.join("counter.log"))?;
     println!(
-        "== restored rootfs: /root/note = {:?}, /bin/vi present: {}",
-        std::fs::read_to_string(rootfs.join("root/note"))?.trim(),
-        rootfs.join("bin/vi").exists()
+        "== its output goes on in the new pod's log: {}",
+        log.lines().last().unwrap_or("")
     );
-    if let Some(p) = line.split("pid ").nth(1) {
-        std::fs::write(work.join("restored.pid"), p.trim())?;
-        let net = std::fs::read_link(format!("/proc/{}/ns/net", p.trim()))
-            .map(|l| l.display().to_string())
-            .unwrap_or_default();
-        println!("== restored process network namespace {net} (the pod's)");
-    }
     // A restarted process would count from 1; a restored one goes on from where it was.
-    if !(then > first && first >= at_checkpoint) {
+    if !(then > first && first >= at_checkpoint)
+        || st.info.get("restored").map(String::as_str) != Some("true")
+    {
         return Err("the restored counter did not continue".into());
     }
     println!("== demo OK");

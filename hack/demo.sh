@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job, end to end on a fresh machine: set up, start a private containerd
-# and ckpt-shim in front of it, run a counter pod through the shim's CRI socket,
-# checkpoint it with CheckpointContainer while it keeps running, inspect the
-# archive, then restore it and watch the count continue (hack/cri-demo.rs).
+# (its runc runtime is ckpt-runc) and ckpt-shim in front of it, run a counter pod
+# through the shim's CRI socket, checkpoint it with CheckpointContainer while it
+# keeps running, inspect the archive, then restore it through CRI into a new pod
+# and watch the count continue (hack/cri-demo.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash hack/setup.sh
@@ -12,21 +13,24 @@ cargo build --release --locked -q --bin ckpt-shim --example cri-demo
 work=$(mktemp -d /var/tmp/ckpt-shim-demo.XXXXXX)
 shim_pid=
 cleanup() {
-  [ -f "$work/restored.pid" ] && kill -9 "$(cat "$work/restored.pid")" 2>/dev/null || true
   [ -n "$shim_pid" ] && kill "$shim_pid" 2>/dev/null || true
-  umount "$work/restored/rootfs" 2>/dev/null || true
   bash hack/containerd.sh stop "$work/containerd" || true
   find /sys/fs/cgroup/*/ckpt-shim-demo -depth -type d -exec rmdir {} \; 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT
 
+# The node set-up step for restores: containerd's runc runtime runs ckpt-runc.
+mkdir -p "$work/bin"
+ln -s "$PWD/target/release/ckpt-shim" "$work/bin/ckpt-runc"
+export CKPT_RUNC="$work/bin/ckpt-runc" CKPT_SHIM_RESTORE_DIR="$work/restore"
 bash hack/containerd.sh start "$work/containerd"
 echo "== containerd $(containerd --version | awk '{print $3}') on $work/containerd/containerd.sock (its CheckpointContainer: UNIMPLEMENTED)"
-target/release/ckpt-shim serve --listen "$work/shim/ckpt-shim.sock" \
+echo "== its runc runtime: $(grep BinaryName "$work/containerd/config.toml" | xargs)"
+target/release/ckpt-shim serve --listen "$work/shim/ckpt-shim.sock" --restore-dir "$CKPT_SHIM_RESTORE_DIR" \
   --upstream "unix://$work/containerd/containerd.sock" 2> "$work/shim.log" &
 shim_pid=$!
 until [ -S "$work/shim/ckpt-shim.sock" ]; do sleep 0.05; done
 target/release/examples/cri-demo "$work/shim/ckpt-shim.sock" "$PWD/target/release/ckpt-shim" "$work"
-echo "== the shim's log line for the checkpoint:"
-grep checkpointed "$work/shim.log"
+echo "== the shim's log lines for the checkpoint and the restore:"
+grep -E "checkpointed|restore|restored" "$work/shim.log"

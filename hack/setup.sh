@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # Installs everything ckpt-shim needs to build and test on a fresh Debian 12 machine.
 # Idempotent: every step checks whether it is already done. Run as root.
+#   hack/setup.sh                      the build and test machine
+#   hack/setup.sh --node [CONFIG]      also builds ckpt-shim and installs it on this
+#                                      node, with containerd's runc runtime set to
+#                                      ckpt-runc in CONFIG (/etc/containerd/config.toml)
 set -euo pipefail
+node=
+if [ "${1:-}" = --node ]; then node=${2:-/etc/containerd/config.toml}; fi
 
 CRIU_VERSION=4.1.1
 CRIU_TARBALL=criu_${CRIU_VERSION}.orig.tar.xz
@@ -89,3 +95,9 @@ fi
 criu check >/dev/null 2>&1 || { criu check >&2; echo "criu check failed" >&2; exit 1; }
 log "criu check passed ($(criu --version | head -n1))"
 if [ ${#installed[@]} -gt 0 ]; then log "installed: ${installed[*]}"; else log "nothing to install"; fi
+
+if [ -n "$node" ]; then
+  here=$(cd "$(dirname "$0")" && pwd)
+  (cd "$here/.." && cargo build --release --locked -q --bin ckpt-shim)
+  bash "$here/deploy/install.sh" --binary "$here/../target/release/ckpt-shim" --containerd-config "$node"
+fi

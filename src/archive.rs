@@ -382,100 +382,11 @@ impl ArchiveWriter {
     }
 
     fn copy_from(&mut self, src: &File, len: u64) -> std::io::Result<()> {
-        if self.offset.is_multiple_of(ALIGN) && len >= ALIGN_FROM && self.try_clone(src, len) {
-            return Ok(());
-        }
-        let mut src_off: i64 = 0;
-        let mut left = len;
-        while left > 0 {
-            let chunk = left.min(1 << 30) as usize;
-            // SAFETY: both fds are open; offsets are local variables.
-            let n = unsafe {
-                libc::copy_file_range(
-                    src.as_raw_fd(),
-                    &mut src_off,
-                    self.file.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    chunk,
-                    0,
-                )
-            };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
-                ) {
-                    return self.copy_by_read(src, src_off as u64, left);
-                }
-                return Err(e);
-            }
-            if n == 0 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "source shrank while archiving",
-                ));
-            }
-            left -= n as u64;
-            self.offset += n as u64;
-            self.written += n as u64;
-        }
-        Ok(())
-    }
-
-    /// Shares the source's extents (XFS, btrfs reflink) instead of copying them.
-    fn try_clone(&mut self, src: &File, len: u64) -> bool {
-        #[repr(C)]
-        struct FileCloneRange {
-            src_fd: i64,
-            src_offset: u64,
-            src_length: u64,
-            dest_offset: u64,
-        }
-        const FICLONERANGE: libc::c_ulong = 0x4020_940d;
-        let arg = FileCloneRange {
-            src_fd: src.as_raw_fd() as i64,
-            src_offset: 0,
-            src_length: len,
-            dest_offset: self.offset,
-        };
-        // SAFETY: FICLONERANGE reads one file_clone_range struct from the pointer.
-        let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), FICLONERANGE, &arg) };
-        if rc != 0 {
-            tracing::debug!(
-                "reflink not possible here, copying: {}",
-                std::io::Error::last_os_error()
-            );
-            return false;
-        }
-        let end = (self.offset + len) as i64;
-        // SAFETY: moving our own file position past the shared range.
-        if unsafe { libc::lseek(self.file.as_raw_fd(), end, libc::SEEK_SET) } != end {
-            return false;
-        }
+        let share = self.offset.is_multiple_of(ALIGN) && len >= ALIGN_FROM;
+        let moved = crate::fcopy::copy_range(src, 0, &self.file, self.offset, len, share)?;
         self.offset += len;
-        true
-    }
-
-    /// Fallback where the kernel cannot copy between these files.
-    fn copy_by_read(&mut self, src: &File, from: u64, len: u64) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut off = from;
-        let end = from + len;
-        while off < end {
-            let want = ((end - off) as usize).min(buf.len());
-            let n = src.read_at(&mut buf[..want], off)?;
-            if n == 0 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "source shrank while archiving",
-                ));
-            }
-            self.file.write_all(&buf[..n])?;
-            off += n as u64;
-            self.offset += n as u64;
-            self.written += n as u64;
+        if moved == crate::fcopy::Moved::Copied {
+            self.written += len;
         }
         Ok(())
     }

@@ -15,6 +15,7 @@ pub mod checkpoint;
 pub mod collect;
 pub mod dump;
 pub mod error;
+pub mod fcopy;
 pub mod freeze;
 pub mod locate;
 pub mod mountinfo;

@@ -1,5 +1,6 @@
 //! On a reflink-capable file system (XFS, loop-mounted), the archive shares the
-//! extents of CRIU's images instead of copying them, and reads back intact.
+//! extents of CRIU's images instead of copying them, and reads back intact; and
+//! a restore's extraction shares the archive's extents in turn.
 
 mod common;
 
@@ -82,4 +83,18 @@ fn large_members_share_extents_on_xfs() {
         }
     }
     assert!(found);
+
+    // Extracting it for a restore takes no new space for the pages either.
+    let before = free(&m);
+    let x = m.join("x");
+    std::fs::create_dir(&x).unwrap();
+    ckpt_shim::restore::extract(&m.join("a.tar"), &x).unwrap();
+    let taken = before.saturating_sub(free(&m));
+    assert!(
+        taken < (data.len() as u64) / 10,
+        "extraction took {taken} new bytes for {} of pages",
+        data.len()
+    );
+    assert!(std::fs::read(x.join("checkpoint/pages-1.img")).unwrap() == data);
+    assert_eq!(std::fs::read(x.join("checkpoint/small.img")).unwrap(), b"small");
 }

@@ -135,32 +135,52 @@ fn check_entry<R: Read>(e: &tar::Entry<R>) -> Result<PathBuf> {
     }
 }
 
+/// Members at least this large are moved with [`crate::fcopy`] (shared extents
+/// where the file system has them); smaller ones are read and written.
+const MOVE_FROM: u64 = 1 << 20;
+
 /// Extracts `archive` into `dest` (a fresh directory): regular files and
 /// directories only, relative names without `..`, nothing followed or replaced.
+/// Large members (the memory pages) move file to file in the kernel, and share
+/// the archive's extents on XFS or btrfs (archives 4 KiB-align them).
 pub fn extract(archive: &Path, dest: &Path) -> Result<()> {
-    let mut ar = tar::Archive::new(regular_file(archive)?);
-    for entry in ar.entries().ctx(|| format!("read {}", archive.display()))? {
+    let source = regular_file(archive)?;
+    let mut ar = tar::Archive::new(
+        source
+            .try_clone()
+            .ctx(|| format!("open {}", archive.display()))?,
+    );
+    for entry in ar
+        .entries_with_seek()
+        .ctx(|| format!("read {}", archive.display()))?
+    {
         let mut e = entry.ctx(|| format!("read {}", archive.display()))?;
         let name = check_entry(&e)?;
         let out = dest.join(&name);
-        if e.header().entry_type() == tar::EntryType::Directory {
+        let dir = if e.header().entry_type() == tar::EntryType::Directory {
+            Some(out.as_path())
+        } else {
+            out.parent()
+        };
+        if let Some(d) = dir {
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
-                .create(&out)
-                .ctx(|| format!("create {}", out.display()))?;
-            continue;
+                .create(d)
+                .ctx(|| format!("create {}", d.display()))?;
         }
-        if let Some(parent) = out.parent() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(parent)
-                .ctx(|| format!("create {}", parent.display()))?;
+        if e.header().entry_type() == tar::EntryType::Directory {
+            continue;
         }
         // Parents were made by us from checked names, so no link can redirect this.
         let mut f = safefs::create_new(&out, 0o600)?;
-        std::io::copy(&mut e, &mut f).ctx(|| format!("extract {}", out.display()))?;
+        let size = e.size();
+        if size >= MOVE_FROM {
+            crate::fcopy::copy_range(&source, e.raw_file_position(), &f, 0, size, true)
+                .ctx(|| format!("extract {}", out.display()))?;
+        } else {
+            std::io::copy(&mut e, &mut f).ctx(|| format!("extract {}", out.display()))?;
+        }
     }
     Ok(())
 }

@@ -91,8 +91,9 @@ impl Containers {
         }
     }
 
-    /// Checks the archive, finds its base image, stages its images, and has the
-    /// runtime create the container; on any failure nothing is left.
+    /// Checks the archive, finds its base image, and has the runtime create the
+    /// container while the archive is extracted beside it; on any failure
+    /// nothing is left.
     async fn restore(&self, call: &Call, path: &Path) -> Result<Reply> {
         let ckpt = {
             let p = path.to_path_buf();
@@ -101,31 +102,28 @@ impl Containers {
         let image = self.base_image(&ckpt).await?;
         let msg = crate::pbwire::grpc_message(&call.body).unwrap_or_default();
         let create = plan::request(msg, &ckpt, &image, &path.to_string_lossy())?;
-        let staging = Staging::new(&self.root)?;
-        let ckpt = {
-            let dest = staging.path().to_path_buf();
-            blocking(move || ckpt.extract(&dest).map(|()| ckpt)).await?
-        };
         plan::create_sources(&create.sources)?;
-        let reply = self
-            .upstream
-            .forward(&Call {
-                path: call.path.clone(),
-                metadata: call.metadata.clone(),
-                body: crate::pbwire::grpc_frame(&create.request).into(),
-            })
-            .await;
-        // The runtime's own refusal goes back unchanged; staging goes with it.
-        let Some(created) = reply.decode::<CreateContainerResponse>() else {
-            return Ok(reply);
-        };
+        let staging = Staging::new(&self.root)?;
         let info = RestoreInfo {
             source: path.to_string_lossy().into_owned(),
             checkpointed_id: ckpt.config.id.clone(),
             checkpointed_name: ckpt.config.name.clone(),
             checkpointed_at: ckpt.config.checkpointed_time.clone(),
         };
-        if let Err(e) = staging.commit(&self.root, &created.container_id, &info) {
+        let dest = staging.path().to_path_buf();
+        let extract = blocking(move || ckpt.extract(&dest));
+        let rewritten = Call {
+            path: call.path.clone(),
+            metadata: call.metadata.clone(),
+            body: crate::pbwire::grpc_frame(&create.request).into(),
+        };
+        let created = self.upstream.forward(&rewritten);
+        let (extracted, reply) = tokio::join!(extract, created);
+        // The runtime's own refusal goes back unchanged; staging goes with it.
+        let Some(created) = reply.decode::<CreateContainerResponse>() else {
+            return Ok(reply);
+        };
+        if let Err(e) = extracted.and_then(|()| staging.commit(&self.root, &created.container_id, &info)) {
             self.remove_upstream(&created.container_id).await;
             return Err(e);
         }

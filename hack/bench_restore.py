@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""Restore benchmark: how long until a checkpointed counter runs again. Not a test.
+
+For counters touching N MiB of incompressible memory, each round runs, in an
+order that rotates from round to round:
+  CRI     ckpt-shim through CRI: CreateContainer (the archive as the image) and
+          StartContainer in a new pod, in front of containerd (its runc is
+          ckpt-runc); timed from CreateContainer to StartContainer's answer
+  R       `runc restore -d` of `runc checkpoint` images of a runc container,
+          into a fresh overlay, until runc returns (the process runs)
+  S       `ckpt-shim restore` of a `ckpt-shim checkpoint` archive of that runc
+          container into a fresh overlay bundle
+  P       `podman container restore --import` of a podman export (uncompressed)
+Every restore starts from a checkpoint taken beforehand, still in the page cache,
+and the restored container is removed (untimed) before the next run.
+With --xfs the whole work dir (archives, images, restore dir) is on a reflink XFS
+loop image, where a restore shares the archive's extents instead of copying pages.
+"""
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import CRICTL, SHIM, Bench, sh  # noqa: E402
+
+
+def detached(cmd, stdout=None):
+    """Runs `cmd` to its exit without holding pipes a restored process inherits."""
+    with open(stdout or os.devnull, "w") as f:
+        subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, check=True)
+
+
+class RestoreBench(Bench):
+    def prepare(self, mib):
+        """Checkpoints of each kind, taken once per size."""
+        os.makedirs(f"{self.w}/ck-{mib}", mode=0o700, exist_ok=True)
+        ck = f"{self.w}/ck-{mib}"
+        sh([CRICTL, self.sock, "checkpoint", self.cri_id, f"{ck}/cri.tar", "600"])
+        sh(["runc", "--root", f"{self.w}/runc-state", "checkpoint", "--leave-running", "--image-path", f"{ck}/runc-img",
+            "--work-path", f"{ck}/runc-work", f"runc-{mib}"])
+        sh([SHIM, "checkpoint", "--runtime-root", f"{self.w}/runc-state", f"runc-{mib}", "--output", f"{ck}/shim.tar"])
+        sh(self.podman + ["container", "checkpoint", "--leave-running", "--compress", "none", f"--export={ck}/podman.tar", f"pm-{mib}"])
+        self.spec = f"{self.w}/runc-{mib}/config.json"
+
+    def overlay(self, name):
+        b = f"{self.w}/{name}"
+        for d in ("upper", "work", "rootfs"):
+            os.makedirs(f"{b}/{d}", exist_ok=True)
+        sh(f"mount -t overlay overlay -o lowerdir={self.w}/image,upperdir={b}/upper,workdir={b}/work {b}/rootfs")
+        return b
+
+    def run_CRI(self, mib):
+        pod, cid, ms = sh([CRICTL, self.sock, "restore", f"r-{self.n}", f"{self.w}/ck-{mib}/cri.tar"]).split()
+        self.n += 1
+        self.cleanups.append(lambda: sh([CRICTL, self.sock, "rm-pod", pod], check=False))
+        return float(ms) / 1000
+
+    def run_R(self, mib):
+        name = f"rr-{mib}-{self.n}"
+        self.n += 1
+        b = self.overlay(name)
+        cfg = open(self.spec).read().replace(f"/ckpt-shim-bench/runc-{mib}", f"/ckpt-shim-bench/{name}")
+        open(f"{b}/config.json", "w").write(cfg)
+        # stdio on a pipe, as at checkpoint time; runc returns once the process runs.
+        cmd = (f"cd {b} && exec runc --root {self.w}/runc-state restore -d --image-path {self.w}/ck-{mib}/runc-img "
+               f"--work-path {b}/restore-work {name} </dev/null > >(exec cat >/dev/null 2>&1) 2>&1")
+        t = time.monotonic()
+        detached(["setsid", "bash", "-c", cmd])
+        wall = time.monotonic() - t
+        self.cleanups.append(lambda: sh(f"runc --root {self.w}/runc-state kill {name} KILL; sleep 0.3; runc --root {self.w}/runc-state delete -f {name}; umount {b}/rootfs; rm -rf {b}", check=False))
+        return wall
+
+    def run_S(self, mib):
+        name = f"rs-{mib}-{self.n}"
+        self.n += 1
+        b = self.overlay(name)
+        # The restored process keeps the command's stdio: a file, not a pipe we wait on.
+        out = f"{b}.out"
+        t = time.monotonic()
+        detached([SHIM, "restore", f"{self.w}/ck-{mib}/shim.tar", "--bundle", b, "--id", name], stdout=out)
+        wall = time.monotonic() - t
+        pid = re.search(r"as pid (\d+)", open(out).read()).group(1)
+        self.cleanups.append(lambda: sh(f"kill -9 {pid}; sleep 0.3; umount {b}/rootfs; rm -rf {b}; find /sys/fs/cgroup/*/ckpt-shim-bench/{name} -depth -type d -exec rmdir {{}} \\; 2>/dev/null", check=False))
+        return wall
+
+    def run_P(self, mib):
+        name = f"pr-{mib}-{self.n}"
+        self.n += 1
+        t = time.monotonic()
+        sh(self.podman + ["container", "restore", "--import", f"{self.w}/ck-{mib}/podman.tar", "--name", name])
+        wall = time.monotonic() - t
+        self.cleanups.append(lambda: sh(self.podman + ["rm", "-f", "-t", "0", name], check=False))
+        return wall
+
+    def run(self):
+        self.cleanups = []
+        self.times = {}
+        for mib in self.sizes:
+            self.start_containers(mib)
+            self.prepare(mib)
+            variants = [("CRI", self.run_CRI), ("R", self.run_R), ("S", self.run_S), ("P", self.run_P)]
+            if self.only:
+                variants = [v for v in variants if v[0] in self.only]
+            for rnd in range(self.rounds):
+                k = rnd % len(variants)
+                for name, fn in variants[k:] + variants[:k]:
+                    self.settle()
+                    wall = fn(mib)
+                    for c in self.cleanups:
+                        c()
+                    self.cleanups = []
+                    self.times.setdefault((mib, name), []).append(wall)
+                    print(f"  {mib} MiB round {rnd + 1} {name}: {wall:.3f}s", file=sys.stderr, flush=True)
+            self.stop_containers(mib)
+            shutil.rmtree(f"{self.w}/ck-{mib}", ignore_errors=True)
+
+    def report(self):
+        labels = {"CRI": "ckpt-shim via CRI (Create+Start)", "R": "runc restore -d", "S": "ckpt-shim restore (CLI)", "P": "podman restore --import"}
+        med = lambda mib, v: statistics.median(self.times[(mib, v)]) if (mib, v) in self.times else float("nan")
+        rng = lambda mib, v: f"{min(self.times[(mib, v)]):.3f}–{max(self.times[(mib, v)]):.3f}" if (mib, v) in self.times else "-"
+        lines = ["| MiB | variant | s, median (min–max) |", "|---|---|---|"]
+        for mib in self.sizes:
+            for v, label in labels.items():
+                lines.append(f"| {mib} | {label} | {med(mib, v):.3f} ({rng(mib, v)}) |")
+        lines += ["", "| MiB | CRI / runc restore | CLI / runc restore | podman / CRI |", "|---|---|---|---|"]
+        for mib in self.sizes:
+            lines.append(f"| {mib} | {med(mib, 'CRI') / med(mib, 'R'):.2f} | {med(mib, 'S') / med(mib, 'R'):.2f} | {med(mib, 'P') / med(mib, 'CRI'):.2f} |")
+        return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="64,512,2048")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--work", default="/var/tmp/ckpt-shim-bench-restore")
+    ap.add_argument("--only", help="run just these variants, comma-separated (CRI,R,S,P)")
+    ap.add_argument("--xfs", action="store_true", help="put the work dir on a reflink XFS loop image")
+    a = ap.parse_args()
+    if a.xfs:
+        img = f"{a.work}.xfs.img"
+        os.makedirs(a.work, exist_ok=True)
+        sh(f"truncate -s {max(8, 4 * max(int(x) for x in a.sizes.split(',')) // 1024 + 6)}G {img} && "
+           f"mkfs.xfs -q -f -m reflink=1 {img} && mount -o loop {img} {a.work}")
+    b = RestoreBench(a.work, [int(s) for s in a.sizes.split(",")], a.rounds, a.only.split(",") if a.only else None)
+    b.rss = 0
+    try:
+        b.setup()
+        b.run()
+        text = b.report()
+    finally:
+        for c in getattr(b, "cleanups", []):
+            c()
+        b.teardown()
+        if a.xfs:
+            sh(f"umount {a.work}; rm -f {a.work}.xfs.img; rmdir {a.work}", check=False)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
