@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Builds the test/demo image rootfs into DIR: busybox-static, /etc/passwd, and the
-# static counter workload (hack/workloads/counter.c). No registry needed.
+# static counter workload (hack/workloads/counter.c) and the pause probe
+# (hack/workloads/pauseprobe.c). No registry needed.
 set -euo pipefail
 dir=${1:?usage: build-image.sh DIR}
 here=$(cd "$(dirname "$0")" && pwd)
-[ -x "$dir/bin/counter" ] && exit 0
+[ -x "$dir/bin/counter" ] && [ -x "$dir/bin/pauseprobe" ] && exit 0
+rm -rf "$dir"
 tmp="$dir.tmp.$$"
 rm -rf "$tmp"
 mkdir -p "$tmp"/{bin,proc,sys,dev,tmp,etc,root,data}
@@ -14,4 +16,5 @@ chroot "$tmp" /bin/busybox --install -s /bin
 echo 'root:x:0:0:root:/root:/bin/sh' > "$tmp/etc/passwd"
 echo 'root:x:0:' > "$tmp/etc/group"
 cc -O2 -static -o "$tmp/bin/counter" "$here/workloads/counter.c"
+cc -O2 -static -o "$tmp/bin/pauseprobe" "$here/workloads/pauseprobe.c"
 mv -T "$tmp" "$dir" 2>/dev/null || rm -rf "$tmp"

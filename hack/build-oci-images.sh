@@ -5,7 +5,9 @@
 set -euo pipefail
 out=${1:?usage: build-oci-images.sh DIR}
 here=$(cd "$(dirname "$0")" && pwd)
-[ -f "$out/counter-oci.tar" ] && [ -f "$out/pause-oci.tar" ] && exit 0
+# The stamp names what the images hold; a new one rebuilds them.
+stamp="$out/.with-pauseprobe"
+[ -f "$out/counter-oci.tar" ] && [ -f "$out/pause-oci.tar" ] && [ -f "$stamp" ] && exit 0
 mkdir -p "$out"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -21,3 +23,4 @@ umoci config --image "$work/oci:counter" --tag pause --clear=config.cmd --config
 skopeo copy -q "oci:$work/oci:counter" "oci-archive:$work/counter-oci.tar:docker.io/library/ckpt-counter:latest"
 skopeo copy -q "oci:$work/oci:pause" "oci-archive:$work/pause-oci.tar:docker.io/library/pause:local"
 mv "$work/counter-oci.tar" "$work/pause-oci.tar" "$out/"
+touch "$stamp"

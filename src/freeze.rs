@@ -97,18 +97,20 @@ impl Freezer {
     /// Freezes and waits until every task is frozen, or thaws again and fails at
     /// `deadline`. An already-paused container is left as it is and stays paused.
     /// `journal` notes the freeze on disk until the cgroup is thawed for good.
+    /// `criu` is where the CRIU working on this cgroup is, or will be, registered.
     pub async fn freeze(
         &self,
         id: &str,
         deadline: Instant,
         journal: Option<JournalEntry>,
+        criu: CriuWatch,
     ) -> Result<FreezeGuard> {
         if self.self_frozen()? {
             return Ok(FreezeGuard {
                 freezer: self.clone(),
                 thaw: false,
                 frozen_at: Instant::now(),
-                criu: Default::default(),
+                criu,
                 journal: None,
             });
         }
@@ -116,7 +118,7 @@ impl Freezer {
             freezer: self.clone(),
             thaw: true,
             frozen_at: Instant::now(),
-            criu: Default::default(),
+            criu,
             journal,
         };
         self.request(true)?;
@@ -139,6 +141,100 @@ impl Freezer {
         }
         Ok(guard)
     }
+}
+
+/// A freeze taken when CRIU is ready to seize the container (at its `pre-dump`
+/// stage) rather than before CRIU starts, so that CRIU's start-up is not part
+/// of the container's pause. Until then it holds what the freeze needs; after,
+/// the [`FreezeGuard`].
+pub struct FreezeAt {
+    freezer: Freezer,
+    id: String,
+    deadline: Instant,
+    journal_dir: Option<PathBuf>,
+    criu: CriuWatch,
+    guard: Mutex<Option<FreezeGuard>>,
+    /// Called once the container is frozen (e.g. to start the rootfs diff).
+    on_frozen: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl FreezeAt {
+    pub fn new(
+        freezer: Freezer,
+        id: &str,
+        deadline: Instant,
+        journal_dir: Option<PathBuf>,
+    ) -> FreezeAt {
+        FreezeAt {
+            freezer,
+            id: id.to_string(),
+            deadline,
+            journal_dir,
+            criu: Default::default(),
+            guard: Mutex::new(None),
+            on_frozen: Mutex::new(None),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.freezer.path()
+    }
+
+    /// Where to register the CRIU process (see [`watch_pid`]).
+    pub fn criu_watch(&self) -> CriuWatch {
+        self.criu.clone()
+    }
+
+    pub fn on_frozen(&self, f: impl FnOnce() + Send + 'static) {
+        *lock(&self.on_frozen) = Some(Box::new(f));
+    }
+
+    /// Freezes now (once), noting it in the journal first.
+    pub async fn freeze(&self) -> Result<()> {
+        if lock(&self.guard).is_some() {
+            return Ok(());
+        }
+        let journal = match &self.journal_dir {
+            Some(dir) => Some(JournalEntry::record(dir, &self.freezer)?),
+            None => None,
+        };
+        let guard = self
+            .freezer
+            .freeze(&self.id, self.deadline, journal, self.criu.clone())
+            .await?;
+        *lock(&self.guard) = Some(guard);
+        if let Some(f) = lock(&self.on_frozen).take() {
+            f();
+        }
+        Ok(())
+    }
+
+    pub fn is_frozen(&self) -> bool {
+        lock(&self.guard).is_some()
+    }
+
+    /// Thaws now, staying armed (see [`FreezeGuard::thaw_now`]).
+    pub fn thaw_now(&self) {
+        if let Some(g) = lock(&self.guard).as_ref() {
+            g.thaw_now();
+        }
+    }
+
+    /// Thaws for good; returns how long the container was frozen by us, and
+    /// whether it was paused already (then it stays paused).
+    pub fn finish(&self) -> Result<(Duration, bool)> {
+        match lock(&self.guard).take() {
+            Some(g) => {
+                let paused = g.was_paused();
+                Ok((g.thaw()?, paused))
+            }
+            None => Ok((Duration::ZERO, false)),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Thaws on drop unless the container was paused before we came.

@@ -26,4 +26,5 @@ pub mod inspect;
 pub mod restore;
 pub mod safefs;
 pub mod server;
+pub mod sink;
 pub mod stream;

@@ -22,6 +22,51 @@ use crate::error::{Context, Error, Result};
 /// Spooled images stay in memory up to this size, then move to a file.
 const SPOOL_MEM: usize = 4 << 20;
 
+/// How far a capture has got. CRIU moves page *references* into its pipes
+/// (the pages it vmspliced from the frozen tasks) and lets the tasks run again
+/// after its `post-dump` stage, before it lets the streamer go. So CRIU is held
+/// at `post-dump` until every image has been read out of its pipe
+/// ([`Progress::drained`]): nothing is read after the tasks have changed it.
+#[derive(Default)]
+pub struct Progress {
+    /// Images whose pipes are still being read.
+    active: std::sync::atomic::AtomicUsize,
+    /// CRIU asked for its last image, the inventory.
+    last: AtomicBool,
+    failed: AtomicBool,
+    changed: tokio::sync::Notify,
+}
+
+impl Progress {
+    /// Every image CRIU sent has been read to its end (or the capture failed).
+    pub fn drained(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+            || (self.last.load(Ordering::SeqCst) && self.active.load(Ordering::SeqCst) == 0)
+    }
+
+    pub async fn wait_drained(&self) -> bool {
+        loop {
+            let n = self.changed.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.drained() {
+                return !self.failed.load(Ordering::SeqCst);
+            }
+            n.await;
+        }
+    }
+
+    fn finished_one(&self) {
+        self.active.fetch_sub(1, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    fn fail(&self) {
+        self.failed.store(true, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+}
+
 /// What a capture wrote.
 #[derive(Debug, Default)]
 pub struct Captured {
@@ -39,6 +84,7 @@ pub fn capture(
     w: &mut ArchiveWriter,
     spool_dir: &Path,
     criu_gone: impl Fn() -> bool,
+    progress: &Progress,
 ) -> Result<Captured> {
     let Some(mut conn) = sock
         .accept(criu_gone)
@@ -60,17 +106,26 @@ pub fn capture(
         let mut first_err = None;
         loop {
             match conn.next_image() {
-                Ok(Some((name, pipe))) => threads.push(s.spawn(move || {
-                    let r = receive(shared, &name, pipe, spool_dir);
-                    if r.is_err() {
-                        shared.failed.store(true, Ordering::SeqCst);
+                Ok(Some((name, pipe))) => {
+                    progress.active.fetch_add(1, Ordering::SeqCst);
+                    if name == "inventory.img" {
+                        progress.last.store(true, Ordering::SeqCst);
                     }
-                    r
-                })),
+                    threads.push(s.spawn(move || {
+                        let r = receive(shared, &name, pipe, spool_dir);
+                        if r.is_err() {
+                            shared.failed.store(true, Ordering::SeqCst);
+                            progress.fail();
+                        }
+                        progress.finished_one();
+                        r
+                    }))
+                }
                 Ok(None) => break,
                 Err(e) => {
                     first_err = Some(Err(e).ctx(|| "CRIU's image stream".into()));
                     shared.failed.store(true, Ordering::SeqCst);
+                    progress.fail();
                     break;
                 }
             }

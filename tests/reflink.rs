@@ -96,5 +96,8 @@ fn large_members_share_extents_on_xfs() {
         data.len()
     );
     assert!(std::fs::read(x.join("checkpoint/pages-1.img")).unwrap() == data);
-    assert_eq!(std::fs::read(x.join("checkpoint/small.img")).unwrap(), b"small");
+    assert_eq!(
+        std::fs::read(x.join("checkpoint/small.img")).unwrap(),
+        b"small"
+    );
 }

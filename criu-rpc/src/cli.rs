@@ -3,9 +3,15 @@
 //!
 //! The options are the same [`Opts`] a DUMP request takes, turned into flags by
 //! [`dump_args`]. What NOTIFY does over RPC, an action script does here: CRIU runs
-//! it at each stage and aborts the dump when it fails. Ours fails `post-dump` once
-//! the caller has given up ([`CliDump::abort`]), so CRIU unwinds through its own
-//! clean-up and releases the tasks, just as a refused notification makes it do.
+//! it at each stage and aborts the dump when it fails. Ours does two things:
+//! - at `pre-dump` (before CRIU touches a task) and `post-dump` (after every
+//!   image is written, before the tasks run again), it asks the caller through a
+//!   FIFO and waits for the answer on another ([`Stages`]), so the caller can,
+//!   say, freeze the container just then, or finish reading the images, and
+//!   refuse to go on;
+//! - it fails `post-dump` once the caller has given up ([`Aborter::abort`]), so
+//!   CRIU unwinds through its own clean-up and releases the tasks, just as a
+//!   refused notification makes it do.
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -17,32 +23,105 @@ use crate::proto::{CgMode, NetworkLockMethod, Opts, ReqType};
 use crate::swrk::{describe, Proc};
 use crate::{Criu, Error};
 
-/// The action script, written into the work dir. It refuses `post-dump` once the
-/// abort file exists; every other stage passes.
+/// The action script, written into the work dir. At `pre-dump` and
+/// `post-dump` (when asked to hold there) it waits for the caller's "ok"; it
+/// refuses `post-dump` once the abort file exists; every other stage passes.
 const ACTION_SCRIPT: &str = "#!/bin/sh\n\
-# Written by ckpt-shim's criu-rpc: fail post-dump once the dump was abandoned.\n\
+# Written by ckpt-shim's criu-rpc: wait for the caller at pre-dump and post-dump,\n\
+# fail post-dump once the dump was abandoned.\n\
+case \"$CRTOOLS_SCRIPT_ACTION\" in\n\
+pre-dump|post-dump)\n\
+  [ -z \"$CRIU_RPC_ASK\" ] || { echo \"$CRTOOLS_SCRIPT_ACTION\" > \"$CRIU_RPC_ASK\" && read -r a < \"$CRIU_RPC_ANSWER\" && [ \"$a\" = ok ]; } || exit 1 ;;\n\
+esac\n\
 [ \"$CRTOOLS_SCRIPT_ACTION\" != post-dump ] || [ ! -e \"$CRIU_RPC_ABORT\" ]\n";
 const SCRIPT_NAME: &str = "criu-action.sh";
 const ABORT_NAME: &str = "criu-abort";
+const ASK_NAME: &str = "criu-ask";
+const ANSWER_NAME: &str = "criu-answer";
 
 /// A running `criu dump`.
 pub struct CliDump {
     proc: Proc,
     work: PathBuf,
     log: Option<String>,
+    stages: Option<Stages>,
+}
+
+/// A stage where CRIU waits for the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Before CRIU touches any task.
+    PreDump,
+    /// Every image written; the tasks are still stopped.
+    PostDump,
+}
+
+/// CRIU waiting at a stage for the caller: [`asked`](Self::asked) resolves when
+/// it got there, and [`answer`](Self::answer) lets it go on, or not.
+pub struct Stages {
+    ask: tokio::net::unix::pipe::Receiver,
+    answer: tokio::net::unix::pipe::Sender,
+}
+
+impl Stages {
+    /// Two FIFOs in `work`, both held open read-write, so neither side's open
+    /// ever blocks, and the script reads EOF (and fails) if we go away.
+    fn new(work: &Path) -> std::io::Result<Stages> {
+        let (ask, answer) = (work.join(ASK_NAME), work.join(ANSWER_NAME));
+        for p in [&ask, &answer] {
+            nix::unistd::mkfifo(
+                p,
+                nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+            )?;
+        }
+        let mut o = tokio::net::unix::pipe::OpenOptions::new();
+        o.read_write(true);
+        Ok(Stages {
+            ask: o.open_receiver(&ask)?,
+            answer: o.open_sender(&answer)?,
+        })
+    }
+
+    /// Resolves once CRIU reaches a stage and asks to go on. The script asks
+    /// one stage at a time and waits for its answer, so one read is one ask.
+    pub async fn asked(&mut self) -> std::io::Result<Stage> {
+        use tokio::io::AsyncReadExt;
+        let mut b = [0u8; 64];
+        let n = self.ask.read(&mut b).await?;
+        match std::str::from_utf8(&b[..n]).map(str::trim) {
+            Ok("pre-dump") => Ok(Stage::PreDump),
+            Ok("post-dump") => Ok(Stage::PostDump),
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the action script asked about no known stage",
+            )),
+        }
+    }
+
+    /// Lets CRIU go on (`true`) or makes it abort before it touched any task.
+    /// Keep this alive until CRIU has exited: the answer waits in the FIFO for
+    /// the script to read it, and a FIFO's data goes when its last fd closes.
+    pub async fn answer(&mut self, go_on: bool) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.answer
+            .write_all(if go_on { b"ok\n" } else { b"no\n" })
+            .await
+    }
 }
 
 impl Criu {
     /// Starts `criu dump` with `opts` (see [`dump_args`]); `images` and `work` are
     /// private directories of the caller. With `stream`, CRIU sends its images to
     /// the streamer listening on `images/streamer-capture.sock` instead of writing
-    /// them (see [`crate::streamer`]).
+    /// them (see [`crate::streamer`]). With `hold`, CRIU waits at `pre-dump` and
+    /// `post-dump` for [`CliDump::take_stages`]'s answer.
     pub fn dump_cli(
         &self,
         opts: &Opts,
         images: &Path,
         work: &Path,
         stream: bool,
+        hold: bool,
     ) -> Result<CliDump, Error> {
         let script = work.join(SCRIPT_NAME);
         std::fs::OpenOptions::new()
@@ -59,17 +138,21 @@ impl Criu {
             args.push("--stream".into());
         }
         let abort = work.join(ABORT_NAME);
-        let proc = Proc::spawn(
-            self.binary(),
-            &args,
-            &[("CRIU_RPC_ABORT", abort.as_os_str())],
-            &[],
-            self.grace(),
-        )?;
+        let (ask, answer) = (work.join(ASK_NAME), work.join(ANSWER_NAME));
+        let stages = hold.then(|| Stages::new(work)).transpose()?;
+        let mut env = vec![("CRIU_RPC_ABORT", abort.as_os_str())];
+        if stages.is_some() {
+            env.extend([
+                ("CRIU_RPC_ASK", ask.as_os_str()),
+                ("CRIU_RPC_ANSWER", answer.as_os_str()),
+            ]);
+        }
+        let proc = Proc::spawn(self.binary(), &args, &env, &[], self.grace())?;
         Ok(CliDump {
             proc,
             work: work.to_path_buf(),
             log: opts.log_file.clone(),
+            stages,
         })
     }
 }
@@ -77,6 +160,11 @@ impl Criu {
 impl CliDump {
     pub fn pid(&self) -> u32 {
         self.proc.pid()
+    }
+
+    /// CRIU's waits at its stages, if [`Criu::dump_cli`] was asked to hold them.
+    pub fn take_stages(&mut self) -> Option<Stages> {
+        self.stages.take()
     }
 
     /// What aborts this dump, usable while [`wait`](Self::wait) runs.
@@ -162,6 +250,9 @@ pub fn dump_args(opts: &Opts, images: &Path, work: &Path) -> Result<Vec<OsString
     }
     if let Some(c) = &opts.freeze_cgroup {
         pair("--freeze-cgroup", c.into());
+    }
+    if let Some(y) = &opts.cgroup_yard {
+        pair("--cgroup-yard", y.into());
     }
     if let Some(t) = opts.timeout {
         pair("--timeout", t.to_string().into());

@@ -408,7 +408,7 @@ async fn cli_stream_dump_hands_over_every_image_and_they_restore() {
     let captured = capture_all(sock);
     let opts = cli_opts(pid);
     let before = counter.read().unwrap();
-    let mut dump = c.dump_cli(&opts, &images, &work, true).unwrap();
+    let mut dump = c.dump_cli(&opts, &images, &work, true, false).unwrap();
     dump.wait().await.unwrap();
     let after = counter.read().unwrap();
     let got = captured.join().unwrap();
@@ -445,7 +445,13 @@ async fn aborted_cli_dump_fails_at_post_dump_and_the_task_runs_on() {
     let tmp = tempfile::tempdir().unwrap();
     let counter = Counter::start(tmp.path());
     let mut dump = c
-        .dump_cli(&cli_opts(counter.pid()), tmp.path(), tmp.path(), false)
+        .dump_cli(
+            &cli_opts(counter.pid()),
+            tmp.path(),
+            tmp.path(),
+            false,
+            false,
+        )
         .unwrap();
     dump.aborter().abort();
     let err = dump.wait().await.unwrap_err();
@@ -459,4 +465,55 @@ async fn aborted_cli_dump_fails_at_post_dump_and_the_task_runs_on() {
     let now = counter.read().unwrap();
     counter.wait_for(|v| v > now + 2);
     assert_not_stopped(counter.pid());
+}
+
+/// Held at `pre-dump`, CRIU touches no task until answered: refused, it fails
+/// and the task runs on; let go, it dumps, then holds the task stopped at
+/// `post-dump` until answered again.
+#[tokio::test]
+async fn cli_dump_waits_at_its_stages_for_the_answer() {
+    let c = criu();
+    let tmp = tempfile::tempdir().unwrap();
+    let counter = Counter::start(tmp.path());
+    for go_on in [false, true] {
+        let work = tmp.path().join(format!("w-{go_on}"));
+        std::fs::create_dir(&work).unwrap();
+        let mut dump = c
+            .dump_cli(&cli_opts(counter.pid()), &work, &work, false, true)
+            .unwrap();
+        let mut stages = dump.take_stages().unwrap();
+        let asked = tokio::time::timeout(Duration::from_secs(10), stages.asked())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(asked, criu_rpc::cli::Stage::PreDump);
+        // Asked, and waiting: the task is still running, not seized.
+        let now = counter.read().unwrap();
+        counter.wait_for(|v| v > now + 1);
+        assert_not_stopped(counter.pid());
+        stages.answer(go_on).await.unwrap();
+        if go_on {
+            let asked = tokio::time::timeout(Duration::from_secs(10), stages.asked())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(asked, criu_rpc::cli::Stage::PostDump);
+            // Every image is written, and the task is still stopped.
+            assert!(work.join("inventory.img").exists());
+            let now = counter.read().unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            assert_eq!(
+                counter.read().unwrap(),
+                now,
+                "the task ran before post-dump was answered"
+            );
+            stages.answer(true).await.unwrap();
+        }
+        let r = dump.wait().await;
+        drop(stages);
+        assert_eq!(r.is_ok(), go_on, "{r:?}");
+        assert_eq!(work.join("inventory.img").exists(), go_on);
+        let now = counter.read().unwrap();
+        counter.wait_for(|v| v > now + 1);
+    }
 }

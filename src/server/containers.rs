@@ -123,7 +123,9 @@ impl Containers {
         let Some(created) = reply.decode::<CreateContainerResponse>() else {
             return Ok(reply);
         };
-        if let Err(e) = extracted.and_then(|()| staging.commit(&self.root, &created.container_id, &info)) {
+        if let Err(e) =
+            extracted.and_then(|()| staging.commit(&self.root, &created.container_id, &info))
+        {
             self.remove_upstream(&created.container_id).await;
             return Err(e);
         }

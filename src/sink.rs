@@ -1,0 +1,407 @@
+//! Steps 3 and 5 as the two ways CRIU's images reach the archive, behind one
+//! type: [`Sink::Streamed`] (`criu dump --stream`, every image going straight
+//! into the archive as CRIU writes it) or [`Sink::Staged`] (`criu swrk` dumps
+//! into staging; the archive is built after). Either way the container is
+//! frozen only once CRIU is ready to seize it ([`FreezeAt`]), and CRIU is
+//! waited for under the request's deadline and cancellation ([`Wait`]).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criu_rpc::cli::Stage;
+use criu_rpc::proto::Opts;
+use criu_rpc::streamer::CaptureSocket;
+use criu_rpc::{Criu, Notify};
+
+use crate::archive::{self, ArchiveWriter, Target};
+use crate::error::{Context, Error, Result};
+use crate::freeze::{self, CriuWatch, FreezeAt};
+use crate::stream;
+
+/// Where CRIU's images go.
+pub enum Sink {
+    /// Into the archive, opened in staging with its leading members written.
+    Streamed {
+        writer: ArchiveWriter,
+        socket: CaptureSocket,
+    },
+    /// Into `<staging>/checkpoint`, as files.
+    Staged,
+}
+
+/// A finished dump: what the archive still needs.
+pub enum Dumped {
+    Streamed(ArchiveWriter),
+    Staged,
+}
+
+impl Sink {
+    /// Streams when asked and where it can work, writing `head` (and the
+    /// checkpoint dir with `descriptors`) into the archive now; otherwise stages,
+    /// with `descriptors.json` among the images.
+    pub fn open(
+        target: &Target,
+        staging: &Path,
+        head: &[Member],
+        descriptors: &[u8],
+        stream: bool,
+    ) -> Result<Sink> {
+        let images = staging.join("checkpoint");
+        if stream {
+            match stream_socket(&images, staging) {
+                Ok(socket) => {
+                    // In staging, like every unfinished archive: a crashed shim's
+                    // (memory pages and all) goes with the staging dir on recovery.
+                    let mut writer = ArchiveWriter::create_in(target, staging)?;
+                    write_members(&mut writer, head)?;
+                    writer.add_dir("checkpoint")?;
+                    writer.add_bytes("checkpoint/descriptors.json", descriptors)?;
+                    return Ok(Sink::Streamed { writer, socket });
+                }
+                Err(e) => tracing::info!("dumping to staging instead of streaming: {e}"),
+            }
+        }
+        use std::io::Write;
+        let path = images.join("descriptors.json");
+        crate::safefs::create_new(&path, 0o600)?
+            .write_all(descriptors)
+            .ctx(|| format!("write {}", path.display()))?;
+        Ok(Sink::Staged)
+    }
+
+    /// Runs CRIU with `opts`: the container is frozen when CRIU reaches
+    /// `pre-dump`, and CRIU is waited for under `wait`.
+    pub async fn dump(
+        self,
+        criu: &Criu,
+        opts: Opts,
+        staging: &Path,
+        wait: &Wait<'_>,
+        cancelled: &mut Cancelled,
+    ) -> Result<Dumped> {
+        match self {
+            Sink::Staged => {
+                let expired = Arc::new(AtomicBool::new(false));
+                let mut handler = DumpHandler {
+                    expired: expired.clone(),
+                    criu: wait.freeze.criu_watch(),
+                    freeze: wait.freeze,
+                };
+                let dump = criu.dump(opts, &mut handler);
+                wait.dump(dump, || expired.store(true, Ordering::SeqCst), cancelled)
+                    .await?;
+                Ok(Dumped::Staged)
+            }
+            Sink::Streamed { writer, socket } => {
+                dump_streamed(criu, &opts, staging, writer, socket, wait, cancelled).await
+            }
+        }
+    }
+}
+
+pub type Cancelled = tokio::sync::watch::Receiver<()>;
+
+/// Answers CRIU over RPC: freezes at `pre-dump`, refuses `post-dump` once the
+/// request has expired (so CRIU aborts and releases the tasks), and registers
+/// CRIU for the freeze guard's final thaw.
+struct DumpHandler<'f> {
+    expired: Arc<AtomicBool>,
+    criu: CriuWatch,
+    freeze: &'f FreezeAt,
+}
+
+impl criu_rpc::NotifyHandler for DumpHandler<'_> {
+    fn notify(&mut self, n: Notify) -> criu_rpc::NotifyFuture<'_> {
+        let refuse = self.expired.load(Ordering::SeqCst) && n.script == "post-dump";
+        Box::pin(async move {
+            if n.script == "pre-dump" {
+                return self.freeze.freeze().await.map_err(|e| e.to_string());
+            }
+            if refuse {
+                Err("request expired".to_string())
+            } else {
+                Ok(())
+            }
+        })
+    }
+
+    fn spawned(&mut self, pid: u32) {
+        freeze::watch_pid(&self.criu, pid);
+    }
+}
+
+/// `criu dump --stream` with the shim capturing its images into `w`, and
+/// freezing when CRIU's action script reaches `pre-dump`.
+async fn dump_streamed(
+    criu: &Criu,
+    opts: &Opts,
+    staging: &Path,
+    mut w: ArchiveWriter,
+    sock: CaptureSocket,
+    wait: &Wait<'_>,
+    cancelled: &mut Cancelled,
+) -> Result<Dumped> {
+    let mut cli = criu.dump_cli(opts, &staging.join("checkpoint"), staging, true, true)?;
+    freeze::watch_pid(&wait.freeze.criu_watch(), cli.pid());
+    let criu_gone = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(stream::Progress::default());
+    let capture = {
+        let (gone, spool, progress) = (criu_gone.clone(), staging.to_path_buf(), progress.clone());
+        tokio::task::spawn_blocking(move || {
+            stream::capture(
+                &sock,
+                &mut w,
+                &spool,
+                || gone.load(Ordering::SeqCst),
+                &progress,
+            )
+            .map(|_| w)
+        })
+    };
+    let aborter = cli.aborter();
+    let mut stages = cli.take_stages().expect("asked to hold CRIU at its stages");
+    let criu_run = async {
+        let done = cli.wait();
+        tokio::pin!(done);
+        loop {
+            tokio::select! {
+                r = &mut done => return r,
+                asked = stages.asked() => {
+                    let go_on = match asked {
+                        // The pause starts now, not before CRIU's start-up.
+                        Ok(Stage::PreDump) => wait.freeze.freeze().await.is_ok(),
+                        // The tasks run again after this: every image read first.
+                        Ok(Stage::PostDump) => progress.wait_drained().await,
+                        Err(_) => false,
+                    };
+                    let _ = stages.answer(go_on).await;
+                }
+            }
+        }
+    };
+    let dumped = wait.dump(criu_run, || aborter.abort(), cancelled).await;
+    criu_gone.store(true, Ordering::SeqCst);
+    // CRIU has exited, so every pipe is closed and the capture ends.
+    let captured = capture
+        .await
+        .map_err(|e| Error::Other(format!("capture task failed: {e}")))
+        .and_then(|r| r);
+    match (dumped, captured) {
+        (Ok(()), Ok(w)) => Ok(Dumped::Streamed(w)),
+        (Err(e @ (Error::DeadlineExceeded(_) | Error::Cancelled)), _) => Err(e),
+        // A failed capture closes CRIU's pipes, so CRIU fails too: the capture's
+        // error (a full disk, say) is the cause.
+        (_, Err(e)) | (Err(e), Ok(_)) => Err(e),
+    }
+}
+
+/// The socket CRIU streams to, where streaming can work: the socket's path must
+/// fit a socket address, and CRIU must be able to run the action script that
+/// talks to us, which lives in the staging dir.
+fn stream_socket(images: &Path, staging: &Path) -> std::io::Result<CaptureSocket> {
+    let vfs = nix::sys::statvfs::statvfs(staging)?;
+    if vfs.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC) {
+        return Err(std::io::Error::other(format!(
+            "{} is on a noexec file system",
+            staging.display()
+        )));
+    }
+    CaptureSocket::bind(images)
+}
+
+/// Waiting for CRIU's dump under the request's deadline and cancellation.
+pub struct Wait<'f> {
+    pub freeze: &'f FreezeAt,
+    pub deadline: Instant,
+    pub grace: Duration,
+}
+
+impl Wait<'_> {
+    /// On expiry or cancellation, `abort` makes CRIU fail at post-dump, the
+    /// container is thawed at once so CRIU never waits on a frozen task, and CRIU
+    /// gets its grace to wind down by itself. The guard thaws once more when
+    /// dropped: CRIU re-freezes the cgroup it found frozen when it ends.
+    async fn dump<T, E: Into<Error>>(
+        &self,
+        dump: impl std::future::Future<Output = std::result::Result<T, E>>,
+        abort: impl FnOnce(),
+        cancelled: &mut Cancelled,
+    ) -> Result<()> {
+        tokio::pin!(dump);
+        let why = tokio::select! {
+            r = &mut dump => return r.map(drop).map_err(Into::into),
+            _ = tokio::time::sleep_until(self.deadline.into()) => Error::DeadlineExceeded("dump"),
+            _ = cancelled.changed() => Error::Cancelled,
+        };
+        abort();
+        self.freeze.thaw_now();
+        let _ = tokio::time::timeout(self.grace, &mut dump).await;
+        Err(why)
+    }
+}
+
+impl Dumped {
+    /// Step 5: the rest of the archive (`tail` after CRIU's images), committed.
+    /// Returns the archive's size and the bytes the archive step wrote itself.
+    pub fn archive(
+        self,
+        target: &Target,
+        staging: &Path,
+        head: Vec<Member>,
+        tail: Vec<Member>,
+        durable: bool,
+        expired: impl Fn() -> Result<()>,
+    ) -> Result<(u64, u64)> {
+        match self {
+            Dumped::Streamed(mut w) => {
+                write_members(&mut w, &tail)?;
+                expired()?;
+                let written = w.written;
+                Ok((w.commit(durable)?, written))
+            }
+            Dumped::Staged => build_archive(target, staging, head, tail, durable, expired),
+        }
+    }
+}
+
+/// A staged dump's archive: lists the members, plans the layout, and writes
+/// it, adopting the pages image where that is cheaper than copying it.
+fn build_archive(
+    target: &Target,
+    staging: &Path,
+    head: Vec<Member>,
+    tail: Vec<Member>,
+    durable: bool,
+    expired: impl Fn() -> Result<()>,
+) -> Result<(u64, u64)> {
+    let images_dir = staging.join("checkpoint");
+    // The members, in archive order: metadata, small images, the biggest image
+    // (the pages), then the rest.
+    let mut members = head;
+    members.push(Member::Dir("checkpoint"));
+    let mut images: Vec<(u64, std::ffi::OsString)> = std::fs::read_dir(&images_dir)
+        .ctx(|| "list images".into())?
+        .filter_map(|e| e.ok())
+        .map(|e| (e.metadata().map(|m| m.len()).unwrap_or(0), e.file_name()))
+        .collect();
+    images.sort();
+    let biggest = images
+        .last()
+        .filter(|(len, _)| *len >= ADOPT_FROM)
+        .map(|_| members.len() + images.len() - 1);
+    for (_, name) in &images {
+        members.push(Member::File(
+            format!("checkpoint/{}", name.to_string_lossy()),
+            images_dir.join(name),
+        ));
+    }
+    members.extend(tail);
+
+    // Adopt the pages image when the archive must be durable (its data is then
+    // written to disk once, where it lies, never copied) or when a copy would be
+    // throttled to disk speed anyway.
+    let sizes: Vec<Option<u64>> = members.iter().map(Member::size).collect::<Result<_>>()?;
+    let plan = archive::plan(&sizes);
+    let adopt = biggest.filter(|&i| durable || sizes[i].is_some_and(copy_would_throttle));
+    let adopted = match adopt {
+        Some(i) => {
+            ArchiveWriter::adopt(target, staging, members[i].name(), plan[i])?.map(|w| (w, i))
+        }
+        None => None,
+    };
+    let (mut w, adopted) = match adopted {
+        Some((w, i)) => (w, Some(i)),
+        None => (ArchiveWriter::create_in(target, staging)?, None),
+    };
+    for (i, m) in members.iter().enumerate() {
+        if Some(i) == adopted {
+            w.add_adopted(m.name())?;
+        } else {
+            write_members(&mut w, std::slice::from_ref(m))?;
+        }
+        expired()?;
+    }
+    let written = w.written;
+    Ok((w.commit(durable)?, written))
+}
+
+pub fn write_members(w: &mut ArchiveWriter, members: &[Member]) -> Result<()> {
+    for m in members {
+        match m {
+            Member::Dir(name) => w.add_dir(name)?,
+            Member::Bytes(name, data) => w.add_bytes(name, data)?,
+            Member::File(name, path) => w.add_file(
+                name,
+                &File::open(path).ctx(|| format!("open {}", path.display()))?,
+            )?,
+        }
+    }
+    Ok(())
+}
+
+/// Images at least this big are adopted as the archive rather than copied.
+const ADOPT_FROM: u64 = 1 << 20;
+
+/// One archive member, before it is written.
+pub enum Member {
+    Dir(&'static str),
+    Bytes(String, Vec<u8>),
+    File(String, PathBuf),
+}
+
+impl Member {
+    fn name(&self) -> &str {
+        match self {
+            Member::Dir(n) => n,
+            Member::Bytes(n, _) | Member::File(n, _) => n,
+        }
+    }
+
+    /// Data size (`None` for a directory), as the archive plan needs it.
+    fn size(&self) -> Result<Option<u64>> {
+        Ok(match self {
+            Member::Dir(_) => None,
+            Member::Bytes(_, d) => Some(d.len() as u64),
+            Member::File(_, p) => Some(
+                std::fs::metadata(p)
+                    .ctx(|| format!("stat {}", p.display()))?
+                    .len(),
+            ),
+        })
+    }
+}
+
+/// Would copying `len` more bytes of fresh page cache, on top of CRIU's `len`,
+/// cross the kernel's background dirty threshold? Then the copy is throttled to
+/// disk speed, and writing the pages back once in place is the cheaper way.
+fn copy_would_throttle(len: u64) -> bool {
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let threshold = match read("/proc/sys/vm/dirty_background_bytes") {
+        0 => {
+            let available_kib = std::fs::read_to_string("/proc/meminfo")
+                .ok()
+                .and_then(|m| {
+                    m.lines().find_map(|l| {
+                        l.strip_prefix("MemAvailable:")?
+                            .trim()
+                            .strip_suffix("kB")?
+                            .trim()
+                            .parse::<u64>()
+                            .ok()
+                    })
+                })
+                .unwrap_or(0);
+            available_kib * 1024 / 100 * read("/proc/sys/vm/dirty_background_ratio")
+        }
+        bytes => bytes,
+    };
+    2 * len > threshold
+}
