@@ -122,6 +122,8 @@ pub struct ArchiveWriter {
     /// Bytes this writer put into the archive itself (headers, small members,
     /// copies); cloned (reflink) and adopted ranges are not among them.
     pub written: u64,
+    /// Bytes of streamed members that were held in memory during the pause.
+    pub held: u64,
 }
 
 impl ArchiveWriter {
@@ -178,6 +180,7 @@ impl ArchiveWriter {
             offset: 0,
             committed: false,
             written: 0,
+            held: 0,
         };
         // The umask cannot widen 0600, but make the mode explicit whatever it was.
         nix::sys::stat::fchmod(
@@ -254,6 +257,7 @@ impl ArchiveWriter {
             offset: 0,
             committed: false,
             written: 0,
+            held: 0,
         }))
     }
 
@@ -312,24 +316,47 @@ impl ArchiveWriter {
 
     /// Adds a member whose size is known only at its end: CRIU's image arriving
     /// through a pipe. Its headers are reserved for any size (a PAX header that
-    /// 4 KiB-aligns the data), the data is spliced from the pipe into place, and
-    /// the headers are written once the size is known. Stops early with an error
-    /// once `stop` is set, which drops the pipe and makes CRIU abort. Returns the
-    /// member's size.
+    /// 4 KiB-aligns the data), the data is read from the pipe into `hold` (see
+    /// [`crate::hold`]) and what does not fit spliced into place, `drained` is
+    /// called once the pipe has ended, then the held data and the headers are
+    /// written. Stops early with an error once `stop` is set, which drops the
+    /// pipe and makes CRIU abort. Returns the member's size.
     pub fn add_stream(
         &mut self,
         name: &str,
         pipe: &OwnedFd,
         stop: &std::sync::atomic::AtomicBool,
+        mut hold: Option<&mut crate::hold::Hold>,
+        drained: &dyn Fn(),
     ) -> Result<u64> {
         let start = self.offset;
         let pax = pax_body_len(start, u64::MAX);
         let data_at = start + 2 * BLOCK + pax;
-        let len = self
-            .splice_in(pipe, data_at, stop)
-            .ctx(|| format!("stream {name} into {}", self.target.path.display()))?;
-        let h = member_headers(name, len, Some(pax))?;
+        let path = self.target.path.clone();
+        let ctx = || format!("stream {name} into {}", path.display());
+        // Bigger pipes mean fewer wake-ups; the size is capped without CAP_SYS_RESOURCE.
+        // SAFETY: fcntl on a pipe we hold; failure leaves the size as it was.
+        unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
+        let (held, ended) = match hold {
+            Some(ref mut h) => h.fill_from(pipe).ctx(ctx)?,
+            None => (0, false),
+        };
+        let rest = if ended {
+            0
+        } else {
+            self.splice_in(pipe, data_at + held as u64, stop).ctx(ctx)?
+        };
+        drained();
+        let len = held as u64 + rest;
         use std::os::unix::fs::FileExt;
+        if let Some(h) = hold.filter(|_| held > 0) {
+            self.file
+                .write_all_at(&h.as_mut_slice()[..held], data_at)
+                .ctx(ctx)?;
+            self.written += held as u64;
+            self.held += held as u64;
+        }
+        let h = member_headers(name, len, Some(pax))?;
         self.file
             .write_all_at(&h, start)
             .ctx(|| format!("write {}", self.target.path.display()))?;
@@ -349,9 +376,6 @@ impl ArchiveWriter {
         at: u64,
         stop: &std::sync::atomic::AtomicBool,
     ) -> std::io::Result<u64> {
-        // Bigger pipes mean fewer wake-ups; the size is capped without CAP_SYS_RESOURCE.
-        // SAFETY: fcntl on a pipe we hold; failure leaves the size as it was.
-        unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
         let mut off = at as i64;
         loop {
             if stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -846,7 +870,13 @@ mod tests {
         w.add_bytes("config.dump", b"{}").unwrap();
         w.add_dir("checkpoint").unwrap();
         let len = w
-            .add_stream("checkpoint/pages-1.img", &rx, &AtomicBool::new(false))
+            .add_stream(
+                "checkpoint/pages-1.img",
+                &rx,
+                &AtomicBool::new(false),
+                None,
+                &|| {},
+            )
             .unwrap();
         writer.join().unwrap();
         assert_eq!(len, data.len() as u64);

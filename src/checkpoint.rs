@@ -41,6 +41,9 @@ pub struct Options {
     /// its command line) instead of dumping them into staging first. Falls back to
     /// the staged dump where the stream socket cannot be placed.
     pub stream: bool,
+    /// Most memory to hold the pages in during the pause when streaming (see
+    /// [`crate::hold`]); 0 writes them straight through.
+    pub hold_budget: u64,
 }
 
 /// What a checkpoint did and how long each phase took.
@@ -54,6 +57,8 @@ pub struct Report {
     pub archive_written_bytes: u64,
     /// Whether CRIU streamed its images into the archive.
     pub streamed: bool,
+    /// Bytes of pages held in memory during the pause (see [`crate::hold`]).
+    pub pages_held: u64,
     pub phases: Vec<(&'static str, Duration)>,
     /// How long the container was frozen by us (zero if it was paused already).
     pub frozen: Duration,
@@ -249,12 +254,14 @@ async fn run(c: Container, opts: Options, mut cancelled: Cancelled) -> Result<Re
     let stage = Stage::new(&target, &opts)?;
     let checkpointed = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
     let head = head_members(c, &checkpointed);
+    let hold = crate::hold::size_for(c.pid, opts.hold_budget).unwrap_or(0);
     let sink = Sink::open(
         &target,
         stage.path(),
         &head,
         &collect::descriptors(c.pid),
         opts.stream,
+        hold,
     )?;
     let streamed = matches!(sink, Sink::Streamed { .. });
     let p = prepare(c, &stage, deadline, &opts.settings)?;
@@ -299,6 +306,7 @@ async fn run(c: Container, opts: Options, mut cancelled: Cancelled) -> Result<Re
     let tail = tail_members(c, stage.path(), diff.as_ref());
 
     // Step 5.
+    let pages_held = dumped.held();
     let expired = || expire_check(deadline, &cancelled, "archive");
     let (archive_bytes, archive_written_bytes) =
         dumped.archive(&target, stage.path(), head, tail, opts.durable, expired)?;
@@ -308,6 +316,7 @@ async fn run(c: Container, opts: Options, mut cancelled: Cancelled) -> Result<Re
         archive_bytes,
         archive_written_bytes,
         streamed,
+        pages_held,
         phases: ph.list,
         frozen,
         was_paused,

@@ -154,6 +154,7 @@ pub struct FreezeAt {
     journal_dir: Option<PathBuf>,
     criu: CriuWatch,
     guard: Mutex<Option<FreezeGuard>>,
+    finished: Mutex<Option<(Duration, bool)>>,
     /// Called once the container is frozen (e.g. to start the rootfs diff).
     on_frozen: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
@@ -172,6 +173,7 @@ impl FreezeAt {
             journal_dir,
             criu: Default::default(),
             guard: Mutex::new(None),
+            finished: Mutex::new(None),
             on_frozen: Mutex::new(None),
         }
     }
@@ -220,16 +222,23 @@ impl FreezeAt {
         }
     }
 
-    /// Thaws for good; returns how long the container was frozen by us, and
-    /// whether it was paused already (then it stays paused).
+    /// Thaws for good, the first time; returns how long the container was
+    /// frozen by us, and whether it was paused already (then it stays paused).
+    /// Called as soon as CRIU is done, and again by whoever reports it.
     pub fn finish(&self) -> Result<(Duration, bool)> {
-        match lock(&self.guard).take() {
+        let mut done = lock(&self.finished);
+        if let Some(d) = *done {
+            return Ok(d);
+        }
+        let d = match lock(&self.guard).take() {
             Some(g) => {
                 let paused = g.was_paused();
-                Ok((g.thaw()?, paused))
+                (g.thaw()?, paused)
             }
-            None => Ok((Duration::ZERO, false)),
-        }
+            None => (Duration::ZERO, false),
+        };
+        *done = Some(d);
+        Ok(d)
     }
 }
 

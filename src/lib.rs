@@ -17,6 +17,7 @@ pub mod dump;
 pub mod error;
 pub mod fcopy;
 pub mod freeze;
+pub mod hold;
 pub mod locate;
 pub mod mountinfo;
 pub mod pbwire;

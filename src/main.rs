@@ -75,6 +75,10 @@ enum Cmd {
         /// streaming CRIU's images straight into it.
         #[arg(long)]
         no_stream: bool,
+        /// Most memory (MiB) to hold the pages in while the container is frozen;
+        /// 0 writes them straight into the archive.
+        #[arg(long, default_value_t = ckpt_shim::server::config::DEFAULT_HOLD_MIB)]
+        hold_pages_mib: u64,
     },
     /// Restore an archive into a bundle (config.json + rootfs holding the image).
     Restore {
@@ -175,6 +179,7 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
             tcp_established,
             no_fsync,
             no_stream,
+            hold_pages_mib,
         } => {
             let started = Instant::now();
             let deadline = timeout.map(|t| started + Duration::from_secs(t));
@@ -194,6 +199,7 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
                     freeze_journal: None,
                     durable: !no_fsync,
                     stream: !no_stream,
+                    hold_budget: hold_pages_mib << 20,
                 },
             )
             .await?;
@@ -204,7 +210,7 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
                 .collect();
             let criu_frozen = r.stats.as_ref().and_then(|s| s.frozen_time).unwrap_or(0);
             println!(
-                "checkpointed {} into {} ({} bytes{}) in {:.3}s; frozen {:.1}ms (CRIU {:.1}ms); archive step wrote {} bytes; {}",
+                "checkpointed {} into {} ({} bytes{}) in {:.3}s; frozen {:.1}ms (CRIU {:.1}ms); {} bytes of pages held; archive step wrote {} bytes; {}",
                 c.id,
                 r.location.display(),
                 r.archive_bytes,
@@ -212,6 +218,7 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
                 started.elapsed().as_secs_f64(),
                 r.frozen.as_secs_f64() * 1e3,
                 criu_frozen as f64 / 1e3,
+                r.pages_held,
                 r.archive_written_bytes,
                 phases.join(" ")
             );

@@ -27,6 +27,8 @@ pub enum Sink {
     Streamed {
         writer: ArchiveWriter,
         socket: CaptureSocket,
+        /// Memory for the pages during the pause, faulted in before it.
+        hold: Option<crate::hold::Hold>,
     },
     /// Into `<staging>/checkpoint`, as files.
     Staged,
@@ -40,14 +42,16 @@ pub enum Dumped {
 
 impl Sink {
     /// Streams when asked and where it can work, writing `head` (and the
-    /// checkpoint dir with `descriptors`) into the archive now; otherwise stages,
-    /// with `descriptors.json` among the images.
+    /// checkpoint dir with `descriptors`) into the archive now, with `hold`
+    /// bytes of memory for the pages; otherwise stages, with `descriptors.json`
+    /// among the images.
     pub fn open(
         target: &Target,
         staging: &Path,
         head: &[Member],
         descriptors: &[u8],
         stream: bool,
+        hold: usize,
     ) -> Result<Sink> {
         let images = staging.join("checkpoint");
         if stream {
@@ -59,7 +63,19 @@ impl Sink {
                     write_members(&mut writer, head)?;
                     writer.add_dir("checkpoint")?;
                     writer.add_bytes("checkpoint/descriptors.json", descriptors)?;
-                    return Ok(Sink::Streamed { writer, socket });
+                    let hold = match hold {
+                        0 => None,
+                        n => crate::hold::Hold::new(n)
+                            .map_err(|e| {
+                                tracing::info!("writing pages through instead of holding them: {e}")
+                            })
+                            .ok(),
+                    };
+                    return Ok(Sink::Streamed {
+                        writer,
+                        socket,
+                        hold,
+                    });
                 }
                 Err(e) => tracing::info!("dumping to staging instead of streaming: {e}"),
             }
@@ -95,8 +111,20 @@ impl Sink {
                     .await?;
                 Ok(Dumped::Staged)
             }
-            Sink::Streamed { writer, socket } => {
-                dump_streamed(criu, &opts, staging, writer, socket, wait, cancelled).await
+            Sink::Streamed {
+                writer,
+                socket,
+                hold,
+            } => {
+                dump_streamed(
+                    criu,
+                    &opts,
+                    staging,
+                    (writer, socket, hold),
+                    wait,
+                    cancelled,
+                )
+                .await
             }
         }
     }
@@ -139,8 +167,7 @@ async fn dump_streamed(
     criu: &Criu,
     opts: &Opts,
     staging: &Path,
-    mut w: ArchiveWriter,
-    sock: CaptureSocket,
+    (mut w, sock, hold): (ArchiveWriter, CaptureSocket, Option<crate::hold::Hold>),
     wait: &Wait<'_>,
     cancelled: &mut Cancelled,
 ) -> Result<Dumped> {
@@ -157,6 +184,7 @@ async fn dump_streamed(
                 &spool,
                 || gone.load(Ordering::SeqCst),
                 &progress,
+                hold,
             )
             .map(|_| w)
         })
@@ -184,6 +212,9 @@ async fn dump_streamed(
     };
     let dumped = wait.dump(criu_run, || aborter.abort(), cancelled).await;
     criu_gone.store(true, Ordering::SeqCst);
+    // CRIU is done with the tasks: they run again now, while held pages are
+    // still being written.
+    let _ = wait.freeze.finish();
     // CRIU has exited, so every pipe is closed and the capture ends.
     let captured = capture
         .await
@@ -244,6 +275,14 @@ impl Wait<'_> {
 }
 
 impl Dumped {
+    /// Bytes of pages that were held in memory during the pause.
+    pub fn held(&self) -> u64 {
+        match self {
+            Dumped::Streamed(w) => w.held,
+            Dumped::Staged => 0,
+        }
+    }
+
     /// Step 5: the rest of the archive (`tail` after CRIU's images), committed.
     /// Returns the archive's size and the bytes the archive step wrote itself.
     pub fn archive(

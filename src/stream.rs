@@ -85,6 +85,7 @@ pub fn capture(
     spool_dir: &Path,
     criu_gone: impl Fn() -> bool,
     progress: &Progress,
+    hold: Option<crate::hold::Hold>,
 ) -> Result<Captured> {
     let Some(mut conn) = sock
         .accept(criu_gone)
@@ -96,6 +97,7 @@ pub fn capture(
     };
     let shared = Shared {
         w: Mutex::new(w),
+        hold: Mutex::new(hold),
         direct: AtomicBool::new(false),
         failed: AtomicBool::new(false),
         total: Mutex::new(Captured::default()),
@@ -112,12 +114,15 @@ pub fn capture(
                         progress.last.store(true, Ordering::SeqCst);
                     }
                     threads.push(s.spawn(move || {
-                        let r = receive(shared, &name, pipe, spool_dir);
+                        // Once the pipe has ended, whatever the image's data does next.
+                        let once = std::sync::Once::new();
+                        let drained = || once.call_once(|| progress.finished_one());
+                        let r = receive(shared, &name, pipe, spool_dir, &drained);
                         if r.is_err() {
                             shared.failed.store(true, Ordering::SeqCst);
                             progress.fail();
                         }
-                        progress.finished_one();
+                        drained();
                         r
                     }))
                 }
@@ -160,13 +165,21 @@ pub fn capture(
 
 struct Shared<'w> {
     w: Mutex<&'w mut ArchiveWriter>,
+    /// Memory for the pages image during the pause (see [`crate::hold`]).
+    hold: Mutex<Option<crate::hold::Hold>>,
     /// Whether some image is being spliced into the archive right now.
     direct: AtomicBool,
     failed: AtomicBool,
     total: Mutex<Captured>,
 }
 
-fn receive(shared: &Shared, name: &str, pipe: OwnedFd, spool_dir: &Path) -> Result<()> {
+fn receive(
+    shared: &Shared,
+    name: &str,
+    pipe: OwnedFd,
+    spool_dir: &Path,
+    drained: &dyn Fn(),
+) -> Result<()> {
     if name.contains('/') || !safe_member_name(Path::new(name)) {
         return Err(Error::Other(format!(
             "CRIU streamed a bad image name {name:?}"
@@ -175,12 +188,14 @@ fn receive(shared: &Shared, name: &str, pipe: OwnedFd, spool_dir: &Path) -> Resu
     let member = format!("checkpoint/{name}");
     let len = if name.starts_with("pages-") && !shared.direct.swap(true, Ordering::SeqCst) {
         let mut w = lock(&shared.w);
-        let r = w.add_stream(&member, &pipe, &shared.failed);
+        let mut hold = lock(&shared.hold);
+        let r = w.add_stream(&member, &pipe, &shared.failed, hold.as_mut(), drained);
         shared.direct.store(false, Ordering::SeqCst);
         r?
     } else {
         let spool = Spool::fill(File::from(pipe), spool_dir, &shared.failed)
             .ctx(|| format!("receive {name} from CRIU"))?;
+        drained();
         let mut w = lock(&shared.w);
         spool.append(&mut w, &member)?
     };

@@ -24,6 +24,7 @@ fn opts(location: &Path) -> Options {
         freeze_journal: None,
         durable: true,
         stream: false,
+        hold_budget: 0,
     }
 }
 
@@ -93,8 +94,31 @@ async fn streamed_checkpoint_keeps_running_and_both_restores_continue_the_count(
     cycle("engine-stream", "engine-st", true).await;
 }
 
-/// Checkpoint, check the archive, then restore it both ways and see the count go on.
+/// The pages held in memory during the pause: all of them, or the first MiB
+/// held and the rest written through.
+#[tokio::test(flavor = "multi_thread")]
+async fn held_pages_make_the_same_archive_and_both_restores_continue_the_count() {
+    for (id, budget) in [("engine-hold-all", 1 << 30), ("engine-hold-part", 1 << 20)] {
+        cycle_with(
+            id,
+            id,
+            Options {
+                hold_budget: budget,
+                ..mode_opts(Path::new("/"), true)
+            },
+        )
+        .await;
+    }
+}
+
 async fn cycle(id: &str, prefix: &str, stream: bool) {
+    cycle_with(id, prefix, mode_opts(Path::new("/"), stream)).await
+}
+
+/// Checkpoint with `o` (its location aside), check the archive, then restore it
+/// both ways and see the count go on.
+async fn cycle_with(id: &str, prefix: &str, o: Options) {
+    let stream = o.stream;
     require(&["runc", "criu", "cc"]);
     let c = Runc::start(id);
     c.exec("echo written-before-checkpoint > /root/newfile && rm /bin/vi");
@@ -106,11 +130,18 @@ async fn cycle(id: &str, prefix: &str, stream: bool) {
     let found = locate::from_runtime_root(&c.root, prefix).unwrap();
     assert_eq!(found.pid, c.pid());
     let before = c.count().unwrap();
-    let report = checkpoint(&found, &mode_opts(&archive, stream))
-        .await
-        .unwrap();
+    let o = Options {
+        location: archive.clone(),
+        ..o
+    };
+    let report = checkpoint(&found, &o).await.unwrap();
     let after = c.count().unwrap();
     assert_eq!(report.streamed, stream);
+    match o.hold_budget {
+        0 => assert_eq!(report.pages_held, 0),
+        // The buffer serves each pages image in turn (two processes, two images).
+        b => assert!(report.pages_held > 0, "nothing held with a budget of {b}"),
+    }
     report.cleanup.wait();
 
     // The original keeps running, unfrozen.

@@ -11,6 +11,11 @@ pub const DEFAULT_UPSTREAM: &str = "unix:///run/containerd/containerd.sock";
 pub const DEFAULT_CONFIG: &str = "/etc/ckpt-shim/config.toml";
 /// Where containerd's runc shim keeps runc state for CRI containers.
 pub const DEFAULT_RUNC_ROOT: &str = "/run/containerd/runc/k8s.io";
+/// Most memory a checkpoint holds its pages in during the pause, by default:
+/// none. Holding shortens the pause of large containers (2 GiB: about 950 →
+/// 550 ms here) at the cost of faulting in as much memory again first, which
+/// on this project's VM multiplied the checkpoint's total time; see README.
+pub const DEFAULT_HOLD_MIB: u64 = 0;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -34,6 +39,8 @@ pub struct Config {
     /// Where restores wait between CreateContainer and StartContainer; the
     /// runtime's `ckpt-runc` must see the same (`CKPT_SHIM_RESTORE_DIR`).
     pub restore_dir: PathBuf,
+    /// Most MiB of memory to hold the pages in during the pause (0: none).
+    pub hold_pages_mib: u64,
 }
 
 impl Default for Config {
@@ -51,6 +58,7 @@ impl Default for Config {
             durable: true,
             stream: true,
             restore_dir: crate::restore::stage::DEFAULT_ROOT.into(),
+            hold_pages_mib: DEFAULT_HOLD_MIB,
         }
     }
 }
@@ -81,6 +89,7 @@ pub struct FileConfig {
     pub durable: Option<bool>,
     pub stream: Option<bool>,
     pub restore_dir: Option<PathBuf>,
+    pub hold_pages_mib: Option<u64>,
 }
 
 impl FileConfig {
@@ -111,7 +120,8 @@ impl FileConfig {
             checkpoint_enabled,
             durable,
             stream,
-            restore_dir
+            restore_dir,
+            hold_pages_mib
         );
         if self.staging_dir.is_some() {
             c.staging_dir = self.staging_dir;

@@ -29,6 +29,7 @@ pub struct Native {
     staging_dir: Option<PathBuf>,
     durable: bool,
     stream: bool,
+    hold_budget: u64,
     journal: PathBuf,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -47,6 +48,7 @@ impl Native {
             staging_dir: cfg.staging_dir.clone(),
             durable: cfg.durable,
             stream: cfg.stream,
+            hold_budget: cfg.hold_pages_mib << 20,
             journal: cfg.journal_dir(),
             locks: Mutex::default(),
         }
@@ -112,6 +114,7 @@ impl Native {
             staging_dir: self.staging_dir.clone(),
             durable: self.durable,
             stream: self.stream,
+            hold_budget: self.hold_budget,
             freeze_journal: Some(self.journal.clone()),
         };
         let report = checkpoint::checkpoint(&c, &opts).await?;
@@ -127,6 +130,7 @@ impl Native {
             bytes = report.archive_bytes,
             archive_written_bytes = report.archive_written_bytes,
             streamed = report.streamed,
+            pages_held = report.pages_held,
             frozen_ms = ms(report.frozen),
             criu_frozen_ms = report.stats.as_ref().and_then(|s| s.frozen_time).map(|us| us as f64 / 1e3),
             pages_written = report.stats.as_ref().and_then(|s| s.pages_written),
