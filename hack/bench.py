@@ -12,6 +12,11 @@ each round runs, in an order that rotates from round to round:
   B      raw `criu dump --leave-running` of the same runc container into a fresh dir
   C      `runc checkpoint --leave-running` + `tar cf` (what containerd 2.x does)
   D      `podman container checkpoint --leave-running --export` (runc, no compression)
+  A-hold ckpt-shim checkpoint (CLI) holding the pages in memory during the pause
+Every run also measures the pause as the application sees it: a probe inside the
+container (hack/workloads/pauseprobe.c) spins on CLOCK_MONOTONIC across the
+checkpoint and reports its longest gap, beside the tool's own frozen figure.
+Size 0 is a tiny container (the counter with no memory touched).
 Every run writes to a fresh directory on the same file system; outputs are deleted
 and synced between runs, outside the timing. Durable variants add the `sync` that
 makes B, C and D's output durable; A-d and A-cli already include their one fdatasync.
@@ -194,18 +199,65 @@ class Bench:
         sh("sync")
         return time.monotonic() - t
 
+    # --- the pause, seen from inside the container ---
+    def probe_secs(self, mib):
+        return 3 + mib / 256
+
+    def probe(self, kind, mib):
+        """Starts the probe in the container `kind` runs; returns a function that
+        waits for its verdict: the longest gap in ms."""
+        secs = self.probe_secs(mib)
+        args = ["/bin/pauseprobe", "/tmp/pause", str(secs)]
+        if kind == "cri":
+            path = f"{self.w}/ctrd/state/io.containerd.runtime.v2.task/k8s.io/{self.cri_id}/rootfs/tmp/pause"
+            start = ["ctr", "--address", f"{self.w}/ctrd/containerd.sock", "-n", "k8s.io", "tasks", "exec", "-d",
+                     "--exec-id", f"probe-{self.n}", self.cri_id] + args
+        elif kind == "runc":
+            path = f"{self.w}/runc-{mib}/rootfs/tmp/pause"
+            start = ["runc", "--root", f"{self.w}/runc-state", "exec", "-d", f"runc-{mib}"] + args
+        else:
+            path = None
+            start = self.podman + ["exec", "-d", f"pm-{mib}"] + args
+        if path and os.path.exists(path):
+            os.remove(path)
+        sh(self.podman + ["exec", f"pm-{mib}", "rm", "-f", "/tmp/pause"], check=False) if kind == "podman" else None
+        # Not captured: the detached probe would hold the pipes open to its end.
+        subprocess.run(start, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        time.sleep(0.4)
+        t0 = time.monotonic()
+
+        def verdict():
+            while time.monotonic() < t0 + secs + 30:
+                text = open(path).read() if path and os.path.exists(path) else (
+                    sh(self.podman + ["exec", f"pm-{mib}", "cat", "/tmp/pause"], check=False) if not path else "")
+                if text.strip():
+                    return json.loads(text)["longest_us"] / 1000.0
+                time.sleep(0.2)
+            return None
+        return verdict
+
+    def with_probe(self, kind, mib, fn):
+        verdict = self.probe(kind, mib)
+        r = fn()
+        r["pause"] = verdict()
+        return r
+
     def run_A(self, mib, durable=False):
         d = self.fresh()
         sock = self.sock_d if durable else self.sock
+        log = f"{self.w}/shim{'-d' if durable else ''}.log"
         wall, _ = self.timed(lambda: sh([CRICTL, sock, "checkpoint", self.cri_id, f"{d}/a.tar", "600"]))
-        return dict(wall=wall, frozen=frozen_ms(stats_in_tar(f"{d}/a.tar")), bytes=os.path.getsize(f"{d}/a.tar"), dir=d)
+        tool = float(re.findall(r"frozen_ms=([0-9.]+)", open(log).read())[-1])
+        return dict(wall=wall, frozen=frozen_ms(stats_in_tar(f"{d}/a.tar")), tool=tool, bytes=os.path.getsize(f"{d}/a.tar"), dir=d)
 
-    def run_A_cli(self, mib, fsync=True, base=None, stream=True):
+    def run_A_cli(self, mib, fsync=True, base=None, stream=True, hold=0):
         d = self.fresh(base)
-        cmd = [SHIM, "checkpoint", "--runtime-root", f"{self.w}/runc-state", f"runc-{mib}", "--output", f"{d}/a.tar"] + ([] if fsync else ["--no-fsync"]) + ([] if stream else ["--no-stream"])
+        cmd = [SHIM, "checkpoint", "--runtime-root", f"{self.w}/runc-state", f"runc-{mib}", "--output", f"{d}/a.tar",
+               "--hold-pages-mib", str(hold)] + ([] if fsync else ["--no-fsync"]) + ([] if stream else ["--no-stream"])
         wall, out = self.timed(lambda: sh(cmd))
         wrote = int(re.search(r"archive step wrote (\d+) bytes", out).group(1))
-        return dict(wall=wall, frozen=frozen_ms(stats_in_tar(f"{d}/a.tar")), bytes=os.path.getsize(f"{d}/a.tar"), archive_wrote=wrote, dir=d)
+        tool = float(re.search(r"; frozen ([0-9.]+)ms", out).group(1))
+        return dict(wall=wall, frozen=frozen_ms(stats_in_tar(f"{d}/a.tar")), tool=tool, bytes=os.path.getsize(f"{d}/a.tar"), archive_wrote=wrote, dir=d)
 
     def run_B(self, mib):
         d = self.fresh()
@@ -222,7 +274,10 @@ class Bench:
                 ext += ["--ext-mount-map", f"{mp}:/dev/null"]
             elif fstype == "cgroup":
                 ext += ["--ext-mount-map", f"{mp}:{mp}"]
+        # Frozen through its cgroup, as runc and containerd have CRIU do it, so
+        # the whole container stops, the probe included.
         cmd = ["criu", "dump", "-t", str(pid), "-D", f"{d}/img", "-W", f"{d}/work", "--leave-running", "--root", f"{self.w}/runc-{mib}/rootfs",
+               "--freeze-cgroup", f"/sys/fs/cgroup/freezer/ckpt-shim-bench/runc-{mib}",
                "--manage-cgroups=soft", "--file-locks", "-v4", "-o", "dump.log"] + ext
         wall, _ = self.timed(lambda: sh(cmd))
         return dict(wall=wall, frozen=frozen_ms(read(f"{d}/work/stats-dump")), bytes=int(sh(["du", "-sb", f"{d}/img"]).split()[0]), dir=d)
@@ -274,16 +329,18 @@ class Bench:
     def run(self):
         for mib in self.sizes:
             self.start_containers(mib)
+            p = self.with_probe
             variants = [
-                ("A", lambda: self.run_A(mib), False),
-                ("A-d", lambda: self.run_A(mib, durable=True), False),
-                ("A-cli", lambda: self.run_A_cli(mib, True), False),
-                ("A-nf", lambda: self.run_A_cli(mib, False), False),
-                ("A-stg", lambda: self.run_A_cli(mib, True, stream=False), False),
-                ("A-stg-nf", lambda: self.run_A_cli(mib, False, stream=False), False),
-                ("B", lambda: self.run_B(mib), True),
-                ("C", lambda: self.run_C(mib), True),
-                ("D", lambda: self.run_D(mib), True),
+                ("A", lambda: p("cri", mib, lambda: self.run_A(mib)), False),
+                ("A-d", lambda: p("cri", mib, lambda: self.run_A(mib, durable=True)), False),
+                ("A-cli", lambda: p("runc", mib, lambda: self.run_A_cli(mib, True)), False),
+                ("A-nf", lambda: p("runc", mib, lambda: self.run_A_cli(mib, False)), False),
+                ("A-hold", lambda: p("runc", mib, lambda: self.run_A_cli(mib, False, hold=4096)), False),
+                ("A-stg", lambda: p("runc", mib, lambda: self.run_A_cli(mib, True, stream=False)), False),
+                ("A-stg-nf", lambda: p("runc", mib, lambda: self.run_A_cli(mib, False, stream=False)), False),
+                ("B", lambda: p("runc", mib, lambda: self.run_B(mib)), True),
+                ("C", lambda: p("runc", mib, lambda: self.run_C(mib)), True),
+                ("D", lambda: p("podman", mib, lambda: self.run_D(mib)), True),
             ]
             if self.only:
                 variants = [v for v in variants if v[0] in self.only]
@@ -292,7 +349,7 @@ class Bench:
                 for name, fn, durable in variants[k:] + variants[:k]:
                     r = fn()
                     self.record(mib, name, r, durable)
-                    print(f"  {mib} MiB round {rnd + 1} {name}: {r['wall']:.3f}s frozen {r.get('frozen')}", file=sys.stderr, flush=True)
+                    print(f"  {mib} MiB round {rnd + 1} {name}: {r['wall']:.3f}s frozen {r.get('frozen')} pause {r.get('pause')}", file=sys.stderr, flush=True)
             if not self.only or "A-xfs" in self.only:
                 self.xfs(mib)
             self.stop_containers(mib)
@@ -318,25 +375,31 @@ class Bench:
     def report(self):
         fmt = lambda m: "-" if not m else f"{m[0]:.3f} ({m[1]:.3f}–{m[2]:.3f})"
         fz = lambda m: "-" if not m else f"{m[0]:.0f}"
-        lines = ["| MiB | variant | wall s, median (min–max) | durable s (with sync) | CRIU frozen ms | output bytes |", "|---|---|---|---|---|---|"]
-        names = {"A": "A shim via CRI, no fsync", "A-d": "A shim via CRI (fdatasync)", "A-cli": "A shim CLI (fdatasync)", "A-nf": "A shim CLI, no fsync", "A-stg": "A shim CLI staged (fdatasync)", "A-stg-nf": "A shim CLI staged, no fsync", "B": "B raw criu dump", "C": "C runc checkpoint + tar", "D": "D podman --export"}
+        lines = ["| MiB | variant | wall s, median (min–max) | durable s (with sync) | pause ms, probe median (min–max) | tool's frozen ms | CRIU frozen ms | output bytes |", "|---|---|---|---|---|---|---|---|"]
+        names = {"A": "A shim via CRI, no fsync", "A-d": "A shim via CRI (fdatasync)", "A-cli": "A shim CLI (fdatasync)", "A-nf": "A shim CLI, no fsync", "A-hold": "A shim CLI, pages held, no fsync", "A-stg": "A shim CLI staged (fdatasync)", "A-stg-nf": "A shim CLI staged, no fsync", "B": "B raw criu dump", "C": "C runc checkpoint + tar", "D": "D podman --export"}
+        fp = lambda m: "-" if not m else f"{m[0]:.0f} ({m[1]:.0f}–{m[2]:.0f})"
         for mib in self.sizes:
             for v, label in names.items():
                 by = self.med(mib, v, "bytes")
-                lines.append(f"| {mib} | {label} | {fmt(self.med(mib, v))} | {fmt(self.med(mib, v, 'durable'))} | {fz(self.med(mib, v, 'frozen'))} | {by[0]:.0f} |" if by else f"| {mib} | {label} | - | - | - | - |")
+                tool = self.med(mib, v, "tool") or self.med(mib, v, "frozen")
+                lines.append(f"| {mib or 'tiny'} | {label} | {fmt(self.med(mib, v))} | {fmt(self.med(mib, v, 'durable'))} | {fp(self.med(mib, v, 'pause'))} | {fz(tool)} | {fz(self.med(mib, v, 'frozen'))} | {by[0]:.0f} |" if by else f"| {mib or 'tiny'} | {label} | - | - | - | - | - | - |")
+        lines += ["", "| MiB | pause: C / A (CRI) | C / A-nf (same container) | A-nf / B | A-hold / B | D / A |", "|---|---|---|---|---|---|"]
+        for mib in self.sizes:
+            m = lambda v: (self.med(mib, v, "pause") or [float("nan")])[0] or float("nan")
+            lines.append(f"| {mib or 'tiny'} | {m('C') / m('A'):.2f} | {m('C') / m('A-nf'):.2f} | {m('A-nf') / m('B'):.2f} | {m('A-hold') / m('B'):.2f} | {m('D') / m('A'):.2f} |")
         lines += ["", "| MiB | A/B | A-nf/B (CLI) | staged A-stg-nf/B | C/A | D/A | A-nf frozen − B frozen (ms, same container) | durable: C+sync / A-d | D+sync / A-d | A-cli / B+sync | XFS: bytes the archive step wrote / archive |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for mib in self.sizes:
-            m = lambda v, k="wall": (self.med(mib, v, k) or [float("nan")])[0]
+            m = lambda v, k="wall": (self.med(mib, v, k) or [float("nan")])[0] or float("nan")
             x = self.results.get((mib, "A-xfs"), [{}])[0]
             xfs = f"{x['archive_wrote'] / x['bytes'] * 100:.2f}%" if x.get("bytes") else "-"
-            lines.append(f"| {mib} | {m('A') / m('B'):.2f} | {m('A-nf') / m('B'):.2f} | {m('A-stg-nf') / m('B'):.2f} | {m('C') / m('A'):.2f} | {m('D') / m('A'):.2f} | {m('A-nf', 'frozen') - m('B', 'frozen'):+.0f} | {m('C', 'durable') / m('A-d'):.2f} | {m('D', 'durable') / m('A-d'):.2f} | {m('A-cli') / m('B', 'durable'):.2f} | {xfs} |")
+            lines.append(f"| {mib or 'tiny'} | {m('A') / m('B'):.2f} | {m('A-nf') / m('B'):.2f} | {m('A-stg-nf') / m('B'):.2f} | {m('C') / m('A'):.2f} | {m('D') / m('A'):.2f} | {m('A-nf', 'frozen') - m('B', 'frozen'):+.0f} | {m('C', 'durable') / m('A-d'):.2f} | {m('D', 'durable') / m('A-d'):.2f} | {m('A-cli') / m('B', 'durable'):.2f} | {xfs} |")
         lines += ["", f"shim (`ckpt-shim serve`) peak RSS over the whole run: {self.rss} MiB"]
         return "\n".join(lines)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="64,512,2048", help="MiB of touched memory, comma-separated")
+    ap.add_argument("--sizes", default="0,64,512,2048", help="MiB of touched memory, comma-separated (0: a tiny container)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--work", default="/var/tmp/ckpt-shim-bench")
     ap.add_argument("--out", help="also write the tables here")
