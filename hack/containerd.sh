@@ -7,6 +7,8 @@
 # The node set-up step for restores through CRI: the runc runtime's BinaryName is
 # ckpt-runc (a link to ckpt-shim), from $CKPT_RUNC or PATH, else plain runc; and
 # containerd gets $CKPT_SHIM_RESTORE_DIR, the shim's --restore-dir, if set.
+# Registries: DIR/certs.d/HOST/hosts.toml, read at each pull; $CKPT_REGISTRY
+# (HOST:PORT) is written there as a plain-HTTP registry (a local one).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cmd=${1:?usage: containerd.sh start|stop DIR}
@@ -47,11 +49,14 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
         BinaryName = "$runc_bin"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "$dir/certs.d"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "$dir/cni-bin"
     conf_dir = "$dir/cni"
     max_conf_num = 1
 TOML
+  if [ -n "${CKPT_REGISTRY:-}" ]; then plain_http_registry "$CKPT_REGISTRY"; fi
   bash "$here/build-oci-images.sh" "${CKPT_SHIM_IMAGES:-/var/cache/ckpt-shim/images}"
   # The runc shim finds criu and runc through PATH.
   PATH="/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin" setsid containerd --config "$dir/config.toml" >"$dir/containerd.log" 2>&1 < /dev/null &
@@ -64,6 +69,16 @@ TOML
   for img in pause counter; do
     ctr --address "$dir/containerd.sock" -n k8s.io images import "${CKPT_SHIM_IMAGES:-/var/cache/ckpt-shim/images}/$img-oci.tar" >/dev/null
   done
+}
+
+# A registry reached over plain HTTP, for pulls through CRI.
+plain_http_registry() {
+  mkdir -p "$dir/certs.d/$1"
+  cat > "$dir/certs.d/$1/hosts.toml" <<TOML
+server = "http://$1"
+[host."http://$1"]
+  capabilities = ["pull", "resolve"]
+TOML
 }
 
 stop() {

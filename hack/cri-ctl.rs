@@ -7,6 +7,7 @@
 //!                                                the archive as image + StartContainer,
 //!                                                timed: "<pod id> <container id> <ms>"
 //!   cri-ctl SOCK checkpoint ID LOCATION [TIMEOUT_S]
+//!   cri-ctl SOCK pull IMAGE                    → PullImage, as the kubelet: "<image ref> <ms>"
 //!   cri-ctl SOCK rm-pod POD_ID
 
 #[path = "cri_common.rs"]
@@ -69,6 +70,23 @@ async fn main() -> Res<()> {
             })
             .await?;
             println!("{p} {id} {:.1}", t.elapsed().as_secs_f64() * 1e3);
+        }
+        ("pull", [image]) => {
+            let t = std::time::Instant::now();
+            let mut images = cri::image_service_client::ImageServiceClient::new(
+                channel(std::path::Path::new(&a[1])).await?,
+            );
+            let r = images
+                .pull_image(cri::PullImageRequest {
+                    image: Some(cri::ImageSpec {
+                        image: image.clone(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            println!("{} {:.1}", r.image_ref, t.elapsed().as_secs_f64() * 1e3);
         }
         ("start", [id]) => {
             c.start_container(cri::StartContainerRequest {

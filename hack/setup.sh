@@ -29,6 +29,9 @@ PKGS=(
   libnet1-dev libgnutls28-dev libbsd-dev uuid-dev python3-protobuf iptables
   # the reflink test (XFS on a loop device)
   xfsprogs
+  # checkpoint images: a registry the tests start on 127.0.0.1, and buildah,
+  # which builds them the way the Kubernetes docs do
+  docker-registry buildah
   # CRI clients unlike ours, for the tests: grpc-go as the kubelet uses it, and
   # Python for gRPC C-core (grpcio, from PyPI below)
   golang-go golang-google-grpc-dev golang-google-protobuf-dev python3-venv

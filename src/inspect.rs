@@ -69,11 +69,8 @@ pub fn inspect(path: &Path) -> Result<Summary> {
             "spec.dump" => {
                 let spec: serde_json::Value =
                     serde_json::from_slice(&small(&mut e)?).unwrap_or_default();
-                s.engine = match spec["annotations"]["io.container.manager"].as_str() {
-                    Some("cri-o") => "CRI-O".into(),
-                    Some("libpod") => "Podman".into(),
-                    _ => "containerd".into(),
-                };
+                let manager = spec["annotations"]["io.container.manager"].as_str();
+                s.engine = engine_name(manager).into();
             }
             "stats-dump" => s.stats = criu_rpc::stats::parse_dump_stats(&small(&mut e)?).ok(),
             "deleted.files" => {
@@ -146,4 +143,19 @@ impl std::fmt::Display for Summary {
         }
         Ok(())
     }
+}
+
+/// The engine that made a checkpoint, as checkpointctl tells it: by the spec's
+/// `io.container.manager` annotation.
+pub fn engine_name(manager: Option<&str>) -> &'static str {
+    match manager {
+        Some("cri-o") => "CRI-O",
+        Some("libpod") => "Podman",
+        _ => "containerd",
+    }
+}
+
+/// [`engine_name`] from a spec's annotations.
+pub fn engine_of(annotations: &std::collections::HashMap<String, String>) -> &'static str {
+    engine_name(annotations.get("io.container.manager").map(String::as_str))
 }

@@ -18,6 +18,7 @@ pub mod error;
 pub mod fcopy;
 pub mod freeze;
 pub mod hold;
+pub mod image;
 pub mod locate;
 pub mod mountinfo;
 pub mod pbwire;

@@ -91,6 +91,30 @@ enum Cmd {
     },
     /// Show what an archive holds: container, image, engine, sizes, CRIU statistics.
     Inspect { archive: PathBuf },
+    /// Make an archive a checkpoint image: into containerd, an OCI layout or
+    /// archive, or a registry. CreateContainer restores it by that name.
+    #[command(group(clap::ArgGroup::new("dest").required(true).args(["import", "oci_layout", "oci_archive", "push"])))]
+    Image {
+        archive: PathBuf,
+        /// The image's name, e.g. 127.0.0.1:5000/ckpt/counter:v1 (unqualified
+        /// names become localhost/NAME, as CRI-O has them).
+        name: String,
+        /// Import into the containerd with this socket (its k8s.io namespace).
+        #[arg(long, value_name = "SOCKET")]
+        import: Option<PathBuf>,
+        /// Write an OCI image layout directory.
+        #[arg(long, value_name = "DIR")]
+        oci_layout: Option<PathBuf>,
+        /// Write an OCI archive (tar of a layout), as `ctr images import` takes.
+        #[arg(long, value_name = "FILE")]
+        oci_archive: Option<PathBuf>,
+        /// Push to the registry in NAME.
+        #[arg(long)]
+        push: bool,
+        /// Talk plain HTTP to the registry (a local one).
+        #[arg(long, requires = "push")]
+        plain_http: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -241,6 +265,26 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
             println!("restored {id} as pid {pid}");
         }
         Cmd::Inspect { archive } => print!("{}", inspect::inspect(&archive)?),
+        Cmd::Image {
+            archive,
+            name,
+            import,
+            oci_layout,
+            oci_archive,
+            push,
+            plain_http,
+        } => {
+            use ckpt_shim::image::{self, Dest};
+            let dest = match (import, oci_layout, oci_archive) {
+                (Some(s), _, _) => Dest::Containerd(s),
+                (_, Some(d), _) => Dest::Layout(d),
+                (_, _, Some(f)) => Dest::OciArchive(f),
+                _ => Dest::Registry { plain_http },
+            };
+            debug_assert!(push || !matches!(dest, Dest::Registry { .. }));
+            let (full, digest) = image::make(&archive, &name, &dest).await?;
+            println!("{full} {digest}");
+        }
     }
     Ok(())
 }

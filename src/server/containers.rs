@@ -1,5 +1,6 @@
 //! The container calls the shim looks at before the runtime does:
-//! CreateContainer (a checkpoint archive as the image means a restore),
+//! CreateContainer (a checkpoint archive or checkpoint image as the image means
+//! a restore),
 //! StartContainer (a restored container's images can go once it has started),
 //! RemoveContainer (its restore goes with it). Any other is handed on as it came.
 
@@ -10,6 +11,7 @@ use std::time::Instant;
 
 use prost::Message;
 
+use super::checkpoint_images::CheckpointImages;
 use super::relay::{Amend, Call, Reply};
 use super::upstream::Upstream;
 use crate::cri::{
@@ -17,6 +19,7 @@ use crate::cri::{
     ImageStatusRequest, PullImageRequest, RemoveContainerRequest, StartContainerRequest,
 };
 use crate::error::{Error, Result};
+use crate::image::containerd::Found;
 use crate::pbwire::Fields;
 use crate::restore::create::{self as plan};
 use crate::restore::stage::{self, RestoreInfo, Staged, Staging};
@@ -27,6 +30,23 @@ pub struct Containers {
     root: PathBuf,
     /// IDs of the containers restored here, for `ContainerStatus`.
     pub restored: Arc<RwLock<HashSet<String>>>,
+    images: CheckpointImages,
+}
+
+/// What a CreateContainer restores.
+enum Source {
+    Archive(PathBuf),
+    Image(Found),
+}
+
+impl Source {
+    /// As `restoredFrom` reports it.
+    fn name(&self) -> String {
+        match self {
+            Source::Archive(p) => p.to_string_lossy().into_owned(),
+            Source::Image(f) => f.name.clone(),
+        }
+    }
 }
 
 impl Containers {
@@ -36,6 +56,7 @@ impl Containers {
             upstream,
             root: root.to_path_buf(),
             restored: Arc::new(RwLock::new(ids)),
+            images: CheckpointImages::default(),
         }
     }
 
@@ -73,39 +94,62 @@ impl Containers {
             Ok(r) => r,
             Err(s) => return Reply::status(s),
         };
-        let Some(path) = plan::archive_path(&req) else {
-            return self.upstream.forward(&call).await;
+        let source = match self.source(&req).await {
+            Ok(Some(s)) => s,
+            Ok(None) => return self.upstream.forward(&call).await,
+            Err(e) => return Reply::status(e.into()),
         };
         let started = Instant::now();
-        match self.restore(&call, &path).await {
+        let name = source.name();
+        match self.restore(&call, source).await {
             Ok(reply) => {
                 if let Some(r) = reply.decode::<CreateContainerResponse>() {
-                    tracing::info!(container = %r.container_id, source = %path.display(), ms = started.elapsed().as_millis() as u64, "created a container to restore");
+                    tracing::info!(container = %r.container_id, source = %name, ms = started.elapsed().as_millis() as u64, "created a container to restore");
                 }
                 reply
             }
             Err(e) => {
-                tracing::warn!(source = %path.display(), "restore refused: {e}");
+                tracing::warn!(source = %name, "restore refused: {e}");
                 Reply::status(e.into())
             }
         }
     }
 
+    /// What the request restores, if anything: an archive on the node (an
+    /// absolute path as the image, CRI-O's convention), or a checkpoint image.
+    async fn source(&self, req: &CreateContainerRequest) -> Result<Option<Source>> {
+        if let Some(path) = plan::archive_path(req) {
+            return Ok(Some(Source::Archive(path)));
+        }
+        let image = req
+            .config
+            .as_ref()
+            .and_then(|c| c.image.as_ref())
+            .map(|i| i.image.as_str());
+        let found = self
+            .images
+            .find(&self.upstream, image.unwrap_or_default())
+            .await?;
+        Ok(found.map(Source::Image))
+    }
+
     /// Checks the archive, finds its base image, and has the runtime create the
     /// container while the archive is extracted beside it; on any failure
     /// nothing is left.
-    async fn restore(&self, call: &Call, path: &Path) -> Result<Reply> {
+    async fn restore(&self, call: &Call, source: Source) -> Result<Reply> {
+        let name = source.name();
+        let (path, _fetched) = self.archive_of(source).await?;
         let ckpt = {
-            let p = path.to_path_buf();
+            let p = path.clone();
             blocking(move || Checkpoint::open(&p)).await?
         };
         let image = self.base_image(&ckpt).await?;
         let msg = crate::pbwire::grpc_message(&call.body).unwrap_or_default();
-        let create = plan::request(msg, &ckpt, &image, &path.to_string_lossy())?;
+        let create = plan::request(msg, &ckpt, &image, &name)?;
         plan::create_sources(&create.sources)?;
         let staging = Staging::new(&self.root)?;
         let info = RestoreInfo {
-            source: path.to_string_lossy().into_owned(),
+            source: name,
             checkpointed_id: ckpt.config.id.clone(),
             checkpointed_name: ckpt.config.name.clone(),
             checkpointed_at: ckpt.config.checkpointed_time.clone(),
@@ -134,6 +178,21 @@ impl Containers {
             .unwrap_or_else(|p| p.into_inner())
             .insert(created.container_id);
         Ok(reply)
+    }
+
+    /// The archive to restore: the one on the node, or a checkpoint image's,
+    /// read out of the runtime into a private staging of its own (which goes
+    /// when the restore is done with it).
+    async fn archive_of(&self, source: Source) -> Result<(PathBuf, Option<Staging>)> {
+        let found = match source {
+            Source::Archive(p) => return Ok((p, None)),
+            Source::Image(found) => found,
+        };
+        let staging = Staging::new(&self.root)?;
+        let path = staging.path().join("checkpoint.tar");
+        let file = crate::safefs::create_new(&path, 0o600)?;
+        crate::image::containerd::fetch_archive(&self.upstream.channel(), &found, file).await?;
+        Ok((path, Some(staging)))
     }
 
     /// The checkpoint's base image as this node's runtime knows it: by ID or

@@ -2,6 +2,7 @@
 //! `CheckpointContainer` itself and relays every other call, unchanged, to the
 //! real runtime ([`relay`]).
 
+mod checkpoint_images;
 pub mod config;
 mod containers;
 mod frame;

@@ -15,6 +15,7 @@ use super::{sh, wait_count};
 mod cri_common;
 
 pub type Client = cri_common::Client;
+pub type Images = cri::image_service_client::ImageServiceClient<tonic::transport::Channel>;
 
 /// Runs `script` in the container with ExecSync; its stdout.
 pub async fn exec(c: &mut Client, id: &str, script: &str) -> String {
@@ -175,6 +176,11 @@ impl Env {
 
     pub async fn client(&self) -> Client {
         connect(&self.shim_sock).await
+    }
+
+    /// CRI's image service on the shim's socket.
+    pub async fn images(&self) -> Images {
+        Images::new(cri_common::channel(&self.shim_sock).await.unwrap())
     }
 
     pub fn shim_log(&self) -> String {

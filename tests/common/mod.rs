@@ -345,6 +345,8 @@ pub fn out_dir() -> tempfile::TempDir {
 }
 pub mod cri;
 pub mod raw;
+pub mod registry;
+pub mod restore;
 
 /// stdin, stdout and stderr for a restored process: /dev/null and a pipe drained
 /// by a thread for as long as the process lives.

@@ -1,0 +1,100 @@
+//! What restore tests share: a counter checkpointed through the shim, and the
+//! CreateContainer of a checkpoint, as the kubelet sends it.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::cri::{Client, Env};
+use k8s_cri::v1 as cri;
+
+/// A counter running in pod `pod_name`, checkpointed through the shim: (its
+/// id, the archive, the counts just before and after the checkpoint).
+pub async fn checkpointed_counter(
+    env: &mut Env,
+    c: &mut Client,
+    pod_name: &str,
+    dir: &Path,
+) -> (String, PathBuf, u64, u64) {
+    let pod = env.run_pod(c, pod_name, false).await;
+    let id = env.counter(c, &pod, "counter", 8, true).await;
+    let out = super::cri::exec(
+        c,
+        &id,
+        "echo written > /root/newfile && rm /bin/vi && echo ok",
+    )
+    .await;
+    assert_eq!(out, "ok");
+    let archive = dir.join(format!("checkpoint-{pod_name}.tar"));
+    let before = env.count(&id).unwrap();
+    c.checkpoint_container(cri::CheckpointContainerRequest {
+        container_id: id.clone(),
+        location: archive.to_string_lossy().into_owned(),
+        timeout: 60,
+    })
+    .await
+    .unwrap();
+    let after = env.count(&id).unwrap();
+    (id, archive, before, after)
+}
+
+/// The counter's config for a new pod, with `image` (the archive) as its image.
+pub fn restore_config(env: &Env, name: &str, image: &str) -> cri::ContainerConfig {
+    let mut cfg = super::cri::counter_config(name, false);
+    cfg.image = Some(cri::ImageSpec {
+        image: image.into(),
+        ..Default::default()
+    });
+    // What the process runs comes from the checkpoint, not from here.
+    cfg.command = vec!["/bin/false".into()];
+    cfg.args = vec![];
+    let _ = env;
+    cfg
+}
+
+pub async fn create(
+    c: &mut Client,
+    pod: &(String, cri::PodSandboxConfig),
+    cfg: cri::ContainerConfig,
+) -> Result<String, tonic::Status> {
+    c.create_container(cri::CreateContainerRequest {
+        pod_sandbox_id: pod.0.clone(),
+        config: Some(cfg),
+        sandbox_config: Some(pod.1.clone()),
+    })
+    .await
+    .map(|r| r.into_inner().container_id)
+}
+
+/// The first count the restored process logged in its new log file.
+pub fn first_logged_count(log: &Path) -> u64 {
+    let t = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(n) = text.lines().find_map(|l| {
+            l.rsplit_once("counter ")
+                .and_then(|(_, n)| n.trim().parse().ok())
+        }) {
+            return n;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "nothing logged in {}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn ns(pid: i64, kind: &str) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap()
+}
+
+pub async fn status(c: &mut Client, id: &str) -> cri::ContainerStatusResponse {
+    c.container_status(cri::ContainerStatusRequest {
+        container_id: id.into(),
+        verbose: true,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
