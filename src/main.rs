@@ -7,7 +7,6 @@ use clap::{Parser, Subcommand};
 use ckpt_shim::checkpoint::{self, Options};
 use ckpt_shim::dump::DumpSettings;
 use ckpt_shim::restore::{self, RestoreOptions};
-use ckpt_shim::server::config::{FileConfig, DEFAULT_CONFIG};
 use ckpt_shim::server::{self, Config};
 use ckpt_shim::{inspect, locate};
 
@@ -140,12 +139,7 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
             runc_root,
             restore_dir,
         } => {
-            let mut cfg = Config::default();
-            let (path, optional) = match config {
-                Some(p) => (p, false),
-                None => (PathBuf::from(DEFAULT_CONFIG), true),
-            };
-            FileConfig::load(&path, optional)?.apply(&mut cfg);
+            let mut cfg = Config::load(config)?;
             // Flags win over the file.
             if let Some(v) = listen {
                 cfg.listen = v;
