@@ -21,6 +21,7 @@ pub mod hold;
 pub mod locate;
 pub mod mountinfo;
 pub mod pbwire;
+pub mod preflight;
 
 pub use error::{Error, Result};
 pub mod inspect;
