@@ -6,6 +6,9 @@
 #                                      node, with containerd's runc runtime set to
 #                                      ckpt-runc in CONFIG (/etc/containerd/config.toml)
 set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=hack/apt-source.sh
+source "$here/apt-source.sh"
 node=
 if [ "${1:-}" = --node ]; then node=${2:-/etc/containerd/config.toml}; fi
 
@@ -60,7 +63,9 @@ if ! criu_ok; then
   if [ ! -f "$CACHE/$CRIU_TARBALL" ] || ! echo "$CRIU_SHA256  $CACHE/$CRIU_TARBALL" | sha256sum -c --quiet; then
     log "fetching $CRIU_TARBALL from Debian 13's source archive"
     # A deb-src entry only: it can never upgrade a binary package (libc6 stays bookworm's).
-    echo "deb-src http://deb.debian.org/debian trixie main" > /etc/apt/sources.list.d/ckpt-shim-trixie-src.list
+    # From the archive apt already uses here (a mirror, say), found in its own configuration.
+    archive=$(debian_archive_uri) || exit 1
+    echo "deb-src $archive trixie main" > /etc/apt/sources.list.d/ckpt-shim-trixie-src.list
     apt-get update -qq -o Dir::Etc::sourcelist=/etc/apt/sources.list.d/ckpt-shim-trixie-src.list \
       -o Dir::Etc::sourceparts=- -o APT::Get::List-Cleanup=0
     # The .dsc and debian.tar may 404; the orig tarball is what we need, so tolerate failure and check it.
@@ -100,7 +105,6 @@ log "criu check passed ($(criu --version | head -n1))"
 if [ ${#installed[@]} -gt 0 ]; then log "installed: ${installed[*]}"; else log "nothing to install"; fi
 
 if [ -n "$node" ]; then
-  here=$(cd "$(dirname "$0")" && pwd)
   (cd "$here/.." && cargo build --release --locked -q --bin ckpt-shim)
   bash "$here/deploy/install.sh" --binary "$here/../target/release/ckpt-shim" --containerd-config "$node"
 fi

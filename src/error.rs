@@ -53,6 +53,10 @@ pub enum Error {
     #[error("upstream runtime: {}", .0.message())]
     Upstream(#[from] tonic::Status),
 
+    /// `ckpt-shim check` found the node unable to checkpoint.
+    #[error("{failed} of {total} checks failed")]
+    ChecksFailed { failed: usize, total: usize },
+
     #[error("{0}")]
     Other(String),
 }
@@ -67,7 +71,7 @@ impl From<Error> for tonic::Status {
                 Code::InvalidArgument
             }
             Error::NotFound(_) | Error::ImageNotFound { .. } => Code::NotFound,
-            Error::NotRunning { .. } => Code::FailedPrecondition,
+            Error::NotRunning { .. } | Error::ChecksFailed { .. } => Code::FailedPrecondition,
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::NoSpace(_) => Code::ResourceExhausted,
             Error::DeadlineExceeded(_) | Error::FreezeTimeout { .. } => Code::DeadlineExceeded,

@@ -22,6 +22,7 @@ pub mod image;
 pub mod locate;
 pub mod mountinfo;
 pub mod pbwire;
+pub mod preflight;
 
 pub use error::{Error, Result};
 pub mod inspect;

@@ -7,9 +7,8 @@ use clap::{Parser, Subcommand};
 use ckpt_shim::checkpoint::{self, Options};
 use ckpt_shim::dump::DumpSettings;
 use ckpt_shim::restore::{self, RestoreOptions};
-use ckpt_shim::server::config::{FileConfig, DEFAULT_CONFIG};
 use ckpt_shim::server::{self, Config};
-use ckpt_shim::{inspect, locate};
+use ckpt_shim::{inspect, locate, preflight};
 
 #[derive(Parser)]
 #[command(
@@ -51,6 +50,19 @@ enum Cmd {
         /// ckpt-runc must see the same in CKPT_SHIM_RESTORE_DIR [default: /var/lib/ckpt-shim/restore].
         #[arg(long)]
         restore_dir: Option<PathBuf>,
+    },
+    /// Can this node checkpoint? Checks CRIU, the kernel, capabilities, the
+    /// directories and the upstream runtime; exits non-zero if any check fails.
+    Check {
+        /// The real runtime's CRI endpoint [default: unix:///run/containerd/containerd.sock].
+        #[arg(long)]
+        upstream: Option<String>,
+        /// TOML settings, as `serve` reads them (absent is fine at the default path).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Parent dir for staging [default: beside each archive].
+        #[arg(long)]
+        staging_dir: Option<PathBuf>,
     },
     /// Checkpoint a running container of an OCI runtime (runc/crun state dir) into one archive.
     Checkpoint {
@@ -164,12 +176,7 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
             runc_root,
             restore_dir,
         } => {
-            let mut cfg = Config::default();
-            let (path, optional) = match config {
-                Some(p) => (p, false),
-                None => (PathBuf::from(DEFAULT_CONFIG), true),
-            };
-            FileConfig::load(&path, optional)?.apply(&mut cfg);
+            let mut cfg = Config::load(config)?;
             // Flags win over the file.
             if let Some(v) = listen {
                 cfg.listen = v;
@@ -194,6 +201,32 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
             }
             init_logging(&cfg.log_level);
             server::serve(cfg).await?;
+        }
+        Cmd::Check {
+            upstream,
+            config,
+            staging_dir,
+        } => {
+            let mut cfg = Config::load(config)?;
+            // Flags win over the file.
+            if let Some(v) = upstream {
+                cfg.upstream = v;
+            }
+            if let Some(v) = staging_dir {
+                cfg.staging_dir = Some(v);
+            }
+            if let Some(v) = cli.criu {
+                cfg.criu = v;
+            }
+            let checks = preflight::run_checks(&cfg).await;
+            print!("{}", preflight::table(&checks));
+            let failed = preflight::failures(&checks);
+            if failed > 0 {
+                return Err(ckpt_shim::Error::ChecksFailed {
+                    failed,
+                    total: checks.len(),
+                });
+            }
         }
         Cmd::Checkpoint {
             runtime_root,

@@ -55,3 +55,66 @@ fn install_links_ckpt_runc_and_sets_it_as_the_runtimes_runc() {
         "{v:?}"
     );
 }
+
+/// Runs `debian_archive_uri ROOT` from hack/apt-source.sh.
+fn archive_uri(root: &Path) -> std::process::Output {
+    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("hack/apt-source.sh");
+    Command::new("bash")
+        .arg("-c")
+        .arg(r#"source "$1"; debian_archive_uri "$2""#)
+        .arg("bash")
+        .arg(&lib)
+        .arg(root)
+        .output()
+        .unwrap()
+}
+
+fn fake_root(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(d.path().join("etc/apt/sources.list.d")).unwrap();
+    for (path, text) in files {
+        std::fs::write(d.path().join(path), text).unwrap();
+    }
+    d
+}
+
+#[test]
+fn setup_takes_the_debian_archive_from_apts_own_configuration() {
+    const MIRROR: &str = "http://mirror.example.invalid/debian";
+    let stdout = |root: &Path| {
+        let out = archive_uri(root);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // deb822, as Debian 12 writes it; the security archive and a third-party
+    // repository for the same release come first and are passed over.
+    let deb822 = fake_root(&[(
+        "etc/apt/sources.list.d/debian.sources",
+        "Types: deb\nURIs: http://mirror.example.invalid/debian-security\nSuites: bookworm-security\nComponents: main\n\n\
+         Types: deb\nURIs: https://download.example.invalid/linux/debian\nSuites: bookworm\nComponents: stable\n\n\
+         # the archive\nTypes: deb deb-src\nURIs: http://mirror.example.invalid/debian http://other.example.invalid/debian\nSuites: bookworm bookworm-updates\nComponents: main contrib\n",
+    )]);
+    assert_eq!(stdout(deb822.path()), format!("{MIRROR}\n"));
+
+    // The classic one-line form, with options in brackets.
+    let classic = fake_root(&[(
+        "etc/apt/sources.list",
+        "deb http://mirror.example.invalid/debian-security bookworm-security main\n\
+         # deb http://commented.example.invalid/debian bookworm main\n\
+         deb [ arch=amd64 signed-by=/usr/share/keyrings/k.gpg ] http://mirror.example.invalid/debian bookworm main non-free\n",
+    )]);
+    assert_eq!(stdout(classic.path()), format!("{MIRROR}\n"));
+
+    let empty = fake_root(&[]);
+    let out = archive_uri(empty.path());
+    assert!(!out.status.success(), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no Debian archive found"),
+        "{out:?}"
+    );
+}

@@ -64,6 +64,18 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The defaults with the TOML file applied over them: `path`, or
+    /// [`DEFAULT_CONFIG`] if it exists. Callers apply their flags after.
+    pub fn load(path: Option<PathBuf>) -> Result<Config> {
+        let (path, optional) = match path {
+            Some(p) => (p, false),
+            None => (PathBuf::from(DEFAULT_CONFIG), true),
+        };
+        let mut cfg = Config::default();
+        FileConfig::load(&path, optional)?.apply(&mut cfg);
+        Ok(cfg)
+    }
+
     /// Where the server notes the cgroups it froze (beside its socket, on /run).
     pub fn journal_dir(&self) -> PathBuf {
         self.listen

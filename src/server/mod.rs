@@ -10,7 +10,7 @@ mod headers;
 mod native;
 pub mod relay;
 mod socket;
-mod upstream;
+pub(crate) mod upstream;
 
 use std::path::PathBuf;
 use std::sync::Arc;

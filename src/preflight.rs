@@ -1,0 +1,514 @@
+//! `ckpt-shim check`: can this node checkpoint? Each check is one row of plain
+//! data ([`Check`]); [`run_checks`] produces them and [`table`] prints them.
+//! A failed check never stops the others, so one run shows everything to fix.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use caps::{CapSet, Capability, CapsHashSet};
+use criu_rpc::Version;
+use nix::sys::statvfs::{statvfs, FsFlags};
+
+use crate::mountinfo::{self, Mount};
+use crate::server::config::Config;
+
+/// Where the kubelet writes checkpoints; the staging dir to check when none is set.
+pub const KUBELET_CHECKPOINTS: &str = "/var/lib/kubelet/checkpoints";
+/// Debian 12's CRIU 3.17 fails on current kernels (see hack/setup.sh); the shim
+/// is built and tested against 4.x.
+const MIN_CRIU: Version = Version {
+    major: 4,
+    minor: 0,
+    sublevel: 0,
+    gitid: None,
+};
+/// `criu check` probes the kernel for a while; a hung one is not a pass.
+const CRIU_TIMEOUT: Duration = Duration::from_secs(60);
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    /// Works, with a limit worth knowing; not a failure.
+    Warn,
+    Fail,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub name: &'static str,
+    pub status: Status,
+    pub detail: String,
+}
+
+impl Check {
+    fn new(name: &'static str, status: Status, detail: impl Into<String>) -> Check {
+        Check {
+            name,
+            status,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Every check, in the order they are printed.
+pub async fn run_checks(cfg: &Config) -> Vec<Check> {
+    let mut checks = criu(&cfg.criu).await;
+    checks.push(kernel());
+    checks.push(freezer());
+    checks.push(capabilities());
+    checks.push(staging_dir(cfg));
+    checks.push(dir_check("restore-dir", &cfg.restore_dir, false));
+    checks.push(upstream(&cfg.upstream).await);
+    checks
+}
+
+/// How many checks failed (warnings do not count).
+pub fn failures(checks: &[Check]) -> usize {
+    checks.iter().filter(|c| c.status == Status::Fail).count()
+}
+
+/// The checks as an aligned table, one row each, with a header.
+pub fn table(checks: &[Check]) -> String {
+    let width = checks
+        .iter()
+        .map(|c| c.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(5);
+    let mut out = format!("{:width$}  {:6}  DETAIL\n", "CHECK", "RESULT");
+    for c in checks {
+        let result = match c.status {
+            Status::Ok => "ok",
+            Status::Warn => "warn",
+            Status::Fail => "FAIL",
+        };
+        out += &format!("{:width$}  {result:6}  {}\n", c.name, c.detail);
+    }
+    out
+}
+
+/// Three rows: the binary, its version, and `criu check`.
+async fn criu(binary: &Path) -> Vec<Check> {
+    match find_binary(binary) {
+        Ok(path) => vec![
+            Check::new("criu", Status::Ok, path.display().to_string()),
+            criu_version(&path).await,
+            criu_check(&path).await,
+        ],
+        Err(why) => vec![
+            Check::new("criu", Status::Fail, why),
+            Check::new("criu-version", Status::Fail, "not run: no criu binary"),
+            Check::new("criu-check", Status::Fail, "not run: no criu binary"),
+        ],
+    }
+}
+
+/// Read from `criu --version`, which also works for a CRIU that cannot serve RPC.
+async fn criu_version(criu: &Path) -> Check {
+    let fail = |why: String| Check::new("criu-version", Status::Fail, why);
+    let out = match run(criu, "--version").await {
+        Ok(out) if out.status.success() => out,
+        Ok(out) => return fail(output_tail(&out)),
+        Err(why) => return fail(why),
+    };
+    match parse_criu_version(&String::from_utf8_lossy(&out.stdout)) {
+        Some(v) if new_enough(&v) => Check::new("criu-version", Status::Ok, v.to_string()),
+        Some(v) => fail(format!("{v} is older than {MIN_CRIU}")),
+        None => fail("no `Version:` in `criu --version`".into()),
+    }
+}
+
+/// CRIU's own test of the kernel's features.
+async fn criu_check(criu: &Path) -> Check {
+    match run(criu, "check").await {
+        Ok(out) if out.status.success() => {
+            let said = String::from_utf8_lossy(&out.stdout);
+            let last = said.lines().rfind(|l| !l.trim().is_empty());
+            Check::new("criu-check", Status::Ok, last.unwrap_or("passed"))
+        }
+        Ok(out) => Check::new("criu-check", Status::Fail, output_tail(&out)),
+        Err(why) => Check::new("criu-check", Status::Fail, why),
+    }
+}
+
+/// `binary` itself if it names a path, else the first match in `PATH`; it
+/// must be an executable file.
+fn find_binary(binary: &Path) -> Result<PathBuf, String> {
+    let executable = |p: &Path| {
+        p.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if binary.components().count() > 1 {
+        return match executable(binary) {
+            true => Ok(binary.to_path_buf()),
+            false => Err(format!("{} is not an executable file", binary.display())),
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(binary))
+        .find(|p| executable(p))
+        .ok_or_else(|| format!("{} not found in PATH", binary.display()))
+}
+
+/// Runs `binary arg`, killed if it outlives [`CRIU_TIMEOUT`].
+async fn run(binary: &Path, arg: &str) -> Result<Output, String> {
+    let out = tokio::process::Command::new(binary)
+        .arg(arg)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(CRIU_TIMEOUT, out).await {
+        Ok(Ok(out)) => Ok(out),
+        Ok(Err(e)) => Err(format!("cannot run {} {arg}: {e}", binary.display())),
+        Err(_) => Err(format!(
+            "{} {arg} took over {CRIU_TIMEOUT:?}",
+            binary.display()
+        )),
+    }
+}
+
+/// The exit status and the last lines of a failed command's output, on one line.
+fn output_tail(out: &Output) -> String {
+    let text = [&out.stdout[..], &out.stderr[..]].concat();
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = lines[lines.len().saturating_sub(3)..].join(" | ");
+    format!("{}: {tail}", out.status)
+}
+
+/// `criu --version` prints `Version: 4.1.1`, and for a git build also
+/// `GitID: v4.1-12-g…` (whose version then counts as the next minor).
+pub fn parse_criu_version(text: &str) -> Option<Version> {
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(key)?.trim().into())
+    };
+    let mut numbers = field("Version:")?.split('.').map(|n| n.parse::<i32>());
+    Some(Version {
+        major: numbers.next()?.ok()?,
+        minor: numbers.next()?.ok()?,
+        sublevel: numbers.next().unwrap_or(Ok(0)).ok()?,
+        gitid: field("GitID:").map(str::to_string),
+    })
+}
+
+pub fn new_enough(v: &Version) -> bool {
+    v.number() >= MIN_CRIU.number()
+}
+
+fn kernel() -> Check {
+    let u = nix::sys::utsname::uname();
+    match u {
+        Ok(u) => Check::new("kernel", Status::Ok, u.release().to_string_lossy()),
+        Err(e) => Check::new("kernel", Status::Fail, format!("uname: {e}")),
+    }
+}
+
+fn freezer() -> Check {
+    match mountinfo::read(std::process::id() as i32) {
+        Ok(mounts) => judge_freezer(&mounts),
+        Err(e) => Check::new("freezer", Status::Fail, e.to_string()),
+    }
+}
+
+/// Which cgroup freezer [`crate::freeze`] will use: on a hybrid host the v1
+/// freezer, as runc does there.
+pub fn judge_freezer(mounts: &[Mount]) -> Check {
+    let v1 = mounts
+        .iter()
+        .find(|m| m.fs_type == "cgroup" && m.super_options.split(',').any(|o| o == "freezer"));
+    let v2 = mounts.iter().find(|m| m.fs_type == "cgroup2");
+    let also_v2 = v2
+        .map(|m| format!("; cgroup2 at {} too", m.mount_point.display()))
+        .unwrap_or_default();
+    if let Some(m) = v1 {
+        let detail = format!("v1 at {}{also_v2}", m.mount_point.display());
+        return Check::new("freezer", Status::Ok, detail);
+    }
+    let Some(m) = v2 else {
+        return Check::new("freezer", Status::Fail, "no freezer hierarchy, no cgroup2");
+    };
+    match child_freeze_file(&m.mount_point) {
+        Some(f) => Check::new("freezer", Status::Ok, format!("v2 ({})", f.display())),
+        None => Check::new(
+            "freezer",
+            Status::Fail,
+            format!(
+                "cgroup2 at {} has no cgroup.freeze (Linux < 5.2?)",
+                m.mount_point.display()
+            ),
+        ),
+    }
+}
+
+/// The root cgroup has no `cgroup.freeze` (it cannot be frozen), so look in its
+/// children.
+fn child_freeze_file(root: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(root)
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("cgroup.freeze"))
+        .find(|f| f.exists())
+}
+
+fn capabilities() -> Check {
+    match caps::read(None, CapSet::Effective) {
+        Ok(eff) => judge_caps(&eff),
+        Err(e) => Check::new("capabilities", Status::Fail, format!("cannot read: {e}")),
+    }
+}
+
+/// CRIU needs CAP_SYS_ADMIN, or since Linux 5.9 CAP_CHECKPOINT_RESTORE with
+/// CAP_SYS_PTRACE. Two more matter for some containers only, so their absence
+/// is a warning.
+pub fn judge_caps(eff: &CapsHashSet) -> Check {
+    use Capability::*;
+    let base = if eff.contains(&CAP_SYS_ADMIN) {
+        "CAP_SYS_ADMIN"
+    } else if eff.contains(&CAP_CHECKPOINT_RESTORE) && eff.contains(&CAP_SYS_PTRACE) {
+        "CAP_CHECKPOINT_RESTORE + CAP_SYS_PTRACE"
+    } else {
+        let detail = "needs CAP_SYS_ADMIN, or CAP_CHECKPOINT_RESTORE with CAP_SYS_PTRACE";
+        return Check::new("capabilities", Status::Fail, detail);
+    };
+    let mut notes = vec![base.to_string()];
+    let useful = [
+        (CAP_NET_ADMIN, "no TCP repair for tcp_established"),
+        (
+            CAP_SYS_RESOURCE,
+            "CRIU cannot raise rlimits or pipe sizes past the system's limits",
+        ),
+    ];
+    let mut status = Status::Ok;
+    for (cap, without) in useful {
+        if eff.contains(&cap) {
+            notes.push(cap.to_string());
+        } else {
+            status = Status::Warn;
+            notes.push(format!("no {cap} ({without})"));
+        }
+    }
+    Check::new("capabilities", status, notes.join("; "))
+}
+
+/// The configured staging dir, else the kubelet's checkpoint dir (where
+/// staging then happens, beside each archive) if there is one.
+fn staging_dir(cfg: &Config) -> Check {
+    match &cfg.staging_dir {
+        Some(d) => dir_check("staging-dir", d, true),
+        None if Path::new(KUBELET_CHECKPOINTS).is_dir() => {
+            dir_check("staging-dir", Path::new(KUBELET_CHECKPOINTS), true)
+        }
+        None => Check::new(
+            "staging-dir",
+            Status::Ok,
+            format!("unset, and no {KUBELET_CHECKPOINTS}: stages beside each archive"),
+        ),
+    }
+}
+
+/// `dir`, or its nearest existing parent when it does not exist yet: free
+/// space, and whether it is safe and usable for checkpoints.
+pub fn dir_check(name: &'static str, dir: &Path, needs_exec: bool) -> Check {
+    let at = nearest_existing(dir);
+    let (meta, vfs) = match (at.metadata(), statvfs(at)) {
+        (Ok(m), Ok(v)) => (m, v),
+        (Err(e), _) => return Check::new(name, Status::Fail, format!("{}: {e}", at.display())),
+        (_, Err(e)) => return Check::new(name, Status::Fail, format!("{}: {e}", at.display())),
+    };
+    let shown = match at == dir {
+        true => dir.display().to_string(),
+        false => format!("{} (missing; parent {})", dir.display(), at.display()),
+    };
+    let free = vfs.blocks_available() * vfs.fragment_size();
+    let (status, notes) = judge_dir(&meta, vfs.flags(), needs_exec);
+    let detail = format!("{shown}: {} free, {}", gib(free), notes.join(", "));
+    Check::new(name, status, detail)
+}
+
+/// Checkpoints hold a container's memory: the dir must be root's alone. A
+/// noexec staging dir works, but streaming needs to run its action script
+/// there and falls back to staging (see `sink`).
+pub fn judge_dir(
+    meta: &std::fs::Metadata,
+    flags: FsFlags,
+    needs_exec: bool,
+) -> (Status, Vec<String>) {
+    let mode = meta.permissions().mode() & 0o7777;
+    let mut notes = vec![format!("mode {mode:04o}")];
+    let mut status = Status::Ok;
+    if meta.uid() == 0 {
+        notes.push("owner root".into());
+    } else {
+        status = Status::Fail;
+        notes.push(format!("owned by uid {}, not root", meta.uid()));
+    }
+    if mode & 0o022 != 0 {
+        status = Status::Fail;
+        notes.push("writable by group or others".into());
+    }
+    if flags.contains(FsFlags::ST_RDONLY) {
+        status = Status::Fail;
+        notes.push("read-only".into());
+    }
+    if needs_exec && flags.contains(FsFlags::ST_NOEXEC) {
+        if status == Status::Ok {
+            status = Status::Warn;
+        }
+        notes.push("noexec: streaming falls back to staging".into());
+    }
+    (status, notes)
+}
+
+fn nearest_existing(dir: &Path) -> &Path {
+    dir.ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"))
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// The upstream runtime answers CRI Version.
+async fn upstream(endpoint: &str) -> Check {
+    let path = match crate::server::socket_path(endpoint) {
+        Ok(p) => p,
+        Err(e) => return Check::new("upstream", Status::Fail, e.to_string()),
+    };
+    let up = crate::server::upstream::Upstream::new(&path);
+    let req = crate::cri::VersionRequest {
+        version: "v1".into(),
+    };
+    let fail = |why: String| Check::new("upstream", Status::Fail, format!("{endpoint}: {why}"));
+    match tokio::time::timeout(UPSTREAM_TIMEOUT, up.runtime().version(req)).await {
+        Ok(Ok(r)) => {
+            let r = r.into_inner();
+            let detail = format!(
+                "{} {} (CRI {}) at {endpoint}",
+                r.runtime_name, r.runtime_version, r.runtime_api_version
+            );
+            Check::new("upstream", Status::Ok, detail)
+        }
+        Ok(Err(status)) => fail(status_chain(&status)),
+        Err(_) => fail(format!("no answer within {UPSTREAM_TIMEOUT:?}")),
+    }
+}
+
+/// A status from a call that never reached the runtime says "transport
+/// error" and repeats its cause at every level: the innermost cause says why.
+fn status_chain(status: &tonic::Status) -> String {
+    let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(status);
+    while let Some(next) = cause.and_then(|e| e.source()) {
+        cause = Some(next);
+    }
+    match cause {
+        Some(e) => format!("unreachable: {e}"),
+        None => format!("{:?}: {}", status.code(), status.message()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn criu_version_is_parsed_and_compared_with_4_0() {
+        let v = parse_criu_version("Version: 4.1.1\n").unwrap();
+        assert_eq!((v.major, v.minor, v.sublevel), (4, 1, 1));
+        assert!(new_enough(&v));
+        assert!(new_enough(&parse_criu_version("Version: 4.0\n").unwrap()));
+        assert!(!new_enough(
+            &parse_criu_version("Version: 3.17.1\n").unwrap()
+        ));
+        // A git build after 3.19 counts as 3.20, still too old.
+        let git = parse_criu_version("Version: 3.19\nGitID: v3.19-40-gdeadbee\n").unwrap();
+        assert_eq!(git.gitid.as_deref(), Some("v3.19-40-gdeadbee"));
+        assert!(!new_enough(&git));
+        assert!(parse_criu_version("criu: unknown option\n").is_none());
+        assert!(parse_criu_version("Version: x.1\n").is_none());
+    }
+
+    #[test]
+    fn a_dir_writable_by_others_fails_and_a_private_one_passes() {
+        let d = tempfile::tempdir().unwrap();
+        let set = |mode| {
+            std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+            judge_dir(&d.path().metadata().unwrap(), FsFlags::empty(), true)
+        };
+        assert_eq!(set(0o700).0, Status::Ok);
+        let (status, notes) = set(0o777);
+        assert_eq!(status, Status::Fail);
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains("writable by group or others")),
+            "{notes:?}"
+        );
+        assert_eq!(set(0o750).0, Status::Ok);
+        assert_eq!(set(0o770).0, Status::Fail);
+        set(0o700);
+        let meta = d.path().metadata().unwrap();
+        assert_eq!(judge_dir(&meta, FsFlags::ST_NOEXEC, true).0, Status::Warn);
+        assert_eq!(judge_dir(&meta, FsFlags::ST_NOEXEC, false).0, Status::Ok);
+        assert_eq!(judge_dir(&meta, FsFlags::ST_RDONLY, false).0, Status::Fail);
+    }
+
+    #[test]
+    fn a_missing_dir_is_judged_by_its_nearest_parent() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let c = dir_check("restore-dir", &d.path().join("a/b"), false);
+        assert_ne!(c.status, Status::Fail, "{c:?}");
+        assert!(
+            c.detail
+                .contains(&format!("(missing; parent {})", d.path().display())),
+            "{c:?}"
+        );
+    }
+
+    #[test]
+    fn capabilities_need_sys_admin_or_checkpoint_restore_with_ptrace() {
+        use Capability::*;
+        let set = |caps: &[Capability]| judge_caps(&caps.iter().copied().collect());
+        assert_eq!(
+            set(&[CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_SYS_RESOURCE]).status,
+            Status::Ok
+        );
+        let c = set(&[CAP_CHECKPOINT_RESTORE, CAP_SYS_PTRACE, CAP_NET_ADMIN]);
+        assert_eq!(c.status, Status::Warn, "no CAP_SYS_RESOURCE warns: {c:?}");
+        assert!(c.detail.contains("no CAP_SYS_RESOURCE"), "{c:?}");
+        assert_eq!(set(&[CAP_CHECKPOINT_RESTORE]).status, Status::Fail);
+        assert_eq!(set(&[CAP_SYS_PTRACE, CAP_NET_ADMIN]).status, Status::Fail);
+    }
+
+    #[test]
+    fn the_freezer_is_v1_on_a_hybrid_host_and_v2_needs_cgroup_freeze() {
+        let hybrid = mountinfo::parse(
+            "37 31 0:34 / /sys/fs/cgroup/freezer rw - cgroup cgroup rw,freezer\n\
+             41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n",
+        );
+        let c = judge_freezer(&hybrid);
+        assert_eq!(c.status, Status::Ok);
+        assert!(
+            c.detail.starts_with("v1 at /sys/fs/cgroup/freezer"),
+            "{c:?}"
+        );
+
+        let root = tempfile::tempdir().unwrap();
+        let v2 = mountinfo::parse(&format!(
+            "30 1 0:26 / {} rw - cgroup2 cgroup2 rw\n",
+            root.path().display()
+        ));
+        assert_eq!(judge_freezer(&v2).status, Status::Fail);
+        std::fs::create_dir(root.path().join("init.scope")).unwrap();
+        std::fs::write(root.path().join("init.scope/cgroup.freeze"), "0\n").unwrap();
+        let c = judge_freezer(&v2);
+        assert_eq!(c.status, Status::Ok, "{c:?}");
+        assert!(c.detail.starts_with("v2 ("), "{c:?}");
+    }
+}

@@ -1,0 +1,75 @@
+//! `ckpt-shim check`, the node preflight, run as the built binary.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output};
+
+const REAL_CRIU: &str = "/usr/local/sbin/criu";
+
+/// Runs `ckpt-shim check` with an empty config file (so the node's own
+/// /etc/ckpt-shim never counts), an upstream socket that does not exist, and
+/// `criu`.
+fn check(dir: &Path, criu: &Path) -> Output {
+    let config = dir.join("config.toml");
+    std::fs::write(&config, "").unwrap();
+    let upstream = format!("unix://{}", dir.join("absent.sock").display());
+    Command::new(env!("CARGO_BIN_EXE_ckpt-shim"))
+        .args(["check", "--upstream", &upstream, "--config"])
+        .arg(&config)
+        .arg("--criu")
+        .arg(criu)
+        .output()
+        .unwrap()
+}
+
+/// The result column of the row named `name`.
+fn result<'a>(stdout: &'a str, name: &str) -> &'a str {
+    stdout
+        .lines()
+        .find_map(|l| {
+            let mut cols = l.split_whitespace();
+            (cols.next() == Some(name)).then(|| cols.next()).flatten()
+        })
+        .unwrap_or_else(|| panic!("no {name} row in:\n{stdout}"))
+}
+
+#[test]
+fn a_failing_criu_check_fails_the_preflight() {
+    let d = tempfile::tempdir().unwrap();
+    let stub = d.path().join("criu");
+    std::fs::write(
+        &stub,
+        "#!/bin/sh\ncase \"$1\" in\n  --version) echo 'Version: 4.1.1' ;;\n  check) echo 'Error: stub kernel lacks everything' >&2; exit 1 ;;\nesac\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = check(d.path(), &stub);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert_eq!(result(&stdout, "criu-version"), "ok", "{stdout}");
+    assert_eq!(result(&stdout, "criu-check"), "FAIL", "{stdout}");
+    assert!(
+        stdout.contains("stub kernel lacks everything"),
+        "the failing check's output is shown: {stdout}"
+    );
+}
+
+#[test]
+fn the_real_criu_passes_and_an_absent_upstream_fails() {
+    assert!(
+        Path::new(REAL_CRIU).is_file(),
+        "{REAL_CRIU} is missing: run `hack/setup.sh` as root first"
+    );
+    let d = tempfile::tempdir().unwrap();
+    let out = check(d.path(), Path::new(REAL_CRIU));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for row in ["criu", "criu-version", "criu-check"] {
+        assert_eq!(result(&stdout, row), "ok", "{stdout}");
+    }
+    assert_eq!(result(&stdout, "upstream"), "FAIL", "{stdout}");
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("checks failed"),
+        "{out:?}"
+    );
+}
