@@ -6,6 +6,9 @@ order that rotates from round to round:
   CRI     ckpt-shim through CRI: CreateContainer (the archive as the image) and
           StartContainer in a new pod, in front of containerd (its runc is
           ckpt-runc); timed from CreateContainer to StartContainer's answer
+  IMG     the same through a checkpoint image: the CRI archive imported into
+          containerd by `ckpt-shim image --import`, named by tag as the image;
+          CreateContainer reads its layer back through containerd's content API
   R       `runc restore -d` of `runc checkpoint` images of a runc container,
           into a fresh overlay, until runc returns (the process runs)
   S       `ckpt-shim restore` of a `ckpt-shim checkpoint` archive of that runc
@@ -41,6 +44,7 @@ class RestoreBench(Bench):
         os.makedirs(f"{self.w}/ck-{mib}", mode=0o700, exist_ok=True)
         ck = f"{self.w}/ck-{mib}"
         sh([CRICTL, self.sock, "checkpoint", self.cri_id, f"{ck}/cri.tar", "600"])
+        sh([SHIM, "image", f"{ck}/cri.tar", f"ckpt-bench-{mib}:1", "--import", f"{self.w}/ctrd/containerd.sock"])
         sh(["runc", "--root", f"{self.w}/runc-state", "checkpoint", "--leave-running", "--image-path", f"{ck}/runc-img",
             "--work-path", f"{ck}/runc-work", f"runc-{mib}"])
         sh([SHIM, "checkpoint", "--runtime-root", f"{self.w}/runc-state", f"runc-{mib}", "--output", f"{ck}/shim.tar"])
@@ -54,11 +58,15 @@ class RestoreBench(Bench):
         sh(f"mount -t overlay overlay -o lowerdir={self.w}/image,upperdir={b}/upper,workdir={b}/work {b}/rootfs")
         return b
 
-    def run_CRI(self, mib):
-        pod, cid, ms = sh([CRICTL, self.sock, "restore", f"r-{self.n}", f"{self.w}/ck-{mib}/cri.tar"]).split()
+    def run_CRI(self, mib, image=None):
+        image = image or f"{self.w}/ck-{mib}/cri.tar"
+        pod, cid, ms = sh([CRICTL, self.sock, "restore", f"r-{self.n}", image]).split()
         self.n += 1
         self.cleanups.append(lambda: sh([CRICTL, self.sock, "rm-pod", pod], check=False))
         return float(ms) / 1000
+
+    def run_IMG(self, mib):
+        return self.run_CRI(mib, f"localhost/ckpt-bench-{mib}:1")
 
     def run_R(self, mib):
         name = f"rr-{mib}-{self.n}"
@@ -103,7 +111,7 @@ class RestoreBench(Bench):
         for mib in self.sizes:
             self.start_containers(mib)
             self.prepare(mib)
-            variants = [("CRI", self.run_CRI), ("R", self.run_R), ("S", self.run_S), ("P", self.run_P)]
+            variants = [("CRI", self.run_CRI), ("IMG", self.run_IMG), ("R", self.run_R), ("S", self.run_S), ("P", self.run_P)]
             if self.only:
                 variants = [v for v in variants if v[0] in self.only]
             for rnd in range(self.rounds):
@@ -120,16 +128,17 @@ class RestoreBench(Bench):
             shutil.rmtree(f"{self.w}/ck-{mib}", ignore_errors=True)
 
     def report(self):
-        labels = {"CRI": "ckpt-shim via CRI (Create+Start)", "R": "runc restore -d", "S": "ckpt-shim restore (CLI)", "P": "podman restore --import"}
+        labels = {"CRI": "ckpt-shim via CRI (Create+Start)", "IMG": "ckpt-shim via CRI, from a checkpoint image", "R": "runc restore -d", "S": "ckpt-shim restore (CLI)", "P": "podman restore --import"}
         med = lambda mib, v: statistics.median(self.times[(mib, v)]) if (mib, v) in self.times else float("nan")
         rng = lambda mib, v: f"{min(self.times[(mib, v)]):.3f}–{max(self.times[(mib, v)]):.3f}" if (mib, v) in self.times else "-"
         lines = ["| MiB | variant | s, median (min–max) |", "|---|---|---|"]
         for mib in self.sizes:
             for v, label in labels.items():
                 lines.append(f"| {mib} | {label} | {med(mib, v):.3f} ({rng(mib, v)}) |")
-        lines += ["", "| MiB | CRI / runc restore | CLI / runc restore | podman / CRI |", "|---|---|---|---|"]
+        lines += ["", "| MiB | CRI / runc restore | image / archive (CRI) | CLI / runc restore | podman / CRI |", "|---|---|---|---|---|"]
         for mib in self.sizes:
-            lines.append(f"| {mib} | {med(mib, 'CRI') / med(mib, 'R'):.2f} | {med(mib, 'S') / med(mib, 'R'):.2f} | {med(mib, 'P') / med(mib, 'CRI'):.2f} |")
+            r = lambda a, b: med(mib, a) / med(mib, b)
+            lines.append(f"| {mib} | {r('CRI', 'R'):.2f} | {r('IMG', 'CRI'):.2f} | {r('S', 'R'):.2f} | {r('P', 'CRI'):.2f} |")
         return "\n".join(lines)
 
 
@@ -138,7 +147,7 @@ def main():
     ap.add_argument("--sizes", default="64,512,2048")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--work", default="/var/tmp/ckpt-shim-bench-restore")
-    ap.add_argument("--only", help="run just these variants, comma-separated (CRI,R,S,P)")
+    ap.add_argument("--only", help="run just these variants, comma-separated (CRI,IMG,R,S,P)")
     ap.add_argument("--xfs", action="store_true", help="put the work dir on a reflink XFS loop image")
     a = ap.parse_args()
     if a.xfs:
