@@ -305,6 +305,38 @@ impl ArchiveWriter {
         self.pad()
     }
 
+    /// Adds a member of `len` bytes that `fill` writes (returning how many it
+    /// wrote, which must be `len`).
+    pub fn add_with(
+        &mut self,
+        name: &str,
+        len: u64,
+        fill: impl FnOnce(&mut dyn Write) -> Result<u64>,
+    ) -> Result<()> {
+        self.file_header(name, len)?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, &self.file);
+        let n = fill(&mut out)?;
+        out.flush()
+            .ctx(|| format!("write {}", self.target.path.display()))?;
+        drop(out);
+        if n != len {
+            return Err(Error::Other(format!(
+                "{name}: {n} bytes where {len} were due"
+            )));
+        }
+        self.offset += len;
+        self.written += len;
+        self.pad()
+    }
+
+    /// Adds `len` bytes of `src` from `at` as a member, moved in the kernel.
+    pub fn add_file_range(&mut self, name: &str, src: &File, at: u64, len: u64) -> Result<()> {
+        self.file_header(name, len)?;
+        self.copy_range_from(src, at, len)
+            .ctx(|| format!("copy {name} into {}", self.target.path.display()))?;
+        self.pad()
+    }
+
     /// The headers of a regular member of `len` bytes, by the rules [`plan`]
     /// follows: large members first get a PAX header that carries sizes past ustar's
     /// limit and 4 KiB-aligns their data.
@@ -406,8 +438,13 @@ impl ArchiveWriter {
     }
 
     fn copy_from(&mut self, src: &File, len: u64) -> std::io::Result<()> {
-        let share = self.offset.is_multiple_of(ALIGN) && len >= ALIGN_FROM;
-        let moved = crate::fcopy::copy_range(src, 0, &self.file, self.offset, len, share)?;
+        self.copy_range_from(src, 0, len)
+    }
+
+    fn copy_range_from(&mut self, src: &File, at: u64, len: u64) -> std::io::Result<()> {
+        let share =
+            self.offset.is_multiple_of(ALIGN) && at.is_multiple_of(ALIGN) && len >= ALIGN_FROM;
+        let moved = crate::fcopy::copy_range(src, at, &self.file, self.offset, len, share)?;
         self.offset += len;
         if moved == crate::fcopy::Moved::Copied {
             self.written += len;

@@ -21,6 +21,8 @@ use crate::freeze::{self, FreezeAt, Freezer};
 use crate::locate::Container;
 use crate::mountinfo::{self, Mount};
 use crate::safefs;
+use crate::seal::encrypt::{CipherSpool, SealWriter, Sealer};
+use crate::seal::Recipients;
 use crate::sink::{Cancelled, Member, Sink, Wait};
 
 #[derive(Debug, Clone)]
@@ -44,6 +46,8 @@ pub struct Options {
     /// Most memory to hold the pages in during the pause when streaming (see
     /// [`crate::hold`]); 0 writes them straight through.
     pub hold_budget: u64,
+    /// Seal the archive to these recipients (see [`crate::seal`]).
+    pub seal: Option<Arc<Recipients>>,
 }
 
 /// What a checkpoint did and how long each phase took.
@@ -212,28 +216,41 @@ fn prepare(
     })
 }
 
-type DiffTask = tokio::task::JoinHandle<Result<RootfsDiff>>;
+/// The rootfs diff, and its parts when sealed as it was written.
+struct Diffed {
+    diff: RootfsDiff,
+    sealed: Option<CipherSpool>,
+}
+
+type DiffTask = tokio::task::JoinHandle<Result<Diffed>>;
 
 /// Step 4's file half, started the moment the container is frozen: the rootfs
 /// diff is taken while CRIU dumps, so files match memory and the walk adds no
-/// frozen time.
+/// frozen time. Sealed, it is encrypted as it is walked, into staging.
 fn diff_when_frozen(
     freeze: &FreezeAt,
     c: &Container,
     mounts: &[Mount],
     staging: &Path,
+    sealer: Option<Arc<Sealer>>,
 ) -> Arc<Mutex<Option<DiffTask>>> {
     let slot: Arc<Mutex<Option<DiffTask>>> = Arc::default();
     if let Some(ov) = Overlay::of_root(mounts) {
-        let (mounts, spec, out) = (
-            mounts.to_vec(),
-            c.spec.clone(),
-            staging.join("rootfs-diff.tar"),
-        );
+        let (mounts, spec, staging) = (mounts.to_vec(), c.spec.clone(), staging.to_path_buf());
         let s = slot.clone();
         freeze.on_frozen(move || {
-            let task = tokio::task::spawn_blocking(move || {
-                collect::rootfs_diff(&ov, &mounts, &spec, safefs::create_new(&out, 0o600)?)
+            let task = tokio::task::spawn_blocking(move || match sealer {
+                Some(sealer) => {
+                    let w = SealWriter::new(sealer, ROOTFS_DIFF, &staging);
+                    let (diff, w) = collect::rootfs_diff(&ov, &mounts, &spec, w)?;
+                    let sealed = Some(w.finish()?);
+                    Ok(Diffed { diff, sealed })
+                }
+                None => {
+                    let out = safefs::create_new(&staging.join(ROOTFS_DIFF), 0o600)?;
+                    let (diff, _) = collect::rootfs_diff(&ov, &mounts, &spec, out)?;
+                    Ok(Diffed { diff, sealed: None })
+                }
             });
             *s.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
         });
@@ -253,15 +270,16 @@ async fn run(c: Container, opts: Options, mut cancelled: Cancelled) -> Result<Re
     let target = Target::new(&opts.location)?;
     let stage = Stage::new(&target, &opts)?;
     let checkpointed = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
-    let head = head_members(c, &checkpointed);
+    let sealer = opts.seal.clone().map(|r| Arc::new(Sealer::new(r)));
+    let head = head_members(c, &checkpointed, sealer.is_some());
     let hold = crate::hold::size_for(c.pid, opts.hold_budget).unwrap_or(0);
     let sink = Sink::open(
         &target,
         stage.path(),
         &head,
         &collect::descriptors(c.pid),
-        opts.stream,
-        hold,
+        (opts.stream, hold),
+        sealer.clone(),
     )?;
     let streamed = matches!(sink, Sink::Streamed { .. });
     let p = prepare(c, &stage, deadline, &opts.settings)?;
@@ -275,7 +293,7 @@ async fn run(c: Container, opts: Options, mut cancelled: Cancelled) -> Result<Re
         deadline,
         opts.freeze_journal.clone(),
     );
-    let diff_task = diff_when_frozen(&freeze, c, &p.mounts, stage.path());
+    let diff_task = diff_when_frozen(&freeze, c, &p.mounts, stage.path(), sealer.clone());
     let wait = Wait {
         freeze: &freeze,
         deadline,
@@ -303,13 +321,22 @@ async fn run(c: Container, opts: Options, mut cancelled: Cancelled) -> Result<Re
     let stats = std::fs::read(stage.path().join("stats-dump"))
         .ok()
         .and_then(|b| criu_rpc::stats::parse_dump_stats(&b).ok());
-    let tail = tail_members(c, stage.path(), diff.as_ref());
+    let (rootfs_entries, deleted_files) = diff
+        .as_ref()
+        .map_or((0, 0), |d| (d.diff.entries, d.diff.deleted.len()));
+    let tail = tail_members(c, stage.path(), diff);
 
     // Step 5.
     let pages_held = dumped.held();
     let expired = || expire_check(deadline, &cancelled, "archive");
-    let (archive_bytes, archive_written_bytes) =
-        dumped.archive(&target, stage.path(), head, tail, opts.durable, expired)?;
+    let (archive_bytes, archive_written_bytes) = dumped.archive(
+        &target,
+        stage.path(),
+        (head, tail),
+        sealer.as_deref(),
+        opts.durable,
+        expired,
+    )?;
     ph.mark("archive");
     Ok(Report {
         location: target.path.clone(),
@@ -321,8 +348,8 @@ async fn run(c: Container, opts: Options, mut cancelled: Cancelled) -> Result<Re
         frozen,
         was_paused,
         stats,
-        rootfs_entries: diff.as_ref().map(|d| d.entries).unwrap_or(0),
-        deleted_files: diff.as_ref().map(|d| d.deleted.len()).unwrap_or(0),
+        rootfs_entries,
+        deleted_files,
         cleanup: stage.remove_in_background(),
     })
 }
@@ -341,31 +368,41 @@ fn out_of_space(e: Error, dir: &Path) -> Error {
     }
 }
 
-/// The members that open every archive: the container's metadata.
-fn head_members(c: &Container, checkpointed: &str) -> Vec<Member> {
+/// The members that open every archive: the container's metadata. A sealed
+/// archive's readable `spec.dump` has its secrets taken out, and the full one
+/// is sealed.
+fn head_members(c: &Container, checkpointed: &str, sealed: bool) -> Vec<Member> {
+    let config = Member::Bytes("config.dump".into(), collect::config_dump(c, checkpointed));
+    if !sealed {
+        return vec![
+            config,
+            Member::Bytes("spec.dump".into(), c.spec_raw.clone()),
+        ];
+    }
     vec![
-        Member::Bytes("config.dump".into(), collect::config_dump(c, checkpointed)),
-        Member::Bytes("spec.dump".into(), c.spec_raw.clone()),
+        config,
+        Member::Bytes("spec.dump".into(), crate::seal::redact_spec(&c.spec_raw)),
+        Member::Secret("spec.dump".into(), c.spec_raw.clone()),
     ]
 }
 
 /// The members after CRIU's images: CRIU's statistics (written to its work
 /// dir even when streaming), the rootfs diff, the bind mounts, the log.
-fn tail_members(c: &Container, staging: &Path, diff: Option<&RootfsDiff>) -> Vec<Member> {
+fn tail_members(c: &Container, staging: &Path, diff: Option<Diffed>) -> Vec<Member> {
     let mut members = Vec::new();
     let stats = staging.join("stats-dump");
     if stats.exists() {
         members.push(Member::File("stats-dump".into(), stats));
     }
     if let Some(d) = diff {
-        members.push(Member::File(
-            "rootfs-diff.tar".into(),
-            staging.join("rootfs-diff.tar"),
-        ));
-        if !d.deleted.is_empty() {
-            members.push(Member::Bytes(
+        members.push(match d.sealed {
+            Some(parts) => Member::Sealed(Some(parts).into()),
+            None => Member::File(ROOTFS_DIFF.into(), staging.join(ROOTFS_DIFF)),
+        });
+        if !d.diff.deleted.is_empty() {
+            members.push(Member::Secret(
                 "deleted.files".into(),
-                serde_json::to_vec(&d.deleted).expect("strings serialise"),
+                serde_json::to_vec(&d.diff.deleted).expect("strings serialise"),
             ));
         }
     }
@@ -373,10 +410,15 @@ fn tail_members(c: &Container, staging: &Path, diff: Option<&RootfsDiff>) -> Vec
         members.push(Member::Bytes("bind.mounts".into(), b));
     }
     if staging.join("dump.log").exists() {
-        members.push(Member::File("dump.log".into(), staging.join("dump.log")));
+        members.push(Member::SecretFile(
+            "dump.log".into(),
+            staging.join("dump.log"),
+        ));
     }
     members
 }
+
+const ROOTFS_DIFF: &str = "rootfs-diff.tar";
 
 /// Fails once the deadline has passed or the caller has gone.
 fn expire_check(deadline: Instant, cancelled: &Cancelled, phase: &'static str) -> Result<()> {

@@ -2,7 +2,6 @@
 //! `descriptors.json`, `bind.mounts`, and the root file system's changes.
 
 use std::ffi::CString;
-use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -162,7 +161,12 @@ fn skipped(rel: &Path, mount_points: &[PathBuf]) -> bool {
 /// whiteouts, and the image's entries hidden by an opaque directory (listed one by
 /// one, never the directory itself, because restore deletes after untarring).
 /// Judged by the upper dir alone, i.e. by the container's own paths.
-pub fn rootfs_diff(ov: &Overlay, mounts: &[Mount], spec: &Spec, out: File) -> Result<RootfsDiff> {
+pub fn rootfs_diff<W: std::io::Write>(
+    ov: &Overlay,
+    mounts: &[Mount],
+    spec: &Spec,
+    out: W,
+) -> Result<(RootfsDiff, W)> {
     let mut mount_points: Vec<PathBuf> = mounts.iter().map(|m| m.mount_point.clone()).collect();
     mount_points.extend(
         spec.mounts()
@@ -178,19 +182,16 @@ pub fn rootfs_diff(ov: &Overlay, mounts: &[Mount], spec: &Spec, out: File) -> Re
     tar.follow_symlinks(false);
     let mut diff = RootfsDiff::default();
     walk(ov, Path::new(""), &mount_points, &mut tar, &mut diff)?;
-    tar.into_inner()
-        .ctx(|| "finish rootfs-diff.tar".into())?
-        .sync_data()
-        .ctx(|| "sync rootfs-diff.tar".into())?;
+    let out = tar.into_inner().ctx(|| "finish rootfs-diff.tar".into())?;
     diff.deleted.sort();
-    Ok(diff)
+    Ok((diff, out))
 }
 
 fn walk(
     ov: &Overlay,
     rel: &Path,
     mps: &[PathBuf],
-    tar: &mut tar::Builder<File>,
+    tar: &mut tar::Builder<impl std::io::Write>,
     diff: &mut RootfsDiff,
 ) -> Result<()> {
     let dir = ov.upper.join(rel);

@@ -57,6 +57,14 @@ pub enum Error {
     #[error("{failed} of {total} checks failed")]
     ChecksFailed { failed: usize, total: usize },
 
+    /// An encrypted checkpoint that the identities at hand cannot open.
+    #[error("encrypted checkpoint: {0}")]
+    Sealed(String),
+
+    /// An encrypted member failed authentication: changed, cut or reordered.
+    #[error("encrypted checkpoint failed authentication (modified or damaged): {0}")]
+    Tampered(String),
+
     #[error("{0}")]
     Other(String),
 }
@@ -76,6 +84,8 @@ impl From<Error> for tonic::Status {
             Error::NoSpace(_) => Code::ResourceExhausted,
             Error::DeadlineExceeded(_) | Error::FreezeTimeout { .. } => Code::DeadlineExceeded,
             Error::Cancelled => Code::Cancelled,
+            Error::Sealed(_) => Code::FailedPrecondition,
+            Error::Tampered(_) => Code::DataLoss,
             Error::Criu(_) | Error::Io { .. } | Error::Other(_) => Code::Internal,
         };
         tonic::Status::new(code, e.to_string())

@@ -8,6 +8,8 @@ use criu_rpc::proto::DumpStatsEntry;
 
 use crate::collect::ConfigDump;
 use crate::error::{Context, Error, Result};
+use crate::seal::decrypt::{self, PartAt, Parts};
+use crate::seal::{self, Identities, Marker};
 
 #[derive(Debug, Default)]
 pub struct Summary {
@@ -21,9 +23,25 @@ pub struct Summary {
     pub deleted_files: Vec<String>,
     pub stats: Option<DumpStatsEntry>,
     pub archive_bytes: u64,
+    pub sealed: Option<SealSummary>,
+}
+
+/// What a sealed archive's marker says, and whether it was opened.
+#[derive(Debug, Default)]
+pub struct SealSummary {
+    pub members: usize,
+    pub parts: usize,
+    /// The identity files every part was decrypted and authenticated with.
+    pub opened_with: Option<Vec<std::path::PathBuf>>,
 }
 
 pub fn inspect(path: &Path) -> Result<Summary> {
+    inspect_with(path, &Identities::default())
+}
+
+/// [`inspect`]; a sealed archive's sizes come from its marker, and with
+/// identities every part is decrypted (authenticated) and `deleted.files` read.
+pub fn inspect_with(path: &Path, ids: &Identities) -> Result<Summary> {
     let file = File::open(path).ctx(|| format!("open {}", path.display()))?;
     let meta = file.metadata().ctx(|| format!("stat {}", path.display()))?;
     if !meta.is_file() {
@@ -36,7 +54,11 @@ pub fn inspect(path: &Path) -> Result<Summary> {
         archive_bytes: meta.len(),
         ..Default::default()
     };
-    let mut archive = tar::Archive::new(file);
+    let mut archive = tar::Archive::new(
+        file.try_clone()
+            .ctx(|| format!("open {}", path.display()))?,
+    );
+    let (mut parts, mut marker) = (Parts::new(), None);
     for entry in archive
         .entries_with_seek()
         .ctx(|| format!("read {}", path.display()))?
@@ -48,6 +70,13 @@ pub fn inspect(path: &Path) -> Result<Summary> {
             .to_string_lossy()
             .into_owned();
         let size = e.size();
+        if let Some((base, k)) = seal::parse_part(&name) {
+            let at = PartAt {
+                at: e.raw_file_position(),
+                len: size,
+            };
+            parts.entry(base.to_string()).or_default().insert(k, at);
+        }
         if e.header().entry_type().is_dir() && name.trim_end_matches('/') == "checkpoint" {
             s.has_checkpoint_dir = true;
         }
@@ -77,11 +106,70 @@ pub fn inspect(path: &Path) -> Result<Summary> {
                 s.deleted_files = serde_json::from_slice(&small(&mut e)?).unwrap_or_default()
             }
             "rootfs-diff.tar" => s.rootfs_diff_bytes = Some(size),
+            seal::MARKER => marker = Some(small(&mut e)?),
             _ => {}
         }
         s.members.push((name, size));
     }
+    if let Some(m) = marker {
+        s.sealed = Some(sealed_summary(
+            &mut s,
+            &Marker::parse(&m)?,
+            &parts,
+            &file,
+            ids,
+        )?);
+    }
     Ok(s)
+}
+
+/// The sizes of a sealed archive's members as its marker gives them (the
+/// plaintexts'), and with identities, every part opened.
+fn sealed_summary(
+    s: &mut Summary,
+    m: &Marker,
+    parts: &Parts,
+    file: &File,
+    ids: &Identities,
+) -> Result<SealSummary> {
+    decrypt::check_parts(m, parts)?;
+    let images = m
+        .members
+        .iter()
+        .filter(|x| x.name.starts_with("checkpoint/"));
+    s.images_bytes = images.clone().map(|x| x.bytes).sum();
+    s.pages_bytes = images
+        .filter(|x| x.name.starts_with("checkpoint/pages-"))
+        .map(|x| x.bytes)
+        .sum();
+    s.rootfs_diff_bytes = m
+        .members
+        .iter()
+        .find(|x| x.name == "rootfs-diff.tar")
+        .map(|x| x.bytes);
+    let mut summary = SealSummary {
+        members: m.members.len(),
+        parts: m.members.iter().map(|x| x.parts).sum(),
+        opened_with: None,
+    };
+    if ids.is_empty() {
+        return Ok(summary);
+    }
+    for (name, ps) in parts {
+        let mut data = Vec::new();
+        let mut sink = std::io::sink();
+        let out: &mut dyn std::io::Write = if name == "deleted.files" {
+            &mut data
+        } else {
+            &mut sink
+        };
+        decrypt::open_member(ids, file, name, ps, out)?;
+        if name == "deleted.files" {
+            s.deleted_files = serde_json::from_slice(&data).unwrap_or_default();
+        }
+    }
+    summary.opened_with = Some(ids.files.clone());
+    Ok(summary)
 }
 
 impl std::fmt::Display for Summary {
@@ -127,6 +215,18 @@ impl std::fmt::Display for Summary {
                 self.deleted_files.len()
             )?,
             None => writeln!(f, "rootfs diff:  none")?,
+        }
+        if let Some(x) = &self.sealed {
+            let files = |p: &[std::path::PathBuf]| {
+                p.iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            match &x.opened_with {
+                Some(with) => writeln!(f, "encrypted:    age, {} members in {} parts; every part opened and authenticated with {}", x.members, x.parts, files(with))?,
+                None => writeln!(f, "encrypted:    age, {} members in {} parts (--identity opens and authenticates them, and shows deleted paths)", x.members, x.parts)?,
+            }
         }
         if let Some(st) = &self.stats {
             let ms = |us: Option<u32>| format!("{:.1} ms", us.unwrap_or(0) as f64 / 1000.0);

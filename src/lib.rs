@@ -28,6 +28,7 @@ pub use error::{Error, Result};
 pub mod inspect;
 pub mod restore;
 pub mod safefs;
+pub mod seal;
 pub mod server;
 pub mod sink;
 pub mod stream;

@@ -50,6 +50,14 @@ enum Cmd {
         /// ckpt-runc must see the same in CKPT_SHIM_RESTORE_DIR [default: /var/lib/ckpt-shim/restore].
         #[arg(long)]
         restore_dir: Option<PathBuf>,
+        /// Encrypt every checkpoint to this age recipient or SSH public key
+        /// (repeatable; replaces the file's encrypt_to).
+        #[arg(long, value_name = "RECIPIENT")]
+        encrypt_to: Vec<String>,
+        /// A root-only identity file that opens encrypted checkpoints restored
+        /// here (repeatable; replaces the file's identities).
+        #[arg(long, value_name = "FILE")]
+        identity: Vec<PathBuf>,
     },
     /// Can this node checkpoint? Checks CRIU, the kernel, capabilities, the
     /// directories and the upstream runtime; exits non-zero if any check fails.
@@ -91,6 +99,9 @@ enum Cmd {
         /// 0 writes them straight into the archive.
         #[arg(long, default_value_t = ckpt_shim::server::config::DEFAULT_HOLD_MIB)]
         hold_pages_mib: u64,
+        /// Encrypt the archive to this age recipient or SSH public key (repeatable).
+        #[arg(long, value_name = "RECIPIENT")]
+        encrypt_to: Vec<String>,
     },
     /// Restore an archive into a bundle (config.json + rootfs holding the image).
     Restore {
@@ -100,9 +111,28 @@ enum Cmd {
         /// Name of the restored container.
         #[arg(long)]
         id: String,
+        /// A root-only identity file for an encrypted archive (repeatable).
+        #[arg(long, value_name = "FILE")]
+        identity: Vec<PathBuf>,
     },
-    /// Show what an archive holds: container, image, engine, sizes, CRIU statistics.
-    Inspect { archive: PathBuf },
+    /// Show what an archive holds: container, image, engine, sizes, CRIU
+    /// statistics; with an identity, an encrypted archive's hidden parts too,
+    /// every part authenticated.
+    Inspect {
+        archive: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        identity: Vec<PathBuf>,
+    },
+    /// Write the plain archive of an encrypted one, for tools that read only
+    /// plain ones (checkpointctl inspect, runc restore after extraction).
+    Decrypt {
+        archive: PathBuf,
+        #[arg(long, value_name = "FILE", required = true)]
+        identity: Vec<PathBuf>,
+        /// The plain archive to create (must not exist; root-only).
+        #[arg(long)]
+        output: PathBuf,
+    },
     /// Make an archive a checkpoint image: into containerd, an OCI layout or
     /// archive, or a registry. CreateContainer restores it by that name.
     #[command(group(clap::ArgGroup::new("dest").required(true).args(["import", "oci_layout", "oci_archive", "push"])))]
@@ -175,8 +205,16 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
             log_level,
             runc_root,
             restore_dir,
+            encrypt_to,
+            identity,
         } => {
             let mut cfg = Config::load(config)?;
+            if !encrypt_to.is_empty() {
+                cfg.encrypt_to = encrypt_to;
+            }
+            if !identity.is_empty() {
+                cfg.identities = identity;
+            }
             // Flags win over the file.
             if let Some(v) = listen {
                 cfg.listen = v;
@@ -237,7 +275,9 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
             no_fsync,
             no_stream,
             hold_pages_mib,
+            encrypt_to,
         } => {
+            let seal = ckpt_shim::seal::Recipients::parse(&encrypt_to)?.map(std::sync::Arc::new);
             let started = Instant::now();
             let deadline = timeout.map(|t| started + Duration::from_secs(t));
             let c = locate::from_runtime_root(&runtime_root, &id)?;
@@ -257,6 +297,7 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
                     durable: !no_fsync,
                     stream: !no_stream,
                     hold_budget: hold_pages_mib << 20,
+                    seal,
                 },
             )
             .await?;
@@ -285,7 +326,9 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
             archive,
             bundle,
             id,
+            identity,
         } => {
+            let identities = std::sync::Arc::new(ckpt_shim::seal::Identities::load(&identity)?);
             let pid = restore::restore(&RestoreOptions {
                 archive,
                 bundle,
@@ -293,11 +336,26 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
                 criu,
                 settings: DumpSettings::default(),
                 stdio: None,
+                identities,
             })
             .await?;
             println!("restored {id} as pid {pid}");
         }
-        Cmd::Inspect { archive } => print!("{}", inspect::inspect(&archive)?),
+        Cmd::Inspect { archive, identity } => {
+            let ids = ckpt_shim::seal::Identities::load(&identity)?;
+            print!("{}", inspect::inspect_with(&archive, &ids)?)
+        }
+        Cmd::Decrypt {
+            archive,
+            identity,
+            output,
+        } => {
+            let ids = ckpt_shim::seal::Identities::load(&identity)?;
+            let mut ckpt = restore::Checkpoint::open(&archive)?;
+            ckpt.unseal(std::sync::Arc::new(ids))?;
+            let bytes = ckpt.write_plain(&output)?;
+            println!("wrote {} ({bytes} bytes)", output.display());
+        }
         Cmd::Image {
             archive,
             name,

@@ -19,6 +19,7 @@ use criu_rpc::{Criu, Notify};
 use crate::archive::{self, ArchiveWriter, Target};
 use crate::error::{Context, Error, Result};
 use crate::freeze::{self, CriuWatch, FreezeAt};
+use crate::seal::encrypt::{CipherSpool, Sealer};
 use crate::stream;
 
 /// Where CRIU's images go.
@@ -29,6 +30,7 @@ pub enum Sink {
         socket: CaptureSocket,
         /// Memory for the pages during the pause, faulted in before it.
         hold: Option<crate::hold::Hold>,
+        sealer: Option<Arc<Sealer>>,
     },
     /// Into `<staging>/checkpoint`, as files.
     Staged,
@@ -44,25 +46,28 @@ impl Sink {
     /// Streams when asked and where it can work, writing `head` (and the
     /// checkpoint dir with `descriptors`) into the archive now, with `hold`
     /// bytes of memory for the pages; otherwise stages, with `descriptors.json`
-    /// among the images.
+    /// among the images. A sealed checkpoint only streams: staged images would
+    /// be plaintext on disk.
     pub fn open(
         target: &Target,
         staging: &Path,
         head: &[Member],
         descriptors: &[u8],
-        stream: bool,
-        hold: usize,
+        (stream, hold): (bool, usize),
+        sealer: Option<Arc<Sealer>>,
     ) -> Result<Sink> {
         let images = staging.join("checkpoint");
-        if stream {
+        if stream || sealer.is_some() {
             match stream_socket(&images, staging) {
                 Ok(socket) => {
                     // In staging, like every unfinished archive: a crashed shim's
                     // (memory pages and all) goes with the staging dir on recovery.
                     let mut writer = ArchiveWriter::create_in(target, staging)?;
-                    write_members(&mut writer, head)?;
+                    write_members(&mut writer, head, sealer.as_deref())?;
                     writer.add_dir("checkpoint")?;
-                    writer.add_bytes("checkpoint/descriptors.json", descriptors)?;
+                    let descriptors =
+                        Member::Secret("checkpoint/descriptors.json".into(), descriptors.to_vec());
+                    write_members(&mut writer, &[descriptors], sealer.as_deref())?;
                     let hold = match hold {
                         0 => None,
                         n => crate::hold::Hold::new(n)
@@ -75,7 +80,13 @@ impl Sink {
                         writer,
                         socket,
                         hold,
+                        sealer,
                     });
+                }
+                Err(e) if sealer.is_some() => {
+                    return Err(Error::Other(format!(
+                        "an encrypted checkpoint streams CRIU's images, and cannot here: {e}"
+                    )))
                 }
                 Err(e) => tracing::info!("dumping to staging instead of streaming: {e}"),
             }
@@ -115,12 +126,13 @@ impl Sink {
                 writer,
                 socket,
                 hold,
+                sealer,
             } => {
                 dump_streamed(
                     criu,
                     &opts,
                     staging,
-                    (writer, socket, hold),
+                    (writer, socket, hold, sealer),
                     wait,
                     cancelled,
                 )
@@ -167,7 +179,12 @@ async fn dump_streamed(
     criu: &Criu,
     opts: &Opts,
     staging: &Path,
-    (mut w, sock, hold): (ArchiveWriter, CaptureSocket, Option<crate::hold::Hold>),
+    (mut w, sock, hold, sealer): (
+        ArchiveWriter,
+        CaptureSocket,
+        Option<crate::hold::Hold>,
+        Option<Arc<Sealer>>,
+    ),
     wait: &Wait<'_>,
     cancelled: &mut Cancelled,
 ) -> Result<Dumped> {
@@ -185,6 +202,7 @@ async fn dump_streamed(
                 || gone.load(Ordering::SeqCst),
                 &progress,
                 hold,
+                sealer.as_deref(),
             )
             .map(|_| w)
         })
@@ -283,20 +301,24 @@ impl Dumped {
         }
     }
 
-    /// Step 5: the rest of the archive (`tail` after CRIU's images), committed.
-    /// Returns the archive's size and the bytes the archive step wrote itself.
+    /// Step 5: the rest of the archive (`tail` after CRIU's images, then the
+    /// seal's marker), committed. Returns the archive's size and the bytes the
+    /// archive step wrote itself.
     pub fn archive(
         self,
         target: &Target,
         staging: &Path,
-        head: Vec<Member>,
-        tail: Vec<Member>,
+        (head, tail): (Vec<Member>, Vec<Member>),
+        sealer: Option<&Sealer>,
         durable: bool,
         expired: impl Fn() -> Result<()>,
     ) -> Result<(u64, u64)> {
         match self {
             Dumped::Streamed(mut w) => {
-                write_members(&mut w, &tail)?;
+                write_members(&mut w, &tail, sealer)?;
+                if let Some(s) = sealer {
+                    w.add_bytes(crate::seal::MARKER, &s.marker())?;
+                }
                 expired()?;
                 let written = w.written;
                 Ok((w.commit(durable)?, written))
@@ -359,7 +381,7 @@ fn build_archive(
         if Some(i) == adopted {
             w.add_adopted(m.name())?;
         } else {
-            write_members(&mut w, std::slice::from_ref(m))?;
+            write_members(&mut w, std::slice::from_ref(m), None)?;
         }
         expired()?;
     }
@@ -367,15 +389,31 @@ fn build_archive(
     Ok((w.commit(durable)?, written))
 }
 
-pub fn write_members(w: &mut ArchiveWriter, members: &[Member]) -> Result<()> {
+/// Writes `members`; with a sealer, secret ones are sealed (see [`crate::seal`]).
+pub fn write_members(
+    w: &mut ArchiveWriter,
+    members: &[Member],
+    sealer: Option<&Sealer>,
+) -> Result<()> {
+    let open = |path: &Path| File::open(path).ctx(|| format!("open {}", path.display()));
     for m in members {
-        match m {
-            Member::Dir(name) => w.add_dir(name)?,
-            Member::Bytes(name, data) => w.add_bytes(name, data)?,
-            Member::File(name, path) => w.add_file(
-                name,
-                &File::open(path).ctx(|| format!("open {}", path.display()))?,
-            )?,
+        match (m, sealer) {
+            (Member::Dir(name), _) => w.add_dir(name)?,
+            (Member::Bytes(name, data), _) | (Member::Secret(name, data), None) => {
+                w.add_bytes(name, data)?
+            }
+            (Member::File(name, path), _) | (Member::SecretFile(name, path), None) => {
+                w.add_file(name, &open(path)?)?
+            }
+            (Member::Secret(name, data), Some(s)) => s.add_bytes(w, name, data)?,
+            (Member::SecretFile(name, path), Some(s)) => {
+                let data = std::fs::read(path).ctx(|| format!("read {}", path.display()))?;
+                s.add_bytes(w, name, &data)?
+            }
+            (Member::Sealed(spool), _) => spool
+                .borrow_mut()
+                .take()
+                .map_or(Ok(()), |sp| sp.append(w))?,
         }
     }
     Ok(())
@@ -384,31 +422,38 @@ pub fn write_members(w: &mut ArchiveWriter, members: &[Member]) -> Result<()> {
 /// Images at least this big are adopted as the archive rather than copied.
 const ADOPT_FROM: u64 = 1 << 20;
 
-/// One archive member, before it is written.
+/// One archive member, before it is written. Secret ones carry the
+/// container's data, and are sealed when the checkpoint is.
 pub enum Member {
     Dir(&'static str),
     Bytes(String, Vec<u8>),
     File(String, PathBuf),
+    Secret(String, Vec<u8>),
+    SecretFile(String, PathBuf),
+    /// Parts sealed already (the rootfs diff, sealed as it was walked).
+    Sealed(std::cell::RefCell<Option<CipherSpool>>),
 }
 
 impl Member {
     fn name(&self) -> &str {
         match self {
             Member::Dir(n) => n,
-            Member::Bytes(n, _) | Member::File(n, _) => n,
+            Member::Bytes(n, _)
+            | Member::File(n, _)
+            | Member::Secret(n, _)
+            | Member::SecretFile(n, _) => n,
+            Member::Sealed(_) => "(sealed parts)",
         }
     }
 
     /// Data size (`None` for a directory), as the archive plan needs it.
     fn size(&self) -> Result<Option<u64>> {
+        let stat = |p: &Path| std::fs::metadata(p).ctx(|| format!("stat {}", p.display()));
         Ok(match self {
             Member::Dir(_) => None,
-            Member::Bytes(_, d) => Some(d.len() as u64),
-            Member::File(_, p) => Some(
-                std::fs::metadata(p)
-                    .ctx(|| format!("stat {}", p.display()))?
-                    .len(),
-            ),
+            Member::Bytes(_, d) | Member::Secret(_, d) => Some(d.len() as u64),
+            Member::File(_, p) | Member::SecretFile(_, p) => Some(stat(p)?.len()),
+            Member::Sealed(_) => return Err(Error::Other("sealed parts are only streamed".into())),
         })
     }
 }

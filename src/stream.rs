@@ -18,6 +18,8 @@ use criu_rpc::streamer::CaptureSocket;
 
 use crate::archive::{self, safe_member_name, ArchiveWriter};
 use crate::error::{Context, Error, Result};
+use crate::seal::encrypt::{self, CipherSpool, Sealer};
+use crate::seal::PART;
 
 /// Spooled images stay in memory up to this size, then move to a file.
 const SPOOL_MEM: usize = 4 << 20;
@@ -86,6 +88,7 @@ pub fn capture(
     criu_gone: impl Fn() -> bool,
     progress: &Progress,
     hold: Option<crate::hold::Hold>,
+    sealer: Option<&Sealer>,
 ) -> Result<Captured> {
     let Some(mut conn) = sock
         .accept(criu_gone)
@@ -98,6 +101,7 @@ pub fn capture(
     let shared = Shared {
         w: Mutex::new(w),
         hold: Mutex::new(hold),
+        sealer,
         direct: AtomicBool::new(false),
         failed: AtomicBool::new(false),
         total: Mutex::new(Captured::default()),
@@ -167,6 +171,7 @@ struct Shared<'w> {
     w: Mutex<&'w mut ArchiveWriter>,
     /// Memory for the pages image during the pause (see [`crate::hold`]).
     hold: Mutex<Option<crate::hold::Hold>>,
+    sealer: Option<&'w Sealer>,
     /// Whether some image is being spliced into the archive right now.
     direct: AtomicBool,
     failed: AtomicBool,
@@ -178,7 +183,7 @@ fn receive(
     name: &str,
     pipe: OwnedFd,
     spool_dir: &Path,
-    drained: &dyn Fn(),
+    drained: &(dyn Fn() + Sync),
 ) -> Result<()> {
     if name.contains('/') || !safe_member_name(Path::new(name)) {
         return Err(Error::Other(format!(
@@ -186,7 +191,9 @@ fn receive(
         )));
     }
     let member = format!("checkpoint/{name}");
-    let len = if name.starts_with("pages-") && !shared.direct.swap(true, Ordering::SeqCst) {
+    let len = if let Some(sealer) = shared.sealer {
+        receive_sealed(shared, sealer, &member, pipe, spool_dir, drained)?
+    } else if name.starts_with("pages-") && !shared.direct.swap(true, Ordering::SeqCst) {
         let mut w = lock(&shared.w);
         let mut hold = lock(&shared.hold);
         let r = w.add_stream(&member, &pipe, &shared.failed, hold.as_mut(), drained);
@@ -203,6 +210,49 @@ fn receive(
     t.images += 1;
     t.bytes += len;
     Ok(())
+}
+
+/// [`receive`] for a sealed checkpoint: the first pages image is sealed
+/// straight into the archive, read into the held memory if there is some
+/// (see [`crate::seal::encrypt`]); every other image is sealed into a spool of
+/// ciphertext and appended once complete.
+fn receive_sealed(
+    shared: &Shared,
+    sealer: &Sealer,
+    member: &str,
+    pipe: OwnedFd,
+    spool_dir: &Path,
+    drained: &(dyn Fn() + Sync),
+) -> Result<u64> {
+    let mut pipe = File::from(pipe);
+    let direct =
+        member.starts_with("checkpoint/pages-") && !shared.direct.swap(true, Ordering::SeqCst);
+    if !direct {
+        let mut own = encrypt::owned_slots(sealer.min_slots());
+        let slots = own.iter_mut().map(Vec::as_mut_slice).collect();
+        let mut spool = CipherSpool::new(spool_dir);
+        let len = sealer.add_stream(
+            &mut spool,
+            member,
+            &mut pipe,
+            slots,
+            drained,
+            &shared.failed,
+        )?;
+        spool.append(&mut lock(&shared.w))?;
+        return Ok(len);
+    }
+    let mut w = lock(&shared.w);
+    let mut hold = lock(&shared.hold);
+    let mut slots: Vec<&mut [u8]> = match hold.as_mut() {
+        Some(h) => h.as_mut_slice().chunks_exact_mut(PART).collect(),
+        None => Vec::new(),
+    };
+    let mut own = encrypt::owned_slots(sealer.min_slots().saturating_sub(slots.len()));
+    slots.extend(own.iter_mut().map(Vec::as_mut_slice));
+    let len = sealer.add_stream(&mut **w, member, &mut pipe, slots, drained, &shared.failed);
+    shared.direct.store(false, Ordering::SeqCst);
+    len
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -149,6 +149,7 @@ async fn pod_checkpointed_through_the_shim_is_restored_and_continues() {
         criu: criu_rpc::Criu::new("criu"),
         settings: DumpSettings::default(),
         stdio: Some(drained_pipe()),
+        identities: Default::default(),
     })
     .await
     .unwrap();

@@ -25,6 +25,7 @@ fn opts(location: &Path) -> Options {
         durable: true,
         stream: false,
         hold_budget: 0,
+        seal: None,
     }
 }
 
@@ -54,34 +55,6 @@ fn assert_left_nothing(dir: &Path) {
         Vec::<String>::new(),
         "archive or staging left behind"
     );
-}
-
-fn members(archive: &Path) -> Vec<(String, tar::EntryType)> {
-    let mut ar = tar::Archive::new(std::fs::File::open(archive).unwrap());
-    ar.entries()
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            (
-                e.path().unwrap().to_string_lossy().into_owned(),
-                e.header().entry_type(),
-            )
-        })
-        .collect()
-}
-
-fn member_bytes(archive: &Path, name: &str) -> Vec<u8> {
-    use std::io::Read;
-    let mut ar = tar::Archive::new(std::fs::File::open(archive).unwrap());
-    for e in ar.entries().unwrap() {
-        let mut e = e.unwrap();
-        if e.path().unwrap().to_string_lossy() == name {
-            let mut b = Vec::new();
-            e.read_to_end(&mut b).unwrap();
-            return b;
-        }
-    }
-    panic!("{name} not in {}", archive.display());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -241,6 +214,7 @@ async fn cycle_with(id: &str, prefix: &str, o: Options) {
         criu: criu_rpc::Criu::new("criu"),
         settings: DumpSettings::default(),
         stdio: Some(drained_pipe()),
+        identities: Default::default(),
     })
     .await
     .unwrap();

@@ -13,7 +13,7 @@ use ckpt_shim::image::build::Blob;
 use common::cri::{Client, Env, Images};
 use common::out_dir;
 use common::registry::Registry;
-use common::restore::{checkpointed_counter, create, first_logged_count, restore_config, status};
+use common::restore::{checkpointed_counter, create, restore_config, restore_from};
 use k8s_cri::v1 as cri;
 use tonic::Code;
 
@@ -78,37 +78,6 @@ async fn pull(images: &mut Images, image: &str) -> String {
         .unwrap_or_else(|e| panic!("PullImage {image}: {e:?}"))
         .into_inner()
         .image_ref
-}
-
-/// Restores `image` into a new pod `pod_name`: the process goes on from the
-/// count the checkpoint saw (`before..=after`). Returns its `restoredFrom`.
-async fn restore_from(
-    env: &mut Env,
-    c: &mut Client,
-    pod_name: &str,
-    image: &str,
-    counts: (u64, u64),
-) -> String {
-    let pod = env.run_pod(c, pod_name, false).await;
-    let id = create(c, &pod, restore_config(env, "restored", image))
-        .await
-        .unwrap_or_else(|e| panic!("CreateContainer of {image}: {e:?}"));
-    c.start_container(cri::StartContainerRequest {
-        container_id: id.clone(),
-    })
-    .await
-    .unwrap_or_else(|e| panic!("StartContainer of {image}: {e:?}"));
-    let first = first_logged_count(&Path::new(&pod.1.log_directory).join("restored.log"));
-    assert!(
-        first > counts.0 && first <= counts.1 + 1,
-        "{image}: restored at {first}, checkpoint saw {}..{}",
-        counts.0,
-        counts.1
-    );
-    common::wait_count(&env.rootfs(&id), |v| v > first + 2);
-    let st = status(c, &id).await;
-    assert_eq!(st.info.get("restored").map(String::as_str), Some("true"));
-    st.info["restoredFrom"].clone()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -158,6 +158,9 @@ fn annotations(c: &Checkpoint) -> BTreeMap<String, String> {
         "org.criu.checkpoint.rootfsImageUserRequested",
         c.config.rootfs_image.clone(),
     );
+    if c.sealed.is_some() {
+        put("io.ckpt-shim.checkpoint.encrypted", Some("age".into()));
+    }
     let criu = criu_version();
     put("org.criu.checkpoint.criu.version", criu.clone());
     put(

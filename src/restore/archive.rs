@@ -9,13 +9,16 @@ use std::path::{Path, PathBuf};
 use oci_spec::runtime::Spec;
 use serde::Deserialize;
 
-use crate::archive::safe_member_name;
+use crate::archive::{safe_member_name, ArchiveWriter, Target};
 use crate::collect::ConfigDump;
 use crate::error::{Context, Error, Result};
 use crate::safefs;
+use crate::seal::decrypt::{self, PartAt, Parts};
+use crate::seal::{self, Identities, Marker};
+use std::sync::Arc;
 
 /// Members read into memory while checking the archive; they are small.
-const METADATA: &[&str] = &["spec.dump", "config.dump", "bind.mounts"];
+const METADATA: &[&str] = &["spec.dump", "config.dump", "bind.mounts", seal::MARKER];
 const METADATA_MAX: u64 = 16 << 20;
 
 /// CRI-O's `bind.mounts` entry, as `collect::bind_mounts` writes it.
@@ -33,13 +36,25 @@ pub struct Checkpoint {
     pub spec: Spec,
     pub config: ConfigDump,
     pub bind_mounts: Vec<BindMount>,
+    /// A sealed archive's parts (see [`crate::seal`]); `spec` is then the
+    /// readable one, with its secrets out, until [`Checkpoint::unseal`].
+    pub sealed: Option<Sealed>,
+}
+
+#[derive(Debug)]
+pub struct Sealed {
+    pub marker: Marker,
+    pub parts: Parts,
+    /// The identities that opened it.
+    opened: Option<Arc<Identities>>,
 }
 
 impl Checkpoint {
     /// Checks `path` as a checkpoint archive and reads its metadata. Refused
     /// (InvalidArgument) unless it is a regular file holding a tar of safe
     /// regular files and directories with `checkpoint/inventory.img`,
-    /// `spec.dump` and `config.dump`. Page data is skipped, not read.
+    /// `spec.dump` and `config.dump`; sealed, with every part
+    /// `encryption.json` lists. Page data is skipped, not read.
     pub fn open(path: &Path) -> Result<Checkpoint> {
         let not = |why: String| {
             Error::InvalidArgument(format!(
@@ -50,11 +65,24 @@ impl Checkpoint {
         let file = regular_file(path)?;
         let mut ar = tar::Archive::new(file);
         let (mut found_inventory, mut meta) = (false, std::collections::HashMap::new());
+        let mut parts = Parts::new();
         for entry in ar.entries_with_seek().map_err(|e| not(e.to_string()))? {
             let mut e = entry.map_err(|e| not(e.to_string()))?;
             let name = check_entry(&e)?;
             let name = name.to_string_lossy().into_owned();
-            found_inventory |= name == "checkpoint/inventory.img";
+            let (base, part) = match seal::parse_part(&name) {
+                Some((base, k)) => (base, Some(k)),
+                None => (name.as_str(), None),
+            };
+            found_inventory |= base == "checkpoint/inventory.img";
+            if let Some(k) = part {
+                let at = PartAt {
+                    at: e.raw_file_position(),
+                    len: e.size(),
+                };
+                parts.entry(base.to_string()).or_default().insert(k, at);
+                continue;
+            }
             if METADATA.contains(&name.as_str()) {
                 if e.size() > METADATA_MAX {
                     return Err(not(format!("{name} is {} bytes", e.size())));
@@ -76,17 +104,113 @@ impl Checkpoint {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| not(format!("bind.mounts: {e}")))?,
             Err(_) => Vec::new(),
         };
+        let sealed = match take(seal::MARKER) {
+            Ok(m) => {
+                let marker = Marker::parse(&m)?;
+                decrypt::check_parts(&marker, &parts)?;
+                Some(Sealed {
+                    marker,
+                    parts,
+                    opened: None,
+                })
+            }
+            Err(_) if parts.is_empty() => None,
+            Err(_) => return Err(not(format!("sealed parts but no {}", seal::MARKER))),
+        };
         Ok(Checkpoint {
             path: path.to_path_buf(),
             spec,
             config,
             bind_mounts,
+            sealed,
         })
     }
 
-    /// Extracts the archive into `dest`, a fresh private directory.
+    /// Opens a sealed archive with `ids`: its full spec is read (so a wrong key
+    /// fails here, before anything is written), and [`extract`](Self::extract)
+    /// can decrypt the rest. Nothing to do for a plain archive.
+    pub fn unseal(&mut self, ids: Arc<Identities>) -> Result<()> {
+        let Some(sealed) = &mut self.sealed else {
+            return Ok(());
+        };
+        let spec_parts = sealed.parts.get("spec.dump").ok_or_else(|| {
+            Error::InvalidArgument(format!("{}: no sealed spec.dump", self.path.display()))
+        })?;
+        let file = regular_file(&self.path)?;
+        let mut spec = Vec::new();
+        decrypt::open_member(&ids, &file, "spec.dump", spec_parts, &mut spec)?;
+        self.spec = serde_json::from_slice(&spec)
+            .map_err(|e| Error::InvalidArgument(format!("sealed spec.dump: {e}")))?;
+        sealed.opened = Some(ids);
+        Ok(())
+    }
+
+    /// Extracts the archive into `dest`, a fresh private directory; a sealed
+    /// one decrypted (it must have been [`unseal`](Self::unseal)ed).
     pub fn extract(&self, dest: &Path) -> Result<()> {
-        extract(&self.path, dest)
+        let Some(sealed) = &self.sealed else {
+            return extract(&self.path, dest);
+        };
+        let Some(ids) = &sealed.opened else {
+            return Err(Error::Sealed(format!(
+                "{} is encrypted; give the identity that opens it",
+                self.path.display()
+            )));
+        };
+        extract_except(&self.path, dest, &sealed.marker.redacted)?;
+        decrypt::open_into(ids, &regular_file(&self.path)?, &sealed.parts, dest)
+    }
+
+    /// Writes the plain archive of an unsealed one at `output` (new, root-only,
+    /// renamed into place when complete): the members as they were, each
+    /// sealed member decrypted in its place, without the readable spec or the
+    /// marker. Returns its size.
+    pub fn write_plain(&self, output: &Path) -> Result<u64> {
+        let (sealed, ids) = match &self.sealed {
+            Some(Sealed {
+                opened: Some(ids), ..
+            }) => (self.sealed.as_ref().expect("matched"), ids),
+            Some(_) => return Err(Error::Sealed("give the identity that opens it".into())),
+            None => {
+                return Err(Error::InvalidArgument(format!(
+                    "{} is not encrypted",
+                    self.path.display()
+                )))
+            }
+        };
+        let src = regular_file(&self.path)?;
+        let mut w = ArchiveWriter::create(&Target::new(output)?)?;
+        let mut ar = tar::Archive::new(
+            src.try_clone()
+                .ctx(|| format!("open {}", self.path.display()))?,
+        );
+        let mut done = std::collections::HashSet::new();
+        for entry in ar
+            .entries_with_seek()
+            .ctx(|| format!("read {}", self.path.display()))?
+        {
+            let e = entry.ctx(|| format!("read {}", self.path.display()))?;
+            let name = check_entry(&e)?.to_string_lossy().into_owned();
+            if let Some((base, _)) = seal::parse_part(&name) {
+                if done.insert(base.to_string()) {
+                    let bytes = sealed
+                        .marker
+                        .members
+                        .iter()
+                        .find(|m| m.name == base)
+                        .map_or(0, |m| m.bytes);
+                    let parts = &sealed.parts[base];
+                    w.add_with(base, bytes, |out| {
+                        decrypt::open_member(ids, &src, base, parts, out)
+                    })?;
+                }
+            } else if e.header().entry_type() == tar::EntryType::Directory {
+                w.add_dir(&name)?;
+            } else if name != seal::MARKER && !sealed.marker.redacted.contains(&name) {
+                w.add_file_range(&name, &src, e.raw_file_position(), e.size())?;
+            }
+        }
+        w.commit(true)
     }
 
     /// The image the checkpointed container ran: its ID or digest, then its name.
@@ -142,8 +266,14 @@ const MOVE_FROM: u64 = 1 << 20;
 /// Extracts `archive` into `dest` (a fresh directory): regular files and
 /// directories only, relative names without `..`, nothing followed or replaced.
 /// Large members (the memory pages) move file to file in the kernel, and share
-/// the archive's extents on XFS or btrfs (archives 4 KiB-align them).
+/// the archive's extents on XFS or btrfs (archives 4 KiB-align them). Sealed
+/// parts and the seal's marker are left out (see [`Checkpoint::extract`]).
 pub fn extract(archive: &Path, dest: &Path) -> Result<()> {
+    extract_except(archive, dest, &[])
+}
+
+/// [`extract`], leaving out the `skip`ped members too.
+fn extract_except(archive: &Path, dest: &Path, skip: &[String]) -> Result<()> {
     let source = regular_file(archive)?;
     let mut ar = tar::Archive::new(
         source
@@ -156,6 +286,13 @@ pub fn extract(archive: &Path, dest: &Path) -> Result<()> {
     {
         let mut e = entry.ctx(|| format!("read {}", archive.display()))?;
         let name = check_entry(&e)?;
+        let text = name.to_string_lossy();
+        if seal::parse_part(&text).is_some()
+            || text == seal::MARKER
+            || skip.iter().any(|s| *s == text)
+        {
+            continue;
+        }
         let out = dest.join(&name);
         let dir = if e.header().entry_type() == tar::EntryType::Directory {
             Some(out.as_path())

@@ -212,6 +212,7 @@ mod tests {
                 destination: "/etc/app.conf".into(),
                 file_type: "file".into(),
             }],
+            sealed: None,
         }
     }
 

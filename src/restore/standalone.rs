@@ -15,6 +15,8 @@ use crate::dump::{bind_destinations, DumpSettings};
 use crate::error::{Context, Error, Result};
 use crate::mountinfo;
 use crate::safefs;
+use crate::seal::Identities;
+use std::sync::Arc;
 
 #[derive(Debug)]
 pub struct RestoreOptions {
@@ -28,17 +30,22 @@ pub struct RestoreOptions {
     /// What the restored process gets in place of the stdio pipes it had (fds 0,
     /// 1, 2); `None` hands over this process's own stdio.
     pub stdio: Option<[OwnedFd; 3]>,
+    /// What opens a sealed archive.
+    pub identities: Arc<Identities>,
 }
 
 /// Restores the archive as container `id`; returns the restored init's host pid.
 pub async fn restore(o: &RestoreOptions) -> Result<i32> {
+    // A sealed archive is opened (its spec decrypted) before anything is written.
+    let mut ckpt = Checkpoint::open(&o.archive)?;
+    ckpt.unseal(o.identities.clone())?;
     let work = safefs::private_tempdir(".ckpt-shim-restore-", &o.bundle)?;
     let x = work.path().join("archive");
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&x)
         .ctx(|| "create extraction dir".into())?;
-    Checkpoint::open(&o.archive)?.extract(&x)?;
+    ckpt.extract(&x)?;
     let config = o.bundle.join("config.json");
     if !config.exists() {
         std::fs::copy(x.join("spec.dump"), &config)

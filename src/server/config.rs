@@ -41,6 +41,10 @@ pub struct Config {
     pub restore_dir: PathBuf,
     /// Most MiB of memory to hold the pages in during the pause (0: none).
     pub hold_pages_mib: u64,
+    /// Seal every checkpoint to these age recipients (`age1…`, `ssh-ed25519 …`).
+    pub encrypt_to: Vec<String>,
+    /// Root-only identity files that open sealed checkpoints restored here.
+    pub identities: Vec<PathBuf>,
 }
 
 impl Default for Config {
@@ -59,6 +63,8 @@ impl Default for Config {
             stream: true,
             restore_dir: crate::restore::stage::DEFAULT_ROOT.into(),
             hold_pages_mib: DEFAULT_HOLD_MIB,
+            encrypt_to: Vec::new(),
+            identities: Vec::new(),
         }
     }
 }
@@ -102,6 +108,8 @@ pub struct FileConfig {
     pub stream: Option<bool>,
     pub restore_dir: Option<PathBuf>,
     pub hold_pages_mib: Option<u64>,
+    pub encrypt_to: Option<Vec<String>>,
+    pub identities: Option<Vec<PathBuf>>,
 }
 
 impl FileConfig {
@@ -133,7 +141,9 @@ impl FileConfig {
             durable,
             stream,
             restore_dir,
-            hold_pages_mib
+            hold_pages_mib,
+            encrypt_to,
+            identities
         );
         if self.staging_dir.is_some() {
             c.staging_dir = self.staging_dir;

@@ -24,6 +24,7 @@ use crate::pbwire::Fields;
 use crate::restore::create::{self as plan};
 use crate::restore::stage::{self, RestoreInfo, Staged, Staging};
 use crate::restore::Checkpoint;
+use crate::seal::Identities;
 
 pub struct Containers {
     upstream: Arc<Upstream>,
@@ -31,6 +32,8 @@ pub struct Containers {
     /// IDs of the containers restored here, for `ContainerStatus`.
     pub restored: Arc<RwLock<HashSet<String>>>,
     images: CheckpointImages,
+    /// What opens sealed checkpoints restored here.
+    identities: Arc<Identities>,
 }
 
 /// What a CreateContainer restores.
@@ -50,13 +53,14 @@ impl Source {
 }
 
 impl Containers {
-    pub fn new(upstream: Arc<Upstream>, root: &Path) -> Containers {
+    pub fn new(upstream: Arc<Upstream>, root: &Path, identities: Arc<Identities>) -> Containers {
         let ids = stage::restored_ids(root).into_iter().collect();
         Containers {
             upstream,
             root: root.to_path_buf(),
             restored: Arc::new(RwLock::new(ids)),
             images: CheckpointImages::default(),
+            identities,
         }
     }
 
@@ -140,8 +144,13 @@ impl Containers {
         let name = source.name();
         let (path, _fetched) = self.archive_of(source).await?;
         let ckpt = {
-            let p = path.clone();
-            blocking(move || Checkpoint::open(&p)).await?
+            let (p, ids) = (path.clone(), self.identities.clone());
+            blocking(move || {
+                let mut c = Checkpoint::open(&p)?;
+                c.unseal(ids)?;
+                Ok(c)
+            })
+            .await?
         };
         let image = self.base_image(&ckpt).await?;
         let msg = crate::pbwire::grpc_message(&call.body).unwrap_or_default();

@@ -76,6 +76,12 @@ pub fn socket_path(upstream: &str) -> Result<PathBuf> {
 /// Serves until SIGTERM or SIGINT, then removes the socket.
 pub async fn serve(cfg: Config) -> Result<()> {
     let upstream = Arc::new(socket_path(&cfg.upstream)?);
+    // Bad keys stop the start: never serve and then write plaintext.
+    let seal = crate::seal::Recipients::parse(&cfg.encrypt_to)?.map(Arc::new);
+    let identities = Arc::new(crate::seal::Identities::load(&cfg.identities)?);
+    if let Some(r) = &seal {
+        tracing::info!(recipients = r.len(), "checkpoints are encrypted");
+    }
     let listener = socket::bind(&cfg.listen)?;
     // A previous shim killed mid-checkpoint may have left containers frozen.
     for cg in crate::freeze::recover(&cfg.journal_dir()) {
@@ -83,13 +89,17 @@ pub async fn serve(cfg: Config) -> Result<()> {
     }
     tracing::info!(listen = %cfg.listen.display(), upstream = %cfg.upstream, "serving CRI");
     let up = Arc::new(upstream::Upstream::new(&upstream));
-    let containers = Arc::new(containers::Containers::new(up.clone(), &cfg.restore_dir));
+    let containers = Arc::new(containers::Containers::new(
+        up.clone(),
+        &cfg.restore_dir,
+        identities,
+    ));
     tokio::spawn({
         let c = containers.clone();
         async move { c.collect_garbage().await }
     });
     let owner: Arc<dyn Owner> = Arc::new(Router {
-        native: Arc::new(native::Native::new(&cfg, up.channel())),
+        native: Arc::new(native::Native::new(&cfg, up.channel(), seal)),
         native_enabled: cfg.checkpoint_enabled,
         containers,
     });

@@ -18,6 +18,7 @@ use crate::cri::{
 use crate::dump::DumpSettings;
 use crate::error::{Error, Result};
 use crate::locate::Container;
+use crate::seal::Recipients;
 use crate::server::relay::{Call, Reply};
 use crate::server::Config;
 
@@ -32,10 +33,11 @@ pub struct Native {
     hold_budget: u64,
     journal: PathBuf,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    seal: Option<Arc<Recipients>>,
 }
 
 impl Native {
-    pub fn new(cfg: &Config, upstream: Channel) -> Native {
+    pub fn new(cfg: &Config, upstream: Channel, seal: Option<Arc<Recipients>>) -> Native {
         Native {
             upstream: RuntimeServiceClient::new(upstream),
             criu: criu_rpc::Criu::new(&cfg.criu),
@@ -51,6 +53,7 @@ impl Native {
             hold_budget: cfg.hold_pages_mib << 20,
             journal: cfg.journal_dir(),
             locks: Mutex::default(),
+            seal,
         }
     }
 
@@ -116,6 +119,7 @@ impl Native {
             stream: self.stream,
             hold_budget: self.hold_budget,
             freeze_journal: Some(self.journal.clone()),
+            seal: self.seal.clone(),
         };
         let report = checkpoint::checkpoint(&c, &opts).await?;
         let ms = |d: Duration| (d.as_secs_f64() * 1e3 * 10.0).round() / 10.0;

@@ -73,6 +73,8 @@ pub struct Env {
     pub shim_sock: PathBuf,
     pub containerd_sock: PathBuf,
     upstream: PathBuf,
+    /// The shim's TOML settings.
+    pub config: PathBuf,
     shim: Option<Child>,
     pub pods: Vec<String>,
     pub cgroup_parent: String,
@@ -84,7 +86,16 @@ impl Env {
     }
 
     /// The shim in front of `upstream` instead of containerd (for proxy tests).
+    /// With these lines of TOML as the shim's settings.
+    pub fn start_configured(toml: &str) -> Env {
+        Self::start_full(None, toml)
+    }
+
     pub fn start_with_upstream(upstream: Option<&Path>) -> Env {
+        Self::start_full(upstream, "")
+    }
+
+    fn start_full(upstream: Option<&Path>, toml: &str) -> Env {
         super::require(&[
             "runc",
             "criu",
@@ -104,7 +115,10 @@ impl Env {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| containerd_sock.clone());
         let cgroup_parent = format!("/ckpt-shim-test-pods-{}", std::process::id());
+        let config = dir.join("shim.toml");
+        std::fs::write(&config, toml).unwrap();
         let mut env = Env {
+            config,
             dir,
             shim_sock,
             containerd_sock,
@@ -127,7 +141,7 @@ impl Env {
             .arg("--upstream")
             .arg(format!("unix://{}", self.upstream.display()))
             .arg("--config")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/empty.toml"))
+            .arg(&self.config)
             .arg("--restore-dir")
             .arg(self.dir.join("restore"))
             .stdin(Stdio::null())

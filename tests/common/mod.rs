@@ -111,6 +111,10 @@ pub struct Spec {
     pub mib: u32,
     /// Send the container's stdout to this host file instead of a pipe.
     pub stdout_file: bool,
+    /// More arguments for the counter (which ignores them) and more
+    /// environment: both in the process's memory and in its spec.
+    pub extra_args: Vec<String>,
+    pub env: Vec<String>,
 }
 
 impl Default for Spec {
@@ -118,6 +122,8 @@ impl Default for Spec {
         Spec {
             mib: 1,
             stdout_file: false,
+            extra_args: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -137,11 +143,20 @@ impl Runc {
         std::fs::create_dir_all(&bundle).unwrap();
         let overlay = Overlay::new(&bundle);
         let cgroup = format!("/ckpt-shim-test/{id}-{}", std::process::id());
-        write_config(
-            &bundle,
-            &cgroup,
-            &["/bin/counter", "/tmp/count", &spec.mib.to_string(), "50"],
-        );
+        let mib = spec.mib.to_string();
+        let mut args = vec!["/bin/counter", "/tmp/count", &mib, "50"];
+        args.extend(spec.extra_args.iter().map(String::as_str));
+        write_config(&bundle, &cgroup, &args);
+        if !spec.env.is_empty() {
+            let p = bundle.join("config.json");
+            let mut c: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+            c["process"]["env"]
+                .as_array_mut()
+                .unwrap()
+                .extend(spec.env.iter().map(|e| e.as_str().into()));
+            std::fs::write(&p, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
+        }
         let mut c = Runc {
             id: id.to_string(),
             root,
@@ -405,6 +420,35 @@ pub fn assert_resumed(rootfs: &Path, before: u64, after: u64) -> u64 {
     first
 }
 
+/// An archive's members: names and types.
+pub fn members(archive: &Path) -> Vec<(String, tar::EntryType)> {
+    let mut ar = tar::Archive::new(std::fs::File::open(archive).unwrap());
+    ar.entries()
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.path().unwrap().to_string_lossy().into_owned(),
+                e.header().entry_type(),
+            )
+        })
+        .collect()
+}
+
+pub fn member_bytes(archive: &Path, name: &str) -> Vec<u8> {
+    use std::io::Read;
+    let mut ar = tar::Archive::new(std::fs::File::open(archive).unwrap());
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        if e.path().unwrap().to_string_lossy() == name {
+            let mut b = Vec::new();
+            e.read_to_end(&mut b).unwrap();
+            return b;
+        }
+    }
+    panic!("{name} not in {}", archive.display());
+}
+
 /// Archives made from a real one, changed on the way.
 pub mod archive {
     use std::io::Read;
@@ -413,6 +457,22 @@ pub mod archive {
     /// Copies `src` to `dst` member by member; `change(name, data)` may replace
     /// a regular file's data. `link` adds a symlink member (name, target) at the
     /// end, written raw, as a hostile archive would have it.
+    /// Copies `src` to `dst` without member `drop`.
+    pub fn rewrite_without(src: &Path, dst: &Path, drop: &str) -> PathBuf {
+        let mut input = tar::Archive::new(std::fs::File::open(src).unwrap());
+        let mut out = tar::Builder::new(std::fs::File::create(dst).unwrap());
+        for e in input.entries().unwrap() {
+            let mut e = e.unwrap();
+            let name = e.path().unwrap().to_string_lossy().into_owned();
+            if name != drop {
+                let mut h = e.header().clone();
+                out.append_data(&mut h, &name, &mut e).unwrap();
+            }
+        }
+        out.finish().unwrap();
+        dst.to_path_buf()
+    }
+
     pub fn rewrite(
         src: &Path,
         dst: &Path,

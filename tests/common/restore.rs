@@ -98,3 +98,34 @@ pub async fn status(c: &mut Client, id: &str) -> cri::ContainerStatusResponse {
     .unwrap()
     .into_inner()
 }
+
+/// Restores `image` into a new pod `pod_name`: the process goes on from the
+/// count the checkpoint saw (`before..=after`). Returns its `restoredFrom`.
+pub async fn restore_from(
+    env: &mut Env,
+    c: &mut Client,
+    pod_name: &str,
+    image: &str,
+    counts: (u64, u64),
+) -> String {
+    let pod = env.run_pod(c, pod_name, false).await;
+    let id = create(c, &pod, restore_config(env, "restored", image))
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer of {image}: {e:?}"));
+    c.start_container(cri::StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("StartContainer of {image}: {e:?}"));
+    let first = first_logged_count(&Path::new(&pod.1.log_directory).join("restored.log"));
+    assert!(
+        first > counts.0 && first <= counts.1 + 1,
+        "{image}: restored at {first}, checkpoint saw {}..{}",
+        counts.0,
+        counts.1
+    );
+    super::wait_count(&env.rootfs(&id), |v| v > first + 2);
+    let st = status(c, &id).await;
+    assert_eq!(st.info.get("restored").map(String::as_str), Some("true"));
+    st.info["restoredFrom"].clone()
+}
