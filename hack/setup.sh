@@ -35,6 +35,8 @@ PKGS=(
   # checkpoint images: a registry the tests start on 127.0.0.1, and buildah,
   # which builds them the way the Kubernetes docs do
   docker-registry buildah
+  # encrypted checkpoints: the reference age tool, which decrypts every part
+  age
   # CRI clients unlike ours, for the tests: grpc-go as the kubelet uses it, and
   # Python for gRPC C-core (grpcio, from PyPI below)
   golang-go golang-google-grpc-dev golang-google-protobuf-dev python3-venv

@@ -90,7 +90,7 @@ fn marked_counter(id: &str, marker: &str, mib: u32) -> Runc {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_encrypted_checkpoint_keeps_no_plaintext_and_the_identity_restores_it() {
-    require(&["runc", "criu", "ssh-keygen"]);
+    require(&["runc", "criu", "ssh-keygen", "age"]);
     let keys = out_dir();
     let (age, ssh) = (age_key(keys.path(), "age.key"), ssh_key(keys.path()));
     let recipients = Recipients::parse(&[age.recipient.clone(), ssh.recipient.clone()])
@@ -189,6 +189,18 @@ async fn an_encrypted_checkpoint_keeps_no_plaintext_and_the_identity_restores_it
         marker.as_bytes()
     ));
     assert!(Checkpoint::open(&decrypted).unwrap().sealed.is_none());
+    // Any part is an age file the reference tool opens: the second part of
+    // the pages is their second 16 MiB.
+    let part = out.path().join("part.age");
+    std::fs::write(&part, member_bytes(&sealed, "checkpoint/pages-1.img.1.age")).unwrap();
+    let by_age = std::process::Command::new("age")
+        .args(["-d", "-i", ssh.file.to_str().unwrap(), part.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(by_age.status.success(), "{by_age:?}");
+    let pages = member_bytes(&decrypted, "checkpoint/pages-1.img");
+    assert_eq!(by_age.stdout, pages[16 << 20..(32 << 20).min(pages.len())]);
+    std::fs::remove_file(&part).unwrap();
 
     // Restored with the identity, the count goes on, and the file is back.
     c.kill();
