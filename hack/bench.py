@@ -13,6 +13,8 @@ each round runs, in an order that rotates from round to round:
   C      `runc checkpoint --leave-running` + `tar cf` (what containerd 2.x does)
   D      `podman container checkpoint --leave-running --export` (runc, no compression)
   A-hold ckpt-shim checkpoint (CLI) holding the pages in memory during the pause
+  A-enc, A-enc-hold  the CLI, no fsync, encrypted to an age key (hack/bench's own,
+         made with age-keygen), without and with the pages held
 Every run also measures the pause as the application sees it: a probe inside the
 container (hack/workloads/pauseprobe.c) spins on CLOCK_MONOTONIC across the
 checkpoint and reports its longest gap, beside the tool's own frozen figure.
@@ -136,6 +138,8 @@ class Bench:
                 break
             time.sleep(0.05)
         sh(self.podman + ["load", "-q", "-i", f"{self.w}/images/counter-oci.tar"])
+        sh(["age-keygen", "-o", f"{self.w}/bench.key"])
+        self.recipient = re.search(r"public key: (age1\w+)", open(f"{self.w}/bench.key").read()).group(1)
 
     def teardown(self):
         for p in (self.shim, self.shim_d):
@@ -250,10 +254,11 @@ class Bench:
         tool = float(re.findall(r"frozen_ms=([0-9.]+)", open(log).read())[-1])
         return dict(wall=wall, frozen=frozen_ms(stats_in_tar(f"{d}/a.tar")), tool=tool, bytes=os.path.getsize(f"{d}/a.tar"), dir=d)
 
-    def run_A_cli(self, mib, fsync=True, base=None, stream=True, hold=0):
+    def run_A_cli(self, mib, fsync=True, base=None, stream=True, hold=0, encrypt=False):
         d = self.fresh(base)
         cmd = [SHIM, "checkpoint", "--runtime-root", f"{self.w}/runc-state", f"runc-{mib}", "--output", f"{d}/a.tar",
                "--hold-pages-mib", str(hold)] + ([] if fsync else ["--no-fsync"]) + ([] if stream else ["--no-stream"])
+        cmd += ["--encrypt-to", self.recipient] if encrypt else []
         wall, out = self.timed(lambda: sh(cmd))
         wrote = int(re.search(r"archive step wrote (\d+) bytes", out).group(1))
         tool = float(re.search(r"; frozen ([0-9.]+)ms", out).group(1))
@@ -336,6 +341,8 @@ class Bench:
                 ("A-cli", lambda: p("runc", mib, lambda: self.run_A_cli(mib, True)), False),
                 ("A-nf", lambda: p("runc", mib, lambda: self.run_A_cli(mib, False)), False),
                 ("A-hold", lambda: p("runc", mib, lambda: self.run_A_cli(mib, False, hold=4096)), False),
+                ("A-enc", lambda: p("runc", mib, lambda: self.run_A_cli(mib, False, encrypt=True)), False),
+                ("A-enc-hold", lambda: p("runc", mib, lambda: self.run_A_cli(mib, False, hold=4096, encrypt=True)), False),
                 ("A-stg", lambda: p("runc", mib, lambda: self.run_A_cli(mib, True, stream=False)), False),
                 ("A-stg-nf", lambda: p("runc", mib, lambda: self.run_A_cli(mib, False, stream=False)), False),
                 ("B", lambda: p("runc", mib, lambda: self.run_B(mib)), True),
@@ -376,7 +383,7 @@ class Bench:
         fmt = lambda m: "-" if not m else f"{m[0]:.3f} ({m[1]:.3f}–{m[2]:.3f})"
         fz = lambda m: "-" if not m else f"{m[0]:.0f}"
         lines = ["| MiB | variant | wall s, median (min–max) | durable s (with sync) | pause ms, probe median (min–max) | tool's frozen ms | CRIU frozen ms | output bytes |", "|---|---|---|---|---|---|---|---|"]
-        names = {"A": "A shim via CRI, no fsync", "A-d": "A shim via CRI (fdatasync)", "A-cli": "A shim CLI (fdatasync)", "A-nf": "A shim CLI, no fsync", "A-hold": "A shim CLI, pages held, no fsync", "A-stg": "A shim CLI staged (fdatasync)", "A-stg-nf": "A shim CLI staged, no fsync", "B": "B raw criu dump", "C": "C runc checkpoint + tar", "D": "D podman --export"}
+        names = {"A": "A shim via CRI, no fsync", "A-d": "A shim via CRI (fdatasync)", "A-cli": "A shim CLI (fdatasync)", "A-nf": "A shim CLI, no fsync", "A-hold": "A shim CLI, pages held, no fsync", "A-enc": "A shim CLI, encrypted, no fsync", "A-enc-hold": "A shim CLI, encrypted, pages held, no fsync", "A-stg": "A shim CLI staged (fdatasync)", "A-stg-nf": "A shim CLI staged, no fsync", "B": "B raw criu dump", "C": "C runc checkpoint + tar", "D": "D podman --export"}
         fp = lambda m: "-" if not m else f"{m[0]:.0f} ({m[1]:.0f}–{m[2]:.0f})"
         for mib in self.sizes:
             for v, label in names.items():
@@ -387,6 +394,10 @@ class Bench:
         for mib in self.sizes:
             m = lambda v: (self.med(mib, v, "pause") or [float("nan")])[0] or float("nan")
             lines.append(f"| {mib or 'tiny'} | {m('C') / m('A'):.2f} | {m('C') / m('A-nf'):.2f} | {m('A-nf') / m('B'):.2f} | {m('A-hold') / m('B'):.2f} | {m('D') / m('A'):.2f} |")
+        lines += ["", "| MiB | encrypted / plain: wall A-enc / A-nf | A-enc-hold / A-hold | pause A-enc / A-nf | A-enc-hold / A-nf |", "|---|---|---|---|---|"]
+        for mib in self.sizes:
+            m = lambda v, k="wall": (self.med(mib, v, k) or [float("nan")])[0] or float("nan")
+            lines.append(f"| {mib or 'tiny'} | {m('A-enc') / m('A-nf'):.2f} | {m('A-enc-hold') / m('A-hold'):.2f} | {m('A-enc', 'pause') / m('A-nf', 'pause'):.2f} | {m('A-enc-hold', 'pause') / m('A-nf', 'pause'):.2f} |")
         lines += ["", "| MiB | A/B | A-nf/B (CLI) | staged A-stg-nf/B | C/A | D/A | A-nf frozen − B frozen (ms, same container) | durable: C+sync / A-d | D+sync / A-d | A-cli / B+sync | XFS: bytes the archive step wrote / archive |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for mib in self.sizes:
             m = lambda v, k="wall": (self.med(mib, v, k) or [float("nan")])[0] or float("nan")
