@@ -9,6 +9,8 @@
 //!   cri-ctl SOCK checkpoint ID LOCATION [TIMEOUT_S]
 //!   cri-ctl SOCK pull IMAGE                    → PullImage, as the kubelet: "<image ref> <ms>"
 //!   cri-ctl SOCK rm-pod POD_ID
+//!   cri-ctl SOCK info                          → the runtime's conditions, laid out as
+//!                                                `crictl info` prints them
 
 #[path = "cri_common.rs"]
 mod cri_common;
@@ -19,7 +21,7 @@ use k8s_cri::v1 as cri;
 #[tokio::main]
 async fn main() -> Res<()> {
     let a: Vec<String> = std::env::args().collect();
-    let usage = "usage: cri-ctl SOCK run-counter POD MIB | checkpoint ID LOCATION [TIMEOUT] | rm-pod POD_ID";
+    let usage = "usage: cri-ctl SOCK run-counter POD MIB | checkpoint ID LOCATION [TIMEOUT] | rm-pod POD_ID | info";
     if a.len() < 3 {
         return Err(usage.into());
     }
@@ -112,6 +114,24 @@ async fn main() -> Res<()> {
                 pod_sandbox_id: pod.clone(),
             })
             .await?;
+        }
+        ("info", []) => {
+            let s = c
+                .status(cri::StatusRequest { verbose: false })
+                .await?
+                .into_inner();
+            let conditions: Vec<serde_json::Value> = s
+                .status
+                .unwrap_or_default()
+                .conditions
+                .into_iter()
+                .map(|c| {
+                    serde_json::json!({"type": c.r#type, "status": c.status,
+                        "reason": c.reason, "message": c.message})
+                })
+                .collect();
+            let info = serde_json::json!({"status": {"conditions": conditions}});
+            println!("{}", serde_json::to_string_pretty(&info)?);
         }
         _ => return Err(usage.into()),
     }

@@ -3,12 +3,13 @@
 # (its runc runtime is ckpt-runc) and ckpt-shim in front of it, run a counter pod
 # through the shim's CRI socket, checkpoint it with CheckpointContainer while it
 # keeps running, inspect the archive, then restore it through CRI into a new pod
-# and watch the count continue (hack/cri-demo.rs).
+# and watch the count continue (hack/cri-demo.rs). Then what an operator sees:
+# the CheckpointReady condition, the metrics, and a clean stop on SIGTERM.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash hack/setup.sh
 export PATH="/usr/local/sbin:$PATH"
-cargo build --release --locked -q --bin ckpt-shim --example cri-demo
+cargo build --release --locked -q --bin ckpt-shim --example cri-demo --example cri-ctl
 
 work=$(mktemp -d /var/tmp/ckpt-shim-demo.XXXXXX)
 shim_pid=
@@ -28,9 +29,18 @@ bash hack/containerd.sh start "$work/containerd"
 echo "== containerd $(containerd --version | awk '{print $3}') on $work/containerd/containerd.sock (its CheckpointContainer: UNIMPLEMENTED)"
 echo "== its runc runtime: $(grep BinaryName "$work/containerd/config.toml" | xargs)"
 target/release/ckpt-shim serve --listen "$work/shim/ckpt-shim.sock" --restore-dir "$CKPT_SHIM_RESTORE_DIR" \
-  --upstream "unix://$work/containerd/containerd.sock" 2> "$work/shim.log" &
+  --upstream "unix://$work/containerd/containerd.sock" --metrics-listen 127.0.0.1:9464 2> "$work/shim.log" &
 shim_pid=$!
 until [ -S "$work/shim/ckpt-shim.sock" ]; do sleep 0.05; done
 target/release/examples/cri-demo "$work/shim/ckpt-shim.sock" "$PWD/target/release/ckpt-shim" "$work"
 echo "== the shim's log lines for the checkpoint and the restore:"
 grep -E "checkpointed|restore|restored" "$work/shim.log"
+echo "== the runtime's conditions through the shim (as crictl info shows them):"
+target/release/examples/cri-ctl "$work/shim/ckpt-shim.sock" info
+echo "== its metrics (curl http://127.0.0.1:9464/metrics), in part:"
+python3 -c 'import urllib.request as u; print(u.urlopen("http://127.0.0.1:9464/metrics").read().decode())' | grep -E '^ckpt_shim_(checkpoints_total|restores_total|checkpoint_pause_seconds_(sum|count)|checkpoint_written_bytes_total|forwarded_calls_total\{method="(Version|ListContainers)")'
+echo "== SIGTERM: the shim stops taking calls, waits for checkpoints in flight, exits"
+kill -TERM "$shim_pid"
+wait "$shim_pid" && echo "exit status 0"
+shim_pid=
+grep -E "stopping|stopped" "$work/shim.log"

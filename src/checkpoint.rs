@@ -24,6 +24,8 @@ use crate::safefs;
 use crate::seal::encrypt::{CipherSpool, SealWriter, Sealer};
 use crate::seal::Recipients;
 use crate::sink::{Cancelled, Member, Sink, Wait};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -106,9 +108,23 @@ impl Phases {
 /// call), the task sees it, thaws the container, lets CRIU wind down, removes what
 /// it wrote, and ends; nothing is abandoned halfway.
 pub async fn checkpoint(c: &Container, opts: &Options) -> Result<Report> {
+    let never = CancellationToken::new();
+    checkpoint_tracked(c, opts, &TaskTracker::new(), &never).await
+}
+
+/// As [`checkpoint`], for a server: the work's task is in `tasks`, so a server
+/// that shuts down can wait for it, and `stop` cancels it as a dropped call
+/// would. The answer is still the work's own: a checkpoint that was already
+/// committed when `stop` came is reported, not denied.
+pub async fn checkpoint_tracked(
+    c: &Container,
+    opts: &Options,
+    tasks: &TaskTracker,
+    stop: &CancellationToken,
+) -> Result<Report> {
     let (keep_going, cancelled) = tokio::sync::watch::channel(());
     let (id, work) = (c.id.clone(), run(c.clone(), opts.clone(), cancelled));
-    let task = tokio::spawn(async move {
+    let mut task = tasks.spawn(async move {
         let r = work.await;
         if let Err(e @ Error::Cancelled) = &r {
             // Nobody waits for this answer any more: say it here.
@@ -116,11 +132,14 @@ pub async fn checkpoint(c: &Container, opts: &Options) -> Result<Report> {
         }
         r
     });
-    let res = task
-        .await
-        .map_err(|e| Error::Other(format!("checkpoint task failed: {e}")))?;
-    drop(keep_going);
-    res
+    let joined = tokio::select! {
+        r = &mut task => r,
+        _ = stop.cancelled() => {
+            drop(keep_going);
+            task.await
+        }
+    };
+    joined.map_err(|e| Error::Other(format!("checkpoint task failed: {e}")))?
 }
 
 /// The checkpoint's private dir on the archive's file system: CRIU's work dir,

@@ -34,6 +34,10 @@ pub enum Error {
     #[error("cancelled by the caller")]
     Cancelled,
 
+    /// The server is stopping (SIGTERM): try again once it is back.
+    #[error("ckpt-shim is shutting down")]
+    ShuttingDown,
+
     #[error("cgroup of container {id} did not freeze within the deadline (state {state})")]
     FreezeTimeout { id: String, state: String },
 
@@ -84,6 +88,7 @@ impl From<Error> for tonic::Status {
             Error::NoSpace(_) => Code::ResourceExhausted,
             Error::DeadlineExceeded(_) | Error::FreezeTimeout { .. } => Code::DeadlineExceeded,
             Error::Cancelled => Code::Cancelled,
+            Error::ShuttingDown => Code::Unavailable,
             Error::Sealed(_) => Code::FailedPrecondition,
             Error::Tampered(_) => Code::DataLoss,
             Error::Criu(_) | Error::Io { .. } | Error::Other(_) => Code::Internal,

@@ -20,6 +20,7 @@ pub mod freeze;
 pub mod hold;
 pub mod image;
 pub mod locate;
+pub mod metrics;
 pub mod mountinfo;
 pub mod pbwire;
 pub mod preflight;

@@ -58,6 +58,9 @@ enum Cmd {
         /// here (repeatable; replaces the file's identities).
         #[arg(long, value_name = "FILE")]
         identity: Vec<PathBuf>,
+        /// Serve Prometheus metrics at GET /metrics on HOST:PORT or unix:///path.
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<String>,
     },
     /// Can this node checkpoint? Checks CRIU, the kernel, capabilities, the
     /// directories and the upstream runtime; exits non-zero if any check fails.
@@ -207,6 +210,7 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
             restore_dir,
             encrypt_to,
             identity,
+            metrics_listen,
         } => {
             let mut cfg = Config::load(config)?;
             if !encrypt_to.is_empty() {
@@ -237,8 +241,14 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
             if let Some(v) = restore_dir {
                 cfg.restore_dir = v;
             }
+            if metrics_listen.is_some() {
+                cfg.metrics_listen = metrics_listen;
+            }
             init_logging(&cfg.log_level);
             server::serve(cfg).await?;
+            // Everything that must finish has (see `server::stop`); connections
+            // still open and their tasks end with the process.
+            std::process::exit(0);
         }
         Cmd::Check {
             upstream,

@@ -65,6 +65,16 @@ pub async fn run_checks(cfg: &Config) -> Vec<Check> {
     checks
 }
 
+/// What the `CheckpointReady` runtime condition stands on: CRIU (found, new
+/// enough, `criu check`), the freezer, the capabilities and the staging dir.
+pub async fn readiness_checks(cfg: &Config) -> Vec<Check> {
+    let mut checks = criu(&cfg.criu).await;
+    checks.push(freezer());
+    checks.push(capabilities());
+    checks.push(staging_dir(cfg));
+    checks
+}
+
 /// How many checks failed (warnings do not count).
 pub fn failures(checks: &[Check]) -> usize {
     checks.iter().filter(|c| c.status == Status::Fail).count()

@@ -429,16 +429,10 @@ async fn a_shim_killed_mid_dump_is_recovered_by_the_next_one() {
     let location = out.path().join("k.tar");
     let mut c2 = c.clone();
     let (cid, loc) = (id.clone(), location.clone());
+    let pid = common::cri::container_pid(&mut c, &id).await;
     let call = tokio::spawn(async move { checkpoint(&mut c2, &cid, &loc, 60).await });
-    // Wait until the shim has frozen the container, then kill it outright.
-    let t = std::time::Instant::now();
-    while env.freezer(&id) != "FROZEN" {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "the checkpoint never froze the container"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    // Once CRIU dumps the container the shim froze, kill the shim outright.
+    common::cri::wait_seized(pid, &call).await;
     env.kill_shim();
     assert!(call.await.unwrap().is_err());
     // CRIU loses its client, aborts, and puts back the frozen state it found.

@@ -194,7 +194,12 @@ async fn an_encrypted_checkpoint_keeps_no_plaintext_and_the_identity_restores_it
     let part = out.path().join("part.age");
     std::fs::write(&part, member_bytes(&sealed, "checkpoint/pages-1.img.1.age")).unwrap();
     let by_age = std::process::Command::new("age")
-        .args(["-d", "-i", ssh.file.to_str().unwrap(), part.to_str().unwrap()])
+        .args([
+            "-d",
+            "-i",
+            ssh.file.to_str().unwrap(),
+            part.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(by_age.status.success(), "{by_age:?}");

@@ -16,6 +16,9 @@ pub const DEFAULT_RUNC_ROOT: &str = "/run/containerd/runc/k8s.io";
 /// 550 ms here) at the cost of faulting in as much memory again first, which
 /// on this project's VM multiplied the checkpoint's total time; see README.
 pub const DEFAULT_HOLD_MIB: u64 = 0;
+/// How long SIGTERM waits for checkpoints in flight: long enough for a few GiB
+/// here, and well within systemd's default stop timeout (90 s).
+pub const DEFAULT_SHUTDOWN_GRACE_SECONDS: u64 = 30;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -45,6 +48,10 @@ pub struct Config {
     pub encrypt_to: Vec<String>,
     /// Root-only identity files that open sealed checkpoints restored here.
     pub identities: Vec<PathBuf>,
+    /// Serve Prometheus metrics here (`127.0.0.1:9464`, `unix:///path`); off when unset.
+    pub metrics_listen: Option<String>,
+    /// On SIGTERM, how long checkpoints in flight may go on before they are stopped.
+    pub shutdown_grace_seconds: u64,
 }
 
 impl Default for Config {
@@ -65,6 +72,8 @@ impl Default for Config {
             hold_pages_mib: DEFAULT_HOLD_MIB,
             encrypt_to: Vec::new(),
             identities: Vec::new(),
+            metrics_listen: None,
+            shutdown_grace_seconds: DEFAULT_SHUTDOWN_GRACE_SECONDS,
         }
     }
 }
@@ -110,6 +119,8 @@ pub struct FileConfig {
     pub hold_pages_mib: Option<u64>,
     pub encrypt_to: Option<Vec<String>>,
     pub identities: Option<Vec<PathBuf>>,
+    pub metrics_listen: Option<String>,
+    pub shutdown_grace_seconds: Option<u64>,
 }
 
 impl FileConfig {
@@ -143,10 +154,14 @@ impl FileConfig {
             restore_dir,
             hold_pages_mib,
             encrypt_to,
-            identities
+            identities,
+            shutdown_grace_seconds
         );
         if self.staging_dir.is_some() {
             c.staging_dir = self.staging_dir;
+        }
+        if self.metrics_listen.is_some() {
+            c.metrics_listen = self.metrics_listen;
         }
     }
 }

@@ -101,11 +101,11 @@ impl Containers {
         let source = match self.source(&req).await {
             Ok(Some(s)) => s,
             Ok(None) => return self.upstream.forward(&call).await,
-            Err(e) => return Reply::status(e.into()),
+            Err(e) => return counted(Reply::status(e.into())),
         };
         let started = Instant::now();
         let name = source.name();
-        match self.restore(&call, source).await {
+        counted(match self.restore(&call, source).await {
             Ok(reply) => {
                 if let Some(r) = reply.decode::<CreateContainerResponse>() {
                     tracing::info!(container = %r.container_id, source = %name, ms = started.elapsed().as_millis() as u64, "created a container to restore");
@@ -116,7 +116,7 @@ impl Containers {
                 tracing::warn!(source = %name, "restore refused: {e}");
                 Reply::status(e.into())
             }
-        }
+        })
     }
 
     /// What the request restores, if anything: an archive on the node (an
@@ -339,4 +339,10 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::Other(format!("blocking task: {e}")))?
+}
+
+/// A restore's answer, counted in the metrics by its code.
+fn counted(reply: Reply) -> Reply {
+    crate::metrics::get().restore_answered(reply.code());
+    reply
 }

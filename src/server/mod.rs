@@ -8,7 +8,9 @@ mod containers;
 mod frame;
 mod headers;
 mod native;
+mod readiness;
 pub mod relay;
+pub mod scrape;
 mod socket;
 pub(crate) mod upstream;
 
@@ -28,6 +30,7 @@ struct Router {
     native: Arc<native::Native>,
     native_enabled: bool,
     containers: Arc<containers::Containers>,
+    readiness: Arc<readiness::Readiness>,
 }
 
 impl Owner for Router {
@@ -53,12 +56,22 @@ impl Owner for Router {
         })
     }
 
-    fn watches(&self, path: &str) -> bool {
-        path.strip_prefix(RUNTIME) == Some("ContainerStatus")
+    fn hold(&self) -> Option<tokio_util::task::task_tracker::TaskTrackerToken> {
+        Some(self.native.hold())
     }
 
-    fn amend(&self, _path: &str, request: &[u8]) -> Option<relay::Amend> {
-        self.containers.amend_status(request)
+    fn watches(&self, path: &str) -> bool {
+        matches!(
+            path.strip_prefix(RUNTIME),
+            Some("ContainerStatus" | "Status")
+        )
+    }
+
+    fn amend(&self, path: &str, request: &[u8]) -> Option<relay::Amend> {
+        match path.strip_prefix(RUNTIME) {
+            Some("Status") => Some(self.readiness.amend()),
+            _ => self.containers.amend_status(request),
+        }
     }
 }
 
@@ -73,16 +86,25 @@ pub fn socket_path(upstream: &str) -> Result<PathBuf> {
     Ok(PathBuf::from(path))
 }
 
-/// Serves until SIGTERM or SIGINT, then removes the socket.
+/// Serves until SIGTERM or SIGINT, then stops as [`stop`] says.
 pub async fn serve(cfg: Config) -> Result<()> {
     let upstream = Arc::new(socket_path(&cfg.upstream)?);
-    // Bad keys stop the start: never serve and then write plaintext.
+    // Bad keys or a bad metrics address stop the start: never serve and then
+    // write plaintext, or run without the metrics asked for.
     let seal = crate::seal::Recipients::parse(&cfg.encrypt_to)?.map(Arc::new);
     let identities = Arc::new(crate::seal::Identities::load(&cfg.identities)?);
+    let metrics = cfg
+        .metrics_listen
+        .as_deref()
+        .map(scrape::Listen::parse)
+        .transpose()?;
     if let Some(r) = &seal {
         tracing::info!(recipients = r.len(), "checkpoints are encrypted");
     }
     let listener = socket::bind(&cfg.listen)?;
+    if let Some(m) = &metrics {
+        scrape::spawn(m).await?;
+    }
     // A previous shim killed mid-checkpoint may have left containers frozen.
     for cg in crate::freeze::recover(&cfg.journal_dir()) {
         tracing::warn!(cgroup = %cg.display(), "thawed a container a previous ckpt-shim left frozen");
@@ -98,18 +120,38 @@ pub async fn serve(cfg: Config) -> Result<()> {
         let c = containers.clone();
         async move { c.collect_garbage().await }
     });
-    let owner: Arc<dyn Owner> = Arc::new(Router {
+    let router = Arc::new(Router {
         native: Arc::new(native::Native::new(&cfg, up.channel(), seal)),
         native_enabled: cfg.checkpoint_enabled,
         containers,
+        readiness: readiness::Readiness::spawn(cfg.clone()),
     });
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .ctx(|| "SIGTERM handler".into())?;
+    accept(listener, &upstream, router.clone()).await?;
+    stop(&cfg, &router).await;
+    Ok(())
+}
+
+/// Relays each client connection until SIGTERM or SIGINT. SIGHUP runs the
+/// readiness checks again; the config is read at start only (see README).
+async fn accept(
+    listener: tokio::net::UnixListener,
+    upstream: &Arc<PathBuf>,
+    router: Arc<Router>,
+) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).ctx(|| "SIGTERM handler".into())?;
+    let mut hup = signal(SignalKind::hangup()).ctx(|| "SIGHUP handler".into())?;
+    let owner: Arc<dyn Owner> = router.clone();
     loop {
         let conn = tokio::select! {
             c = listener.accept() => c,
-            _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => return Ok(()),
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: checking readiness again; restart ckpt-shim to apply config changes");
+                router.readiness.refresh();
+                continue;
+            }
         };
         let (stream, _) = match conn {
             Ok(c) => c,
@@ -121,7 +163,19 @@ pub async fn serve(cfg: Config) -> Result<()> {
         let (owner, upstream) = (owner.clone(), upstream.clone());
         tokio::spawn(async move { relay::relay(stream, &upstream, owner).await });
     }
+}
+
+/// Stops taking connections (the socket goes first, so clients see the shim
+/// gone rather than hanging), lets checkpoints in flight finish within the
+/// grace period, stops the rest, each thawing its container and removing
+/// what it wrote, and returns. Forwarded calls still open are cut.
+async fn stop(cfg: &Config, router: &Router) {
+    router.native.refuse_new();
     let _ = std::fs::remove_file(&cfg.listen);
+    tracing::info!("stopping");
+    router
+        .native
+        .drain(std::time::Duration::from_secs(cfg.shutdown_grace_seconds))
+        .await;
     tracing::info!("stopped");
-    Ok(())
 }

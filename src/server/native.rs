@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::task_tracker::TaskTrackerToken;
+use tokio_util::task::TaskTracker;
 use tonic::transport::Channel;
 
 use crate::checkpoint::{self, Options};
@@ -34,6 +37,18 @@ pub struct Native {
     journal: PathBuf,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     seal: Option<Arc<Recipients>>,
+    stop: Stop,
+}
+
+/// A stopping server: first `draining` (new checkpoints are refused, those
+/// running go on), then `abandon` (those still running are stopped; each
+/// thaws its container and removes what it wrote). `tasks` holds every
+/// checkpoint's work and the removal of its staging, to wait on both.
+#[derive(Default)]
+struct Stop {
+    draining: CancellationToken,
+    abandon: CancellationToken,
+    tasks: TaskTracker,
 }
 
 impl Native {
@@ -54,6 +69,43 @@ impl Native {
             journal: cfg.journal_dir(),
             locks: Mutex::default(),
             seal,
+            stop: Stop::default(),
+        }
+    }
+
+    /// Counts as work in flight until dropped (an owned call until its reply
+    /// is written): [`drain`](Self::drain) waits for it.
+    pub fn hold(&self) -> TaskTrackerToken {
+        self.stop.tasks.token()
+    }
+
+    /// From now on, CheckpointContainer answers UNAVAILABLE.
+    pub fn refuse_new(&self) {
+        self.stop.draining.cancel();
+    }
+
+    /// Refuses new checkpoints, lets those running finish within `grace`, then
+    /// stops the rest and waits for their cleanup.
+    pub async fn drain(&self, grace: Duration) {
+        let s = &self.stop;
+        self.refuse_new();
+        s.tasks.close();
+        if !s.tasks.is_empty() {
+            tracing::info!(
+                running = s.tasks.len(),
+                ?grace,
+                "waiting for checkpoints in flight"
+            );
+        }
+        if tokio::time::timeout(grace, s.tasks.wait()).await.is_err() {
+            tracing::warn!(
+                running = s.tasks.len(),
+                "grace period over: stopping checkpoints in flight"
+            );
+            s.abandon.cancel();
+            // Stopped checkpoints thaw and clean up in well under this; a reply
+            // a client never reads (no window) is not worth waiting for longer.
+            let _ = tokio::time::timeout(Duration::from_secs(30), s.tasks.wait()).await;
         }
     }
 
@@ -73,6 +125,9 @@ impl Native {
         grpc_deadline: Option<Instant>,
     ) -> Result<()> {
         let started = Instant::now();
+        if self.stop.draining.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
         if r.container_id.is_empty() {
             return Err(Error::InvalidArgument("container_id is empty".into()));
         }
@@ -121,7 +176,21 @@ impl Native {
             freeze_journal: Some(self.journal.clone()),
             seal: self.seal.clone(),
         };
-        let report = checkpoint::checkpoint(&c, &opts).await?;
+        let stop = &self.stop;
+        let mut report =
+            match checkpoint::checkpoint_tracked(&c, &opts, &stop.tasks, &stop.abandon).await {
+                Err(Error::Cancelled) if stop.abandon.is_cancelled() => {
+                    return Err(Error::ShuttingDown)
+                }
+                r => r?,
+            };
+        crate::metrics::get().checkpoint_done(
+            started.elapsed(),
+            report.frozen,
+            report.archive_bytes,
+        );
+        let cleanup = std::mem::take(&mut report.cleanup);
+        self.stop.tasks.spawn_blocking(move || cleanup.wait());
         let ms = |d: Duration| (d.as_secs_f64() * 1e3 * 10.0).round() / 10.0;
         let phases: Vec<String> = report
             .phases
@@ -311,13 +380,22 @@ impl tonic::server::UnaryService<CheckpointContainerRequest> for Svc {
         Box::pin(async move {
             let r = req.into_inner();
             let id = r.container_id.clone();
-            match native.checkpoint(r, deadline).await {
+            let metrics = crate::metrics::get();
+            let running = metrics.checkpoint_started();
+            let answer = match native.checkpoint(r, deadline).await {
                 Ok(()) => Ok(tonic::Response::new(CheckpointContainerResponse {})),
                 Err(e) => {
                     tracing::warn!(container = %id, "checkpoint failed: {e}");
-                    Err(e.into())
+                    Err(tonic::Status::from(e))
                 }
-            }
+            };
+            drop(running);
+            metrics.checkpoint_answered(
+                answer
+                    .as_ref()
+                    .map_or_else(|s| s.code(), |_| tonic::Code::Ok),
+            );
+            answer
         })
     }
 }

@@ -22,13 +22,15 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::frame::{self, Frame};
 use super::headers::{self, Fields, HeaderCodec};
@@ -132,6 +134,11 @@ pub trait Owner: Send + Sync + 'static {
     fn amend(&self, _path: &str, _request: &[u8]) -> Option<Amend> {
         None
     }
+    /// Held from an owned call's dispatch until its reply is written: what a
+    /// stopping server waits on.
+    fn hold(&self) -> Option<TaskTrackerToken> {
+        None
+    }
 }
 
 /// Requests larger than this are not collected for the shim's own calls.
@@ -147,6 +154,7 @@ pub async fn relay(client: UnixStream, upstream: &Path, owner: Arc<dyn Owner>) {
         Ok(u) => Some(u.into_split()),
         Err(e) => {
             tracing::warn!(upstream = %upstream.display(), "upstream unreachable: {e}");
+            crate::metrics::get().upstream_error("connect");
             None
         }
     };
@@ -179,10 +187,12 @@ enum Reach {
 }
 
 /// What both sides share: the client's connection-level receive window, as
-/// both affect it, and the replies to amend.
+/// both affect it, the replies to amend, and the forwarded calls' method
+/// labels until their answer is counted.
 #[derive(Default)]
 struct Flow {
     amends: HashMap<u32, Amend>,
+    calls: HashMap<u32, String>,
     /// What the client can still receive (RFC 9113 §6.9.2: starts at 65535).
     window: i64,
     started: bool,
@@ -190,6 +200,12 @@ struct Flow {
     debt: u64,
     /// Replies waiting for window.
     waiting: usize,
+}
+
+/// The shared state, whichever side panicked last (nothing in it is left
+/// half-changed by a panic).
+fn lock(flow: &Mutex<Flow>) -> MutexGuard<'_, Flow> {
+    flow.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Flow {
@@ -204,7 +220,9 @@ impl Flow {
 
 /// To the task writing to the client.
 enum ToClient {
-    Reply(u32, Reply),
+    /// A reply to an owned call, with what keeps a stopping server waiting
+    /// until it is written.
+    Reply(u32, Reply, Option<TaskTrackerToken>),
     Frames(Bytes),
     /// The client's SETTINGS_HEADER_TABLE_SIZE.
     TableSize(u32),
@@ -314,6 +332,7 @@ impl ClientSide {
         mut table: mpsc::UnboundedReceiver<ToUpstream>,
     ) -> std::io::Result<()> {
         let mut reader = frame::Reader::new(true);
+        let mut read_at = None;
         let result = async {
             loop {
                 tokio::select! {
@@ -321,6 +340,7 @@ impl ClientSide {
                         if n? == 0 {
                             return Ok(());
                         }
+                        read_at = Some(Instant::now());
                         self.out.extend_from_slice(&reader.take_preface()?);
                         while let Some(f) = reader.next()? {
                             self.on_frame(f)?;
@@ -333,6 +353,9 @@ impl ClientSide {
                 }
                 if let Some(w) = uwr.as_mut().filter(|_| !self.out.is_empty()) {
                     w.write_all(&self.out).await?;
+                    if let Some(t) = read_at.take() {
+                        crate::metrics::get().relay_hop(true, t.elapsed());
+                    }
                 }
                 self.out.clear();
             }
@@ -362,10 +385,14 @@ impl ClientSide {
                 self.on_watched_data(&f)?;
                 self.out.extend_from_slice(&f.raw);
             }
-            frame::RST_STREAM if self.watched.remove(&f.stream).is_some() => {
+            frame::RST_STREAM if !owned => {
+                self.watched.remove(&f.stream);
+                if let Some(method) = self.flow().calls.remove(&f.stream) {
+                    crate::metrics::get().forwarded(method, tonic::Code::Cancelled as i32);
+                }
                 self.out.extend_from_slice(&f.raw)
             }
-            frame::RST_STREAM if owned => {
+            frame::RST_STREAM => {
                 if let Some(t) = self.owned.remove(&f.stream).and_then(|o| o.task) {
                     t.abort();
                 }
@@ -410,6 +437,8 @@ impl ClientSide {
                 }
                 return Ok(());
             }
+            let label = crate::metrics::get().method_label(&path);
+            self.flow().calls.insert(b.stream, label);
             if self.owner.watches(&path) {
                 self.watched
                     .insert(b.stream, (path.into_owned(), BytesMut::new()));
@@ -448,7 +477,7 @@ impl ClientSide {
         if o.body.len() + data.len() > MAX_CALL {
             self.owned.remove(&f.stream);
             let s = tonic::Status::resource_exhausted("request too large for ckpt-shim");
-            self.client(ToClient::Reply(f.stream, Reply::status(s)));
+            self.client(ToClient::Reply(f.stream, Reply::status(s), None));
             return Ok(());
         }
         o.body.extend_from_slice(data);
@@ -473,11 +502,7 @@ impl ClientSide {
             let (path, body) = self.watched.remove(&f.stream).expect("present");
             let amend = crate::pbwire::grpc_message(&body).and_then(|m| self.owner.amend(&path, m));
             if let Some(a) = amend {
-                self.flow
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .amends
-                    .insert(f.stream, a);
+                lock(&self.flow).amends.insert(f.stream, a);
             }
         }
         Ok(())
@@ -502,8 +527,9 @@ impl ClientSide {
                 body: std::mem::take(&mut o.body).freeze(),
             }),
         };
+        let hold = self.owner.hold();
         o.task = Some(tokio::spawn(async move {
-            let _ = to_client.send(ToClient::Reply(stream, reply.await));
+            let _ = to_client.send(ToClient::Reply(stream, reply.await, hold));
         }));
     }
 
@@ -512,7 +538,7 @@ impl ClientSide {
     fn on_window_update(&mut self, f: &Frame) {
         let inc = f.window_increment();
         let (forward, wake) = {
-            let mut flow = self.flow.lock().unwrap_or_else(|p| p.into_inner());
+            let mut flow = lock(&self.flow);
             *flow.window() += inc as i64;
             let pay = flow.debt.min(inc as u64);
             flow.debt -= pay;
@@ -551,13 +577,19 @@ impl ClientSide {
     fn client(&self, m: ToClient) {
         let _ = self.to_client.send(m);
     }
+
+    fn flow(&self) -> std::sync::MutexGuard<'_, Flow> {
+        lock(&self.flow)
+    }
 }
 
 /// Reads the upstream, forwards to the client, and writes the shim's replies.
 struct UpstreamSide {
     codec: HeaderCodec,
     block: Option<Block>,
-    waiting: Vec<(u32, Reply)>,
+    waiting: Vec<(u32, Reply, Option<TaskTrackerToken>)>,
+    /// Held until the replies in `out` are written.
+    written: Vec<TaskTrackerToken>,
     /// Replies being amended: the change, the bytes so far, their flow length.
     amending: HashMap<u32, (Amend, BytesMut, usize)>,
     out: BytesMut,
@@ -570,6 +602,7 @@ impl UpstreamSide {
             codec: HeaderCodec::default(),
             block: None,
             waiting: Vec::new(),
+            written: Vec::new(),
             amending: HashMap::new(),
             out: BytesMut::with_capacity(32 << 10),
             flow,
@@ -584,6 +617,7 @@ impl UpstreamSide {
         to_upstream: mpsc::UnboundedSender<ToUpstream>,
     ) -> std::io::Result<()> {
         let mut reader = frame::Reader::new(false);
+        let mut read_at = None;
         if urd.is_none() {
             // With no upstream the relay is the client's server: its SETTINGS first.
             frame::put_frame(&mut self.out, frame::SETTINGS, 0, 0, &[]);
@@ -591,9 +625,11 @@ impl UpstreamSide {
         loop {
             tokio::select! {
                 n = async { urd.as_mut().expect("guarded").read_buf(reader.buf()).await }, if urd.is_some() => {
-                    if n? == 0 {
+                    let n = n.inspect_err(|_| crate::metrics::get().upstream_error("io"))?;
+                    if n == 0 {
                         break;
                     }
+                    read_at = Some(Instant::now());
                     while let Some(f) = reader.next()? {
                         self.on_frame(f, &to_upstream)?;
                     }
@@ -606,6 +642,10 @@ impl UpstreamSide {
             if !self.out.is_empty() {
                 cwr.write_all(&self.out).await?;
                 self.out.clear();
+                self.written.clear();
+                if let Some(t) = read_at.take() {
+                    crate::metrics::get().relay_hop(false, t.elapsed());
+                }
             }
         }
         let _ = cwr.shutdown().await;
@@ -620,10 +660,13 @@ impl UpstreamSide {
         match f.kind {
             frame::HEADERS | frame::CONTINUATION => {
                 if let Some(b) = Block::collect(&mut self.block, &f)? {
+                    let fields = self.codec.decode(&b.fragment)?;
                     if b.ends_stream() {
                         self.finish_amending(b.stream, false, to_upstream);
+                        let code = headers::get(&fields, "grpc-status")
+                            .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok());
+                        self.answered(b.stream, code.unwrap_or(tonic::Code::Unknown as i32));
                     }
-                    let fields = self.codec.decode(&b.fragment)?;
                     self.codec.put(
                         &mut self.out,
                         b.stream,
@@ -636,16 +679,13 @@ impl UpstreamSide {
             }
             frame::DATA if self.amends(f.stream) => return self.amend_data(&f, to_upstream),
             frame::DATA => {
-                let mut flow = self.flow.lock().unwrap_or_else(|p| p.into_inner());
+                let mut flow = lock(&self.flow);
                 *flow.window() -= f.payload.len() as i64;
             }
             frame::RST_STREAM => {
                 self.amending.remove(&f.stream);
-                self.flow
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .amends
-                    .remove(&f.stream);
+                lock(&self.flow).amends.remove(&f.stream);
+                self.answered(f.stream, reset_code(&f));
             }
             frame::SETTINGS if !f.has(frame::ACK) => {
                 for (id, v) in f.settings() {
@@ -660,17 +700,20 @@ impl UpstreamSide {
         Ok(())
     }
 
+    /// Counts a forwarded call's answer (grpc-status `code`) in the metrics.
+    fn answered(&self, stream: u32, code: i32) {
+        let method = lock(&self.flow).calls.remove(&stream);
+        if let Some(m) = method {
+            crate::metrics::get().forwarded(m, code);
+        }
+    }
+
     /// Whether `stream`'s reply is to be amended; takes the change on first sight.
     fn amends(&mut self, stream: u32) -> bool {
         if self.amending.contains_key(&stream) {
             return true;
         }
-        let a = self
-            .flow
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .amends
-            .remove(&stream);
+        let a = lock(&self.flow).amends.remove(&stream);
         a.map(|a| self.amending.insert(stream, (a, BytesMut::new(), 0)))
             .is_some()
     }
@@ -713,7 +756,7 @@ impl UpstreamSide {
             None => buf.to_vec(),
         };
         frame::put_data(&mut self.out, stream, &out, end);
-        let mut flow = self.flow.lock().unwrap_or_else(|p| p.into_inner());
+        let mut flow = lock(&self.flow);
         *flow.window() -= out.len() as i64;
         match out.len().checked_sub(consumed) {
             Some(more) => flow.debt += more as u64,
@@ -725,7 +768,7 @@ impl UpstreamSide {
         match m {
             ToClient::Frames(b) => self.out.extend_from_slice(&b),
             ToClient::TableSize(n) => self.codec.receiver_table_size(n),
-            ToClient::Reply(stream, r) => self.waiting.push((stream, r)),
+            ToClient::Reply(stream, r, hold) => self.waiting.push((stream, r, hold)),
             ToClient::Wake => {}
         }
         self.write_replies();
@@ -733,18 +776,33 @@ impl UpstreamSide {
 
     /// Writes the replies the client's window has room for, in order.
     fn write_replies(&mut self) {
-        let mut flow = self.flow.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some((_, r)) = self.waiting.first() {
+        let mut flow = lock(&self.flow);
+        while let Some((_, r, _)) = self.waiting.first() {
             let len = r.body.len() as i64;
             if len > *flow.window() {
                 break;
             }
             *flow.window() -= len;
             flow.debt += len as u64;
-            let (stream, r) = self.waiting.remove(0);
+            let (stream, r, hold) = self.waiting.remove(0);
+            self.written.extend(hold);
             put_reply(&mut self.codec, &mut self.out, stream, r);
         }
         flow.waiting = self.waiting.len();
+    }
+}
+
+/// The gRPC code a client reports for a stream the server reset, as grpc-go
+/// maps them: CANCEL is CANCELLED, REFUSED_STREAM is UNAVAILABLE, the rest INTERNAL.
+fn reset_code(f: &Frame) -> i32 {
+    let code = f
+        .payload
+        .get(..4)
+        .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")));
+    match code {
+        Some(0x8) => tonic::Code::Cancelled as i32,
+        Some(0x7) => tonic::Code::Unavailable as i32,
+        _ => tonic::Code::Internal as i32,
     }
 }
 

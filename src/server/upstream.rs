@@ -53,12 +53,18 @@ impl Upstream {
     /// Sends `call` (its metadata and message bytes as they came) and collects
     /// the answer.
     pub async fn forward(&self, call: &Call) -> Reply {
-        match self.try_forward(call).await {
+        let metrics = crate::metrics::get();
+        let reply = match self.try_forward(call).await {
             Ok(r) => r,
-            Err(e) => Reply::status(tonic::Status::unavailable(format!(
-                "ckpt-shim: upstream runtime unreachable: {e}"
-            ))),
-        }
+            Err(e) => {
+                metrics.upstream_error("connect");
+                Reply::status(tonic::Status::unavailable(format!(
+                    "ckpt-shim: upstream runtime unreachable: {e}"
+                )))
+            }
+        };
+        metrics.forwarded(metrics.method_label(&call.path), reply.code() as i32);
+        reply
     }
 
     async fn try_forward(

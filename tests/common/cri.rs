@@ -167,6 +167,29 @@ impl Env {
         }
     }
 
+    /// Sends the shim `sig` (SIGTERM, SIGHUP) and leaves it running.
+    pub fn signal_shim(&self, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.shim_pid() as i32);
+        nix::sys::signal::kill(pid, sig).unwrap();
+    }
+
+    /// Waits up to `limit` for the shim to exit; its exit status.
+    pub fn wait_shim(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let s = self.shim.as_mut().expect("shim running");
+        let t = Instant::now();
+        loop {
+            if let Some(st) = s.try_wait().unwrap() {
+                self.shim = None;
+                return st;
+            }
+            assert!(
+                t.elapsed() < limit,
+                "the shim did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// What the shim keeps of restores (none once their containers are gone).
     pub fn restores(&self) -> Vec<String> {
         let d = self.dir.join("restore");
@@ -401,5 +424,47 @@ impl Drop for Env {
                     .status();
             }
         }
+    }
+}
+
+/// The container's process, as the runtime reports it.
+pub async fn container_pid(c: &mut Client, id: &str) -> i32 {
+    let s = c
+        .container_status(cri::ContainerStatusRequest {
+            container_id: id.into(),
+            verbose: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let info: serde_json::Value = serde_json::from_str(&s.info["info"]).unwrap();
+    info["pid"].as_i64().unwrap() as i32
+}
+
+/// Who ptraces `pid` (0: nobody).
+pub fn tracer(pid: i32) -> i32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))
+        .unwrap();
+    line.trim().parse().unwrap()
+}
+
+/// Waits until CRIU has seized `pid` for the dump `call` runs. The freezer is
+/// no sign of a dump under way: CRIU thaws the cgroup as soon as it has seized
+/// the tasks, which stay stopped under ptrace for the rest of the dump.
+pub async fn wait_seized<T: std::fmt::Debug>(pid: i32, call: &tokio::task::JoinHandle<T>) {
+    let t = Instant::now();
+    while tracer(pid) == 0 {
+        assert!(
+            !call.is_finished(),
+            "the checkpoint ended before CRIU was seen"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "CRIU never seized {pid}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }

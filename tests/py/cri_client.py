@@ -3,12 +3,14 @@
 options: from 1.57 on it sends the socket path, percent-encoded, as :authority.
 
     cri_client.py SOCK CONTAINER_ID LOCATION
+    cri_client.py SOCK status
     cri_client.py --bench DIRECT_SOCK SHIM_SOCK CONTAINER_ID [CALLS]
 
 The first prints one JSON line per call: Version, ListContainers,
 GetContainerEvents (a server stream, read for up to 2 s), CheckpointContainer.
+The second prints the runtime's conditions and the keys of its info.
 The schema is compiled from cri_min.proto (beside this file) at run time.
-The second (for hack/bench, not a test) times the same unary calls straight to
+The third (for hack/bench, not a test) times the same unary calls straight to
 the runtime and through the shim, interleaved, and prints p50/p99 in µs as JSON.
 """
 import json
@@ -39,10 +41,21 @@ def report(call, err=None, **extra):
     print(json.dumps(extra), flush=True)
 
 
+def status(stub, pb):
+    """`cri_client.py SOCK status`: the runtime's conditions, as crictl info shows them."""
+    s = stub.Status(pb.StatusRequest(verbose=True), timeout=10)
+    conditions = [{"type": c.type, "status": c.status, "reason": c.reason, "message": c.message}
+                  for c in s.status.conditions]
+    print(json.dumps({"conditions": conditions, "info": sorted(s.info)}), flush=True)
+
+
 def main():
-    sock, cid, location = sys.argv[1:4]
+    sock = sys.argv[1]
     pb, pbg = load_schema()
     stub = pbg.RuntimeServiceStub(grpc.insecure_channel("unix://" + sock))
+    if sys.argv[2] == "status":
+        return status(stub, pb)
+    cid, location = sys.argv[2:4]
     try:
         v = stub.Version(pb.VersionRequest(version="v1"), timeout=10)
         report("Version", runtime_name=v.runtime_name)

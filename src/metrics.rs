@@ -1,0 +1,323 @@
+//! The shim's Prometheus series. There is one set per process, registered on
+//! first use and updated where things happen: the relay, the checkpoint and
+//! restore handlers. An update costs an atomic add, or a short lock for a
+//! histogram. Nothing is exported unless `metrics_listen` is set
+//! ([`crate::server::scrape`]).
+
+use std::collections::HashSet;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::{Registry, Unit};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabel {
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    method: String,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+pub struct Metrics {
+    registry: Registry,
+    checkpoints: Family<CodeLabel, Counter>,
+    checkpoint_seconds: Histogram,
+    pause_seconds: Histogram,
+    written_bytes: Counter,
+    in_flight: Gauge,
+    restores: Family<CodeLabel, Counter>,
+    forwarded: Family<CallLabels, Counter>,
+    relay_seconds: Histograms<DirectionLabel>,
+    upstream_errors: Family<KindLabel, Counter>,
+    methods: Mutex<HashSet<String>>,
+}
+
+/// At most this many method names become labels; the rest count as "other",
+/// so a client sending made-up paths cannot grow the series without bound.
+const MAX_METHODS: usize = 64;
+
+/// The process's metrics.
+pub fn get() -> &'static Metrics {
+    static M: OnceLock<Metrics> = OnceLock::new();
+    M.get_or_init(Metrics::new)
+}
+
+/// Relay hops take microseconds; a slow one (a stalled reader) shows in the top buckets.
+fn relay_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(5e-6, 2.5, 12))
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let m = Metrics {
+            registry: Registry::default(),
+            checkpoints: Family::default(),
+            checkpoint_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
+            pause_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 12)),
+            written_bytes: Counter::default(),
+            in_flight: Gauge::default(),
+            restores: Family::default(),
+            forwarded: Family::default(),
+            relay_seconds: Family::new_with_constructor(relay_histogram),
+            upstream_errors: Family::default(),
+            methods: Mutex::default(),
+        };
+        m.register()
+    }
+
+    fn register(mut self) -> Metrics {
+        let r = &mut self.registry;
+        let p = "ckpt_shim_";
+        r.register(
+            format!("{p}checkpoints"),
+            "CheckpointContainer calls answered, by gRPC code",
+            self.checkpoints.clone(),
+        );
+        r.register_with_unit(
+            format!("{p}checkpoint_duration"),
+            "Time from the request to the answer of successful checkpoints",
+            Unit::Seconds,
+            self.checkpoint_seconds.clone(),
+        );
+        r.register_with_unit(
+            format!("{p}checkpoint_pause"),
+            "How long successful checkpoints kept the container frozen",
+            Unit::Seconds,
+            self.pause_seconds.clone(),
+        );
+        r.register_with_unit(
+            format!("{p}checkpoint_written"),
+            "Archive bytes written by successful checkpoints",
+            Unit::Bytes,
+            self.written_bytes.clone(),
+        );
+        r.register(
+            format!("{p}checkpoints_in_flight"),
+            "Checkpoints running now",
+            self.in_flight.clone(),
+        );
+        r.register(
+            format!("{p}restores"),
+            "CreateContainer calls that restore a checkpoint, by gRPC code",
+            self.restores.clone(),
+        );
+        r.register(
+            format!("{p}forwarded_calls"),
+            "Calls handed on to the upstream runtime, by method and its gRPC code",
+            self.forwarded.clone(),
+        );
+        r.register_with_unit(
+            format!("{p}relay"),
+            "The shim's own part of a forwarded call's latency: from reading a batch of frames to having written it on, per direction",
+            Unit::Seconds,
+            self.relay_seconds.clone(),
+        );
+        r.register(
+            format!("{p}upstream_errors"),
+            "Failures to reach or talk to the upstream runtime",
+            self.upstream_errors.clone(),
+        );
+        let build = Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]);
+        r.register(format!("{p}build"), "The shim's build", build);
+        self
+    }
+
+    /// The series in the OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
+        out
+    }
+
+    /// A checkpoint started; the returned guard ends it.
+    pub fn checkpoint_started(&'static self) -> InFlight {
+        self.in_flight.inc();
+        InFlight(self)
+    }
+
+    pub fn checkpoint_answered(&self, code: tonic::Code) {
+        self.checkpoints
+            .get_or_create(&CodeLabel {
+                code: code_name(code as i32),
+            })
+            .inc();
+    }
+
+    pub fn checkpoint_done(&self, total: Duration, pause: Duration, written: u64) {
+        self.checkpoint_seconds.observe(total.as_secs_f64());
+        self.pause_seconds.observe(pause.as_secs_f64());
+        self.written_bytes.inc_by(written);
+    }
+
+    pub fn restore_answered(&self, code: tonic::Code) {
+        self.restores
+            .get_or_create(&CodeLabel {
+                code: code_name(code as i32),
+            })
+            .inc();
+    }
+
+    /// The label a forwarded call's path is counted under.
+    pub fn method_label(&self, path: &str) -> String {
+        let name = ["/runtime.v1.RuntimeService/", "/runtime.v1.ImageService/"]
+            .iter()
+            .find_map(|s| path.strip_prefix(s))
+            .filter(|n| !n.is_empty() && n.len() <= 64)
+            .filter(|n| n.bytes().all(|b| b.is_ascii_alphanumeric()));
+        let Some(name) = name else {
+            return "other".into();
+        };
+        let mut seen = self.methods.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.contains(name) || seen.len() < MAX_METHODS {
+            seen.insert(name.to_string());
+            return name.to_string();
+        }
+        "other".into()
+    }
+
+    /// A forwarded call ended with grpc-status `code` (a number, as sent).
+    pub fn forwarded(&self, method: String, code: i32) {
+        self.forwarded
+            .get_or_create(&CallLabels {
+                method,
+                code: code_name(code),
+            })
+            .inc();
+    }
+
+    pub fn relay_hop(&self, to_upstream: bool, took: Duration) {
+        let direction = if to_upstream {
+            "to_upstream"
+        } else {
+            "to_client"
+        };
+        self.relay_seconds
+            .get_or_create(&DirectionLabel { direction })
+            .observe(took.as_secs_f64());
+    }
+
+    /// `kind`: "connect" (the upstream's socket refused us) or "io" (a
+    /// connection to it failed midway).
+    pub fn upstream_error(&self, kind: &'static str) {
+        self.upstream_errors
+            .get_or_create(&KindLabel { kind })
+            .inc();
+    }
+}
+
+/// Counts a checkpoint as running until dropped.
+pub struct InFlight(&'static Metrics);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.dec();
+    }
+}
+
+/// gRPC's canonical code names, as grpc-go and the kubelet's metrics spell them.
+pub fn code_name(code: i32) -> &'static str {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    usize::try_from(code)
+        .ok()
+        .and_then(|i| NAMES.get(i))
+        .copied()
+        .unwrap_or("UNKNOWN")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_labels_are_capped_and_only_cri_names() {
+        let m = Metrics::new();
+        assert_eq!(
+            m.method_label("/runtime.v1.RuntimeService/Version"),
+            "Version"
+        );
+        assert_eq!(
+            m.method_label("/runtime.v1.ImageService/PullImage"),
+            "PullImage"
+        );
+        assert_eq!(m.method_label("/grpc.health.v1.Health/Check"), "other");
+        assert_eq!(m.method_label("/runtime.v1.RuntimeService/a{b}"), "other");
+        for i in 0..200 {
+            m.method_label(&format!("/runtime.v1.RuntimeService/Made{i}"));
+        }
+        assert_eq!(m.methods.lock().unwrap().len(), MAX_METHODS);
+        assert_eq!(
+            m.method_label("/runtime.v1.RuntimeService/Version"),
+            "Version"
+        );
+        assert_eq!(
+            m.method_label("/runtime.v1.RuntimeService/Made199"),
+            "other"
+        );
+        assert_eq!(
+            (code_name(0), code_name(14), code_name(99)),
+            ("OK", "UNAVAILABLE", "UNKNOWN")
+        );
+    }
+
+    #[test]
+    fn the_text_has_the_conventional_names() {
+        let m = Metrics::new();
+        m.checkpoint_answered(tonic::Code::NotFound);
+        m.checkpoint_done(Duration::from_millis(300), Duration::from_millis(40), 4096);
+        m.forwarded("Version".into(), 0);
+        let text = m.encode();
+        for line in [
+            "ckpt_shim_checkpoints_total{code=\"NOT_FOUND\"} 1",
+            "ckpt_shim_checkpoint_written_bytes_total 4096",
+            "ckpt_shim_checkpoint_pause_seconds_count 1",
+            "ckpt_shim_forwarded_calls_total{method=\"Version\",code=\"OK\"} 1",
+            "ckpt_shim_checkpoints_in_flight 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from\n{text}"
+            );
+        }
+        assert!(text.contains("ckpt_shim_build_info{version=\""), "{text}");
+    }
+}
