@@ -228,17 +228,25 @@ fn receive_sealed(
     let direct =
         member.starts_with("checkpoint/pages-") && !shared.direct.swap(true, Ordering::SeqCst);
     if !direct {
-        let mut own = encrypt::owned_slots(sealer.min_slots());
-        let slots = own.iter_mut().map(Vec::as_mut_slice).collect();
+        // Most images are small: read whole, CRIU goes on, sealed on this
+        // thread. Only one of more than a part goes through the workers.
+        let mut head = Vec::new();
+        (&mut pipe)
+            .take(PART as u64 + 1)
+            .read_to_end(&mut head)
+            .ctx(|| format!("receive {member} from CRIU"))?;
         let mut spool = CipherSpool::new(spool_dir);
-        let len = sealer.add_stream(
-            &mut spool,
-            member,
-            &mut pipe,
-            slots,
-            drained,
-            &shared.failed,
-        )?;
+        let len = if head.len() <= PART {
+            drained();
+            sealer.add_bytes(&mut spool, member, &head)?;
+            head.len() as u64
+        } else {
+            let mut own = encrypt::owned_slots(sealer.min_slots());
+            let slots = own.iter_mut().map(Vec::as_mut_slice).collect();
+            let mut source = std::io::Cursor::new(head).chain(pipe);
+            let failed = &shared.failed;
+            sealer.add_stream(&mut spool, member, &mut source, slots, drained, failed)?
+        };
         spool.append(&mut lock(&shared.w))?;
         return Ok(len);
     }

@@ -216,7 +216,10 @@ async fn containerd_answers_the_same_through_the_shim_as_directly() {
         .into_inner();
     // containerd's conditions, then the shim's own (tests/ops.rs checks its value).
     let (mut a, b) = (a.status.unwrap().conditions, b.status.unwrap().conditions);
-    assert_eq!(a.pop().map(|c| c.r#type).as_deref(), Some("CheckpointReady"));
+    assert_eq!(
+        a.pop().map(|c| c.r#type).as_deref(),
+        Some("CheckpointReady")
+    );
     assert_eq!(a, b);
     // A streaming method: whatever containerd answers (events, or UNIMPLEMENTED on
     // 1.6), the shim answers the same.

@@ -7,6 +7,12 @@
 //! full slots into parts (one per core: age runs at about 0.8 GB/s a core
 //! here), and the caller's thread writes the parts in order. A slot is free
 //! again once its part is encrypted.
+//!
+//! While the stream still flows and most slots are free, the workers wait
+//! ([`Gate`]): with the pages held in memory, the stream is CRIU dumping a
+//! frozen container, and encrypting alongside would take the two cores from
+//! CRIU and the reader, and so lengthen the pause. They start once the stream
+//! has ended (the container runs again) or the free slots run low.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -130,13 +136,21 @@ impl Sealer {
         let work_rx = Mutex::new(work_rx);
         let (done_tx, done_rx) = mpsc::channel::<Result<(usize, Vec<u8>, usize)>>();
         let pool: Mutex<Vec<Vec<u8>>> = Mutex::default();
+        let gate = Gate::new(nslots.saturating_sub(2 * self.workers));
         std::thread::scope(|s| {
-            let halt = &halt;
-            let reader = s.spawn(move || read_parts(source, &free_rx, work_tx, halt, ended));
+            let (halt, gate) = (&halt, &gate);
+            let reader = s.spawn(move || {
+                // However the reader ends (a panic too), the workers go on.
+                let _open = OpenOnDrop(gate);
+                read_parts(source, &free_rx, work_tx, halt, ended, gate)
+            });
             for _ in 0..self.workers {
                 let (done, free) = (done_tx.clone(), free_tx.clone());
                 let (work_rx, pool, failed) = (&work_rx, &pool, &failed);
-                s.spawn(move || self.encrypt_parts(work_rx, free, done, pool, failed));
+                s.spawn(move || {
+                    gate.wait();
+                    self.encrypt_parts(work_rx, free, done, pool, failed)
+                });
             }
             drop(done_tx);
             let written = write_in_order(sink, name, done_rx, &pool);
@@ -185,6 +199,52 @@ impl Sealer {
     }
 }
 
+/// Holds the workers back while the stream flows and slots are plenty: opens
+/// when `filled` reaches the slots that may fill before encryption must start,
+/// or when the reader ends.
+struct Gate {
+    open: Mutex<bool>,
+    opened: std::sync::Condvar,
+    may_fill: usize,
+}
+
+impl Gate {
+    fn new(may_fill: usize) -> Gate {
+        Gate {
+            open: Mutex::new(may_fill == 0),
+            opened: std::sync::Condvar::new(),
+            may_fill,
+        }
+    }
+
+    fn filled(&self, k: usize) {
+        if k >= self.may_fill {
+            self.open();
+        }
+    }
+
+    fn open(&self) {
+        *self.open.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.opened.notify_all();
+    }
+
+    fn wait(&self) {
+        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let _open = self
+            .opened
+            .wait_while(open, |o| !*o)
+            .unwrap_or_else(|p| p.into_inner());
+    }
+}
+
+struct OpenOnDrop<'g>(&'g Gate);
+
+impl Drop for OpenOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.open();
+    }
+}
+
 /// The reader: fills free slots from `source` and queues them, until the
 /// source ends (then `ended`) or `halt`.
 fn read_parts<'s>(
@@ -193,6 +253,7 @@ fn read_parts<'s>(
     work: mpsc::SyncSender<(usize, &'s mut [u8], usize)>,
     halt: &(dyn Fn() -> bool + Sync),
     ended: &(dyn Fn() + Sync),
+    gate: &Gate,
 ) -> Result<()> {
     let mut k = 0;
     loop {
@@ -218,6 +279,7 @@ fn read_parts<'s>(
             return Err(Error::Other("the sealing workers stopped".into()));
         }
         k += 1;
+        gate.filled(k);
         if last {
             break;
         }
