@@ -23,7 +23,7 @@ use crate::mountinfo::{self, Mount};
 use crate::safefs;
 use crate::seal::encrypt::{CipherSpool, SealWriter, Sealer};
 use crate::seal::Recipients;
-use crate::sink::{Cancelled, Member, Sink, Wait};
+use crate::sink::{Cancelled, Dumped, Member, Sink, Wait};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -286,17 +286,19 @@ async fn run(c: Container, opts: Options, mut cancelled: Cancelled) -> Result<Re
     let deadline = opts
         .deadline
         .unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 86400));
+    // Step 1: where the archive goes, its first members, and what CRIU is told.
     let target = Target::new(&opts.location)?;
     let stage = Stage::new(&target, &opts)?;
     let checkpointed = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
     let sealer = opts.seal.clone().map(|r| Arc::new(Sealer::new(r)));
     let head = head_members(c, &checkpointed, sealer.is_some());
     let hold = crate::hold::size_for(c.pid, opts.hold_budget).unwrap_or(0);
+    let descriptors = collect::descriptors(c.pid);
     let sink = Sink::open(
         &target,
         stage.path(),
         &head,
-        &collect::descriptors(c.pid),
+        &descriptors,
         (opts.stream, hold),
         sealer.clone(),
     )?;
@@ -304,51 +306,20 @@ async fn run(c: Container, opts: Options, mut cancelled: Cancelled) -> Result<Re
     let p = prepare(c, &stage, deadline, &opts.settings)?;
     ph.mark("prepare");
 
-    // Steps 2 and 3: CRIU starts, the container is frozen when CRIU reaches
-    // pre-dump (the rootfs diff starting then), and thawed once CRIU is done.
-    let freeze = FreezeAt::new(
-        p.freezer.clone(),
-        &c.id,
-        deadline,
-        opts.freeze_journal.clone(),
-    );
-    let diff_task = diff_when_frozen(&freeze, c, &p.mounts, stage.path(), sealer.clone());
-    let wait = Wait {
-        freeze: &freeze,
-        deadline,
-        grace: opts.criu.grace(),
-    };
-    let dumped = sink
-        .dump(&opts.criu, p.criu_opts, stage.path(), &wait, &mut cancelled)
-        .await;
-    let thawed = freeze.finish();
-    let dumped = dumped.map_err(|e| out_of_space(e, stage.path()))?;
-    let (frozen, was_paused) = thawed?;
+    // Steps 2 and 3: frozen, dumped, thawed.
+    let at = (stage.path(), deadline);
+    let d = dump_frozen(c, &opts, sink, p, at, sealer.clone(), &mut cancelled).await?;
     ph.mark("dump");
 
     // Step 4: the rest of what the archive holds.
-    let task = diff_task.lock().unwrap_or_else(|p| p.into_inner()).take();
-    let diff = match task {
-        Some(t) => Some(
-            t.await
-                .map_err(|e| Error::Other(format!("rootfs diff task: {e}")))??,
-        ),
-        None => None,
-    };
+    let (tail, diff_counts, stats) = collect_rest(c, d.diff_task, stage.path()).await?;
     ph.mark("rootfs-diff");
     expire_check(deadline, &cancelled, "rootfs diff")?;
-    let stats = std::fs::read(stage.path().join("stats-dump"))
-        .ok()
-        .and_then(|b| criu_rpc::stats::parse_dump_stats(&b).ok());
-    let (rootfs_entries, deleted_files) = diff
-        .as_ref()
-        .map_or((0, 0), |d| (d.diff.entries, d.diff.deleted.len()));
-    let tail = tail_members(c, stage.path(), diff);
 
     // Step 5.
-    let pages_held = dumped.held();
+    let pages_held = d.dumped.held();
     let expired = || expire_check(deadline, &cancelled, "archive");
-    let (archive_bytes, archive_written_bytes) = dumped.archive(
+    let (archive_bytes, archive_written_bytes) = d.dumped.archive(
         &target,
         stage.path(),
         (head, tail),
@@ -364,13 +335,83 @@ async fn run(c: Container, opts: Options, mut cancelled: Cancelled) -> Result<Re
         streamed,
         pages_held,
         phases: ph.list,
-        frozen,
-        was_paused,
+        frozen: d.frozen,
+        was_paused: d.was_paused,
         stats,
-        rootfs_entries,
-        deleted_files,
+        rootfs_entries: diff_counts.0,
+        deleted_files: diff_counts.1,
         cleanup: stage.remove_in_background(),
     })
+}
+
+/// What steps 2 and 3 leave: CRIU's images (or where they went), how long the
+/// container was frozen, and the rootfs diff under way.
+struct Frozen {
+    dumped: Dumped,
+    frozen: Duration,
+    was_paused: bool,
+    diff_task: Option<DiffTask>,
+}
+
+/// Steps 2 and 3: CRIU starts, the container is frozen when CRIU reaches
+/// pre-dump (the rootfs diff starting then), and thawed once CRIU is done.
+async fn dump_frozen(
+    c: &Container,
+    opts: &Options,
+    sink: Sink,
+    p: Prepared,
+    (staging, deadline): (&Path, Instant),
+    sealer: Option<Arc<Sealer>>,
+    cancelled: &mut Cancelled,
+) -> Result<Frozen> {
+    let freeze = FreezeAt::new(
+        p.freezer.clone(),
+        &c.id,
+        deadline,
+        opts.freeze_journal.clone(),
+    );
+    let diff_task = diff_when_frozen(&freeze, c, &p.mounts, staging, sealer);
+    let wait = Wait {
+        freeze: &freeze,
+        deadline,
+        grace: opts.criu.grace(),
+    };
+    let dumped = sink
+        .dump(&opts.criu, p.criu_opts, staging, &wait, cancelled)
+        .await;
+    let thawed = freeze.finish();
+    let dumped = dumped.map_err(|e| out_of_space(e, staging))?;
+    let (frozen, was_paused) = thawed?;
+    let diff_task = diff_task.lock().unwrap_or_else(|p| p.into_inner()).take();
+    Ok(Frozen {
+        dumped,
+        frozen,
+        was_paused,
+        diff_task,
+    })
+}
+
+/// Step 4: the members after CRIU's images, once the rootfs diff is done;
+/// with the diff's (entries, deleted paths) and CRIU's statistics.
+async fn collect_rest(
+    c: &Container,
+    diff_task: Option<DiffTask>,
+    staging: &Path,
+) -> Result<(Vec<Member>, (u64, usize), Option<DumpStatsEntry>)> {
+    let diff = match diff_task {
+        Some(t) => Some(
+            t.await
+                .map_err(|e| Error::Other(format!("rootfs diff task: {e}")))??,
+        ),
+        None => None,
+    };
+    let stats = std::fs::read(staging.join("stats-dump"))
+        .ok()
+        .and_then(|b| criu_rpc::stats::parse_dump_stats(&b).ok());
+    let counts = diff
+        .as_ref()
+        .map_or((0, 0), |d| (d.diff.entries, d.diff.deleted.len()));
+    Ok((tail_members(c, staging, diff), counts, stats))
 }
 
 /// CRIU reports a full disk only in its log, which cannot be written then either:
