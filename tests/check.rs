@@ -1,6 +1,7 @@
 //! `ckpt-shim check`, the node preflight, run as the built binary.
 
-use std::os::unix::fs::PermissionsExt;
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -36,13 +37,7 @@ fn result<'a>(stdout: &'a str, name: &str) -> &'a str {
 #[test]
 fn a_failing_criu_check_fails_the_preflight() {
     let d = tempfile::tempdir().unwrap();
-    let stub = d.path().join("criu");
-    std::fs::write(
-        &stub,
-        "#!/bin/sh\ncase \"$1\" in\n  --version) echo 'Version: 4.1.1' ;;\n  check) echo 'Error: stub kernel lacks everything' >&2; exit 1 ;;\nesac\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let stub = common::criu_stub(d.path(), "Error: stub kernel lacks everything");
     let out = check(d.path(), &stub);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{stdout}");

@@ -26,16 +26,7 @@ fn spec(image: &str) -> Option<cri::ImageSpec> {
 
 /// Runs the built `ckpt-shim` with `args`; its stdout.
 fn ckpt_shim(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_ckpt-shim"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ckpt-shim {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    common::run_ok(Command::new(env!("CARGO_BIN_EXE_ckpt-shim")).args(args))
 }
 
 /// buildah with its own storage in `root` (vfs: nothing mounted).

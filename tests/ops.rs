@@ -144,18 +144,8 @@ async fn metrics_count_checkpoints_failures_and_forwarded_calls() {
 /// the shim's `Status`, and the keys of its verbose info.
 fn conditions(sock: &Path) -> (Vec<serde_json::Value>, Vec<String>) {
     let py = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/cri_client.py");
-    let out = Command::new(PYTHON)
-        .arg(py)
-        .arg(sock)
-        .arg("status")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = common::run_ok(Command::new(PYTHON).arg(py).arg(sock).arg("status"));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let info = v["info"]
         .as_array()
         .unwrap()
@@ -195,14 +185,7 @@ async fn checkpoint_ready_is_true_here_and_false_with_a_failing_criu() {
     assert_eq!((info.clone(), info.is_empty()), (direct_info, false));
 
     // A CRIU whose `criu check` fails: not ready, and why.
-    let stub = env.dir.join("criu-stub");
-    std::fs::write(
-        &stub,
-        "#!/bin/sh\ncase \"$1\" in\n  --version) echo 'Version: 4.1.1' ;;\n  check) echo 'Error: stub kernel lacks everything' >&2; exit 1 ;;\nesac\n",
-    )
-    .unwrap();
-    let exec = std::os::unix::fs::PermissionsExt::from_mode(0o755);
-    std::fs::set_permissions(&stub, exec).unwrap();
+    let stub = common::criu_stub(&env.dir, "Error: stub kernel lacks everything");
     std::fs::write(&env.config, format!("criu = \"{}\"\n", stub.display())).unwrap();
     env.kill_shim();
     env.spawn_shim();

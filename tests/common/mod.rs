@@ -40,13 +40,31 @@ pub fn require(tools: &[&str]) {
 }
 
 pub fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
+    run_ok(Command::new("sh").arg("-c").arg(cmd))
+}
+
+/// Runs `cmd` to its end; its stdout. Fails the test, with the command and
+/// its stderr, if it does not succeed.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
         out.status.success(),
-        "`{cmd}` failed: {}",
+        "{cmd:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A `criu` that reports 4.1.1 and whose `criu check` fails with `why`.
+pub fn criu_stub(dir: &Path, why: &str) -> PathBuf {
+    let stub = dir.join("criu-stub");
+    let script = format!(
+        "#!/bin/sh\ncase \"$1\" in\n  --version) echo 'Version: 4.1.1' ;;\n  check) echo '{why}' >&2; exit 1 ;;\nesac\n"
+    );
+    std::fs::write(&stub, script).unwrap();
+    let exec = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+    std::fs::set_permissions(&stub, exec).unwrap();
+    stub
 }
 
 /// The image: busybox-static plus the counter workload (hack/build-image.sh).
