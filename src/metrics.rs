@@ -14,7 +14,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::info::Info;
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::registry::{Metric, Registry, Unit};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabel {
@@ -88,58 +88,66 @@ impl Metrics {
 
     fn register(mut self) -> Metrics {
         let r = &mut self.registry;
-        let p = "ckpt_shim_";
-        r.register(
-            format!("{p}checkpoints"),
+        let secs = Some(Unit::Seconds);
+        add(
+            r,
+            "checkpoints",
             "CheckpointContainer calls answered, by gRPC code",
+            None,
             self.checkpoints.clone(),
         );
-        r.register_with_unit(
-            format!("{p}checkpoint_duration"),
+        add(
+            r,
+            "checkpoint_duration",
             "Time from the request to the answer of successful checkpoints",
-            Unit::Seconds,
+            secs.clone(),
             self.checkpoint_seconds.clone(),
         );
-        r.register_with_unit(
-            format!("{p}checkpoint_pause"),
+        add(
+            r,
+            "checkpoint_pause",
             "How long successful checkpoints kept the container frozen",
-            Unit::Seconds,
+            secs.clone(),
             self.pause_seconds.clone(),
         );
-        r.register_with_unit(
-            format!("{p}checkpoint_written"),
+        add(
+            r,
+            "checkpoint_written",
             "Archive bytes written by successful checkpoints",
-            Unit::Bytes,
+            Some(Unit::Bytes),
             self.written_bytes.clone(),
         );
-        r.register(
-            format!("{p}checkpoints_in_flight"),
+        add(
+            r,
+            "checkpoints_in_flight",
             "Checkpoints running now",
+            None,
             self.in_flight.clone(),
         );
-        r.register(
-            format!("{p}restores"),
+        add(
+            r,
+            "restores",
             "CreateContainer calls that restore a checkpoint, by gRPC code",
+            None,
             self.restores.clone(),
         );
-        r.register(
-            format!("{p}forwarded_calls"),
+        add(
+            r,
+            "forwarded_calls",
             "Calls handed on to the upstream runtime, by method and its gRPC code",
+            None,
             self.forwarded.clone(),
         );
-        r.register_with_unit(
-            format!("{p}relay"),
-            "The shim's own part of a forwarded call's latency: from reading a batch of frames to having written it on, per direction",
-            Unit::Seconds,
-            self.relay_seconds.clone(),
-        );
-        r.register(
-            format!("{p}upstream_errors"),
+        add(r, "relay", "The shim's own part of a forwarded call's latency: from reading a batch of frames to having written it on, per direction", secs, self.relay_seconds.clone());
+        add(
+            r,
+            "upstream_errors",
             "Failures to reach or talk to the upstream runtime",
+            None,
             self.upstream_errors.clone(),
         );
         let build = Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]);
-        r.register(format!("{p}build"), "The shim's build", build);
+        add(r, "build", "The shim's build", None, build);
         self
     }
 
@@ -224,6 +232,16 @@ impl Metrics {
         self.upstream_errors
             .get_or_create(&KindLabel { kind })
             .inc();
+    }
+}
+
+/// Registers `m` as `ckpt_shim_<name>`; the unit and the type's suffix
+/// (`_seconds`, `_total`, …) are appended by the encoder.
+fn add(r: &mut Registry, name: &str, help: &str, unit: Option<Unit>, m: impl Metric) {
+    let name = format!("ckpt_shim_{name}");
+    match unit {
+        Some(u) => r.register_with_unit(name, help, u, m),
+        None => r.register(name, help, m),
     }
 }
 
