@@ -156,6 +156,9 @@ async fn a_checkpoint_image_travels_through_a_registry_and_restores_by_tag_id_an
     let resolved = image_status(&mut images, &tag).await.image.unwrap().id;
     restore_from(&mut b, &mut cb, "by-id", &resolved, counts).await;
     restore_from(&mut b, &mut cb, "by-digest", &by_digest, counts).await;
+    // Its layer is uncompressed: read where containerd keeps it, not copied.
+    let local = "restoring from the layer in the runtime's content store";
+    assert_eq!(b.shim_log().matches(local).count(), 3, "{}", b.shim_log());
 
     // buildah, as the Kubernetes docs build one: the archive's files at / in a
     // scratch image, with only CRI-O's manifest annotation.
@@ -215,6 +218,8 @@ async fn a_checkpoint_image_travels_through_a_registry_and_restores_by_tag_id_an
     );
     pull(&mut images, &bh_digest).await;
     restore_from(&mut b, &mut cb, "buildah-digest", &bh_digest, counts).await;
+    // buildah's layers are gzip: read through the content API and uncompressed.
+    assert_eq!(b.shim_log().matches(local).count(), 3, "{}", b.shim_log());
 
     // Node A's original runs on; B keeps nothing of the images it read.
     a.assert_running(&mut ca, &orig).await;

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use containerd_client::services::v1::{
     leases_client::LeasesClient, CreateImageRequest, GetImageRequest, Image, ReadContentRequest,
@@ -319,6 +319,30 @@ async fn read_into(ch: &Channel, digest: &str, out: &mut (dyn Write + Send)) -> 
         n += chunk.data.len() as u64;
     }
     Ok(n)
+}
+
+/// The layer's blob in containerd's content store under `root` (its
+/// `containerdRootDir`), where it can be read as the archive itself: an
+/// uncompressed layer, a sha256 digest, and a root-owned regular file of the
+/// layer's size that nobody else can write. containerd verified the digest
+/// when the blob came in, and only root can change it since. `None` sends the
+/// caller through the content API instead.
+pub fn local_blob(root: &Path, layer: &Descriptor) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let compressed = ["gzip", "zstd"]
+        .iter()
+        .any(|c| layer.media_type.ends_with(c));
+    let hex = layer.digest.strip_prefix("sha256:")?;
+    let hex_ok = hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if compressed || !hex_ok {
+        return None;
+    }
+    let path = root
+        .join("io.containerd.content.v1.content/blobs/sha256")
+        .join(hex);
+    let m = std::fs::symlink_metadata(&path).ok()?;
+    let safe = m.file_type().is_file() && m.uid() == 0 && m.mode() & 0o022 == 0;
+    (safe && m.len() == layer.size as u64).then_some(path)
 }
 
 /// Writes the checkpoint archive a checkpoint image's layer holds into

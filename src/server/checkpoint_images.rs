@@ -9,13 +9,18 @@
 //! lookup the first time only. A runtime without containerd's API (CRI-O, which
 //! restores checkpoint images itself) answers Unimplemented once and is never
 //! asked again.
+//!
+//! An uncompressed layer is read where containerd keeps it, in its content
+//! store on this node, as the archive itself: no copy through the content API.
+//! containerd names its root in the CRI `Status` answer's verbose config.
 
 use std::collections::HashSet;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use super::upstream::Upstream;
-use crate::cri::{ImageSpec, ImageStatusRequest};
+use crate::cri::{ImageSpec, ImageStatusRequest, StatusRequest};
 use crate::error::Result;
 use crate::image::containerd::{self, Found};
 
@@ -23,6 +28,8 @@ use crate::image::containerd::{self, Found};
 pub struct CheckpointImages {
     ordinary: Mutex<HashSet<String>>,
     no_containerd: AtomicBool,
+    /// containerd's root dir, once known (`None`: the runtime does not say).
+    content_root: tokio::sync::OnceCell<Option<PathBuf>>,
 }
 
 impl CheckpointImages {
@@ -69,6 +76,23 @@ impl CheckpointImages {
             }
             r => r,
         }
+    }
+
+    /// The layer of `found` as a file in the runtime's content store on this
+    /// node, if it can serve as the archive itself (see
+    /// [`containerd::local_blob`]).
+    pub async fn local_layer(&self, up: &Upstream, found: &Found) -> Option<PathBuf> {
+        let root = self
+            .content_root
+            .get_or_init(|| async {
+                let req = StatusRequest { verbose: true };
+                let info = up.runtime().status(req).await.ok()?.into_inner().info;
+                let config: serde_json::Value = serde_json::from_str(info.get("config")?).ok()?;
+                config["containerdRootDir"].as_str().map(PathBuf::from)
+            })
+            .await
+            .as_ref()?;
+        containerd::local_blob(root, &found.layer)
     }
 
     fn is_ordinary(&self, image: &str) -> bool {

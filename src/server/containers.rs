@@ -197,6 +197,10 @@ impl Containers {
             Source::Archive(p) => return Ok((p, None)),
             Source::Image(found) => found,
         };
+        if let Some(blob) = self.images.local_layer(&self.upstream, &found).await {
+            tracing::info!(image = %found.name, blob = %blob.display(), "restoring from the layer in the runtime's content store");
+            return Ok((blob, None));
+        }
         let staging = Staging::new(&self.root)?;
         let path = staging.path().join("checkpoint.tar");
         let file = crate::safefs::create_new(&path, 0o600)?;
