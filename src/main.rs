@@ -2,7 +2,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use ckpt_shim::checkpoint::{self, Options};
 use ckpt_shim::dump::DumpSettings;
@@ -24,6 +24,37 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// What `serve` and `check` both read: the TOML file, and the flags that win over it.
+#[derive(Args)]
+struct Settings {
+    /// The real runtime's CRI endpoint [default: unix:///run/containerd/containerd.sock].
+    #[arg(long)]
+    upstream: Option<String>,
+    /// TOML settings (absent is fine at the default path).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Parent dir for staging [default: beside each archive].
+    #[arg(long)]
+    staging_dir: Option<PathBuf>,
+}
+
+impl Settings {
+    /// The file's settings with these flags, and `--criu`, over them.
+    fn load(self, criu: Option<PathBuf>) -> ckpt_shim::Result<Config> {
+        let mut cfg = Config::load(self.config)?;
+        if let Some(v) = self.upstream {
+            cfg.upstream = v;
+        }
+        if let Some(v) = self.staging_dir {
+            cfg.staging_dir = Some(v);
+        }
+        if let Some(v) = criu {
+            cfg.criu = v;
+        }
+        Ok(cfg)
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Serve CRI runtime.v1 on a unix socket: CheckpointContainer natively, all else forwarded.
@@ -31,15 +62,8 @@ enum Cmd {
         /// Socket to listen on [default: /run/ckpt-shim/ckpt-shim.sock].
         #[arg(long)]
         listen: Option<PathBuf>,
-        /// The real runtime's CRI endpoint [default: unix:///run/containerd/containerd.sock].
-        #[arg(long)]
-        upstream: Option<String>,
-        /// TOML settings (absent is fine at the default path).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Parent dir for staging [default: beside each archive].
-        #[arg(long)]
-        staging_dir: Option<PathBuf>,
+        #[command(flatten)]
+        settings: Settings,
         /// Log filter, e.g. info or debug [default: info].
         #[arg(long)]
         log_level: Option<String>,
@@ -65,15 +89,8 @@ enum Cmd {
     /// Can this node checkpoint? Checks CRIU, the kernel, capabilities, the
     /// directories and the upstream runtime; exits non-zero if any check fails.
     Check {
-        /// The real runtime's CRI endpoint [default: unix:///run/containerd/containerd.sock].
-        #[arg(long)]
-        upstream: Option<String>,
-        /// TOML settings, as `serve` reads them (absent is fine at the default path).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Parent dir for staging [default: beside each archive].
-        #[arg(long)]
-        staging_dir: Option<PathBuf>,
+        #[command(flatten)]
+        settings: Settings,
     },
     /// Checkpoint a running container of an OCI runtime (runc/crun state dir) into one archive.
     Checkpoint {
@@ -202,9 +219,7 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
     match cli.cmd {
         Cmd::Serve {
             listen,
-            upstream,
-            config,
-            staging_dir,
+            settings,
             log_level,
             runc_root,
             restore_dir,
@@ -212,7 +227,7 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
             identity,
             metrics_listen,
         } => {
-            let mut cfg = Config::load(config)?;
+            let mut cfg = settings.load(cli.criu)?;
             if !encrypt_to.is_empty() {
                 cfg.encrypt_to = encrypt_to;
             }
@@ -223,17 +238,8 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
             if let Some(v) = listen {
                 cfg.listen = v;
             }
-            if let Some(v) = upstream {
-                cfg.upstream = v;
-            }
-            if let Some(v) = staging_dir {
-                cfg.staging_dir = Some(v);
-            }
             if let Some(v) = log_level {
                 cfg.log_level = v;
-            }
-            if let Some(v) = cli.criu {
-                cfg.criu = v;
             }
             if let Some(v) = runc_root {
                 cfg.runc_root = v;
@@ -250,22 +256,8 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
             // still open and their tasks end with the process.
             std::process::exit(0);
         }
-        Cmd::Check {
-            upstream,
-            config,
-            staging_dir,
-        } => {
-            let mut cfg = Config::load(config)?;
-            // Flags win over the file.
-            if let Some(v) = upstream {
-                cfg.upstream = v;
-            }
-            if let Some(v) = staging_dir {
-                cfg.staging_dir = Some(v);
-            }
-            if let Some(v) = cli.criu {
-                cfg.criu = v;
-            }
+        Cmd::Check { settings } => {
+            let cfg = settings.load(cli.criu)?;
             let checks = preflight::run_checks(&cfg).await;
             print!("{}", preflight::table(&checks));
             let failed = preflight::failures(&checks);

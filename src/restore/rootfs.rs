@@ -3,13 +3,24 @@
 
 use std::fs::File;
 use std::os::unix::fs::DirBuilderExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::Spec;
 
 use crate::archive::safe_member_name;
 use crate::error::{Context, Error, Result};
 use crate::safefs;
+
+/// The root file system a bundle's spec names: `root.path`, relative to the
+/// bundle unless absolute (`rootfs` when the spec has no root).
+pub fn bundle_rootfs(spec: &Spec, bundle: &Path) -> PathBuf {
+    let root = spec
+        .root()
+        .as_ref()
+        .map(|r| r.path().clone())
+        .unwrap_or_else(|| "rootfs".into());
+    bundle.join(root)
+}
 
 /// Applies `rootfs-diff.tar` and then `deleted.files` onto `rootfs`.
 pub fn apply_rootfs_diff(extracted: &Path, rootfs: &Path) -> Result<()> {

@@ -124,16 +124,7 @@ fn restore(inv: &Invocation, s: &Staged) -> Result<()> {
     let bundle = PathBuf::from(inv.option(&["--bundle", "-b"]).unwrap_or(OsStr::new(".")));
     let spec = Spec::load(bundle.join("config.json"))
         .map_err(|e| Error::Other(format!("{}/config.json: {e}", bundle.display())))?;
-    let root = spec
-        .root()
-        .as_ref()
-        .map(|r| r.path().clone())
-        .unwrap_or_else(|| "rootfs".into());
-    let rootfs = if root.is_absolute() {
-        root
-    } else {
-        bundle.join(root)
-    };
+    let rootfs = super::rootfs::bundle_rootfs(&spec, &bundle);
     super::apply_rootfs_diff(&s.dir, &rootfs)?;
     rename_uts(&spec, &s.images())?;
     std::fs::create_dir_all(s.work()).ctx(|| format!("create {}", s.work().display()))?;

@@ -55,16 +55,7 @@ pub async fn restore(o: &RestoreOptions) -> Result<i32> {
         &std::fs::read(&config).ctx(|| format!("read {}", config.display()))?,
     )
     .map_err(|e| Error::InvalidArgument(format!("{}: {e}", config.display())))?;
-    let root = spec
-        .root()
-        .as_ref()
-        .map(|r| r.path().clone())
-        .unwrap_or_else(|| "rootfs".into());
-    let rootfs = if root.is_absolute() {
-        root
-    } else {
-        o.bundle.join(root)
-    };
+    let rootfs = super::rootfs::bundle_rootfs(&spec, &o.bundle);
     apply_rootfs_diff(&x, &rootfs)?;
     create_mount_points(&spec, &rootfs)?;
 

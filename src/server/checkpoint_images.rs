@@ -28,8 +28,8 @@ use crate::image::containerd::{self, Found};
 pub struct CheckpointImages {
     ordinary: Mutex<HashSet<String>>,
     no_containerd: AtomicBool,
-    /// containerd's root dir, once known (`None`: the runtime does not say).
-    content_root: tokio::sync::OnceCell<Option<PathBuf>>,
+    /// containerd's root dir, once the runtime has named it.
+    content_root: tokio::sync::OnceCell<PathBuf>,
 }
 
 impl CheckpointImages {
@@ -82,16 +82,27 @@ impl CheckpointImages {
     /// node, if it can serve as the archive itself (see
     /// [`containerd::local_blob`]).
     pub async fn local_layer(&self, up: &Upstream, found: &Found) -> Option<PathBuf> {
+        // Not remembered when unknown: a runtime briefly away may say next time.
         let root = self
             .content_root
-            .get_or_init(|| async {
+            .get_or_try_init(|| async {
                 let req = StatusRequest { verbose: true };
-                let info = up.runtime().status(req).await.ok()?.into_inner().info;
-                let config: serde_json::Value = serde_json::from_str(info.get("config")?).ok()?;
-                config["containerdRootDir"].as_str().map(PathBuf::from)
+                let info = up
+                    .runtime()
+                    .status(req)
+                    .await
+                    .map_err(drop)?
+                    .into_inner()
+                    .info;
+                let config = info.get("config").ok_or(())?;
+                let config: serde_json::Value = serde_json::from_str(config).map_err(drop)?;
+                config["containerdRootDir"]
+                    .as_str()
+                    .map(PathBuf::from)
+                    .ok_or(())
             })
             .await
-            .as_ref()?;
+            .ok()?;
         containerd::local_blob(root, &found.layer)
     }
 

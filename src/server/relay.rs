@@ -279,6 +279,11 @@ impl Block {
     fn ends_stream(&self) -> bool {
         self.flags & frame::END_STREAM != 0
     }
+
+    /// Re-encodes the block, as `fields`, with `codec`'s context into `out`.
+    fn put(&self, codec: &mut HeaderCodec, out: &mut BytesMut, fields: &Fields) {
+        codec.put(out, self.stream, fields, self.ends_stream(), self.priority);
+    }
 }
 
 /// A stream the shim answers itself.
@@ -387,7 +392,7 @@ impl ClientSide {
             }
             frame::RST_STREAM if !owned => {
                 self.watched.remove(&f.stream);
-                if let Some(method) = self.flow().calls.remove(&f.stream) {
+                if let Some(method) = lock(&self.flow).calls.remove(&f.stream) {
                     crate::metrics::get().forwarded(method, tonic::Code::Cancelled as i32);
                 }
                 self.out.extend_from_slice(&f.raw)
@@ -438,20 +443,14 @@ impl ClientSide {
                 return Ok(());
             }
             let label = crate::metrics::get().method_label(&path);
-            self.flow().calls.insert(b.stream, label);
+            lock(&self.flow).calls.insert(b.stream, label);
             if self.owner.watches(&path) {
                 self.watched
                     .insert(b.stream, (path.into_owned(), BytesMut::new()));
             }
         }
         headers::fix_authority(&mut fields);
-        self.codec.put(
-            &mut self.out,
-            b.stream,
-            &fields,
-            b.ends_stream(),
-            b.priority,
-        );
+        b.put(&mut self.codec, &mut self.out, &fields);
         Ok(())
     }
 
@@ -577,10 +576,6 @@ impl ClientSide {
     fn client(&self, m: ToClient) {
         let _ = self.to_client.send(m);
     }
-
-    fn flow(&self) -> std::sync::MutexGuard<'_, Flow> {
-        lock(&self.flow)
-    }
 }
 
 /// Reads the upstream, forwards to the client, and writes the shim's replies.
@@ -667,13 +662,7 @@ impl UpstreamSide {
                             .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok());
                         self.answered(b.stream, code.unwrap_or(tonic::Code::Unknown as i32));
                     }
-                    self.codec.put(
-                        &mut self.out,
-                        b.stream,
-                        &fields,
-                        b.ends_stream(),
-                        b.priority,
-                    );
+                    b.put(&mut self.codec, &mut self.out, &fields);
                 }
                 return Ok(());
             }
