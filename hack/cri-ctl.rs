@@ -42,36 +42,14 @@ async fn main() -> Res<()> {
         }
         ("restore", [pod, archive]) => {
             let logs = std::env::temp_dir().join(format!("cri-ctl-logs-{pod}"));
-            std::fs::create_dir_all(&logs)?;
-            let sb = sandbox(pod, "/ckpt-shim-bench", &logs, false);
-            let p = c
-                .run_pod_sandbox(cri::RunPodSandboxRequest {
-                    config: Some(sb.clone()),
-                    runtime_handler: String::new(),
-                })
-                .await?
-                .into_inner()
-                .pod_sandbox_id;
-            let mut config = counter("counter", 0, 1000, false);
-            config.image = Some(cri::ImageSpec {
-                image: archive.clone(),
-                ..Default::default()
-            });
+            let pod = new_pod(&mut c, pod, "/ckpt-shim-bench", &logs).await?;
             let t = std::time::Instant::now();
-            let id = c
-                .create_container(cri::CreateContainerRequest {
-                    pod_sandbox_id: p.clone(),
-                    config: Some(config),
-                    sandbox_config: Some(sb),
-                })
-                .await?
-                .into_inner()
-                .container_id;
+            let id = create_counter(&mut c, &pod, Some(archive), 0, 1000).await?;
             c.start_container(cri::StartContainerRequest {
                 container_id: id.clone(),
             })
             .await?;
-            println!("{p} {id} {:.1}", t.elapsed().as_secs_f64() * 1e3);
+            println!("{} {id} {:.1}", pod.0, t.elapsed().as_secs_f64() * 1e3);
         }
         ("pull", [image]) => {
             let t = std::time::Instant::now();

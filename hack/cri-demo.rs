@@ -122,33 +122,12 @@ async fn main() -> Res<()> {
     // The restore, as CRI-O takes it: a new pod, and CreateContainer with the
     // archive as the image. The runtime (containerd, through ckpt-runc) owns it.
     let logs = work.join("logs-restored");
-    std::fs::create_dir_all(&logs)?;
-    let sb = sandbox("demo-restored", "/ckpt-shim-demo", &logs, false);
     let started = Instant::now();
-    let pod2 = c
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(sb.clone()),
-            runtime_handler: String::new(),
-        })
-        .await?
-        .into_inner()
-        .pod_sandbox_id;
+    let pod2 = new_pod(&mut c, "demo-restored", "/ckpt-shim-demo", &logs).await?;
     let pod_ms = started.elapsed().as_secs_f64() * 1e3;
-    let mut cfg = counter("counter", 0, 200, false);
-    cfg.image = Some(cri::ImageSpec {
-        image: archive.to_string_lossy().into_owned(),
-        ..Default::default()
-    });
     let started = Instant::now();
-    let id2 = c
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: pod2.clone(),
-            config: Some(cfg),
-            sandbox_config: Some(sb),
-        })
-        .await?
-        .into_inner()
-        .container_id;
+    let image = archive.to_string_lossy();
+    let id2 = create_counter(&mut c, &pod2, Some(&image), 0, 200).await?;
     c.start_container(cri::StartContainerRequest {
         container_id: id2.clone(),
     })

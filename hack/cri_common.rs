@@ -119,6 +119,54 @@ pub async fn exec(c: &mut Client, id: &str, script: &str) -> Res<String> {
     Ok(String::from_utf8_lossy(&r.stdout).trim().to_string())
 }
 
+/// Runs a new pod; its id and config.
+pub async fn new_pod(
+    c: &mut Client,
+    pod_name: &str,
+    cgroup_parent: &str,
+    logs: &Path,
+) -> Res<(String, cri::PodSandboxConfig)> {
+    std::fs::create_dir_all(logs)?;
+    let sb = sandbox(pod_name, cgroup_parent, logs, false);
+    let pod = c
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(sb.clone()),
+            runtime_handler: String::new(),
+        })
+        .await?
+        .into_inner()
+        .pod_sandbox_id;
+    Ok((pod, sb))
+}
+
+/// Creates the counter container in `pod` from `image` (the counter's image,
+/// or a checkpoint); its id.
+pub async fn create_counter(
+    c: &mut Client,
+    pod: &(String, cri::PodSandboxConfig),
+    image: Option<&str>,
+    mib: u32,
+    interval_ms: u32,
+) -> Res<String> {
+    let mut config = counter("counter", mib, interval_ms, false);
+    if let Some(image) = image {
+        config.image = Some(cri::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        });
+    }
+    let id = c
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.0.clone(),
+            config: Some(config),
+            sandbox_config: Some(pod.1.clone()),
+        })
+        .await?
+        .into_inner()
+        .container_id;
+    Ok(id)
+}
+
 /// Runs a pod and creates a container from `image` (the counter's image, or a
 /// checkpoint) in it; returns (pod id, container id).
 pub async fn create_in_new_pod(
@@ -130,33 +178,9 @@ pub async fn create_in_new_pod(
     mib: u32,
     interval_ms: u32,
 ) -> Res<(String, String)> {
-    std::fs::create_dir_all(logs)?;
-    let sb = sandbox(pod_name, cgroup_parent, logs, false);
-    let pod = c
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(sb.clone()),
-            runtime_handler: String::new(),
-        })
-        .await?
-        .into_inner()
-        .pod_sandbox_id;
-    let mut config = counter("counter", mib, interval_ms, false);
-    if let Some(image) = image {
-        config.image = Some(cri::ImageSpec {
-            image: image.into(),
-            ..Default::default()
-        });
-    }
-    let id = c
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: pod.clone(),
-            config: Some(config),
-            sandbox_config: Some(sb),
-        })
-        .await?
-        .into_inner()
-        .container_id;
-    Ok((pod, id))
+    let pod = new_pod(c, pod_name, cgroup_parent, logs).await?;
+    let id = create_counter(c, &pod, image, mib, interval_ms).await?;
+    Ok((pod.0, id))
 }
 
 /// Creates and starts a counter in a new pod; returns (pod id, container id)

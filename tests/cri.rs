@@ -8,10 +8,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
 
-use ckpt_shim::dump::DumpSettings;
-use ckpt_shim::restore::{restore, RestoreOptions};
+use ckpt_shim::restore::restore;
 use common::cri::{Client, Env};
-use common::{assert_resumed, drained_pipe, entries, out_dir, Overlay, Restored};
+use common::{assert_resumed, entries, out_dir, restore_opts, Overlay, Restored};
 use k8s_cri::v1 as cri;
 use tonic::Code;
 
@@ -142,15 +141,12 @@ async fn pod_checkpointed_through_the_shim_is_restored_and_continues() {
     .unwrap();
     let target = tempfile::tempdir().unwrap();
     let ov = Overlay::on(&lower, target.path());
-    let pid = restore(&RestoreOptions {
-        archive: archive.clone(),
-        bundle: target.path().to_path_buf(),
-        id: "restored".into(),
-        criu: criu_rpc::Criu::new("criu"),
-        settings: DumpSettings::default(),
-        stdio: Some(drained_pipe()),
-        identities: Default::default(),
-    })
+    let pid = restore(&restore_opts(
+        &archive,
+        target.path(),
+        "restored",
+        Default::default(),
+    ))
     .await
     .unwrap();
     let restored = Restored {

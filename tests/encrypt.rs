@@ -12,8 +12,7 @@ use std::sync::Arc;
 
 use age::secrecy::ExposeSecret;
 use ckpt_shim::checkpoint::{checkpoint, Options};
-use ckpt_shim::dump::DumpSettings;
-use ckpt_shim::restore::{restore, Checkpoint, RestoreOptions};
+use ckpt_shim::restore::{restore, Checkpoint};
 use ckpt_shim::seal::{Identities, Recipients};
 use ckpt_shim::{locate, Error};
 use common::*;
@@ -55,16 +54,10 @@ fn identities(keys: &[&Key]) -> Arc<Identities> {
 
 fn opts(location: &Path, seal: Option<Arc<Recipients>>) -> Options {
     Options {
-        location: location.to_path_buf(),
-        deadline: None,
-        criu: criu_rpc::Criu::new("criu"),
-        settings: DumpSettings::default(),
-        staging_dir: None,
-        freeze_journal: None,
         durable: false,
         stream: true,
-        hold_budget: 0,
         seal,
+        ..checkpoint_opts(location)
     }
 }
 
@@ -211,15 +204,13 @@ async fn an_encrypted_checkpoint_keeps_no_plaintext_and_the_identity_restores_it
     c.kill();
     let target = tempfile::tempdir().unwrap();
     let ov = Overlay::new(target.path());
-    let pid = restore(&RestoreOptions {
-        archive: sealed.clone(),
-        bundle: target.path().to_path_buf(),
-        id: "enc-marker-restored".into(),
-        criu: criu_rpc::Criu::new("criu"),
-        settings: DumpSettings::default(),
-        stdio: Some(drained_pipe()),
-        identities: identities(&[&age]),
-    })
+    let ids = identities(&[&age]);
+    let pid = restore(&restore_opts(
+        &sealed,
+        target.path(),
+        "enc-marker-restored",
+        ids,
+    ))
     .await
     .unwrap();
     let cgroup = format!(
@@ -259,15 +250,12 @@ async fn wrong_keys_changed_bytes_and_loose_identities_are_refused() {
 
     let try_restore = |archive: PathBuf, ids: Arc<Identities>| async move {
         let bundle = tempfile::tempdir().unwrap();
-        let r = restore(&RestoreOptions {
-            archive,
-            bundle: bundle.path().to_path_buf(),
-            id: "enc-bad-restored".into(),
-            criu: criu_rpc::Criu::new("criu"),
-            settings: DumpSettings::default(),
-            stdio: Some(drained_pipe()),
-            identities: ids,
-        })
+        let r = restore(&restore_opts(
+            &archive,
+            bundle.path(),
+            "enc-bad-restored",
+            ids,
+        ))
         .await;
         // Nothing extracted, nothing restored.
         assert_eq!(entries(bundle.path()), Vec::<String>::new());

@@ -9,24 +9,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ckpt_shim::checkpoint::{checkpoint, Options};
-use ckpt_shim::dump::DumpSettings;
-use ckpt_shim::restore::{restore, RestoreOptions};
+use ckpt_shim::restore::restore;
 use ckpt_shim::{locate, Error};
 use common::*;
 
 fn opts(location: &Path) -> Options {
-    Options {
-        location: location.to_path_buf(),
-        deadline: None,
-        criu: criu_rpc::Criu::new("criu"),
-        settings: DumpSettings::default(),
-        staging_dir: None,
-        freeze_journal: None,
-        durable: true,
-        stream: false,
-        hold_budget: 0,
-        seal: None,
-    }
+    checkpoint_opts(location)
 }
 
 /// `opts`, staged or with CRIU's images streamed straight into the archive.
@@ -207,15 +195,13 @@ async fn cycle_with(id: &str, prefix: &str, o: Options) {
     c.kill();
     let target = tempfile::tempdir().unwrap();
     let ov = Overlay::new(target.path());
-    let pid = restore(&RestoreOptions {
-        archive: archive.clone(),
-        bundle: target.path().to_path_buf(),
-        id: format!("{id}-restored"),
-        criu: criu_rpc::Criu::new("criu"),
-        settings: DumpSettings::default(),
-        stdio: Some(drained_pipe()),
-        identities: Default::default(),
-    })
+    let restored_id = format!("{id}-restored");
+    let pid = restore(&restore_opts(
+        &archive,
+        target.path(),
+        &restored_id,
+        Default::default(),
+    ))
     .await
     .unwrap();
     // It runs in a cgroup of its own, named by its ID, beside the original's.

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use common::cri::{Client, Env};
 use common::out_dir;
 use common::restore::{
-    checkpointed_counter, create, first_logged_count, ns, restore_config, status,
+    assert_listed_running, checkpointed_counter, create, first_logged_count, ns, restore_config,
+    restore_from, status,
 };
 use k8s_cri::v1 as cri;
 use tonic::Code;
@@ -55,15 +56,7 @@ async fn a_checkpoint_comes_back_as_a_container_the_runtime_manages() {
         st.info.get("restoredFrom").map(PathBuf::from),
         Some(archive.clone())
     );
-    let listed = c
-        .list_containers(cri::ListContainersRequest { filter: None })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(listed
-        .containers
-        .iter()
-        .any(|x| x.id == id && x.state() == cri::ContainerState::ContainerRunning));
+    assert_listed_running(&mut c, &id).await;
 
     // The process continues from its checkpointed memory, into the new log.
     let log = Path::new(&pod.1.log_directory).join("restored.log");
@@ -141,34 +134,15 @@ async fn a_checkpoint_from_one_node_is_restored_on_another() {
     let copied = b.dir.join("from-a.tar");
     std::fs::copy(&archive, &copied).unwrap();
 
-    let pod = b.run_pod(&mut cb, "on-b", false).await;
-    let id = create(
+    let from = restore_from(
+        &mut b,
         &mut cb,
-        &pod,
-        restore_config(&b, "migrated", &copied.to_string_lossy()),
+        "on-b",
+        &copied.to_string_lossy(),
+        (before, after),
     )
-    .await
-    .unwrap();
-    cb.start_container(cri::StartContainerRequest {
-        container_id: id.clone(),
-    })
-    .await
-    .unwrap();
-    let first = first_logged_count(&Path::new(&pod.1.log_directory).join("migrated.log"));
-    assert!(
-        first > before && first <= after + 1,
-        "restored at {first}, checkpoint saw {before}..{after}"
-    );
-    common::wait_count(&b.rootfs(&id), |v| v > first + 2);
-    let listed = cb
-        .list_containers(cri::ListContainersRequest { filter: None })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(listed
-        .containers
-        .iter()
-        .any(|x| x.id == id && x.state() == cri::ContainerState::ContainerRunning));
+    .await;
+    assert_eq!(PathBuf::from(from), copied);
     // Node A's original is untouched and still counting.
     a.assert_running(&mut ca, &orig).await;
 }

@@ -527,3 +527,38 @@ pub mod archive {
         dst.to_path_buf()
     }
 }
+
+/// The engine's checkpoint options for tests: staged, durable, plain.
+pub fn checkpoint_opts(location: &Path) -> ckpt_shim::checkpoint::Options {
+    ckpt_shim::checkpoint::Options {
+        location: location.to_path_buf(),
+        deadline: None,
+        criu: criu_rpc::Criu::new("criu"),
+        settings: Default::default(),
+        staging_dir: None,
+        freeze_journal: None,
+        durable: true,
+        stream: false,
+        hold_budget: 0,
+        seal: None,
+    }
+}
+
+/// `ckpt-shim restore` of `archive` into `bundle` as container `id`, its stdio
+/// on drained pipes, with `identities` for a sealed archive.
+pub fn restore_opts(
+    archive: &Path,
+    bundle: &Path,
+    id: &str,
+    identities: std::sync::Arc<ckpt_shim::seal::Identities>,
+) -> ckpt_shim::restore::RestoreOptions {
+    ckpt_shim::restore::RestoreOptions {
+        archive: archive.to_path_buf(),
+        bundle: bundle.to_path_buf(),
+        id: id.into(),
+        criu: criu_rpc::Criu::new("criu"),
+        settings: Default::default(),
+        stdio: Some(drained_pipe()),
+        identities,
+    }
+}

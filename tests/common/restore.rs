@@ -99,8 +99,25 @@ pub async fn status(c: &mut Client, id: &str) -> cri::ContainerStatusResponse {
     .into_inner()
 }
 
+/// `id` is RUNNING in the runtime's `ListContainers`.
+pub async fn assert_listed_running(c: &mut Client, id: &str) {
+    let listed = c
+        .list_containers(cri::ListContainersRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        listed
+            .containers
+            .iter()
+            .any(|x| x.id == id && x.state() == cri::ContainerState::ContainerRunning),
+        "{id} is not listed as running"
+    );
+}
+
 /// Restores `image` into a new pod `pod_name`: the process goes on from the
-/// count the checkpoint saw (`before..=after`). Returns its `restoredFrom`.
+/// count the checkpoint saw (`before..=after`), and the runtime lists it as
+/// running. Returns its `restoredFrom`.
 pub async fn restore_from(
     env: &mut Env,
     c: &mut Client,
@@ -125,6 +142,7 @@ pub async fn restore_from(
         counts.1
     );
     super::wait_count(&env.rootfs(&id), |v| v > first + 2);
+    assert_listed_running(c, &id).await;
     let st = status(c, &id).await;
     assert_eq!(st.info.get("restored").map(String::as_str), Some("true"));
     st.info["restoredFrom"].clone()
