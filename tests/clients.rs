@@ -198,3 +198,38 @@ async fn raw_frames_with_socket_path_authorities_checkpoint_through_the_shim() {
         assert!(archive.is_file());
     }
 }
+
+/// grpc-go answers every DATA it receives with a BDP PING. Replies the shim
+/// writes itself are DATA that containerd never sent, and containerd's grpc-go
+/// server strikes a PING that follows none of its own HEADERS or DATA: when the
+/// relay forwarded PINGs, the fourth such call in a row brought GOAWAY
+/// `too_many_pings`, and grpc-go dialled again (or failed the call in flight).
+/// The relay answers PINGs itself, so one connection carries them all.
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_go_pings_after_the_shims_own_replies_keep_the_connection() {
+    common::require(&["go"]);
+    let env = Env::start();
+    let go = go_client();
+    let out = Command::new(&go)
+        .arg(&env.shim_sock)
+        .args(["owned", "12"])
+        .output()
+        .unwrap();
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(lines.len(), 12, "{lines:?}");
+    for l in &lines {
+        assert_eq!(
+            (l["code"].as_str(), l["dials"].as_i64()),
+            (Some("OK"), Some(1)),
+            "{lines:?}"
+        );
+    }
+}

@@ -6,6 +6,9 @@
 //	go-cri SOCK calls CONTAINER_ID LOCATION   one JSON line per call: Version,
 //	                                          ListContainers, GetContainerEvents,
 //	                                          CheckpointContainer
+//	go-cri SOCK owned N                       N RemoveContainer calls on one
+//	                                          connection (the shim answers them
+//	                                          itself), one JSON line each
 //	go-cri bench DIRECT_SOCK SHIM_SOCK [-calls N] [-clients N] [-seconds S]
 //	                                          proxy cost, as hack/proxy-bench.rs
 package main
@@ -37,8 +40,13 @@ func (raw) Unmarshal(b []byte, v interface{}) error {
 }
 func (raw) Name() string { return "proto" }
 
+// dials counts the connections made: grpc-go dials again, silently, after a
+// server's GOAWAY.
+var dials int64
+
 func dial(sock string) *grpc.ClientConn {
 	dialer := func(ctx context.Context, addr string) (net.Conn, error) {
+		atomic.AddInt64(&dials, 1)
 		return (&net.Dialer{}).DialContext(ctx, "unix", addr)
 	}
 	conn, err := grpc.Dial(sock, grpc.WithInsecure(), grpc.WithContextDialer(dialer),
@@ -140,6 +148,22 @@ func calls(sock, id, location string) {
 	req := append(append(str(1, id), str(2, location)...), varint(3, 60)...)
 	_, err = call(conn, rt+"CheckpointContainer", req, 120*time.Second)
 	report("CheckpointContainer", err, nil)
+}
+
+// owned makes n calls the shim answers itself, one after another on one
+// connection. Each reply carries DATA, and grpc-go's BDP estimator answers DATA
+// with a PING once the last one is acknowledged: so every call here makes a
+// PING that no HEADERS or DATA from containerd precedes, which a relay that
+// forwards PINGs hands to containerd as a keepalive strike.
+func owned(sock string, n int) {
+	conn := dial(sock)
+	defer conn.Close()
+	for i := 0; i < n; i++ {
+		_, err := call(conn, rt+"RemoveContainer", str(1, fmt.Sprintf("no-such-container-%d", i)), 10*time.Second)
+		report("RemoveContainer", err, map[string]interface{}{"dials": atomic.LoadInt64(&dials)})
+		// Room for the PING's ACK to come back, so that the next reply pings again.
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 var methods = []struct {
@@ -263,6 +287,12 @@ func main() {
 		fs.Parse(os.Args[4:])
 		bench(os.Args[2], os.Args[3], *n, *c, *s)
 	default:
+		if os.Args[2] == "owned" {
+			var n int
+			fmt.Sscan(os.Args[3], &n)
+			owned(os.Args[1], n)
+			return
+		}
 		if os.Args[2] != "calls" || len(os.Args) != 5 {
 			fmt.Fprintln(os.Stderr, "usage: go-cri SOCK calls ID LOCATION")
 			os.Exit(2)

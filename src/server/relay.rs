@@ -14,6 +14,19 @@
 //! reply's bytes use the client's window without the upstream knowing, so the
 //! relay takes that much out of the client's next connection WINDOW_UPDATEs.
 //!
+//! PING is answered by the relay on each side and never passed on. It belongs
+//! to one connection, not to any call, and the two connections differ: the
+//! client's carries the shim's own replies, the upstream's does not. grpc-go
+//! (the kubelet, crictl, critest) sends a BDP PING whenever it receives DATA,
+//! and containerd's grpc-go server counts a PING as a strike unless it has sent
+//! HEADERS or DATA since the last one; at the third strike it sends GOAWAY
+//! ENHANCE_YOUR_CALM `too_many_pings` and drops the connection with every call
+//! on it. So when PINGs were forwarded, four calls in a row that the shim
+//! answered itself (CreateContainer, StartContainer, RemoveContainer) made
+//! containerd cut the client off. Answered here, a PING measures the hop it
+//! crossed, which is what keepalive and the BDP estimator want to know; a
+//! connection's end is seen as the socket's close on either side.
+//!
 //! Relaying frames costs one read and one write per batch and direction. A
 //! full HTTP/2 server and client per call (hyper) cost about four times as much
 //! CPU on this project's VM, which is why the forwarding path is this one.
@@ -237,6 +250,8 @@ enum ToUpstream {
     /// Connection credit for bytes the upstream sent that the client never got
     /// (an amended reply came out shorter).
     Credit(u32),
+    /// The upstream's PING, answered.
+    Pong(Bytes),
 }
 
 /// A header block being collected from HEADERS and CONTINUATION frames.
@@ -354,6 +369,7 @@ impl ClientSide {
                     Some(m) = table.recv() => match m {
                         ToUpstream::TableSize(n) => self.codec.receiver_table_size(n),
                         ToUpstream::Credit(n) => frame::put_window_update(&mut self.out, 0, n),
+                        ToUpstream::Pong(data) => frame::put_frame(&mut self.out, frame::PING, frame::ACK, 0, &data),
                     },
                 }
                 if let Some(w) = uwr.as_mut().filter(|_| !self.out.is_empty()) {
@@ -405,7 +421,9 @@ impl ClientSide {
             frame::WINDOW_UPDATE if f.stream == 0 => self.on_window_update(&f),
             frame::WINDOW_UPDATE | frame::PRIORITY if owned => {}
             frame::SETTINGS => self.on_settings(&f),
-            frame::PING if matches!(self.reach, Reach::Unreachable(_)) => {
+            // Answered here, never forwarded (see the module's notes). The relay
+            // sends no PING of its own, so an ACK answers nothing.
+            frame::PING => {
                 if !f.has(frame::ACK) {
                     let mut b = BytesMut::new();
                     frame::put_frame(&mut b, frame::PING, frame::ACK, 0, &f.payload);
@@ -682,6 +700,13 @@ impl UpstreamSide {
                         let _ = to_upstream.send(ToUpstream::TableSize(v));
                     }
                 }
+            }
+            // As on the client's side: answered here, never forwarded.
+            frame::PING => {
+                if !f.has(frame::ACK) {
+                    let _ = to_upstream.send(ToUpstream::Pong(f.payload.clone()));
+                }
+                return Ok(());
             }
             _ => {}
         }
