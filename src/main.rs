@@ -5,9 +5,10 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand};
 
 use ckpt_shim::checkpoint::{self, Options};
+use ckpt_shim::config::Config;
 use ckpt_shim::dump::DumpSettings;
 use ckpt_shim::restore::{self, RestoreOptions};
-use ckpt_shim::server::{self, Config};
+use ckpt_shim::server;
 use ckpt_shim::{inspect, locate, preflight};
 
 #[derive(Parser)]
@@ -117,7 +118,7 @@ enum Cmd {
         no_stream: bool,
         /// Most memory (MiB) to hold the pages in while the container is frozen;
         /// 0 writes them straight into the archive.
-        #[arg(long, default_value_t = ckpt_shim::server::config::DEFAULT_HOLD_MIB)]
+        #[arg(long, default_value_t = ckpt_shim::config::DEFAULT_HOLD_MIB)]
         hold_pages_mib: u64,
         /// Encrypt the archive to this age recipient or SSH public key (repeatable).
         #[arg(long, value_name = "RECIPIENT")]

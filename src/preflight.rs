@@ -11,8 +11,8 @@ use caps::{CapSet, Capability, CapsHashSet};
 use criu_rpc::Version;
 use nix::sys::statvfs::{statvfs, FsFlags};
 
+use crate::config::{socket_path, Config};
 use crate::mountinfo::{self, Mount};
-use crate::server::config::Config;
 
 /// Where the kubelet writes checkpoints; the staging dir to check when none is set.
 pub const KUBELET_CHECKPOINTS: &str = "/var/lib/kubelet/checkpoints";
@@ -386,16 +386,18 @@ fn gib(bytes: u64) -> String {
 
 /// The upstream runtime answers CRI Version.
 async fn upstream(endpoint: &str) -> Check {
-    let path = match crate::server::socket_path(endpoint) {
+    let path = match socket_path(endpoint) {
         Ok(p) => p,
         Err(e) => return Check::new("upstream", Status::Fail, e.to_string()),
     };
-    let up = crate::server::upstream::Upstream::new(&path);
+    let mut runtime = crate::cri::runtime_service_client::RuntimeServiceClient::new(
+        crate::cri::unix_channel(&path),
+    );
     let req = crate::cri::VersionRequest {
         version: "v1".into(),
     };
     let fail = |why: String| Check::new("upstream", Status::Fail, format!("{endpoint}: {why}"));
-    match tokio::time::timeout(UPSTREAM_TIMEOUT, up.runtime().version(req)).await {
+    match tokio::time::timeout(UPSTREAM_TIMEOUT, runtime.version(req)).await {
         Ok(Ok(r)) => {
             let r = r.into_inner();
             let detail = format!(

@@ -3,7 +3,6 @@
 //! real runtime ([`relay`]).
 
 mod checkpoint_images;
-pub mod config;
 mod containers;
 mod frame;
 mod headers;
@@ -12,14 +11,13 @@ mod readiness;
 pub mod relay;
 pub mod scrape;
 mod socket;
-pub(crate) mod upstream;
+mod upstream;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use config::Config;
-
-use crate::error::{Context, Error, Result};
+use crate::config::{socket_path, Config};
+use crate::error::{Context, Result};
 use relay::{Call, Owner, Reply, ReplyFuture};
 
 const RUNTIME: &str = "/runtime.v1.RuntimeService/";
@@ -73,17 +71,6 @@ impl Owner for Router {
             _ => self.containers.amend_status(request),
         }
     }
-}
-
-/// The upstream's socket path from `unix:///path` (or a plain path).
-pub fn socket_path(upstream: &str) -> Result<PathBuf> {
-    let path = upstream.strip_prefix("unix://").unwrap_or(upstream);
-    if !path.starts_with('/') {
-        return Err(Error::InvalidArgument(format!(
-            "upstream {upstream:?}: only unix:///absolute/path endpoints are supported"
-        )));
-    }
-    Ok(PathBuf::from(path))
 }
 
 /// Serves until SIGTERM or SIGINT, then stops as [`stop`] says.

@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::Channel;
 
 use crate::checkpoint::{self, Options};
+use crate::config::Config;
 use crate::cri::runtime_service_client::RuntimeServiceClient;
 use crate::cri::{
     CheckpointContainerRequest, CheckpointContainerResponse, ContainerState,
@@ -23,7 +24,6 @@ use crate::error::{Error, Result};
 use crate::locate::Container;
 use crate::seal::Recipients;
 use crate::server::relay::{Call, Reply};
-use crate::server::Config;
 
 pub struct Native {
     upstream: RuntimeServiceClient<Channel>,

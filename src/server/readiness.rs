@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use prost::Message;
 
+use crate::config::Config;
 use crate::cri::{RuntimeCondition, RuntimeStatus, StatusResponse};
 use crate::preflight::{self, Check, Status};
 use crate::server::relay::Amend;
-use crate::server::Config;
 
 pub const CONDITION: &str = "CheckpointReady";
 /// `criu check` takes about a second; the node's state rarely changes faster.
