@@ -10,6 +10,7 @@ mod headers;
 mod native;
 mod readiness;
 pub mod relay;
+mod restored_status;
 pub mod scrape;
 mod socket;
 pub(crate) mod upstream;

@@ -143,7 +143,14 @@ pub async fn restore_from(
     );
     super::wait_count(&env.rootfs(&id), |v| v > first + 2);
     assert_listed_running(c, &id).await;
-    let st = status(c, &id).await;
-    assert_eq!(st.info.get("restored").map(String::as_str), Some("true"));
-    st.info["restoredFrom"].clone()
+    let info = restore_info(&status(c, &id).await);
+    assert_eq!(info["restored"], serde_json::Value::Bool(true), "{info}");
+    info["restoredFrom"].as_str().unwrap().to_string()
+}
+
+/// The JSON object under `info` in a verbose ContainerStatus, where the
+/// runtime's fields and (as CRI-O puts them) the restore's are.
+pub fn restore_info(st: &cri::ContainerStatusResponse) -> serde_json::Value {
+    let raw = st.info.get("info").expect("a verbose status has `info`");
+    serde_json::from_str(raw).unwrap_or_else(|e| panic!("info is not JSON ({e}): {raw}"))
 }
