@@ -12,7 +12,7 @@
 //! three keys added.
 
 use prost::Message;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::relay::Amend;
 use crate::cri::ContainerStatusResponse;
@@ -47,7 +47,7 @@ fn merged(upstream: Option<&str>, info: &RestoreInfo) -> String {
             Value::Object(m) => Some(m),
             _ => None,
         })
-        .unwrap_or_else(Map::new);
+        .unwrap_or_default();
     obj.insert("restored".into(), Value::Bool(true));
     obj.insert(
         "checkpointedAt".into(),
