@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::cri::Env;
-use common::restore::first_logged_count;
+use common::restore::assert_continues;
 
 /// crictl on the shim's socket, with an empty config (no node's crictl.yaml
 /// counts) and a deadline long enough for a checkpoint.
@@ -134,14 +134,7 @@ fn conditions(crictl: &Crictl) -> Vec<(String, bool, String)> {
 /// with containerd's own fields still there.
 fn assert_restored(env: &mut Env, crictl: &Crictl, name: &str, image: &str, counts: (u64, u64)) {
     let (pod, id, log) = run_counter(env, crictl, name, image);
-    let first = first_logged_count(&log);
-    assert!(
-        first > counts.0 && first <= counts.1 + 1,
-        "{image}: restored at {first}, the checkpoint saw {}..{}",
-        counts.0,
-        counts.1
-    );
-    common::wait_count(&env.rootfs(&id), |v| v > first + 2);
+    assert_continues(env, &id, &log, counts, image);
     let inspect: serde_json::Value = serde_json::from_str(&crictl.run(&["inspect", &id])).unwrap();
     assert_eq!(inspect["status"]["state"], "CONTAINER_RUNNING", "{inspect}");
     assert_eq!(crictl.template(&id, "{{.info.restored}}"), "true");

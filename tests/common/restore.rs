@@ -85,6 +85,20 @@ pub fn first_logged_count(log: &Path) -> u64 {
     }
 }
 
+/// The restored container `id` goes on from the count its checkpoint saw
+/// (`counts`: just before and just after it): its first line in `log`, then
+/// counting on in its root.
+pub fn assert_continues(env: &Env, id: &str, log: &Path, counts: (u64, u64), what: &str) {
+    let first = first_logged_count(log);
+    assert!(
+        first > counts.0 && first <= counts.1 + 1,
+        "{what}: restored at {first}, the checkpoint saw {}..{}",
+        counts.0,
+        counts.1
+    );
+    super::wait_count(&env.rootfs(id), |v| v > first + 2);
+}
+
 pub fn ns(pid: i64, kind: &str) -> PathBuf {
     std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap()
 }
@@ -134,14 +148,8 @@ pub async fn restore_from(
     })
     .await
     .unwrap_or_else(|e| panic!("StartContainer of {image}: {e:?}"));
-    let first = first_logged_count(&Path::new(&pod.1.log_directory).join("restored.log"));
-    assert!(
-        first > counts.0 && first <= counts.1 + 1,
-        "{image}: restored at {first}, checkpoint saw {}..{}",
-        counts.0,
-        counts.1
-    );
-    super::wait_count(&env.rootfs(&id), |v| v > first + 2);
+    let log = Path::new(&pod.1.log_directory).join("restored.log");
+    assert_continues(env, &id, &log, counts, image);
     assert_listed_running(c, &id).await;
     let info = restore_info(&status(c, &id).await);
     assert_eq!(info["restored"], serde_json::Value::Bool(true), "{info}");
