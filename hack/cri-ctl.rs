@@ -1,4 +1,4 @@
-//! A small CRI client for scripts (the benchmark): crictl is not packaged here.
+//! A small CRI client for what crictl (../shared/bin) lacks: the benchmarks' in-process timed steps.
 //!   cri-ctl SOCK run-counter POD_NAME MIB      → prints "<pod id> <container id>"
 //!   cri-ctl SOCK create POD_NAME IMAGE         → a new pod and a container of IMAGE
 //!                                                (e.g. a checkpoint), not started

@@ -20,7 +20,6 @@ use crate::cri::{
 };
 use crate::error::{Error, Result};
 use crate::image::containerd::Found;
-use crate::pbwire::Fields;
 use crate::restore::create::{self as plan};
 use crate::restore::stage::{self, RestoreInfo, Staged, Staging};
 use crate::restore::Checkpoint;
@@ -250,8 +249,7 @@ impl Containers {
     }
 
     /// For a verbose ContainerStatus of a container restored here: its info
-    /// gains `restored: "true"` (CRI-O's key), where it came from and when it
-    /// was checkpointed.
+    /// says so, where CRI-O says it ([`restored_status`](super::restored_status)).
     pub fn amend_status(&self, request: &[u8]) -> Option<Amend> {
         let r = ContainerStatusRequest::decode(request).ok()?;
         if !r.verbose
@@ -264,21 +262,7 @@ impl Containers {
             return None;
         }
         let info = Staged::find(&self.root, &r.container_id)?.info()?;
-        let entries = [
-            ("restored".to_string(), "true".to_string()),
-            ("restoredFrom".into(), info.source),
-            ("checkpointedAt".into(), info.checkpointed_at),
-        ];
-        Some(Box::new(move |msg: &[u8]| {
-            let mut info = Fields::default();
-            for (k, v) in &entries {
-                let mut e = Fields::default();
-                e.push(1, k.as_bytes());
-                e.push(2, v.as_bytes());
-                info.push(2, &e.encode());
-            }
-            [msg, &info.encode()].concat()
-        }))
+        Some(super::restored_status::amend(info))
     }
 
     /// StartContainer, and for a restored container, its images removed after.

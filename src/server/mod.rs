@@ -9,6 +9,7 @@ mod headers;
 mod native;
 mod readiness;
 pub mod relay;
+mod restored_status;
 pub mod scrape;
 mod socket;
 mod upstream;

@@ -45,18 +45,35 @@ fn wait_socket(p: &Path, what: &str, log: &Path) {
     }
 }
 
-/// A private containerd whose runc runtime is ckpt-runc (the built ckpt-shim,
-/// linked under that name), with its restores in `<dir>/restore`.
-pub fn start_containerd(dir: &Path) {
+/// What containerd's runc runtime runs.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Runc {
+    /// ckpt-runc (the built ckpt-shim, linked under that name), which
+    /// restores; the node set-up the README describes.
+    CkptRunc,
+    /// runc itself, as on a node without the shim.
+    Plain,
+}
+
+/// A private containerd whose runc runtime is `runc`, with its restores in
+/// `<dir>/restore`.
+pub fn start_containerd(dir: &Path, runc: Runc) {
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
-    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_ckpt-shim"), bin.join("ckpt-runc")).unwrap();
+    let runc_bin = match runc {
+        Runc::CkptRunc => {
+            let link = bin.join("ckpt-runc");
+            std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_ckpt-shim"), &link).unwrap();
+            link
+        }
+        Runc::Plain => PathBuf::from(sh("command -v runc").trim()),
+    };
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("hack/containerd.sh");
     let out = Command::new("bash")
         .arg(script)
         .arg("start")
         .arg(dir)
-        .env("CKPT_RUNC", bin.join("ckpt-runc"))
+        .env("CKPT_RUNC", runc_bin)
         .env("CKPT_SHIM_RESTORE_DIR", dir.join("restore"))
         .output()
         .unwrap();
@@ -85,17 +102,22 @@ impl Env {
         Self::start_with_upstream(None)
     }
 
+    /// containerd running plain runc (no restores), with the shim in front.
+    pub fn start_plain_runc() -> Env {
+        Self::start_full(None, "", Runc::Plain)
+    }
+
     /// The shim in front of `upstream` instead of containerd (for proxy tests).
     /// With these lines of TOML as the shim's settings.
     pub fn start_configured(toml: &str) -> Env {
-        Self::start_full(None, toml)
+        Self::start_full(None, toml, Runc::CkptRunc)
     }
 
     pub fn start_with_upstream(upstream: Option<&Path>) -> Env {
-        Self::start_full(upstream, "")
+        Self::start_full(upstream, "", Runc::CkptRunc)
     }
 
-    fn start_full(upstream: Option<&Path>, toml: &str) -> Env {
+    fn start_full(upstream: Option<&Path>, toml: &str, runc: Runc) -> Env {
         super::require(&[
             "runc",
             "criu",
@@ -108,7 +130,7 @@ impl Env {
         let dir = PathBuf::from(sh("mktemp -d /tmp/ckpt-cri.XXXXXX").trim());
         let containerd_sock = dir.join("containerd.sock");
         if upstream.is_none() {
-            start_containerd(&dir);
+            start_containerd(&dir, runc);
         }
         let shim_sock = dir.join("shim/ckpt-shim.sock");
         let up = upstream
@@ -284,6 +306,29 @@ impl Env {
             wait_count(&self.rootfs(&id), |v| v >= 3);
         }
         id
+    }
+
+    /// What critest needs offline: busybox under the name it pulls
+    /// (hack/build-oci-images.sh), and pulls from registry.k8s.io refused at
+    /// once (a host in containerd's certs.d that nothing listens on), so specs
+    /// that need other images fail the same way with or without a network.
+    pub fn prepare_for_critest(&self) {
+        let images = std::env::var("CKPT_SHIM_IMAGES")
+            .unwrap_or_else(|_| "/var/cache/ckpt-shim/images".into());
+        super::run_ok(
+            Command::new("ctr")
+                .arg("--address")
+                .arg(&self.containerd_sock)
+                .args(["-n", "k8s.io", "images", "import"])
+                .arg(Path::new(&images).join("busybox-oci.tar")),
+        );
+        let host = self.dir.join("certs.d/registry.k8s.io");
+        std::fs::create_dir_all(&host).unwrap();
+        std::fs::write(
+            host.join("hosts.toml"),
+            "server = \"http://127.0.0.1:9\"\n[host.\"http://127.0.0.1:9\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+        )
+        .unwrap();
     }
 
     /// The container's root as the host sees it (containerd's task bundle).

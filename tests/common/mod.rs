@@ -67,6 +67,20 @@ pub fn criu_stub(dir: &Path, why: &str) -> PathBuf {
     stub
 }
 
+/// A real CRI client of cri-tools (`crictl`, `critest`): `../shared/bin/NAME`
+/// beside the repository, where CI keeps the same copy.
+pub fn shared_bin(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/bin")
+        .join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: the cri-tools binaries (crictl, critest 1.34) belong in ../shared/bin beside the repository",
+        p.display()
+    );
+    p
+}
+
 /// The image: busybox-static plus the counter workload (hack/build-image.sh).
 pub fn image() -> PathBuf {
     static IMG: OnceLock<PathBuf> = OnceLock::new();
