@@ -278,17 +278,38 @@ fn diff_when_frozen(
 }
 
 async fn run(c: Container, opts: Options, mut cancelled: Cancelled) -> Result<Report> {
-    let c = &c;
-    let mut ph = Phases {
+    let set = setup(&c, &opts)?;
+    set.dump(&mut cancelled).await?.finish(&cancelled).await
+}
+
+/// Step 1 done: where the archive goes, its staging, its first members, and
+/// what CRIU is told. Nothing is frozen yet.
+pub struct Setup {
+    c: Container,
+    opts: Options,
+    deadline: Instant,
+    ph: Phases,
+    target: Target,
+    stage: Stage,
+    sealer: Option<Arc<Sealer>>,
+    head: Vec<Member>,
+    sink: Sink,
+    streamed: bool,
+    p: Prepared,
+    criu: Option<freeze::CriuWatch>,
+}
+
+/// Step 1: where the archive goes, its first members, and what CRIU is told.
+pub fn setup(c: &Container, opts: &Options) -> Result<Setup> {
+    let ph = Phases {
         at: Instant::now(),
         list: Vec::new(),
     };
     let deadline = opts
         .deadline
         .unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 86400));
-    // Step 1: where the archive goes, its first members, and what CRIU is told.
     let target = Target::new(&opts.location)?;
-    let stage = Stage::new(&target, &opts)?;
+    let stage = Stage::new(&target, opts)?;
     let checkpointed = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
     let sealer = opts.seal.clone().map(|r| Arc::new(Sealer::new(r)));
     let head = head_members(c, &checkpointed, sealer.is_some());
@@ -304,44 +325,117 @@ async fn run(c: Container, opts: Options, mut cancelled: Cancelled) -> Result<Re
     )?;
     let streamed = matches!(sink, Sink::Streamed { .. });
     let p = prepare(c, &stage, deadline, &opts.settings)?;
-    ph.mark("prepare");
-
-    // Steps 2 and 3: frozen, dumped, thawed.
-    let at = (stage.path(), deadline);
-    let d = dump_frozen(c, &opts, sink, p, at, sealer.clone(), &mut cancelled).await?;
-    ph.mark("dump");
-
-    // Step 4: the rest of what the archive holds.
-    let (tail, diff_counts, stats) = collect_rest(c, d.diff_task, stage.path()).await?;
-    ph.mark("rootfs-diff");
-    expire_check(deadline, &cancelled, "rootfs diff")?;
-
-    // Step 5.
-    let pages_held = d.dumped.held();
-    let expired = || expire_check(deadline, &cancelled, "archive");
-    let (archive_bytes, archive_written_bytes) = d.dumped.archive(
-        &target,
-        stage.path(),
-        (head, tail),
-        sealer.as_deref(),
-        opts.durable,
-        expired,
-    )?;
-    ph.mark("archive");
-    Ok(Report {
-        location: target.path.clone(),
-        archive_bytes,
-        archive_written_bytes,
+    let mut set = Setup {
+        c: c.clone(),
+        opts: opts.clone(),
+        deadline,
+        ph,
+        target,
+        stage,
+        sealer,
+        head,
+        sink,
         streamed,
-        pages_held,
-        phases: ph.list,
-        frozen: d.frozen,
-        was_paused: d.was_paused,
-        stats,
-        rootfs_entries: diff_counts.0,
-        deleted_files: diff_counts.1,
-        cleanup: stage.remove_in_background(),
-    })
+        p,
+        criu: None,
+    };
+    set.ph.mark("prepare");
+    Ok(set)
+}
+
+impl Setup {
+    /// Registers the CRIU this dump runs in `watch` too: a caller that froze
+    /// the container itself (a pod's cut) thaws it again once CRIU exits,
+    /// since CRIU re-freezes a cgroup it found frozen.
+    pub fn share_criu(&mut self, watch: freeze::CriuWatch) {
+        self.criu = Some(watch);
+    }
+
+    /// Steps 2 and 3: frozen (unless frozen already), dumped, thawed (unless
+    /// frozen by someone else, who thaws it).
+    pub async fn dump(self, cancelled: &mut Cancelled) -> Result<Captured> {
+        let Setup {
+            c, opts, mut ph, ..
+        } = self;
+        expire_check(self.deadline, cancelled, "dump")?;
+        let at = (self.stage.path(), self.deadline);
+        let mut freeze = FreezeAt::new(
+            self.p.freezer.clone(),
+            &c.id,
+            self.deadline,
+            opts.freeze_journal.clone(),
+        );
+        if let Some(w) = self.criu {
+            freeze = freeze.with_criu(w);
+        }
+        let sealer = self.sealer.clone();
+        let d = dump_frozen(&c, &opts, self.sink, self.p, freeze, at, sealer, cancelled).await?;
+        ph.mark("dump");
+        Ok(Captured {
+            c,
+            deadline: self.deadline,
+            ph,
+            target: self.target,
+            stage: self.stage,
+            sealer: self.sealer,
+            head: self.head,
+            streamed: self.streamed,
+            opts,
+            d,
+        })
+    }
+}
+
+/// Steps 2 and 3 done: the container runs again (or is left to whoever froze
+/// it); its archive is still to be built.
+pub struct Captured {
+    c: Container,
+    opts: Options,
+    deadline: Instant,
+    ph: Phases,
+    target: Target,
+    stage: Stage,
+    sealer: Option<Arc<Sealer>>,
+    head: Vec<Member>,
+    streamed: bool,
+    d: Frozen,
+}
+
+impl Captured {
+    /// Steps 4 and 5: the rest of what the archive holds, then the archive.
+    pub async fn finish(self, cancelled: &Cancelled) -> Result<Report> {
+        let Captured { c, mut ph, d, .. } = self;
+        let (deadline, stage) = (self.deadline, self.stage);
+        let (tail, diff_counts, stats) = collect_rest(&c, d.diff_task, stage.path()).await?;
+        ph.mark("rootfs-diff");
+        expire_check(deadline, cancelled, "rootfs diff")?;
+
+        let pages_held = d.dumped.held();
+        let expired = || expire_check(deadline, cancelled, "archive");
+        let (archive_bytes, archive_written_bytes) = d.dumped.archive(
+            &self.target,
+            stage.path(),
+            (self.head, tail),
+            self.sealer.as_deref(),
+            self.opts.durable,
+            expired,
+        )?;
+        ph.mark("archive");
+        Ok(Report {
+            location: self.target.path.clone(),
+            archive_bytes,
+            archive_written_bytes,
+            streamed: self.streamed,
+            pages_held,
+            phases: ph.list,
+            frozen: d.frozen,
+            was_paused: d.was_paused,
+            stats,
+            rootfs_entries: diff_counts.0,
+            deleted_files: diff_counts.1,
+            cleanup: stage.remove_in_background(),
+        })
+    }
 }
 
 /// What steps 2 and 3 leave: CRIU's images (or where they went), how long the
@@ -355,21 +449,17 @@ struct Frozen {
 
 /// Steps 2 and 3: CRIU starts, the container is frozen when CRIU reaches
 /// pre-dump (the rootfs diff starting then), and thawed once CRIU is done.
+#[allow(clippy::too_many_arguments)]
 async fn dump_frozen(
     c: &Container,
     opts: &Options,
     sink: Sink,
     p: Prepared,
+    freeze: FreezeAt,
     (staging, deadline): (&Path, Instant),
     sealer: Option<Arc<Sealer>>,
     cancelled: &mut Cancelled,
 ) -> Result<Frozen> {
-    let freeze = FreezeAt::new(
-        p.freezer.clone(),
-        &c.id,
-        deadline,
-        opts.freeze_journal.clone(),
-    );
     let diff_task = diff_when_frozen(&freeze, c, &p.mounts, staging, sealer);
     let wait = Wait {
         freeze: &freeze,

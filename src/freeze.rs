@@ -182,6 +182,13 @@ impl FreezeAt {
         self.freezer.path()
     }
 
+    /// CRIU is registered in `watch` (shared with whoever froze the cgroup
+    /// before us) instead of a slot of its own.
+    pub fn with_criu(mut self, watch: CriuWatch) -> FreezeAt {
+        self.criu = watch;
+        self
+    }
+
     /// Where to register the CRIU process (see [`watch_pid`]).
     pub fn criu_watch(&self) -> CriuWatch {
         self.criu.clone()
@@ -196,9 +203,13 @@ impl FreezeAt {
         if lock(&self.guard).is_some() {
             return Ok(());
         }
+        // A cgroup frozen already (a paused container, or a pod's cut) has
+        // its note from whoever froze it: one note per cgroup.
         let journal = match &self.journal_dir {
-            Some(dir) => Some(JournalEntry::record(dir, &self.freezer)?),
-            None => None,
+            Some(dir) if !self.freezer.self_frozen()? => {
+                Some(JournalEntry::record(dir, &self.freezer)?)
+            }
+            _ => None,
         };
         let guard = self
             .freezer
@@ -300,8 +311,12 @@ impl FreezeGuard {
 impl Drop for FreezeGuard {
     fn drop(&mut self) {
         self.thaw_now();
+        if !self.thaw {
+            // Not ours to thaw: CRIU stays registered for whoever froze it.
+            return;
+        }
         let criu = self.criu.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let (true, Some(pidfd)) = (self.thaw, criu) {
+        if let Some(pidfd) = criu {
             // CRIU may still re-freeze the cgroup as it ends: thaw again after
             // it exits, and only then forget the journal entry.
             let freezer = self.freezer.clone();

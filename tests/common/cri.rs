@@ -215,6 +215,11 @@ impl Env {
         connect(&self.shim_sock).await
     }
 
+    /// A channel to the shim's socket, for calls k8s-cri does not have.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        cri_common::channel(&self.shim_sock).await.unwrap()
+    }
+
     /// CRI's image service on the shim's socket.
     pub async fn images(&self) -> Images {
         Images::new(cri_common::channel(&self.shim_sock).await.unwrap())

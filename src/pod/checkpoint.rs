@@ -1,0 +1,254 @@
+//! CheckpointPod's cut: every selected container is set up (archive target,
+//! staging, CRIU's options), then all are frozen, then each is dumped (in
+//! parallel up to a limit), and only once the last dump has ended are all
+//! thawed; their archives are built after, while the pod runs again. On any
+//! error, the deadline or cancellation, everything is thawed at once and all
+//! that was written goes with the staging dir.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+
+use super::manifest::{self, ContainerEntry, Manifest};
+use super::output::Staging;
+use crate::checkpoint::{self, Captured, Options, Report, Setup};
+use crate::error::{Error, Result};
+use crate::freeze::{CriuWatch, FreezeGuard, Freezer, JournalEntry};
+use crate::locate::Container;
+use crate::sink::Cancelled;
+
+/// A validated CheckpointPod: what to cut, where, how.
+pub struct Plan {
+    pub sandbox: manifest::Sandbox,
+    /// The selected containers, each with its CRI name, in request order.
+    pub containers: Vec<(String, Container)>,
+    pub output: PathBuf,
+    /// Every container's options; the location is set per container.
+    pub base: Options,
+    pub journal: Option<PathBuf>,
+    /// How many CRIUs dump at once.
+    pub parallel: usize,
+}
+
+/// What a pod checkpoint did.
+#[derive(Debug)]
+pub struct PodReport {
+    pub dir: PathBuf,
+    /// From the first freeze to the last thaw: the longest any container waited.
+    pub pause: Duration,
+    pub containers: Vec<Report>,
+}
+
+pub async fn run(plan: Plan, mut cancelled: Cancelled) -> Result<PodReport> {
+    let deadline = plan.base.deadline.expect("a pod checkpoint has a deadline");
+    let staging = Staging::new(&plan.output, plan.journal.as_deref())?;
+    let setups = setup_all(&plan, &staging)?;
+    let cut = Cut::freeze(&plan.containers, deadline, plan.journal.as_deref()).await?;
+    let captured = dump_all(setups, &cut, plan.parallel, deadline, &mut cancelled).await;
+    let (pause, at) = cut.thaw()?;
+    let reports = finish_all(captured?, &cancelled).await?;
+    check(deadline, &cancelled, "writing the manifest")?;
+    let m = manifest_of(&plan, &reports, &at);
+    let (output, durable) = (plan.output.clone(), plan.base.durable);
+    let dir = tokio::task::spawn_blocking(move || staging.commit(&m, &output, durable))
+        .await
+        .map_err(|e| Error::Other(format!("commit task: {e}")))??;
+    Ok(PodReport {
+        dir,
+        pause,
+        containers: reports,
+    })
+}
+
+/// Step 1 for each container: its archive `<id>.tar` in the staging dir, and
+/// CRIU's own staging beside the pod's, inside `output_path` too.
+fn setup_all(plan: &Plan, staging: &Staging) -> Result<Vec<Setup>> {
+    plan.containers
+        .iter()
+        .map(|(_, c)| {
+            let mut o = plan.base.clone();
+            o.location = staging.path().join(archive_name(c));
+            o.staging_dir = Some(plan.output.clone());
+            checkpoint::setup(c, &o)
+        })
+        .collect()
+}
+
+fn archive_name(c: &Container) -> String {
+    format!("{}.tar", c.id)
+}
+
+/// Every selected container frozen, each behind a guard that thaws it on
+/// every path.
+struct Cut {
+    guards: Vec<FreezeGuard>,
+    started: Instant,
+    /// When the last container was frozen: the instant the checkpoint shows.
+    at: String,
+}
+
+impl Cut {
+    async fn freeze(
+        containers: &[(String, Container)],
+        deadline: Instant,
+        journal: Option<&std::path::Path>,
+    ) -> Result<Cut> {
+        let started = Instant::now();
+        let freezes = containers.iter().map(|(_, c)| async move {
+            let f = Freezer::for_pid(c.pid)?;
+            let note = match journal {
+                Some(j) => Some(JournalEntry::record(j, &f)?),
+                None => None,
+            };
+            f.freeze(&c.id, deadline, note, CriuWatch::default()).await
+        });
+        // One container failing to freeze drops (thaws) the others' guards.
+        let guards = futures_util::future::join_all(freezes)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
+        let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+        Ok(Cut {
+            guards,
+            started,
+            at,
+        })
+    }
+
+    /// Thaws every container now; the guards stay armed for the final thaw.
+    fn thaw_now(&self) {
+        self.guards.iter().for_each(FreezeGuard::thaw_now);
+    }
+
+    /// Thaws every container (a failing one does not stop the rest); the
+    /// pause, and the time of the cut.
+    fn thaw(self) -> Result<(Duration, String)> {
+        let mut first_err = None;
+        for g in self.guards {
+            if let Err(e) = g.thaw() {
+                first_err.get_or_insert(e);
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok((self.started.elapsed(), self.at)),
+        }
+    }
+}
+
+/// Steps 2 and 3 for every container, `parallel` at a time, under the cut:
+/// each CRIU finds its container frozen and leaves it so. The first failure
+/// thaws the pod and stops the other dumps; so do the deadline and the
+/// caller's cancellation.
+async fn dump_all(
+    setups: Vec<Setup>,
+    cut: &Cut,
+    parallel: usize,
+    deadline: Instant,
+    cancelled: &mut Cancelled,
+) -> Result<Vec<Captured>> {
+    let (stop, stopped) = tokio::sync::watch::channel(());
+    let mut stop = Some(stop);
+    let dumps: Vec<_> = setups
+        .into_iter()
+        .zip(cut.guards.iter().map(FreezeGuard::criu_watch))
+        .enumerate()
+        .map(|(i, (mut s, watch))| {
+            s.share_criu(watch);
+            let mut stopped = stopped.clone();
+            async move { (i, s.dump(&mut stopped).await) }
+        })
+        .collect();
+    let mut dumps = futures_util::stream::iter(dumps).buffer_unordered(parallel);
+    let (mut done, mut failed, mut expired) = (Vec::new(), None, false);
+    loop {
+        tokio::select! {
+            next = dumps.next() => match next {
+                None => break,
+                Some((i, Ok(c))) => done.push((i, c)),
+                Some((_, Err(e))) => {
+                    failed.get_or_insert(e);
+                    stop.take();
+                    cut.thaw_now();
+                }
+            },
+            _ = tokio::time::sleep_until(deadline.into()), if !expired => {
+                // The dumps see the deadline too, and fail with it.
+                expired = true;
+                cut.thaw_now();
+            }
+            r = cancelled.changed(), if stop.is_some() => if r.is_err() {
+                stop.take();
+                cut.thaw_now();
+            }
+        }
+    }
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    done.sort_by_key(|(i, _)| *i);
+    Ok(done.into_iter().map(|(_, c)| c).collect())
+}
+
+/// Steps 4 and 5 for every container, all at once; then their CRIU stagings
+/// are removed before the answer, so nothing but the checkpoint remains.
+async fn finish_all(captured: Vec<Captured>, cancelled: &Cancelled) -> Result<Vec<Report>> {
+    let results =
+        futures_util::future::join_all(captured.into_iter().map(|c| c.finish(cancelled))).await;
+    let mut reports = Vec::new();
+    let mut first_err = None;
+    for r in results {
+        match r {
+            Ok(mut rep) => {
+                let cleanup = std::mem::take(&mut rep.cleanup);
+                let _ = tokio::task::spawn_blocking(move || cleanup.wait()).await;
+                reports.push(rep);
+            }
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(reports),
+    }
+}
+
+fn manifest_of(plan: &Plan, reports: &[Report], at: &str) -> Manifest {
+    let containers = plan
+        .containers
+        .iter()
+        .zip(reports)
+        .map(|((name, c), r)| ContainerEntry {
+            name: name.clone(),
+            id: c.id.clone(),
+            image: c.image_name.clone().unwrap_or_default(),
+            image_ref: c.image_ref.clone().unwrap_or_default(),
+            archive: r
+                .location
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| archive_name(c)),
+        })
+        .collect();
+    Manifest {
+        kind: manifest::KIND.into(),
+        version: manifest::VERSION,
+        checkpointed_at: at.into(),
+        sandbox: plan.sandbox.clone(),
+        containers,
+        sealed: plan.base.seal.is_some(),
+    }
+}
+
+fn check(deadline: Instant, cancelled: &Cancelled, phase: &'static str) -> Result<()> {
+    if cancelled.has_changed().is_err() {
+        return Err(Error::Cancelled);
+    }
+    if Instant::now() >= deadline {
+        return Err(Error::DeadlineExceeded(phase));
+    }
+    Ok(())
+}
