@@ -212,3 +212,625 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     v.sort();
     v
 }
+
+/// The ticker probe (hack/workloads/ticker.c), built static into `dir`.
+fn ticker(dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("hack/workloads/ticker.c");
+    let bin = dir.join("ticker");
+    common::run_ok(
+        std::process::Command::new("cc")
+            .args(["-O2", "-static", "-o"])
+            .arg(&bin)
+            .arg(src),
+    );
+    bin
+}
+
+/// A container running the ticker from `probe` (bind-mounted), logging its
+/// gaps to `probe/<name>.gaps`.
+async fn ticking(
+    c: &mut Client,
+    pod: &(String, cri::PodSandboxConfig),
+    name: &str,
+    probe: &Path,
+) -> String {
+    let mut cfg = counter_config(name, false);
+    cfg.command = vec!["/probe/ticker".into(), format!("/probe/{name}.gaps")];
+    cfg.args = vec![];
+    cfg.mounts = vec![cri::Mount {
+        container_path: "/probe".into(),
+        host_path: probe.to_string_lossy().into_owned(),
+        ..Default::default()
+    }];
+    let id = c
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.0.clone(),
+            config: Some(cfg),
+            sandbox_config: Some(pod.1.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .container_id;
+    c.start_container(cri::StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .unwrap();
+    id
+}
+
+fn monotonic_ns() -> i64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) },
+        0
+    );
+    t.tv_sec * 1_000_000_000 + t.tv_nsec
+}
+
+/// The longest gap `probe/<name>.gaps` shows within `[from, to]`.
+fn longest_gap(probe: &Path, name: &str, (from, to): (i64, i64)) -> (i64, i64) {
+    let text = std::fs::read_to_string(probe.join(format!("{name}.gaps"))).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let (s, e) = l.split_once(' ')?;
+            Some((s.parse().ok()?, e.parse().ok()?))
+        })
+        .filter(|&(s, e): &(i64, i64)| s >= from && e <= to)
+        .max_by_key(|(s, e)| e - s)
+        .unwrap_or_else(|| panic!("{name} saw no gap within the checkpoint: {text}"))
+}
+
+/// Two gaps share an instant.
+fn overlap(a: (i64, i64), b: (i64, i64)) -> bool {
+    a.0.max(b.0) < a.1.min(b.1)
+}
+
+/// The cut is consistent: each container's probe saw a gap (its pause), and
+/// one instant lies inside both. The same probes show no such instant when
+/// the containers are checkpointed one after the other, so the check can tell.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cut_is_consistent_one_instant_lies_inside_every_pause() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let probe = tempfile::tempdir().unwrap();
+    ticker(probe.path());
+    let pod = env.run_pod(&mut c, "cut", false).await;
+    let a = ticking(&mut c, &pod, "a", probe.path()).await;
+    let b = ticking(&mut c, &pod, "b", probe.path()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let out = out_dir();
+    let from = monotonic_ns();
+    checkpoint_pod(&env, &pod.0, out.path(), &[&a, &b], &[])
+        .await
+        .unwrap();
+    let to = monotonic_ns();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (ga, gb) = (
+        longest_gap(probe.path(), "a", (from, to)),
+        longest_gap(probe.path(), "b", (from, to)),
+    );
+    let ms = |g: (i64, i64)| (g.1 - g.0) as f64 / 1e6;
+    eprintln!("pod cut: a paused {:.1} ms, b {:.1} ms", ms(ga), ms(gb));
+    assert!(
+        overlap(ga, gb),
+        "pod cut: the pauses {ga:?} and {gb:?} do not overlap"
+    );
+
+    let seq = out_dir();
+    let from = monotonic_ns();
+    for id in [&a, &b] {
+        c.checkpoint_container(cri::CheckpointContainerRequest {
+            container_id: id.clone(),
+            location: seq
+                .path()
+                .join(format!("{id}.tar"))
+                .to_string_lossy()
+                .into_owned(),
+            timeout: 60,
+        })
+        .await
+        .unwrap();
+    }
+    let to = monotonic_ns();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (sa, sb) = (
+        longest_gap(probe.path(), "a", (from, to)),
+        longest_gap(probe.path(), "b", (from, to)),
+    );
+    assert!(
+        !overlap(sa, sb),
+        "one after the other, the pauses {sa:?} and {sb:?} overlap: the probe cannot tell"
+    );
+    for id in [&a, &b] {
+        assert_eq!(
+            env.state(&mut c, id).await,
+            cri::ContainerState::ContainerRunning
+        );
+        assert_eq!(env.freezer(id), "THAWED");
+    }
+}
+
+/// Every bad CheckpointPod is refused with its code before anything is
+/// frozen or written: the output dir stays as it was, the pod runs on.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_checkpoint_requests_are_refused_and_leave_nothing() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let (pod, [a, b]) = two_counters(&mut env, &mut c, "src").await;
+    let other = env.run_pod(&mut c, "other", false).await;
+    let x = env.counter(&mut c, &other, "x", 8, true).await;
+    let src = (pod.clone(), env.sandbox_config("src", false));
+    let s = env.counter(&mut c, &src, "s", 8, true).await;
+    c.stop_container(cri::StopContainerRequest {
+        container_id: s.clone(),
+        timeout: 5,
+    })
+    .await
+    .unwrap();
+    let out = out_dir();
+    let full = out_dir();
+    std::fs::write(full.path().join("keep"), b"x").unwrap();
+    let missing = out.path().join("missing");
+    let o = out.path().to_path_buf();
+    let cases: Vec<(&str, String, PathBuf, Vec<&str>, Vec<(&str, &str)>, Code)> = vec![
+        (
+            "unknown pod",
+            "no-such-pod".into(),
+            o.clone(),
+            vec![&a],
+            vec![],
+            Code::NotFound,
+        ),
+        (
+            "unknown container",
+            pod.clone(),
+            o.clone(),
+            vec![&a, "ffffffffff"],
+            vec![],
+            Code::NotFound,
+        ),
+        (
+            "another pod's container",
+            pod.clone(),
+            o.clone(),
+            vec![&a, &x],
+            vec![],
+            Code::InvalidArgument,
+        ),
+        (
+            "a stopped container",
+            pod.clone(),
+            o.clone(),
+            vec![&a, &s],
+            vec![],
+            Code::InvalidArgument,
+        ),
+        (
+            "a duplicate",
+            pod.clone(),
+            o.clone(),
+            vec![&a, &b, &a[..10]],
+            vec![],
+            Code::InvalidArgument,
+        ),
+        (
+            "no containers",
+            pod.clone(),
+            o.clone(),
+            vec![],
+            vec![],
+            Code::InvalidArgument,
+        ),
+        (
+            "a non-empty dir",
+            pod.clone(),
+            full.path().into(),
+            vec![&a, &b],
+            vec![],
+            Code::InvalidArgument,
+        ),
+        (
+            "a missing dir",
+            pod.clone(),
+            missing.clone(),
+            vec![&a, &b],
+            vec![],
+            Code::InvalidArgument,
+        ),
+        (
+            "a relative dir",
+            pod.clone(),
+            "relative/dir".into(),
+            vec![&a, &b],
+            vec![],
+            Code::InvalidArgument,
+        ),
+        (
+            "an unknown option",
+            pod.clone(),
+            o.clone(),
+            vec![&a, &b],
+            vec![("leave-frozen", "true")],
+            Code::InvalidArgument,
+        ),
+        (
+            "a bad option value",
+            pod.clone(),
+            o.clone(),
+            vec![&a, &b],
+            vec![("tcp-established", "maybe")],
+            Code::InvalidArgument,
+        ),
+    ];
+    for (what, pod_id, dir, ids, options, code) in cases {
+        let err = checkpoint_pod(&env, &pod_id, &dir, &ids, &options)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), code, "{what}: {err:?}");
+        assert!(
+            entries(out.path()).is_empty(),
+            "{what}: left {:?}",
+            entries(out.path())
+        );
+        assert_eq!(entries(full.path()), ["keep"], "{what}");
+        assert!(
+            !missing.exists() && !Path::new("relative").exists(),
+            "{what}"
+        );
+        assert_pod_runs(&env, &mut c, &[a.clone(), b.clone()]).await;
+    }
+    env.assert_running(&mut c, &x).await;
+}
+
+/// What the runtime has: pods and containers, to see nothing was left.
+async fn census(env: &Env, c: &mut Client) -> (usize, usize, usize) {
+    let pods = c
+        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner()
+        .items
+        .len();
+    let containers = c
+        .list_containers(cri::ListContainersRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner()
+        .containers
+        .len();
+    (pods, containers, env.restores().len())
+}
+
+/// Every bad RestorePod is refused with its code before anything is created,
+/// and the checkpoint is left as it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_restore_requests_are_refused_and_leave_nothing() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let data = tempfile::tempdir().unwrap();
+    let pod = env.run_pod(&mut c, "src", false).await;
+    let a = env.counter(&mut c, &pod, "a", 8, true).await;
+    // `m` has a bind mount, which a restore must declare.
+    let mut m_cfg = counter_config("m", false);
+    m_cfg.mounts = vec![cri::Mount {
+        container_path: "/data".into(),
+        host_path: data.path().to_string_lossy().into_owned(),
+        ..Default::default()
+    }];
+    let m = c
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.0.clone(),
+            config: Some(m_cfg.clone()),
+            sandbox_config: Some(pod.1.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .container_id;
+    c.start_container(cri::StartContainerRequest {
+        container_id: m.clone(),
+    })
+    .await
+    .unwrap();
+    common::wait_count(&env.rootfs(&m), |v| v >= 2);
+    let out = out_dir();
+    checkpoint_pod(&env, &pod.0, out.path(), &[&a, &m], &[])
+        .await
+        .unwrap();
+    let dir = out.path().join("pod");
+    // A copy with one archive cut short.
+    let cut = out_dir();
+    for (p, bytes) in snapshot(&dir) {
+        let keep = if p.file_name().unwrap() == format!("{a}.tar").as_str() {
+            bytes.len() / 2
+        } else {
+            bytes.len()
+        };
+        std::fs::write(cut.path().join(p.file_name().unwrap()), &bytes[..keep]).unwrap();
+    }
+    let before = snapshot(&dir);
+    let census0 = census(&env, &mut c).await;
+
+    let cfg = |name: &str| counter_config(name, false);
+    let with = |f: &dyn Fn(&mut cri::ContainerConfig)| {
+        let mut x = cfg("a");
+        f(&mut x);
+        x
+    };
+    let good = || vec![cfg("a"), m_cfg.clone()];
+    let undeclared = {
+        let mut x = m_cfg.clone();
+        x.mounts.clear();
+        x
+    };
+    let image = with(&|x| {
+        x.image = Some(cri::ImageSpec {
+            image: "docker.io/library/pause:local".into(),
+            ..Default::default()
+        })
+    });
+    let command = with(&|x| x.command = vec!["/bin/sh".into()]);
+    let o = out.path().to_path_buf();
+    let cases: Vec<(&str, PathBuf, Vec<cri::ContainerConfig>, &str, &str)> = vec![
+        (
+            "a missing config",
+            o.clone(),
+            vec![cfg("a")],
+            "",
+            "missing [\"m\"]",
+        ),
+        (
+            "an extra config",
+            o.clone(),
+            [good(), vec![cfg("z")]].concat(),
+            "",
+            "\"z\"",
+        ),
+        (
+            "a renamed config",
+            o.clone(),
+            vec![cfg("a"), cfg("m2")],
+            "",
+            "m2",
+        ),
+        ("no configs", o.clone(), vec![], "", "empty"),
+        (
+            "another image",
+            o.clone(),
+            vec![image, m_cfg.clone()],
+            "",
+            "image",
+        ),
+        (
+            "another command",
+            o.clone(),
+            vec![command, m_cfg.clone()],
+            "",
+            "command",
+        ),
+        (
+            "an undeclared bind mount",
+            o.clone(),
+            vec![cfg("a"), undeclared],
+            "",
+            "/data",
+        ),
+        (
+            "a truncated archive",
+            cut.path().into(),
+            good(),
+            "",
+            "not a checkpoint archive",
+        ),
+        (
+            "an unknown runtime handler",
+            o.clone(),
+            good(),
+            "no-such-handler",
+            "no-such-handler",
+        ),
+        ("a relative path", "relative".into(), good(), "", "absolute"),
+    ];
+    for (what, path, configs, handler, says) in cases {
+        let sb = new_sandbox(&env, "dst");
+        let err = restore_pod(&env, &path, &sb, configs, handler)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
+        assert!(err.message().contains(says), "{what}: {}", err.message());
+        assert_eq!(
+            census(&env, &mut c).await,
+            census0,
+            "{what}: left something"
+        );
+        assert_eq!(snapshot(&dir), before, "{what}: the checkpoint changed");
+    }
+    // An option RestorePod does not know.
+    let req = RestorePodRequest {
+        checkpoint_path: o.to_string_lossy().into_owned(),
+        config: Some(new_sandbox(&env, "dst")),
+        runtime_handler: String::new(),
+        options: [("fast".to_string(), "yes".to_string())].into(),
+        container_configs: good(),
+    };
+    let err = cri_pods::restore_pod(env.channel().await, req, MINUTE)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(census(&env, &mut c).await, census0);
+    assert_pod_runs(&env, &mut c, &[a, m]).await;
+}
+
+/// The deadline passes while CRIU dumps: DEADLINE_EXCEEDED, every container
+/// thawed, and the output dir empty again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deadline_in_the_middle_of_the_dumps_thaws_all_and_leaves_nothing() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let pod = env.run_pod(&mut c, "slow", false).await;
+    let a = env.counter(&mut c, &pod, "a", 256, true).await;
+    let b = env.counter(&mut c, &pod, "b", 256, true).await;
+    let out = out_dir();
+    let msg = prost::Message::encode_to_vec(&CheckpointPodRequest {
+        pod_sandbox_id: pod.0.clone(),
+        output_path: out.path().to_string_lossy().into_owned(),
+        container_ids: vec![a.clone(), b.clone()],
+        options: HashMap::new(),
+    });
+    // A raw client: it sends the deadline and waits for the server's answer.
+    let r = common::raw::call(
+        &env.shim_sock,
+        "/runtime.v1.RuntimeService/CheckpointPod",
+        &[("grpc-timeout", "400m")],
+        common::raw::frame(&msg),
+    )
+    .await;
+    assert_eq!(
+        r.status(),
+        Some(Code::DeadlineExceeded as i32),
+        "{}",
+        r.message()
+    );
+    assert!(
+        r.message().contains("dump"),
+        "not during the dumps: {}",
+        r.message()
+    );
+    let t = std::time::Instant::now();
+    while !(entries(out.path()).is_empty()
+        && env.freezer(&a) == "THAWED"
+        && env.freezer(&b) == "THAWED")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "left: {:?}, freezers {} {}",
+            entries(out.path()),
+            env.freezer(&a),
+            env.freezer(&b)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_pod_runs(&env, &mut c, &[a, b]).await;
+}
+
+/// A CRIU that fails the second dump it is asked for (the first goes through
+/// to the real one): the first container's archive goes, both are thawed.
+/// (The shim runs `criu --no-default-config dump|swrk …`: the action is `$2`.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_second_dump_removes_the_first_archive_and_thaws_both() {
+    let stubs = tempfile::tempdir().unwrap();
+    let count = stubs.path().join("dumps");
+    let stub = stubs.path().join("criu");
+    std::fs::write(
+        &stub,
+        format!(
+            "#!/bin/sh\nif [ \"$2\" = dump ] || [ \"$2\" = swrk ]; then\n  n=$(( $(cat {c} 2>/dev/null || echo 0) + 1 ))\n  echo $n > {c}\n  if [ $n -ge 2 ]; then echo 'stub: the second dump fails' >&2; exit 1; fi\nfi\nexec /usr/local/sbin/criu \"$@\"\n",
+            c = count.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut env = Env::start_configured(&format!("criu = \"{}\"\n", stub.display()));
+    let mut c = env.client().await;
+    let (pod, [a, b]) = two_counters(&mut env, &mut c, "src").await;
+    let out = out_dir();
+    // One dump at a time: the first is whole before the second starts.
+    let err = checkpoint_pod(
+        &env,
+        &pod,
+        out.path(),
+        &[&a, &b],
+        &[("parallel-dumps", "1")],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert_eq!(std::fs::read_to_string(&count).unwrap().trim(), "2");
+    assert!(
+        entries(out.path()).is_empty(),
+        "left {:?}",
+        entries(out.path())
+    );
+    assert_pod_runs(&env, &mut c, &[a, b]).await;
+}
+
+/// With `encrypt-to`, every archive is sealed and the manifest holds no
+/// secret; a node without the identity refuses the restore and keeps
+/// nothing, and with it restores the pod.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_encrypted_pod_checkpoint_needs_the_identity_to_restore() {
+    let keys = out_dir();
+    let id = age::x25519::Identity::generate();
+    let key_file = keys.path().join("node.key");
+    {
+        use age::secrecy::ExposeSecret;
+        std::fs::write(&key_file, format!("{}\n", id.to_string().expose_secret())).unwrap();
+    }
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let recipient = id.to_public().to_string();
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let (pod, [a, b]) = two_counters(&mut env, &mut c, "src").await;
+    let out = out_dir();
+    checkpoint_pod(
+        &env,
+        &pod,
+        out.path(),
+        &[&a, &b],
+        &[("encrypt-to", &recipient)],
+    )
+    .await
+    .unwrap();
+    let dir = out.path().join("pod");
+    let manifest = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
+    assert!(manifest.contains("\"sealed\": true"), "{manifest}");
+    for id in [&a, &b] {
+        let ck = ckpt_shim::restore::Checkpoint::open(&dir.join(format!("{id}.tar"))).unwrap();
+        assert!(ck.sealed.is_some(), "{id} is not sealed");
+    }
+    let configs = || vec![counter_config("a", false), counter_config("b", false)];
+    let census0 = census(&env, &mut c).await;
+    let err = restore_pod(
+        &env,
+        out.path(),
+        &new_sandbox(&env, "no-key"),
+        configs(),
+        "",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("encrypted"), "{}", err.message());
+    assert_eq!(census(&env, &mut c).await, census0);
+
+    env.kill_shim();
+    std::fs::write(
+        &env.config,
+        format!("identities = [\"{}\"]\n", key_file.display()),
+    )
+    .unwrap();
+    env.spawn_shim();
+    let mut c = env.client().await;
+    let sb = new_sandbox(&env, "with-key");
+    let r = restore_pod(&env, out.path(), &sb, configs(), "")
+        .await
+        .unwrap();
+    env.pods.push(r.pod_sandbox_id.clone());
+    for x in &r.restored_containers {
+        c.start_container(cri::StartContainerRequest {
+            container_id: x.container_id.clone(),
+        })
+        .await
+        .unwrap();
+        let log = Path::new(&sb.log_directory).join(format!("{}.log", x.name));
+        let first = first_logged_count(&log);
+        common::wait_count(&env.rootfs(&x.container_id), |v| v > first + 2);
+    }
+}
