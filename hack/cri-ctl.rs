@@ -155,14 +155,20 @@ impl Flags {
                     it.next().ok_or(format!("{flag} needs a value"))?.clone(),
                 ),
             };
-            let name = name.strip_prefix("--").ok_or(format!("unexpected {flag}"))?;
+            let name = name
+                .strip_prefix("--")
+                .ok_or(format!("unexpected {flag}"))?;
             out.push((name.to_string(), value));
         }
         Ok(Flags(out))
     }
 
     fn all(&self, name: &str) -> Vec<&str> {
-        self.0.iter().filter(|(n, _)| n == name).map(|(_, v)| v.as_str()).collect()
+        self.0
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
     }
 
     fn one(&self, name: &str) -> Option<&str> {
@@ -170,7 +176,11 @@ impl Flags {
     }
 
     fn timeout(&self) -> Res<std::time::Duration> {
-        let s: u64 = self.one("timeout").map(str::parse).transpose()?.unwrap_or(600);
+        let s: u64 = self
+            .one("timeout")
+            .map(str::parse)
+            .transpose()?
+            .unwrap_or(600);
         Ok(std::time::Duration::from_secs(s))
     }
 }
@@ -192,11 +202,18 @@ async fn checkpoint_pod(c: &mut Client, sock: &std::path::Path, pod: &str, f: &F
                 filter: Some(filter),
             })
             .await?;
-        ids = list.into_inner().containers.into_iter().map(|c| c.id).collect();
+        ids = list
+            .into_inner()
+            .containers
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
     }
     let mut options = std::collections::HashMap::new();
     for kv in f.all("option") {
-        let (k, v) = kv.split_once('=').ok_or(format!("--option {kv}: not K=V"))?;
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or(format!("--option {kv}: not K=V"))?;
         options.insert(k.to_string(), v.to_string());
     }
     let req = cri_pods::CheckpointPodRequest {
