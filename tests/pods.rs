@@ -89,7 +89,8 @@ async fn assert_pod_runs(env: &Env, c: &mut Client, ids: &[String]) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pod_comes_back_as_a_new_pod_with_its_containers_created() {
-    let mut env = Env::start();
+    let port = common::scrape::free_port();
+    let mut env = Env::start_configured(&format!("metrics_listen = \"127.0.0.1:{port}\"\n"));
     let mut c = env.client().await;
     let (pod, [a, b]) = two_counters(&mut env, &mut c, "src").await;
     let out = out_dir();
@@ -196,6 +197,19 @@ async fn a_pod_comes_back_as_a_new_pod_with_its_containers_created() {
     }
     // The checkpoint is as it was written.
     assert_eq!(entries(&dir).len(), 3);
+    // Counted, and the pause and size of the cut observed once.
+    let (_, metrics) = common::scrape::get(port, "/metrics");
+    let value = |s: &str| common::scrape::value(&metrics, s);
+    for series in [
+        "ckpt_shim_pod_checkpoints_total{code=\"OK\"}",
+        "ckpt_shim_pod_restores_total{code=\"OK\"}",
+        "ckpt_shim_pod_checkpoint_pause_seconds_count",
+        "ckpt_shim_pod_checkpoint_containers_count",
+    ] {
+        assert_eq!(value(series), 1.0, "{series}: {metrics}");
+    }
+    assert_eq!(value("ckpt_shim_pod_checkpoint_containers_sum"), 2.0);
+    assert!(value("ckpt_shim_pod_checkpoint_pause_seconds_sum") > 0.0);
     assert_pod_runs(&env, &mut c, &[a, b]).await;
 }
 
