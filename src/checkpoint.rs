@@ -297,6 +297,7 @@ pub struct Setup {
     streamed: bool,
     p: Prepared,
     criu: Option<freeze::CriuWatch>,
+    gate: Option<freeze::Gate>,
 }
 
 /// Step 1: where the archive goes, its first members, and what CRIU is told.
@@ -338,6 +339,7 @@ pub fn setup(c: &Container, opts: &Options) -> Result<Setup> {
         streamed,
         p,
         criu: None,
+        gate: None,
     };
     set.ph.mark("prepare");
     Ok(set)
@@ -349,6 +351,12 @@ impl Setup {
     /// since CRIU re-freezes a cgroup it found frozen.
     pub fn share_criu(&mut self, watch: freeze::CriuWatch) {
         self.criu = Some(watch);
+    }
+
+    /// At CRIU's `pre-dump`, waits at `gate` for the pod's cut instead of
+    /// freezing the container itself.
+    pub fn gate(&mut self, gate: freeze::Gate) {
+        self.gate = Some(gate);
     }
 
     /// Steps 2 and 3: frozen (unless frozen already), dumped, thawed (unless
@@ -367,6 +375,9 @@ impl Setup {
         );
         if let Some(w) = self.criu {
             freeze = freeze.with_criu(w);
+        }
+        if let Some(g) = self.gate {
+            freeze = freeze.with_gate(g);
         }
         let sealer = self.sealer.clone();
         let d = dump_frozen(&c, &opts, self.sink, self.p, freeze, at, sealer, cancelled).await?;

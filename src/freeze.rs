@@ -157,6 +157,8 @@ pub struct FreezeAt {
     finished: Mutex<Option<(Duration, bool)>>,
     /// Called once the container is frozen (e.g. to start the rootfs diff).
     on_frozen: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// A pod's cut: wait there for the whole pod to be frozen.
+    gate: Option<Gate>,
 }
 
 impl FreezeAt {
@@ -175,7 +177,15 @@ impl FreezeAt {
             guard: Mutex::new(None),
             finished: Mutex::new(None),
             on_frozen: Mutex::new(None),
+            gate: None,
         }
+    }
+
+    /// Instead of freezing the cgroup itself, waits at `gate` until whoever
+    /// holds it has frozen every container of the pod.
+    pub fn with_gate(mut self, gate: Gate) -> FreezeAt {
+        self.gate = Some(gate);
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -202,6 +212,9 @@ impl FreezeAt {
     pub async fn freeze(&self) -> Result<()> {
         if lock(&self.guard).is_some() {
             return Ok(());
+        }
+        if let Some(g) = &self.gate {
+            g.pass().await?;
         }
         // A cgroup frozen already (a paused container, or a pod's cut) has
         // its note from whoever froze it: one note per cgroup.
@@ -250,6 +263,40 @@ impl FreezeAt {
         };
         *done = Some(d);
         Ok(d)
+    }
+}
+
+/// Where the dumps of a pod's cut meet: each CRIU, once started and ready to
+/// seize its container (its `pre-dump` stage), says so and waits; whoever
+/// holds the other end freezes the whole pod when all are there, then opens
+/// the gate (or calls the cut off). So no CRIU's start-up is in the pause.
+#[derive(Clone)]
+pub struct Gate {
+    arrived: tokio::sync::mpsc::UnboundedSender<()>,
+    open: tokio::sync::watch::Receiver<Option<bool>>,
+}
+
+/// The other end of a [`Gate`]: arrivals, and the verdict to send
+/// (`Some(true)`: frozen, go on; `Some(false)`: called off).
+pub type GateKeeper = (
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+    tokio::sync::watch::Sender<Option<bool>>,
+);
+
+impl Gate {
+    pub fn new() -> (Gate, GateKeeper) {
+        let (arrived, arrivals) = tokio::sync::mpsc::unbounded_channel();
+        let (verdict, open) = tokio::sync::watch::channel(None);
+        (Gate { arrived, open }, (arrivals, verdict))
+    }
+
+    async fn pass(&self) -> Result<()> {
+        let _ = self.arrived.send(());
+        let mut open = self.open.clone();
+        match open.wait_for(Option::is_some).await.map(|v| *v) {
+            Ok(Some(true)) => Ok(()),
+            _ => Err(Error::Other("the pod's cut was called off".into())),
+        }
     }
 }
 

@@ -358,6 +358,17 @@ async fn the_cut_is_consistent_one_instant_lies_inside_every_pause() {
     }
 }
 
+/// What a bad CheckpointPod case sends, and the code it gets: (what, pod,
+/// output dir, containers, options, code).
+type BadCheckpoint<'a> = (
+    &'a str,
+    String,
+    PathBuf,
+    Vec<&'a str>,
+    Vec<(&'a str, &'a str)>,
+    Code,
+);
+
 /// Every bad CheckpointPod is refused with its code before anything is
 /// frozen or written: the output dir stays as it was, the pod runs on.
 #[tokio::test(flavor = "multi_thread")]
@@ -380,7 +391,7 @@ async fn bad_checkpoint_requests_are_refused_and_leave_nothing() {
     std::fs::write(full.path().join("keep"), b"x").unwrap();
     let missing = out.path().join("missing");
     let o = out.path().to_path_buf();
-    let cases: Vec<(&str, String, PathBuf, Vec<&str>, Vec<(&str, &str)>, Code)> = vec![
+    let cases: Vec<BadCheckpoint> = vec![
         (
             "unknown pod",
             "no-such-pod".into(),

@@ -14,7 +14,7 @@ use super::manifest::{self, ContainerEntry, Manifest};
 use super::output::Staging;
 use crate::checkpoint::{self, Captured, Options, Report, Setup};
 use crate::error::{Error, Result};
-use crate::freeze::{CriuWatch, FreezeGuard, Freezer, JournalEntry};
+use crate::freeze::{CriuWatch, FreezeGuard, Freezer, Gate, GateKeeper, JournalEntry};
 use crate::locate::Container;
 use crate::sink::Cancelled;
 
@@ -43,11 +43,41 @@ pub struct PodReport {
 pub async fn run(plan: Plan, mut cancelled: Cancelled) -> Result<PodReport> {
     let deadline = plan.base.deadline.expect("a pod checkpoint has a deadline");
     let staging = Staging::new(&plan.output, plan.journal.as_deref())?;
-    let setups = setup_all(&plan, &staging)?;
-    let cut = Cut::freeze(&plan.containers, deadline, plan.journal.as_deref()).await?;
-    let captured = dump_all(setups, &cut, plan.parallel, deadline, &mut cancelled).await;
-    let (pause, at) = cut.thaw()?;
-    let reports = finish_all(captured?, &cancelled).await?;
+    let mut setups = setup_all(&plan, &staging)?;
+    // Each container's CRIU is registered where its freeze guard looks.
+    let watches: Vec<CriuWatch> = setups
+        .iter_mut()
+        .map(|s| {
+            let w = CriuWatch::default();
+            s.share_criu(w.clone());
+            w
+        })
+        .collect();
+    let targets = Targets {
+        containers: &plan.containers,
+        watches: &watches,
+        journal: plan.journal.as_deref(),
+        deadline,
+    };
+    let (captured, cut) = if plan.parallel >= setups.len() {
+        cut_at_pre_dump(setups, &targets, &mut cancelled).await
+    } else {
+        let cut = Cut::freeze(&targets).await?;
+        let captured = dump_all(
+            setups,
+            Some(cut),
+            None,
+            plan.parallel,
+            &targets,
+            &mut cancelled,
+        )
+        .await;
+        (captured.0, captured.1)
+    };
+    let thawed = cut.map(Cut::thaw).transpose();
+    let captured = captured?;
+    let (pause, at) = thawed?.ok_or_else(|| Error::Other("the pod was never frozen".into()))?;
+    let reports = finish_all(captured, &cancelled).await?;
     check(deadline, &cancelled, "writing the manifest")?;
     let m = manifest_of(&plan, &reports, &at);
     let (output, durable) = (plan.output.clone(), plan.base.durable);
@@ -59,6 +89,31 @@ pub async fn run(plan: Plan, mut cancelled: Cancelled) -> Result<PodReport> {
         pause,
         containers: reports,
     })
+}
+
+/// What the cut freezes, and under what budget.
+struct Targets<'a> {
+    containers: &'a [(String, Container)],
+    watches: &'a [CriuWatch],
+    journal: Option<&'a std::path::Path>,
+    deadline: Instant,
+}
+
+/// The cut when every CRIU runs at once: each starts and waits at its
+/// `pre-dump` stage; once all are there, the pod is frozen and they go on.
+/// So the pause holds no CRIU start-up, only the dumps themselves.
+async fn cut_at_pre_dump(
+    mut setups: Vec<Setup>,
+    t: &Targets<'_>,
+    cancelled: &mut Cancelled,
+) -> (Result<Vec<Captured>>, Option<Cut>) {
+    let (gate, keeper) = Gate::new();
+    for s in &mut setups {
+        s.gate(gate.clone());
+    }
+    drop(gate);
+    let n = setups.len();
+    dump_all(setups, None, Some(keeper), n, t, cancelled).await
 }
 
 /// Step 1 for each container: its archive `<id>.tar` in the staging dir, and
@@ -89,20 +144,20 @@ struct Cut {
 }
 
 impl Cut {
-    async fn freeze(
-        containers: &[(String, Container)],
-        deadline: Instant,
-        journal: Option<&std::path::Path>,
-    ) -> Result<Cut> {
+    async fn freeze(t: &Targets<'_>) -> Result<Cut> {
         let started = Instant::now();
-        let freezes = containers.iter().map(|(_, c)| async move {
-            let f = Freezer::for_pid(c.pid)?;
-            let note = match journal {
-                Some(j) => Some(JournalEntry::record(j, &f)?),
-                None => None,
-            };
-            f.freeze(&c.id, deadline, note, CriuWatch::default()).await
-        });
+        let freezes = t
+            .containers
+            .iter()
+            .zip(t.watches)
+            .map(|((_, c), w)| async move {
+                let f = Freezer::for_pid(c.pid)?;
+                let note = match t.journal {
+                    Some(j) => Some(JournalEntry::record(j, &f)?),
+                    None => None,
+                };
+                f.freeze(&c.id, t.deadline, note, w.clone()).await
+            });
         // One container failing to freeze drops (thaws) the others' guards.
         let guards = futures_util::future::join_all(freezes)
             .await
@@ -137,58 +192,89 @@ impl Cut {
     }
 }
 
-/// Steps 2 and 3 for every container, `parallel` at a time, under the cut:
-/// each CRIU finds its container frozen and leaves it so. The first failure
-/// thaws the pod and stops the other dumps; so do the deadline and the
-/// caller's cancellation.
+/// Steps 2 and 3 for every container, `parallel` at a time: under `cut`,
+/// taken already, or with `keeper`, the cut taken once every dump waits at
+/// the gate. Each CRIU finds its container frozen and leaves it so. The first
+/// failure thaws the pod and stops the other dumps; so do the deadline and
+/// the caller's cancellation. Returns the dumps and the cut, if taken.
 async fn dump_all(
     setups: Vec<Setup>,
-    cut: &Cut,
+    mut cut: Option<Cut>,
+    keeper: Option<GateKeeper>,
     parallel: usize,
-    deadline: Instant,
+    t: &Targets<'_>,
     cancelled: &mut Cancelled,
-) -> Result<Vec<Captured>> {
+) -> (Result<Vec<Captured>>, Option<Cut>) {
+    let n = setups.len();
     let (stop, stopped) = tokio::sync::watch::channel(());
     let mut stop = Some(stop);
     let dumps: Vec<_> = setups
         .into_iter()
-        .zip(cut.guards.iter().map(FreezeGuard::criu_watch))
         .enumerate()
-        .map(|(i, (mut s, watch))| {
-            s.share_criu(watch);
+        .map(|(i, s)| {
             let mut stopped = stopped.clone();
             async move { (i, s.dump(&mut stopped).await) }
         })
         .collect();
     let mut dumps = futures_util::stream::iter(dumps).buffer_unordered(parallel);
-    let (mut done, mut failed, mut expired) = (Vec::new(), None, false);
+    let (mut arrivals, verdict) = match keeper {
+        Some((a, v)) => (Some(a), Some(v)),
+        None => (None, None),
+    };
+    let (mut arrived, mut done, mut failed, mut expired) = (0, Vec::new(), None, false);
+    // Thaws the pod now, and sends the dumps waiting at the gate away.
+    let call_off = |cut: &Option<Cut>| {
+        cut.iter().for_each(Cut::thaw_now);
+        verdict.iter().for_each(|v| {
+            v.send_replace(Some(false));
+        });
+    };
     loop {
         tokio::select! {
+            Some(()) = async { arrivals.as_mut()?.recv().await }, if failed.is_none() => {
+                arrived += 1;
+                if arrived == n {
+                    arrivals = None;
+                    match Cut::freeze(t).await {
+                        Ok(c) => {
+                            cut = Some(c);
+                            verdict.iter().for_each(|v| {
+                                v.send_replace(Some(true));
+                            });
+                        }
+                        Err(e) => {
+                            failed.get_or_insert(e);
+                            stop.take();
+                            call_off(&cut);
+                        }
+                    }
+                }
+            }
             next = dumps.next() => match next {
                 None => break,
                 Some((i, Ok(c))) => done.push((i, c)),
                 Some((_, Err(e))) => {
                     failed.get_or_insert(e);
                     stop.take();
-                    cut.thaw_now();
+                    call_off(&cut);
                 }
             },
-            _ = tokio::time::sleep_until(deadline.into()), if !expired => {
+            _ = tokio::time::sleep_until(t.deadline.into()), if !expired => {
                 // The dumps see the deadline too, and fail with it.
                 expired = true;
-                cut.thaw_now();
+                call_off(&cut);
             }
             r = cancelled.changed(), if stop.is_some() => if r.is_err() {
                 stop.take();
-                cut.thaw_now();
+                call_off(&cut);
             }
         }
     }
     if let Some(e) = failed {
-        return Err(e);
+        return (Err(e), cut);
     }
     done.sort_by_key(|(i, _)| *i);
-    Ok(done.into_iter().map(|(_, c)| c).collect())
+    (Ok(done.into_iter().map(|(_, c)| c).collect()), cut)
 }
 
 /// Steps 4 and 5 for every container, all at once; then their CRIU stagings
