@@ -282,9 +282,9 @@ async fn run(c: Container, opts: Options, mut cancelled: Cancelled) -> Result<Re
     set.dump(&mut cancelled).await?.finish(&cancelled).await
 }
 
-/// Step 1 done: where the archive goes, its staging, its first members, and
-/// what CRIU is told. Nothing is frozen yet.
-pub struct Setup {
+/// What a checkpoint carries from its first step to its last: the container,
+/// the options, where the archive goes, its staging and first members.
+struct Work {
     c: Container,
     opts: Options,
     deadline: Instant,
@@ -293,8 +293,14 @@ pub struct Setup {
     stage: Stage,
     sealer: Option<Arc<Sealer>>,
     head: Vec<Member>,
-    sink: Sink,
     streamed: bool,
+}
+
+/// Step 1 done: the archive's target and first members, and what CRIU is
+/// told. Nothing is frozen yet.
+pub struct Setup {
+    w: Work,
+    sink: Sink,
     p: Prepared,
     criu: Option<freeze::CriuWatch>,
     gate: Option<freeze::Gate>,
@@ -302,10 +308,7 @@ pub struct Setup {
 
 /// Step 1: where the archive goes, its first members, and what CRIU is told.
 pub fn setup(c: &Container, opts: &Options) -> Result<Setup> {
-    let ph = Phases {
-        at: Instant::now(),
-        list: Vec::new(),
-    };
+    let at = Instant::now();
     let deadline = opts
         .deadline
         .unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 86400));
@@ -326,7 +329,12 @@ pub fn setup(c: &Container, opts: &Options) -> Result<Setup> {
     )?;
     let streamed = matches!(sink, Sink::Streamed { .. });
     let p = prepare(c, &stage, deadline, &opts.settings)?;
-    let mut set = Setup {
+    let mut ph = Phases {
+        at,
+        list: Vec::new(),
+    };
+    ph.mark("prepare");
+    let w = Work {
         c: c.clone(),
         opts: opts.clone(),
         deadline,
@@ -335,14 +343,15 @@ pub fn setup(c: &Container, opts: &Options) -> Result<Setup> {
         stage,
         sealer,
         head,
-        sink,
         streamed,
+    };
+    Ok(Setup {
+        w,
+        sink,
         p,
         criu: None,
         gate: None,
-    };
-    set.ph.mark("prepare");
-    Ok(set)
+    })
 }
 
 impl Setup {
@@ -363,60 +372,51 @@ impl Setup {
     /// frozen by someone else, who thaws it).
     pub async fn dump(self, cancelled: &mut Cancelled) -> Result<Captured> {
         let Setup {
-            c, opts, mut ph, ..
+            mut w,
+            sink,
+            p,
+            criu,
+            gate,
         } = self;
-        expire_check(self.deadline, cancelled, "dump")?;
-        let at = (self.stage.path(), self.deadline);
-        let mut freeze = FreezeAt::new(
-            self.p.freezer.clone(),
-            &c.id,
-            self.deadline,
-            opts.freeze_journal.clone(),
-        );
-        if let Some(w) = self.criu {
-            freeze = freeze.with_criu(w);
+        expire_check(w.deadline, cancelled, "dump")?;
+        let journal = w.opts.freeze_journal.clone();
+        let mut freeze = FreezeAt::new(p.freezer.clone(), &w.c.id, w.deadline, journal);
+        if let Some(watch) = criu {
+            freeze = freeze.with_criu(watch);
         }
-        if let Some(g) = self.gate {
+        if let Some(g) = gate {
             freeze = freeze.with_gate(g);
         }
-        let sealer = self.sealer.clone();
-        let d = dump_frozen(&c, &opts, self.sink, self.p, freeze, at, sealer, cancelled).await?;
-        ph.mark("dump");
-        Ok(Captured {
-            c,
-            deadline: self.deadline,
-            ph,
-            target: self.target,
-            stage: self.stage,
-            sealer: self.sealer,
-            head: self.head,
-            streamed: self.streamed,
-            opts,
-            d,
-        })
+        let at = (w.stage.path(), w.deadline);
+        let sealer = w.sealer.clone();
+        let d = dump_frozen(&w.c, &w.opts, sink, p, freeze, at, sealer, cancelled).await?;
+        w.ph.mark("dump");
+        Ok(Captured { w, d })
     }
 }
 
 /// Steps 2 and 3 done: the container runs again (or is left to whoever froze
 /// it); its archive is still to be built.
 pub struct Captured {
-    c: Container,
-    opts: Options,
-    deadline: Instant,
-    ph: Phases,
-    target: Target,
-    stage: Stage,
-    sealer: Option<Arc<Sealer>>,
-    head: Vec<Member>,
-    streamed: bool,
+    w: Work,
     d: Frozen,
 }
 
 impl Captured {
     /// Steps 4 and 5: the rest of what the archive holds, then the archive.
     pub async fn finish(self, cancelled: &Cancelled) -> Result<Report> {
-        let Captured { c, mut ph, d, .. } = self;
-        let (deadline, stage) = (self.deadline, self.stage);
+        let Captured { w, d } = self;
+        let Work {
+            c,
+            opts,
+            deadline,
+            mut ph,
+            target,
+            stage,
+            sealer,
+            head,
+            streamed,
+        } = w;
         let (tail, diff_counts, stats) = collect_rest(&c, d.diff_task, stage.path()).await?;
         ph.mark("rootfs-diff");
         expire_check(deadline, cancelled, "rootfs diff")?;
@@ -424,19 +424,19 @@ impl Captured {
         let pages_held = d.dumped.held();
         let expired = || expire_check(deadline, cancelled, "archive");
         let (archive_bytes, archive_written_bytes) = d.dumped.archive(
-            &self.target,
+            &target,
             stage.path(),
-            (self.head, tail),
-            self.sealer.as_deref(),
-            self.opts.durable,
+            (head, tail),
+            sealer.as_deref(),
+            opts.durable,
             expired,
         )?;
         ph.mark("archive");
         Ok(Report {
-            location: self.target.path.clone(),
+            location: target.path.clone(),
             archive_bytes,
             archive_written_bytes,
-            streamed: self.streamed,
+            streamed,
             pages_held,
             phases: ph.list,
             frozen: d.frozen,

@@ -13,7 +13,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::cri::{counter_config, Client, Env};
+use common::cri::{counter_config, create, start_container, Client, Env};
 use common::restore::first_logged_count;
 use common::{entries, out_dir};
 use cri_pods::{CheckpointPodRequest, RestorePodRequest, RestorePodResponse};
@@ -179,11 +179,7 @@ async fn a_pod_comes_back_as_a_new_pod_with_its_containers_created() {
 
     // Started: each goes on from its checkpointed count, in the new pod.
     for (i, (name, id)) in restored.iter().enumerate() {
-        c.start_container(cri::StartContainerRequest {
-            container_id: id.to_string(),
-        })
-        .await
-        .unwrap();
+        start_container(&mut c, id).await;
         let log = Path::new(&sb.log_directory).join(format!("{name}.log"));
         let first = first_logged_count(&log);
         assert!(
@@ -243,21 +239,8 @@ async fn ticking(
         host_path: probe.to_string_lossy().into_owned(),
         ..Default::default()
     }];
-    let id = c
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: pod.0.clone(),
-            config: Some(cfg),
-            sandbox_config: Some(pod.1.clone()),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .container_id;
-    c.start_container(cri::StartContainerRequest {
-        container_id: id.clone(),
-    })
-    .await
-    .unwrap();
+    let id = create(c, pod, cfg).await;
+    start_container(c, &id).await;
     id
 }
 
@@ -536,21 +519,8 @@ async fn bad_restore_requests_are_refused_and_leave_nothing() {
         host_path: data.path().to_string_lossy().into_owned(),
         ..Default::default()
     }];
-    let m = c
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: pod.0.clone(),
-            config: Some(m_cfg.clone()),
-            sandbox_config: Some(pod.1.clone()),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .container_id;
-    c.start_container(cri::StartContainerRequest {
-        container_id: m.clone(),
-    })
-    .await
-    .unwrap();
+    let m = create(&mut c, &pod, m_cfg.clone()).await;
+    start_container(&mut c, &m).await;
     common::wait_count(&env.rootfs(&m), |v| v >= 2);
     let out = out_dir();
     checkpoint_pod(&env, &pod.0, out.path(), &[&a, &m], &[])
@@ -696,39 +666,13 @@ async fn a_deadline_in_the_middle_of_the_dumps_thaws_all_and_leaves_nothing() {
         container_ids: vec![a.clone(), b.clone()],
         options: HashMap::new(),
     });
-    // A raw client: it sends the deadline and waits for the server's answer.
-    let r = common::raw::call(
-        &env.shim_sock,
-        "/runtime.v1.RuntimeService/CheckpointPod",
-        &[("grpc-timeout", "400m")],
-        common::raw::frame(&msg),
-    )
-    .await;
-    assert_eq!(
-        r.status(),
-        Some(Code::DeadlineExceeded as i32),
-        "{}",
-        r.message()
-    );
+    let r = env.call_with_deadline("CheckpointPod", "400m", &msg).await;
     assert!(
         r.message().contains("dump"),
         "not during the dumps: {}",
         r.message()
     );
-    let t = std::time::Instant::now();
-    while !(entries(out.path()).is_empty()
-        && env.freezer(&a) == "THAWED"
-        && env.freezer(&b) == "THAWED")
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "left: {:?}, freezers {} {}",
-            entries(out.path()),
-            env.freezer(&a),
-            env.freezer(&b)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    env.wait_thawed_and_empty(out.path(), &[&a, &b]).await;
     assert_pod_runs(&env, &mut c, &[a, b]).await;
 }
 
@@ -836,11 +780,7 @@ async fn an_encrypted_pod_checkpoint_needs_the_identity_to_restore() {
         .unwrap();
     env.pods.push(r.pod_sandbox_id.clone());
     for x in &r.restored_containers {
-        c.start_container(cri::StartContainerRequest {
-            container_id: x.container_id.clone(),
-        })
-        .await
-        .unwrap();
+        start_container(&mut c, &x.container_id).await;
         let log = Path::new(&sb.log_directory).join(format!("{}.log", x.name));
         let first = first_logged_count(&log);
         common::wait_count(&env.rootfs(&x.container_id), |v| v > first + 2);
@@ -917,21 +857,8 @@ async fn a_loopback_tcp_pair_comes_back_connected_or_criu_says_why_not() {
     let pod = env.run_pod(&mut c, "pair", false).await;
     let mut ids = Vec::new();
     for cfg in [&server_cfg, &client_cfg] {
-        let id = c
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: pod.0.clone(),
-                config: Some(cfg.clone()),
-                sandbox_config: Some(pod.1.clone()),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .container_id;
-        c.start_container(cri::StartContainerRequest {
-            container_id: id.clone(),
-        })
-        .await
-        .unwrap();
+        let id = create(&mut c, &pod, cfg.clone()).await;
+        start_container(&mut c, &id).await;
         ids.push(id);
     }
     let (_, port) = first_pair(&Path::new(&pod.1.log_directory).join("client.log"));
@@ -980,11 +907,7 @@ async fn a_loopback_tcp_pair_comes_back_connected_or_criu_says_why_not() {
     env.pods.push(r.pod_sandbox_id.clone());
     // The server first: the client's next message must find its peer.
     for x in &r.restored_containers {
-        c.start_container(cri::StartContainerRequest {
-            container_id: x.container_id.clone(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("start {}: {e:?}", x.name));
+        start_container(&mut c, &x.container_id).await;
     }
     let client = &r.restored_containers[1];
     assert_eq!(client.name, "client");
