@@ -657,8 +657,13 @@ async fn a_deadline_in_the_middle_of_the_dumps_thaws_all_and_leaves_nothing() {
     let mut env = Env::start();
     let mut c = env.client().await;
     let pod = env.run_pod(&mut c, "slow", false).await;
-    let a = env.counter(&mut c, &pod, "a", 256, true).await;
-    let b = env.counter(&mut c, &pod, "b", 256, true).await;
+    // Big enough that the dumps outlast the deadline's remainder.
+    let a = env.counter(&mut c, &pod, "a", 1024, true).await;
+    let b = env.counter(&mut c, &pod, "b", 1024, true).await;
+    let pids = [
+        common::cri::container_pid(&mut c, &a).await,
+        common::cri::container_pid(&mut c, &b).await,
+    ];
     let out = out_dir();
     let msg = prost::Message::encode_to_vec(&CheckpointPodRequest {
         pod_sandbox_id: pod.0.clone(),
@@ -666,7 +671,29 @@ async fn a_deadline_in_the_middle_of_the_dumps_thaws_all_and_leaves_nothing() {
         container_ids: vec![a.clone(), b.clone()],
         options: HashMap::new(),
     });
-    let r = env.call_with_deadline("CheckpointPod", "400m", &msg).await;
+    // CRIU seizing both (ptrace) while the call runs: the deadline came in
+    // the middle of the dumps, not before them.
+    let calling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watch = {
+        let calling = calling.clone();
+        std::thread::spawn(move || {
+            let mut seized = [false; 2];
+            while calling.load(std::sync::atomic::Ordering::SeqCst) {
+                for (s, pid) in seized.iter_mut().zip(pids) {
+                    *s |= common::cri::tracer(pid) != 0;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            seized
+        })
+    };
+    let r = env.call_with_deadline("CheckpointPod", "500m", &msg).await;
+    calling.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        watch.join().unwrap(),
+        [true, true],
+        "CRIU never seized both"
+    );
     assert!(
         r.message().contains("dump"),
         "not during the dumps: {}",

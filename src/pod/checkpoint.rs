@@ -199,7 +199,7 @@ impl Cut {
 /// the caller's cancellation. Returns the dumps and the cut, if taken.
 async fn dump_all(
     setups: Vec<Setup>,
-    mut cut: Option<Cut>,
+    cut: Option<Cut>,
     keeper: Option<GateKeeper>,
     parallel: usize,
     t: &Targets<'_>,
@@ -207,7 +207,6 @@ async fn dump_all(
 ) -> (Result<Vec<Captured>>, Option<Cut>) {
     let n = setups.len();
     let (stop, stopped) = tokio::sync::watch::channel(());
-    let mut stop = Some(stop);
     let dumps: Vec<_> = setups
         .into_iter()
         .enumerate()
@@ -217,64 +216,81 @@ async fn dump_all(
         })
         .collect();
     let mut dumps = futures_util::stream::iter(dumps).buffer_unordered(parallel);
-    let (mut arrivals, verdict) = match keeper {
-        Some((a, v)) => (Some(a), Some(v)),
-        None => (None, None),
+    let (mut arrivals, verdict) = keeper.map_or((None, None), |(a, v)| (Some(a), Some(v)));
+    let mut p = Progress {
+        cut,
+        verdict,
+        stop: Some(stop),
+        failed: None,
+        arrived: 0,
     };
-    let (mut arrived, mut done, mut failed, mut expired) = (0, Vec::new(), None, false);
-    // Thaws the pod now, and sends the dumps waiting at the gate away.
-    let call_off = |cut: &Option<Cut>| {
-        cut.iter().for_each(Cut::thaw_now);
-        verdict.iter().for_each(|v| {
-            v.send_replace(Some(false));
-        });
-    };
+    let mut done = Vec::new();
     loop {
         tokio::select! {
-            Some(()) = async { arrivals.as_mut()?.recv().await }, if failed.is_none() => {
-                arrived += 1;
-                if arrived == n {
+            Some(()) = async { arrivals.as_mut()?.recv().await }, if p.failed.is_none() => {
+                p.arrived += 1;
+                if p.arrived == n {
                     arrivals = None;
-                    match Cut::freeze(t).await {
-                        Ok(c) => {
-                            cut = Some(c);
-                            verdict.iter().for_each(|v| {
-                                v.send_replace(Some(true));
-                            });
-                        }
-                        Err(e) => {
-                            failed.get_or_insert(e);
-                            stop.take();
-                            call_off(&cut);
-                        }
-                    }
+                    p.take_cut(t).await;
                 }
             }
             next = dumps.next() => match next {
                 None => break,
                 Some((i, Ok(c))) => done.push((i, c)),
-                Some((_, Err(e))) => {
-                    failed.get_or_insert(e);
-                    stop.take();
-                    call_off(&cut);
-                }
+                Some((_, Err(e))) => p.fail(e, true),
             },
-            _ = tokio::time::sleep_until(t.deadline.into()), if !expired => {
-                // The dumps see the deadline too, and fail with it.
-                expired = true;
-                call_off(&cut);
+            // The dumps under way see the deadline too, and fail with it.
+            _ = tokio::time::sleep_until(t.deadline.into()), if p.failed.is_none() => {
+                p.fail(Error::DeadlineExceeded("the pod's dumps"), false);
             }
-            r = cancelled.changed(), if stop.is_some() => if r.is_err() {
-                stop.take();
-                call_off(&cut);
+            r = cancelled.changed(), if p.stop.is_some() => if r.is_err() {
+                p.fail(Error::Cancelled, true);
             }
         }
     }
-    if let Some(e) = failed {
-        return (Err(e), cut);
+    if let Some(e) = p.failed {
+        return (Err(e), p.cut);
     }
     done.sort_by_key(|(i, _)| *i);
-    (Ok(done.into_iter().map(|(_, c)| c).collect()), cut)
+    (Ok(done.into_iter().map(|(_, c)| c).collect()), p.cut)
+}
+
+/// Where the dumps of a cut stand: the cut once taken, the gate's verdict
+/// still to give, the stop for the dumps, the first failure.
+struct Progress {
+    cut: Option<Cut>,
+    verdict: Option<tokio::sync::watch::Sender<Option<bool>>>,
+    stop: Option<tokio::sync::watch::Sender<()>>,
+    failed: Option<Error>,
+    arrived: usize,
+}
+
+impl Progress {
+    /// Every dump waits at the gate: freeze the pod and let them go on.
+    async fn take_cut(&mut self, t: &Targets<'_>) {
+        match Cut::freeze(t).await {
+            Ok(c) => {
+                self.cut = Some(c);
+                if let Some(v) = self.verdict.take() {
+                    v.send_replace(Some(true));
+                }
+            }
+            Err(e) => self.fail(e, true),
+        }
+    }
+
+    /// Notes the first failure, thaws the pod now, sends the dumps waiting at
+    /// the gate away, and (`stop`) stops those under way.
+    fn fail(&mut self, e: Error, stop: bool) {
+        self.failed.get_or_insert(e);
+        if stop {
+            self.stop.take();
+        }
+        self.cut.iter().for_each(Cut::thaw_now);
+        if let Some(v) = self.verdict.take() {
+            v.send_replace(Some(false));
+        }
+    }
 }
 
 /// Steps 4 and 5 for every container, all at once; then their CRIU stagings
