@@ -6,6 +6,8 @@ incompressible memory (hack/workloads/counter.c, 64 MiB by default), each round
 runs, in an order that rotates from round to round:
   POD      CheckpointPod of every container (the cut: all frozen, dumped in parallel, all thawed)
   POD-1    CheckpointPod with parallel-dumps=1 (the same cut, one dump at a time)
+  POD-h    CheckpointPod with hold-pages-mib (each container's pages held in memory
+           during the pause, written after the thaw)
   SEQ      CheckpointContainer of each container, one after the other
 and after them RestorePod of that round's POD checkpoint into a new pod, then
 StartContainer of each (each is restored then), timed to all running.
@@ -144,9 +146,10 @@ class Bench:
         time.sleep(0.2)  # the probes log the gap's end as they wake
         return t0, t1
 
-    def run_pod(self, pod, names, parallel=None):
+    def run_pod(self, pod, names, parallel=None, hold=False):
         d = self.fresh()
         opts = [] if parallel is None else ["--option", f"parallel-dumps={parallel}"]
+        opts += ["--option", f"hold-pages-mib={self.mib + 16}"] if hold else []
         t0, t1 = self.timed(lambda: self.ctl("checkpointp", pod, "--export", d, *opts))
         g = self.gaps(names, (t0, t1))
         return dict(pause=max(g), total=(t1 - t0) / 1e6, dir=d)
@@ -189,12 +192,13 @@ def main():
         b.setup()
         for n in map(int, a.pods.split(",")):
             pod, ids, names = b.make_pod(n)
-            res = {"POD": [], "POD-1": [], "SEQ": [], "restore": []}
-            order = ["POD", "POD-1", "SEQ"]
+            order = ["POD", "POD-1", "POD-h", "SEQ"]
+            res = {v: [] for v in order + ["restore"]}
             for k in range(a.rounds):
-                rot = order[k % 3:] + order[:k % 3]
+                rot = order[k % len(order):] + order[:k % len(order)]
                 for v in rot:
-                    r = (b.run_seq(ids, names) if v == "SEQ" else b.run_pod(pod, names, 1 if v == "POD-1" else None))
+                    r = (b.run_seq(ids, names) if v == "SEQ" else
+                         b.run_pod(pod, names, 1 if v == "POD-1" else None, hold=v == "POD-h"))
                     if v == "POD":
                         res["restore"].append(b.run_restore(r["dir"], names, f"{n}-{k}"))
                     res[v].append(r)

@@ -952,3 +952,44 @@ async fn a_loopback_tcp_pair_comes_back_connected_or_criu_says_why_not() {
         "the client reconnected or broke: {text}"
     );
 }
+
+/// The runtime refuses the second container after the pod and the first
+/// container exist: RestorePod answers with the runtime's refusal and removes
+/// the pod, the first container and its restore.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_refused_half_way_removes_all_it_created() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let (pod, [a, b]) = two_counters(&mut env, &mut c, "src").await;
+    let out = out_dir();
+    checkpoint_pod(&env, &pod, out.path(), &[&a, &b], &[])
+        .await
+        .unwrap();
+    let census0 = census(&env, &mut c).await;
+    // A user the image does not have: only the runtime, creating `b`, knows.
+    let mut b_cfg = counter_config("b", false);
+    let sc = b_cfg
+        .linux
+        .as_mut()
+        .unwrap()
+        .security_context
+        .as_mut()
+        .unwrap();
+    sc.run_as_username = "no-such-user".into();
+    let sb = new_sandbox(&env, "dst");
+    let err = restore_pod(
+        &env,
+        out.path(),
+        &sb,
+        vec![counter_config("a", false), b_cfg],
+        "",
+    )
+    .await
+    .unwrap_err();
+    // containerd's own answer, passed back.
+    assert_eq!(err.code(), Code::Unknown, "{err:?}");
+    assert!(err.message().contains("no users found"), "{err:?}");
+    assert_eq!(census(&env, &mut c).await, census0, "left something");
+    assert!(env.restores().is_empty(), "{:?}", env.restores());
+    assert_pod_runs(&env, &mut c, &[a, b]).await;
+}

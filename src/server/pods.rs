@@ -349,7 +349,15 @@ impl Pods {
         }
         // Today's create rewrite refuses undeclared bind mounts: run it dry.
         let create = create_request("", cfg_raw, &[]);
-        crate::restore::create::request(&create, &ckpt, "-", &archive.to_string_lossy())?;
+        let plan =
+            crate::restore::create::request(&create, &ckpt, "-", &archive.to_string_lossy())?;
+        if let Some((p, _)) = plan.sources.iter().find(|(p, _)| !p.is_absolute()) {
+            return Err(Error::InvalidArgument(format!(
+                "container {:?}: mount source {} is not absolute",
+                entry.name,
+                p.display()
+            )));
+        }
         Ok(())
     }
 
