@@ -39,6 +39,7 @@ pub mod locate;
 pub mod metrics;
 pub mod mountinfo;
 pub mod pbwire;
+pub mod pod;
 pub mod preflight;
 
 pub use error::{Error, Result};

@@ -47,6 +47,10 @@ pub struct Metrics {
     written_bytes: Counter,
     in_flight: Gauge,
     restores: Family<CodeLabel, Counter>,
+    pod_checkpoints: Family<CodeLabel, Counter>,
+    pod_restores: Family<CodeLabel, Counter>,
+    pod_pause_seconds: Histogram,
+    pod_containers: Histogram,
     forwarded: Family<CallLabels, Counter>,
     relay_seconds: Histograms<DirectionLabel>,
     upstream_errors: Family<KindLabel, Counter>,
@@ -78,6 +82,10 @@ impl Metrics {
             written_bytes: Counter::default(),
             in_flight: Gauge::default(),
             restores: Family::default(),
+            pod_checkpoints: Family::default(),
+            pod_restores: Family::default(),
+            pod_pause_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 12)),
+            pod_containers: Histogram::new(exponential_buckets(1.0, 2.0, 6)),
             forwarded: Family::default(),
             relay_seconds: Family::new_with_constructor(relay_histogram),
             upstream_errors: Family::default(),
@@ -133,6 +141,34 @@ impl Metrics {
         );
         add(
             r,
+            "pod_checkpoints",
+            "CheckpointPod calls answered, by gRPC code",
+            None,
+            self.pod_checkpoints.clone(),
+        );
+        add(
+            r,
+            "pod_restores",
+            "RestorePod calls answered, by gRPC code",
+            None,
+            self.pod_restores.clone(),
+        );
+        add(
+            r,
+            "pod_checkpoint_pause",
+            "How long successful pod checkpoints kept the pod frozen, from the first freeze to the last thaw",
+            secs.clone(),
+            self.pod_pause_seconds.clone(),
+        );
+        add(
+            r,
+            "pod_checkpoint_containers",
+            "Containers per successful pod checkpoint",
+            None,
+            self.pod_containers.clone(),
+        );
+        add(
+            r,
             "forwarded_calls",
             "Calls handed on to the upstream runtime, by method and its gRPC code",
             None,
@@ -181,6 +217,27 @@ impl Metrics {
 
     pub fn restore_answered(&self, code: tonic::Code) {
         self.restores
+            .get_or_create(&CodeLabel {
+                code: code_name(code as i32),
+            })
+            .inc();
+    }
+
+    pub fn pod_checkpoint_answered(&self, code: tonic::Code) {
+        Self::count(&self.pod_checkpoints, code);
+    }
+
+    pub fn pod_restore_answered(&self, code: tonic::Code) {
+        Self::count(&self.pod_restores, code);
+    }
+
+    pub fn pod_checkpoint_done(&self, pause: Duration, containers: usize) {
+        self.pod_pause_seconds.observe(pause.as_secs_f64());
+        self.pod_containers.observe(containers as f64);
+    }
+
+    fn count(family: &Family<CodeLabel, Counter>, code: tonic::Code) {
+        family
             .get_or_create(&CodeLabel {
                 code: code_name(code as i32),
             })

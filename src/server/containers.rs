@@ -68,7 +68,7 @@ impl Containers {
         let Ok(list) = self
             .upstream
             .runtime()
-            .list_containers(crate::cri::ListContainersRequest {})
+            .list_containers(crate::cri::ListContainersRequest::default())
             .await
         else {
             return;
@@ -186,6 +186,22 @@ impl Containers {
             .unwrap_or_else(|p| p.into_inner())
             .insert(created.container_id);
         Ok(reply)
+    }
+
+    /// A CreateContainer `call` that restores `archive` (a pod restore's):
+    /// the new container's ID, or why not, the runtime's refusal included.
+    pub(super) async fn restore_archive(&self, call: &Call, archive: PathBuf) -> Result<String> {
+        let reply = self.restore(call, Source::Archive(archive)).await?;
+        match reply.decode::<CreateContainerResponse>() {
+            Some(r) => Ok(r.container_id),
+            None => Err(Error::Upstream(reply.grpc_status())),
+        }
+    }
+
+    /// Removes a container created here, and its restore.
+    pub(super) async fn discard(&self, id: &str) {
+        self.remove_upstream(id).await;
+        self.forget(id).await;
     }
 
     /// The archive to restore: the one on the node, or a checkpoint image's,

@@ -7,6 +7,7 @@ mod containers;
 mod frame;
 mod headers;
 mod native;
+mod pods;
 mod readiness;
 pub mod relay;
 mod restored_status;
@@ -29,6 +30,7 @@ struct Router {
     native: Arc<native::Native>,
     native_enabled: bool,
     containers: Arc<containers::Containers>,
+    pods: Arc<pods::Pods>,
     readiness: Arc<readiness::Readiness>,
 }
 
@@ -36,7 +38,14 @@ impl Owner for Router {
     fn owns(&self, path: &str) -> bool {
         matches!(
             path.strip_prefix(RUNTIME),
-            Some("CheckpointContainer" | "CreateContainer" | "StartContainer" | "RemoveContainer")
+            Some(
+                "CheckpointContainer"
+                    | "CreateContainer"
+                    | "StartContainer"
+                    | "RemoveContainer"
+                    | "CheckpointPod"
+                    | "RestorePod"
+            )
         )
     }
 
@@ -46,10 +55,12 @@ impl Owner for Router {
                 "CreateContainer" => self.containers.create(call).await,
                 "StartContainer" => self.containers.start(call).await,
                 "RemoveContainer" => self.containers.remove(call).await,
+                "RestorePod" => self.pods.clone().restore_call(call).await,
                 // The message the kubelet's e2e test recognises as "not supported".
-                _ if !self.native_enabled => Reply::status(tonic::Status::unimplemented(
-                    "method CheckpointContainer not implemented",
-                )),
+                m if !self.native_enabled => Reply::status(tonic::Status::unimplemented(format!(
+                    "method {m} not implemented"
+                ))),
+                "CheckpointPod" => self.pods.clone().checkpoint_call(call).await,
                 _ => self.native.clone().handle(call).await,
             }
         })
@@ -102,16 +113,24 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let containers = Arc::new(containers::Containers::new(
         up.clone(),
         &cfg.restore_dir,
-        identities,
+        identities.clone(),
     ));
     tokio::spawn({
         let c = containers.clone();
         async move { c.collect_garbage().await }
     });
+    let native = Arc::new(native::Native::new(&cfg, up.channel(), seal));
+    let pods = Arc::new(pods::Pods {
+        native: native.clone(),
+        containers: containers.clone(),
+        upstream: up.clone(),
+        identities,
+    });
     let router = Arc::new(Router {
-        native: Arc::new(native::Native::new(&cfg, up.channel(), seal)),
+        native,
         native_enabled: cfg.checkpoint_enabled,
         containers,
+        pods,
         readiness: readiness::Readiness::spawn(cfg.clone()),
     });
     accept(listener, &upstream, router.clone()).await?;

@@ -105,6 +105,15 @@ impl Reply {
             .unwrap_or(tonic::Code::Unknown)
     }
 
+    /// The answer's gRPC status, with its message.
+    pub fn grpc_status(&self) -> tonic::Status {
+        self.trailers
+            .as_ref()
+            .and_then(tonic::Status::from_header_map)
+            .or_else(|| tonic::Status::from_header_map(&self.headers))
+            .unwrap_or_else(|| tonic::Status::new(self.code(), "no grpc-status"))
+    }
+
     /// The one message of a successful unary answer, decoded.
     pub fn decode<M: prost::Message + Default>(&self) -> Option<M> {
         (self.code() == tonic::Code::Ok)

@@ -237,6 +237,11 @@ impl Env {
         connect(&self.shim_sock).await
     }
 
+    /// A channel to the shim's socket, for calls k8s-cri does not have.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        cri_common::channel(&self.shim_sock).await.unwrap()
+    }
+
     /// CRI's image service on the shim's socket.
     pub async fn images(&self) -> Images {
         Images::new(cri_common::channel(&self.shim_sock).await.unwrap())
@@ -287,22 +292,9 @@ impl Env {
     ) -> String {
         let host_network = pod.1.hostname.is_empty();
         let cfg = cri_common::counter(name, mib, 50, host_network);
-        let id = c
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: pod.0.clone(),
-                config: Some(cfg),
-                sandbox_config: Some(pod.1.clone()),
-            })
-            .await
-            .expect("CreateContainer")
-            .into_inner()
-            .container_id;
+        let id = create(c, pod, cfg).await;
         if start {
-            c.start_container(cri::StartContainerRequest {
-                container_id: id.clone(),
-            })
-            .await
-            .expect("StartContainer");
+            start_container(c, &id).await;
             wait_count(&self.rootfs(&id), |v| v >= 3);
         }
         id
@@ -395,6 +387,48 @@ impl Env {
         s.status.unwrap().state()
     }
 
+    /// Calls `method` (request `msg`) on the shim's socket with a raw client,
+    /// which sends `grpc-timeout` and waits for the server's own answer
+    /// (tonic's client would give up locally at the same moment); the answer
+    /// must be DEADLINE_EXCEEDED.
+    pub async fn call_with_deadline(
+        &self,
+        method: &str,
+        timeout: &str,
+        msg: &[u8],
+    ) -> super::raw::Reply {
+        let r = super::raw::call(
+            &self.shim_sock,
+            &format!("/runtime.v1.RuntimeService/{method}"),
+            &[("grpc-timeout", timeout)],
+            super::raw::frame(msg),
+        )
+        .await;
+        assert_eq!(
+            r.status(),
+            Some(tonic::Code::DeadlineExceeded as i32),
+            "{}",
+            r.message()
+        );
+        r
+    }
+
+    /// Waits (20 s at most) for a stopped checkpoint to have thawed `ids` and
+    /// emptied `dir`: the server lets CRIU end and removes staging first.
+    pub async fn wait_thawed_and_empty(&self, dir: &Path, ids: &[&str]) {
+        let t = Instant::now();
+        while !(super::entries(dir).is_empty() && ids.iter().all(|id| self.freezer(id) == "THAWED"))
+        {
+            let freezers: Vec<String> = ids.iter().map(|id| self.freezer(id)).collect();
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "left: {:?}, freezers {freezers:?}",
+                super::entries(dir)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// RUNNING through CRI, thawed, and still counting.
     pub async fn assert_running(&self, c: &mut Client, id: &str) {
         assert_eq!(
@@ -470,6 +504,31 @@ impl Drop for Env {
             }
         }
     }
+}
+
+/// CreateContainer of `cfg` in `pod`: its ID.
+pub async fn create(
+    c: &mut Client,
+    pod: &(String, cri::PodSandboxConfig),
+    cfg: cri::ContainerConfig,
+) -> String {
+    c.create_container(cri::CreateContainerRequest {
+        pod_sandbox_id: pod.0.clone(),
+        config: Some(cfg),
+        sandbox_config: Some(pod.1.clone()),
+    })
+    .await
+    .expect("CreateContainer")
+    .into_inner()
+    .container_id
+}
+
+pub async fn start_container(c: &mut Client, id: &str) {
+    c.start_container(cri::StartContainerRequest {
+        container_id: id.into(),
+    })
+    .await
+    .expect("StartContainer");
 }
 
 /// The container's process, as the runtime reports it.

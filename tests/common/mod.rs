@@ -394,6 +394,7 @@ pub mod cri;
 pub mod raw;
 pub mod registry;
 pub mod restore;
+pub mod scrape;
 
 /// stdin, stdout and stderr for a restored process: /dev/null and a pipe drained
 /// by a thread for as long as the process lives.
