@@ -2,8 +2,9 @@
 //! connection of its own to the upstream runtime. SETTINGS, flow control,
 //! PING and GOAWAY are the two peers' own; message bytes pass unchanged, so
 //! fields this shim does not know survive and streaming methods work; header
-//! blocks are decoded and re-encoded ([`super::headers`]), which is where an
-//! `:authority` no server should have to take is made valid.
+//! blocks are decoded, and passed on as they came or re-encoded
+//! ([`super::headers`]), which is where an `:authority` no server should have
+//! to take is made valid.
 //!
 //! The calls the shim answers itself ([`Owner`]) are taken out of the stream
 //! before the upstream sees them: their request is collected, handed to the
@@ -46,7 +47,7 @@ use tokio::sync::mpsc;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::frame::{self, Frame};
-use super::headers::{self, Fields, HeaderCodec};
+use super::headers::{self, Fields};
 
 /// A call the shim answers itself: its path, metadata and request bytes (the
 /// gRPC length-prefixed messages, as sent).
@@ -237,16 +238,12 @@ enum ToClient {
     /// until it is written.
     Reply(u32, Reply, Option<TaskTrackerToken>),
     Frames(Bytes),
-    /// The client's SETTINGS_HEADER_TABLE_SIZE.
-    TableSize(u32),
     /// The client's window grew.
     Wake,
 }
 
 /// To the task writing to the upstream.
 enum ToUpstream {
-    /// The upstream's SETTINGS_HEADER_TABLE_SIZE.
-    TableSize(u32),
     /// Connection credit for bytes the upstream sent that the client never got
     /// (an amended reply came out shorter).
     Credit(u32),
@@ -260,6 +257,8 @@ struct Block {
     flags: u8,
     priority: Option<[u8; 5]>,
     fragment: Vec<u8>,
+    /// The frames as they came, to pass on unchanged.
+    raw: BytesMut,
 }
 
 impl Block {
@@ -273,6 +272,7 @@ impl Block {
                     flags: f.flags,
                     priority,
                     fragment: Vec::new(),
+                    raw: BytesMut::new(),
                 });
                 fragment
             }
@@ -284,6 +284,7 @@ impl Block {
             return Err(frame::bad("header block too large"));
         }
         b.fragment.extend_from_slice(fragment);
+        b.raw.extend_from_slice(&f.raw);
         Ok(if f.has(frame::END_HEADERS) {
             slot.take()
         } else {
@@ -293,11 +294,6 @@ impl Block {
 
     fn ends_stream(&self) -> bool {
         self.flags & frame::END_STREAM != 0
-    }
-
-    /// Re-encodes the block, as `fields`, with `codec`'s context into `out`.
-    fn put(&self, codec: &mut HeaderCodec, out: &mut BytesMut, fields: &Fields) {
-        codec.put(out, self.stream, fields, self.ends_stream(), self.priority);
     }
 }
 
@@ -313,7 +309,7 @@ struct Owned {
 struct ClientSide {
     owner: Arc<dyn Owner>,
     reach: Reach,
-    codec: HeaderCodec,
+    requests: headers::Requests,
     block: Option<Block>,
     owned: HashMap<u32, Owned>,
     /// Forwarded calls the owner watches: their path and request so far.
@@ -334,7 +330,7 @@ impl ClientSide {
         ClientSide {
             owner,
             reach,
-            codec: HeaderCodec::default(),
+            requests: headers::Requests::default(),
             block: None,
             owned: HashMap::new(),
             watched: HashMap::new(),
@@ -367,7 +363,6 @@ impl ClientSide {
                         }
                     }
                     Some(m) = table.recv() => match m {
-                        ToUpstream::TableSize(n) => self.codec.receiver_table_size(n),
                         ToUpstream::Credit(n) => frame::put_window_update(&mut self.out, 0, n),
                         ToUpstream::Pong(data) => frame::put_frame(&mut self.out, frame::PING, frame::ACK, 0, &data),
                     },
@@ -435,9 +430,10 @@ impl ClientSide {
         Ok(())
     }
 
-    fn on_block(&mut self, b: Block) -> std::io::Result<()> {
-        let mut fields = self.codec.decode(&b.fragment)?;
+    fn on_block(&mut self, mut b: Block) -> std::io::Result<()> {
+        let mut fields = self.requests.decode(std::mem::take(&mut b.fragment))?;
         if let Some(o) = self.owned.get(&b.stream) {
+            self.requests.withheld();
             // Trailers on an owned call: nothing in them is used.
             if b.ends_stream() && o.task.is_none() {
                 self.dispatch(b.stream);
@@ -455,6 +451,7 @@ impl ClientSide {
                     task: None,
                 };
                 self.owned.insert(b.stream, o);
+                self.requests.withheld();
                 if b.ends_stream() {
                     self.dispatch(b.stream);
                 }
@@ -467,8 +464,16 @@ impl ClientSide {
                     .insert(b.stream, (path.into_owned(), BytesMut::new()));
             }
         }
-        headers::fix_authority(&mut fields);
-        b.put(&mut self.codec, &mut self.out, &fields);
+        match self.requests.forward(&mut fields) {
+            None => self.out.extend_from_slice(&b.raw),
+            Some(block) => frame::put_header_block(
+                &mut self.out,
+                b.stream,
+                &block,
+                b.ends_stream(),
+                b.priority,
+            ),
+        }
         Ok(())
     }
 
@@ -572,13 +577,6 @@ impl ClientSide {
     }
 
     fn on_settings(&mut self, f: &Frame) {
-        if !f.has(frame::ACK) {
-            for (id, v) in f.settings() {
-                if id == frame::SETTINGS_HEADER_TABLE_SIZE {
-                    self.client(ToClient::TableSize(v));
-                }
-            }
-        }
         if let Reach::Unreachable(_) = self.reach {
             // With no upstream the relay is the client's server.
             if !f.has(frame::ACK) {
@@ -598,7 +596,10 @@ impl ClientSide {
 
 /// Reads the upstream, forwards to the client, and writes the shim's replies.
 struct UpstreamSide {
-    codec: HeaderCodec,
+    /// The upstream's context: its blocks pass unchanged, read on the way.
+    decoder: headers::Decoder,
+    /// For the shim's own replies, which leave the client's table alone.
+    encoder: headers::Encoder,
     block: Option<Block>,
     waiting: Vec<(u32, Reply, Option<TaskTrackerToken>)>,
     /// Held until the replies in `out` are written.
@@ -612,7 +613,8 @@ struct UpstreamSide {
 impl UpstreamSide {
     fn new(flow: Arc<Mutex<Flow>>) -> UpstreamSide {
         UpstreamSide {
-            codec: HeaderCodec::default(),
+            decoder: headers::Decoder::default(),
+            encoder: headers::Encoder::default(),
             block: None,
             waiting: Vec::new(),
             written: Vec::new(),
@@ -672,15 +674,15 @@ impl UpstreamSide {
     ) -> std::io::Result<()> {
         match f.kind {
             frame::HEADERS | frame::CONTINUATION => {
-                if let Some(b) = Block::collect(&mut self.block, &f)? {
-                    let fields = self.codec.decode(&b.fragment)?;
+                if let Some(mut b) = Block::collect(&mut self.block, &f)? {
+                    let fields = self.decoder.decode(std::mem::take(&mut b.fragment))?;
                     if b.ends_stream() {
                         self.finish_amending(b.stream, false, to_upstream);
                         let code = headers::get(&fields, "grpc-status")
                             .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok());
                         self.answered(b.stream, code.unwrap_or(tonic::Code::Unknown as i32));
                     }
-                    b.put(&mut self.codec, &mut self.out, &fields);
+                    self.out.extend_from_slice(&b.raw);
                 }
                 return Ok(());
             }
@@ -693,13 +695,6 @@ impl UpstreamSide {
                 self.amending.remove(&f.stream);
                 lock(&self.flow).amends.remove(&f.stream);
                 self.answered(f.stream, reset_code(&f));
-            }
-            frame::SETTINGS if !f.has(frame::ACK) => {
-                for (id, v) in f.settings() {
-                    if id == frame::SETTINGS_HEADER_TABLE_SIZE {
-                        let _ = to_upstream.send(ToUpstream::TableSize(v));
-                    }
-                }
             }
             // As on the client's side: answered here, never forwarded.
             frame::PING => {
@@ -781,7 +776,6 @@ impl UpstreamSide {
     fn on_message(&mut self, m: ToClient) {
         match m {
             ToClient::Frames(b) => self.out.extend_from_slice(&b),
-            ToClient::TableSize(n) => self.codec.receiver_table_size(n),
             ToClient::Reply(stream, r, hold) => self.waiting.push((stream, r, hold)),
             ToClient::Wake => {}
         }
@@ -800,7 +794,7 @@ impl UpstreamSide {
             flow.debt += len as u64;
             let (stream, r, hold) = self.waiting.remove(0);
             self.written.extend(hold);
-            put_reply(&mut self.codec, &mut self.out, stream, r);
+            put_reply(&mut self.encoder, &mut self.out, stream, r);
         }
         flow.waiting = self.waiting.len();
     }
@@ -820,7 +814,7 @@ fn reset_code(f: &Frame) -> i32 {
     }
 }
 
-fn put_reply(codec: &mut HeaderCodec, out: &mut BytesMut, stream: u32, r: Reply) {
+fn put_reply(codec: &mut headers::Encoder, out: &mut BytesMut, stream: u32, r: Reply) {
     let head: Fields = headers::from_http(Some(http::StatusCode::OK), &r.headers);
     let trailers_only = r.body.is_empty() && r.trailers.is_none();
     codec.put(out, stream, &head, trailers_only, None);
