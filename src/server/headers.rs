@@ -82,13 +82,8 @@ impl Decoder {
 
 /// Encodes blocks that leave the receiver's dynamic table alone: fields are
 /// static-table references or literals without indexing.
+#[derive(Default)]
 pub struct Encoder(HpackEncoder<'static>);
-
-impl Default for Encoder {
-    fn default() -> Self {
-        Encoder(HpackEncoder::default())
-    }
-}
 
 impl Encoder {
     pub fn encode(&mut self, fields: &Fields) -> Vec<u8> {
