@@ -25,9 +25,6 @@ pub const END_HEADERS: u8 = 0x4;
 pub const PADDED: u8 = 0x8;
 pub const PRIORITY_FLAG: u8 = 0x20;
 
-/// SETTINGS identifiers the relay reads.
-pub const SETTINGS_HEADER_TABLE_SIZE: u16 = 0x1;
-
 #[derive(Debug)]
 pub struct Frame {
     pub kind: u8,
@@ -49,16 +46,6 @@ impl Frame {
             Some(b) => u32::from_be_bytes(b.try_into().expect("4 bytes")) & 0x7fff_ffff,
             None => 0,
         }
-    }
-
-    /// The (identifier, value) pairs of a SETTINGS frame.
-    pub fn settings(&self) -> impl Iterator<Item = (u16, u32)> + '_ {
-        self.payload.chunks_exact(6).map(|c| {
-            (
-                u16::from_be_bytes([c[0], c[1]]),
-                u32::from_be_bytes([c[2], c[3], c[4], c[5]]),
-            )
-        })
     }
 
     /// The data of a DATA frame without its padding, and its flow-controlled length.

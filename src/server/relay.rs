@@ -2,8 +2,9 @@
 //! connection of its own to the upstream runtime. SETTINGS, flow control,
 //! PING and GOAWAY are the two peers' own; message bytes pass unchanged, so
 //! fields this shim does not know survive and streaming methods work; header
-//! blocks are decoded and re-encoded ([`super::headers`]), which is where an
-//! `:authority` no server should have to take is made valid.
+//! blocks are decoded, and passed on as they came or re-encoded
+//! ([`super::headers`]), which is where an `:authority` no server should have
+//! to take is made valid.
 //!
 //! The calls the shim answers itself ([`Owner`]) are taken out of the stream
 //! before the upstream sees them: their request is collected, handed to the
@@ -35,10 +36,10 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
@@ -46,7 +47,7 @@ use tokio::sync::mpsc;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::frame::{self, Frame};
-use super::headers::{self, Fields, HeaderCodec};
+use super::headers::{self, Fields};
 
 /// A call the shim answers itself: its path, metadata and request bytes (the
 /// gRPC length-prefixed messages, as sent).
@@ -165,15 +166,13 @@ pub trait Owner: Send + Sync + 'static {
 
 /// Requests larger than this are not collected for the shim's own calls.
 const MAX_CALL: usize = 4 << 20;
+/// While this much waits to be written to one side, the other is not read.
+const BACKLOG: usize = 1 << 20;
 
 /// Relays one client connection until either side closes it.
 pub async fn relay(client: UnixStream, upstream: &Path, owner: Arc<dyn Owner>) {
-    let (crd, cwr) = client.into_split();
-    let (to_client, from_client_side) = mpsc::unbounded_channel();
-    let (to_upstream, from_upstream_side) = mpsc::unbounded_channel();
-    let shared = Arc::new(Mutex::new(Flow::default()));
     let up = match UnixStream::connect(upstream).await {
-        Ok(u) => Some(u.into_split()),
+        Ok(u) => Some(u),
         Err(e) => {
             tracing::warn!(upstream = %upstream.display(), "upstream unreachable: {e}");
             crate::metrics::get().upstream_error("connect");
@@ -187,17 +186,16 @@ pub async fn relay(client: UnixStream, upstream: &Path, owner: Arc<dyn Owner>) {
             upstream.display()
         )),
     };
-    let (urd, uwr) = match up {
-        Some((r, w)) => (Some(r), Some(w)),
-        None => (None, None),
-    };
-    // Each side is dropped when its loop ends; the client side's end closes the
-    // channel the upstream side also waits on.
-    let c2u =
-        ClientSide::new(owner, reach, to_client, shared.clone()).run(crd, uwr, from_upstream_side);
-    let u2c = UpstreamSide::new(shared).run(urd, cwr, from_client_side, to_upstream);
-    let (a, b) = tokio::join!(c2u, u2c);
-    for e in [a.err(), b.err()].into_iter().flatten() {
+    let (replies, replies_rx) = mpsc::unbounded_channel();
+    let (result, mut relay) = Relay::new(owner, reach, replies)
+        .run(client, up, replies_rx)
+        .await;
+    for o in relay.owned.values_mut() {
+        if let Some(t) = o.task.take() {
+            t.abort();
+        }
+    }
+    if let Err(e) = result {
         tracing::debug!("connection ended: {e}");
     }
 }
@@ -208,60 +206,9 @@ enum Reach {
     Unreachable(String),
 }
 
-/// What both sides share: the client's connection-level receive window, as
-/// both affect it, the replies to amend, and the forwarded calls' method
-/// labels until their answer is counted.
-#[derive(Default)]
-struct Flow {
-    amends: HashMap<u32, Amend>,
-    calls: HashMap<u32, String>,
-    /// What the client can still receive (RFC 9113 §6.9.2: starts at 65535).
-    window: i64,
-    started: bool,
-    /// Bytes the relay sent the client that the upstream does not know of.
-    debt: u64,
-    /// Replies waiting for window.
-    waiting: usize,
-}
-
-/// The shared state, whichever side panicked last (nothing in it is left
-/// half-changed by a panic).
-fn lock(flow: &Mutex<Flow>) -> MutexGuard<'_, Flow> {
-    flow.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl Flow {
-    fn window(&mut self) -> &mut i64 {
-        if !self.started {
-            self.started = true;
-            self.window = 65_535;
-        }
-        &mut self.window
-    }
-}
-
-/// To the task writing to the client.
-enum ToClient {
-    /// A reply to an owned call, with what keeps a stopping server waiting
-    /// until it is written.
-    Reply(u32, Reply, Option<TaskTrackerToken>),
-    Frames(Bytes),
-    /// The client's SETTINGS_HEADER_TABLE_SIZE.
-    TableSize(u32),
-    /// The client's window grew.
-    Wake,
-}
-
-/// To the task writing to the upstream.
-enum ToUpstream {
-    /// The upstream's SETTINGS_HEADER_TABLE_SIZE.
-    TableSize(u32),
-    /// Connection credit for bytes the upstream sent that the client never got
-    /// (an amended reply came out shorter).
-    Credit(u32),
-    /// The upstream's PING, answered.
-    Pong(Bytes),
-}
+/// A reply to an owned call, from the task that answered it, with what keeps a
+/// stopping server waiting until it is written.
+type Answered = (u32, Reply, Option<TaskTrackerToken>);
 
 /// A header block being collected from HEADERS and CONTINUATION frames.
 struct Block {
@@ -269,6 +216,8 @@ struct Block {
     flags: u8,
     priority: Option<[u8; 5]>,
     fragment: Vec<u8>,
+    /// The frames as they came, to pass on unchanged.
+    raw: Vec<Bytes>,
 }
 
 impl Block {
@@ -282,6 +231,7 @@ impl Block {
                     flags: f.flags,
                     priority,
                     fragment: Vec::new(),
+                    raw: Vec::with_capacity(1),
                 });
                 fragment
             }
@@ -293,6 +243,7 @@ impl Block {
             return Err(frame::bad("header block too large"));
         }
         b.fragment.extend_from_slice(fragment);
+        b.raw.push(f.raw.clone());
         Ok(if f.has(frame::END_HEADERS) {
             slot.take()
         } else {
@@ -304,9 +255,11 @@ impl Block {
         self.flags & frame::END_STREAM != 0
     }
 
-    /// Re-encodes the block, as `fields`, with `codec`'s context into `out`.
-    fn put(&self, codec: &mut HeaderCodec, out: &mut BytesMut, fields: &Fields) {
-        codec.put(out, self.stream, fields, self.ends_stream(), self.priority);
+    /// Passes the block on as it came.
+    fn pass(&self, out: &mut BytesMut) {
+        for f in &self.raw {
+            out.extend_from_slice(f);
+        }
     }
 }
 
@@ -318,109 +271,234 @@ struct Owned {
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// Reads the client, forwards to the upstream, and takes out the owned calls.
-struct ClientSide {
+/// One client connection and its upstream connection, both directions in one
+/// task: a batch read from one side is handled and written to the other
+/// without a hop to another task or thread, and what the relay answers itself
+/// (PINGs, window credit) goes straight into the outgoing buffer.
+struct Relay {
     owner: Arc<dyn Owner>,
     reach: Reach,
-    codec: HeaderCodec,
-    block: Option<Block>,
+    /// Client to upstream: the client's HPACK context, the block being read.
+    requests: headers::Requests,
+    client_block: Option<Block>,
     owned: HashMap<u32, Owned>,
     /// Forwarded calls the owner watches: their path and request so far.
     watched: HashMap<u32, (String, BytesMut)>,
     last_stream: u32,
-    out: BytesMut,
-    to_client: mpsc::UnboundedSender<ToClient>,
-    flow: Arc<Mutex<Flow>>,
+    /// Forwarded calls' method labels, until their answer is counted.
+    calls: HashMap<u32, String>,
+    /// Replies to amend, from the request's end until the reply's first DATA.
+    amends: HashMap<u32, Amend>,
+    /// Upstream to client: the upstream's context (its blocks pass unchanged,
+    /// read on the way), and the encoder for the shim's own replies, which
+    /// leaves the client's table alone.
+    decoder: headers::Decoder,
+    encoder: headers::Encoder,
+    upstream_block: Option<Block>,
+    /// Replies being amended: the change, the bytes so far, their flow length.
+    amending: HashMap<u32, (Amend, BytesMut, usize)>,
+    /// Replies to owned calls waiting for the client's window.
+    waiting: Vec<Answered>,
+    /// Held until the replies in `to_client` are written.
+    written: Vec<TaskTrackerToken>,
+    /// What the client can still receive (RFC 9113 §6.9.2: starts at 65535).
+    window: i64,
+    /// Bytes the relay sent the client that the upstream does not know of.
+    debt: u64,
+    to_upstream: BytesMut,
+    to_client: BytesMut,
+    /// When the batch now in `to_upstream` / `to_client` was read (metrics).
+    read_at: [Option<Instant>; 2],
+    replies: mpsc::UnboundedSender<Answered>,
 }
 
-impl ClientSide {
-    fn new(
-        owner: Arc<dyn Owner>,
-        reach: Reach,
-        to_client: mpsc::UnboundedSender<ToClient>,
-        flow: Arc<Mutex<Flow>>,
-    ) -> ClientSide {
-        ClientSide {
+/// Index into `Relay::read_at`.
+const TO_UPSTREAM: usize = 0;
+const TO_CLIENT: usize = 1;
+
+/// Reads a batch from `half` if there is one.
+async fn read_from(half: &mut Option<OwnedReadHalf>, buf: &mut BytesMut) -> std::io::Result<usize> {
+    half.as_mut().expect("guarded").read_buf(buf).await
+}
+
+/// Writes what it can of `buf` to `half`.
+async fn write_to(half: &mut Option<OwnedWriteHalf>, buf: &[u8]) -> std::io::Result<usize> {
+    half.as_mut().expect("guarded").write(buf).await
+}
+
+impl Relay {
+    fn new(owner: Arc<dyn Owner>, reach: Reach, replies: mpsc::UnboundedSender<Answered>) -> Relay {
+        Relay {
             owner,
             reach,
-            codec: HeaderCodec::default(),
-            block: None,
+            requests: headers::Requests::default(),
+            client_block: None,
             owned: HashMap::new(),
             watched: HashMap::new(),
             last_stream: 0,
-            out: BytesMut::with_capacity(32 << 10),
-            to_client,
-            flow,
+            calls: HashMap::new(),
+            amends: HashMap::new(),
+            decoder: headers::Decoder::default(),
+            encoder: headers::Encoder::default(),
+            upstream_block: None,
+            amending: HashMap::new(),
+            waiting: Vec::new(),
+            written: Vec::new(),
+            window: 65_535,
+            debt: 0,
+            to_upstream: BytesMut::with_capacity(32 << 10),
+            to_client: BytesMut::with_capacity(32 << 10),
+            read_at: [None; 2],
+            replies,
         }
     }
 
+    /// Until either side ends the connection. Writes come first, so a batch
+    /// goes out as soon as it is handled; a side is not read while the other
+    /// side has not taken what was already read from it.
     async fn run(
         mut self,
-        mut crd: OwnedReadHalf,
-        mut uwr: Option<OwnedWriteHalf>,
-        mut table: mpsc::UnboundedReceiver<ToUpstream>,
-    ) -> std::io::Result<()> {
-        let mut reader = frame::Reader::new(true);
-        let mut read_at = None;
-        let result = async {
-            loop {
-                tokio::select! {
-                    n = crd.read_buf(reader.buf()) => {
-                        if n? == 0 {
-                            return Ok(());
-                        }
-                        read_at = Some(Instant::now());
-                        self.out.extend_from_slice(&reader.take_preface()?);
-                        while let Some(f) = reader.next()? {
-                            self.on_frame(f)?;
-                        }
-                    }
-                    Some(m) = table.recv() => match m {
-                        ToUpstream::TableSize(n) => self.codec.receiver_table_size(n),
-                        ToUpstream::Credit(n) => frame::put_window_update(&mut self.out, 0, n),
-                        ToUpstream::Pong(data) => frame::put_frame(&mut self.out, frame::PING, frame::ACK, 0, &data),
-                    },
-                }
-                if let Some(w) = uwr.as_mut().filter(|_| !self.out.is_empty()) {
-                    w.write_all(&self.out).await?;
-                    if let Some(t) = read_at.take() {
-                        crate::metrics::get().relay_hop(true, t.elapsed());
-                    }
-                }
-                self.out.clear();
+        client: UnixStream,
+        upstream: Option<UnixStream>,
+        mut answered: mpsc::UnboundedReceiver<Answered>,
+    ) -> (std::io::Result<()>, Relay) {
+        let (mut crd, mut cwr) = client.into_split();
+        let (mut urd, mut uwr) = match upstream.map(|u| u.into_split()) {
+            Some((r, w)) => (Some(r), Some(w)),
+            None => {
+                // With no upstream the relay is the client's server: its SETTINGS first.
+                frame::put_frame(&mut self.to_client, frame::SETTINGS, 0, 0, &[]);
+                (None, None)
             }
-        }
-        .await;
-        for o in self.owned.values_mut() {
-            if let Some(t) = o.task.take() {
-                t.abort();
+        };
+        let mut from_client = frame::Reader::new(true);
+        let mut from_upstream = frame::Reader::new(false);
+        let result = loop {
+            let step = tokio::select! {
+                biased;
+                n = cwr.write(&self.to_client), if !self.to_client.is_empty() => {
+                    n.map(|n| self.wrote(TO_CLIENT, n))
+                }
+                n = write_to(&mut uwr, &self.to_upstream), if uwr.is_some() && !self.to_upstream.is_empty() => {
+                    n.inspect_err(|_| crate::metrics::get().upstream_error("io"))
+                        .map(|n| self.wrote(TO_UPSTREAM, n))
+                }
+                n = crd.read_buf(from_client.buf()), if self.to_upstream.len() < BACKLOG => {
+                    match n {
+                        Ok(0) => break Ok(()),
+                        Ok(_) => self.client_batch(&mut from_client, uwr.is_some()),
+                        Err(e) => Err(e),
+                    }
+                }
+                n = read_from(&mut urd, from_upstream.buf()), if urd.is_some() && self.to_client.len() < BACKLOG => {
+                    match n.inspect_err(|_| crate::metrics::get().upstream_error("io")) {
+                        Ok(0) => break Ok(()),
+                        Ok(_) => self.upstream_batch(&mut from_upstream),
+                        Err(e) => Err(e),
+                    }
+                }
+                Some(a) = answered.recv() => {
+                    self.waiting.push(a);
+                    self.write_replies();
+                    Ok(())
+                }
+            };
+            if let Err(e) = step {
+                break Err(e);
             }
-        }
-        if let Some(mut w) = uwr {
+        };
+        // What was read before the end still goes out (a GOAWAY before a close).
+        let flush = async {
+            cwr.write_all(&self.to_client).await?;
+            if let Some(w) = uwr.as_mut() {
+                w.write_all(&self.to_upstream).await?;
+            }
+            std::io::Result::Ok(())
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), flush).await;
+        let _ = cwr.shutdown().await;
+        if let Some(w) = uwr.as_mut() {
             let _ = w.shutdown().await;
         }
-        result
+        (result, self)
     }
 
-    fn on_frame(&mut self, f: Frame) -> std::io::Result<()> {
+    /// `n` bytes of the buffer toward `side` were written.
+    fn wrote(&mut self, side: usize, n: usize) {
+        let buf = match side {
+            TO_UPSTREAM => &mut self.to_upstream,
+            _ => &mut self.to_client,
+        };
+        buf.advance(n);
+        if !buf.is_empty() {
+            return;
+        }
+        // A BytesMut emptied by advancing keeps its allocation for the next batch.
+        buf.clear();
+        if side == TO_CLIENT {
+            self.written.clear();
+        }
+        if let Some(t) = self.read_at[side].take() {
+            crate::metrics::get().relay_hop(side == TO_UPSTREAM, t.elapsed());
+        }
+    }
+
+    /// Handles a batch read from the client. `forwarding`: whether there is an
+    /// upstream to write to (else what would go there is dropped).
+    fn client_batch(
+        &mut self,
+        reader: &mut frame::Reader,
+        forwarding: bool,
+    ) -> std::io::Result<()> {
+        self.read_at[TO_UPSTREAM].get_or_insert_with(Instant::now);
+        let preface = reader.take_preface()?;
+        self.to_upstream.extend_from_slice(&preface);
+        while let Some(f) = reader.next()? {
+            self.on_client_frame(f)?;
+        }
+        if !forwarding {
+            self.to_upstream.clear();
+        }
+        if self.to_upstream.is_empty() {
+            self.read_at[TO_UPSTREAM] = None;
+        }
+        Ok(())
+    }
+
+    /// Handles a batch read from the upstream.
+    fn upstream_batch(&mut self, reader: &mut frame::Reader) -> std::io::Result<()> {
+        self.read_at[TO_CLIENT].get_or_insert_with(Instant::now);
+        while let Some(f) = reader.next()? {
+            self.on_upstream_frame(f)?;
+        }
+        if self.to_client.is_empty() {
+            self.read_at[TO_CLIENT] = None;
+        }
+        Ok(())
+    }
+}
+
+/// Client to upstream.
+impl Relay {
+    fn on_client_frame(&mut self, f: Frame) -> std::io::Result<()> {
         let owned = f.stream != 0 && self.owned.contains_key(&f.stream);
         match f.kind {
             frame::HEADERS | frame::CONTINUATION => {
-                if let Some(b) = Block::collect(&mut self.block, &f)? {
-                    self.on_block(b)?;
+                if let Some(b) = Block::collect(&mut self.client_block, &f)? {
+                    self.on_request_block(b)?;
                 }
             }
             frame::DATA if owned => self.on_owned_data(&f)?,
             frame::DATA if self.watched.contains_key(&f.stream) => {
                 self.on_watched_data(&f)?;
-                self.out.extend_from_slice(&f.raw);
+                self.to_upstream.extend_from_slice(&f.raw);
             }
             frame::RST_STREAM if !owned => {
                 self.watched.remove(&f.stream);
-                if let Some(method) = lock(&self.flow).calls.remove(&f.stream) {
+                if let Some(method) = self.calls.remove(&f.stream) {
                     crate::metrics::get().forwarded(method, tonic::Code::Cancelled as i32);
                 }
-                self.out.extend_from_slice(&f.raw)
+                self.to_upstream.extend_from_slice(&f.raw)
             }
             frame::RST_STREAM => {
                 if let Some(t) = self.owned.remove(&f.stream).and_then(|o| o.task) {
@@ -434,19 +512,18 @@ impl ClientSide {
             // sends no PING of its own, so an ACK answers nothing.
             frame::PING => {
                 if !f.has(frame::ACK) {
-                    let mut b = BytesMut::new();
-                    frame::put_frame(&mut b, frame::PING, frame::ACK, 0, &f.payload);
-                    self.client(ToClient::Frames(b.freeze()));
+                    frame::put_frame(&mut self.to_client, frame::PING, frame::ACK, 0, &f.payload);
                 }
             }
-            _ => self.out.extend_from_slice(&f.raw),
+            _ => self.to_upstream.extend_from_slice(&f.raw),
         }
         Ok(())
     }
 
-    fn on_block(&mut self, b: Block) -> std::io::Result<()> {
-        let mut fields = self.codec.decode(&b.fragment)?;
+    fn on_request_block(&mut self, mut b: Block) -> std::io::Result<()> {
+        let mut fields = self.requests.decode(std::mem::take(&mut b.fragment))?;
         if let Some(o) = self.owned.get(&b.stream) {
+            self.requests.withheld();
             // Trailers on an owned call: nothing in them is used.
             if b.ends_stream() && o.task.is_none() {
                 self.dispatch(b.stream);
@@ -464,46 +541,54 @@ impl ClientSide {
                     task: None,
                 };
                 self.owned.insert(b.stream, o);
+                self.requests.withheld();
                 if b.ends_stream() {
                     self.dispatch(b.stream);
                 }
                 return Ok(());
             }
             let label = crate::metrics::get().method_label(&path);
-            lock(&self.flow).calls.insert(b.stream, label);
+            self.calls.insert(b.stream, label);
             if self.owner.watches(&path) {
                 self.watched
                     .insert(b.stream, (path.into_owned(), BytesMut::new()));
             }
         }
-        headers::fix_authority(&mut fields);
-        b.put(&mut self.codec, &mut self.out, &fields);
+        match self.requests.forward(&mut fields) {
+            None => b.pass(&mut self.to_upstream),
+            Some(block) => frame::put_header_block(
+                &mut self.to_upstream,
+                b.stream,
+                &block,
+                b.ends_stream(),
+                b.priority,
+            ),
+        }
         Ok(())
     }
 
     fn on_owned_data(&mut self, f: &Frame) -> std::io::Result<()> {
         let (data, flow_len) = f.data()?;
+        // These bytes never reach the upstream, so its credit never comes back:
+        // give it back ourselves, for the connection and the stream.
+        if flow_len > 0 {
+            frame::put_window_update(&mut self.to_client, 0, flow_len as u32);
+            if !f.has(frame::END_STREAM) {
+                frame::put_window_update(&mut self.to_client, f.stream, flow_len as u32);
+            }
+        }
         let o = self
             .owned
             .get_mut(&f.stream)
             .expect("checked by the caller");
-        // These bytes never reach the upstream, so its credit never comes back:
-        // give it back ourselves, for the connection and the stream.
-        if flow_len > 0 {
-            let mut b = BytesMut::new();
-            frame::put_window_update(&mut b, 0, flow_len as u32);
-            if !f.has(frame::END_STREAM) {
-                frame::put_window_update(&mut b, f.stream, flow_len as u32);
-            }
-            let _ = self.to_client.send(ToClient::Frames(b.freeze()));
-        }
         if o.task.is_some() {
             return Ok(());
         }
         if o.body.len() + data.len() > MAX_CALL {
             self.owned.remove(&f.stream);
             let s = tonic::Status::resource_exhausted("request too large for ckpt-shim");
-            self.client(ToClient::Reply(f.stream, Reply::status(s), None));
+            self.waiting.push((f.stream, Reply::status(s), None));
+            self.write_replies();
             return Ok(());
         }
         o.body.extend_from_slice(data);
@@ -528,7 +613,7 @@ impl ClientSide {
             let (path, body) = self.watched.remove(&f.stream).expect("present");
             let amend = crate::pbwire::grpc_message(&body).and_then(|m| self.owner.amend(&path, m));
             if let Some(a) = amend {
-                lock(&self.flow).amends.insert(f.stream, a);
+                self.amends.insert(f.stream, a);
             }
         }
         Ok(())
@@ -541,7 +626,7 @@ impl ClientSide {
         let Some(o) = self.owned.get_mut(&stream) else {
             return;
         };
-        let to_client = self.to_client.clone();
+        let replies = self.replies.clone();
         let reply: ReplyFuture = match &self.reach {
             Reach::Unreachable(why) if !self.owner.owns(&o.path) => {
                 let r = Reply::status(tonic::Status::unavailable(why.clone()));
@@ -555,7 +640,7 @@ impl ClientSide {
         };
         let hold = self.owner.hold();
         o.task = Some(tokio::spawn(async move {
-            let _ = to_client.send(ToClient::Reply(stream, reply.await, hold));
+            let _ = replies.send((stream, reply.await, hold));
         }));
     }
 
@@ -563,170 +648,84 @@ impl ClientSide {
     /// kept back from the upstream, which never sent them.
     fn on_window_update(&mut self, f: &Frame) {
         let inc = f.window_increment();
-        let (forward, wake) = {
-            let mut flow = lock(&self.flow);
-            *flow.window() += inc as i64;
-            let pay = flow.debt.min(inc as u64);
-            flow.debt -= pay;
-            (inc - pay as u32, flow.waiting > 0)
-        };
-        if wake {
-            self.client(ToClient::Wake);
+        self.window += inc as i64;
+        let pay = self.debt.min(inc as u64);
+        self.debt -= pay;
+        let forward = inc - pay as u32;
+        if !self.waiting.is_empty() {
+            self.write_replies();
         }
         if forward == inc {
-            self.out.extend_from_slice(&f.raw);
+            self.to_upstream.extend_from_slice(&f.raw);
         } else if forward > 0 {
-            frame::put_window_update(&mut self.out, 0, forward);
+            frame::put_window_update(&mut self.to_upstream, 0, forward);
         }
     }
 
     fn on_settings(&mut self, f: &Frame) {
-        if !f.has(frame::ACK) {
-            for (id, v) in f.settings() {
-                if id == frame::SETTINGS_HEADER_TABLE_SIZE {
-                    self.client(ToClient::TableSize(v));
-                }
-            }
-        }
         if let Reach::Unreachable(_) = self.reach {
             // With no upstream the relay is the client's server.
             if !f.has(frame::ACK) {
-                let mut b = BytesMut::new();
-                frame::put_frame(&mut b, frame::SETTINGS, frame::ACK, 0, &[]);
-                self.client(ToClient::Frames(b.freeze()));
+                frame::put_frame(&mut self.to_client, frame::SETTINGS, frame::ACK, 0, &[]);
             }
             return;
         }
-        self.out.extend_from_slice(&f.raw);
-    }
-
-    fn client(&self, m: ToClient) {
-        let _ = self.to_client.send(m);
+        self.to_upstream.extend_from_slice(&f.raw);
     }
 }
 
-/// Reads the upstream, forwards to the client, and writes the shim's replies.
-struct UpstreamSide {
-    codec: HeaderCodec,
-    block: Option<Block>,
-    waiting: Vec<(u32, Reply, Option<TaskTrackerToken>)>,
-    /// Held until the replies in `out` are written.
-    written: Vec<TaskTrackerToken>,
-    /// Replies being amended: the change, the bytes so far, their flow length.
-    amending: HashMap<u32, (Amend, BytesMut, usize)>,
-    out: BytesMut,
-    flow: Arc<Mutex<Flow>>,
-}
-
-impl UpstreamSide {
-    fn new(flow: Arc<Mutex<Flow>>) -> UpstreamSide {
-        UpstreamSide {
-            codec: HeaderCodec::default(),
-            block: None,
-            waiting: Vec::new(),
-            written: Vec::new(),
-            amending: HashMap::new(),
-            out: BytesMut::with_capacity(32 << 10),
-            flow,
-        }
-    }
-
-    async fn run(
-        mut self,
-        mut urd: Option<OwnedReadHalf>,
-        mut cwr: OwnedWriteHalf,
-        mut msgs: mpsc::UnboundedReceiver<ToClient>,
-        to_upstream: mpsc::UnboundedSender<ToUpstream>,
-    ) -> std::io::Result<()> {
-        let mut reader = frame::Reader::new(false);
-        let mut read_at = None;
-        if urd.is_none() {
-            // With no upstream the relay is the client's server: its SETTINGS first.
-            frame::put_frame(&mut self.out, frame::SETTINGS, 0, 0, &[]);
-        }
-        loop {
-            tokio::select! {
-                n = async { urd.as_mut().expect("guarded").read_buf(reader.buf()).await }, if urd.is_some() => {
-                    let n = n.inspect_err(|_| crate::metrics::get().upstream_error("io"))?;
-                    if n == 0 {
-                        break;
-                    }
-                    read_at = Some(Instant::now());
-                    while let Some(f) = reader.next()? {
-                        self.on_frame(f, &to_upstream)?;
-                    }
-                }
-                m = msgs.recv() => match m {
-                    Some(m) => self.on_message(m),
-                    None => break,
-                },
-            }
-            if !self.out.is_empty() {
-                cwr.write_all(&self.out).await?;
-                self.out.clear();
-                self.written.clear();
-                if let Some(t) = read_at.take() {
-                    crate::metrics::get().relay_hop(false, t.elapsed());
-                }
-            }
-        }
-        let _ = cwr.shutdown().await;
-        Ok(())
-    }
-
-    fn on_frame(
-        &mut self,
-        f: Frame,
-        to_upstream: &mpsc::UnboundedSender<ToUpstream>,
-    ) -> std::io::Result<()> {
+/// Upstream to client.
+impl Relay {
+    fn on_upstream_frame(&mut self, f: Frame) -> std::io::Result<()> {
         match f.kind {
             frame::HEADERS | frame::CONTINUATION => {
-                if let Some(b) = Block::collect(&mut self.block, &f)? {
-                    let fields = self.codec.decode(&b.fragment)?;
-                    if b.ends_stream() {
-                        self.finish_amending(b.stream, false, to_upstream);
-                        let code = headers::get(&fields, "grpc-status")
-                            .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok());
-                        self.answered(b.stream, code.unwrap_or(tonic::Code::Unknown as i32));
-                    }
-                    b.put(&mut self.codec, &mut self.out, &fields);
+                if let Some(b) = Block::collect(&mut self.upstream_block, &f)? {
+                    self.on_reply_block(b)?;
                 }
                 return Ok(());
             }
-            frame::DATA if self.amends(f.stream) => return self.amend_data(&f, to_upstream),
-            frame::DATA => {
-                let mut flow = lock(&self.flow);
-                *flow.window() -= f.payload.len() as i64;
-            }
+            frame::DATA if self.amends(f.stream) => return self.amend_data(&f),
+            frame::DATA => self.window -= f.payload.len() as i64,
             frame::RST_STREAM => {
                 self.amending.remove(&f.stream);
-                lock(&self.flow).amends.remove(&f.stream);
+                self.amends.remove(&f.stream);
                 self.answered(f.stream, reset_code(&f));
-            }
-            frame::SETTINGS if !f.has(frame::ACK) => {
-                for (id, v) in f.settings() {
-                    if id == frame::SETTINGS_HEADER_TABLE_SIZE {
-                        let _ = to_upstream.send(ToUpstream::TableSize(v));
-                    }
-                }
             }
             // As on the client's side: answered here, never forwarded.
             frame::PING => {
                 if !f.has(frame::ACK) {
-                    let _ = to_upstream.send(ToUpstream::Pong(f.payload.clone()));
+                    frame::put_frame(
+                        &mut self.to_upstream,
+                        frame::PING,
+                        frame::ACK,
+                        0,
+                        &f.payload,
+                    );
                 }
                 return Ok(());
             }
             _ => {}
         }
-        self.out.extend_from_slice(&f.raw);
+        self.to_client.extend_from_slice(&f.raw);
+        Ok(())
+    }
+
+    /// A block from the upstream: read for the call's status, passed on as it came.
+    fn on_reply_block(&mut self, mut b: Block) -> std::io::Result<()> {
+        let fields = self.decoder.decode(std::mem::take(&mut b.fragment))?;
+        if b.ends_stream() {
+            self.finish_amending(b.stream, false);
+            let code = headers::get(&fields, "grpc-status")
+                .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok());
+            self.answered(b.stream, code.unwrap_or(tonic::Code::Unknown as i32));
+        }
+        b.pass(&mut self.to_client);
         Ok(())
     }
 
     /// Counts a forwarded call's answer (grpc-status `code`) in the metrics.
-    fn answered(&self, stream: u32, code: i32) {
-        let method = lock(&self.flow).calls.remove(&stream);
-        if let Some(m) = method {
+    fn answered(&mut self, stream: u32, code: i32) {
+        if let Some(m) = self.calls.remove(&stream) {
             crate::metrics::get().forwarded(m, code);
         }
     }
@@ -736,17 +735,13 @@ impl UpstreamSide {
         if self.amending.contains_key(&stream) {
             return true;
         }
-        let a = lock(&self.flow).amends.remove(&stream);
+        let a = self.amends.remove(&stream);
         a.map(|a| self.amending.insert(stream, (a, BytesMut::new(), 0)))
             .is_some()
     }
 
     /// Holds a reply's bytes until its message is whole, then amends it.
-    fn amend_data(
-        &mut self,
-        f: &Frame,
-        to_upstream: &mpsc::UnboundedSender<ToUpstream>,
-    ) -> std::io::Result<()> {
+    fn amend_data(&mut self, f: &Frame) -> std::io::Result<()> {
         let (data, flow_len) = f.data()?;
         let (_, buf, consumed) = self
             .amending
@@ -757,7 +752,7 @@ impl UpstreamSide {
         let whole = buf.len() >= 5
             && buf.len() >= 5 + u32::from_be_bytes(buf[1..5].try_into().expect("4 bytes")) as usize;
         if whole || f.has(frame::END_STREAM) {
-            self.finish_amending(f.stream, f.has(frame::END_STREAM), to_upstream);
+            self.finish_amending(f.stream, f.has(frame::END_STREAM));
         }
         Ok(())
     }
@@ -765,12 +760,7 @@ impl UpstreamSide {
     /// Writes what was held for `stream`, amended if it is one whole
     /// uncompressed message (the change applies to nothing else), and settles
     /// the windows for the difference.
-    fn finish_amending(
-        &mut self,
-        stream: u32,
-        end: bool,
-        to_upstream: &mpsc::UnboundedSender<ToUpstream>,
-    ) {
+    fn finish_amending(&mut self, stream: u32, end: bool) {
         let Some((amend, buf, consumed)) = self.amending.remove(&stream) else {
             return;
         };
@@ -778,40 +768,31 @@ impl UpstreamSide {
             Some(msg) => crate::pbwire::grpc_frame(&amend(msg)),
             None => buf.to_vec(),
         };
-        frame::put_data(&mut self.out, stream, &out, end);
-        let mut flow = lock(&self.flow);
-        *flow.window() -= out.len() as i64;
+        frame::put_data(&mut self.to_client, stream, &out, end);
+        self.window -= out.len() as i64;
         match out.len().checked_sub(consumed) {
-            Some(more) => flow.debt += more as u64,
-            None => drop(to_upstream.send(ToUpstream::Credit((consumed - out.len()) as u32))),
+            Some(more) => self.debt += more as u64,
+            // Connection credit for bytes the upstream sent that the client
+            // never got (the amended reply came out shorter).
+            None => {
+                frame::put_window_update(&mut self.to_upstream, 0, (consumed - out.len()) as u32)
+            }
         }
-    }
-
-    fn on_message(&mut self, m: ToClient) {
-        match m {
-            ToClient::Frames(b) => self.out.extend_from_slice(&b),
-            ToClient::TableSize(n) => self.codec.receiver_table_size(n),
-            ToClient::Reply(stream, r, hold) => self.waiting.push((stream, r, hold)),
-            ToClient::Wake => {}
-        }
-        self.write_replies();
     }
 
     /// Writes the replies the client's window has room for, in order.
     fn write_replies(&mut self) {
-        let mut flow = lock(&self.flow);
         while let Some((_, r, _)) = self.waiting.first() {
             let len = r.body.len() as i64;
-            if len > *flow.window() {
+            if len > self.window {
                 break;
             }
-            *flow.window() -= len;
-            flow.debt += len as u64;
+            self.window -= len;
+            self.debt += len as u64;
             let (stream, r, hold) = self.waiting.remove(0);
             self.written.extend(hold);
-            put_reply(&mut self.codec, &mut self.out, stream, r);
+            put_reply(&mut self.encoder, &mut self.to_client, stream, r);
         }
-        flow.waiting = self.waiting.len();
     }
 }
 
@@ -829,7 +810,7 @@ fn reset_code(f: &Frame) -> i32 {
     }
 }
 
-fn put_reply(codec: &mut HeaderCodec, out: &mut BytesMut, stream: u32, r: Reply) {
+fn put_reply(codec: &mut headers::Encoder, out: &mut BytesMut, stream: u32, r: Reply) {
     let head: Fields = headers::from_http(Some(http::StatusCode::OK), &r.headers);
     let trailers_only = r.body.is_empty() && r.trailers.is_none();
     codec.put(out, stream, &head, trailers_only, None);
