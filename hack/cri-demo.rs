@@ -171,7 +171,7 @@ async fn main() -> Res<()> {
         log.lines().last().unwrap_or("")
     );
     // A restarted process would count from 1; a restored one goes on from where it was.
-    if !(then > first && first >= at_checkpoint) || !restored {
+    if !(then > first && first >= at_checkpoint && restored) {
         return Err("the restored counter did not continue".into());
     }
     println!("== demo OK");

@@ -116,7 +116,7 @@ pub fn cgroup_yard(pid: i32, host_mounts: &[Mount]) -> Option<PathBuf> {
     const YARD: &str = "/sys/fs/cgroup";
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     for line in cgroups.lines() {
-        let controllers = line.splitn(3, ':').nth(1)?;
+        let controllers = line.split(':').nth(1)?;
         let (dir, kind) = match controllers {
             "" => ("unified", "cgroup2"),
             c => (c.strip_prefix("name=").unwrap_or(c), "cgroup"),
@@ -247,7 +247,7 @@ mod tests {
         // Every hierarchy of ours is mounted where CRIU would look, or no yard.
         let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap();
         let all_there = cgroups.lines().all(|l| {
-            let c = l.splitn(3, ':').nth(1).unwrap();
+            let c = l.split(':').nth(1).unwrap();
             let dir = match c {
                 "" => "unified",
                 c => c.strip_prefix("name=").unwrap_or(c),

@@ -29,7 +29,7 @@ pub fn copy_range(
     try_share: bool,
 ) -> std::io::Result<Moved> {
     const BLOCK: u64 = 4096;
-    let aligned = src_off % BLOCK == 0 && dst_off % BLOCK == 0;
+    let aligned = src_off.is_multiple_of(BLOCK) && dst_off.is_multiple_of(BLOCK);
     if try_share && aligned && share(src, src_off, dst, dst_off, len) {
         seek(dst, dst_off + len)?;
         return Ok(Moved::Shared);

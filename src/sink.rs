@@ -22,7 +22,9 @@ use crate::freeze::{self, CriuWatch, FreezeAt};
 use crate::seal::encrypt::{CipherSpool, Sealer};
 use crate::stream;
 
-/// Where CRIU's images go.
+/// Where CRIU's images go. There is one per checkpoint, so the streamed
+/// variant's size costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum Sink {
     /// Into the archive, opened in staging with its leading members written.
     Streamed {

@@ -235,7 +235,7 @@ async fn wrong_keys_changed_bytes_and_loose_identities_are_refused() {
         age_key(keys.path(), "right.key"),
         age_key(keys.path(), "wrong.key"),
     );
-    let recipients = Recipients::parse(&[right.recipient.clone()])
+    let recipients = Recipients::parse(std::slice::from_ref(&right.recipient))
         .unwrap()
         .map(Arc::new);
     let c = marked_counter("enc-bad", "CKPT-MARKER-BAD", 20);

@@ -17,6 +17,9 @@ use common::restore::{checkpointed_counter, create, restore_config, restore_from
 use k8s_cri::v1 as cri;
 use tonic::Code;
 
+/// An image's layers, each with its media type.
+type Layers<'a> = Vec<(&'a str, Vec<u8>)>;
+
 fn spec(image: &str) -> Option<cri::ImageSpec> {
     Some(cri::ImageSpec {
         image: image.into(),
@@ -296,7 +299,7 @@ async fn bad_checkpoint_images_are_refused_and_leave_nothing() {
         ));
     };
     let layer = "application/vnd.oci.image.layer.v1.tar";
-    let cases: [(&str, Vec<(&str, Vec<u8>)>); 3] = [
+    let cases: [(&str, Layers); 3] = [
         ("localhost/bad:not-a-checkpoint", vec![(layer, plain_tar())]),
         (
             "localhost/bad:zstd",

@@ -41,7 +41,7 @@ pub async fn push(b: &Built, name: &str, plain_http: bool) -> Result<String> {
             .await
             .map_err(|e| Error::Other(format!("open {}: {e}", b.archive.display())))?;
         let chunks = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20)
-            .map(|c| c.map_err(|e| oci_client::errors::OciDistributionError::IoError(e)));
+            .map(|c| c.map_err(oci_client::errors::OciDistributionError::IoError));
         client
             .push_blob_stream(&image, chunks, &b.layer.digest, Some(b.layer.size))
             .await

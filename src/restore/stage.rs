@@ -149,10 +149,9 @@ pub fn collect_garbage(root: &Path, live: &HashSet<String>) -> usize {
     let mut removed = 0;
     for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with(STAGING_PREFIX) || (valid_id(&name) && !live.contains(&name)) {
-            if std::fs::remove_dir_all(e.path()).is_ok() {
-                removed += 1;
-            }
+        let stale = name.starts_with(STAGING_PREFIX) || (valid_id(&name) && !live.contains(&name));
+        if stale && std::fs::remove_dir_all(e.path()).is_ok() {
+            removed += 1;
         }
     }
     removed

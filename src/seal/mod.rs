@@ -164,6 +164,7 @@ impl Recipients {
 /// The identities (private keys) a shim or a command decrypts with, read from
 /// root-only files: age identity files (`AGE-SECRET-KEY-1…` lines) or
 /// unencrypted SSH private keys.
+#[derive(Default)]
 pub struct Identities {
     keys: Vec<Box<dyn age::Identity + Send + Sync>>,
     pub files: Vec<PathBuf>,
@@ -172,15 +173,6 @@ pub struct Identities {
 impl std::fmt::Debug for Identities {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Identities({:?})", self.files)
-    }
-}
-
-impl Default for Identities {
-    fn default() -> Identities {
-        Identities {
-            keys: Vec::new(),
-            files: Vec::new(),
-        }
     }
 }
 
@@ -308,10 +300,10 @@ mod tests {
         use age::secrecy::ExposeSecret;
         std::fs::write(&f, format!("# a key\n{}\n", id.to_string().expose_secret())).unwrap();
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let err = Identities::load(&[f.clone()]).err().unwrap();
+        let err = Identities::load(std::slice::from_ref(&f)).err().unwrap();
         assert!(err.to_string().contains("chmod 600"), "{err}");
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert!(!Identities::load(&[f.clone()]).unwrap().is_empty());
+        assert!(!Identities::load(std::slice::from_ref(&f)).unwrap().is_empty());
         std::fs::write(&f, "not a key\n").unwrap();
         assert!(Identities::load(&[f]).is_err());
     }
