@@ -303,7 +303,9 @@ mod tests {
         let err = Identities::load(std::slice::from_ref(&f)).err().unwrap();
         assert!(err.to_string().contains("chmod 600"), "{err}");
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert!(!Identities::load(std::slice::from_ref(&f)).unwrap().is_empty());
+        assert!(!Identities::load(std::slice::from_ref(&f))
+            .unwrap()
+            .is_empty());
         std::fs::write(&f, "not a key\n").unwrap();
         assert!(Identities::load(&[f]).is_err());
     }
