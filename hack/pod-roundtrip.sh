@@ -3,39 +3,33 @@
 # runtime is ckpt-runc) with ckpt-shim in front, a pod of two counters made with
 # crictl, CheckpointPod and RestorePod with hack/cri-ctl (crictl 1.34 has no pod
 # commands), then crictl start of each restored container. Needs hack/setup.sh run.
-#   hack/pod-roundtrip.sh [CRICTL]    # default ../shared/bin/crictl, else crictl on PATH
+#   hack/pod-roundtrip.sh [CRICTL [SOCKET WORKDIR]]   # CRICTL: default ../shared/bin/crictl, else crictl on PATH;
+#   with SOCKET, against a shim that runs already (hack/demo.sh), its files in WORKDIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="/usr/local/sbin:$PATH"
 crictl=${1:-$( [ -x ../shared/bin/crictl ] && echo "$PWD/../shared/bin/crictl" || command -v crictl)}
-cargo build --locked -q --bin ckpt-shim --example cri-ctl
-work=$(mktemp -d /var/tmp/ckpt-shim-pods.XXXXXX)
-shim_pid=
-cleanup() {
-  [ -n "$shim_pid" ] && kill "$shim_pid" 2>/dev/null || true
-  bash hack/containerd.sh stop "$work/containerd" || true
-  find /sys/fs/cgroup/*/ckpt-shim-pods -depth -type d -exec rmdir {} \; 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-mkdir -p "$work/bin" "$work/logs/src" "$work/logs/dst" "$work/out"
-ln -s "$PWD/target/debug/ckpt-shim" "$work/bin/ckpt-runc"
-export CKPT_RUNC="$work/bin/ckpt-runc" CKPT_SHIM_RESTORE_DIR="$work/restore"
-bash hack/containerd.sh start "$work/containerd"
-sock="$work/shim/ckpt-shim.sock"
-target/debug/ckpt-shim serve --listen "$sock" --restore-dir "$CKPT_SHIM_RESTORE_DIR" \
-  --upstream "unix://$work/containerd/containerd.sock" 2> "$work/shim.log" &
-shim_pid=$!
-until [ -S "$sock" ]; do sleep 0.05; done
+build=${BUILD:-debug}
+if [ -n "${2:-}" ]; then # a node that runs already (hack/demo.sh)
+  sock=$2 work=$3 node_tag=ckpt-shim-demo
+  mkdir -p "$work"
+else
+  flag=$([ "$build" = release ] && echo --release || true)
+  cargo build --locked -q $flag --bin ckpt-shim --example cri-ctl
+  source hack/node.sh
+  node_start ckpt-shim-pods "$build"
+  shim_log=$work/shim.log
+fi
+mkdir -p "$work/logs/src" "$work/logs/dst" "$work/out"
 # (crictl warns of a missing /etc/crictl.yaml on each call: not shown.)
 cri() { "$crictl" --runtime-endpoint "unix://$sock" --timeout 60s "$@" 2> >(grep -v 'crictl.yaml' >&2); }
-ctl() { target/debug/examples/cri-ctl "$sock" "$@"; }
+ctl() { "target/$build/examples/cri-ctl" "$sock" "$@"; }
 
 pod_json() { # NAME: a pod in its own cgroup, with its own network and UTS namespace
   cat > "$work/$1.json" <<JSON
 {"metadata": {"name": "$1", "uid": "uid-$1", "namespace": "default"}, "hostname": "$1",
  "log_directory": "$work/logs/$1", "labels": {"app": "counter"},
- "linux": {"cgroup_parent": "/ckpt-shim-pods/$1", "security_context": {"namespace_options": {"pid": 1}}}}
+ "linux": {"cgroup_parent": "/$node_tag/$1", "security_context": {"namespace_options": {"pid": 1}}}}
 JSON
 }
 ctr_json() { # NAME: the counter, counting every 100 ms into /tmp/count
@@ -67,4 +61,4 @@ for name in web sidecar; do
   echo "$name's first line in the new pod: $(grep -m1 -o 'counter [0-9]*' "$work/logs/dst/$name.log")"
 done
 cri pods
-grep -E "pod checkpointed|pod restored" "$work/shim.log"
+[ -z "${shim_log:-}" ] || grep -E "pod checkpointed|pod restored" "$shim_log"
