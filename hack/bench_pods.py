@@ -6,6 +6,7 @@ incompressible memory (hack/workloads/counter.c, 64 MiB by default), each round
 runs, in an order that rotates from round to round:
   POD      CheckpointPod of every container (the cut: all frozen, dumped in parallel, all thawed)
   POD-1    CheckpointPod with parallel-dumps=1 (the same cut, one dump at a time)
+  POD-2    (pods of more than 2) parallel-dumps=2, one dump a vCPU here
   POD-h    CheckpointPod with hold-pages-mib (each container's pages held in memory
            during the pause, written after the thaw)
   SEQ      CheckpointContainer of each container, one after the other
@@ -179,6 +180,12 @@ class Bench:
         sh(["sync"])
 
 
+def parallel_of(variant):
+    """POD-k: parallel-dumps=k; other variants take the default."""
+    k = variant.removeprefix("POD-")
+    return int(k) if k.isdigit() else None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--pods", default="2,4")
@@ -192,13 +199,13 @@ def main():
         b.setup()
         for n in map(int, a.pods.split(",")):
             pod, ids, names = b.make_pod(n)
-            order = ["POD", "POD-1", "POD-h", "SEQ"]
+            order = ["POD", "POD-1"] + (["POD-2"] if n > 2 else []) + ["POD-h", "SEQ"]
             res = {v: [] for v in order + ["restore"]}
             for k in range(a.rounds):
                 rot = order[k % len(order):] + order[:k % len(order)]
                 for v in rot:
                     r = (b.run_seq(ids, names) if v == "SEQ" else
-                         b.run_pod(pod, names, 1 if v == "POD-1" else None, hold=v == "POD-h"))
+                         b.run_pod(pod, names, parallel_of(v), hold=v == "POD-h"))
                     if v == "POD":
                         res["restore"].append(b.run_restore(r["dir"], names, f"{n}-{k}"))
                     res[v].append(r)
