@@ -40,100 +40,19 @@ pub async fn restore(o: &RestoreOptions) -> Result<i32> {
     let mut ckpt = Checkpoint::open(&o.archive)?;
     ckpt.unseal(o.identities.clone())?;
     let work = safefs::private_tempdir(".ckpt-shim-restore-", &o.bundle)?;
-    let x = work.path().join("archive");
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&x)
-        .ctx(|| "create extraction dir".into())?;
+    let x = private_dir(work.path(), "archive")?;
     ckpt.extract(&x)?;
-    let config = o.bundle.join("config.json");
-    if !config.exists() {
-        std::fs::copy(x.join("spec.dump"), &config)
-            .ctx(|| format!("write {}", config.display()))?;
-    }
-    let spec: Spec = serde_json::from_slice(
-        &std::fs::read(&config).ctx(|| format!("read {}", config.display()))?,
-    )
-    .map_err(|e| Error::InvalidArgument(format!("{}: {e}", config.display())))?;
+    let spec = bundle_spec(&o.bundle, &x)?;
     let rootfs = super::rootfs::bundle_rootfs(&spec, &o.bundle);
     apply_rootfs_diff(&x, &rootfs)?;
     create_mount_points(&spec, &rootfs)?;
-
-    // CRIU wants the root to be a mount point: bind the rootfs onto a private dir.
-    let criu_root = work.path().join("criu-root");
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&criu_root)
-        .ctx(|| "create criu-root".into())?;
-    nix::mount::mount(
-        Some(&rootfs),
-        &criu_root,
-        None::<&str>,
-        nix::mount::MsFlags::MS_BIND | nix::mount::MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .ctx(|| format!("bind {} for CRIU", rootfs.display()))?;
+    let criu_root = private_dir(work.path(), "criu-root")?;
+    bind_root(&rootfs, &criu_root)?;
     let _unmount = Unmount(criu_root.clone());
 
-    let descriptors: Vec<String> = std::fs::read(x.join("checkpoint/descriptors.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
-    // New stdio takes the place of the pipes the container had.
-    let stdio: Vec<OwnedFd> = match &o.stdio {
-        Some(fds) => fds
-            .iter()
-            .map(|f| f.try_clone())
-            .collect::<std::io::Result<_>>()
-            .ctx(|| "dup stdio".into())?,
-        // SAFETY: fds 0-2 are open for the life of the process.
-        None => (0..3)
-            .map(|i| unsafe { std::os::fd::BorrowedFd::borrow_raw(i) }.try_clone_to_owned())
-            .collect::<std::io::Result<_>>()
-            .ctx(|| "dup stdio".into())?,
-    };
-    let mut inherit: Vec<OwnedFd> = Vec::new();
-    let mut inherit_fd = Vec::new();
-    for (d, fd) in descriptors.iter().zip(stdio) {
-        if d.contains("pipe:") {
-            inherit_fd.push(InheritFd {
-                key: d.clone(),
-                fd: 4 + inherit.len() as i32,
-            });
-            inherit.push(fd);
-        }
-    }
-    let mut join_ns = Vec::new();
-    for ns in crate::locate::namespaces(&spec) {
-        let Some(path) = ns.path() else { continue };
-        match ns.typ() {
-            LinuxNamespaceType::Network | LinuxNamespaceType::Pid => {
-                let key = if ns.typ() == LinuxNamespaceType::Network {
-                    "extRootNetNS"
-                } else {
-                    "extRootPidNS"
-                };
-                let fd: OwnedFd = File::open(path)
-                    .ctx(|| format!("open {}", path.display()))?
-                    .into();
-                inherit_fd.push(InheritFd {
-                    key: key.into(),
-                    fd: 4 + inherit.len() as i32,
-                });
-                inherit.push(fd);
-            }
-            LinuxNamespaceType::Ipc | LinuxNamespaceType::Uts => join_ns.push(JoinNamespace {
-                ns: if ns.typ() == LinuxNamespaceType::Ipc {
-                    "ipc".into()
-                } else {
-                    "uts".into()
-                },
-                ns_file: path.to_string_lossy().into_owned(),
-                extra_opt: None,
-            }),
-            _ => {}
-        }
-    }
+    let mut handed = Handed::default();
+    handed.stdio(&x, stdio(o)?);
+    handed.namespaces(&spec)?;
     let cgroup = restored_cgroup(&spec, &o.id);
     let work_fd = File::open(work.path()).ctx(|| "open work dir".into())?;
     let images_fd = File::open(x.join("checkpoint")).ctx(|| "open images".into())?;
@@ -156,12 +75,119 @@ pub async fn restore(o: &RestoreOptions) -> Result<i32> {
             ctrl: None,
             path: cgroup.to_string_lossy().into_owned(),
         }],
-        inherit_fd,
-        join_ns,
+        inherit_fd: handed.inherit_fd,
+        join_ns: handed.join_ns,
         ..Default::default()
     };
-    let pid = o.criu.restore(opts, &mut ack_all(), inherit).await?;
-    Ok(pid)
+    Ok(o.criu.restore(opts, &mut ack_all(), handed.fds).await?)
+}
+
+/// `dir/name`, created 0700.
+fn private_dir(dir: &Path, name: &str) -> Result<PathBuf> {
+    let p = dir.join(name);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&p)
+        .ctx(|| format!("create {}", p.display()))?;
+    Ok(p)
+}
+
+/// The bundle's `config.json`, written from the archive's `spec.dump` first
+/// when the bundle has none.
+fn bundle_spec(bundle: &Path, extracted: &Path) -> Result<Spec> {
+    let config = bundle.join("config.json");
+    if !config.exists() {
+        std::fs::copy(extracted.join("spec.dump"), &config)
+            .ctx(|| format!("write {}", config.display()))?;
+    }
+    serde_json::from_slice(&std::fs::read(&config).ctx(|| format!("read {}", config.display()))?)
+        .map_err(|e| Error::InvalidArgument(format!("{}: {e}", config.display())))
+}
+
+/// CRIU wants the root to be a mount point: `rootfs` bound onto `at`.
+fn bind_root(rootfs: &Path, at: &Path) -> Result<()> {
+    nix::mount::mount(
+        Some(rootfs),
+        at,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND | nix::mount::MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .ctx(|| format!("bind {} for CRIU", rootfs.display()))
+}
+
+/// What takes the place of the container's stdio: the caller's fds, or this
+/// process's own.
+fn stdio(o: &RestoreOptions) -> Result<Vec<OwnedFd>> {
+    let fds: std::io::Result<Vec<OwnedFd>> = match &o.stdio {
+        Some(fds) => fds.iter().map(|f| f.try_clone()).collect(),
+        // SAFETY: fds 0-2 are open for the life of the process.
+        None => (0..3)
+            .map(|i| unsafe { std::os::fd::BorrowedFd::borrow_raw(i) }.try_clone_to_owned())
+            .collect(),
+    };
+    fds.ctx(|| "dup stdio".into())
+}
+
+/// The fds handed to CRIU (as fd 4 on, each under its external key) and the
+/// namespaces the restored tree joins.
+#[derive(Default)]
+struct Handed {
+    fds: Vec<OwnedFd>,
+    inherit_fd: Vec<InheritFd>,
+    join_ns: Vec<JoinNamespace>,
+}
+
+impl Handed {
+    fn hand(&mut self, key: String, fd: OwnedFd) {
+        self.inherit_fd.push(InheritFd {
+            key,
+            fd: 4 + self.fds.len() as i32,
+        });
+        self.fds.push(fd);
+    }
+
+    /// New stdio takes the place of the pipes the container had.
+    fn stdio(&mut self, extracted: &Path, stdio: Vec<OwnedFd>) {
+        let descriptors: Vec<String> = std::fs::read(extracted.join("checkpoint/descriptors.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        for (d, fd) in descriptors.iter().zip(stdio) {
+            if d.contains("pipe:") {
+                self.hand(d.clone(), fd);
+            }
+        }
+    }
+
+    /// The pod's network and pid namespaces are handed over as the dump's
+    /// external keys; its IPC and UTS namespaces are joined.
+    fn namespaces(&mut self, spec: &Spec) -> Result<()> {
+        for ns in crate::locate::namespaces(spec) {
+            let Some(path) = ns.path() else { continue };
+            let (key, join) = match ns.typ() {
+                LinuxNamespaceType::Network => ("extRootNetNS", None),
+                LinuxNamespaceType::Pid => ("extRootPidNS", None),
+                LinuxNamespaceType::Ipc => ("", Some("ipc")),
+                LinuxNamespaceType::Uts => ("", Some("uts")),
+                _ => continue,
+            };
+            match join {
+                Some(kind) => self.join_ns.push(JoinNamespace {
+                    ns: kind.into(),
+                    ns_file: path.to_string_lossy().into_owned(),
+                    extra_opt: None,
+                }),
+                None => {
+                    let fd: OwnedFd = File::open(path)
+                        .ctx(|| format!("open {}", path.display()))?
+                        .into();
+                    self.hand(key.into(), fd);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The inverse of the dump's external-mount map: identifier → host path.
