@@ -16,7 +16,7 @@ use crate::checkpoint::{self, Options};
 use crate::config::Config;
 use crate::cri::runtime_service_client::RuntimeServiceClient;
 use crate::cri::{
-    CheckpointContainerRequest, CheckpointContainerResponse, ContainerState,
+    CheckpointContainerRequest, CheckpointContainerResponse, ContainerState, ContainerStatus,
     ContainerStatusRequest, ListContainersRequest,
 };
 use crate::dump::DumpSettings;
@@ -254,30 +254,10 @@ impl Native {
 
     /// Full ID or unique prefix (crictl sends what the user typed) → a running container.
     pub(crate) async fn resolve(&self, id_or_prefix: &str) -> Result<Container> {
-        let mut client = self.upstream.clone();
-        let list = client
-            .list_containers(ListContainersRequest::default())
-            .await?
-            .into_inner();
-        let mut ids: Vec<String> = list
-            .containers
-            .into_iter()
-            .map(|c| c.id)
-            .filter(|id| id.starts_with(id_or_prefix))
-            .collect();
-        ids.sort();
-        let id = match ids.iter().position(|i| i == id_or_prefix) {
-            Some(i) => ids.swap_remove(i),
-            None if ids.len() == 1 => ids.remove(0),
-            None if ids.is_empty() => return Err(Error::NotFound(id_or_prefix.to_string())),
-            None => {
-                return Err(Error::Ambiguous {
-                    prefix: id_or_prefix.to_string(),
-                    matches: ids,
-                })
-            }
-        };
-        let resp = client
+        let id = self.full_id(id_or_prefix).await?;
+        let resp = self
+            .upstream
+            .clone()
             .container_status(ContainerStatusRequest {
                 container_id: id.clone(),
                 verbose: true,
@@ -310,42 +290,75 @@ impl Native {
                 .map_err(|e| Error::Other(format!("runtimeSpec of {id}: {e}")))?,
         };
         let mut c = Container::from_spec(id, pid, spec_raw, bundle.as_deref())?;
-        let a = |k: &str| {
-            status
-                .annotations
-                .get(k)
-                .cloned()
-                .or_else(|| {
-                    c.spec
-                        .annotations()
-                        .as_ref()
-                        .and_then(|m| m.get(k).cloned())
-                })
-                .unwrap_or_default()
-        };
-        let meta = status.metadata.clone().unwrap_or_default();
-        c.name = format!(
-            "{}_{}_{}_{}_{}",
-            meta.name,
-            a("io.kubernetes.cri.sandbox-name"),
-            a("io.kubernetes.cri.sandbox-namespace"),
-            a("io.kubernetes.cri.sandbox-uid"),
-            meta.attempt
-        );
-        c.created = chrono::DateTime::from_timestamp_nanos(status.created_at)
-            .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
-        c.image_name = status
-            .image
-            .as_ref()
-            .map(|i| i.image.clone())
-            .filter(|s| !s.is_empty())
-            .or(c.image_name);
-        c.image_ref = Some(status.image_ref.clone()).filter(|s| !s.is_empty());
+        describe(&mut c, &status);
         if let Some(rt) = info["runtimeType"].as_str() {
             c.runtime = rt.to_string();
         }
         Ok(c)
     }
+
+    /// The one container whose ID is `id_or_prefix` or starts with it.
+    async fn full_id(&self, id_or_prefix: &str) -> Result<String> {
+        let list = self
+            .upstream
+            .clone()
+            .list_containers(ListContainersRequest::default())
+            .await?
+            .into_inner();
+        let mut ids: Vec<String> = list
+            .containers
+            .into_iter()
+            .map(|c| c.id)
+            .filter(|id| id.starts_with(id_or_prefix))
+            .collect();
+        ids.sort();
+        match ids.iter().position(|i| i == id_or_prefix) {
+            Some(i) => Ok(ids.swap_remove(i)),
+            None if ids.len() == 1 => Ok(ids.remove(0)),
+            None if ids.is_empty() => Err(Error::NotFound(id_or_prefix.to_string())),
+            None => Err(Error::Ambiguous {
+                prefix: id_or_prefix.to_string(),
+                matches: ids,
+            }),
+        }
+    }
+}
+
+/// What the CRI status says of `c` that its spec does not: the kubelet's
+/// name for it (`name_pod_namespace_uid_attempt`), when it was created, its image.
+fn describe(c: &mut Container, status: &ContainerStatus) {
+    let a = |k: &str| {
+        status
+            .annotations
+            .get(k)
+            .cloned()
+            .or_else(|| {
+                c.spec
+                    .annotations()
+                    .as_ref()
+                    .and_then(|m| m.get(k).cloned())
+            })
+            .unwrap_or_default()
+    };
+    let meta = status.metadata.clone().unwrap_or_default();
+    let name = format!(
+        "{}_{}_{}_{}_{}",
+        meta.name,
+        a("io.kubernetes.cri.sandbox-name"),
+        a("io.kubernetes.cri.sandbox-namespace"),
+        a("io.kubernetes.cri.sandbox-uid"),
+        meta.attempt
+    );
+    c.name = name;
+    c.created = chrono::DateTime::from_timestamp_nanos(status.created_at)
+        .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+    c.image_name = status
+        .image
+        .as_ref()
+        .map(|i| i.image.clone())
+        .filter(|s| !s.is_empty())
+        .or(c.image_name.take());
+    c.image_ref = Some(status.image_ref.clone()).filter(|s| !s.is_empty());
 }
 
 /// The bundle dir runc recorded for `id`, when the upstream runs runc under `root`.
