@@ -128,25 +128,7 @@ impl Native {
         if self.stop.draining.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
-        if r.container_id.is_empty() {
-            return Err(Error::InvalidArgument("container_id is empty".into()));
-        }
-        let location = PathBuf::from(&r.location);
-        if r.location.is_empty() || !location.is_absolute() {
-            return Err(Error::InvalidArgument(format!(
-                "location {:?} must be an absolute path",
-                r.location
-            )));
-        }
-        if r.timeout < 0 {
-            return Err(Error::InvalidArgument(format!(
-                "timeout {} is negative",
-                r.timeout
-            )));
-        }
-        // The CRI timeout field (seconds, 0 = default) and the gRPC deadline both bind.
-        let field = (r.timeout > 0).then(|| started + Duration::from_secs(r.timeout as u64));
-        let deadline = [field, grpc_deadline].into_iter().flatten().min();
+        let (location, deadline) = validate(&r, started, grpc_deadline)?;
         let within = |what: &'static str| async move {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -174,26 +156,7 @@ impl Native {
         );
         let cleanup = std::mem::take(&mut report.cleanup);
         self.stop.tasks.spawn_blocking(move || cleanup.wait());
-        let ms = |d: Duration| (d.as_secs_f64() * 1e3 * 10.0).round() / 10.0;
-        let phases: Vec<String> = report
-            .phases
-            .iter()
-            .map(|(n, d)| format!("{n}={}ms", ms(*d)))
-            .collect();
-        tracing::info!(
-            container = %c.id,
-            location = %report.location.display(),
-            bytes = report.archive_bytes,
-            archive_written_bytes = report.archive_written_bytes,
-            streamed = report.streamed,
-            pages_held = report.pages_held,
-            frozen_ms = ms(report.frozen),
-            criu_frozen_ms = report.stats.as_ref().and_then(|s| s.frozen_time).map(|us| us as f64 / 1e3),
-            pages_written = report.stats.as_ref().and_then(|s| s.pages_written),
-            total_ms = ms(started.elapsed()),
-            phases = %phases.join(" "),
-            "checkpointed"
-        );
+        log_checkpointed(&c.id, &report, started.elapsed());
         Ok(())
     }
 
@@ -359,6 +322,57 @@ fn describe(c: &mut Container, status: &ContainerStatus) {
         .filter(|s| !s.is_empty())
         .or(c.image_name.take());
     c.image_ref = Some(status.image_ref.clone()).filter(|s| !s.is_empty());
+}
+
+/// The request's location (absolute) and the deadline that binds: the CRI
+/// timeout field (seconds, 0 = the default) or the gRPC deadline, the earlier.
+fn validate(
+    r: &CheckpointContainerRequest,
+    started: Instant,
+    grpc_deadline: Option<Instant>,
+) -> Result<(PathBuf, Option<Instant>)> {
+    if r.container_id.is_empty() {
+        return Err(Error::InvalidArgument("container_id is empty".into()));
+    }
+    let location = PathBuf::from(&r.location);
+    if r.location.is_empty() || !location.is_absolute() {
+        return Err(Error::InvalidArgument(format!(
+            "location {:?} must be an absolute path",
+            r.location
+        )));
+    }
+    if r.timeout < 0 {
+        return Err(Error::InvalidArgument(format!(
+            "timeout {} is negative",
+            r.timeout
+        )));
+    }
+    let field = (r.timeout > 0).then(|| started + Duration::from_secs(r.timeout as u64));
+    Ok((location, [field, grpc_deadline].into_iter().flatten().min()))
+}
+
+/// The status line of a checkpoint done.
+fn log_checkpointed(id: &str, report: &checkpoint::Report, total: Duration) {
+    let ms = |d: Duration| (d.as_secs_f64() * 1e3 * 10.0).round() / 10.0;
+    let phases: Vec<String> = report
+        .phases
+        .iter()
+        .map(|(n, d)| format!("{n}={}ms", ms(*d)))
+        .collect();
+    tracing::info!(
+        container = %id,
+        location = %report.location.display(),
+        bytes = report.archive_bytes,
+        archive_written_bytes = report.archive_written_bytes,
+        streamed = report.streamed,
+        pages_held = report.pages_held,
+        frozen_ms = ms(report.frozen),
+        criu_frozen_ms = report.stats.as_ref().and_then(|s| s.frozen_time).map(|us| us as f64 / 1e3),
+        pages_written = report.stats.as_ref().and_then(|s| s.pages_written),
+        total_ms = ms(total),
+        phases = %phases.join(" "),
+        "checkpointed"
+    );
 }
 
 /// The bundle dir runc recorded for `id`, when the upstream runs runc under `root`.
