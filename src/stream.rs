@@ -90,7 +90,7 @@ pub fn capture(
     hold: Option<crate::hold::Hold>,
     sealer: Option<&Sealer>,
 ) -> Result<Captured> {
-    let Some(mut conn) = sock
+    let Some(conn) = sock
         .accept(criu_gone)
         .ctx(|| "accept CRIU's image stream".into())?
     else {
@@ -107,53 +107,7 @@ pub fn capture(
         total: Mutex::new(Captured::default()),
     };
     let shared = &shared;
-    let results: Vec<Result<()>> = std::thread::scope(|s| {
-        let mut threads = Vec::new();
-        let mut first_err = None;
-        loop {
-            match conn.next_image() {
-                Ok(Some((name, pipe))) => {
-                    progress.active.fetch_add(1, Ordering::SeqCst);
-                    if name == "inventory.img" {
-                        progress.last.store(true, Ordering::SeqCst);
-                    }
-                    threads.push(s.spawn(move || {
-                        // Once the pipe has ended, whatever the image's data does next.
-                        let once = std::sync::Once::new();
-                        let drained = || once.call_once(|| progress.finished_one());
-                        let r = receive(shared, &name, pipe, spool_dir, &drained);
-                        if r.is_err() {
-                            shared.failed.store(true, Ordering::SeqCst);
-                            progress.fail();
-                        }
-                        drained();
-                        r
-                    }))
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    first_err = Some(Err(e).ctx(|| "CRIU's image stream".into()));
-                    shared.failed.store(true, Ordering::SeqCst);
-                    progress.fail();
-                    break;
-                }
-            }
-            if shared.failed.load(Ordering::SeqCst) {
-                break;
-            }
-        }
-        // Closing the connection now (on failure) makes CRIU's next open fail.
-        drop(conn);
-        let mut out: Vec<Result<()>> = threads
-            .into_iter()
-            .map(|t| {
-                t.join()
-                    .unwrap_or_else(|_| Err(Error::Other("image receiver panicked".into())))
-            })
-            .collect();
-        out.extend(first_err);
-        out
-    });
+    let results = std::thread::scope(|s| receive_all(s, conn, shared, spool_dir, progress));
     // Receivers stopped by another's failure say so; the first other error is the cause.
     let mut errs: Vec<Error> = results.into_iter().filter_map(|r| r.err()).collect();
     if !errs.is_empty() {
@@ -165,6 +119,62 @@ pub fn capture(
     }
     let total = std::mem::take(&mut *shared.total.lock().unwrap_or_else(|p| p.into_inner()));
     Ok(total)
+}
+
+/// Takes each image CRIU opens and reads it on a thread of its own, until
+/// CRIU closes the connection or something fails; returns every outcome.
+fn receive_all<'scope, 'env>(
+    s: &'scope std::thread::Scope<'scope, 'env>,
+    mut conn: criu_rpc::streamer::Capture,
+    shared: &'env Shared<'env>,
+    spool_dir: &'env Path,
+    progress: &'env Progress,
+) -> Vec<Result<()>> {
+    let mut threads = Vec::new();
+    let mut first_err = None;
+    loop {
+        match conn.next_image() {
+            Ok(Some((name, pipe))) => {
+                progress.active.fetch_add(1, Ordering::SeqCst);
+                if name == "inventory.img" {
+                    progress.last.store(true, Ordering::SeqCst);
+                }
+                threads.push(s.spawn(move || {
+                    // Once the pipe has ended, whatever the image's data does next.
+                    let once = std::sync::Once::new();
+                    let drained = || once.call_once(|| progress.finished_one());
+                    let r = receive(shared, &name, pipe, spool_dir, &drained);
+                    if r.is_err() {
+                        shared.failed.store(true, Ordering::SeqCst);
+                        progress.fail();
+                    }
+                    drained();
+                    r
+                }))
+            }
+            Ok(None) => break,
+            Err(e) => {
+                first_err = Some(Err(e).ctx(|| "CRIU's image stream".into()));
+                shared.failed.store(true, Ordering::SeqCst);
+                progress.fail();
+                break;
+            }
+        }
+        if shared.failed.load(Ordering::SeqCst) {
+            break;
+        }
+    }
+    // Closing the connection now (on failure) makes CRIU's next open fail.
+    drop(conn);
+    let mut out: Vec<Result<()>> = threads
+        .into_iter()
+        .map(|t| {
+            t.join()
+                .unwrap_or_else(|_| Err(Error::Other("image receiver panicked".into())))
+        })
+        .collect();
+    out.extend(first_err);
+    out
 }
 
 struct Shared<'w> {
