@@ -77,37 +77,8 @@ pub fn inspect_with(path: &Path, ids: &Identities) -> Result<Summary> {
             };
             parts.entry(base.to_string()).or_default().insert(k, at);
         }
-        if e.header().entry_type().is_dir() && name.trim_end_matches('/') == "checkpoint" {
-            s.has_checkpoint_dir = true;
-        }
-        if let Some(img) = name.strip_prefix("checkpoint/") {
-            s.images_bytes += size;
-            if img.starts_with("pages-") {
-                s.pages_bytes += size;
-            }
-        }
-        let small = |e: &mut tar::Entry<File>| -> Result<Vec<u8>> {
-            let mut b = Vec::new();
-            e.take(16 << 20)
-                .read_to_end(&mut b)
-                .ctx(|| format!("read member {name}"))?;
-            Ok(b)
-        };
-        match name.as_str() {
-            "config.dump" => s.config = serde_json::from_slice(&small(&mut e)?).ok(),
-            "spec.dump" => {
-                let spec: serde_json::Value =
-                    serde_json::from_slice(&small(&mut e)?).unwrap_or_default();
-                let manager = spec["annotations"]["io.container.manager"].as_str();
-                s.engine = engine_name(manager).into();
-            }
-            "stats-dump" => s.stats = criu_rpc::stats::parse_dump_stats(&small(&mut e)?).ok(),
-            "deleted.files" => {
-                s.deleted_files = serde_json::from_slice(&small(&mut e)?).unwrap_or_default()
-            }
-            "rootfs-diff.tar" => s.rootfs_diff_bytes = Some(size),
-            seal::MARKER => marker = Some(small(&mut e)?),
-            _ => {}
+        if let Some(m) = s.read_member(&name, size, &mut e)? {
+            marker = Some(m);
         }
         s.members.push((name, size));
     }
@@ -121,6 +92,50 @@ pub fn inspect_with(path: &Path, ids: &Identities) -> Result<Summary> {
         )?);
     }
     Ok(s)
+}
+
+impl Summary {
+    /// What member `name` (of `size` bytes) tells of the checkpoint; the
+    /// seal's marker is returned for later.
+    fn read_member(
+        &mut self,
+        name: &str,
+        size: u64,
+        e: &mut tar::Entry<File>,
+    ) -> Result<Option<Vec<u8>>> {
+        if e.header().entry_type().is_dir() && name.trim_end_matches('/') == "checkpoint" {
+            self.has_checkpoint_dir = true;
+        }
+        if let Some(img) = name.strip_prefix("checkpoint/") {
+            self.images_bytes += size;
+            if img.starts_with("pages-") {
+                self.pages_bytes += size;
+            }
+        }
+        let mut small = || -> Result<Vec<u8>> {
+            let mut b = Vec::new();
+            e.take(16 << 20)
+                .read_to_end(&mut b)
+                .ctx(|| format!("read member {name}"))?;
+            Ok(b)
+        };
+        match name {
+            "config.dump" => self.config = serde_json::from_slice(&small()?).ok(),
+            "spec.dump" => {
+                let spec: serde_json::Value = serde_json::from_slice(&small()?).unwrap_or_default();
+                let manager = spec["annotations"]["io.container.manager"].as_str();
+                self.engine = engine_name(manager).into();
+            }
+            "stats-dump" => self.stats = criu_rpc::stats::parse_dump_stats(&small()?).ok(),
+            "deleted.files" => {
+                self.deleted_files = serde_json::from_slice(&small()?).unwrap_or_default()
+            }
+            "rootfs-diff.tar" => self.rootfs_diff_bytes = Some(size),
+            seal::MARKER => return Ok(Some(small()?)),
+            _ => {}
+        }
+        Ok(None)
+    }
 }
 
 /// The sizes of a sealed archive's members as its marker gives them (the
