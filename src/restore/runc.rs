@@ -128,6 +128,10 @@ fn restore(inv: &Invocation, s: &Staged) -> Result<()> {
     super::apply_rootfs_diff(&s.dir, &rootfs)?;
     rename_uts(&spec, &s.images())?;
     std::fs::create_dir_all(s.work()).ctx(|| format!("create {}", s.work().display()))?;
+    let lazy = match s.dir.join(super::lazy::PLAN).is_file() {
+        true => Some(LazyServer::start(s, inv.option(&["--pid-file"]))?),
+        false => None,
+    };
     let mut cmd = Command::new(real_runc());
     cmd.args(&inv.globals)
         .args(["restore", "--detach", "--no-subreaper", "--file-locks"])
@@ -140,6 +144,9 @@ fn restore(inv: &Invocation, s: &Staged) -> Result<()> {
     if has_established_tcp(&s.images()) {
         cmd.arg("--tcp-established");
     }
+    if lazy.is_some() {
+        cmd.arg("--lazy-pages");
+    }
     for (k, v) in &inv.options {
         // What create and restore share; the rest means nothing to a restore.
         if ["--pid-file", "--console-socket", "--no-pivot"].contains(&k.as_str()) {
@@ -151,12 +158,67 @@ fn restore(inv: &Invocation, s: &Staged) -> Result<()> {
         .status()
         .ctx(|| format!("run {:?}", real_runc()))?;
     if !status.success() {
+        if let Some(l) = lazy {
+            l.stop();
+        }
         return Err(Error::Other(format!(
             "runc restore failed ({status}); CRIU's restore log ends: {}",
             log_tail(&s.work().join("restore.log"))
         )));
     }
     s.mark_restored()
+}
+
+/// A lazy restore's page source ([`super::lazy_serve`]), started before the
+/// restore and left running after it: a process group of its own (it and
+/// CRIU's daemon), whose parent is the runtime's shim once this exits.
+struct LazyServer {
+    pgid: nix::unistd::Pid,
+}
+
+impl LazyServer {
+    fn start(s: &Staged, pid_file: Option<&OsStr>) -> Result<LazyServer> {
+        use std::io::BufRead;
+        let exe = std::env::current_exe().ctx(|| "find ckpt-shim's binary".into())?;
+        let log = std::fs::File::create(s.work().join("lazy-serve.log"))
+            .ctx(|| "create lazy-serve.log".into())?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("lazy-serve").arg(&s.dir);
+        if let Some(p) = pid_file {
+            cmd.arg("--pid-file").arg(p);
+        }
+        // Not the runtime's stdio (it waits for those to close) nor any fd it
+        // gave runc (the container's pipes).
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(log)
+            .process_group(0);
+        // SAFETY: one syscall between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                super::lazy_serve::mark_cloexec_from(3);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().ctx(|| "start lazy-serve".into())?;
+        let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let mut line = String::new();
+        let out = child.stdout.take().expect("piped");
+        let _ = std::io::BufReader::new(out).read_line(&mut line);
+        if line.trim() != "ready" {
+            let _ = child.wait();
+            return Err(Error::Other(format!(
+                "the lazy restore's page source did not start: {}",
+                log_tail(&s.work().join("lazy-serve.log"))
+            )));
+        }
+        Ok(LazyServer { pgid })
+    }
+
+    /// Stops it (a failed restore): the daemon would wait for it forever.
+    fn stop(self) {
+        let _ = nix::sys::signal::killpg(self.pgid, nix::sys::signal::Signal::SIGKILL);
+    }
 }
 
 /// CRIU restores an established TCP connection only when told again that it

@@ -114,7 +114,8 @@ pub async fn serve(cfg: Config) -> Result<()> {
         up.clone(),
         &cfg.restore_dir,
         identities.clone(),
-    ));
+    )
+    .with_lazy_pages(cfg.lazy_pages));
     tokio::spawn({
         let c = containers.clone();
         async move { c.collect_garbage().await }
