@@ -15,11 +15,18 @@ use common::restore::{assert_continues, create, restore_config};
 use k8s_cri::v1 as cri;
 
 const MIB: u32 = 64;
+/// Enough that CRIU's daemon is still pushing pages when the test acts.
+const BIG_MIB: u32 = 384;
 
-/// A counter touching `MIB` MiB, checkpointed: (archive, counts before/after).
-async fn checkpointed(env: &mut Env, c: &mut Client, dir: &Path) -> (PathBuf, u64, u64) {
+/// A counter touching `mib` MiB, checkpointed: (archive, counts before/after).
+async fn checkpointed(
+    env: &mut Env,
+    c: &mut Client,
+    dir: &Path,
+    mib: u32,
+) -> (PathBuf, u64, u64) {
     let pod = env.run_pod(c, "orig", false).await;
-    let id = env.counter(c, &pod, "counter", MIB, true).await;
+    let id = env.counter(c, &pod, "counter", mib, true).await;
     let archive = dir.join("checkpoint.tar");
     let before = env.count(&id).unwrap();
     c.checkpoint_container(cri::CheckpointContainerRequest {
@@ -127,7 +134,7 @@ async fn a_lazy_restore_continues_and_gets_all_its_memory_from_the_archive() {
     let mut env = Env::start();
     let mut c = env.client().await;
     let out = out_dir();
-    let (archive, before, after) = checkpointed(&mut env, &mut c, out.path()).await;
+    let (archive, before, after) = checkpointed(&mut env, &mut c, out.path(), MIB).await;
     let (pod, id) = restore_lazily(&mut env, &mut c, "lazy", &archive).await;
     let staged = env.dir.join("restore").join(&id);
     // Nothing of the pages was extracted: only CRIU's non-lazy pages are on disk.
@@ -150,9 +157,12 @@ async fn a_lazy_restore_removed_before_its_pages_are_in_leaves_nothing() {
     let mut env = Env::start();
     let mut c = env.client().await;
     let out = out_dir();
-    let (archive, _, _) = checkpointed(&mut env, &mut c, out.path()).await;
+    let (archive, _, _) = checkpointed(&mut env, &mut c, out.path(), BIG_MIB).await;
     let (pod, id) = restore_lazily(&mut env, &mut c, "gone", &archive).await;
     let staged = env.dir.join("restore").join(&id);
+    // Usually still pushing pages here (384 MiB); either way nothing may stay.
+    let serving = processes_with(&staged.to_string_lossy()).len();
+    eprintln!("page source processes at removal: {serving}");
     remove(&mut c, &id, &pod.0).await;
     wait_gone(&staged.to_string_lossy(), Duration::from_secs(20));
     assert!(!env.restores().contains(&id));
@@ -163,7 +173,7 @@ async fn a_shim_killed_during_a_lazy_restore_leaves_it_whole() {
     let mut env = Env::start();
     let mut c = env.client().await;
     let out = out_dir();
-    let (archive, before, after) = checkpointed(&mut env, &mut c, out.path()).await;
+    let (archive, before, after) = checkpointed(&mut env, &mut c, out.path(), BIG_MIB).await;
     let (pod, id) = restore_lazily(&mut env, &mut c, "kill", &archive).await;
     // The page source is not the shim's: SIGKILL the shim at once, start it again.
     env.kill_shim();
@@ -183,7 +193,7 @@ async fn an_archive_cut_in_its_pages_is_refused_before_anything_runs() {
     let mut env = Env::start();
     let mut c = env.client().await;
     let out = out_dir();
-    let (archive, _, _) = checkpointed(&mut env, &mut c, out.path()).await;
+    let (archive, _, _) = checkpointed(&mut env, &mut c, out.path(), MIB).await;
     // Cut inside pages-1.img's data, keeping the members after it out.
     let cut = out.path().join("cut.tar");
     let bytes = std::fs::read(&archive).unwrap();
@@ -212,4 +222,37 @@ fn find_member(tar: &[u8], name: &str) -> Option<usize> {
         }
     }
     None
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_checkpoint_image_restores_lazily_from_its_layer_in_place() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let out = out_dir();
+    let (archive, before, after) = checkpointed(&mut env, &mut c, out.path(), MIB).await;
+    let sock = env.containerd_sock.to_string_lossy().into_owned();
+    common::run_ok(std::process::Command::new(env!("CARGO_BIN_EXE_ckpt-shim")).args([
+        "image",
+        archive.to_str().unwrap(),
+        "lazy-ckpt:1",
+        "--import",
+        &sock,
+    ]));
+    // The archive goes: the pages come from containerd's content store.
+    std::fs::remove_file(&archive).unwrap();
+    let image = Path::new("localhost/lazy-ckpt:1");
+    let (pod, id) = restore_lazily(&mut env, &mut c, "from-image", image).await;
+    let log = Path::new(&pod.1.log_directory).join("restored.log");
+    assert_continues(&env, &id, &log, (before, after), "lazy restore from an image");
+    assert!(verify_memory(&env, &id).starts_with("ok "), "memory differs");
+    let staged = env.dir.join("restore").join(&id);
+    wait_gone(&staged.to_string_lossy(), Duration::from_secs(60));
+    let served = lazy_log(&env, &id);
+    assert!(served.contains("daemon exit status: 0"), "{served}");
+    assert!(
+        env.shim_log().contains("content store"),
+        "{}",
+        env.shim_log()
+    );
+    remove(&mut c, &id, &pod.0).await;
 }
