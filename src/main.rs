@@ -262,11 +262,13 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
         }
         Cmd::Decrypt(a) => decrypt(a),
         Cmd::Image(a) => image(a).await,
-        Cmd::LazyServe(a) => ckpt_shim::restore::lazy_serve::run(&ckpt_shim::restore::lazy_serve::Options {
-            dir: a.dir,
-            criu: criu.unwrap_or_else(|| "criu".into()),
-            pid_file: a.pid_file,
-        }),
+        Cmd::LazyServe(a) => {
+            ckpt_shim::restore::lazy_serve::run(&ckpt_shim::restore::lazy_serve::Options {
+                dir: a.dir,
+                criu: criu.unwrap_or_else(|| "criu".into()),
+                pid_file: a.pid_file,
+            })
+        }
     }
 }
 

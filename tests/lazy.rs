@@ -19,12 +19,7 @@ const MIB: u32 = 64;
 const BIG_MIB: u32 = 384;
 
 /// A counter touching `mib` MiB, checkpointed: (archive, counts before/after).
-async fn checkpointed(
-    env: &mut Env,
-    c: &mut Client,
-    dir: &Path,
-    mib: u32,
-) -> (PathBuf, u64, u64) {
+async fn checkpointed(env: &mut Env, c: &mut Client, dir: &Path, mib: u32) -> (PathBuf, u64, u64) {
     let pod = env.run_pod(c, "orig", false).await;
     let id = env.counter(c, &pod, "counter", mib, true).await;
     let archive = dir.join("checkpoint.tar");
@@ -69,7 +64,10 @@ fn verify_memory(env: &Env, id: &str) -> String {
         if let Ok(s) = std::fs::read_to_string(root.join("tmp/verified")) {
             return s.trim().to_string();
         }
-        assert!(t.elapsed() < Duration::from_secs(30), "the counter never verified");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the counter never verified"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -140,7 +138,10 @@ async fn a_lazy_restore_continues_and_gets_all_its_memory_from_the_archive() {
     // Nothing of the pages was extracted: only CRIU's non-lazy pages are on disk.
     let log = Path::new(&pod.1.log_directory).join("restored.log");
     assert_continues(&env, &id, &log, (before, after), "lazy restore");
-    assert!(verify_memory(&env, &id).starts_with("ok "), "memory differs");
+    assert!(
+        verify_memory(&env, &id).starts_with("ok "),
+        "memory differs"
+    );
     // Every page pushed, the page source ends by itself; the container runs on.
     wait_gone(&staged.to_string_lossy(), Duration::from_secs(60));
     let served = lazy_log(&env, &id);
@@ -181,7 +182,10 @@ async fn a_shim_killed_during_a_lazy_restore_leaves_it_whole() {
     let mut c = env.client().await;
     let log = Path::new(&pod.1.log_directory).join("restored.log");
     assert_continues(&env, &id, &log, (before, after), "after a shim restart");
-    assert!(verify_memory(&env, &id).starts_with("ok "), "memory differs");
+    assert!(
+        verify_memory(&env, &id).starts_with("ok "),
+        "memory differs"
+    );
     let staged = env.dir.join("restore").join(&id);
     wait_gone(&staged.to_string_lossy(), Duration::from_secs(60));
     env.assert_running(&mut c, &id).await;
@@ -209,7 +213,9 @@ async fn an_archive_cut_in_its_pages_is_refused_before_anything_runs() {
         "{err:?}"
     );
     assert!(env.restores().iter().all(|r| r.starts_with('.')) || env.restores().is_empty());
-    assert!(processes_with("lazy-serve").iter().all(|p| !p.contains(&env.dir.to_string_lossy().into_owned())));
+    assert!(processes_with("lazy-serve")
+        .iter()
+        .all(|p| !p.contains(&env.dir.to_string_lossy().into_owned())));
 }
 
 /// Where member `name`'s data starts in a tar.
@@ -231,20 +237,31 @@ async fn a_checkpoint_image_restores_lazily_from_its_layer_in_place() {
     let out = out_dir();
     let (archive, before, after) = checkpointed(&mut env, &mut c, out.path(), MIB).await;
     let sock = env.containerd_sock.to_string_lossy().into_owned();
-    common::run_ok(std::process::Command::new(env!("CARGO_BIN_EXE_ckpt-shim")).args([
-        "image",
-        archive.to_str().unwrap(),
-        "lazy-ckpt:1",
-        "--import",
-        &sock,
-    ]));
+    common::run_ok(
+        std::process::Command::new(env!("CARGO_BIN_EXE_ckpt-shim")).args([
+            "image",
+            archive.to_str().unwrap(),
+            "lazy-ckpt:1",
+            "--import",
+            &sock,
+        ]),
+    );
     // The archive goes: the pages come from containerd's content store.
     std::fs::remove_file(&archive).unwrap();
     let image = Path::new("localhost/lazy-ckpt:1");
     let (pod, id) = restore_lazily(&mut env, &mut c, "from-image", image).await;
     let log = Path::new(&pod.1.log_directory).join("restored.log");
-    assert_continues(&env, &id, &log, (before, after), "lazy restore from an image");
-    assert!(verify_memory(&env, &id).starts_with("ok "), "memory differs");
+    assert_continues(
+        &env,
+        &id,
+        &log,
+        (before, after),
+        "lazy restore from an image",
+    );
+    assert!(
+        verify_memory(&env, &id).starts_with("ok "),
+        "memory differs"
+    );
     let staged = env.dir.join("restore").join(&id);
     wait_gone(&staged.to_string_lossy(), Duration::from_secs(60));
     let served = lazy_log(&env, &id);

@@ -76,7 +76,10 @@ pub fn stage(archive: &Path, dest: &Path) -> Result<Plan> {
     let skip: Vec<String> = members.keys().map(|id| member_name(*id)).collect();
     extract_except(archive, dest, &skip)?;
     let file = regular_file(archive)?;
-    let archive_len = file.metadata().ctx(|| format!("stat {}", archive.display()))?.len();
+    let archive_len = file
+        .metadata()
+        .ctx(|| format!("stat {}", archive.display()))?
+        .len();
     let images = dest.join("checkpoint");
     let mut lazy = BTreeMap::new();
     for (_, pm) in pagemaps(&images)? {
@@ -262,7 +265,12 @@ mod tests {
         }
         b.into_inner().unwrap();
         let len = std::fs::metadata(&path).unwrap().len();
-        File::options().write(true).open(&path).unwrap().set_len(len - cut).unwrap();
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - cut)
+            .unwrap();
         path
     }
 

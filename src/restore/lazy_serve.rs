@@ -134,7 +134,9 @@ fn wait_ready(status: OwnedFd, daemon: &mut Child) -> Result<()> {
 /// Tells the caller the daemon is listening, and lets go of its pipe.
 fn say_ready() -> Result<()> {
     let mut out = std::io::stdout().lock();
-    writeln!(out, "ready").and_then(|()| out.flush()).ctx(|| "stdout".into())?;
+    writeln!(out, "ready")
+        .and_then(|()| out.flush())
+        .ctx(|| "stdout".into())?;
     let null = std::fs::File::options()
         .write(true)
         .open("/dev/null")

@@ -34,7 +34,9 @@ const MAX_PAGES: u64 = 1024;
 pub enum ServeError {
     #[error("page server socket: {0}")]
     Io(#[from] std::io::Error),
-    #[error("the daemon asked for pages the checkpoint does not have: pid {pid}, {nr} from {vaddr:#x}")]
+    #[error(
+        "the daemon asked for pages the checkpoint does not have: pid {pid}, {nr} from {vaddr:#x}"
+    )]
     NoPages { pid: u64, vaddr: u64, nr: u64 },
     #[error("unknown page server command {0:#x}")]
     Command(u32),
@@ -82,9 +84,8 @@ pub fn serve(sock: &mut UnixStream, src: &Source) -> Result<Served, ServeError> 
     let mut served = Served::default();
     loop {
         let mut b = [0u8; HEADER];
-        match read_header(sock, &mut b)? {
-            false => return Ok(served),
-            true => {}
+        if !read_header(sock, &mut b)? {
+            return Ok(served);
         }
         let iov = Iov::decode(&b);
         match iov.cmd & ((1 << PS_CMD_BITS) - 1) {

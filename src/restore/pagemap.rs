@@ -134,8 +134,11 @@ impl Pagemap {
     /// no present page.
     pub fn find(&self, vaddr: u64, max: u64) -> Option<(u64, u64)> {
         let i = self.runs.partition_point(|r| r.end() <= vaddr);
-        let first = self.runs.get(i).filter(|r| r.vaddr <= vaddr && r.present())?;
-        if vaddr % PAGE_SIZE != 0 {
+        let first = self
+            .runs
+            .get(i)
+            .filter(|r| r.vaddr <= vaddr && r.present())?;
+        if !vaddr.is_multiple_of(PAGE_SIZE) {
             return None;
         }
         let offset = first.offset + (vaddr - first.vaddr);
