@@ -75,7 +75,7 @@ fn spawn_daemon(o: &Options, ps: OwnedFd, status: OwnedFd) -> Result<Child> {
         .arg("--work-dir")
         .arg(o.dir.join("work"))
         .args(["--page-server", "--ps-socket", "3", "--status-fd", "4"])
-        .args(["--log-file", "lazy-pages.log", "-v4"])
+        .args(["--log-file", "lazy-pages.log"])
         .stdin(Stdio::null())
         .stdout(Stdio::null());
     let (ps_raw, status_raw) = (ps.as_raw_fd(), status.as_raw_fd());
