@@ -46,6 +46,10 @@ pub fn run(o: &Options) -> Result<()> {
     let mut daemon = spawn_daemon(o, theirs.into(), status_w)?;
     wait_ready(status_r, &mut daemon)?;
     say_ready()?;
+    eprintln!(
+        "lazy-serve: daemon listening after {} ms",
+        started.elapsed().as_millis()
+    );
     let served = page_server::serve(&mut ours, &src);
     drop(ours);
     let status = daemon.wait().ctx(|| "wait for criu lazy-pages".into())?;
