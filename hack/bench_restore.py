@@ -99,7 +99,7 @@ class RestoreBench(Bench):
         cid = self.last_cid
         log = f"{self.restore_dir}/{cid}/work/lazy-serve.log"
         deadline = time.time() + 120
-        while time.time() < deadline and "daemon" not in text(log):
+        while time.time() < deadline and "lazy pages in the checkpoint" not in text(log):
             time.sleep(0.05)
         m = re.search(r"pages: (\d+) .* after (\d+) ms; daemon exit status: 0", text(log))
         if not m:

@@ -43,6 +43,7 @@ pub fn run(o: &Options) -> Result<()> {
     let src = Source::open(&o.dir)?;
     let (mut ours, theirs) = UnixStream::pair().ctx(|| "socket pair".into())?;
     let (status_r, status_w) = nix::unistd::pipe().ctx(|| "pipe".into())?;
+    let restored = Restored::watch(o.pid_file.clone());
     let mut daemon = spawn_daemon(o, theirs.into(), status_w)?;
     wait_ready(status_r, &mut daemon)?;
     say_ready()?;
@@ -64,7 +65,7 @@ pub fn run(o: &Options) -> Result<()> {
         (Err(e), _) => e.to_string(),
         (Ok(_), false) => format!("criu lazy-pages {status}"),
     };
-    kill_restored(o.pid_file.as_deref());
+    restored.kill();
     Err(Error::Other(format!(
         "lazy restore's pages: {failed}; see {}",
         o.dir.join("work/lazy-pages.log").display()
@@ -149,16 +150,69 @@ fn say_ready() -> Result<()> {
     Ok(())
 }
 
-fn kill_restored(pid_file: Option<&Path>) {
-    let Some(pid) = pid_file
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .and_then(|s| s.trim().parse::<i32>().ok())
-    else {
-        return;
-    };
-    eprintln!("lazy-serve: killing the restored process {pid}: its memory cannot be served");
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    );
+/// The restored init, held by a pidfd taken as soon as the runtime's pid file
+/// names it (while the restore is still being answered), so that a kill
+/// never reaches another process that got the number later.
+struct Restored {
+    pidfd: std::sync::Arc<std::sync::Mutex<Option<OwnedFd>>>,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Restored {
+    fn watch(pid_file: Option<PathBuf>) -> Restored {
+        let r = Restored {
+            pidfd: Default::default(),
+            done: Default::default(),
+        };
+        let (slot, done) = (r.pidfd.clone(), r.done.clone());
+        if let Some(path) = pid_file {
+            std::thread::spawn(move || {
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Some(fd) = pidfd_of(&path) {
+                        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(fd);
+                        return;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            });
+        }
+        r
+    }
+
+    /// SIGKILLs it, if it was found: its memory cannot be served.
+    fn kill(&self) {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let slot = self.pidfd.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(fd) = slot.as_ref() {
+            eprintln!("lazy-serve: killing the restored process: its memory cannot be served");
+            // SAFETY: a plain syscall on an fd we own.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    libc::SIGKILL,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn pidfd_of(pid_file: &Path) -> Option<OwnedFd> {
+    let pid: i32 = std::fs::read_to_string(pid_file)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    // SAFETY: pidfd_open returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    // SAFETY: a fresh fd nobody else owns.
+    (fd >= 0).then(|| unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
 }
