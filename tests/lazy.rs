@@ -273,3 +273,79 @@ async fn a_checkpoint_image_restores_lazily_from_its_layer_in_place() {
     );
     remove(&mut c, &id, &pod.0).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_archive_cut_before_start_fails_the_start_and_leaves_nothing_running() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let out = out_dir();
+    let (archive, _, _) = checkpointed(&mut env, &mut c, out.path(), MIB).await;
+    let pod = env.run_pod(&mut c, "cut-later", false).await;
+    let mut cfg = restore_config(&env, "restored", &archive.to_string_lossy());
+    cfg.annotations
+        .insert("io.ckpt-shim.lazy-pages".into(), "true".into());
+    let id = create(&mut c, &pod, cfg).await.unwrap();
+    // Checked and staged; then the archive loses its pages' second half.
+    let bytes = std::fs::read(&archive).unwrap();
+    let pages_at = find_member(&bytes, "checkpoint/pages-1.img").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&archive)
+        .unwrap()
+        .set_len((pages_at + ((MIB as usize) << 19)) as u64)
+        .unwrap();
+    let err = c
+        .start_container(cri::StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("pages"), "{err:?}");
+    assert_ne!(
+        env.state(&mut c, &id).await,
+        cri::ContainerState::ContainerRunning
+    );
+    let staged = env.dir.join("restore").join(&id);
+    wait_gone(&staged.to_string_lossy(), Duration::from_secs(20));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_page_source_that_dies_takes_the_container_with_it() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let out = out_dir();
+    let (archive, _, _) = checkpointed(&mut env, &mut c, out.path(), BIG_MIB).await;
+    let (pod, id) = restore_lazily(&mut env, &mut c, "daemon-dies", &archive).await;
+    let staged = env.dir.join("restore").join(&id);
+    // CRIU's daemon, which this test's restore started, killed mid-push.
+    let daemon = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .find(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .is_ok_and(|c| c.contains("lazy-pages") && c.contains(&*staged.to_string_lossy()))
+        })
+        .and_then(|e| e.file_name().to_string_lossy().parse::<i32>().ok());
+    let Some(daemon) = daemon else {
+        eprintln!("every page was in before the daemon could be killed; nothing to test");
+        return;
+    };
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    // The container does not run on with memory it cannot get: it exits.
+    let t = Instant::now();
+    while env.state(&mut c, &id).await == cri::ContainerState::ContainerRunning {
+        assert!(t.elapsed() < Duration::from_secs(20), "still running");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_gone(&staged.to_string_lossy(), Duration::from_secs(20));
+    assert!(
+        lazy_log(&env, &id).contains("killing the restored process"),
+        "{}",
+        lazy_log(&env, &id)
+    );
+    remove(&mut c, &id, &pod.0).await;
+}

@@ -205,6 +205,15 @@ impl Source {
         )
         .map_err(|e| Error::Other(format!("{PLAN}: {e}")))?;
         let file = regular_file(&plan.archive)?;
+        // The archive may have changed since it was checked at CreateContainer.
+        let len = file.metadata().ctx(|| "stat the archive".into())?.len();
+        if let Some(m) = plan.pages.values().find(|m| m.at + m.len > len) {
+            return Err(Error::InvalidArgument(format!(
+                "{} no longer holds its pages (cut at {len}, pages end at {})",
+                plan.archive.display(),
+                m.at + m.len
+            )));
+        }
         let mut procs = HashMap::new();
         for (pid, pm) in pagemaps(&dir.join("checkpoint"))? {
             if let Some(m) = plan.pages.get(&pm.pages_id) {
