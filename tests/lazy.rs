@@ -285,6 +285,11 @@ async fn an_archive_cut_before_start_fails_the_start_and_leaves_nothing_running(
     cfg.annotations
         .insert("io.ckpt-shim.lazy-pages".into(), "true".into());
     let id = create(&mut c, &pod, cfg).await.unwrap();
+    // Staged without the pages: a few KiB on disk for 64 MiB of memory.
+    let staged = env.dir.join("restore").join(&id);
+    let written = disk_bytes(&staged);
+    assert!(written < 1 << 20, "{written} bytes staged");
+    eprintln!("staged on disk: {written} bytes");
     // Checked and staged; then the archive loses its pages' second half.
     let bytes = std::fs::read(&archive).unwrap();
     let pages_at = find_member(&bytes, "checkpoint/pages-1.img").unwrap();
@@ -305,7 +310,6 @@ async fn an_archive_cut_before_start_fails_the_start_and_leaves_nothing_running(
         env.state(&mut c, &id).await,
         cri::ContainerState::ContainerRunning
     );
-    let staged = env.dir.join("restore").join(&id);
     wait_gone(&staged.to_string_lossy(), Duration::from_secs(20));
 }
 
@@ -348,4 +352,19 @@ async fn a_page_source_that_dies_takes_the_container_with_it() {
         lazy_log(&env, &id)
     );
     remove(&mut c, &id, &pod.0).await;
+}
+
+/// The bytes `dir`'s files take on disk (allocated blocks, so holes are free).
+fn disk_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let m = e.metadata().unwrap();
+        total += if m.is_dir() {
+            disk_bytes(&e.path())
+        } else {
+            m.blocks() * 512
+        };
+    }
+    total
 }
