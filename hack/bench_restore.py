@@ -6,6 +6,11 @@ order that rotates from round to round:
   CRI     ckpt-shim through CRI: CreateContainer (the archive as the image) and
           StartContainer in a new pod, in front of containerd (its runc is
           ckpt-runc); timed from CreateContainer to StartContainer's answer
+  LAZY    the same as CRI, restored lazily (a shim with lazy_pages = true): the
+          process runs before its memory is in; its pages are served from the
+          archive. Also reported: until every page was pushed (lazy-serve's own
+          time, from before the restore), and the memory check (the counter
+          hashes its memory again; a mismatch fails the benchmark)
   IMG     the same through a checkpoint image: the CRI archive imported into
           containerd by `ckpt-shim image --import`, named by tag as the image;
           CreateContainer reads its layer back through containerd's content API
@@ -29,7 +34,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import CRICTL, SHIM, Bench, sh  # noqa: E402
+from bench import CRICTL, SHIM, Bench, read, sh  # noqa: E402
+
+
+def text(path):
+    return (read(path) or b"").decode(errors="replace")
 
 
 def detached(cmd, stdout=None):
@@ -39,6 +48,25 @@ def detached(cmd, stdout=None):
 
 
 class RestoreBench(Bench):
+    def setup(self):
+        super().setup()
+        # A third shim in front of the same containerd, restoring lazily.
+        self.extra, self.sock_lazy = {}, f"{self.w}/shim-l/ckpt-shim.sock"
+        open(f"{self.w}/shim-l.toml", "w").write("durable = false\nlazy_pages = true\n")
+        self.shim_l = subprocess.Popen([SHIM, "serve", "--listen", self.sock_lazy, "--upstream", f"unix://{self.w}/ctrd/containerd.sock",
+                                        "--config", f"{self.w}/shim-l.toml", "--restore-dir", self.restore_dir],
+                                       stdout=subprocess.DEVNULL, stderr=open(f"{self.w}/shim-l.log", "w"))
+        for _ in range(200):
+            if os.path.exists(self.sock_lazy):
+                break
+            time.sleep(0.05)
+
+    def teardown(self):
+        if getattr(self, "shim_l", None):
+            self.shim_l.terminate()
+            self.shim_l.wait()
+        super().teardown()
+
     def prepare(self, mib):
         """Checkpoints of each kind, taken once per size."""
         os.makedirs(f"{self.w}/ck-{mib}", mode=0o700, exist_ok=True)
@@ -58,12 +86,33 @@ class RestoreBench(Bench):
         sh(f"mount -t overlay overlay -o lowerdir={self.w}/image,upperdir={b}/upper,workdir={b}/work {b}/rootfs")
         return b
 
-    def run_CRI(self, mib, image=None):
+    def run_CRI(self, mib, image=None, sock=None):
         image = image or f"{self.w}/ck-{mib}/cri.tar"
-        pod, cid, ms = sh([CRICTL, self.sock, "restore", f"r-{self.n}", image]).split()
+        pod, cid, ms = sh([CRICTL, sock or self.sock, "restore", f"r-{self.n}", image]).split()
         self.n += 1
         self.cleanups.append(lambda: sh([CRICTL, self.sock, "rm-pod", pod], check=False))
+        self.last_cid = cid
         return float(ms) / 1000
+
+    def run_LAZY(self, mib):
+        wall = self.run_CRI(mib, sock=self.sock_lazy)
+        cid = self.last_cid
+        log = f"{self.restore_dir}/{cid}/work/lazy-serve.log"
+        deadline = time.time() + 120
+        while time.time() < deadline and "lazy pages in the checkpoint" not in text(log):
+            time.sleep(0.05)
+        m = re.search(r"pages: (\d+) .* after (\d+) ms; daemon exit status: 0", text(log))
+        if not m:
+            raise RuntimeError(f"lazy restore did not serve its pages: {text(log)!r}")
+        self.extra.setdefault((mib, "LAZY-all"), []).append(int(m.group(2)) / 1000)
+        root = f"{self.w}/ctrd/state/io.containerd.runtime.v2.task/k8s.io/{cid}/rootfs"
+        open(f"{root}/tmp/verify", "w").close()
+        while time.time() < deadline and not os.path.exists(f"{root}/tmp/verified"):
+            time.sleep(0.05)
+        verdict = text(f"{root}/tmp/verified").strip()
+        if not verdict.startswith("ok"):
+            raise RuntimeError(f"lazy restore's memory differs: {verdict!r}")
+        return wall
 
     def run_IMG(self, mib):
         return self.run_CRI(mib, f"localhost/ckpt-bench-{mib}:1")
@@ -111,7 +160,7 @@ class RestoreBench(Bench):
         for mib in self.sizes:
             self.start_containers(mib)
             self.prepare(mib)
-            variants = [("CRI", self.run_CRI), ("IMG", self.run_IMG), ("R", self.run_R), ("S", self.run_S), ("P", self.run_P)]
+            variants = [("CRI", self.run_CRI), ("LAZY", self.run_LAZY), ("IMG", self.run_IMG), ("R", self.run_R), ("S", self.run_S), ("P", self.run_P)]
             if self.only:
                 variants = [v for v in variants if v[0] in self.only]
             for rnd in range(self.rounds):
@@ -128,17 +177,19 @@ class RestoreBench(Bench):
             shutil.rmtree(f"{self.w}/ck-{mib}", ignore_errors=True)
 
     def report(self):
-        labels = {"CRI": "ckpt-shim via CRI (Create+Start)", "IMG": "ckpt-shim via CRI, from a checkpoint image", "R": "runc restore -d", "S": "ckpt-shim restore (CLI)", "P": "podman restore --import"}
+        labels = {"CRI": "ckpt-shim via CRI (Create+Start)", "LAZY": "ckpt-shim via CRI, lazy (Create+Start)",
+                  "LAZY-all": "… lazy: until every page was in", "IMG": "ckpt-shim via CRI, from a checkpoint image", "R": "runc restore -d", "S": "ckpt-shim restore (CLI)", "P": "podman restore --import"}
+        self.times.update(self.extra)
         med = lambda mib, v: statistics.median(self.times[(mib, v)]) if (mib, v) in self.times else float("nan")
         rng = lambda mib, v: f"{min(self.times[(mib, v)]):.3f}–{max(self.times[(mib, v)]):.3f}" if (mib, v) in self.times else "-"
         lines = ["| MiB | variant | s, median (min–max) |", "|---|---|---|"]
         for mib in self.sizes:
             for v, label in labels.items():
                 lines.append(f"| {mib} | {label} | {med(mib, v):.3f} ({rng(mib, v)}) |")
-        lines += ["", "| MiB | CRI / runc restore | image / archive (CRI) | CLI / runc restore | podman / CRI |", "|---|---|---|---|---|"]
+        lines += ["", "| MiB | CRI / runc restore | lazy / runc restore | runc restore / lazy | image / archive (CRI) | CLI / runc restore | podman / CRI |", "|---|---|---|---|---|---|---|"]
         for mib in self.sizes:
             r = lambda a, b: med(mib, a) / med(mib, b)
-            lines.append(f"| {mib} | {r('CRI', 'R'):.2f} | {r('IMG', 'CRI'):.2f} | {r('S', 'R'):.2f} | {r('P', 'CRI'):.2f} |")
+            lines.append(f"| {mib} | {r('CRI', 'R'):.2f} | {r('LAZY', 'R'):.2f} | {r('R', 'LAZY'):.1f}× | {r('IMG', 'CRI'):.2f} | {r('S', 'R'):.2f} | {r('P', 'CRI'):.2f} |")
         return "\n".join(lines)
 
 
@@ -147,7 +198,7 @@ def main():
     ap.add_argument("--sizes", default="64,512,2048")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--work", default="/var/tmp/ckpt-shim-bench-restore")
-    ap.add_argument("--only", help="run just these variants, comma-separated (CRI,IMG,R,S,P)")
+    ap.add_argument("--only", help="run just these variants, comma-separated (CRI,LAZY,IMG,R,S,P)")
     ap.add_argument("--xfs", action="store_true", help="put the work dir on a reflink XFS loop image")
     a = ap.parse_args()
     if a.xfs:

@@ -5,7 +5,8 @@
 set -euo pipefail
 dir=${1:?usage: build-image.sh DIR}
 here=$(cd "$(dirname "$0")" && pwd)
-[ -x "$dir/bin/counter" ] && [ -x "$dir/bin/pauseprobe" ] && exit 0
+# The stamp names what the counter can do; a new one rebuilds.
+[ -x "$dir/bin/counter" ] && [ -x "$dir/bin/pauseprobe" ] && [ -f "$dir/.counter-verifies" ] && exit 0
 rm -rf "$dir"
 tmp="$dir.tmp.$$"
 rm -rf "$tmp"
@@ -17,4 +18,6 @@ echo 'root:x:0:0:root:/root:/bin/sh' > "$tmp/etc/passwd"
 echo 'root:x:0:' > "$tmp/etc/group"
 cc -O2 -static -o "$tmp/bin/counter" "$here/workloads/counter.c"
 cc -O2 -static -o "$tmp/bin/pauseprobe" "$here/workloads/pauseprobe.c"
+touch "$tmp/.counter-verifies"
+rm -rf "$dir"
 mv -T "$tmp" "$dir" 2>/dev/null || rm -rf "$tmp"

@@ -9,7 +9,7 @@ set -euo pipefail
 out=${1:?usage: build-oci-images.sh DIR}
 here=$(cd "$(dirname "$0")" && pwd)
 # The stamp names what the images hold; a new one rebuilds them.
-stamp="$out/.with-pauseprobe"
+stamp="$out/.counter-verifies"
 busybox="$out/busybox-oci.tar"
 busybox_stamp="$out/.busybox-with-ipcs"
 [ -f "$out/counter-oci.tar" ] && [ -f "$out/pause-oci.tar" ] && [ -f "$stamp" ] && [ -f "$busybox_stamp" ] && exit 0

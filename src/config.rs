@@ -52,6 +52,10 @@ pub struct Config {
     pub metrics_listen: Option<String>,
     /// On SIGTERM, how long checkpoints in flight may go on before they are stopped.
     pub shutdown_grace_seconds: u64,
+    /// Restore through CRI lazily: the process runs before its memory is in,
+    /// its pages served from the archive as it touches them (see README); a
+    /// CreateContainer annotation `io.ckpt-shim.lazy-pages` overrides it.
+    pub lazy_pages: bool,
 }
 
 impl Default for Config {
@@ -74,6 +78,7 @@ impl Default for Config {
             identities: Vec::new(),
             metrics_listen: None,
             shutdown_grace_seconds: DEFAULT_SHUTDOWN_GRACE_SECONDS,
+            lazy_pages: false,
         }
     }
 }
@@ -121,6 +126,7 @@ pub struct FileConfig {
     pub identities: Option<Vec<PathBuf>>,
     pub metrics_listen: Option<String>,
     pub shutdown_grace_seconds: Option<u64>,
+    pub lazy_pages: Option<bool>,
 }
 
 impl FileConfig {
@@ -155,7 +161,8 @@ impl FileConfig {
             hold_pages_mib,
             encrypt_to,
             identities,
-            shutdown_grace_seconds
+            shutdown_grace_seconds,
+            lazy_pages
         );
         if self.staging_dir.is_some() {
             c.staging_dir = self.staging_dir;

@@ -77,6 +77,18 @@ enum Cmd {
     /// Make an archive a checkpoint image: into containerd, an OCI layout or
     /// archive, or a registry. CreateContainer restores it by that name.
     Image(ImageArgs),
+    /// The page source of one lazy restore (started by ckpt-runc, not by hand):
+    /// CRIU's lazy-pages daemon on the staged restore DIR, fed from the archive.
+    #[command(hide = true)]
+    LazyServe(LazyServeArgs),
+}
+
+#[derive(Args)]
+struct LazyServeArgs {
+    dir: PathBuf,
+    /// The restored init's pid file: killed if its memory cannot be served.
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -250,6 +262,13 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
         }
         Cmd::Decrypt(a) => decrypt(a),
         Cmd::Image(a) => image(a).await,
+        Cmd::LazyServe(a) => {
+            ckpt_shim::restore::lazy_serve::run(&ckpt_shim::restore::lazy_serve::Options {
+                dir: a.dir,
+                criu: criu.unwrap_or_else(|| "criu".into()),
+                pid_file: a.pid_file,
+            })
+        }
     }
 }
 

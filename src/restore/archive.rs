@@ -224,7 +224,7 @@ impl Checkpoint {
     }
 }
 
-fn regular_file(path: &Path) -> Result<File> {
+pub(crate) fn regular_file(path: &Path) -> Result<File> {
     let file = File::open(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => {
             Error::InvalidArgument(format!("{}: no such file", path.display()))
@@ -243,7 +243,7 @@ fn regular_file(path: &Path) -> Result<File> {
 
 /// A member's name, if it is one a restore may write: relative, without `..`,
 /// and a regular file or a directory.
-fn check_entry<R: Read>(e: &tar::Entry<R>) -> Result<PathBuf> {
+pub(crate) fn check_entry<R: Read>(e: &tar::Entry<R>) -> Result<PathBuf> {
     let name = e.path().ctx(|| "member name".into())?.into_owned();
     if !safe_member_name(&name) {
         return Err(Error::UnsafeArchive(name.display().to_string()));
@@ -273,7 +273,7 @@ pub fn extract(archive: &Path, dest: &Path) -> Result<()> {
 }
 
 /// [`extract`], leaving out the `skip`ped members too.
-fn extract_except(archive: &Path, dest: &Path, skip: &[String]) -> Result<()> {
+pub(crate) fn extract_except(archive: &Path, dest: &Path, skip: &[String]) -> Result<()> {
     let source = regular_file(archive)?;
     let mut ar = tar::Archive::new(
         source

@@ -2,6 +2,8 @@
 //!
 //! - [`archive`]: an archive checked member by member, its metadata, extraction;
 //! - [`create`]: CreateContainer of a checkpoint, rewritten for the runtime;
+//! - [`lazy`], [`pagemap`], [`page_server`], [`lazy_serve`]: a lazy restore,
+//!   its memory served from the archive as the process touches it;
 //! - [`rootfs`]: the checkpoint's file changes applied to a new root file system;
 //! - [`runc`]: `ckpt-runc`, the runtime's runc, which turns a create into a restore;
 //! - [`stage`]: a CRI restore's checkpoint, kept by container ID until it starts;
@@ -9,6 +11,10 @@
 
 pub mod archive;
 pub mod create;
+pub mod lazy;
+pub mod lazy_serve;
+pub mod page_server;
+pub mod pagemap;
 pub mod rootfs;
 pub mod runc;
 pub mod stage;

@@ -121,13 +121,25 @@ pub fn main(args: Vec<OsString>) -> i32 {
 }
 
 fn restore(inv: &Invocation, s: &Staged) -> Result<()> {
+    let started = std::time::Instant::now();
+    std::fs::create_dir_all(s.work()).ctx(|| format!("create {}", s.work().display()))?;
+    // A lazy restore's page source starts first: it comes up while the file
+    // changes are applied.
+    let lazy = match s.dir.join(super::lazy::PLAN).is_file() {
+        true => Some(LazyServer::spawn(s, inv.option(&["--pid-file"]))?),
+        false => None,
+    };
     let bundle = PathBuf::from(inv.option(&["--bundle", "-b"]).unwrap_or(OsStr::new(".")));
     let spec = Spec::load(bundle.join("config.json"))
         .map_err(|e| Error::Other(format!("{}/config.json: {e}", bundle.display())))?;
     let rootfs = super::rootfs::bundle_rootfs(&spec, &bundle);
     super::apply_rootfs_diff(&s.dir, &rootfs)?;
     rename_uts(&spec, &s.images())?;
-    std::fs::create_dir_all(s.work()).ctx(|| format!("create {}", s.work().display()))?;
+    let lazy = match lazy {
+        Some(l) => Some(l.ready(s)?),
+        None => None,
+    };
+    let ready_ms = started.elapsed().as_millis();
     let mut cmd = Command::new(real_runc());
     cmd.args(&inv.globals)
         .args(["restore", "--detach", "--no-subreaper", "--file-locks"])
@@ -140,6 +152,9 @@ fn restore(inv: &Invocation, s: &Staged) -> Result<()> {
     if has_established_tcp(&s.images()) {
         cmd.arg("--tcp-established");
     }
+    if lazy.is_some() {
+        cmd.arg("--lazy-pages");
+    }
     for (k, v) in &inv.options {
         // What create and restore share; the rest means nothing to a restore.
         if ["--pid-file", "--console-socket", "--no-pivot"].contains(&k.as_str()) {
@@ -150,13 +165,115 @@ fn restore(inv: &Invocation, s: &Staged) -> Result<()> {
         .arg(&inv.id)
         .status()
         .ctx(|| format!("run {:?}", real_runc()))?;
+    if let Some(l) = &lazy {
+        l.note(&format!(
+            "ckpt-runc: page source ready after {ready_ms} ms, runc restore done after {} ms",
+            started.elapsed().as_millis()
+        ));
+    }
     if !status.success() {
+        if let Some(l) = lazy {
+            l.stop();
+        }
         return Err(Error::Other(format!(
             "runc restore failed ({status}); CRIU's restore log ends: {}",
             log_tail(&s.work().join("restore.log"))
         )));
     }
     s.mark_restored()
+}
+
+/// A lazy restore's page source ([`super::lazy_serve`]), started before the
+/// restore and left running after it: a process group of its own (it and
+/// CRIU's daemon), whose parent is the runtime's shim once this exits.
+struct LazyServer {
+    pgid: nix::unistd::Pid,
+    log: std::fs::File,
+}
+
+/// A page source started, not yet known to be listening; killed if dropped
+/// so (the restore never came): its daemon would wait for it forever.
+struct Spawned {
+    child: Option<std::process::Child>,
+    log: std::fs::File,
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pgid = nix::unistd::Pid::from_raw(c.id() as i32);
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+            let _ = c.wait();
+        }
+    }
+}
+
+impl LazyServer {
+    fn spawn(s: &Staged, pid_file: Option<&OsStr>) -> Result<Spawned> {
+        let exe = std::env::current_exe().ctx(|| "find ckpt-shim's binary".into())?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(s.work().join("lazy-serve.log"))
+            .ctx(|| "create lazy-serve.log".into())?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("lazy-serve").arg(&s.dir);
+        if let Some(p) = pid_file {
+            cmd.arg("--pid-file").arg(p);
+        }
+        // Not the runtime's stdio (it waits for those to close) nor any fd it
+        // gave runc (the container's pipes).
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(log.try_clone().ctx(|| "lazy-serve.log".into())?)
+            .process_group(0);
+        // SAFETY: one syscall between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                super::lazy_serve::mark_cloexec_from(3);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().ctx(|| "start lazy-serve".into())?;
+        Ok(Spawned {
+            child: Some(child),
+            log,
+        })
+    }
+}
+
+impl Spawned {
+    /// Waits for its `ready`: CRIU's daemon listens for the restore.
+    fn ready(mut self, s: &Staged) -> Result<LazyServer> {
+        use std::io::BufRead;
+        let child = self.child.as_mut().expect("not taken yet");
+        let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let mut line = String::new();
+        let out = child.stdout.take().expect("piped");
+        let _ = std::io::BufReader::new(out).read_line(&mut line);
+        if line.trim() != "ready" {
+            return Err(Error::Other(format!(
+                "the lazy restore's page source did not start: {}",
+                log_tail(&s.work().join("lazy-serve.log"))
+            )));
+        }
+        // From here it runs on its own; the runtime's shim reaps it.
+        drop(self.child.take());
+        let log = self.log.try_clone().ctx(|| "lazy-serve.log".into())?;
+        Ok(LazyServer { pgid, log })
+    }
+}
+
+impl LazyServer {
+    /// A line in the page source's log (timings, for the benchmark's breakdown).
+    fn note(&self, line: &str) {
+        let _ = writeln!(&self.log, "{line}");
+    }
+
+    /// Stops it (a failed restore): the daemon would wait for it forever.
+    fn stop(self) {
+        let _ = nix::sys::signal::killpg(self.pgid, nix::sys::signal::Signal::SIGKILL);
+    }
 }
 
 /// CRIU restores an established TCP connection only when told again that it

@@ -33,6 +33,8 @@ pub struct Containers {
     images: CheckpointImages,
     /// What opens sealed checkpoints restored here.
     identities: Arc<Identities>,
+    /// Restore lazily unless the request's annotation says otherwise.
+    lazy_default: bool,
 }
 
 /// What a CreateContainer restores.
@@ -60,7 +62,14 @@ impl Containers {
             restored: Arc::new(RwLock::new(ids)),
             images: CheckpointImages::default(),
             identities,
+            lazy_default: false,
         }
+    }
+
+    /// Restores lazily by default (the config's `lazy_pages`).
+    pub fn with_lazy_pages(mut self, on: bool) -> Containers {
+        self.lazy_default = on;
+        self
     }
 
     /// Removes restores whose containers are gone, and unfinished ones.
@@ -141,7 +150,7 @@ impl Containers {
     /// nothing is left.
     async fn restore(&self, call: &Call, source: Source) -> Result<Reply> {
         let name = source.name();
-        let (path, _fetched) = self.archive_of(source).await?;
+        let (path, fetched) = self.archive_of(source).await?;
         let ckpt = {
             let (p, ids) = (path.clone(), self.identities.clone());
             blocking(move || {
@@ -163,7 +172,11 @@ impl Containers {
             checkpointed_at: ckpt.config.checkpointed_time.clone(),
         };
         let dest = staging.path().to_path_buf();
-        let extract = blocking(move || ckpt.extract(&dest));
+        let lazy = self.lazy(call, &ckpt, fetched.is_some());
+        let extract = blocking(move || match lazy {
+            true => crate::restore::lazy::stage(&ckpt.path, &dest).map(drop),
+            false => ckpt.extract(&dest),
+        });
         let rewritten = Call {
             path: call.path.clone(),
             metadata: call.metadata.clone(),
@@ -171,6 +184,7 @@ impl Containers {
         };
         let created = self.upstream.forward(&rewritten);
         let (extracted, reply) = tokio::join!(extract, created);
+        drop(fetched);
         // The runtime's own refusal goes back unchanged; staging goes with it.
         let Some(created) = reply.decode::<CreateContainerResponse>() else {
             return Ok(reply);
@@ -186,6 +200,33 @@ impl Containers {
             .unwrap_or_else(|p| p.into_inner())
             .insert(created.container_id);
         Ok(reply)
+    }
+
+    /// Whether to restore lazily: asked for (annotation, else config) and
+    /// possible. Pages are served from the archive while the process runs,
+    /// so not from a sealed one (its pages are encrypted) nor from one
+    /// fetched into a staging that goes when CreateContainer is answered.
+    fn lazy(&self, call: &Call, ckpt: &Checkpoint, fetched: bool) -> bool {
+        let annotations = call
+            .decode::<CreateContainerRequest>()
+            .ok()
+            .and_then(|r| r.config)
+            .map(|c| c.annotations)
+            .unwrap_or_default();
+        if !crate::restore::lazy::wanted(&annotations, self.lazy_default) {
+            return false;
+        }
+        let why_not = if ckpt.sealed.is_some() {
+            Some("the archive is encrypted".to_string())
+        } else if fetched {
+            Some("the checkpoint image's layer is not in the runtime's content store".into())
+        } else {
+            crate::restore::lazy::criu_supported().err()
+        };
+        if let Some(why) = &why_not {
+            tracing::warn!(archive = %ckpt.path.display(), "restoring in full, not lazily: {why}");
+        }
+        why_not.is_none()
     }
 
     /// A CreateContainer `call` that restores `archive` (a pod restore's):

@@ -110,11 +110,10 @@ pub async fn serve(cfg: Config) -> Result<()> {
     }
     tracing::info!(listen = %cfg.listen.display(), upstream = %cfg.upstream, "serving CRI");
     let up = Arc::new(upstream::Upstream::new(&upstream));
-    let containers = Arc::new(containers::Containers::new(
-        up.clone(),
-        &cfg.restore_dir,
-        identities.clone(),
-    ));
+    let containers = Arc::new(
+        containers::Containers::new(up.clone(), &cfg.restore_dir, identities.clone())
+            .with_lazy_pages(cfg.lazy_pages),
+    );
     tokio::spawn({
         let c = containers.clone();
         async move { c.collect_garbage().await }

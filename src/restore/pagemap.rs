@@ -1,0 +1,287 @@
+//! CRIU's `pagemap-<pid>.img`: which virtual addresses of a process have pages
+//! in `pages-<id>.img`, and where. The image is two magics, then length-prefixed
+//! protobuf entries: a head naming the pages image, then runs of pages in
+//! address order. Pages of a run with `PE_PRESENT` follow those of the run
+//! before it in the pages image, so a run's offset there is the sum of the
+//! present runs before it.
+//!
+//! A plain dump marks the pages of private anonymous memory (not the stack)
+//! `PE_LAZY` as well: a lazy restore leaves those to the lazy-pages daemon
+//! and reads only the others from the pages image itself.
+
+use prost::Message;
+
+const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
+const PAGEMAP_MAGIC: u32 = 0x5608_4025;
+pub const PAGE_SIZE: u64 = 4096;
+
+pub const PE_PARENT: u32 = 1 << 0;
+pub const PE_LAZY: u32 = 1 << 1;
+pub const PE_PRESENT: u32 = 1 << 2;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PagemapError {
+    #[error("not a pagemap image (bad magic)")]
+    Magic,
+    #[error("pagemap image truncated")]
+    Truncated,
+    #[error("pagemap image: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error("pagemap image has pages in a parent checkpoint, which a restore here does not have")]
+    Parent,
+    #[error("pagemap runs out of address order at {0:#x}")]
+    Order(u64),
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct PagemapHead {
+    #[prost(uint32, required, tag = "1")]
+    pages_id: u32,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct PagemapEntry {
+    #[prost(uint64, required, tag = "1")]
+    vaddr: u64,
+    #[prost(uint32, required, tag = "2")]
+    nr_pages: u32,
+    #[prost(bool, optional, tag = "3")]
+    in_parent: Option<bool>,
+    #[prost(uint32, optional, tag = "4")]
+    flags: Option<u32>,
+}
+
+/// One run of pages: `nr_pages` from `vaddr`, at `offset` in the pages image
+/// (when present there).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Run {
+    pub vaddr: u64,
+    pub nr_pages: u64,
+    pub flags: u32,
+    pub offset: u64,
+}
+
+impl Run {
+    pub fn lazy(&self) -> bool {
+        self.flags & PE_LAZY != 0
+    }
+    pub fn present(&self) -> bool {
+        self.flags & PE_PRESENT != 0
+    }
+    fn end(&self) -> u64 {
+        self.vaddr + self.nr_pages * PAGE_SIZE
+    }
+}
+
+/// A process's pagemap.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pagemap {
+    /// The `<id>` of its `pages-<id>.img`.
+    pub pages_id: u32,
+    pub runs: Vec<Run>,
+}
+
+impl Pagemap {
+    pub fn parse(bytes: &[u8]) -> Result<Pagemap, PagemapError> {
+        let mut it = Entries::new(bytes)?;
+        let head = PagemapHead::decode(it.next().ok_or(PagemapError::Truncated)??)?;
+        let (mut runs, mut offset, mut last_end) = (Vec::new(), 0, 0);
+        for body in it {
+            let e = PagemapEntry::decode(body?)?;
+            // Images older than CRIU 3.x had no flags: a run then was present
+            // unless in the parent.
+            let flags = e.flags.unwrap_or(if e.in_parent == Some(true) {
+                PE_PARENT
+            } else {
+                PE_PRESENT
+            });
+            if flags & PE_PARENT != 0 || e.in_parent == Some(true) {
+                return Err(PagemapError::Parent);
+            }
+            if e.vaddr < last_end {
+                return Err(PagemapError::Order(e.vaddr));
+            }
+            let run = Run {
+                vaddr: e.vaddr,
+                nr_pages: u64::from(e.nr_pages),
+                flags,
+                offset,
+            };
+            last_end = run.end();
+            if run.present() {
+                offset += run.nr_pages * PAGE_SIZE;
+            }
+            runs.push(run);
+        }
+        Ok(Pagemap {
+            pages_id: head.pages_id,
+            runs,
+        })
+    }
+
+    /// How many bytes the pages image holds: every present page.
+    pub fn pages_bytes(&self) -> u64 {
+        self.runs
+            .iter()
+            .filter(|r| r.present())
+            .map(|r| r.nr_pages * PAGE_SIZE)
+            .sum()
+    }
+
+    /// Where the pages from `vaddr` on are in the pages image: (offset, how
+    /// many pages, at most `max`, follow there contiguously). Adjacent runs
+    /// join: their pages are adjacent in the image too. `None` if `vaddr` has
+    /// no present page.
+    pub fn find(&self, vaddr: u64, max: u64) -> Option<(u64, u64)> {
+        let i = self.runs.partition_point(|r| r.end() <= vaddr);
+        let first = self
+            .runs
+            .get(i)
+            .filter(|r| r.vaddr <= vaddr && r.present())?;
+        if !vaddr.is_multiple_of(PAGE_SIZE) {
+            return None;
+        }
+        let offset = first.offset + (vaddr - first.vaddr);
+        let mut n = (first.end() - vaddr) / PAGE_SIZE;
+        let mut end = first.end();
+        for r in &self.runs[i + 1..] {
+            if n >= max || r.vaddr != end || !r.present() {
+                break;
+            }
+            n += r.nr_pages;
+            end = r.end();
+        }
+        Some((offset, n.min(max)))
+    }
+}
+
+/// The entries of a CRIU image, each a protobuf message's bytes.
+struct Entries<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Entries<'a> {
+    fn new(bytes: &'a [u8]) -> Result<Entries<'a>, PagemapError> {
+        if word(bytes, 0) != Some(IMG_COMMON_MAGIC) || word(bytes, 4) != Some(PAGEMAP_MAGIC) {
+            return Err(PagemapError::Magic);
+        }
+        Ok(Entries { rest: &bytes[8..] })
+    }
+}
+
+impl<'a> Iterator for Entries<'a> {
+    type Item = Result<&'a [u8], PagemapError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        let Some(len) = word(self.rest, 0) else {
+            self.rest = &[];
+            return Some(Err(PagemapError::Truncated));
+        };
+        let Some(body) = self.rest.get(4..4 + len as usize) else {
+            self.rest = &[];
+            return Some(Err(PagemapError::Truncated));
+        };
+        self.rest = &self.rest[4 + len as usize..];
+        Some(Ok(body))
+    }
+}
+
+fn word(b: &[u8], i: usize) -> Option<u32> {
+    b.get(i..i + 4)
+        .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+}
+
+/// A pagemap image of these runs (`(vaddr, nr_pages, flags)`), for tests.
+#[cfg(test)]
+pub fn encode(pages_id: u32, runs: &[(u64, u32, u32)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&IMG_COMMON_MAGIC.to_le_bytes());
+    out.extend_from_slice(&PAGEMAP_MAGIC.to_le_bytes());
+    let mut push = |body: Vec<u8>| {
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&body);
+    };
+    push(PagemapHead { pages_id }.encode_to_vec());
+    for &(vaddr, nr_pages, flags) in runs {
+        push(
+            PagemapEntry {
+                vaddr,
+                nr_pages,
+                in_parent: None,
+                flags: Some(flags),
+            }
+            .encode_to_vec(),
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LP: u32 = PE_LAZY | PE_PRESENT;
+
+    fn sample() -> Pagemap {
+        // 0x1000: 2 present; 0x3000: 3 lazy, then 0x6000: 1 lazy (adjacent);
+        // a hole; 0x10000: 4 lazy; 0x20000: a zero run (not present).
+        Pagemap::parse(&encode(
+            7,
+            &[
+                (0x1000, 2, PE_PRESENT),
+                (0x3000, 3, LP),
+                (0x6000, 1, LP),
+                (0x10000, 4, LP),
+                (0x20000, 2, 0),
+            ],
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn runs_get_their_offsets_in_the_pages_image() {
+        let pm = sample();
+        assert_eq!(pm.pages_id, 7);
+        let offs: Vec<u64> = pm.runs.iter().map(|r| r.offset / PAGE_SIZE).collect();
+        assert_eq!(offs, [0, 2, 5, 6, 10]);
+        assert_eq!(pm.pages_bytes(), 10 * PAGE_SIZE);
+        assert_eq!(pm.runs.iter().filter(|r| !r.lazy()).count(), 2);
+    }
+
+    #[test]
+    fn an_address_maps_to_its_offset_and_what_follows_contiguously() {
+        let pm = sample();
+        let p = PAGE_SIZE;
+        // Inside a run, joined with the adjacent one, capped by the request.
+        assert_eq!(pm.find(0x4000, 100), Some((3 * p, 3)));
+        assert_eq!(pm.find(0x4000, 2), Some((3 * p, 2)));
+        // A run ends at a hole.
+        assert_eq!(pm.find(0x11000, 100), Some((7 * p, 3)));
+        assert_eq!(pm.find(0x1000, 1), Some((0, 1)));
+        // Not there: a hole, past the end, a run without pages, unaligned.
+        assert_eq!(pm.find(0x8000, 1), None);
+        assert_eq!(pm.find(0x30000, 1), None);
+        assert_eq!(pm.find(0x20000, 1), None);
+        assert_eq!(pm.find(0x4001, 1), None);
+        assert_eq!(pm.find(0, 1), None);
+    }
+
+    #[test]
+    fn broken_images_are_refused() {
+        assert_eq!(Pagemap::parse(b"nope").unwrap_err(), PagemapError::Magic);
+        let good = encode(1, &[(0x1000, 1, LP)]);
+        assert_eq!(
+            Pagemap::parse(&good[..good.len() - 1]).unwrap_err(),
+            PagemapError::Truncated
+        );
+        let parent = encode(1, &[(0x1000, 1, PE_PARENT)]);
+        assert_eq!(Pagemap::parse(&parent).unwrap_err(), PagemapError::Parent);
+        let order = encode(1, &[(0x3000, 2, LP), (0x4000, 1, LP)]);
+        assert_eq!(
+            Pagemap::parse(&order).unwrap_err(),
+            PagemapError::Order(0x4000)
+        );
+    }
+}

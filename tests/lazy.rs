@@ -1,0 +1,370 @@
+//! Lazy restore through CRI: the restored process runs before its memory is
+//! in, its pages served from the archive by `ckpt-shim lazy-serve` (CRIU's
+//! lazy-pages daemon fed by the shim's page server), on real CRIU, runc and
+//! containerd. Its memory ends up whole (the counter hashes it again), and
+//! the page source is gone on every path.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::cri::{Client, Env};
+use common::out_dir;
+use common::restore::{assert_continues, create, restore_config};
+use k8s_cri::v1 as cri;
+
+const MIB: u32 = 64;
+/// Enough that CRIU's daemon is still pushing pages when the test acts.
+const BIG_MIB: u32 = 384;
+
+/// A counter touching `mib` MiB, checkpointed: (archive, counts before/after).
+async fn checkpointed(env: &mut Env, c: &mut Client, dir: &Path, mib: u32) -> (PathBuf, u64, u64) {
+    let pod = env.run_pod(c, "orig", false).await;
+    let id = env.counter(c, &pod, "counter", mib, true).await;
+    let archive = dir.join("checkpoint.tar");
+    let before = env.count(&id).unwrap();
+    c.checkpoint_container(cri::CheckpointContainerRequest {
+        container_id: id.clone(),
+        location: archive.to_string_lossy().into_owned(),
+        timeout: 60,
+    })
+    .await
+    .unwrap();
+    (archive, before, env.count(&id).unwrap())
+}
+
+/// CreateContainer + StartContainer of `archive` in a new pod, asking for a
+/// lazy restore by annotation: (pod, container id).
+async fn restore_lazily(
+    env: &mut Env,
+    c: &mut Client,
+    name: &str,
+    archive: &Path,
+) -> ((String, cri::PodSandboxConfig), String) {
+    let pod = env.run_pod(c, name, false).await;
+    let mut cfg = restore_config(env, "restored", &archive.to_string_lossy());
+    cfg.annotations
+        .insert("io.ckpt-shim.lazy-pages".into(), "true".into());
+    let id = create(c, &pod, cfg).await.unwrap();
+    c.start_container(cri::StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("StartContainer: {e:?}\n{}", env.shim_log()));
+    (pod, id)
+}
+
+/// Has the counter hash its memory again; what it found ("ok …" or "mismatch …").
+fn verify_memory(env: &Env, id: &str) -> String {
+    let root = env.rootfs(id);
+    std::fs::write(root.join("tmp/verify"), "").unwrap();
+    let t = Instant::now();
+    loop {
+        if let Ok(s) = std::fs::read_to_string(root.join("tmp/verified")) {
+            return s.trim().to_string();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the counter never verified"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Processes whose command line mentions `what` (the page source of one restore).
+fn processes_with(what: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(what))
+        .collect()
+}
+
+fn wait_gone(what: &str, limit: Duration) {
+    let t = Instant::now();
+    while !processes_with(what).is_empty() {
+        assert!(
+            t.elapsed() < limit,
+            "still running: {:?}",
+            processes_with(what)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn lazy_log(env: &Env, id: &str) -> String {
+    std::fs::read_to_string(env.dir.join("restore").join(id).join("work/lazy-serve.log"))
+        .unwrap_or_default()
+}
+
+/// Removes the restored container `id` (through the shim, which drops its
+/// restore with it), then its pod.
+async fn remove(c: &mut Client, id: &str, pod: &str) {
+    c.stop_container(cri::StopContainerRequest {
+        container_id: id.into(),
+        timeout: 0,
+    })
+    .await
+    .unwrap();
+    c.remove_container(cri::RemoveContainerRequest {
+        container_id: id.into(),
+    })
+    .await
+    .unwrap();
+    c.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: pod.into(),
+    })
+    .await
+    .unwrap();
+    c.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod.into(),
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lazy_restore_continues_and_gets_all_its_memory_from_the_archive() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let out = out_dir();
+    let (archive, before, after) = checkpointed(&mut env, &mut c, out.path(), MIB).await;
+    let (pod, id) = restore_lazily(&mut env, &mut c, "lazy", &archive).await;
+    let staged = env.dir.join("restore").join(&id);
+    // Nothing of the pages was extracted: only CRIU's non-lazy pages are on disk.
+    let log = Path::new(&pod.1.log_directory).join("restored.log");
+    assert_continues(&env, &id, &log, (before, after), "lazy restore");
+    assert!(
+        verify_memory(&env, &id).starts_with("ok "),
+        "memory differs"
+    );
+    // Every page pushed, the page source ends by itself; the container runs on.
+    wait_gone(&staged.to_string_lossy(), Duration::from_secs(60));
+    let served = lazy_log(&env, &id);
+    assert!(served.contains("daemon exit status: 0"), "{served}");
+    assert!(!served.contains("pages: 0 "), "{served}");
+    env.assert_running(&mut c, &id).await;
+    eprintln!("{served}");
+    remove(&mut c, &id, &pod.0).await;
+    assert!(!env.restores().contains(&id));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lazy_restore_removed_before_its_pages_are_in_leaves_nothing() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let out = out_dir();
+    let (archive, _, _) = checkpointed(&mut env, &mut c, out.path(), BIG_MIB).await;
+    let (pod, id) = restore_lazily(&mut env, &mut c, "gone", &archive).await;
+    let staged = env.dir.join("restore").join(&id);
+    // Usually still pushing pages here (384 MiB); either way nothing may stay.
+    let serving = processes_with(&staged.to_string_lossy()).len();
+    eprintln!("page source processes at removal: {serving}");
+    remove(&mut c, &id, &pod.0).await;
+    wait_gone(&staged.to_string_lossy(), Duration::from_secs(20));
+    assert!(!env.restores().contains(&id));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shim_killed_during_a_lazy_restore_leaves_it_whole() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let out = out_dir();
+    let (archive, before, after) = checkpointed(&mut env, &mut c, out.path(), BIG_MIB).await;
+    let (pod, id) = restore_lazily(&mut env, &mut c, "kill", &archive).await;
+    // The page source is not the shim's: SIGKILL the shim at once, start it again.
+    env.kill_shim();
+    env.spawn_shim();
+    let mut c = env.client().await;
+    let log = Path::new(&pod.1.log_directory).join("restored.log");
+    assert_continues(&env, &id, &log, (before, after), "after a shim restart");
+    assert!(
+        verify_memory(&env, &id).starts_with("ok "),
+        "memory differs"
+    );
+    let staged = env.dir.join("restore").join(&id);
+    wait_gone(&staged.to_string_lossy(), Duration::from_secs(60));
+    env.assert_running(&mut c, &id).await;
+    remove(&mut c, &id, &pod.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_archive_cut_in_its_pages_is_refused_before_anything_runs() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let out = out_dir();
+    let (archive, _, _) = checkpointed(&mut env, &mut c, out.path(), MIB).await;
+    // Cut inside pages-1.img's data, keeping the members after it out.
+    let cut = out.path().join("cut.tar");
+    let bytes = std::fs::read(&archive).unwrap();
+    let pages_at = find_member(&bytes, "checkpoint/pages-1.img").expect("pages-1.img");
+    std::fs::write(&cut, &bytes[..pages_at + ((MIB as usize) << 19)]).unwrap();
+    let pod = env.run_pod(&mut c, "cut", false).await;
+    let mut cfg = restore_config(&env, "restored", &cut.to_string_lossy());
+    cfg.annotations
+        .insert("io.ckpt-shim.lazy-pages".into(), "true".into());
+    let err = create(&mut c, &pod, cfg).await.unwrap_err();
+    assert!(
+        err.message().contains("truncated") || err.message().contains("archive"),
+        "{err:?}"
+    );
+    assert!(env.restores().iter().all(|r| r.starts_with('.')) || env.restores().is_empty());
+    assert!(processes_with("lazy-serve")
+        .iter()
+        .all(|p| !p.contains(&env.dir.to_string_lossy().into_owned())));
+}
+
+/// Where member `name`'s data starts in a tar.
+fn find_member(tar: &[u8], name: &str) -> Option<usize> {
+    let mut ar = tar::Archive::new(std::io::Cursor::new(tar));
+    for e in ar.entries().ok()? {
+        let e = e.ok()?;
+        if e.path().ok()?.to_string_lossy() == name {
+            return Some(e.raw_file_position() as usize);
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_checkpoint_image_restores_lazily_from_its_layer_in_place() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let out = out_dir();
+    let (archive, before, after) = checkpointed(&mut env, &mut c, out.path(), MIB).await;
+    let sock = env.containerd_sock.to_string_lossy().into_owned();
+    common::run_ok(
+        std::process::Command::new(env!("CARGO_BIN_EXE_ckpt-shim")).args([
+            "image",
+            archive.to_str().unwrap(),
+            "lazy-ckpt:1",
+            "--import",
+            &sock,
+        ]),
+    );
+    // The archive goes: the pages come from containerd's content store.
+    std::fs::remove_file(&archive).unwrap();
+    let image = Path::new("localhost/lazy-ckpt:1");
+    let (pod, id) = restore_lazily(&mut env, &mut c, "from-image", image).await;
+    let log = Path::new(&pod.1.log_directory).join("restored.log");
+    assert_continues(
+        &env,
+        &id,
+        &log,
+        (before, after),
+        "lazy restore from an image",
+    );
+    assert!(
+        verify_memory(&env, &id).starts_with("ok "),
+        "memory differs"
+    );
+    let staged = env.dir.join("restore").join(&id);
+    wait_gone(&staged.to_string_lossy(), Duration::from_secs(60));
+    let served = lazy_log(&env, &id);
+    assert!(served.contains("daemon exit status: 0"), "{served}");
+    assert!(
+        env.shim_log().contains("content store"),
+        "{}",
+        env.shim_log()
+    );
+    remove(&mut c, &id, &pod.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_archive_cut_before_start_fails_the_start_and_leaves_nothing_running() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let out = out_dir();
+    let (archive, _, _) = checkpointed(&mut env, &mut c, out.path(), MIB).await;
+    let pod = env.run_pod(&mut c, "cut-later", false).await;
+    let mut cfg = restore_config(&env, "restored", &archive.to_string_lossy());
+    cfg.annotations
+        .insert("io.ckpt-shim.lazy-pages".into(), "true".into());
+    let id = create(&mut c, &pod, cfg).await.unwrap();
+    // Staged without the pages: a few KiB on disk for 64 MiB of memory.
+    let staged = env.dir.join("restore").join(&id);
+    let written = disk_bytes(&staged);
+    assert!(written < 1 << 20, "{written} bytes staged");
+    eprintln!("staged on disk: {written} bytes");
+    // Checked and staged; then the archive loses its pages' second half.
+    let bytes = std::fs::read(&archive).unwrap();
+    let pages_at = find_member(&bytes, "checkpoint/pages-1.img").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&archive)
+        .unwrap()
+        .set_len((pages_at + ((MIB as usize) << 19)) as u64)
+        .unwrap();
+    let err = c
+        .start_container(cri::StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("pages"), "{err:?}");
+    assert_ne!(
+        env.state(&mut c, &id).await,
+        cri::ContainerState::ContainerRunning
+    );
+    wait_gone(&staged.to_string_lossy(), Duration::from_secs(20));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_page_source_that_dies_takes_the_container_with_it() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let out = out_dir();
+    let (archive, _, _) = checkpointed(&mut env, &mut c, out.path(), BIG_MIB).await;
+    let (pod, id) = restore_lazily(&mut env, &mut c, "daemon-dies", &archive).await;
+    let staged = env.dir.join("restore").join(&id);
+    // CRIU's daemon, which this test's restore started, killed mid-push.
+    let daemon = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .find(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .is_ok_and(|c| c.contains("lazy-pages") && c.contains(&*staged.to_string_lossy()))
+        })
+        .and_then(|e| e.file_name().to_string_lossy().parse::<i32>().ok());
+    let Some(daemon) = daemon else {
+        eprintln!("every page was in before the daemon could be killed; nothing to test");
+        return;
+    };
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    // The container does not run on with memory it cannot get: it exits.
+    let t = Instant::now();
+    while env.state(&mut c, &id).await == cri::ContainerState::ContainerRunning {
+        assert!(t.elapsed() < Duration::from_secs(20), "still running");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_gone(&staged.to_string_lossy(), Duration::from_secs(20));
+    assert!(
+        lazy_log(&env, &id).contains("killing the restored process"),
+        "{}",
+        lazy_log(&env, &id)
+    );
+    remove(&mut c, &id, &pod.0).await;
+}
+
+/// The bytes `dir`'s files take on disk (allocated blocks, so holes are free).
+fn disk_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let m = e.metadata().unwrap();
+        total += if m.is_dir() {
+            disk_bytes(&e.path())
+        } else {
+            m.blocks() * 512
+        };
+    }
+    total
+}
