@@ -30,6 +30,24 @@ echo "== crictl info -q: the runtime's conditions through the shim, CheckpointRe
 crictl info -q
 echo "== its metrics (curl http://127.0.0.1:9464/metrics), in part:"
 python3 -c 'import urllib.request as u; print(u.urlopen("http://127.0.0.1:9464/metrics").read().decode())' | grep -E '^ckpt_shim_(checkpoints_total|restores_total|checkpoint_pause_seconds_(sum|count)|checkpoint_written_bytes_total|forwarded_calls_total\{method="(Version|ListContainers)")'
+echo "== a lazy restore of the same archive with crictl (annotation io.ckpt-shim.lazy-pages=true): it runs before its memory is in place"
+archive="$work/checkpoints/checkpoint-demo_default-counter.tar"
+cat > "$work/lazy-pod.json" <<JSON
+{"metadata": {"name": "demo-lazy", "uid": "uid-demo-lazy", "namespace": "default"}, "hostname": "demo-lazy",
+ "log_directory": "$work/logs-lazy", "linux": {"cgroup_parent": "/ckpt-shim-demo/lazy", "security_context": {"namespace_options": {"pid": 1}}}}
+JSON
+cat > "$work/lazy-ctr.json" <<JSON
+{"metadata": {"name": "counter"}, "image": {"image": "$archive"}, "annotations": {"io.ckpt-shim.lazy-pages": "true"},
+ "log_path": "counter.log", "linux": {"security_context": {"namespace_options": {"pid": 1}}}}
+JSON
+lazy_pod=$(crictl runp "$work/lazy-pod.json")
+started=$(date +%s%N)
+lazy=$(crictl create "$lazy_pod" "$work/lazy-ctr.json" "$work/lazy-pod.json")
+crictl start "$lazy" >/dev/null
+echo "crictl create + start: $(( ($(date +%s%N) - started) / 1000000 )) ms; its first line: $(sleep 0.5; grep -m1 -o 'counter [0-9]*' "$work/logs-lazy/counter.log")"
+until grep -q . "$CKPT_SHIM_RESTORE_DIR/$lazy/work/lazy-serve.log" 2>/dev/null; do sleep 0.1; done
+sleep 1
+echo "its page source (lazy-serve.log), last line: $(tail -1 "$CKPT_SHIM_RESTORE_DIR/$lazy/work/lazy-serve.log")"
 echo "== a whole pod: CheckpointPod and RestorePod (KEP-5823) with hack/cri-ctl, started with crictl"
 BUILD=release bash hack/pod-roundtrip.sh "$crictl_bin" "$sock" "$work/pods"
 grep -E "pod checkpointed|pod restored" "$work/shim.log"
