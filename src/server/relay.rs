@@ -31,7 +31,7 @@
 //! full HTTP/2 server and client per call (hyper) cost about four times as much
 //! CPU on this project's VM, which is why the forwarding path is this one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
@@ -45,7 +45,7 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use super::frame::{self, Frame};
+use super::frame::{self, Frame, Reason};
 use super::headers::{self, Fields, HeaderCodec};
 
 /// A call the shim answers itself: its path, metadata and request bytes (the
@@ -159,6 +159,7 @@ const MAX_CALL: usize = 4 << 20;
 
 /// Relays one client connection until either side closes it.
 pub async fn relay(client: UnixStream, upstream: &Path, owner: Arc<dyn Owner>) {
+    let _counted = crate::metrics::get().relay_connection();
     let (crd, cwr) = client.into_split();
     let (to_client, from_client_side) = mpsc::unbounded_channel();
     let (to_upstream, from_upstream_side) = mpsc::unbounded_channel();
@@ -182,8 +183,8 @@ pub async fn relay(client: UnixStream, upstream: &Path, owner: Arc<dyn Owner>) {
         Some((r, w)) => (Some(r), Some(w)),
         None => (None, None),
     };
-    // Each side is dropped when its loop ends; the client side's end closes the
-    // channel the upstream side also waits on.
+    // Each side ends the other: the client side's end closes the channel the
+    // upstream side waits on, and the other way round.
     let c2u =
         ClientSide::new(owner, reach, to_client, shared.clone()).run(crd, uwr, from_upstream_side);
     let u2c = UpstreamSide::new(shared).run(urd, cwr, from_client_side, to_upstream);
@@ -213,6 +214,12 @@ struct Flow {
     debt: u64,
     /// Replies waiting for window.
     waiting: usize,
+    /// The highest stream the client opened: what a GOAWAY to it names.
+    last_stream: u32,
+    /// SETTINGS_MAX_FRAME_SIZE as each peer announced it (0: the default), the
+    /// limit on what the other one may send through the relay.
+    client_max_frame: usize,
+    upstream_max_frame: usize,
 }
 
 /// The shared state, whichever side panicked last (nothing in it is left
@@ -241,6 +248,8 @@ enum ToClient {
     TableSize(u32),
     /// The client's window grew.
     Wake,
+    /// The client broke the protocol: GOAWAY, and the connection ends.
+    GoAway(frame::Reason, String),
 }
 
 /// To the task writing to the upstream.
@@ -252,6 +261,13 @@ enum ToUpstream {
     Credit(u32),
     /// The upstream's PING, answered.
     Pong(Bytes),
+    /// The upstream reset this stream: the client sends on it no more.
+    Closed(u32),
+    /// The upstream's GOAWAY named this last stream: the client takes every
+    /// stream above it as never processed, and retries it elsewhere.
+    Refused(u32),
+    /// The upstream broke the protocol: GOAWAY, and the connection ends.
+    GoAway(frame::Reason, String),
 }
 
 /// A header block being collected from HEADERS and CONTINUATION frames.
@@ -263,8 +279,10 @@ struct Block {
 }
 
 impl Block {
-    /// Collects `f`; returns the block once END_HEADERS has come.
-    fn collect(slot: &mut Option<Block>, f: &Frame) -> std::io::Result<Option<Block>> {
+    /// Collects `f`; returns the block once END_HEADERS has come. A block the
+    /// relay will not decode leaves the peers' HPACK contexts apart, so it ends
+    /// the connection (RFC 9113 §4.3: COMPRESSION_ERROR).
+    fn collect(slot: &mut Option<Block>, f: &Frame) -> Result<Option<Block>, frame::Error> {
         let fragment = match (f.kind, slot.as_mut()) {
             (frame::HEADERS, None) => {
                 let (fragment, priority) = f.header_fragment()?;
@@ -277,11 +295,11 @@ impl Block {
                 fragment
             }
             (frame::CONTINUATION, Some(b)) if b.stream == f.stream => &f.payload[..],
-            _ => return Err(frame::bad("header block out of place")),
+            _ => return Err(frame::error(Reason::Protocol, "header block out of place")),
         };
         let b = slot.as_mut().expect("set above");
         if b.fragment.len() + fragment.len() > headers::MAX_BLOCK {
-            return Err(frame::bad("header block too large"));
+            return Err(frame::error(Reason::Compression, "header block too large"));
         }
         b.fragment.extend_from_slice(fragment);
         Ok(if f.has(frame::END_HEADERS) {
@@ -295,9 +313,28 @@ impl Block {
         self.flags & frame::END_STREAM != 0
     }
 
+    /// The block's fields, decoded with `codec`'s context.
+    fn decode(&self, codec: &mut HeaderCodec) -> Result<Fields, frame::Error> {
+        codec
+            .decode(&self.fragment)
+            .map_err(|e| frame::error(Reason::Compression, e.to_string()))
+    }
+
     /// Re-encodes the block, as `fields`, with `codec`'s context into `out`.
     fn put(&self, codec: &mut HeaderCodec, out: &mut BytesMut, fields: &Fields) {
         codec.put(out, self.stream, fields, self.ends_stream(), self.priority);
+    }
+}
+
+/// Any frame but CONTINUATION while a header block is open is a connection
+/// error (RFC 9113 §6.10).
+fn inside_block(block: &Option<Block>, f: &Frame) -> Result<(), frame::Error> {
+    match block {
+        Some(_) if f.kind != frame::CONTINUATION => Err(frame::error(
+            Reason::Protocol,
+            format!("a frame of type {} inside a header block", f.kind),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -307,6 +344,8 @@ struct Owned {
     metadata: http::HeaderMap,
     body: BytesMut,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// Answered before its request was whole (too large): the rest is dropped.
+    refused: bool,
 }
 
 /// Reads the client, forwards to the upstream, and takes out the owned calls.
@@ -318,6 +357,8 @@ struct ClientSide {
     owned: HashMap<u32, Owned>,
     /// Forwarded calls the owner watches: their path and request so far.
     watched: HashMap<u32, (String, BytesMut)>,
+    /// Streams the client may still send on (open, not half-closed).
+    open: HashSet<u32>,
     last_stream: u32,
     out: BytesMut,
     to_client: mpsc::UnboundedSender<ToClient>,
@@ -338,6 +379,7 @@ impl ClientSide {
             block: None,
             owned: HashMap::new(),
             watched: HashMap::new(),
+            open: HashSet::new(),
             last_stream: 0,
             out: BytesMut::with_capacity(32 << 10),
             to_client,
@@ -347,41 +389,14 @@ impl ClientSide {
 
     async fn run(
         mut self,
-        mut crd: OwnedReadHalf,
+        crd: OwnedReadHalf,
         mut uwr: Option<OwnedWriteHalf>,
-        mut table: mpsc::UnboundedReceiver<ToUpstream>,
-    ) -> std::io::Result<()> {
-        let mut reader = frame::Reader::new(true);
-        let mut read_at = None;
-        let result = async {
-            loop {
-                tokio::select! {
-                    n = crd.read_buf(reader.buf()) => {
-                        if n? == 0 {
-                            return Ok(());
-                        }
-                        read_at = Some(Instant::now());
-                        self.out.extend_from_slice(&reader.take_preface()?);
-                        while let Some(f) = reader.next()? {
-                            self.on_frame(f)?;
-                        }
-                    }
-                    Some(m) = table.recv() => match m {
-                        ToUpstream::TableSize(n) => self.codec.receiver_table_size(n),
-                        ToUpstream::Credit(n) => frame::put_window_update(&mut self.out, 0, n),
-                        ToUpstream::Pong(data) => frame::put_frame(&mut self.out, frame::PING, frame::ACK, 0, &data),
-                    },
-                }
-                if let Some(w) = uwr.as_mut().filter(|_| !self.out.is_empty()) {
-                    w.write_all(&self.out).await?;
-                    if let Some(t) = read_at.take() {
-                        crate::metrics::get().relay_hop(true, t.elapsed());
-                    }
-                }
-                self.out.clear();
-            }
+        table: mpsc::UnboundedReceiver<ToUpstream>,
+    ) -> Result<(), frame::Error> {
+        let result = self.pump(crd, &mut uwr, table).await;
+        if let Err(frame::Error::Connection { reason, what }) = &result {
+            self.client(ToClient::GoAway(*reason, what.clone()));
         }
-        .await;
         for o in self.owned.values_mut() {
             if let Some(t) = o.task.take() {
                 t.abort();
@@ -393,7 +408,75 @@ impl ClientSide {
         result
     }
 
-    fn on_frame(&mut self, f: Frame) -> std::io::Result<()> {
+    /// Until the client closes, breaks the protocol, or the upstream side ends.
+    async fn pump(
+        &mut self,
+        mut crd: OwnedReadHalf,
+        uwr: &mut Option<OwnedWriteHalf>,
+        mut table: mpsc::UnboundedReceiver<ToUpstream>,
+    ) -> Result<(), frame::Error> {
+        let mut reader = frame::Reader::new(true);
+        let mut read_at = None;
+        loop {
+            let mut last = false;
+            tokio::select! {
+                n = crd.read_buf(reader.buf()) => {
+                    if n? == 0 {
+                        return Ok(());
+                    }
+                    read_at = Some(Instant::now());
+                    reader.max = lock(&self.flow).upstream_max_frame.max(frame::MAX_FRAME);
+                    let preface = reader.take_preface()?;
+                    self.out.extend_from_slice(&preface);
+                    while let Some(f) = reader.next()? {
+                        self.on_frame(f)?;
+                    }
+                }
+                m = table.recv() => match m {
+                    Some(m) => last = self.on_message(m),
+                    None => return Ok(()),
+                },
+            }
+            if let Some(w) = uwr.as_mut().filter(|_| !self.out.is_empty()) {
+                w.write_all(&self.out).await?;
+                if let Some(t) = read_at.take() {
+                    crate::metrics::get().relay_hop(true, t.elapsed());
+                }
+            }
+            self.out.clear();
+            if last {
+                return Ok(());
+            }
+        }
+    }
+
+    /// A message from the upstream side; true if the connection ends with it.
+    fn on_message(&mut self, m: ToUpstream) -> bool {
+        match m {
+            ToUpstream::TableSize(n) => self.codec.receiver_table_size(n),
+            ToUpstream::Credit(n) => frame::put_window_update(&mut self.out, 0, n),
+            ToUpstream::Pong(data) => {
+                frame::put_frame(&mut self.out, frame::PING, frame::ACK, 0, &data)
+            }
+            ToUpstream::Closed(stream) => drop(self.open.remove(&stream)),
+            ToUpstream::Refused(last) => {
+                let refused: Vec<u32> = self.owned.keys().filter(|s| **s > last).copied().collect();
+                for s in refused {
+                    self.open.remove(&s);
+                    self.forget(s);
+                }
+            }
+            ToUpstream::GoAway(reason, what) => {
+                frame::put_goaway(&mut self.out, 0, reason, &what);
+                return true;
+            }
+        }
+        false
+    }
+
+    fn on_frame(&mut self, f: Frame) -> Result<(), frame::Error> {
+        f.check()?;
+        inside_block(&self.block, &f)?;
         let owned = f.stream != 0 && self.owned.contains_key(&f.stream);
         match f.kind {
             frame::HEADERS | frame::CONTINUATION => {
@@ -401,98 +484,205 @@ impl ClientSide {
                     self.on_block(b)?;
                 }
             }
-            frame::DATA if owned => self.on_owned_data(&f)?,
-            frame::DATA if self.watched.contains_key(&f.stream) => {
-                self.on_watched_data(&f)?;
-                self.out.extend_from_slice(&f.raw);
-            }
-            frame::RST_STREAM if !owned => {
-                self.watched.remove(&f.stream);
-                if let Some(method) = lock(&self.flow).calls.remove(&f.stream) {
-                    crate::metrics::get().forwarded(method, tonic::Code::Cancelled as i32);
-                }
-                self.out.extend_from_slice(&f.raw)
-            }
+            frame::DATA => self.on_data(&f)?,
             frame::RST_STREAM => {
-                if let Some(t) = self.owned.remove(&f.stream).and_then(|o| o.task) {
-                    t.abort();
+                self.not_idle(&f)?;
+                self.open.remove(&f.stream);
+                self.forget(f.stream);
+                if !owned {
+                    self.out.extend_from_slice(&f.raw);
                 }
             }
-            frame::WINDOW_UPDATE if f.stream == 0 => self.on_window_update(&f),
-            frame::WINDOW_UPDATE | frame::PRIORITY if owned => {}
+            frame::WINDOW_UPDATE if f.stream == 0 => self.on_window_update(&f)?,
+            frame::WINDOW_UPDATE => {
+                self.not_idle(&f)?;
+                if f.window_increment() == 0 {
+                    self.reset(f.stream, Reason::Protocol);
+                } else if !owned {
+                    self.out.extend_from_slice(&f.raw);
+                }
+            }
+            // RFC 9113 §6.3: a stream error.
+            frame::PRIORITY if f.payload.len() != 5 => self.reset(f.stream, Reason::FrameSize),
+            frame::PRIORITY if owned => {}
             frame::SETTINGS => self.on_settings(&f),
             // Answered here, never forwarded (see the module's notes). The relay
             // sends no PING of its own, so an ACK answers nothing.
-            frame::PING => {
-                if !f.has(frame::ACK) {
-                    let mut b = BytesMut::new();
-                    frame::put_frame(&mut b, frame::PING, frame::ACK, 0, &f.payload);
-                    self.client(ToClient::Frames(b.freeze()));
-                }
+            frame::PING if !f.has(frame::ACK) => {
+                let mut b = BytesMut::new();
+                frame::put_frame(&mut b, frame::PING, frame::ACK, 0, &f.payload);
+                self.client(ToClient::Frames(b.freeze()));
             }
-            _ => self.out.extend_from_slice(&f.raw),
+            frame::PUSH_PROMISE => {
+                return Err(frame::error(Reason::Protocol, "PUSH_PROMISE from a client"))
+            }
+            frame::PRIORITY | frame::GOAWAY => self.out.extend_from_slice(&f.raw),
+            // Unknown types are ignored (RFC 9113 §5.5).
+            _ => {}
         }
         Ok(())
     }
 
-    fn on_block(&mut self, b: Block) -> std::io::Result<()> {
-        let mut fields = self.codec.decode(&b.fragment)?;
+    /// RFC 9113 §5.1: on a stream never opened, only HEADERS and PRIORITY.
+    fn not_idle(&self, f: &Frame) -> Result<(), frame::Error> {
+        if f.stream > self.last_stream {
+            return Err(frame::error(
+                Reason::Protocol,
+                format!("frame of type {} on idle stream {}", f.kind, f.stream),
+            ));
+        }
+        Ok(())
+    }
+
+    fn on_data(&mut self, f: &Frame) -> Result<(), frame::Error> {
+        if !self.open.contains(&f.stream) {
+            self.not_idle(f)?;
+            // Half-closed or closed (RFC 9113 §5.1): the stream's error. Its
+            // bytes go nowhere, so their connection credit comes back from us.
+            self.give_back(f.stream, f.payload.len(), false);
+            self.reset(f.stream, Reason::StreamClosed);
+            return Ok(());
+        }
+        if f.has(frame::END_STREAM) {
+            self.open.remove(&f.stream);
+        }
+        if self.owned.contains_key(&f.stream) {
+            self.on_owned_data(f)?;
+        } else {
+            if self.watched.contains_key(&f.stream) {
+                self.on_watched_data(f)?;
+            }
+            self.out.extend_from_slice(&f.raw);
+        }
+        Ok(())
+    }
+
+    /// A stream error the relay finds itself: the client's stream is reset, and
+    /// so is the upstream's, or the shim's own call stopped.
+    fn reset(&mut self, stream: u32, reason: Reason) {
+        let mut b = BytesMut::new();
+        frame::put_rst_stream(&mut b, stream, reason);
+        self.client(ToClient::Frames(b.freeze()));
+        self.open.remove(&stream);
+        if !self.owned.contains_key(&stream) {
+            frame::put_rst_stream(&mut self.out, stream, Reason::Cancel);
+        }
+        self.forget(stream);
+    }
+
+    /// Drops what is kept for a stream that ended without its answer.
+    fn forget(&mut self, stream: u32) {
+        if let Some(t) = self.owned.remove(&stream).and_then(|o| o.task) {
+            t.abort();
+        }
+        self.watched.remove(&stream);
+        let method = {
+            let mut flow = lock(&self.flow);
+            flow.amends.remove(&stream);
+            flow.calls.remove(&stream)
+        };
+        if let Some(method) = method {
+            crate::metrics::get().forwarded(method, tonic::Code::Cancelled as i32);
+        }
+    }
+
+    /// Connection (and, while the stream is open, stream) credit for `len`
+    /// bytes of DATA from the client that the upstream never sees.
+    fn give_back(&self, stream: u32, len: usize, stream_too: bool) {
+        if len == 0 {
+            return;
+        }
+        let mut b = BytesMut::new();
+        frame::put_window_update(&mut b, 0, len as u32);
+        if stream_too {
+            frame::put_window_update(&mut b, stream, len as u32);
+        }
+        self.client(ToClient::Frames(b.freeze()));
+    }
+
+    fn on_block(&mut self, b: Block) -> Result<(), frame::Error> {
+        // Decoded first, whatever becomes of it: the HPACK context must follow.
+        let mut fields = b.decode(&mut self.codec)?;
+        if b.stream & 1 == 0 {
+            return Err(frame::error(
+                Reason::Protocol,
+                "even stream id from a client",
+            ));
+        }
+        if b.stream > self.last_stream {
+            return self.on_request(b, fields);
+        }
+        if !self.open.contains(&b.stream) {
+            self.reset(b.stream, Reason::StreamClosed);
+            return Ok(());
+        }
+        if !b.ends_stream() {
+            // A second header block that is not trailers (RFC 9113 §8.1).
+            self.reset(b.stream, Reason::Protocol);
+            return Ok(());
+        }
+        self.open.remove(&b.stream);
         if let Some(o) = self.owned.get(&b.stream) {
             // Trailers on an owned call: nothing in them is used.
-            if b.ends_stream() && o.task.is_none() {
+            if o.task.is_none() && !o.refused {
                 self.dispatch(b.stream);
             }
             return Ok(());
-        }
-        if b.stream > self.last_stream {
-            self.last_stream = b.stream;
-            let path = String::from_utf8_lossy(headers::get(&fields, ":path").unwrap_or_default());
-            if self.owner.owns(&path) || matches!(self.reach, Reach::Unreachable(_)) {
-                let o = Owned {
-                    path: path.into_owned(),
-                    metadata: headers::to_http(&fields),
-                    body: BytesMut::new(),
-                    task: None,
-                };
-                self.owned.insert(b.stream, o);
-                if b.ends_stream() {
-                    self.dispatch(b.stream);
-                }
-                return Ok(());
-            }
-            let label = crate::metrics::get().method_label(&path);
-            lock(&self.flow).calls.insert(b.stream, label);
-            if self.owner.watches(&path) {
-                self.watched
-                    .insert(b.stream, (path.into_owned(), BytesMut::new()));
-            }
         }
         headers::fix_authority(&mut fields);
         b.put(&mut self.codec, &mut self.out, &fields);
         Ok(())
     }
 
-    fn on_owned_data(&mut self, f: &Frame) -> std::io::Result<()> {
+    /// A new stream: taken out for the owner, or forwarded.
+    fn on_request(&mut self, b: Block, mut fields: Fields) -> Result<(), frame::Error> {
+        self.last_stream = b.stream;
+        lock(&self.flow).last_stream = b.stream;
+        if !b.ends_stream() {
+            self.open.insert(b.stream);
+        }
+        let path = String::from_utf8_lossy(headers::get(&fields, ":path").unwrap_or_default());
+        if self.owner.owns(&path) || matches!(self.reach, Reach::Unreachable(_)) {
+            let o = Owned {
+                path: path.into_owned(),
+                metadata: headers::to_http(&fields),
+                body: BytesMut::new(),
+                task: None,
+                refused: false,
+            };
+            self.owned.insert(b.stream, o);
+            if b.ends_stream() {
+                self.dispatch(b.stream);
+            }
+            return Ok(());
+        }
+        let label = crate::metrics::get().method_label(&path);
+        lock(&self.flow).calls.insert(b.stream, label);
+        if self.owner.watches(&path) {
+            self.watched
+                .insert(b.stream, (path.into_owned(), BytesMut::new()));
+        }
+        headers::fix_authority(&mut fields);
+        b.put(&mut self.codec, &mut self.out, &fields);
+        Ok(())
+    }
+
+    fn on_owned_data(&mut self, f: &Frame) -> Result<(), frame::Error> {
         let (data, flow_len) = f.data()?;
+        // These bytes never reach the upstream, so its credit never comes back:
+        // give it back ourselves, for the connection and the stream.
+        self.give_back(f.stream, flow_len, !f.has(frame::END_STREAM));
         let o = self
             .owned
             .get_mut(&f.stream)
             .expect("checked by the caller");
-        // These bytes never reach the upstream, so its credit never comes back:
-        // give it back ourselves, for the connection and the stream.
-        if flow_len > 0 {
-            let mut b = BytesMut::new();
-            frame::put_window_update(&mut b, 0, flow_len as u32);
-            if !f.has(frame::END_STREAM) {
-                frame::put_window_update(&mut b, f.stream, flow_len as u32);
-            }
-            let _ = self.to_client.send(ToClient::Frames(b.freeze()));
-        }
-        if o.task.is_some() {
+        if o.task.is_some() || o.refused {
             return Ok(());
         }
         if o.body.len() + data.len() > MAX_CALL {
-            self.owned.remove(&f.stream);
+            // Answered now; what else comes on the stream is dropped.
+            o.refused = true;
+            o.body = BytesMut::new();
             let s = tonic::Status::resource_exhausted("request too large for ckpt-shim");
             self.client(ToClient::Reply(f.stream, Reply::status(s), None));
             return Ok(());
@@ -506,7 +696,7 @@ impl ClientSide {
 
     /// Collects a watched call's request; once whole, asks how to amend its reply
     /// (before the last of it goes upstream, so the reply cannot come first).
-    fn on_watched_data(&mut self, f: &Frame) -> std::io::Result<()> {
+    fn on_watched_data(&mut self, f: &Frame) -> Result<(), frame::Error> {
         let (data, _) = f.data()?;
         let (_, body) = self
             .watched
@@ -527,8 +717,11 @@ impl ClientSide {
 
     /// The whole request of an owned call is in: answer it.
     fn dispatch(&mut self, stream: u32) {
-        self.owned
-            .retain(|_, o| !o.task.as_ref().is_some_and(|t| t.is_finished()));
+        self.owned.retain(|id, o| {
+            let finished = o.task.as_ref().is_some_and(|t| t.is_finished())
+                || (o.refused && !self.open.contains(id));
+            !finished
+        });
         let Some(o) = self.owned.get_mut(&stream) else {
             return;
         };
@@ -545,18 +738,25 @@ impl ClientSide {
             }),
         };
         let hold = self.owner.hold();
+        let running = crate::metrics::get().own_call();
         o.task = Some(tokio::spawn(async move {
-            let _ = to_client.send(ToClient::Reply(stream, reply.await, hold));
+            let reply = reply.await;
+            drop(running);
+            let _ = to_client.send(ToClient::Reply(stream, reply, hold));
         }));
     }
 
     /// Connection credit from the client: what covers our own replies' bytes is
     /// kept back from the upstream, which never sent them.
-    fn on_window_update(&mut self, f: &Frame) {
+    fn on_window_update(&mut self, f: &Frame) -> Result<(), frame::Error> {
         let inc = f.window_increment();
         let (forward, wake) = {
             let mut flow = lock(&self.flow);
-            *flow.window() += inc as i64;
+            let window = flow.window();
+            if *window + inc as i64 > frame::MAX_WINDOW {
+                return Err(frame::error(Reason::FlowControl, "window over 2^31-1"));
+            }
+            *window += inc as i64;
             let pay = flow.debt.min(inc as u64);
             flow.debt -= pay;
             (inc - pay as u32, flow.waiting > 0)
@@ -569,13 +769,18 @@ impl ClientSide {
         } else if forward > 0 {
             frame::put_window_update(&mut self.out, 0, forward);
         }
+        Ok(())
     }
 
     fn on_settings(&mut self, f: &Frame) {
         if !f.has(frame::ACK) {
             for (id, v) in f.settings() {
-                if id == frame::SETTINGS_HEADER_TABLE_SIZE {
-                    self.client(ToClient::TableSize(v));
+                match id {
+                    frame::SETTINGS_HEADER_TABLE_SIZE => self.client(ToClient::TableSize(v)),
+                    frame::SETTINGS_MAX_FRAME_SIZE => {
+                        lock(&self.flow).client_max_frame = v as usize
+                    }
+                    _ => {}
                 }
             }
         }
@@ -596,6 +801,15 @@ impl ClientSide {
     }
 }
 
+/// How the upstream side ended.
+enum End {
+    /// The client side is gone: nothing more to tell the client.
+    Quiet,
+    /// GOAWAY to the client with this code: the upstream closed or broke the
+    /// protocol, or the client did.
+    GoAway(Reason, String),
+}
+
 /// Reads the upstream, forwards to the client, and writes the shim's replies.
 struct UpstreamSide {
     codec: HeaderCodec,
@@ -605,6 +819,9 @@ struct UpstreamSide {
     written: Vec<TaskTrackerToken>,
     /// Replies being amended: the change, the bytes so far, their flow length.
     amending: HashMap<u32, (Amend, BytesMut, usize)>,
+    /// The last stream of the upstream's GOAWAY, if it sent one: no GOAWAY to
+    /// the client may name a higher one.
+    goaway: Option<u32>,
     out: BytesMut,
     flow: Arc<Mutex<Flow>>,
 }
@@ -617,6 +834,7 @@ impl UpstreamSide {
             waiting: Vec::new(),
             written: Vec::new(),
             amending: HashMap::new(),
+            goaway: None,
             out: BytesMut::with_capacity(32 << 10),
             flow,
         }
@@ -624,11 +842,51 @@ impl UpstreamSide {
 
     async fn run(
         mut self,
-        mut urd: Option<OwnedReadHalf>,
+        urd: Option<OwnedReadHalf>,
         mut cwr: OwnedWriteHalf,
-        mut msgs: mpsc::UnboundedReceiver<ToClient>,
+        msgs: mpsc::UnboundedReceiver<ToClient>,
         to_upstream: mpsc::UnboundedSender<ToUpstream>,
-    ) -> std::io::Result<()> {
+    ) -> Result<(), frame::Error> {
+        let end = self.pump(urd, &mut cwr, msgs, &to_upstream).await;
+        let result = match end {
+            Ok(End::Quiet) => Ok(()),
+            Ok(End::GoAway(reason, what)) => {
+                self.goaway_client(reason, &what);
+                Ok(())
+            }
+            Err(frame::Error::Connection { reason, what }) => {
+                // The upstream's fault: it hears why, the client that its
+                // runtime is gone.
+                let _ = to_upstream.send(ToUpstream::GoAway(reason, what.clone()));
+                self.goaway_client(Reason::Internal, "upstream runtime broke the protocol");
+                Err(frame::error(reason, what))
+            }
+            Err(e) => {
+                self.goaway_client(Reason::NoError, "upstream runtime connection failed");
+                Err(e)
+            }
+        };
+        let _ = cwr.write_all(&self.out).await;
+        let _ = cwr.shutdown().await;
+        result
+    }
+
+    /// GOAWAY to the client: the streams it opened up to the last one the
+    /// upstream still processes end when the connection closes (grpc-go and
+    /// C-core fail them UNAVAILABLE); later ones it retries elsewhere.
+    fn goaway_client(&mut self, reason: Reason, what: &str) {
+        let last = lock(&self.flow).last_stream;
+        let last = self.goaway.map_or(last, |g| g.min(last));
+        frame::put_goaway(&mut self.out, last, reason, what);
+    }
+
+    async fn pump(
+        &mut self,
+        mut urd: Option<OwnedReadHalf>,
+        cwr: &mut OwnedWriteHalf,
+        mut msgs: mpsc::UnboundedReceiver<ToClient>,
+        to_upstream: &mpsc::UnboundedSender<ToUpstream>,
+    ) -> Result<End, frame::Error> {
         let mut reader = frame::Reader::new(false);
         let mut read_at = None;
         if urd.is_none() {
@@ -640,16 +898,19 @@ impl UpstreamSide {
                 n = async { urd.as_mut().expect("guarded").read_buf(reader.buf()).await }, if urd.is_some() => {
                     let n = n.inspect_err(|_| crate::metrics::get().upstream_error("io"))?;
                     if n == 0 {
-                        break;
+                        let why = "upstream runtime closed the connection".to_string();
+                        return Ok(End::GoAway(Reason::NoError, why));
                     }
                     read_at = Some(Instant::now());
+                    reader.max = lock(&self.flow).client_max_frame.max(frame::MAX_FRAME);
                     while let Some(f) = reader.next()? {
-                        self.on_frame(f, &to_upstream)?;
+                        self.on_frame(f, to_upstream)?;
                     }
                 }
                 m = msgs.recv() => match m {
+                    Some(ToClient::GoAway(reason, what)) => return Ok(End::GoAway(reason, what)),
                     Some(m) => self.on_message(m),
-                    None => break,
+                    None => return Ok(End::Quiet),
                 },
             }
             if !self.out.is_empty() {
@@ -661,26 +922,19 @@ impl UpstreamSide {
                 }
             }
         }
-        let _ = cwr.shutdown().await;
-        Ok(())
     }
 
     fn on_frame(
         &mut self,
         f: Frame,
         to_upstream: &mpsc::UnboundedSender<ToUpstream>,
-    ) -> std::io::Result<()> {
+    ) -> Result<(), frame::Error> {
+        f.check()?;
+        inside_block(&self.block, &f)?;
         match f.kind {
             frame::HEADERS | frame::CONTINUATION => {
                 if let Some(b) = Block::collect(&mut self.block, &f)? {
-                    let fields = self.codec.decode(&b.fragment)?;
-                    if b.ends_stream() {
-                        self.finish_amending(b.stream, false, to_upstream);
-                        let code = headers::get(&fields, "grpc-status")
-                            .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok());
-                        self.answered(b.stream, code.unwrap_or(tonic::Code::Unknown as i32));
-                    }
-                    b.put(&mut self.codec, &mut self.out, &fields);
+                    self.on_block(b, to_upstream)?;
                 }
                 return Ok(());
             }
@@ -693,14 +947,9 @@ impl UpstreamSide {
                 self.amending.remove(&f.stream);
                 lock(&self.flow).amends.remove(&f.stream);
                 self.answered(f.stream, reset_code(&f));
+                let _ = to_upstream.send(ToUpstream::Closed(f.stream));
             }
-            frame::SETTINGS if !f.has(frame::ACK) => {
-                for (id, v) in f.settings() {
-                    if id == frame::SETTINGS_HEADER_TABLE_SIZE {
-                        let _ = to_upstream.send(ToUpstream::TableSize(v));
-                    }
-                }
-            }
+            frame::SETTINGS if !f.has(frame::ACK) => self.on_settings(&f, to_upstream),
             // As on the client's side: answered here, never forwarded.
             frame::PING => {
                 if !f.has(frame::ACK) {
@@ -708,12 +957,54 @@ impl UpstreamSide {
                 }
                 return Ok(());
             }
-            _ => {}
+            frame::GOAWAY => {
+                let last = f.last_stream().expect("checked: 8 bytes or more");
+                self.goaway = Some(self.goaway.map_or(last, |g| g.min(last)));
+                let _ = to_upstream.send(ToUpstream::Refused(last));
+            }
+            // Its header block would need a context the relay does not keep for
+            // it; gRPC servers never push.
+            frame::PUSH_PROMISE => {
+                return Err(frame::error(
+                    Reason::Protocol,
+                    "PUSH_PROMISE from the upstream",
+                ))
+            }
+            frame::PRIORITY | frame::SETTINGS | frame::WINDOW_UPDATE => {}
+            // Unknown types are ignored (RFC 9113 §5.5).
+            _ => return Ok(()),
         }
         self.out.extend_from_slice(&f.raw);
         Ok(())
     }
 
+    fn on_block(
+        &mut self,
+        b: Block,
+        to_upstream: &mpsc::UnboundedSender<ToUpstream>,
+    ) -> Result<(), frame::Error> {
+        let fields = b.decode(&mut self.codec)?;
+        if b.ends_stream() {
+            self.finish_amending(b.stream, false, to_upstream);
+            let code = headers::get(&fields, "grpc-status")
+                .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok());
+            self.answered(b.stream, code.unwrap_or(tonic::Code::Unknown as i32));
+        }
+        b.put(&mut self.codec, &mut self.out, &fields);
+        Ok(())
+    }
+
+    fn on_settings(&mut self, f: &Frame, to_upstream: &mpsc::UnboundedSender<ToUpstream>) {
+        for (id, v) in f.settings() {
+            match id {
+                frame::SETTINGS_HEADER_TABLE_SIZE => {
+                    let _ = to_upstream.send(ToUpstream::TableSize(v));
+                }
+                frame::SETTINGS_MAX_FRAME_SIZE => lock(&self.flow).upstream_max_frame = v as usize,
+                _ => {}
+            }
+        }
+    }
     /// Counts a forwarded call's answer (grpc-status `code`) in the metrics.
     fn answered(&self, stream: u32, code: i32) {
         let method = lock(&self.flow).calls.remove(&stream);
@@ -737,7 +1028,7 @@ impl UpstreamSide {
         &mut self,
         f: &Frame,
         to_upstream: &mpsc::UnboundedSender<ToUpstream>,
-    ) -> std::io::Result<()> {
+    ) -> Result<(), frame::Error> {
         let (data, flow_len) = f.data()?;
         let (_, buf, consumed) = self
             .amending
@@ -783,7 +1074,8 @@ impl UpstreamSide {
             ToClient::Frames(b) => self.out.extend_from_slice(&b),
             ToClient::TableSize(n) => self.codec.receiver_table_size(n),
             ToClient::Reply(stream, r, hold) => self.waiting.push((stream, r, hold)),
-            ToClient::Wake => {}
+            // Taken by the loop before it comes here.
+            ToClient::Wake | ToClient::GoAway(..) => {}
         }
         self.write_replies();
     }
@@ -809,11 +1101,7 @@ impl UpstreamSide {
 /// The gRPC code a client reports for a stream the server reset, as grpc-go
 /// maps them: CANCEL is CANCELLED, REFUSED_STREAM is UNAVAILABLE, the rest INTERNAL.
 fn reset_code(f: &Frame) -> i32 {
-    let code = f
-        .payload
-        .get(..4)
-        .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")));
-    match code {
+    match f.code() {
         Some(0x8) => tonic::Code::Cancelled as i32,
         Some(0x7) => tonic::Code::Unavailable as i32,
         _ => tonic::Code::Internal as i32,
