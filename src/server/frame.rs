@@ -45,6 +45,7 @@ pub enum Reason {
     FlowControl = 0x3,
     StreamClosed = 0x5,
     FrameSize = 0x6,
+    RefusedStream = 0x7,
     Cancel = 0x8,
     Compression = 0x9,
 }

@@ -33,7 +33,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -185,8 +185,9 @@ pub async fn relay(client: UnixStream, upstream: &Path, owner: Arc<dyn Owner>) {
     };
     // Each side ends the other: the client side's end closes the channel the
     // upstream side waits on, and the other way round.
-    let c2u =
-        ClientSide::new(owner, reach, to_client, shared.clone()).run(crd, uwr, from_upstream_side);
+    let mut client_side = ClientSide::new(owner, reach, to_client, shared.clone());
+    client_side.upstream = upstream.to_path_buf();
+    let c2u = client_side.run(crd, uwr, from_upstream_side);
     let u2c = UpstreamSide::new(shared).run(urd, cwr, from_client_side, to_upstream);
     let (a, b) = tokio::join!(c2u, u2c);
     for e in [a.err(), b.err()].into_iter().flatten() {
@@ -250,6 +251,9 @@ enum ToClient {
     Wake,
     /// The client broke the protocol: GOAWAY, and the connection ends.
     GoAway(frame::Reason, String),
+    /// With no upstream: GOAWAY after this stream, so that the client's next
+    /// call comes on a new connection, which tries the upstream again.
+    Drain(u32),
 }
 
 /// To the task writing to the upstream.
@@ -360,6 +364,9 @@ struct ClientSide {
     /// Streams the client may still send on (open, not half-closed).
     open: HashSet<u32>,
     last_stream: u32,
+    /// With no upstream: the last stream answered before the GOAWAY.
+    drained: Option<u32>,
+    upstream: PathBuf,
     out: BytesMut,
     to_client: mpsc::UnboundedSender<ToClient>,
     flow: Arc<Mutex<Flow>>,
@@ -381,6 +388,8 @@ impl ClientSide {
             watched: HashMap::new(),
             open: HashSet::new(),
             last_stream: 0,
+            drained: None,
+            upstream: PathBuf::new(),
             out: BytesMut::with_capacity(32 << 10),
             to_client,
             flow,
@@ -640,6 +649,28 @@ impl ClientSide {
         lock(&self.flow).last_stream = b.stream;
         if !b.ends_stream() {
             self.open.insert(b.stream);
+        }
+        if let Reach::Unreachable(_) = self.reach {
+            if self.drained.is_some() {
+                // Opened before the client saw the GOAWAY: it retries it elsewhere.
+                self.open.remove(&b.stream);
+                let mut out = BytesMut::new();
+                frame::put_rst_stream(&mut out, b.stream, Reason::RefusedStream);
+                self.client(ToClient::Frames(out.freeze()));
+                return Ok(());
+            }
+            // A client reconnects as soon as its connection ends, so this one
+            // may have come while the upstream restarted. If it is back, the
+            // GOAWAY names no stream: the call counts as never processed, and
+            // grpc-go and C-core send it again on a new connection, relayed.
+            let back = std::os::unix::net::UnixStream::connect(&self.upstream).is_ok();
+            let last = if back { 0 } else { b.stream };
+            self.drained = Some(last);
+            self.client(ToClient::Drain(last));
+            if back {
+                self.open.remove(&b.stream);
+                return Ok(());
+            }
         }
         let path = String::from_utf8_lossy(headers::get(&fields, ":path").unwrap_or_default());
         if self.owner.owns(&path) || matches!(self.reach, Reach::Unreachable(_)) {
@@ -1074,6 +1105,11 @@ impl UpstreamSide {
             ToClient::Frames(b) => self.out.extend_from_slice(&b),
             ToClient::TableSize(n) => self.codec.receiver_table_size(n),
             ToClient::Reply(stream, r, hold) => self.waiting.push((stream, r, hold)),
+            ToClient::Drain(last) => {
+                self.goaway = Some(self.goaway.map_or(last, |g| g.min(last)));
+                let why = "ckpt-shim: upstream runtime unreachable";
+                frame::put_goaway(&mut self.out, last, Reason::NoError, why);
+            }
             // Taken by the loop before it comes here.
             ToClient::Wake | ToClient::GoAway(..) => {}
         }

@@ -50,7 +50,10 @@ fn wait_socket(p: &Path, what: &str, log: &Path) {
 pub fn start_containerd(dir: &Path) {
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
-    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_ckpt-shim"), bin.join("ckpt-runc")).unwrap();
+    match std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_ckpt-shim"), bin.join("ckpt-runc")) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => panic!("ckpt-runc link: {e}"),
+        _ => {}
+    }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("hack/containerd.sh");
     let out = Command::new("bash")
         .arg(script)
@@ -93,6 +96,36 @@ impl Env {
 
     pub fn start_with_upstream(upstream: Option<&Path>) -> Env {
         Self::start_full(upstream, "")
+    }
+
+    /// In front of a stand-in upstream, with these lines of TOML as settings.
+    pub fn start_faked(upstream: &Path, toml: &str) -> Env {
+        Self::start_full(Some(upstream), toml)
+    }
+
+    /// SIGKILL to containerd (its shims and containers live on); returns once
+    /// its socket refuses connections.
+    pub fn kill_containerd(&self) {
+        let pid = std::fs::read_to_string(self.dir.join("containerd.pid")).unwrap();
+        let pid = nix::unistd::Pid::from_raw(pid.trim().parse().unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+        let t = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&self.containerd_sock).is_ok() {
+            assert!(t.elapsed() < Duration::from_secs(10), "containerd lives on");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// containerd again, on the same socket, state and root.
+    pub fn restart_containerd(&self) {
+        start_containerd(&self.dir);
+    }
+
+    /// How many threads the shim runs.
+    pub fn shim_threads(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/task", self.shim_pid()))
+            .unwrap()
+            .count()
     }
 
     fn start_full(upstream: Option<&Path>, toml: &str) -> Env {

@@ -3,7 +3,7 @@
 //! and removed by `Drop`, also when the test fails.
 #![allow(dead_code)]
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -562,3 +562,59 @@ pub fn restore_opts(
         identities,
     }
 }
+
+/// The venv with grpcio and h2 (hack/setup.sh).
+pub const PYTHON: &str = "/var/cache/ckpt-shim/venv/bin/python3";
+
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// An HTTP/1.1 GET, as a scraper sends it: (status line, body).
+pub fn get(port: u16, path: &str) -> (String, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+/// The value of one series (name and labels exactly as exposed); 0 if absent.
+pub fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.split_whitespace().next().unwrap().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+/// The Go CRI client (hack/go-cri), built once per test binary.
+pub fn go_client() -> PathBuf {
+    let bin = Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-cri");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("hack/go-cri");
+    let out = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&bin)
+        .arg(".")
+        .current_dir(&src)
+        .env("GO111MODULE", "off")
+        .env("GOPATH", "/usr/share/gocode")
+        .env(
+            "GOCACHE",
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-cache"),
+        )
+        .output()
+        .expect("go: run hack/setup.sh");
+    assert!(
+        out.status.success(),
+        "go build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    bin
+}
+
