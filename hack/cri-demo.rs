@@ -148,10 +148,13 @@ async fn main() -> Res<()> {
         .as_ref()
         .map(|s| s.state().as_str_name())
         .unwrap_or("?");
+    // As CRI-O reports it: inside the runtime's `info` JSON object.
+    let info: serde_json::Value = serde_json::from_str(st.info.get("info").map_or("{}", |s| s))?;
+    let restored = info["restored"] == serde_json::Value::Bool(true);
     println!(
-        "== ContainerStatus {}: {state}, info restored={}",
+        "== ContainerStatus {}: {state}, info.restored={restored}, info.checkpointedAt={}",
         &id2[..12],
-        st.info.get("restored").map(String::as_str).unwrap_or("-")
+        info["checkpointedAt"]
     );
     let first: u64 = exec(&mut c, &id2, "cat /tmp/count").await?.parse()?;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -168,9 +171,7 @@ async fn main() -> Res<()> {
         log.lines().last().unwrap_or("")
     );
     // A restarted process would count from 1; a restored one goes on from where it was.
-    if !(then > first && first >= at_checkpoint)
-        || st.info.get("restored").map(String::as_str) != Some("true")
-    {
+    if !(then > first && first >= at_checkpoint) || !restored {
         return Err("the restored counter did not continue".into());
     }
     println!("== demo OK");

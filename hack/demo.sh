@@ -5,11 +5,14 @@
 # keeps running, inspect the archive, then restore it through CRI into a new pod
 # and watch the count continue (hack/cri-demo.rs). Then what an operator sees:
 # the CheckpointReady condition, the metrics, and a clean stop on SIGTERM.
+# crictl (cri-tools 1.34) is ../shared/bin/crictl beside the repository.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+crictl_bin="$(cd .. && pwd)/shared/bin/crictl"
+[ -x "$crictl_bin" ] || { echo "demo.sh: $crictl_bin is missing: cri-tools' crictl belongs in ../shared/bin beside the repository" >&2; exit 1; }
 bash hack/setup.sh
 export PATH="/usr/local/sbin:$PATH"
-cargo build --release --locked -q --bin ckpt-shim --example cri-demo --example cri-ctl
+cargo build --release --locked -q --bin ckpt-shim --example cri-demo
 
 work=$(mktemp -d /var/tmp/ckpt-shim-demo.XXXXXX)
 shim_pid=
@@ -35,8 +38,13 @@ until [ -S "$work/shim/ckpt-shim.sock" ]; do sleep 0.05; done
 target/release/examples/cri-demo "$work/shim/ckpt-shim.sock" "$PWD/target/release/ckpt-shim" "$work"
 echo "== the shim's log lines for the checkpoint and the restore:"
 grep -E "checkpointed|restore|restored" "$work/shim.log"
-echo "== the runtime's conditions through the shim (as crictl info shows them):"
-target/release/examples/cri-ctl "$work/shim/ckpt-shim.sock" info
+crictl() { "$crictl_bin" --config /dev/null --runtime-endpoint "unix://$work/shim/ckpt-shim.sock" "$@"; }
+echo "== crictl inspect of the restored container: CRI-O's info.restored and info.checkpointedAt, beside containerd's info.pid:"
+crictl inspect --latest -o go-template \
+  --template '{{.status.metadata.name}} {{.status.state}} restored={{.info.restored}} checkpointedAt={{.info.checkpointedAt}} restoredFrom={{.info.restoredFrom}} pid={{.info.pid}}'
+echo
+echo "== crictl info -q: the runtime's conditions through the shim, CheckpointReady last:"
+crictl info -q
 echo "== its metrics (curl http://127.0.0.1:9464/metrics), in part:"
 python3 -c 'import urllib.request as u; print(u.urlopen("http://127.0.0.1:9464/metrics").read().decode())' | grep -E '^ckpt_shim_(checkpoints_total|restores_total|checkpoint_pause_seconds_(sum|count)|checkpoint_written_bytes_total|forwarded_calls_total\{method="(Version|ListContainers)")'
 echo "== SIGTERM: the shim stops taking calls, waits for checkpoints in flight, exits"

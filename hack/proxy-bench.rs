@@ -95,8 +95,17 @@ async fn latency(direct: &mut Clients, shim: &mut Clients, id: &str, n: usize) -
     Ok(format!("[{}]", rows.join(",")))
 }
 
-/// Calls per second from `n` clients, each looping over the methods for `secs`.
-async fn throughput(sock: &Path, n: usize, secs: f64, id: &str) -> Res<f64> {
+/// Tells hack/bench_proxy.py that a phase ended and how many calls went through
+/// the shim since the last mark; it reads the shim's CPU time there. The pause
+/// keeps the next phase's first calls out of that reading.
+async fn mark(phase: &str, shim_calls: u64) {
+    println!(r#"{{"mark":"{phase}","shim_calls":{shim_calls}}}"#);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+}
+
+/// Calls per second from `n` clients, each looping over the methods for `secs`,
+/// and how many calls were made.
+async fn throughput(sock: &Path, n: usize, secs: f64, id: &str) -> Res<(f64, u64)> {
     let mut cs = Vec::new();
     for _ in 0..n {
         cs.push(clients(sock).await?);
@@ -121,7 +130,7 @@ async fn throughput(sock: &Path, n: usize, secs: f64, id: &str) -> Res<f64> {
     for t in tasks {
         total += t.await?;
     }
-    Ok(total as f64 / start.elapsed().as_secs_f64())
+    Ok((total as f64 / start.elapsed().as_secs_f64(), total))
 }
 
 #[tokio::main]
@@ -158,12 +167,17 @@ async fn main() -> Res<()> {
         .first()
         .map(|c| c.id.clone())
         .ok_or("no container to ask ContainerStatus about: start one first")?;
+    mark("start", 0).await;
     let lat = latency(&mut direct, &mut shim, &id, calls).await?;
+    mark("latency", (METHODS.len() * (calls + 50)) as u64).await;
     // Alternating slices, so both see the same background.
     let (mut d, mut s) = (Vec::new(), Vec::new());
     for _ in 0..3 {
-        d.push(throughput(direct_sock, n, secs, &id).await?);
-        s.push(throughput(shim_sock, n, secs, &id).await?);
+        d.push(throughput(direct_sock, n, secs, &id).await?.0);
+        mark("direct", 0).await;
+        let (rate, count) = throughput(shim_sock, n, secs, &id).await?;
+        s.push(rate);
+        mark("throughput", count).await;
     }
     let (dm, sm) = (pct(&mut d, 0.5), pct(&mut s, 0.5));
     println!(

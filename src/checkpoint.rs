@@ -278,17 +278,42 @@ fn diff_when_frozen(
 }
 
 async fn run(c: Container, opts: Options, mut cancelled: Cancelled) -> Result<Report> {
-    let c = &c;
-    let mut ph = Phases {
-        at: Instant::now(),
-        list: Vec::new(),
-    };
+    let set = setup(&c, &opts)?;
+    set.dump(&mut cancelled).await?.finish(&cancelled).await
+}
+
+/// What a checkpoint carries from its first step to its last: the container,
+/// the options, where the archive goes, its staging and first members.
+struct Work {
+    c: Container,
+    opts: Options,
+    deadline: Instant,
+    ph: Phases,
+    target: Target,
+    stage: Stage,
+    sealer: Option<Arc<Sealer>>,
+    head: Vec<Member>,
+    streamed: bool,
+}
+
+/// Step 1 done: the archive's target and first members, and what CRIU is
+/// told. Nothing is frozen yet.
+pub struct Setup {
+    w: Work,
+    sink: Sink,
+    p: Prepared,
+    criu: Option<freeze::CriuWatch>,
+    gate: Option<freeze::Gate>,
+}
+
+/// Step 1: where the archive goes, its first members, and what CRIU is told.
+pub fn setup(c: &Container, opts: &Options) -> Result<Setup> {
+    let at = Instant::now();
     let deadline = opts
         .deadline
         .unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 86400));
-    // Step 1: where the archive goes, its first members, and what CRIU is told.
     let target = Target::new(&opts.location)?;
-    let stage = Stage::new(&target, &opts)?;
+    let stage = Stage::new(&target, opts)?;
     let checkpointed = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
     let sealer = opts.seal.clone().map(|r| Arc::new(Sealer::new(r)));
     let head = head_members(c, &checkpointed, sealer.is_some());
@@ -304,44 +329,124 @@ async fn run(c: Container, opts: Options, mut cancelled: Cancelled) -> Result<Re
     )?;
     let streamed = matches!(sink, Sink::Streamed { .. });
     let p = prepare(c, &stage, deadline, &opts.settings)?;
+    let mut ph = Phases {
+        at,
+        list: Vec::new(),
+    };
     ph.mark("prepare");
-
-    // Steps 2 and 3: frozen, dumped, thawed.
-    let at = (stage.path(), deadline);
-    let d = dump_frozen(c, &opts, sink, p, at, sealer.clone(), &mut cancelled).await?;
-    ph.mark("dump");
-
-    // Step 4: the rest of what the archive holds.
-    let (tail, diff_counts, stats) = collect_rest(c, d.diff_task, stage.path()).await?;
-    ph.mark("rootfs-diff");
-    expire_check(deadline, &cancelled, "rootfs diff")?;
-
-    // Step 5.
-    let pages_held = d.dumped.held();
-    let expired = || expire_check(deadline, &cancelled, "archive");
-    let (archive_bytes, archive_written_bytes) = d.dumped.archive(
-        &target,
-        stage.path(),
-        (head, tail),
-        sealer.as_deref(),
-        opts.durable,
-        expired,
-    )?;
-    ph.mark("archive");
-    Ok(Report {
-        location: target.path.clone(),
-        archive_bytes,
-        archive_written_bytes,
+    let w = Work {
+        c: c.clone(),
+        opts: opts.clone(),
+        deadline,
+        ph,
+        target,
+        stage,
+        sealer,
+        head,
         streamed,
-        pages_held,
-        phases: ph.list,
-        frozen: d.frozen,
-        was_paused: d.was_paused,
-        stats,
-        rootfs_entries: diff_counts.0,
-        deleted_files: diff_counts.1,
-        cleanup: stage.remove_in_background(),
+    };
+    Ok(Setup {
+        w,
+        sink,
+        p,
+        criu: None,
+        gate: None,
     })
+}
+
+impl Setup {
+    /// Registers the CRIU this dump runs in `watch` too: a caller that froze
+    /// the container itself (a pod's cut) thaws it again once CRIU exits,
+    /// since CRIU re-freezes a cgroup it found frozen.
+    pub fn share_criu(&mut self, watch: freeze::CriuWatch) {
+        self.criu = Some(watch);
+    }
+
+    /// At CRIU's `pre-dump`, waits at `gate` for the pod's cut instead of
+    /// freezing the container itself.
+    pub fn gate(&mut self, gate: freeze::Gate) {
+        self.gate = Some(gate);
+    }
+
+    /// Steps 2 and 3: frozen (unless frozen already), dumped, thawed (unless
+    /// frozen by someone else, who thaws it).
+    pub async fn dump(self, cancelled: &mut Cancelled) -> Result<Captured> {
+        let Setup {
+            mut w,
+            sink,
+            p,
+            criu,
+            gate,
+        } = self;
+        expire_check(w.deadline, cancelled, "dump")?;
+        let journal = w.opts.freeze_journal.clone();
+        let mut freeze = FreezeAt::new(p.freezer.clone(), &w.c.id, w.deadline, journal);
+        if let Some(watch) = criu {
+            freeze = freeze.with_criu(watch);
+        }
+        if let Some(g) = gate {
+            freeze = freeze.with_gate(g);
+        }
+        let at = (w.stage.path(), w.deadline);
+        let sealer = w.sealer.clone();
+        let d = dump_frozen(&w.c, &w.opts, sink, p, freeze, at, sealer, cancelled).await?;
+        w.ph.mark("dump");
+        Ok(Captured { w, d })
+    }
+}
+
+/// Steps 2 and 3 done: the container runs again (or is left to whoever froze
+/// it); its archive is still to be built.
+pub struct Captured {
+    w: Work,
+    d: Frozen,
+}
+
+impl Captured {
+    /// Steps 4 and 5: the rest of what the archive holds, then the archive.
+    pub async fn finish(self, cancelled: &Cancelled) -> Result<Report> {
+        let Captured { w, d } = self;
+        let Work {
+            c,
+            opts,
+            deadline,
+            mut ph,
+            target,
+            stage,
+            sealer,
+            head,
+            streamed,
+        } = w;
+        let (tail, diff_counts, stats) = collect_rest(&c, d.diff_task, stage.path()).await?;
+        ph.mark("rootfs-diff");
+        expire_check(deadline, cancelled, "rootfs diff")?;
+
+        let pages_held = d.dumped.held();
+        let expired = || expire_check(deadline, cancelled, "archive");
+        let (archive_bytes, archive_written_bytes) = d.dumped.archive(
+            &target,
+            stage.path(),
+            (head, tail),
+            sealer.as_deref(),
+            opts.durable,
+            expired,
+        )?;
+        ph.mark("archive");
+        Ok(Report {
+            location: target.path.clone(),
+            archive_bytes,
+            archive_written_bytes,
+            streamed,
+            pages_held,
+            phases: ph.list,
+            frozen: d.frozen,
+            was_paused: d.was_paused,
+            stats,
+            rootfs_entries: diff_counts.0,
+            deleted_files: diff_counts.1,
+            cleanup: stage.remove_in_background(),
+        })
+    }
 }
 
 /// What steps 2 and 3 leave: CRIU's images (or where they went), how long the
@@ -355,21 +460,17 @@ struct Frozen {
 
 /// Steps 2 and 3: CRIU starts, the container is frozen when CRIU reaches
 /// pre-dump (the rootfs diff starting then), and thawed once CRIU is done.
+#[allow(clippy::too_many_arguments)]
 async fn dump_frozen(
     c: &Container,
     opts: &Options,
     sink: Sink,
     p: Prepared,
+    freeze: FreezeAt,
     (staging, deadline): (&Path, Instant),
     sealer: Option<Arc<Sealer>>,
     cancelled: &mut Cancelled,
 ) -> Result<Frozen> {
-    let freeze = FreezeAt::new(
-        p.freezer.clone(),
-        &c.id,
-        deadline,
-        opts.freeze_journal.clone(),
-    );
     let diff_task = diff_when_frozen(&freeze, c, &p.mounts, staging, sealer);
     let wait = Wait {
         freeze: &freeze,

@@ -10,6 +10,18 @@ pub enum Error {
     #[error("container {0:?} not found")]
     NotFound(String),
 
+    #[error("pod sandbox {0:?} not found")]
+    PodNotFound(String),
+
+    /// A pod restore's container config that the checkpoint contradicts.
+    #[error("container {container:?}: {field} {wanted} does not match the checkpoint's {found}")]
+    Mismatch {
+        container: String,
+        field: &'static str,
+        wanted: String,
+        found: String,
+    },
+
     #[error("container ID prefix {prefix:?} is ambiguous: matches {}", .matches.join(", "))]
     Ambiguous {
         prefix: String,
@@ -79,10 +91,13 @@ impl From<Error> for tonic::Status {
         use tonic::Code;
         let code = match &e {
             Error::Upstream(s) => return s.clone(),
-            Error::InvalidArgument(_) | Error::Ambiguous { .. } | Error::UnsafeArchive(_) => {
-                Code::InvalidArgument
+            Error::InvalidArgument(_)
+            | Error::Ambiguous { .. }
+            | Error::UnsafeArchive(_)
+            | Error::Mismatch { .. } => Code::InvalidArgument,
+            Error::NotFound(_) | Error::PodNotFound(_) | Error::ImageNotFound { .. } => {
+                Code::NotFound
             }
-            Error::NotFound(_) | Error::ImageNotFound { .. } => Code::NotFound,
             Error::NotRunning { .. } | Error::ChecksFailed { .. } => Code::FailedPrecondition,
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::NoSpace(_) => Code::ResourceExhausted,

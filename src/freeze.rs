@@ -157,6 +157,8 @@ pub struct FreezeAt {
     finished: Mutex<Option<(Duration, bool)>>,
     /// Called once the container is frozen (e.g. to start the rootfs diff).
     on_frozen: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// A pod's cut: wait there for the whole pod to be frozen.
+    gate: Option<Gate>,
 }
 
 impl FreezeAt {
@@ -175,11 +177,26 @@ impl FreezeAt {
             guard: Mutex::new(None),
             finished: Mutex::new(None),
             on_frozen: Mutex::new(None),
+            gate: None,
         }
+    }
+
+    /// Instead of freezing the cgroup itself, waits at `gate` until whoever
+    /// holds it has frozen every container of the pod.
+    pub fn with_gate(mut self, gate: Gate) -> FreezeAt {
+        self.gate = Some(gate);
+        self
     }
 
     pub fn path(&self) -> &Path {
         self.freezer.path()
+    }
+
+    /// CRIU is registered in `watch` (shared with whoever froze the cgroup
+    /// before us) instead of a slot of its own.
+    pub fn with_criu(mut self, watch: CriuWatch) -> FreezeAt {
+        self.criu = watch;
+        self
     }
 
     /// Where to register the CRIU process (see [`watch_pid`]).
@@ -196,9 +213,16 @@ impl FreezeAt {
         if lock(&self.guard).is_some() {
             return Ok(());
         }
+        if let Some(g) = &self.gate {
+            g.pass().await?;
+        }
+        // A cgroup frozen already (a paused container, or a pod's cut) has
+        // its note from whoever froze it: one note per cgroup.
         let journal = match &self.journal_dir {
-            Some(dir) => Some(JournalEntry::record(dir, &self.freezer)?),
-            None => None,
+            Some(dir) if !self.freezer.self_frozen()? => {
+                Some(JournalEntry::record(dir, &self.freezer)?)
+            }
+            _ => None,
         };
         let guard = self
             .freezer
@@ -239,6 +263,40 @@ impl FreezeAt {
         };
         *done = Some(d);
         Ok(d)
+    }
+}
+
+/// Where the dumps of a pod's cut meet: each CRIU, once started and ready to
+/// seize its container (its `pre-dump` stage), says so and waits; whoever
+/// holds the other end freezes the whole pod when all are there, then opens
+/// the gate (or calls the cut off). So no CRIU's start-up is in the pause.
+#[derive(Clone)]
+pub struct Gate {
+    arrived: tokio::sync::mpsc::UnboundedSender<()>,
+    open: tokio::sync::watch::Receiver<Option<bool>>,
+}
+
+/// The other end of a [`Gate`]: arrivals, and the verdict to send
+/// (`Some(true)`: frozen, go on; `Some(false)`: called off).
+pub type GateKeeper = (
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+    tokio::sync::watch::Sender<Option<bool>>,
+);
+
+impl Gate {
+    pub fn new() -> (Gate, GateKeeper) {
+        let (arrived, arrivals) = tokio::sync::mpsc::unbounded_channel();
+        let (verdict, open) = tokio::sync::watch::channel(None);
+        (Gate { arrived, open }, (arrivals, verdict))
+    }
+
+    async fn pass(&self) -> Result<()> {
+        let _ = self.arrived.send(());
+        let mut open = self.open.clone();
+        match open.wait_for(Option::is_some).await.map(|v| *v) {
+            Ok(Some(true)) => Ok(()),
+            _ => Err(Error::Other("the pod's cut was called off".into())),
+        }
     }
 }
 
@@ -300,8 +358,12 @@ impl FreezeGuard {
 impl Drop for FreezeGuard {
     fn drop(&mut self) {
         self.thaw_now();
+        if !self.thaw {
+            // Not ours to thaw: CRIU stays registered for whoever froze it.
+            return;
+        }
         let criu = self.criu.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let (true, Some(pidfd)) = (self.thaw, criu) {
+        if let Some(pidfd) = criu {
             // CRIU may still re-freeze the cgroup as it ends: thaw again after
             // it exits, and only then forget the journal entry.
             let freezer = self.freezer.clone();

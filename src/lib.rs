@@ -10,9 +10,25 @@ pub mod archive;
 pub mod cri {
     //! Generated from `proto/cri.proto`: the CRI messages the shim decodes.
     tonic::include_proto!("runtime.v1");
+
+    /// A lazy gRPC channel to a CRI endpoint's unix socket, connected at the
+    /// first call.
+    pub fn unix_channel(path: &std::path::Path) -> tonic::transport::Channel {
+        let p = path.to_path_buf();
+        tonic::transport::Endpoint::from_static("http://localhost").connect_with_connector_lazy(
+            tower::service_fn(move |_: http::Uri| {
+                let p = p.clone();
+                async move {
+                    let s = tokio::net::UnixStream::connect(p).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                }
+            }),
+        )
+    }
 }
 pub mod checkpoint;
 pub mod collect;
+pub mod config;
 pub mod dump;
 pub mod error;
 pub mod fcopy;
@@ -23,6 +39,7 @@ pub mod locate;
 pub mod metrics;
 pub mod mountinfo;
 pub mod pbwire;
+pub mod pod;
 pub mod preflight;
 
 pub use error::{Error, Result};

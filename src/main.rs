@@ -5,9 +5,10 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand};
 
 use ckpt_shim::checkpoint::{self, Options};
+use ckpt_shim::config::Config;
 use ckpt_shim::dump::DumpSettings;
 use ckpt_shim::restore::{self, RestoreOptions};
-use ckpt_shim::server::{self, Config};
+use ckpt_shim::server;
 use ckpt_shim::{inspect, locate, preflight};
 
 #[derive(Parser)]
@@ -58,125 +59,146 @@ impl Settings {
 #[derive(Subcommand)]
 enum Cmd {
     /// Serve CRI runtime.v1 on a unix socket: CheckpointContainer natively, all else forwarded.
-    Serve {
-        /// Socket to listen on [default: /run/ckpt-shim/ckpt-shim.sock].
-        #[arg(long)]
-        listen: Option<PathBuf>,
-        #[command(flatten)]
-        settings: Settings,
-        /// Log filter, e.g. info or debug [default: info].
-        #[arg(long)]
-        log_level: Option<String>,
-        /// runc state dir of the upstream's containers [default: /run/containerd/runc/k8s.io].
-        #[arg(long)]
-        runc_root: Option<PathBuf>,
-        /// Where restores wait for their container to start; the runtime's
-        /// ckpt-runc must see the same in CKPT_SHIM_RESTORE_DIR [default: /var/lib/ckpt-shim/restore].
-        #[arg(long)]
-        restore_dir: Option<PathBuf>,
-        /// Encrypt every checkpoint to this age recipient or SSH public key
-        /// (repeatable; replaces the file's encrypt_to).
-        #[arg(long, value_name = "RECIPIENT")]
-        encrypt_to: Vec<String>,
-        /// A root-only identity file that opens encrypted checkpoints restored
-        /// here (repeatable; replaces the file's identities).
-        #[arg(long, value_name = "FILE")]
-        identity: Vec<PathBuf>,
-        /// Serve Prometheus metrics at GET /metrics on HOST:PORT or unix:///path.
-        #[arg(long, value_name = "ADDR")]
-        metrics_listen: Option<String>,
-    },
+    Serve(ServeArgs),
     /// Can this node checkpoint? Checks CRIU, the kernel, capabilities, the
     /// directories and the upstream runtime; exits non-zero if any check fails.
-    Check {
-        #[command(flatten)]
-        settings: Settings,
-    },
+    Check(CheckArgs),
     /// Checkpoint a running container of an OCI runtime (runc/crun state dir) into one archive.
-    Checkpoint {
-        /// The runtime's state dir, e.g. /run/runc or /run/containerd/runc/k8s.io.
-        #[arg(long)]
-        runtime_root: PathBuf,
-        /// Container ID or a unique prefix of one.
-        id: String,
-        /// Absolute path of the archive to create (must not exist).
-        #[arg(long)]
-        output: PathBuf,
-        /// Give up (and leave the container running, nothing written) after this many seconds.
-        #[arg(long)]
-        timeout: Option<u64>,
-        /// Also dump established TCP connections.
-        #[arg(long)]
-        tcp_established: bool,
-        /// Skip the fdatasync of the archive (it is still complete and atomic, not durable).
-        #[arg(long)]
-        no_fsync: bool,
-        /// Dump into a staging dir first and build the archive after, instead of
-        /// streaming CRIU's images straight into it.
-        #[arg(long)]
-        no_stream: bool,
-        /// Most memory (MiB) to hold the pages in while the container is frozen;
-        /// 0 writes them straight into the archive.
-        #[arg(long, default_value_t = ckpt_shim::server::config::DEFAULT_HOLD_MIB)]
-        hold_pages_mib: u64,
-        /// Encrypt the archive to this age recipient or SSH public key (repeatable).
-        #[arg(long, value_name = "RECIPIENT")]
-        encrypt_to: Vec<String>,
-    },
+    Checkpoint(CheckpointArgs),
     /// Restore an archive into a bundle (config.json + rootfs holding the image).
-    Restore {
-        archive: PathBuf,
-        #[arg(long)]
-        bundle: PathBuf,
-        /// Name of the restored container.
-        #[arg(long)]
-        id: String,
-        /// A root-only identity file for an encrypted archive (repeatable).
-        #[arg(long, value_name = "FILE")]
-        identity: Vec<PathBuf>,
-    },
+    Restore(RestoreArgs),
     /// Show what an archive holds: container, image, engine, sizes, CRIU
     /// statistics; with an identity, an encrypted archive's hidden parts too,
     /// every part authenticated.
-    Inspect {
-        archive: PathBuf,
-        #[arg(long, value_name = "FILE")]
-        identity: Vec<PathBuf>,
-    },
+    Inspect(InspectArgs),
     /// Write the plain archive of an encrypted one, for tools that read only
     /// plain ones (checkpointctl inspect, runc restore after extraction).
-    Decrypt {
-        archive: PathBuf,
-        #[arg(long, value_name = "FILE", required = true)]
-        identity: Vec<PathBuf>,
-        /// The plain archive to create (must not exist; root-only).
-        #[arg(long)]
-        output: PathBuf,
-    },
+    Decrypt(DecryptArgs),
     /// Make an archive a checkpoint image: into containerd, an OCI layout or
     /// archive, or a registry. CreateContainer restores it by that name.
-    #[command(group(clap::ArgGroup::new("dest").required(true).args(["import", "oci_layout", "oci_archive", "push"])))]
-    Image {
-        archive: PathBuf,
-        /// The image's name, e.g. 127.0.0.1:5000/ckpt/counter:v1 (unqualified
-        /// names become localhost/NAME, as CRI-O has them).
-        name: String,
-        /// Import into the containerd with this socket (its k8s.io namespace).
-        #[arg(long, value_name = "SOCKET")]
-        import: Option<PathBuf>,
-        /// Write an OCI image layout directory.
-        #[arg(long, value_name = "DIR")]
-        oci_layout: Option<PathBuf>,
-        /// Write an OCI archive (tar of a layout), as `ctr images import` takes.
-        #[arg(long, value_name = "FILE")]
-        oci_archive: Option<PathBuf>,
-        /// Push to the registry in NAME.
-        #[arg(long)]
-        push: bool,
-        /// Talk plain HTTP to the registry (a local one).
-        #[arg(long, requires = "push")]
-        plain_http: bool,
-    },
+    Image(ImageArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Socket to listen on [default: /run/ckpt-shim/ckpt-shim.sock].
+    #[arg(long)]
+    listen: Option<PathBuf>,
+    #[command(flatten)]
+    settings: Settings,
+    /// Log filter, e.g. info or debug [default: info].
+    #[arg(long)]
+    log_level: Option<String>,
+    /// runc state dir of the upstream's containers [default: /run/containerd/runc/k8s.io].
+    #[arg(long)]
+    runc_root: Option<PathBuf>,
+    /// Where restores wait for their container to start; the runtime's
+    /// ckpt-runc must see the same in CKPT_SHIM_RESTORE_DIR [default: /var/lib/ckpt-shim/restore].
+    #[arg(long)]
+    restore_dir: Option<PathBuf>,
+    /// Encrypt every checkpoint to this age recipient or SSH public key
+    /// (repeatable; replaces the file's encrypt_to).
+    #[arg(long, value_name = "RECIPIENT")]
+    encrypt_to: Vec<String>,
+    /// A root-only identity file that opens encrypted checkpoints restored
+    /// here (repeatable; replaces the file's identities).
+    #[arg(long, value_name = "FILE")]
+    identity: Vec<PathBuf>,
+    /// Serve Prometheus metrics at GET /metrics on HOST:PORT or unix:///path.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    settings: Settings,
+}
+
+#[derive(Args)]
+struct CheckpointArgs {
+    /// The runtime's state dir, e.g. /run/runc or /run/containerd/runc/k8s.io.
+    #[arg(long)]
+    runtime_root: PathBuf,
+    /// Container ID or a unique prefix of one.
+    id: String,
+    /// Absolute path of the archive to create (must not exist).
+    #[arg(long)]
+    output: PathBuf,
+    /// Give up (and leave the container running, nothing written) after this many seconds.
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// Also dump established TCP connections.
+    #[arg(long)]
+    tcp_established: bool,
+    /// Skip the fdatasync of the archive (it is still complete and atomic, not durable).
+    #[arg(long)]
+    no_fsync: bool,
+    /// Dump into a staging dir first and build the archive after, instead of
+    /// streaming CRIU's images straight into it.
+    #[arg(long)]
+    no_stream: bool,
+    /// Most memory (MiB) to hold the pages in while the container is frozen;
+    /// 0 writes them straight into the archive.
+    #[arg(long, default_value_t = ckpt_shim::config::DEFAULT_HOLD_MIB)]
+    hold_pages_mib: u64,
+    /// Encrypt the archive to this age recipient or SSH public key (repeatable).
+    #[arg(long, value_name = "RECIPIENT")]
+    encrypt_to: Vec<String>,
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    archive: PathBuf,
+    #[arg(long)]
+    bundle: PathBuf,
+    /// Name of the restored container.
+    #[arg(long)]
+    id: String,
+    /// A root-only identity file for an encrypted archive (repeatable).
+    #[arg(long, value_name = "FILE")]
+    identity: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    archive: PathBuf,
+    #[arg(long, value_name = "FILE")]
+    identity: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+struct DecryptArgs {
+    archive: PathBuf,
+    #[arg(long, value_name = "FILE", required = true)]
+    identity: Vec<PathBuf>,
+    /// The plain archive to create (must not exist; root-only).
+    #[arg(long)]
+    output: PathBuf,
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("dest").required(true).args(["import", "oci_layout", "oci_archive", "push"])))]
+struct ImageArgs {
+    archive: PathBuf,
+    /// The image's name, e.g. 127.0.0.1:5000/ckpt/counter:v1 (unqualified
+    /// names become localhost/NAME, as CRI-O has them).
+    name: String,
+    /// Import into the containerd with this socket (its k8s.io namespace).
+    #[arg(long, value_name = "SOCKET")]
+    import: Option<PathBuf>,
+    /// Write an OCI image layout directory.
+    #[arg(long, value_name = "DIR")]
+    oci_layout: Option<PathBuf>,
+    /// Write an OCI archive (tar of a layout), as `ctr images import` takes.
+    #[arg(long, value_name = "FILE")]
+    oci_archive: Option<PathBuf>,
+    /// Push to the registry in NAME.
+    #[arg(long)]
+    push: bool,
+    /// Talk plain HTTP to the registry (a local one).
+    #[arg(long, requires = "push")]
+    plain_http: bool,
 }
 
 fn main() -> ExitCode {
@@ -212,172 +234,154 @@ fn init_logging(level: &str) {
 }
 
 async fn run(cli: Cli) -> ckpt_shim::Result<()> {
-    if !matches!(cli.cmd, Cmd::Serve { .. }) {
+    if !matches!(cli.cmd, Cmd::Serve(_)) {
         init_logging("info");
     }
-    let criu = criu_rpc::Criu::new(cli.criu.clone().unwrap_or_else(|| "criu".into()));
+    let criu = cli.criu;
     match cli.cmd {
-        Cmd::Serve {
-            listen,
-            settings,
-            log_level,
-            runc_root,
-            restore_dir,
-            encrypt_to,
-            identity,
-            metrics_listen,
-        } => {
-            let mut cfg = settings.load(cli.criu)?;
-            if !encrypt_to.is_empty() {
-                cfg.encrypt_to = encrypt_to;
-            }
-            if !identity.is_empty() {
-                cfg.identities = identity;
-            }
-            // Flags win over the file.
-            if let Some(v) = listen {
-                cfg.listen = v;
-            }
-            if let Some(v) = log_level {
-                cfg.log_level = v;
-            }
-            if let Some(v) = runc_root {
-                cfg.runc_root = v;
-            }
-            if let Some(v) = restore_dir {
-                cfg.restore_dir = v;
-            }
-            if metrics_listen.is_some() {
-                cfg.metrics_listen = metrics_listen;
-            }
-            init_logging(&cfg.log_level);
-            server::serve(cfg).await?;
-            // Everything that must finish has (see `server::stop`); connections
-            // still open and their tasks end with the process.
-            std::process::exit(0);
+        Cmd::Serve(a) => serve(a, criu).await,
+        Cmd::Check(a) => check(a, criu).await,
+        Cmd::Checkpoint(a) => checkpoint(a, driver(criu)).await,
+        Cmd::Restore(a) => restore(a, driver(criu)).await,
+        Cmd::Inspect(a) => {
+            let ids = ckpt_shim::seal::Identities::load(&a.identity)?;
+            print!("{}", inspect::inspect_with(&a.archive, &ids)?);
+            Ok(())
         }
-        Cmd::Check { settings } => {
-            let cfg = settings.load(cli.criu)?;
-            let checks = preflight::run_checks(&cfg).await;
-            print!("{}", preflight::table(&checks));
-            let failed = preflight::failures(&checks);
-            if failed > 0 {
-                return Err(ckpt_shim::Error::ChecksFailed {
-                    failed,
-                    total: checks.len(),
-                });
-            }
-        }
-        Cmd::Checkpoint {
-            runtime_root,
-            id,
-            output,
-            timeout,
-            tcp_established,
-            no_fsync,
-            no_stream,
-            hold_pages_mib,
-            encrypt_to,
-        } => {
-            let seal = ckpt_shim::seal::Recipients::parse(&encrypt_to)?.map(std::sync::Arc::new);
-            let started = Instant::now();
-            let deadline = timeout.map(|t| started + Duration::from_secs(t));
-            let c = locate::from_runtime_root(&runtime_root, &id)?;
-            let settings = DumpSettings {
-                tcp_established,
-                ..Default::default()
-            };
-            let r = checkpoint::checkpoint(
-                &c,
-                &Options {
-                    location: output,
-                    deadline,
-                    criu,
-                    settings,
-                    staging_dir: None,
-                    freeze_journal: None,
-                    durable: !no_fsync,
-                    stream: !no_stream,
-                    hold_budget: hold_pages_mib << 20,
-                    seal,
-                },
-            )
-            .await?;
-            let phases: Vec<String> = r
-                .phases
-                .iter()
-                .map(|(n, d)| format!("{n}={:.1}ms", d.as_secs_f64() * 1e3))
-                .collect();
-            let criu_frozen = r.stats.as_ref().and_then(|s| s.frozen_time).unwrap_or(0);
-            println!(
-                "checkpointed {} into {} ({} bytes{}) in {:.3}s; frozen {:.1}ms (CRIU {:.1}ms); {} bytes of pages held; archive step wrote {} bytes; {}",
-                c.id,
-                r.location.display(),
-                r.archive_bytes,
-                if r.streamed { ", streamed" } else { "" },
-                started.elapsed().as_secs_f64(),
-                r.frozen.as_secs_f64() * 1e3,
-                criu_frozen as f64 / 1e3,
-                r.pages_held,
-                r.archive_written_bytes,
-                phases.join(" ")
-            );
-            r.cleanup.wait();
-        }
-        Cmd::Restore {
-            archive,
-            bundle,
-            id,
-            identity,
-        } => {
-            let identities = std::sync::Arc::new(ckpt_shim::seal::Identities::load(&identity)?);
-            let pid = restore::restore(&RestoreOptions {
-                archive,
-                bundle,
-                id: id.clone(),
-                criu,
-                settings: DumpSettings::default(),
-                stdio: None,
-                identities,
-            })
-            .await?;
-            println!("restored {id} as pid {pid}");
-        }
-        Cmd::Inspect { archive, identity } => {
-            let ids = ckpt_shim::seal::Identities::load(&identity)?;
-            print!("{}", inspect::inspect_with(&archive, &ids)?)
-        }
-        Cmd::Decrypt {
-            archive,
-            identity,
-            output,
-        } => {
-            let ids = ckpt_shim::seal::Identities::load(&identity)?;
-            let mut ckpt = restore::Checkpoint::open(&archive)?;
-            ckpt.unseal(std::sync::Arc::new(ids))?;
-            let bytes = ckpt.write_plain(&output)?;
-            println!("wrote {} ({bytes} bytes)", output.display());
-        }
-        Cmd::Image {
-            archive,
-            name,
-            import,
-            oci_layout,
-            oci_archive,
-            push,
-            plain_http,
-        } => {
-            use ckpt_shim::image::{self, Dest};
-            let dest = match (import, oci_layout, oci_archive) {
-                (Some(s), _, _) => Dest::Containerd(s),
-                (_, Some(d), _) => Dest::Layout(d),
-                (_, _, Some(f)) => Dest::OciArchive(f),
-                _ => Dest::Registry { plain_http },
-            };
-            debug_assert!(push || !matches!(dest, Dest::Registry { .. }));
-            let (full, digest) = image::make(&archive, &name, &dest).await?;
-            println!("{full} {digest}");
-        }
+        Cmd::Decrypt(a) => decrypt(a),
+        Cmd::Image(a) => image(a).await,
     }
+}
+
+/// The CRIU to drive: `--criu`, else criu from PATH.
+fn driver(criu: Option<PathBuf>) -> criu_rpc::Criu {
+    criu_rpc::Criu::new(criu.unwrap_or_else(|| "criu".into()))
+}
+
+async fn serve(a: ServeArgs, criu: Option<PathBuf>) -> ckpt_shim::Result<()> {
+    let mut cfg = a.settings.load(criu)?;
+    // Flags win over the file.
+    if !a.encrypt_to.is_empty() {
+        cfg.encrypt_to = a.encrypt_to;
+    }
+    if !a.identity.is_empty() {
+        cfg.identities = a.identity;
+    }
+    if let Some(v) = a.listen {
+        cfg.listen = v;
+    }
+    if let Some(v) = a.log_level {
+        cfg.log_level = v;
+    }
+    if let Some(v) = a.runc_root {
+        cfg.runc_root = v;
+    }
+    if let Some(v) = a.restore_dir {
+        cfg.restore_dir = v;
+    }
+    if a.metrics_listen.is_some() {
+        cfg.metrics_listen = a.metrics_listen;
+    }
+    init_logging(&cfg.log_level);
+    server::serve(cfg).await?;
+    // Everything that must finish has (see `server::stop`); connections
+    // still open and their tasks end with the process.
+    std::process::exit(0);
+}
+
+async fn check(a: CheckArgs, criu: Option<PathBuf>) -> ckpt_shim::Result<()> {
+    let cfg = a.settings.load(criu)?;
+    let checks = preflight::run_checks(&cfg).await;
+    print!("{}", preflight::table(&checks));
+    match preflight::failures(&checks) {
+        0 => Ok(()),
+        failed => Err(ckpt_shim::Error::ChecksFailed {
+            failed,
+            total: checks.len(),
+        }),
+    }
+}
+
+async fn checkpoint(a: CheckpointArgs, criu: criu_rpc::Criu) -> ckpt_shim::Result<()> {
+    let seal = ckpt_shim::seal::Recipients::parse(&a.encrypt_to)?.map(std::sync::Arc::new);
+    let started = Instant::now();
+    let c = locate::from_runtime_root(&a.runtime_root, &a.id)?;
+    let opts = Options {
+        location: a.output,
+        deadline: a.timeout.map(|t| started + Duration::from_secs(t)),
+        criu,
+        settings: DumpSettings {
+            tcp_established: a.tcp_established,
+            ..Default::default()
+        },
+        staging_dir: None,
+        freeze_journal: None,
+        durable: !a.no_fsync,
+        stream: !a.no_stream,
+        hold_budget: a.hold_pages_mib << 20,
+        seal,
+    };
+    let r = checkpoint::checkpoint(&c, &opts).await?;
+    let phases: Vec<String> = r
+        .phases
+        .iter()
+        .map(|(n, d)| format!("{n}={:.1}ms", d.as_secs_f64() * 1e3))
+        .collect();
+    let criu_frozen = r.stats.as_ref().and_then(|s| s.frozen_time).unwrap_or(0);
+    println!(
+        "checkpointed {} into {} ({} bytes{}) in {:.3}s; frozen {:.1}ms (CRIU {:.1}ms); {} bytes of pages held; archive step wrote {} bytes; {}",
+        c.id,
+        r.location.display(),
+        r.archive_bytes,
+        if r.streamed { ", streamed" } else { "" },
+        started.elapsed().as_secs_f64(),
+        r.frozen.as_secs_f64() * 1e3,
+        criu_frozen as f64 / 1e3,
+        r.pages_held,
+        r.archive_written_bytes,
+        phases.join(" ")
+    );
+    r.cleanup.wait();
+    Ok(())
+}
+
+async fn restore(a: RestoreArgs, criu: criu_rpc::Criu) -> ckpt_shim::Result<()> {
+    let identities = std::sync::Arc::new(ckpt_shim::seal::Identities::load(&a.identity)?);
+    let pid = restore::restore(&RestoreOptions {
+        archive: a.archive,
+        bundle: a.bundle,
+        id: a.id.clone(),
+        criu,
+        settings: DumpSettings::default(),
+        stdio: None,
+        identities,
+    })
+    .await?;
+    println!("restored {} as pid {pid}", a.id);
+    Ok(())
+}
+
+fn decrypt(a: DecryptArgs) -> ckpt_shim::Result<()> {
+    let ids = ckpt_shim::seal::Identities::load(&a.identity)?;
+    let mut ckpt = restore::Checkpoint::open(&a.archive)?;
+    ckpt.unseal(std::sync::Arc::new(ids))?;
+    let bytes = ckpt.write_plain(&a.output)?;
+    println!("wrote {} ({bytes} bytes)", a.output.display());
+    Ok(())
+}
+
+async fn image(a: ImageArgs) -> ckpt_shim::Result<()> {
+    use ckpt_shim::image::{self, Dest};
+    let dest = match (a.import, a.oci_layout, a.oci_archive) {
+        (Some(s), _, _) => Dest::Containerd(s),
+        (_, Some(d), _) => Dest::Layout(d),
+        (_, _, Some(f)) => Dest::OciArchive(f),
+        _ => Dest::Registry {
+            plain_http: a.plain_http,
+        },
+    };
+    debug_assert!(a.push || !matches!(dest, Dest::Registry { .. }));
+    let (full, digest) = image::make(&a.archive, &a.name, &dest).await?;
+    println!("{full} {digest}");
     Ok(())
 }

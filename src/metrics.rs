@@ -49,6 +49,10 @@ pub struct Metrics {
     relay_connections: Gauge,
     own_calls: Gauge,
     restores: Family<CodeLabel, Counter>,
+    pod_checkpoints: Family<CodeLabel, Counter>,
+    pod_restores: Family<CodeLabel, Counter>,
+    pod_pause_seconds: Histogram,
+    pod_containers: Histogram,
     forwarded: Family<CallLabels, Counter>,
     relay_seconds: Histograms<DirectionLabel>,
     upstream_errors: Family<KindLabel, Counter>,
@@ -82,6 +86,10 @@ impl Metrics {
             relay_connections: Gauge::default(),
             own_calls: Gauge::default(),
             restores: Family::default(),
+            pod_checkpoints: Family::default(),
+            pod_restores: Family::default(),
+            pod_pause_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 12)),
+            pod_containers: Histogram::new(exponential_buckets(1.0, 2.0, 6)),
             forwarded: Family::default(),
             relay_seconds: Family::new_with_constructor(relay_histogram),
             upstream_errors: Family::default(),
@@ -134,6 +142,34 @@ impl Metrics {
             "CreateContainer calls that restore a checkpoint, by gRPC code",
             None,
             self.restores.clone(),
+        );
+        add(
+            r,
+            "pod_checkpoints",
+            "CheckpointPod calls answered, by gRPC code",
+            None,
+            self.pod_checkpoints.clone(),
+        );
+        add(
+            r,
+            "pod_restores",
+            "RestorePod calls answered, by gRPC code",
+            None,
+            self.pod_restores.clone(),
+        );
+        add(
+            r,
+            "pod_checkpoint_pause",
+            "How long successful pod checkpoints kept the pod frozen, from the first freeze to the last thaw",
+            secs.clone(),
+            self.pod_pause_seconds.clone(),
+        );
+        add(
+            r,
+            "pod_checkpoint_containers",
+            "Containers per successful pod checkpoint",
+            None,
+            self.pod_containers.clone(),
         );
         add(
             r,
@@ -209,6 +245,27 @@ impl Metrics {
 
     pub fn restore_answered(&self, code: tonic::Code) {
         self.restores
+            .get_or_create(&CodeLabel {
+                code: code_name(code as i32),
+            })
+            .inc();
+    }
+
+    pub fn pod_checkpoint_answered(&self, code: tonic::Code) {
+        Self::count(&self.pod_checkpoints, code);
+    }
+
+    pub fn pod_restore_answered(&self, code: tonic::Code) {
+        Self::count(&self.pod_restores, code);
+    }
+
+    pub fn pod_checkpoint_done(&self, pause: Duration, containers: usize) {
+        self.pod_pause_seconds.observe(pause.as_secs_f64());
+        self.pod_containers.observe(containers as f64);
+    }
+
+    fn count(family: &Family<CodeLabel, Counter>, code: tonic::Code) {
+        family
             .get_or_create(&CodeLabel {
                 code: code_name(code as i32),
             })

@@ -43,14 +43,13 @@ impl Fields {
         Ok(Fields { fields })
     }
 
-    /// The payload of the last length-delimited field `number` (the one a
-    /// decoder keeps for a singular field).
-    pub fn get(&self, number: u32) -> Option<&[u8]> {
+    /// The payloads of every length-delimited field `number` (a repeated
+    /// field's values), in order.
+    pub fn all(&self, number: u32) -> Vec<&[u8]> {
         self.fields
             .iter()
-            .rev()
-            .find(|(n, _)| *n == number)
-            .and_then(|(_, raw)| {
+            .filter(|(n, _)| *n == number)
+            .filter_map(|(_, raw)| {
                 let mut b = raw.as_slice();
                 match decode_key(&mut b).ok()? {
                     (_, WireType::LengthDelimited) => {
@@ -60,6 +59,13 @@ impl Fields {
                     _ => None,
                 }
             })
+            .collect()
+    }
+
+    /// The payload of the last length-delimited field `number` (the one a
+    /// decoder keeps for a singular field).
+    pub fn get(&self, number: u32) -> Option<&[u8]> {
+        self.all(number).pop()
     }
 
     pub fn remove(&mut self, number: u32) {

@@ -11,8 +11,8 @@ use caps::{CapSet, Capability, CapsHashSet};
 use criu_rpc::Version;
 use nix::sys::statvfs::{statvfs, FsFlags};
 
+use crate::config::{socket_path, Config};
 use crate::mountinfo::{self, Mount};
-use crate::server::config::Config;
 
 /// Where the kubelet writes checkpoints; the staging dir to check when none is set.
 pub const KUBELET_CHECKPOINTS: &str = "/var/lib/kubelet/checkpoints";
@@ -56,6 +56,7 @@ impl Check {
 /// Every check, in the order they are printed.
 pub async fn run_checks(cfg: &Config) -> Vec<Check> {
     let mut checks = criu(&cfg.criu).await;
+    checks.push(criu_features(&cfg.criu).await);
     checks.push(kernel());
     checks.push(freezer());
     checks.push(capabilities());
@@ -119,7 +120,7 @@ async fn criu(binary: &Path) -> Vec<Check> {
 /// Read from `criu --version`, which also works for a CRIU that cannot serve RPC.
 async fn criu_version(criu: &Path) -> Check {
     let fail = |why: String| Check::new("criu-version", Status::Fail, why);
-    let out = match run(criu, "--version").await {
+    let out = match run(criu, &["--version"]).await {
         Ok(out) if out.status.success() => out,
         Ok(out) => return fail(output_tail(&out)),
         Err(why) => return fail(why),
@@ -133,7 +134,7 @@ async fn criu_version(criu: &Path) -> Check {
 
 /// CRIU's own test of the kernel's features.
 async fn criu_check(criu: &Path) -> Check {
-    match run(criu, "check").await {
+    match run(criu, &["check"]).await {
         Ok(out) if out.status.success() => {
             let said = String::from_utf8_lossy(&out.stdout);
             let last = said.lines().rfind(|l| !l.trim().is_empty());
@@ -142,6 +143,31 @@ async fn criu_check(criu: &Path) -> Check {
         Ok(out) => Check::new("criu-check", Status::Fail, output_tail(&out)),
         Err(why) => Check::new("criu-check", Status::Fail, why),
     }
+}
+
+/// The kernel features that later ways of checkpointing need, as CRIU finds
+/// them: soft-dirty tracking, for a pre-copy that dumps memory while the
+/// container runs and freezes it only for what changed since; and userfaultfd,
+/// for a lazy restore that runs the process before its memory is in place.
+/// Neither is needed today, so a missing one warns.
+async fn criu_features(criu: &Path) -> Check {
+    let Ok(criu) = find_binary(criu) else {
+        return Check::new("criu-features", Status::Fail, "not run: no criu binary");
+    };
+    let mut missing = false;
+    let mut said = Vec::new();
+    for (feature, what) in [
+        ("mem_dirty_track", "soft-dirty tracking (pre-copy)"),
+        ("uffd-noncoop", "userfaultfd (lazy restore)"),
+    ] {
+        let has = run(&criu, &["check", "--feature", feature])
+            .await
+            .is_ok_and(|o| o.status.success());
+        missing |= !has;
+        said.push(format!("{what}: {}", if has { "yes" } else { "no" }));
+    }
+    let status = if missing { Status::Warn } else { Status::Ok };
+    Check::new("criu-features", status, said.join("; "))
 }
 
 /// `binary` itself if it names a path, else the first match in `PATH`; it
@@ -164,10 +190,11 @@ fn find_binary(binary: &Path) -> Result<PathBuf, String> {
         .ok_or_else(|| format!("{} not found in PATH", binary.display()))
 }
 
-/// Runs `binary arg`, killed if it outlives [`CRIU_TIMEOUT`].
-async fn run(binary: &Path, arg: &str) -> Result<Output, String> {
+/// Runs `binary args`, killed if it outlives [`CRIU_TIMEOUT`].
+async fn run(binary: &Path, args: &[&str]) -> Result<Output, String> {
+    let arg = args.join(" ");
     let out = tokio::process::Command::new(binary)
-        .arg(arg)
+        .args(args)
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .output();
@@ -386,16 +413,18 @@ fn gib(bytes: u64) -> String {
 
 /// The upstream runtime answers CRI Version.
 async fn upstream(endpoint: &str) -> Check {
-    let path = match crate::server::socket_path(endpoint) {
+    let path = match socket_path(endpoint) {
         Ok(p) => p,
         Err(e) => return Check::new("upstream", Status::Fail, e.to_string()),
     };
-    let up = crate::server::upstream::Upstream::new(&path);
+    let mut runtime = crate::cri::runtime_service_client::RuntimeServiceClient::new(
+        crate::cri::unix_channel(&path),
+    );
     let req = crate::cri::VersionRequest {
         version: "v1".into(),
     };
     let fail = |why: String| Check::new("upstream", Status::Fail, format!("{endpoint}: {why}"));
-    match tokio::time::timeout(UPSTREAM_TIMEOUT, up.runtime().version(req)).await {
+    match tokio::time::timeout(UPSTREAM_TIMEOUT, runtime.version(req)).await {
         Ok(Ok(r)) => {
             let r = r.into_inner();
             let detail = format!(

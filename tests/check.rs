@@ -47,6 +47,12 @@ fn a_failing_criu_check_fails_the_preflight() {
         stdout.contains("stub kernel lacks everything"),
         "the failing check's output is shown: {stdout}"
     );
+    // The stub fails every `check --feature` too: both features are missing.
+    assert_eq!(result(&stdout, "criu-features"), "warn", "{stdout}");
+    assert!(
+        stdout.contains("soft-dirty tracking (pre-copy): no; userfaultfd (lazy restore): no"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -62,6 +68,30 @@ fn the_real_criu_passes_and_an_absent_upstream_fails() {
         assert_eq!(result(&stdout, row), "ok", "{stdout}");
     }
     assert_eq!(result(&stdout, "upstream"), "FAIL", "{stdout}");
+    // The features row says what CRIU itself finds on this kernel.
+    let has = |f: &str| {
+        let ok = Command::new(REAL_CRIU)
+            .args(["check", "--feature", f])
+            .output()
+            .unwrap()
+            .status
+            .success();
+        if ok {
+            "yes"
+        } else {
+            "no"
+        }
+    };
+    let (dirty, uffd) = (has("mem_dirty_track"), has("uffd-noncoop"));
+    let row =
+        format!("soft-dirty tracking (pre-copy): {dirty}; userfaultfd (lazy restore): {uffd}");
+    assert!(stdout.contains(&row), "{row} in:\n{stdout}");
+    let want = if (dirty, uffd) == ("yes", "yes") {
+        "ok"
+    } else {
+        "warn"
+    };
+    assert_eq!(result(&stdout, "criu-features"), want, "{stdout}");
     assert!(!out.status.success(), "{stdout}");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("checks failed"),

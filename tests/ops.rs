@@ -9,7 +9,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::cri::{container_pid, tracer, wait_seized, Client, Env};
-use common::{free_port, get, value, PYTHON};
+use common::scrape::{free_port, get, value};
+use common::PYTHON;
 use k8s_cri::v1 as cri;
 use nix::sys::signal::Signal;
 
@@ -149,6 +150,13 @@ async fn checkpoint_ready_is_true_here_and_false_with_a_failing_criu() {
     let mut env = Env::start();
     let (ready, conds, info) = checkpoint_ready(&env.shim_sock);
     assert_eq!(ready["status"], true, "{ready}");
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap()
+            .contains("pod checkpoint served"),
+        "{ready}"
+    );
     // containerd's own conditions and verbose info are all there, unchanged.
     let (direct, direct_info) = conditions(&env.containerd_sock);
     assert_eq!(conds[..conds.len() - 1], direct[..], "{conds:?}");

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use common::cri::{Client, Env};
 use common::raw::{self, frame, frames::count_messages, Conn, Fake, FakeSettings};
-use common::{free_port, go_client, PYTHON};
+use common::scrape::free_port;
+use common::{go_client, PYTHON};
 use k8s_cri::v1 as cri;
 
 const RT: &str = "/runtime.v1.RuntimeService/";
@@ -41,13 +42,13 @@ struct Held {
 
 fn held(env: &Env, port: u16) -> Held {
     let fds = env.shim_fds();
-    let (_, text) = common::get(port, "/metrics");
+    let (_, text) = common::scrape::get(port, "/metrics");
     Held {
         fds,
         threads: env.shim_threads(),
-        connections: common::value(&text, "ckpt_shim_relay_connections"),
-        own_calls: common::value(&text, "ckpt_shim_own_calls_in_flight"),
-        checkpoints: common::value(&text, "ckpt_shim_checkpoints_in_flight"),
+        connections: common::scrape::value(&text, "ckpt_shim_relay_connections"),
+        own_calls: common::scrape::value(&text, "ckpt_shim_own_calls_in_flight"),
+        checkpoints: common::scrape::value(&text, "ckpt_shim_checkpoints_in_flight"),
     }
 }
 

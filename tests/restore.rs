@@ -12,7 +12,7 @@ use common::cri::{Client, Env};
 use common::out_dir;
 use common::restore::{
     assert_listed_running, checkpointed_counter, create, first_logged_count, ns, restore_config,
-    restore_from, status,
+    restore_from, restore_info, status,
 };
 use k8s_cri::v1 as cri;
 use tonic::Code;
@@ -46,16 +46,15 @@ async fn a_checkpoint_comes_back_as_a_container_the_runtime_manages() {
         (cri::ContainerState::ContainerRunning, "restored")
     );
     assert!(s.log_path.ends_with("restored.log"), "{}", s.log_path);
+    let info = restore_info(&st);
+    assert_eq!(info["restored"], serde_json::Value::Bool(true), "{info}");
     assert_eq!(
-        st.info.get("restored").map(String::as_str),
-        Some("true"),
-        "{:?}",
-        st.info.keys()
-    );
-    assert_eq!(
-        st.info.get("restoredFrom").map(PathBuf::from),
+        info["restoredFrom"].as_str().map(PathBuf::from),
         Some(archive.clone())
     );
+    // containerd's own fields are still there.
+    assert_eq!(info["sandboxID"].as_str(), Some(pod.0.as_str()), "{info}");
+    assert!(info["pid"].as_i64().unwrap_or(0) > 0, "{info}");
     assert_listed_running(&mut c, &id).await;
 
     // The process continues from its checkpointed memory, into the new log.

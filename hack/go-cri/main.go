@@ -247,7 +247,17 @@ func firstContainer(conn *grpc.ClientConn) string {
 	return string(fields(fields(resp)[1][0])[1][0])
 }
 
-func throughput(sock string, clients int, secs float64, id string) float64 {
+// mark tells hack/bench_proxy.py that a phase ended, and how many calls went
+// through the shim since the last mark; it reads the shim's CPU time there. The pause keeps
+// the next phase's first calls out of that reading.
+func mark(phase string, shimCalls int64) {
+	b, _ := json.Marshal(map[string]interface{}{"mark": phase, "shim_calls": shimCalls})
+	fmt.Println(string(b))
+	time.Sleep(200 * time.Millisecond)
+}
+
+// throughput returns calls per second, and how many calls were made.
+func throughput(sock string, clients int, secs float64, id string) (float64, int64) {
 	conns := make([]*grpc.ClientConn, clients)
 	for i := range conns {
 		conns[i] = dial(sock)
@@ -275,7 +285,7 @@ func throughput(sock string, clients int, secs float64, id string) float64 {
 	for _, c := range conns {
 		c.Close()
 	}
-	return float64(done) / time.Since(start).Seconds()
+	return float64(done) / time.Since(start).Seconds(), done + int64(clients)
 }
 
 func bench(direct, shim string, n, clients int, secs float64) {
@@ -286,6 +296,7 @@ func bench(direct, shim string, n, clients int, secs float64) {
 		D50, D99, S50, S99, Add float64 `json:"-"`
 	}
 	var lat []map[string]interface{}
+	mark("start", 0)
 	for _, m := range methods {
 		var dv, sv []float64
 		for i := 0; i < n+50; i++ {
@@ -309,10 +320,15 @@ func bench(direct, shim string, n, clients int, secs float64) {
 		lat = append(lat, map[string]interface{}{"method": m.name, "direct_p50_us": d50, "direct_p99_us": d99,
 			"shim_p50_us": s50, "shim_p99_us": s99, "added_p50_us": s50 - d50})
 	}
+	mark("latency", int64(len(methods)*(n+50)))
 	var dt, st []float64
 	for r := 0; r < 3; r++ {
-		dt = append(dt, throughput(direct, clients, secs, id))
-		st = append(st, throughput(shim, clients, secs, id))
+		rate, _ := throughput(direct, clients, secs, id)
+		dt = append(dt, rate)
+		mark("direct", 0)
+		rate, calls := throughput(shim, clients, secs, id)
+		st = append(st, rate)
+		mark("throughput", calls)
 	}
 	dm, sm := pct(dt, 0.5), pct(st, 0.5)
 	out, _ := json.Marshal(map[string]interface{}{"client": "go", "latency": lat, "clients": clients,

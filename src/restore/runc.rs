@@ -137,6 +137,9 @@ fn restore(inv: &Invocation, s: &Staged) -> Result<()> {
         .arg(s.images())
         .arg("--work-path")
         .arg(s.work());
+    if has_established_tcp(&s.images()) {
+        cmd.arg("--tcp-established");
+    }
     for (k, v) in &inv.options {
         // What create and restore share; the rest means nothing to a restore.
         if ["--pid-file", "--console-socket", "--no-pivot"].contains(&k.as_str()) {
@@ -154,6 +157,17 @@ fn restore(inv: &Invocation, s: &Staged) -> Result<()> {
         )));
     }
     s.mark_restored()
+}
+
+/// CRIU restores an established TCP connection only when told again that it
+/// may (`--tcp-established`), as at the dump; a dump that took one wrote its
+/// stream into a `tcp-stream-<inode>.img`.
+fn has_established_tcp(images: &Path) -> bool {
+    std::fs::read_dir(images)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("tcp-stream-"))
 }
 
 /// Rewrites the checkpoint's UTS images with the names of the UTS namespace the

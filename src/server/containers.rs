@@ -20,7 +20,6 @@ use crate::cri::{
 };
 use crate::error::{Error, Result};
 use crate::image::containerd::Found;
-use crate::pbwire::Fields;
 use crate::restore::create::{self as plan};
 use crate::restore::stage::{self, RestoreInfo, Staged, Staging};
 use crate::restore::Checkpoint;
@@ -69,7 +68,7 @@ impl Containers {
         let Ok(list) = self
             .upstream
             .runtime()
-            .list_containers(crate::cri::ListContainersRequest {})
+            .list_containers(crate::cri::ListContainersRequest::default())
             .await
         else {
             return;
@@ -189,6 +188,22 @@ impl Containers {
         Ok(reply)
     }
 
+    /// A CreateContainer `call` that restores `archive` (a pod restore's):
+    /// the new container's ID, or why not, the runtime's refusal included.
+    pub(super) async fn restore_archive(&self, call: &Call, archive: PathBuf) -> Result<String> {
+        let reply = self.restore(call, Source::Archive(archive)).await?;
+        match reply.decode::<CreateContainerResponse>() {
+            Some(r) => Ok(r.container_id),
+            None => Err(Error::Upstream(reply.grpc_status())),
+        }
+    }
+
+    /// Removes a container created here, and its restore.
+    pub(super) async fn discard(&self, id: &str) {
+        self.remove_upstream(id).await;
+        self.forget(id).await;
+    }
+
     /// The archive to restore: the one on the node, or a checkpoint image's,
     /// read out of the runtime into a private staging of its own (which goes
     /// when the restore is done with it).
@@ -250,8 +265,7 @@ impl Containers {
     }
 
     /// For a verbose ContainerStatus of a container restored here: its info
-    /// gains `restored: "true"` (CRI-O's key), where it came from and when it
-    /// was checkpointed.
+    /// says so, where CRI-O says it ([`restored_status`](super::restored_status)).
     pub fn amend_status(&self, request: &[u8]) -> Option<Amend> {
         let r = ContainerStatusRequest::decode(request).ok()?;
         if !r.verbose
@@ -264,21 +278,7 @@ impl Containers {
             return None;
         }
         let info = Staged::find(&self.root, &r.container_id)?.info()?;
-        let entries = [
-            ("restored".to_string(), "true".to_string()),
-            ("restoredFrom".into(), info.source),
-            ("checkpointedAt".into(), info.checkpointed_at),
-        ];
-        Some(Box::new(move |msg: &[u8]| {
-            let mut info = Fields::default();
-            for (k, v) in &entries {
-                let mut e = Fields::default();
-                e.push(1, k.as_bytes());
-                e.push(2, v.as_bytes());
-                info.push(2, &e.encode());
-            }
-            [msg, &info.encode()].concat()
-        }))
+        Some(super::restored_status::amend(info))
     }
 
     /// StartContainer, and for a restored container, its images removed after.

@@ -3,23 +3,23 @@
 //! real runtime ([`relay`]).
 
 mod checkpoint_images;
-pub mod config;
 mod containers;
 mod frame;
 mod headers;
 mod native;
+mod pods;
 mod readiness;
 pub mod relay;
+mod restored_status;
 pub mod scrape;
 mod socket;
-pub(crate) mod upstream;
+mod upstream;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use config::Config;
-
-use crate::error::{Context, Error, Result};
+use crate::config::{socket_path, Config};
+use crate::error::{Context, Result};
 use relay::{Call, Owner, Reply, ReplyFuture};
 
 const RUNTIME: &str = "/runtime.v1.RuntimeService/";
@@ -30,6 +30,7 @@ struct Router {
     native: Arc<native::Native>,
     native_enabled: bool,
     containers: Arc<containers::Containers>,
+    pods: Arc<pods::Pods>,
     readiness: Arc<readiness::Readiness>,
 }
 
@@ -37,7 +38,14 @@ impl Owner for Router {
     fn owns(&self, path: &str) -> bool {
         matches!(
             path.strip_prefix(RUNTIME),
-            Some("CheckpointContainer" | "CreateContainer" | "StartContainer" | "RemoveContainer")
+            Some(
+                "CheckpointContainer"
+                    | "CreateContainer"
+                    | "StartContainer"
+                    | "RemoveContainer"
+                    | "CheckpointPod"
+                    | "RestorePod"
+            )
         )
     }
 
@@ -47,10 +55,12 @@ impl Owner for Router {
                 "CreateContainer" => self.containers.create(call).await,
                 "StartContainer" => self.containers.start(call).await,
                 "RemoveContainer" => self.containers.remove(call).await,
+                "RestorePod" => self.pods.clone().restore_call(call).await,
                 // The message the kubelet's e2e test recognises as "not supported".
-                _ if !self.native_enabled => Reply::status(tonic::Status::unimplemented(
-                    "method CheckpointContainer not implemented",
-                )),
+                m if !self.native_enabled => Reply::status(tonic::Status::unimplemented(format!(
+                    "method {m} not implemented"
+                ))),
+                "CheckpointPod" => self.pods.clone().checkpoint_call(call).await,
                 _ => self.native.clone().handle(call).await,
             }
         })
@@ -73,17 +83,6 @@ impl Owner for Router {
             _ => self.containers.amend_status(request),
         }
     }
-}
-
-/// The upstream's socket path from `unix:///path` (or a plain path).
-pub fn socket_path(upstream: &str) -> Result<PathBuf> {
-    let path = upstream.strip_prefix("unix://").unwrap_or(upstream);
-    if !path.starts_with('/') {
-        return Err(Error::InvalidArgument(format!(
-            "upstream {upstream:?}: only unix:///absolute/path endpoints are supported"
-        )));
-    }
-    Ok(PathBuf::from(path))
 }
 
 /// Serves until SIGTERM or SIGINT, then stops as [`stop`] says.
@@ -114,16 +113,24 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let containers = Arc::new(containers::Containers::new(
         up.clone(),
         &cfg.restore_dir,
-        identities,
+        identities.clone(),
     ));
     tokio::spawn({
         let c = containers.clone();
         async move { c.collect_garbage().await }
     });
+    let native = Arc::new(native::Native::new(&cfg, up.channel(), seal));
+    let pods = Arc::new(pods::Pods {
+        native: native.clone(),
+        containers: containers.clone(),
+        upstream: up.clone(),
+        identities,
+    });
     let router = Arc::new(Router {
-        native: Arc::new(native::Native::new(&cfg, up.channel(), seal)),
+        native,
         native_enabled: cfg.checkpoint_enabled,
         containers,
+        pods,
         readiness: readiness::Readiness::spawn(cfg.clone()),
     });
     accept(listener, &upstream, router.clone()).await?;

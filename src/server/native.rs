@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::Channel;
 
 use crate::checkpoint::{self, Options};
+use crate::config::Config;
 use crate::cri::runtime_service_client::RuntimeServiceClient;
 use crate::cri::{
     CheckpointContainerRequest, CheckpointContainerResponse, ContainerState,
@@ -23,7 +24,6 @@ use crate::error::{Error, Result};
 use crate::locate::Container;
 use crate::seal::Recipients;
 use crate::server::relay::{Call, Reply};
-use crate::server::Config;
 
 pub struct Native {
     upstream: RuntimeServiceClient<Channel>,
@@ -156,26 +156,9 @@ impl Native {
         };
 
         let c = tokio::select! { c = self.resolve(&r.container_id) => c?, e = within("resolving the container") => return Err(e) };
-        let lock = self
-            .locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(c.id.clone())
-            .or_default()
-            .clone();
+        let lock = self.lock_of(&c.id);
         let _serial = tokio::select! { g = lock.lock() => g, e = within("waiting for another checkpoint") => return Err(e) };
-        let opts = Options {
-            location,
-            deadline,
-            criu: self.criu.clone(),
-            settings: self.settings.clone(),
-            staging_dir: self.staging_dir.clone(),
-            durable: self.durable,
-            stream: self.stream,
-            hold_budget: self.hold_budget,
-            freeze_journal: Some(self.journal.clone()),
-            seal: self.seal.clone(),
-        };
+        let opts = self.options(location, deadline);
         let stop = &self.stop;
         let mut report =
             match checkpoint::checkpoint_tracked(&c, &opts, &stop.tasks, &stop.abandon).await {
@@ -214,11 +197,66 @@ impl Native {
         Ok(())
     }
 
+    /// The lock that serialises checkpoints of container `id`.
+    pub(super) fn lock_of(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// A checkpoint's options from the shim's settings.
+    pub(super) fn options(&self, location: PathBuf, deadline: Option<Instant>) -> Options {
+        Options {
+            location,
+            deadline,
+            criu: self.criu.clone(),
+            settings: self.settings.clone(),
+            staging_dir: self.staging_dir.clone(),
+            durable: self.durable,
+            stream: self.stream,
+            hold_budget: self.hold_budget,
+            freeze_journal: Some(self.journal.clone()),
+            seal: self.seal.clone(),
+        }
+    }
+
+    /// Runs `work` as a task a stopping server waits for. If this future is
+    /// dropped (the caller went away) or the server stops, the work's
+    /// [`Cancelled`](crate::sink::Cancelled) fires, and it winds down itself.
+    pub(super) async fn tracked<T, F>(
+        &self,
+        work: impl FnOnce(crate::sink::Cancelled) -> F,
+    ) -> Result<T>
+    where
+        F: std::future::Future<Output = Result<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        if self.stop.draining.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        let (keep_going, cancelled) = tokio::sync::watch::channel(());
+        let mut task = self.stop.tasks.spawn(work(cancelled));
+        let joined = tokio::select! {
+            r = &mut task => r,
+            _ = self.stop.abandon.cancelled() => {
+                drop(keep_going);
+                task.await
+            }
+        };
+        match joined.map_err(|e| Error::Other(format!("task failed: {e}")))? {
+            Err(Error::Cancelled) if self.stop.abandon.is_cancelled() => Err(Error::ShuttingDown),
+            r => r,
+        }
+    }
+
     /// Full ID or unique prefix (crictl sends what the user typed) → a running container.
-    async fn resolve(&self, id_or_prefix: &str) -> Result<Container> {
+    pub(crate) async fn resolve(&self, id_or_prefix: &str) -> Result<Container> {
         let mut client = self.upstream.clone();
         let list = client
-            .list_containers(ListContainersRequest {})
+            .list_containers(ListContainersRequest::default())
             .await?
             .into_inner();
         let mut ids: Vec<String> = list
@@ -318,7 +356,7 @@ fn runc_bundle(root: &Path, id: &str) -> Option<PathBuf> {
 }
 
 /// The deadline a `grpc-timeout` header sets (digits and a unit: H M S m u n).
-fn grpc_deadline(headers: &http::HeaderMap) -> Option<Instant> {
+pub(super) fn grpc_deadline(headers: &http::HeaderMap) -> Option<Instant> {
     let v = headers.get("grpc-timeout")?.to_str().ok()?;
     let (num, unit) = v.split_at(v.len().checked_sub(1)?);
     let n: u64 = num.parse().ok()?;
@@ -335,7 +373,7 @@ fn grpc_deadline(headers: &http::HeaderMap) -> Option<Instant> {
 }
 
 /// Runs a tonic unary service on a collected call, and collects its answer.
-async fn unary<S, M>(svc: S, call: Call) -> Reply
+pub(super) async fn unary<S, M>(svc: S, call: Call) -> Reply
 where
     S: tonic::server::UnaryService<M>,
     S::Response: prost::Message + 'static,

@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use prost::Message;
 
+use crate::config::Config;
 use crate::cri::{RuntimeCondition, RuntimeStatus, StatusResponse};
 use crate::preflight::{self, Check, Status};
 use crate::server::relay::Amend;
-use crate::server::Config;
 
 pub const CONDITION: &str = "CheckpointReady";
 /// `criu check` takes about a second; the node's state rarely changes faster.
@@ -71,6 +71,11 @@ impl Readiness {
     }
 }
 
+/// What a ready node's condition says: KEP-5823's calls are served too (CRI has
+/// no runtime feature flag for them yet).
+pub const SERVED: &str =
+    "CheckpointContainer served; pod checkpoint served (CheckpointPod, RestorePod)";
+
 fn condition(status: bool, reason: &str, message: &str) -> RuntimeCondition {
     RuntimeCondition {
         r#type: CONDITION.into(),
@@ -85,7 +90,7 @@ fn condition(status: bool, reason: &str, message: &str) -> RuntimeCondition {
 pub fn judge(checks: &[Check]) -> RuntimeCondition {
     let failed: Vec<&Check> = checks.iter().filter(|c| c.status == Status::Fail).collect();
     let Some(first) = failed.first() else {
-        return condition(true, "", "");
+        return condition(true, "", SERVED);
     };
     let reason: String = first
         .name
@@ -120,6 +125,7 @@ mod tests {
             check("staging-dir", Status::Warn, "w"),
         ]);
         assert!(ok.status && ok.reason.is_empty());
+        assert!(ok.message.contains("CheckpointPod"), "{}", ok.message);
         let bad = judge(&[
             check("criu", Status::Ok, "/x"),
             check("criu-check", Status::Fail, "exit 1"),

@@ -2,8 +2,9 @@
 //! connection of its own to the upstream runtime. SETTINGS, flow control,
 //! PING and GOAWAY are the two peers' own; message bytes pass unchanged, so
 //! fields this shim does not know survive and streaming methods work; header
-//! blocks are decoded and re-encoded ([`super::headers`]), which is where an
-//! `:authority` no server should have to take is made valid.
+//! blocks are decoded, and passed on as they came or re-encoded
+//! ([`super::headers`]), which is where an `:authority` no server should have
+//! to take is made valid.
 //!
 //! The calls the shim answers itself ([`Owner`]) are taken out of the stream
 //! before the upstream sees them: their request is collected, handed to the
@@ -27,6 +28,17 @@
 //! crossed, which is what keepalive and the BDP estimator want to know; a
 //! connection's end is seen as the socket's close on either side.
 //!
+//! Each frame is checked as it passes (RFC 9113 §4-§6: lengths, stream 0
+//! rules, padding, SETTINGS values, the SETTINGS_MAX_FRAME_SIZE the receiving
+//! peer announced, window overflow, frames inside a header block, frames on
+//! idle or closed streams). A connection error ends the connection with a
+//! GOAWAY carrying the RFC's code to the peer at fault; a stream error resets
+//! that stream on both sides. When the upstream closes (containerd restarted)
+//! or fails, the client gets GOAWAY(NO_ERROR) and the close, so its calls fail
+//! UNAVAILABLE at once and it reconnects; the shim's own calls on the
+//! connection are stopped. The upstream's GOAWAY passes on unchanged, and
+//! stops the shim's own calls above its last stream, which the client retries.
+//!
 //! Relaying frames costs one read and one write per batch and direction. A
 //! full HTTP/2 server and client per call (hyper) cost about four times as much
 //! CPU on this project's VM, which is why the forwarding path is this one.
@@ -35,10 +47,10 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
@@ -46,7 +58,7 @@ use tokio::sync::mpsc;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::frame::{self, Frame, Reason};
-use super::headers::{self, Fields, HeaderCodec};
+use super::headers::{self, Fields};
 
 /// A call the shim answers itself: its path, metadata and request bytes (the
 /// gRPC length-prefixed messages, as sent).
@@ -105,6 +117,15 @@ impl Reply {
             .unwrap_or(tonic::Code::Unknown)
     }
 
+    /// The answer's gRPC status, with its message.
+    pub fn grpc_status(&self) -> tonic::Status {
+        self.trailers
+            .as_ref()
+            .and_then(tonic::Status::from_header_map)
+            .or_else(|| tonic::Status::from_header_map(&self.headers))
+            .unwrap_or_else(|| tonic::Status::new(self.code(), "no grpc-status"))
+    }
+
     /// The one message of a successful unary answer, decoded.
     pub fn decode<M: prost::Message + Default>(&self) -> Option<M> {
         (self.code() == tonic::Code::Ok)
@@ -156,16 +177,18 @@ pub trait Owner: Send + Sync + 'static {
 
 /// Requests larger than this are not collected for the shim's own calls.
 const MAX_CALL: usize = 4 << 20;
+/// While this much waits to be written to one side, the other is not read.
+const BACKLOG: usize = 1 << 20;
+/// While this much waits for the client, the client is not read either: what
+/// the relay answers itself (PING ACKs, credit) must not pile up unbounded
+/// behind a client that sends and never reads.
+const CLIENT_BACKLOG: usize = 4 * BACKLOG;
 
 /// Relays one client connection until either side closes it.
 pub async fn relay(client: UnixStream, upstream: &Path, owner: Arc<dyn Owner>) {
     let _counted = crate::metrics::get().relay_connection();
-    let (crd, cwr) = client.into_split();
-    let (to_client, from_client_side) = mpsc::unbounded_channel();
-    let (to_upstream, from_upstream_side) = mpsc::unbounded_channel();
-    let shared = Arc::new(Mutex::new(Flow::default()));
     let up = match UnixStream::connect(upstream).await {
-        Ok(u) => Some(u.into_split()),
+        Ok(u) => Some(u),
         Err(e) => {
             tracing::warn!(upstream = %upstream.display(), "upstream unreachable: {e}");
             crate::metrics::get().upstream_error("connect");
@@ -179,18 +202,18 @@ pub async fn relay(client: UnixStream, upstream: &Path, owner: Arc<dyn Owner>) {
             upstream.display()
         )),
     };
-    let (urd, uwr) = match up {
-        Some((r, w)) => (Some(r), Some(w)),
-        None => (None, None),
-    };
-    // Each side ends the other: the client side's end closes the channel the
-    // upstream side waits on, and the other way round.
-    let mut client_side = ClientSide::new(owner, reach, to_client, shared.clone());
-    client_side.upstream = upstream.to_path_buf();
-    let c2u = client_side.run(crd, uwr, from_upstream_side);
-    let u2c = UpstreamSide::new(shared).run(urd, cwr, from_client_side, to_upstream);
-    let (a, b) = tokio::join!(c2u, u2c);
-    for e in [a.err(), b.err()].into_iter().flatten() {
+    let (replies, replies_rx) = mpsc::unbounded_channel();
+    let mut r = Relay::new(owner, reach, replies);
+    r.upstream = upstream.to_path_buf();
+    let (result, mut relay) = r.run(client, up, replies_rx).await;
+    // The shim's own calls on the connection stop with it (a checkpoint's
+    // dropped future thaws and cleans up, as on any failure).
+    for o in relay.owned.values_mut() {
+        if let Some(t) = o.task.take() {
+            t.abort();
+        }
+    }
+    if let Err(e) = result {
         tracing::debug!("connection ended: {e}");
     }
 }
@@ -201,77 +224,22 @@ enum Reach {
     Unreachable(String),
 }
 
-/// What both sides share: the client's connection-level receive window, as
-/// both affect it, the replies to amend, and the forwarded calls' method
-/// labels until their answer is counted.
-#[derive(Default)]
-struct Flow {
-    amends: HashMap<u32, Amend>,
-    calls: HashMap<u32, String>,
-    /// What the client can still receive (RFC 9113 §6.9.2: starts at 65535).
-    window: i64,
-    started: bool,
-    /// Bytes the relay sent the client that the upstream does not know of.
-    debt: u64,
-    /// Replies waiting for window.
-    waiting: usize,
-    /// The highest stream the client opened: what a GOAWAY to it names.
-    last_stream: u32,
-    /// SETTINGS_MAX_FRAME_SIZE as each peer announced it (0: the default), the
-    /// limit on what the other one may send through the relay.
-    client_max_frame: usize,
-    upstream_max_frame: usize,
-}
+/// A reply to an owned call, from the task that answered it, with what keeps a
+/// stopping server waiting until it is written.
+type Answered = (u32, Reply, Option<TaskTrackerToken>);
 
-/// The shared state, whichever side panicked last (nothing in it is left
-/// half-changed by a panic).
-fn lock(flow: &Mutex<Flow>) -> MutexGuard<'_, Flow> {
-    flow.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl Flow {
-    fn window(&mut self) -> &mut i64 {
-        if !self.started {
-            self.started = true;
-            self.window = 65_535;
-        }
-        &mut self.window
-    }
-}
-
-/// To the task writing to the client.
-enum ToClient {
-    /// A reply to an owned call, with what keeps a stopping server waiting
-    /// until it is written.
-    Reply(u32, Reply, Option<TaskTrackerToken>),
-    Frames(Bytes),
-    /// The client's SETTINGS_HEADER_TABLE_SIZE.
-    TableSize(u32),
-    /// The client's window grew.
-    Wake,
-    /// The client broke the protocol: GOAWAY, and the connection ends.
-    GoAway(frame::Reason, String),
-    /// With no upstream: GOAWAY after this stream, so that the client's next
-    /// call comes on a new connection, which tries the upstream again.
-    Drain(u32),
-}
-
-/// To the task writing to the upstream.
-enum ToUpstream {
-    /// The upstream's SETTINGS_HEADER_TABLE_SIZE.
-    TableSize(u32),
-    /// Connection credit for bytes the upstream sent that the client never got
-    /// (an amended reply came out shorter).
-    Credit(u32),
-    /// The upstream's PING, answered.
-    Pong(Bytes),
-    /// The upstream reset this stream: the client sends on it no more.
-    Closed(u32),
-    /// The upstream's GOAWAY named this last stream: the client takes every
-    /// stream above it as never processed, and retries it elsewhere.
-    Refused(u32),
-    /// The upstream broke the protocol: GOAWAY, and the connection ends.
-    GoAway(frame::Reason, String),
+/// How a connection ended, and what each side is told.
+enum End {
+    /// The client closed: nothing more to tell it.
+    ClientClosed,
+    /// The client broke the protocol: it gets GOAWAY with this code.
+    Client(frame::Error),
+    /// The upstream closed or failed: the client gets GOAWAY(NO_ERROR), so
+    /// grpc-go and C-core fail its calls UNAVAILABLE and reconnect.
+    UpstreamGone(String),
+    /// The upstream broke the protocol: it hears why, the client that its
+    /// runtime is gone (INTERNAL_ERROR).
+    Upstream(frame::Error),
 }
 
 /// A header block being collected from HEADERS and CONTINUATION frames.
@@ -280,6 +248,8 @@ struct Block {
     flags: u8,
     priority: Option<[u8; 5]>,
     fragment: Vec<u8>,
+    /// The frames as they came, to pass on unchanged.
+    raw: Vec<Bytes>,
 }
 
 impl Block {
@@ -295,6 +265,7 @@ impl Block {
                     flags: f.flags,
                     priority,
                     fragment: Vec::new(),
+                    raw: Vec::with_capacity(1),
                 });
                 fragment
             }
@@ -306,6 +277,7 @@ impl Block {
             return Err(frame::error(Reason::Compression, "header block too large"));
         }
         b.fragment.extend_from_slice(fragment);
+        b.raw.push(f.raw.clone());
         Ok(if f.has(frame::END_HEADERS) {
             slot.take()
         } else {
@@ -317,17 +289,17 @@ impl Block {
         self.flags & frame::END_STREAM != 0
     }
 
-    /// The block's fields, decoded with `codec`'s context.
-    fn decode(&self, codec: &mut HeaderCodec) -> Result<Fields, frame::Error> {
-        codec
-            .decode(&self.fragment)
-            .map_err(|e| frame::error(Reason::Compression, e.to_string()))
+    /// Passes the block on as it came.
+    fn pass(&self, out: &mut BytesMut) {
+        for f in &self.raw {
+            out.extend_from_slice(f);
+        }
     }
+}
 
-    /// Re-encodes the block, as `fields`, with `codec`'s context into `out`.
-    fn put(&self, codec: &mut HeaderCodec, out: &mut BytesMut, fields: &Fields) {
-        codec.put(out, self.stream, fields, self.ends_stream(), self.priority);
-    }
+/// An HPACK error leaves the two contexts apart: a connection error.
+fn compression(e: std::io::Error) -> frame::Error {
+    frame::error(Reason::Compression, e.to_string())
 }
 
 /// Any frame but CONTINUATION while a header block is open is a connection
@@ -352,145 +324,289 @@ struct Owned {
     refused: bool,
 }
 
-/// Reads the client, forwards to the upstream, and takes out the owned calls.
-struct ClientSide {
+/// One client connection and its upstream connection, both directions in one
+/// task: a batch read from one side is handled and written to the other
+/// without a hop to another task or thread, and what the relay answers itself
+/// (PINGs, window credit, resets, GOAWAY) goes straight into the outgoing buffer.
+struct Relay {
     owner: Arc<dyn Owner>,
     reach: Reach,
-    codec: HeaderCodec,
-    block: Option<Block>,
+    /// The upstream's socket: with none reached, whether it is back.
+    upstream: PathBuf,
+    /// Client to upstream: the client's HPACK context, the block being read.
+    requests: headers::Requests,
+    client_block: Option<Block>,
     owned: HashMap<u32, Owned>,
     /// Forwarded calls the owner watches: their path and request so far.
     watched: HashMap<u32, (String, BytesMut)>,
     /// Streams the client may still send on (open, not half-closed).
     open: HashSet<u32>,
+    /// The highest stream the client opened: what a GOAWAY to it names.
     last_stream: u32,
-    /// With no upstream: the last stream answered before the GOAWAY.
-    drained: Option<u32>,
-    upstream: PathBuf,
-    out: BytesMut,
-    to_client: mpsc::UnboundedSender<ToClient>,
-    flow: Arc<Mutex<Flow>>,
+    /// The last stream a GOAWAY to the client named (the upstream's, forwarded,
+    /// or the relay's own with no upstream): none later may name a higher one.
+    goaway: Option<u32>,
+    /// Forwarded calls' method labels, until their answer is counted.
+    calls: HashMap<u32, String>,
+    /// Replies to amend, from the request's end until the reply's first DATA.
+    amends: HashMap<u32, Amend>,
+    /// Upstream to client: the upstream's context (its blocks pass unchanged,
+    /// read on the way), and the encoder for the shim's own replies, which
+    /// leaves the client's table alone.
+    decoder: headers::Decoder,
+    encoder: headers::Encoder,
+    upstream_block: Option<Block>,
+    /// Replies being amended: the change, the bytes so far, their flow length.
+    amending: HashMap<u32, (Amend, BytesMut, usize)>,
+    /// Replies to owned calls waiting for the client's window.
+    waiting: Vec<Answered>,
+    /// Held until the replies in `to_client` are written.
+    written: Vec<TaskTrackerToken>,
+    /// What the client can still receive (RFC 9113 §6.9.2: starts at 65535).
+    window: i64,
+    /// Bytes the relay sent the client that the upstream does not know of.
+    debt: u64,
+    /// SETTINGS_MAX_FRAME_SIZE as each peer announced it: the largest frame
+    /// the other may send through the relay (index: the side it limits).
+    max_frame: [usize; 2],
+    to_upstream: BytesMut,
+    to_client: BytesMut,
+    /// When the batch now in `to_upstream` / `to_client` was read (metrics).
+    read_at: [Option<Instant>; 2],
+    replies: mpsc::UnboundedSender<Answered>,
 }
 
-impl ClientSide {
-    fn new(
-        owner: Arc<dyn Owner>,
-        reach: Reach,
-        to_client: mpsc::UnboundedSender<ToClient>,
-        flow: Arc<Mutex<Flow>>,
-    ) -> ClientSide {
-        ClientSide {
+/// Index into `Relay::read_at` and `Relay::max_frame`: the side written to.
+const TO_UPSTREAM: usize = 0;
+const TO_CLIENT: usize = 1;
+
+/// Reads a batch from `half` if there is one.
+async fn read_from(half: &mut Option<OwnedReadHalf>, buf: &mut BytesMut) -> std::io::Result<usize> {
+    half.as_mut().expect("guarded").read_buf(buf).await
+}
+
+/// Writes what it can of `buf` to `half`.
+async fn write_to(half: &mut Option<OwnedWriteHalf>, buf: &[u8]) -> std::io::Result<usize> {
+    half.as_mut().expect("guarded").write(buf).await
+}
+
+impl Relay {
+    fn new(owner: Arc<dyn Owner>, reach: Reach, replies: mpsc::UnboundedSender<Answered>) -> Relay {
+        Relay {
             owner,
             reach,
-            codec: HeaderCodec::default(),
-            block: None,
+            upstream: PathBuf::new(),
+            requests: headers::Requests::default(),
+            client_block: None,
             owned: HashMap::new(),
             watched: HashMap::new(),
             open: HashSet::new(),
             last_stream: 0,
-            drained: None,
-            upstream: PathBuf::new(),
-            out: BytesMut::with_capacity(32 << 10),
-            to_client,
-            flow,
+            goaway: None,
+            calls: HashMap::new(),
+            amends: HashMap::new(),
+            decoder: headers::Decoder::default(),
+            encoder: headers::Encoder::default(),
+            upstream_block: None,
+            amending: HashMap::new(),
+            waiting: Vec::new(),
+            written: Vec::new(),
+            window: 65_535,
+            debt: 0,
+            max_frame: [frame::MAX_FRAME; 2],
+            to_upstream: BytesMut::with_capacity(32 << 10),
+            to_client: BytesMut::with_capacity(32 << 10),
+            read_at: [None; 2],
+            replies,
         }
     }
 
+    /// Until either side ends the connection. Writes come first, so a batch
+    /// goes out as soon as it is handled; a side is not read while the other
+    /// side has not taken what was already read from it.
     async fn run(
         mut self,
-        crd: OwnedReadHalf,
-        mut uwr: Option<OwnedWriteHalf>,
-        table: mpsc::UnboundedReceiver<ToUpstream>,
-    ) -> Result<(), frame::Error> {
-        let result = self.pump(crd, &mut uwr, table).await;
-        if let Err(frame::Error::Connection { reason, what }) = &result {
-            self.client(ToClient::GoAway(*reason, what.clone()));
-        }
-        for o in self.owned.values_mut() {
-            if let Some(t) = o.task.take() {
-                t.abort();
+        client: UnixStream,
+        upstream: Option<UnixStream>,
+        mut answered: mpsc::UnboundedReceiver<Answered>,
+    ) -> (Result<(), frame::Error>, Relay) {
+        let (mut crd, mut cwr) = client.into_split();
+        let (mut urd, mut uwr) = match upstream.map(|u| u.into_split()) {
+            Some((r, w)) => (Some(r), Some(w)),
+            None => {
+                // With no upstream the relay is the client's server: its SETTINGS first.
+                frame::put_frame(&mut self.to_client, frame::SETTINGS, 0, 0, &[]);
+                (None, None)
             }
-        }
-        if let Some(mut w) = uwr {
+        };
+        let mut from_client = frame::Reader::new(true);
+        let mut from_upstream = frame::Reader::new(false);
+        let end = loop {
+            let read_client = self.to_upstream.len() < BACKLOG && self.to_client.len() < CLIENT_BACKLOG;
+            let step: Result<(), End> = tokio::select! {
+                biased;
+                n = cwr.write(&self.to_client), if !self.to_client.is_empty() => {
+                    n.map(|n| self.wrote(TO_CLIENT, n)).map_err(|_| End::ClientClosed)
+                }
+                n = write_to(&mut uwr, &self.to_upstream), if uwr.is_some() && !self.to_upstream.is_empty() => {
+                    n.map(|n| self.wrote(TO_UPSTREAM, n)).map_err(upstream_failed)
+                }
+                n = crd.read_buf(from_client.buf()), if read_client => match n {
+                    Ok(0) | Err(_) => Err(End::ClientClosed),
+                    Ok(_) => self.client_batch(&mut from_client, uwr.is_some()).map_err(End::Client),
+                },
+                n = read_from(&mut urd, from_upstream.buf()), if urd.is_some() && self.to_client.len() < BACKLOG => match n {
+                    Ok(0) => Err(End::UpstreamGone("upstream runtime closed the connection".into())),
+                    Err(e) => Err(upstream_failed(e)),
+                    Ok(_) => self.upstream_batch(&mut from_upstream).map_err(End::Upstream),
+                },
+                Some(a) = answered.recv() => {
+                    self.waiting.push(a);
+                    self.write_replies();
+                    Ok(())
+                }
+            };
+            if let Err(end) = step {
+                break end;
+            }
+        };
+        let result = self.tell_the_end(end);
+        // What was read before the end still goes out (a GOAWAY before a close).
+        let flush = async {
+            cwr.write_all(&self.to_client).await?;
+            if let Some(w) = uwr.as_mut() {
+                w.write_all(&self.to_upstream).await?;
+            }
+            std::io::Result::Ok(())
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), flush).await;
+        let _ = cwr.shutdown().await;
+        if let Some(w) = uwr.as_mut() {
             let _ = w.shutdown().await;
         }
-        result
+        (result, self)
     }
 
-    /// Until the client closes, breaks the protocol, or the upstream side ends.
-    async fn pump(
+    /// Writes the GOAWAYs an end calls for; the error it ended with.
+    fn tell_the_end(&mut self, end: End) -> Result<(), frame::Error> {
+        match end {
+            End::ClientClosed => Ok(()),
+            End::Client(frame::Error::Connection { reason, what }) => {
+                frame::put_goaway(&mut self.to_client, self.last_stream, reason, &what);
+                Err(frame::error(reason, what))
+            }
+            End::Client(e) => Err(e),
+            End::UpstreamGone(why) => {
+                self.goaway_client(Reason::NoError, &why);
+                Err(frame::Error::Io(std::io::Error::other(why)))
+            }
+            End::Upstream(frame::Error::Connection { reason, what }) => {
+                frame::put_goaway(&mut self.to_upstream, 0, reason, &what);
+                self.goaway_client(Reason::Internal, "upstream runtime broke the protocol");
+                Err(frame::error(reason, what))
+            }
+            End::Upstream(e) => {
+                self.goaway_client(Reason::NoError, "upstream runtime connection failed");
+                Err(e)
+            }
+        }
+    }
+
+    /// GOAWAY to the client: the streams it opened up to the last one the
+    /// upstream still processes end when the connection closes (grpc-go and
+    /// C-core fail them UNAVAILABLE); later ones it retries elsewhere.
+    fn goaway_client(&mut self, reason: Reason, what: &str) {
+        let last = self.goaway.map_or(self.last_stream, |g| g.min(self.last_stream));
+        frame::put_goaway(&mut self.to_client, last, reason, what);
+    }
+
+    /// `n` bytes of the buffer toward `side` were written.
+    fn wrote(&mut self, side: usize, n: usize) {
+        let buf = match side {
+            TO_UPSTREAM => &mut self.to_upstream,
+            _ => &mut self.to_client,
+        };
+        buf.advance(n);
+        if !buf.is_empty() {
+            return;
+        }
+        // A BytesMut emptied by advancing keeps its allocation for the next batch.
+        buf.clear();
+        if side == TO_CLIENT {
+            self.written.clear();
+        }
+        if let Some(t) = self.read_at[side].take() {
+            crate::metrics::get().relay_hop(side == TO_UPSTREAM, t.elapsed());
+        }
+    }
+
+    /// Handles a batch read from the client. `forwarding`: whether there is an
+    /// upstream to write to (else what would go there is dropped).
+    fn client_batch(
         &mut self,
-        mut crd: OwnedReadHalf,
-        uwr: &mut Option<OwnedWriteHalf>,
-        mut table: mpsc::UnboundedReceiver<ToUpstream>,
+        reader: &mut frame::Reader,
+        forwarding: bool,
     ) -> Result<(), frame::Error> {
-        let mut reader = frame::Reader::new(true);
-        let mut read_at = None;
+        self.read_at[TO_UPSTREAM].get_or_insert_with(Instant::now);
+        let preface = reader.take_preface()?;
+        self.to_upstream.extend_from_slice(&preface);
         loop {
-            let mut last = false;
-            tokio::select! {
-                n = crd.read_buf(reader.buf()) => {
-                    if n? == 0 {
-                        return Ok(());
-                    }
-                    read_at = Some(Instant::now());
-                    reader.max = lock(&self.flow).upstream_max_frame.max(frame::MAX_FRAME);
-                    let preface = reader.take_preface()?;
-                    self.out.extend_from_slice(&preface);
-                    while let Some(f) = reader.next()? {
-                        self.on_frame(f)?;
-                    }
-                }
-                m = table.recv() => match m {
-                    Some(m) => last = self.on_message(m),
-                    None => return Ok(()),
-                },
-            }
-            if let Some(w) = uwr.as_mut().filter(|_| !self.out.is_empty()) {
-                w.write_all(&self.out).await?;
-                if let Some(t) = read_at.take() {
-                    crate::metrics::get().relay_hop(true, t.elapsed());
-                }
-            }
-            self.out.clear();
-            if last {
-                return Ok(());
+            reader.max = self.max_frame[TO_UPSTREAM];
+            let Some(f) = reader.next()? else { break };
+            self.on_client_frame(f)?;
+        }
+        if !forwarding {
+            self.to_upstream.clear();
+        }
+        if self.to_upstream.is_empty() {
+            self.read_at[TO_UPSTREAM] = None;
+        }
+        Ok(())
+    }
+
+    /// Handles a batch read from the upstream.
+    fn upstream_batch(&mut self, reader: &mut frame::Reader) -> Result<(), frame::Error> {
+        self.read_at[TO_CLIENT].get_or_insert_with(Instant::now);
+        loop {
+            reader.max = self.max_frame[TO_CLIENT];
+            let Some(f) = reader.next()? else { break };
+            self.on_upstream_frame(f)?;
+        }
+        if self.to_client.is_empty() {
+            self.read_at[TO_CLIENT] = None;
+        }
+        Ok(())
+    }
+
+    /// SETTINGS_MAX_FRAME_SIZE from the peer that receives on `side`: the
+    /// largest frame the other peer may now send it through the relay.
+    fn read_settings(&mut self, f: &Frame, side: usize) {
+        if f.has(frame::ACK) {
+            return;
+        }
+        for (id, v) in f.settings() {
+            if id == frame::SETTINGS_MAX_FRAME_SIZE {
+                self.max_frame[side] = v as usize;
             }
         }
     }
+}
 
-    /// A message from the upstream side; true if the connection ends with it.
-    fn on_message(&mut self, m: ToUpstream) -> bool {
-        match m {
-            ToUpstream::TableSize(n) => self.codec.receiver_table_size(n),
-            ToUpstream::Credit(n) => frame::put_window_update(&mut self.out, 0, n),
-            ToUpstream::Pong(data) => {
-                frame::put_frame(&mut self.out, frame::PING, frame::ACK, 0, &data)
-            }
-            ToUpstream::Closed(stream) => drop(self.open.remove(&stream)),
-            ToUpstream::Refused(last) => {
-                let refused: Vec<u32> = self.owned.keys().filter(|s| **s > last).copied().collect();
-                for s in refused {
-                    self.open.remove(&s);
-                    self.forget(s);
-                }
-            }
-            ToUpstream::GoAway(reason, what) => {
-                frame::put_goaway(&mut self.out, 0, reason, &what);
-                return true;
-            }
-        }
-        false
-    }
+fn upstream_failed(e: std::io::Error) -> End {
+    crate::metrics::get().upstream_error("io");
+    End::Upstream(frame::Error::Io(e))
+}
 
-    fn on_frame(&mut self, f: Frame) -> Result<(), frame::Error> {
+/// Client to upstream.
+impl Relay {
+    fn on_client_frame(&mut self, f: Frame) -> Result<(), frame::Error> {
         f.check()?;
-        inside_block(&self.block, &f)?;
+        inside_block(&self.client_block, &f)?;
         let owned = f.stream != 0 && self.owned.contains_key(&f.stream);
         match f.kind {
             frame::HEADERS | frame::CONTINUATION => {
-                if let Some(b) = Block::collect(&mut self.block, &f)? {
-                    self.on_block(b)?;
+                if let Some(b) = Block::collect(&mut self.client_block, &f)? {
+                    self.on_request_block(b)?;
                 }
             }
             frame::DATA => self.on_data(&f)?,
@@ -499,7 +615,7 @@ impl ClientSide {
                 self.open.remove(&f.stream);
                 self.forget(f.stream);
                 if !owned {
-                    self.out.extend_from_slice(&f.raw);
+                    self.to_upstream.extend_from_slice(&f.raw);
                 }
             }
             frame::WINDOW_UPDATE if f.stream == 0 => self.on_window_update(&f)?,
@@ -508,7 +624,7 @@ impl ClientSide {
                 if f.window_increment() == 0 {
                     self.reset(f.stream, Reason::Protocol);
                 } else if !owned {
-                    self.out.extend_from_slice(&f.raw);
+                    self.to_upstream.extend_from_slice(&f.raw);
                 }
             }
             // RFC 9113 §6.3: a stream error.
@@ -517,15 +633,15 @@ impl ClientSide {
             frame::SETTINGS => self.on_settings(&f),
             // Answered here, never forwarded (see the module's notes). The relay
             // sends no PING of its own, so an ACK answers nothing.
-            frame::PING if !f.has(frame::ACK) => {
-                let mut b = BytesMut::new();
-                frame::put_frame(&mut b, frame::PING, frame::ACK, 0, &f.payload);
-                self.client(ToClient::Frames(b.freeze()));
+            frame::PING => {
+                if !f.has(frame::ACK) {
+                    frame::put_frame(&mut self.to_client, frame::PING, frame::ACK, 0, &f.payload);
+                }
             }
             frame::PUSH_PROMISE => {
                 return Err(frame::error(Reason::Protocol, "PUSH_PROMISE from a client"))
             }
-            frame::PRIORITY | frame::GOAWAY => self.out.extend_from_slice(&f.raw),
+            frame::PRIORITY | frame::GOAWAY => self.to_upstream.extend_from_slice(&f.raw),
             // Unknown types are ignored (RFC 9113 §5.5).
             _ => {}
         }
@@ -561,7 +677,7 @@ impl ClientSide {
             if self.watched.contains_key(&f.stream) {
                 self.on_watched_data(f)?;
             }
-            self.out.extend_from_slice(&f.raw);
+            self.to_upstream.extend_from_slice(&f.raw);
         }
         Ok(())
     }
@@ -569,12 +685,10 @@ impl ClientSide {
     /// A stream error the relay finds itself: the client's stream is reset, and
     /// so is the upstream's, or the shim's own call stopped.
     fn reset(&mut self, stream: u32, reason: Reason) {
-        let mut b = BytesMut::new();
-        frame::put_rst_stream(&mut b, stream, reason);
-        self.client(ToClient::Frames(b.freeze()));
+        frame::put_rst_stream(&mut self.to_client, stream, reason);
         self.open.remove(&stream);
         if !self.owned.contains_key(&stream) {
-            frame::put_rst_stream(&mut self.out, stream, Reason::Cancel);
+            frame::put_rst_stream(&mut self.to_upstream, stream, Reason::Cancel);
         }
         self.forget(stream);
     }
@@ -585,43 +699,42 @@ impl ClientSide {
             t.abort();
         }
         self.watched.remove(&stream);
-        let method = {
-            let mut flow = lock(&self.flow);
-            flow.amends.remove(&stream);
-            flow.calls.remove(&stream)
-        };
-        if let Some(method) = method {
+        self.amends.remove(&stream);
+        if let Some(method) = self.calls.remove(&stream) {
             crate::metrics::get().forwarded(method, tonic::Code::Cancelled as i32);
         }
     }
 
     /// Connection (and, while the stream is open, stream) credit for `len`
     /// bytes of DATA from the client that the upstream never sees.
-    fn give_back(&self, stream: u32, len: usize, stream_too: bool) {
+    fn give_back(&mut self, stream: u32, len: usize, stream_too: bool) {
         if len == 0 {
             return;
         }
-        let mut b = BytesMut::new();
-        frame::put_window_update(&mut b, 0, len as u32);
+        frame::put_window_update(&mut self.to_client, 0, len as u32);
         if stream_too {
-            frame::put_window_update(&mut b, stream, len as u32);
+            frame::put_window_update(&mut self.to_client, stream, len as u32);
         }
-        self.client(ToClient::Frames(b.freeze()));
     }
 
-    fn on_block(&mut self, b: Block) -> Result<(), frame::Error> {
+    fn on_request_block(&mut self, mut b: Block) -> Result<(), frame::Error> {
         // Decoded first, whatever becomes of it: the HPACK context must follow.
-        let mut fields = b.decode(&mut self.codec)?;
+        let fields = self
+            .requests
+            .decode(std::mem::take(&mut b.fragment))
+            .map_err(compression)?;
         if b.stream & 1 == 0 {
-            return Err(frame::error(
-                Reason::Protocol,
-                "even stream id from a client",
-            ));
+            return Err(frame::error(Reason::Protocol, "even stream id from a client"));
         }
         if b.stream > self.last_stream {
             return self.on_request(b, fields);
         }
-        if !self.open.contains(&b.stream) {
+        // Trailers, or a block out of place; not passed on as it came.
+        let (open, owned) = (self.open.contains(&b.stream), self.owned.get(&b.stream));
+        if !open || !b.ends_stream() || owned.is_some() {
+            self.requests.withheld();
+        }
+        if !open {
             self.reset(b.stream, Reason::StreamClosed);
             return Ok(());
         }
@@ -631,46 +744,40 @@ impl ClientSide {
             return Ok(());
         }
         self.open.remove(&b.stream);
-        if let Some(o) = self.owned.get(&b.stream) {
+        if let Some(o) = owned {
             // Trailers on an owned call: nothing in them is used.
             if o.task.is_none() && !o.refused {
                 self.dispatch(b.stream);
             }
             return Ok(());
         }
-        headers::fix_authority(&mut fields);
-        b.put(&mut self.codec, &mut self.out, &fields);
+        self.forward_block(&b, fields);
         Ok(())
     }
 
+    /// The block as it came, or re-encoded (see [`headers::Requests`]).
+    fn forward_block(&mut self, b: &Block, mut fields: Fields) {
+        match self.requests.forward(&mut fields) {
+            None => b.pass(&mut self.to_upstream),
+            Some(block) => frame::put_header_block(
+                &mut self.to_upstream,
+                b.stream,
+                &block,
+                b.ends_stream(),
+                b.priority,
+            ),
+        }
+    }
+
     /// A new stream: taken out for the owner, or forwarded.
-    fn on_request(&mut self, b: Block, mut fields: Fields) -> Result<(), frame::Error> {
+    fn on_request(&mut self, b: Block, fields: Fields) -> Result<(), frame::Error> {
         self.last_stream = b.stream;
-        lock(&self.flow).last_stream = b.stream;
         if !b.ends_stream() {
             self.open.insert(b.stream);
         }
-        if let Reach::Unreachable(_) = self.reach {
-            if self.drained.is_some() {
-                // Opened before the client saw the GOAWAY: it retries it elsewhere.
-                self.open.remove(&b.stream);
-                let mut out = BytesMut::new();
-                frame::put_rst_stream(&mut out, b.stream, Reason::RefusedStream);
-                self.client(ToClient::Frames(out.freeze()));
-                return Ok(());
-            }
-            // A client reconnects as soon as its connection ends, so this one
-            // may have come while the upstream restarted. If it is back, the
-            // GOAWAY names no stream: the call counts as never processed, and
-            // grpc-go and C-core send it again on a new connection, relayed.
-            let back = std::os::unix::net::UnixStream::connect(&self.upstream).is_ok();
-            let last = if back { 0 } else { b.stream };
-            self.drained = Some(last);
-            self.client(ToClient::Drain(last));
-            if back {
-                self.open.remove(&b.stream);
-                return Ok(());
-            }
+        if matches!(self.reach, Reach::Unreachable(_)) && !self.drain(b.stream) {
+            self.requests.withheld();
+            return Ok(());
         }
         let path = String::from_utf8_lossy(headers::get(&fields, ":path").unwrap_or_default());
         if self.owner.owns(&path) || matches!(self.reach, Reach::Unreachable(_)) {
@@ -682,20 +789,45 @@ impl ClientSide {
                 refused: false,
             };
             self.owned.insert(b.stream, o);
+            self.requests.withheld();
             if b.ends_stream() {
                 self.dispatch(b.stream);
             }
             return Ok(());
         }
         let label = crate::metrics::get().method_label(&path);
-        lock(&self.flow).calls.insert(b.stream, label);
+        self.calls.insert(b.stream, label);
         if self.owner.watches(&path) {
             self.watched
                 .insert(b.stream, (path.into_owned(), BytesMut::new()));
         }
-        headers::fix_authority(&mut fields);
-        b.put(&mut self.codec, &mut self.out, &fields);
+        self.forward_block(&b, fields);
         Ok(())
+    }
+
+    /// With no upstream, the first call ends the connection: GOAWAY after it,
+    /// so that the client's next call comes on a new connection, which tries
+    /// the upstream again. True if `stream` is still answered here.
+    fn drain(&mut self, stream: u32) -> bool {
+        if self.goaway.is_some() {
+            // Opened before the client saw the GOAWAY: it retries it elsewhere.
+            self.open.remove(&stream);
+            frame::put_rst_stream(&mut self.to_client, stream, Reason::RefusedStream);
+            return false;
+        }
+        // A client reconnects as soon as its connection ends, so this one may
+        // have come while the upstream restarted. If it is back, the GOAWAY
+        // names no stream: the call counts as never processed, and grpc-go and
+        // C-core send it again on a new connection, relayed.
+        let back = std::os::unix::net::UnixStream::connect(&self.upstream).is_ok();
+        let last = if back { 0 } else { stream };
+        self.goaway = Some(last);
+        let why = "ckpt-shim: upstream runtime unreachable";
+        frame::put_goaway(&mut self.to_client, last, Reason::NoError, why);
+        if back {
+            self.open.remove(&stream);
+        }
+        !back
     }
 
     fn on_owned_data(&mut self, f: &Frame) -> Result<(), frame::Error> {
@@ -715,7 +847,8 @@ impl ClientSide {
             o.refused = true;
             o.body = BytesMut::new();
             let s = tonic::Status::resource_exhausted("request too large for ckpt-shim");
-            self.client(ToClient::Reply(f.stream, Reply::status(s), None));
+            self.waiting.push((f.stream, Reply::status(s), None));
+            self.write_replies();
             return Ok(());
         }
         o.body.extend_from_slice(data);
@@ -740,7 +873,7 @@ impl ClientSide {
             let (path, body) = self.watched.remove(&f.stream).expect("present");
             let amend = crate::pbwire::grpc_message(&body).and_then(|m| self.owner.amend(&path, m));
             if let Some(a) = amend {
-                lock(&self.flow).amends.insert(f.stream, a);
+                self.amends.insert(f.stream, a);
             }
         }
         Ok(())
@@ -748,15 +881,16 @@ impl ClientSide {
 
     /// The whole request of an owned call is in: answer it.
     fn dispatch(&mut self, stream: u32) {
+        let open = &self.open;
         self.owned.retain(|id, o| {
             let finished = o.task.as_ref().is_some_and(|t| t.is_finished())
-                || (o.refused && !self.open.contains(id));
+                || (o.refused && !open.contains(id));
             !finished
         });
         let Some(o) = self.owned.get_mut(&stream) else {
             return;
         };
-        let to_client = self.to_client.clone();
+        let replies = self.replies.clone();
         let reply: ReplyFuture = match &self.reach {
             Reach::Unreachable(why) if !self.owner.owns(&o.path) => {
                 let r = Reply::status(tonic::Status::unavailable(why.clone()));
@@ -773,7 +907,7 @@ impl ClientSide {
         o.task = Some(tokio::spawn(async move {
             let reply = reply.await;
             drop(running);
-            let _ = to_client.send(ToClient::Reply(stream, reply, hold));
+            let _ = replies.send((stream, reply, hold));
         }));
     }
 
@@ -781,265 +915,111 @@ impl ClientSide {
     /// kept back from the upstream, which never sent them.
     fn on_window_update(&mut self, f: &Frame) -> Result<(), frame::Error> {
         let inc = f.window_increment();
-        let (forward, wake) = {
-            let mut flow = lock(&self.flow);
-            let window = flow.window();
-            if *window + inc as i64 > frame::MAX_WINDOW {
-                return Err(frame::error(Reason::FlowControl, "window over 2^31-1"));
-            }
-            *window += inc as i64;
-            let pay = flow.debt.min(inc as u64);
-            flow.debt -= pay;
-            (inc - pay as u32, flow.waiting > 0)
-        };
-        if wake {
-            self.client(ToClient::Wake);
+        if self.window + inc as i64 > frame::MAX_WINDOW {
+            return Err(frame::error(Reason::FlowControl, "window over 2^31-1"));
+        }
+        self.window += inc as i64;
+        let pay = self.debt.min(inc as u64);
+        self.debt -= pay;
+        let forward = inc - pay as u32;
+        if !self.waiting.is_empty() {
+            self.write_replies();
         }
         if forward == inc {
-            self.out.extend_from_slice(&f.raw);
+            self.to_upstream.extend_from_slice(&f.raw);
         } else if forward > 0 {
-            frame::put_window_update(&mut self.out, 0, forward);
+            frame::put_window_update(&mut self.to_upstream, 0, forward);
         }
         Ok(())
     }
 
     fn on_settings(&mut self, f: &Frame) {
-        if !f.has(frame::ACK) {
-            for (id, v) in f.settings() {
-                match id {
-                    frame::SETTINGS_HEADER_TABLE_SIZE => self.client(ToClient::TableSize(v)),
-                    frame::SETTINGS_MAX_FRAME_SIZE => {
-                        lock(&self.flow).client_max_frame = v as usize
-                    }
-                    _ => {}
-                }
-            }
-        }
+        self.read_settings(f, TO_CLIENT);
         if let Reach::Unreachable(_) = self.reach {
             // With no upstream the relay is the client's server.
             if !f.has(frame::ACK) {
-                let mut b = BytesMut::new();
-                frame::put_frame(&mut b, frame::SETTINGS, frame::ACK, 0, &[]);
-                self.client(ToClient::Frames(b.freeze()));
+                frame::put_frame(&mut self.to_client, frame::SETTINGS, frame::ACK, 0, &[]);
             }
             return;
         }
-        self.out.extend_from_slice(&f.raw);
-    }
-
-    fn client(&self, m: ToClient) {
-        let _ = self.to_client.send(m);
+        self.to_upstream.extend_from_slice(&f.raw);
     }
 }
 
-/// How the upstream side ended.
-enum End {
-    /// The client side is gone: nothing more to tell the client.
-    Quiet,
-    /// GOAWAY to the client with this code: the upstream closed or broke the
-    /// protocol, or the client did.
-    GoAway(Reason, String),
-}
-
-/// Reads the upstream, forwards to the client, and writes the shim's replies.
-struct UpstreamSide {
-    codec: HeaderCodec,
-    block: Option<Block>,
-    waiting: Vec<(u32, Reply, Option<TaskTrackerToken>)>,
-    /// Held until the replies in `out` are written.
-    written: Vec<TaskTrackerToken>,
-    /// Replies being amended: the change, the bytes so far, their flow length.
-    amending: HashMap<u32, (Amend, BytesMut, usize)>,
-    /// The last stream of the upstream's GOAWAY, if it sent one: no GOAWAY to
-    /// the client may name a higher one.
-    goaway: Option<u32>,
-    out: BytesMut,
-    flow: Arc<Mutex<Flow>>,
-}
-
-impl UpstreamSide {
-    fn new(flow: Arc<Mutex<Flow>>) -> UpstreamSide {
-        UpstreamSide {
-            codec: HeaderCodec::default(),
-            block: None,
-            waiting: Vec::new(),
-            written: Vec::new(),
-            amending: HashMap::new(),
-            goaway: None,
-            out: BytesMut::with_capacity(32 << 10),
-            flow,
-        }
-    }
-
-    async fn run(
-        mut self,
-        urd: Option<OwnedReadHalf>,
-        mut cwr: OwnedWriteHalf,
-        msgs: mpsc::UnboundedReceiver<ToClient>,
-        to_upstream: mpsc::UnboundedSender<ToUpstream>,
-    ) -> Result<(), frame::Error> {
-        let end = self.pump(urd, &mut cwr, msgs, &to_upstream).await;
-        let result = match end {
-            Ok(End::Quiet) => Ok(()),
-            Ok(End::GoAway(reason, what)) => {
-                self.goaway_client(reason, &what);
-                Ok(())
-            }
-            Err(frame::Error::Connection { reason, what }) => {
-                // The upstream's fault: it hears why, the client that its
-                // runtime is gone.
-                let _ = to_upstream.send(ToUpstream::GoAway(reason, what.clone()));
-                self.goaway_client(Reason::Internal, "upstream runtime broke the protocol");
-                Err(frame::error(reason, what))
-            }
-            Err(e) => {
-                self.goaway_client(Reason::NoError, "upstream runtime connection failed");
-                Err(e)
-            }
-        };
-        let _ = cwr.write_all(&self.out).await;
-        let _ = cwr.shutdown().await;
-        result
-    }
-
-    /// GOAWAY to the client: the streams it opened up to the last one the
-    /// upstream still processes end when the connection closes (grpc-go and
-    /// C-core fail them UNAVAILABLE); later ones it retries elsewhere.
-    fn goaway_client(&mut self, reason: Reason, what: &str) {
-        let last = lock(&self.flow).last_stream;
-        let last = self.goaway.map_or(last, |g| g.min(last));
-        frame::put_goaway(&mut self.out, last, reason, what);
-    }
-
-    async fn pump(
-        &mut self,
-        mut urd: Option<OwnedReadHalf>,
-        cwr: &mut OwnedWriteHalf,
-        mut msgs: mpsc::UnboundedReceiver<ToClient>,
-        to_upstream: &mpsc::UnboundedSender<ToUpstream>,
-    ) -> Result<End, frame::Error> {
-        let mut reader = frame::Reader::new(false);
-        let mut read_at = None;
-        if urd.is_none() {
-            // With no upstream the relay is the client's server: its SETTINGS first.
-            frame::put_frame(&mut self.out, frame::SETTINGS, 0, 0, &[]);
-        }
-        loop {
-            tokio::select! {
-                n = async { urd.as_mut().expect("guarded").read_buf(reader.buf()).await }, if urd.is_some() => {
-                    let n = n.inspect_err(|_| crate::metrics::get().upstream_error("io"))?;
-                    if n == 0 {
-                        let why = "upstream runtime closed the connection".to_string();
-                        return Ok(End::GoAway(Reason::NoError, why));
-                    }
-                    read_at = Some(Instant::now());
-                    reader.max = lock(&self.flow).client_max_frame.max(frame::MAX_FRAME);
-                    while let Some(f) = reader.next()? {
-                        self.on_frame(f, to_upstream)?;
-                    }
-                }
-                m = msgs.recv() => match m {
-                    Some(ToClient::GoAway(reason, what)) => return Ok(End::GoAway(reason, what)),
-                    Some(m) => self.on_message(m),
-                    None => return Ok(End::Quiet),
-                },
-            }
-            if !self.out.is_empty() {
-                cwr.write_all(&self.out).await?;
-                self.out.clear();
-                self.written.clear();
-                if let Some(t) = read_at.take() {
-                    crate::metrics::get().relay_hop(false, t.elapsed());
-                }
-            }
-        }
-    }
-
-    fn on_frame(
-        &mut self,
-        f: Frame,
-        to_upstream: &mpsc::UnboundedSender<ToUpstream>,
-    ) -> Result<(), frame::Error> {
+/// Upstream to client.
+impl Relay {
+    fn on_upstream_frame(&mut self, f: Frame) -> Result<(), frame::Error> {
         f.check()?;
-        inside_block(&self.block, &f)?;
+        inside_block(&self.upstream_block, &f)?;
         match f.kind {
             frame::HEADERS | frame::CONTINUATION => {
-                if let Some(b) = Block::collect(&mut self.block, &f)? {
-                    self.on_block(b, to_upstream)?;
+                if let Some(b) = Block::collect(&mut self.upstream_block, &f)? {
+                    self.on_reply_block(b)?;
                 }
                 return Ok(());
             }
-            frame::DATA if self.amends(f.stream) => return self.amend_data(&f, to_upstream),
-            frame::DATA => {
-                let mut flow = lock(&self.flow);
-                *flow.window() -= f.payload.len() as i64;
-            }
+            frame::DATA if self.amends(f.stream) => return self.amend_data(&f),
+            frame::DATA => self.window -= f.payload.len() as i64,
             frame::RST_STREAM => {
                 self.amending.remove(&f.stream);
-                lock(&self.flow).amends.remove(&f.stream);
+                self.amends.remove(&f.stream);
+                self.open.remove(&f.stream);
                 self.answered(f.stream, reset_code(&f));
-                let _ = to_upstream.send(ToUpstream::Closed(f.stream));
             }
-            frame::SETTINGS if !f.has(frame::ACK) => self.on_settings(&f, to_upstream),
+            frame::SETTINGS => self.read_settings(&f, TO_UPSTREAM),
             // As on the client's side: answered here, never forwarded.
             frame::PING => {
                 if !f.has(frame::ACK) {
-                    let _ = to_upstream.send(ToUpstream::Pong(f.payload.clone()));
+                    frame::put_frame(&mut self.to_upstream, frame::PING, frame::ACK, 0, &f.payload);
                 }
                 return Ok(());
             }
-            frame::GOAWAY => {
-                let last = f.last_stream().expect("checked: 8 bytes or more");
-                self.goaway = Some(self.goaway.map_or(last, |g| g.min(last)));
-                let _ = to_upstream.send(ToUpstream::Refused(last));
-            }
+            frame::GOAWAY => self.on_goaway(&f),
             // Its header block would need a context the relay does not keep for
             // it; gRPC servers never push.
             frame::PUSH_PROMISE => {
-                return Err(frame::error(
-                    Reason::Protocol,
-                    "PUSH_PROMISE from the upstream",
-                ))
+                return Err(frame::error(Reason::Protocol, "PUSH_PROMISE from the upstream"))
             }
-            frame::PRIORITY | frame::SETTINGS | frame::WINDOW_UPDATE => {}
+            frame::PRIORITY | frame::WINDOW_UPDATE => {}
             // Unknown types are ignored (RFC 9113 §5.5).
             _ => return Ok(()),
         }
-        self.out.extend_from_slice(&f.raw);
+        self.to_client.extend_from_slice(&f.raw);
         Ok(())
     }
 
-    fn on_block(
-        &mut self,
-        b: Block,
-        to_upstream: &mpsc::UnboundedSender<ToUpstream>,
-    ) -> Result<(), frame::Error> {
-        let fields = b.decode(&mut self.codec)?;
+    /// The upstream's GOAWAY passes on as it came: the client takes every
+    /// stream above its last one as never processed and retries it elsewhere,
+    /// so the shim's own calls above it are stopped.
+    fn on_goaway(&mut self, f: &Frame) {
+        let last = f.last_stream().expect("checked: 8 bytes or more");
+        self.goaway = Some(self.goaway.map_or(last, |g| g.min(last)));
+        let refused: Vec<u32> = self.owned.keys().filter(|s| **s > last).copied().collect();
+        for s in refused {
+            self.open.remove(&s);
+            self.forget(s);
+        }
+    }
+
+    /// A block from the upstream: read for the call's status, passed on as it came.
+    fn on_reply_block(&mut self, mut b: Block) -> Result<(), frame::Error> {
+        let fields = self
+            .decoder
+            .decode(std::mem::take(&mut b.fragment))
+            .map_err(compression)?;
         if b.ends_stream() {
-            self.finish_amending(b.stream, false, to_upstream);
+            self.finish_amending(b.stream, false);
             let code = headers::get(&fields, "grpc-status")
                 .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok());
             self.answered(b.stream, code.unwrap_or(tonic::Code::Unknown as i32));
         }
-        b.put(&mut self.codec, &mut self.out, &fields);
+        b.pass(&mut self.to_client);
         Ok(())
     }
 
-    fn on_settings(&mut self, f: &Frame, to_upstream: &mpsc::UnboundedSender<ToUpstream>) {
-        for (id, v) in f.settings() {
-            match id {
-                frame::SETTINGS_HEADER_TABLE_SIZE => {
-                    let _ = to_upstream.send(ToUpstream::TableSize(v));
-                }
-                frame::SETTINGS_MAX_FRAME_SIZE => lock(&self.flow).upstream_max_frame = v as usize,
-                _ => {}
-            }
-        }
-    }
     /// Counts a forwarded call's answer (grpc-status `code`) in the metrics.
-    fn answered(&self, stream: u32, code: i32) {
-        let method = lock(&self.flow).calls.remove(&stream);
-        if let Some(m) = method {
+    fn answered(&mut self, stream: u32, code: i32) {
+        if let Some(m) = self.calls.remove(&stream) {
             crate::metrics::get().forwarded(m, code);
         }
     }
@@ -1049,17 +1029,13 @@ impl UpstreamSide {
         if self.amending.contains_key(&stream) {
             return true;
         }
-        let a = lock(&self.flow).amends.remove(&stream);
+        let a = self.amends.remove(&stream);
         a.map(|a| self.amending.insert(stream, (a, BytesMut::new(), 0)))
             .is_some()
     }
 
     /// Holds a reply's bytes until its message is whole, then amends it.
-    fn amend_data(
-        &mut self,
-        f: &Frame,
-        to_upstream: &mpsc::UnboundedSender<ToUpstream>,
-    ) -> Result<(), frame::Error> {
+    fn amend_data(&mut self, f: &Frame) -> Result<(), frame::Error> {
         let (data, flow_len) = f.data()?;
         let (_, buf, consumed) = self
             .amending
@@ -1070,7 +1046,7 @@ impl UpstreamSide {
         let whole = buf.len() >= 5
             && buf.len() >= 5 + u32::from_be_bytes(buf[1..5].try_into().expect("4 bytes")) as usize;
         if whole || f.has(frame::END_STREAM) {
-            self.finish_amending(f.stream, f.has(frame::END_STREAM), to_upstream);
+            self.finish_amending(f.stream, f.has(frame::END_STREAM));
         }
         Ok(())
     }
@@ -1078,12 +1054,7 @@ impl UpstreamSide {
     /// Writes what was held for `stream`, amended if it is one whole
     /// uncompressed message (the change applies to nothing else), and settles
     /// the windows for the difference.
-    fn finish_amending(
-        &mut self,
-        stream: u32,
-        end: bool,
-        to_upstream: &mpsc::UnboundedSender<ToUpstream>,
-    ) {
+    fn finish_amending(&mut self, stream: u32, end: bool) {
         let Some((amend, buf, consumed)) = self.amending.remove(&stream) else {
             return;
         };
@@ -1091,46 +1062,31 @@ impl UpstreamSide {
             Some(msg) => crate::pbwire::grpc_frame(&amend(msg)),
             None => buf.to_vec(),
         };
-        frame::put_data(&mut self.out, stream, &out, end);
-        let mut flow = lock(&self.flow);
-        *flow.window() -= out.len() as i64;
+        frame::put_data(&mut self.to_client, stream, &out, end);
+        self.window -= out.len() as i64;
         match out.len().checked_sub(consumed) {
-            Some(more) => flow.debt += more as u64,
-            None => drop(to_upstream.send(ToUpstream::Credit((consumed - out.len()) as u32))),
-        }
-    }
-
-    fn on_message(&mut self, m: ToClient) {
-        match m {
-            ToClient::Frames(b) => self.out.extend_from_slice(&b),
-            ToClient::TableSize(n) => self.codec.receiver_table_size(n),
-            ToClient::Reply(stream, r, hold) => self.waiting.push((stream, r, hold)),
-            ToClient::Drain(last) => {
-                self.goaway = Some(self.goaway.map_or(last, |g| g.min(last)));
-                let why = "ckpt-shim: upstream runtime unreachable";
-                frame::put_goaway(&mut self.out, last, Reason::NoError, why);
+            Some(more) => self.debt += more as u64,
+            // Connection credit for bytes the upstream sent that the client
+            // never got (the amended reply came out shorter).
+            None => {
+                frame::put_window_update(&mut self.to_upstream, 0, (consumed - out.len()) as u32)
             }
-            // Taken by the loop before it comes here.
-            ToClient::Wake | ToClient::GoAway(..) => {}
         }
-        self.write_replies();
     }
 
     /// Writes the replies the client's window has room for, in order.
     fn write_replies(&mut self) {
-        let mut flow = lock(&self.flow);
         while let Some((_, r, _)) = self.waiting.first() {
             let len = r.body.len() as i64;
-            if len > *flow.window() {
+            if len > self.window {
                 break;
             }
-            *flow.window() -= len;
-            flow.debt += len as u64;
+            self.window -= len;
+            self.debt += len as u64;
             let (stream, r, hold) = self.waiting.remove(0);
             self.written.extend(hold);
-            put_reply(&mut self.codec, &mut self.out, stream, r);
+            put_reply(&mut self.encoder, &mut self.to_client, stream, r);
         }
-        flow.waiting = self.waiting.len();
     }
 }
 
@@ -1144,7 +1100,7 @@ fn reset_code(f: &Frame) -> i32 {
     }
 }
 
-fn put_reply(codec: &mut HeaderCodec, out: &mut BytesMut, stream: u32, r: Reply) {
+fn put_reply(codec: &mut headers::Encoder, out: &mut BytesMut, stream: u32, r: Reply) {
     let head: Fields = headers::from_http(Some(http::StatusCode::OK), &r.headers);
     let trailers_only = r.body.is_empty() && r.trailers.is_none();
     codec.put(out, stream, &head, trailers_only, None);

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::relay::{Call, Reply};
 use crate::cri::image_service_client::ImageServiceClient;
@@ -22,18 +22,9 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(path: &Path) -> Upstream {
-        let p = path.to_path_buf();
-        let channel = Endpoint::from_static("http://localhost").connect_with_connector_lazy(
-            tower::service_fn(move |_: http::Uri| {
-                let p = p.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
-                }
-            }),
-        );
         Upstream {
             path: path.to_path_buf(),
-            channel,
+            channel: crate::cri::unix_channel(path),
             send: Default::default(),
         }
     }

@@ -45,21 +45,41 @@ fn wait_socket(p: &Path, what: &str, log: &Path) {
     }
 }
 
-/// A private containerd whose runc runtime is ckpt-runc (the built ckpt-shim,
-/// linked under that name), with its restores in `<dir>/restore`.
-pub fn start_containerd(dir: &Path) {
+/// What containerd's runc runtime runs.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Runc {
+    /// ckpt-runc (the built ckpt-shim, linked under that name), which
+    /// restores; the node set-up the README describes.
+    CkptRunc,
+    /// runc itself, as on a node without the shim.
+    Plain,
+}
+
+/// A private containerd whose runc runtime is `runc`, with its restores in
+/// `<dir>/restore`.
+pub fn start_containerd(dir: &Path, runc: Runc) {
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
-    match std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_ckpt-shim"), bin.join("ckpt-runc")) {
-        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => panic!("ckpt-runc link: {e}"),
-        _ => {}
-    }
+    let runc_bin = match runc {
+        Runc::CkptRunc => {
+            let link = bin.join("ckpt-runc");
+            // A restarted containerd finds the link already there.
+            match std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_ckpt-shim"), &link) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                    panic!("ckpt-runc link: {e}")
+                }
+                _ => {}
+            }
+            link
+        }
+        Runc::Plain => PathBuf::from(sh("command -v runc").trim()),
+    };
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("hack/containerd.sh");
     let out = Command::new("bash")
         .arg(script)
         .arg("start")
         .arg(dir)
-        .env("CKPT_RUNC", bin.join("ckpt-runc"))
+        .env("CKPT_RUNC", runc_bin)
         .env("CKPT_SHIM_RESTORE_DIR", dir.join("restore"))
         .output()
         .unwrap();
@@ -81,6 +101,8 @@ pub struct Env {
     shim: Option<Child>,
     pub pods: Vec<String>,
     pub cgroup_parent: String,
+    /// What containerd runs as runc (a restart runs the same).
+    runc: Runc,
 }
 
 impl Env {
@@ -88,19 +110,24 @@ impl Env {
         Self::start_with_upstream(None)
     }
 
+    /// containerd running plain runc (no restores), with the shim in front.
+    pub fn start_plain_runc() -> Env {
+        Self::start_full(None, "", Runc::Plain)
+    }
+
     /// The shim in front of `upstream` instead of containerd (for proxy tests).
     /// With these lines of TOML as the shim's settings.
     pub fn start_configured(toml: &str) -> Env {
-        Self::start_full(None, toml)
+        Self::start_full(None, toml, Runc::CkptRunc)
     }
 
     pub fn start_with_upstream(upstream: Option<&Path>) -> Env {
-        Self::start_full(upstream, "")
+        Self::start_full(upstream, "", Runc::CkptRunc)
     }
 
     /// In front of a stand-in upstream, with these lines of TOML as settings.
     pub fn start_faked(upstream: &Path, toml: &str) -> Env {
-        Self::start_full(Some(upstream), toml)
+        Self::start_full(Some(upstream), toml, Runc::CkptRunc)
     }
 
     /// SIGKILL to containerd (its shims and containers live on); returns once
@@ -118,7 +145,7 @@ impl Env {
 
     /// containerd again, on the same socket, state and root.
     pub fn restart_containerd(&self) {
-        start_containerd(&self.dir);
+        start_containerd(&self.dir, self.runc);
     }
 
     /// How many threads the shim runs.
@@ -128,7 +155,7 @@ impl Env {
             .count()
     }
 
-    fn start_full(upstream: Option<&Path>, toml: &str) -> Env {
+    fn start_full(upstream: Option<&Path>, toml: &str, runc: Runc) -> Env {
         super::require(&[
             "runc",
             "criu",
@@ -141,7 +168,7 @@ impl Env {
         let dir = PathBuf::from(sh("mktemp -d /tmp/ckpt-cri.XXXXXX").trim());
         let containerd_sock = dir.join("containerd.sock");
         if upstream.is_none() {
-            start_containerd(&dir);
+            start_containerd(&dir, runc);
         }
         let shim_sock = dir.join("shim/ckpt-shim.sock");
         let up = upstream
@@ -159,6 +186,7 @@ impl Env {
             shim: None,
             pods: Vec::new(),
             cgroup_parent,
+            runc,
         };
         env.spawn_shim();
         env
@@ -248,6 +276,11 @@ impl Env {
         connect(&self.shim_sock).await
     }
 
+    /// A channel to the shim's socket, for calls k8s-cri does not have.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        cri_common::channel(&self.shim_sock).await.unwrap()
+    }
+
     /// CRI's image service on the shim's socket.
     pub async fn images(&self) -> Images {
         Images::new(cri_common::channel(&self.shim_sock).await.unwrap())
@@ -298,25 +331,35 @@ impl Env {
     ) -> String {
         let host_network = pod.1.hostname.is_empty();
         let cfg = cri_common::counter(name, mib, 50, host_network);
-        let id = c
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: pod.0.clone(),
-                config: Some(cfg),
-                sandbox_config: Some(pod.1.clone()),
-            })
-            .await
-            .expect("CreateContainer")
-            .into_inner()
-            .container_id;
+        let id = create(c, pod, cfg).await;
         if start {
-            c.start_container(cri::StartContainerRequest {
-                container_id: id.clone(),
-            })
-            .await
-            .expect("StartContainer");
+            start_container(c, &id).await;
             wait_count(&self.rootfs(&id), |v| v >= 3);
         }
         id
+    }
+
+    /// What critest needs offline: busybox under the name it pulls
+    /// (hack/build-oci-images.sh), and pulls from registry.k8s.io refused at
+    /// once (a host in containerd's certs.d that nothing listens on), so specs
+    /// that need other images fail the same way with or without a network.
+    pub fn prepare_for_critest(&self) {
+        let images = std::env::var("CKPT_SHIM_IMAGES")
+            .unwrap_or_else(|_| "/var/cache/ckpt-shim/images".into());
+        super::run_ok(
+            Command::new("ctr")
+                .arg("--address")
+                .arg(&self.containerd_sock)
+                .args(["-n", "k8s.io", "images", "import"])
+                .arg(Path::new(&images).join("busybox-oci.tar")),
+        );
+        let host = self.dir.join("certs.d/registry.k8s.io");
+        std::fs::create_dir_all(&host).unwrap();
+        std::fs::write(
+            host.join("hosts.toml"),
+            "server = \"http://127.0.0.1:9\"\n[host.\"http://127.0.0.1:9\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+        )
+        .unwrap();
     }
 
     /// The container's root as the host sees it (containerd's task bundle).
@@ -381,6 +424,48 @@ impl Env {
             .unwrap()
             .into_inner();
         s.status.unwrap().state()
+    }
+
+    /// Calls `method` (request `msg`) on the shim's socket with a raw client,
+    /// which sends `grpc-timeout` and waits for the server's own answer
+    /// (tonic's client would give up locally at the same moment); the answer
+    /// must be DEADLINE_EXCEEDED.
+    pub async fn call_with_deadline(
+        &self,
+        method: &str,
+        timeout: &str,
+        msg: &[u8],
+    ) -> super::raw::Reply {
+        let r = super::raw::call(
+            &self.shim_sock,
+            &format!("/runtime.v1.RuntimeService/{method}"),
+            &[("grpc-timeout", timeout)],
+            super::raw::frame(msg),
+        )
+        .await;
+        assert_eq!(
+            r.status(),
+            Some(tonic::Code::DeadlineExceeded as i32),
+            "{}",
+            r.message()
+        );
+        r
+    }
+
+    /// Waits (20 s at most) for a stopped checkpoint to have thawed `ids` and
+    /// emptied `dir`: the server lets CRIU end and removes staging first.
+    pub async fn wait_thawed_and_empty(&self, dir: &Path, ids: &[&str]) {
+        let t = Instant::now();
+        while !(super::entries(dir).is_empty() && ids.iter().all(|id| self.freezer(id) == "THAWED"))
+        {
+            let freezers: Vec<String> = ids.iter().map(|id| self.freezer(id)).collect();
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "left: {:?}, freezers {freezers:?}",
+                super::entries(dir)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// RUNNING through CRI, thawed, and still counting.
@@ -458,6 +543,31 @@ impl Drop for Env {
             }
         }
     }
+}
+
+/// CreateContainer of `cfg` in `pod`: its ID.
+pub async fn create(
+    c: &mut Client,
+    pod: &(String, cri::PodSandboxConfig),
+    cfg: cri::ContainerConfig,
+) -> String {
+    c.create_container(cri::CreateContainerRequest {
+        pod_sandbox_id: pod.0.clone(),
+        config: Some(cfg),
+        sandbox_config: Some(pod.1.clone()),
+    })
+    .await
+    .expect("CreateContainer")
+    .into_inner()
+    .container_id
+}
+
+pub async fn start_container(c: &mut Client, id: &str) {
+    c.start_container(cri::StartContainerRequest {
+        container_id: id.into(),
+    })
+    .await
+    .expect("StartContainer");
 }
 
 /// The container's process, as the runtime reports it.

@@ -3,7 +3,7 @@
 //! and removed by `Drop`, also when the test fails.
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -65,6 +65,20 @@ pub fn criu_stub(dir: &Path, why: &str) -> PathBuf {
     let exec = std::os::unix::fs::PermissionsExt::from_mode(0o755);
     std::fs::set_permissions(&stub, exec).unwrap();
     stub
+}
+
+/// A real CRI client of cri-tools (`crictl`, `critest`): `../shared/bin/NAME`
+/// beside the repository, where CI keeps the same copy.
+pub fn shared_bin(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/bin")
+        .join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: the cri-tools binaries (crictl, critest 1.34) belong in ../shared/bin beside the repository",
+        p.display()
+    );
+    p
 }
 
 /// The image: busybox-static plus the counter workload (hack/build-image.sh).
@@ -380,6 +394,7 @@ pub mod cri;
 pub mod raw;
 pub mod registry;
 pub mod restore;
+pub mod scrape;
 
 /// stdin, stdout and stderr for a restored process: /dev/null and a pipe drained
 /// by a thread for as long as the process lives.
@@ -565,33 +580,6 @@ pub fn restore_opts(
 
 /// The venv with grpcio and h2 (hack/setup.sh).
 pub const PYTHON: &str = "/var/cache/ckpt-shim/venv/bin/python3";
-
-pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-/// An HTTP/1.1 GET, as a scraper sends it: (status line, body).
-pub fn get(port: u16, path: &str) -> (String, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
-    (head.lines().next().unwrap().to_string(), body.to_string())
-}
-
-/// The value of one series (name and labels exactly as exposed); 0 if absent.
-pub fn value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map(|v| v.split_whitespace().next().unwrap().parse().unwrap())
-        .unwrap_or(0.0)
-}
 
 /// The Go CRI client (hack/go-cri), built once per test binary.
 pub fn go_client() -> PathBuf {

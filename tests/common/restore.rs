@@ -85,6 +85,20 @@ pub fn first_logged_count(log: &Path) -> u64 {
     }
 }
 
+/// The restored container `id` goes on from the count its checkpoint saw
+/// (`counts`: just before and just after it): its first line in `log`, then
+/// counting on in its root.
+pub fn assert_continues(env: &Env, id: &str, log: &Path, counts: (u64, u64), what: &str) {
+    let first = first_logged_count(log);
+    assert!(
+        first > counts.0 && first <= counts.1 + 1,
+        "{what}: restored at {first}, the checkpoint saw {}..{}",
+        counts.0,
+        counts.1
+    );
+    super::wait_count(&env.rootfs(id), |v| v > first + 2);
+}
+
 pub fn ns(pid: i64, kind: &str) -> PathBuf {
     std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap()
 }
@@ -134,16 +148,17 @@ pub async fn restore_from(
     })
     .await
     .unwrap_or_else(|e| panic!("StartContainer of {image}: {e:?}"));
-    let first = first_logged_count(&Path::new(&pod.1.log_directory).join("restored.log"));
-    assert!(
-        first > counts.0 && first <= counts.1 + 1,
-        "{image}: restored at {first}, checkpoint saw {}..{}",
-        counts.0,
-        counts.1
-    );
-    super::wait_count(&env.rootfs(&id), |v| v > first + 2);
+    let log = Path::new(&pod.1.log_directory).join("restored.log");
+    assert_continues(env, &id, &log, counts, image);
     assert_listed_running(c, &id).await;
-    let st = status(c, &id).await;
-    assert_eq!(st.info.get("restored").map(String::as_str), Some("true"));
-    st.info["restoredFrom"].clone()
+    let info = restore_info(&status(c, &id).await);
+    assert_eq!(info["restored"], serde_json::Value::Bool(true), "{info}");
+    info["restoredFrom"].as_str().unwrap().to_string()
+}
+
+/// The JSON object under `info` in a verbose ContainerStatus, where the
+/// runtime's fields and (as CRI-O puts them) the restore's are.
+pub fn restore_info(st: &cri::ContainerStatusResponse) -> serde_json::Value {
+    let raw = st.info.get("info").expect("a verbose status has `info`");
+    serde_json::from_str(raw).unwrap_or_else(|e| panic!("info is not JSON ({e}): {raw}"))
 }

@@ -202,3 +202,14 @@ mod shipped {
         assert_eq!(f.checkpoint_enabled, Some(true));
     }
 }
+
+/// The upstream's socket path from `unix:///path` (or a plain path).
+pub fn socket_path(upstream: &str) -> Result<PathBuf> {
+    let path = upstream.strip_prefix("unix://").unwrap_or(upstream);
+    if !path.starts_with('/') {
+        return Err(Error::InvalidArgument(format!(
+            "upstream {upstream:?}: only unix:///absolute/path endpoints are supported"
+        )));
+    }
+    Ok(PathBuf::from(path))
+}
