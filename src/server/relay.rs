@@ -392,6 +392,13 @@ async fn write_to(half: &mut Option<OwnedWriteHalf>, buf: &[u8]) -> std::io::Res
 
 impl Relay {
     fn new(owner: Arc<dyn Owner>, reach: Reach, replies: mpsc::UnboundedSender<Answered>) -> Relay {
+        // The client's preface goes first, before anything the relay answers
+        // the upstream itself (a PING ACK) can: the upstream may speak before
+        // the client has.
+        let mut to_upstream = BytesMut::with_capacity(32 << 10);
+        if let Reach::Upstream = reach {
+            to_upstream.extend_from_slice(frame::PREFACE);
+        }
         Relay {
             owner,
             reach,
@@ -414,7 +421,7 @@ impl Relay {
             window: 65_535,
             debt: 0,
             max_frame: [frame::MAX_FRAME; 2],
-            to_upstream: BytesMut::with_capacity(32 << 10),
+            to_upstream,
             to_client: BytesMut::with_capacity(32 << 10),
             read_at: [None; 2],
             replies,
@@ -548,8 +555,8 @@ impl Relay {
         forwarding: bool,
     ) -> Result<(), frame::Error> {
         self.read_at[TO_UPSTREAM].get_or_insert_with(Instant::now);
-        let preface = reader.take_preface()?;
-        self.to_upstream.extend_from_slice(&preface);
+        // Checked here; the upstream was sent the preface at the start.
+        reader.take_preface()?;
         loop {
             reader.max = self.max_frame[TO_UPSTREAM];
             let Some(f) = reader.next()? else { break };
@@ -1119,3 +1126,7 @@ fn put_reply(codec: &mut headers::Encoder, out: &mut BytesMut, stream: u32, r: R
         None,
     );
 }
+
+#[cfg(test)]
+#[path = "relay_props.rs"]
+mod props;
