@@ -640,10 +640,8 @@ impl Relay {
             frame::SETTINGS => self.on_settings(&f),
             // Answered here, never forwarded (see the module's notes). The relay
             // sends no PING of its own, so an ACK answers nothing.
-            frame::PING => {
-                if !f.has(frame::ACK) {
-                    frame::put_frame(&mut self.to_client, frame::PING, frame::ACK, 0, &f.payload);
-                }
+            frame::PING if !f.has(frame::ACK) => {
+                frame::put_frame(&mut self.to_client, frame::PING, frame::ACK, 0, &f.payload);
             }
             frame::PUSH_PROMISE => {
                 return Err(frame::error(Reason::Protocol, "PUSH_PROMISE from a client"))

@@ -103,7 +103,7 @@ fn good_frame() -> impl Strategy<Value = Vec<u8>> {
             match kind {
                 frame::HEADERS => frame::put_header_block(&mut b, stream, &block, end != 0, None),
                 frame::DATA => frame::put_frame(&mut b, kind, end, stream, &data),
-                frame::WINDOW_UPDATE => frame::put_window_update(&mut b, stream * (n as u32 & 1), n),
+                frame::WINDOW_UPDATE => frame::put_window_update(&mut b, stream * (n & 1), n),
                 frame::PING => frame::put_frame(&mut b, kind, 0, 0, &n.to_be_bytes().repeat(2)),
                 frame::SETTINGS => frame::put_frame(&mut b, kind, 0, 0, &[0, 5, 0, 1, 0, 0]),
                 _ => frame::put_rst_stream(&mut b, stream, frame::Reason::Cancel),

@@ -112,12 +112,13 @@ pub struct Seen {
     pub body: Vec<u8>,
 }
 
+/// How a stand-in upstream answers a call (path, request body): grpc status,
+/// message, data frames to send back.
+pub type Answer = fn(&str, &[u8]) -> (i32, &'static str, Vec<Vec<u8>>);
+
 /// An upstream on `sock` that records every call and answers per path:
 /// `reply(path)` gives (grpc status, message, data frames to send back).
-pub fn recorder(
-    sock: &Path,
-    reply: fn(&str, &[u8]) -> (i32, &'static str, Vec<Vec<u8>>),
-) -> Arc<Mutex<Vec<Seen>>> {
+pub fn recorder(sock: &Path, reply: Answer) -> Arc<Mutex<Vec<Seen>>> {
     let seen: Arc<Mutex<Vec<Seen>>> = Default::default();
     let listener = tokio::net::UnixListener::bind(sock).unwrap();
     let log = seen.clone();
