@@ -92,14 +92,16 @@ command -v cargo >/dev/null || { echo "cargo not found: install the Rust toolcha
 
 # gRPC C-core ≥ 1.57 percent-encodes the socket path as :authority; Debian's
 # python3-grpcio is older, so the tests use a pinned grpcio from PyPI.
+# The relay's malformed-input tests write adversarial frames with Python's h2.
 GRPCIO=1.85.1
+H2=4.4.1
 venv="$CACHE/venv"
-if ! "$venv/bin/python3" -c "import grpc, grpc_tools; assert grpc.__version__ == '$GRPCIO'" 2>/dev/null; then
-  log "installing grpcio $GRPCIO into $venv"
+if ! "$venv/bin/python3" -c "import grpc, grpc_tools, h2; assert grpc.__version__ == '$GRPCIO' and h2.__version__ == '$H2'" 2>/dev/null; then
+  log "installing grpcio $GRPCIO and h2 $H2 into $venv"
   mkdir -p "$CACHE" && chmod 0700 "$CACHE"
-  /usr/bin/python3 -m venv "$venv"
-  "$venv/bin/pip" install -q "grpcio==$GRPCIO" "grpcio-tools==$GRPCIO"
-  installed+=("grpcio-$GRPCIO")
+  [ -x "$venv/bin/pip" ] || /usr/bin/python3 -m venv "$venv"
+  "$venv/bin/pip" install -q "grpcio==$GRPCIO" "grpcio-tools==$GRPCIO" "h2==$H2"
+  installed+=("grpcio-$GRPCIO" "h2-$H2")
 fi
 
 criu check >/dev/null 2>&1 || { criu check >&2; echo "criu check failed" >&2; exit 1; }

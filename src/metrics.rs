@@ -46,6 +46,8 @@ pub struct Metrics {
     pause_seconds: Histogram,
     written_bytes: Counter,
     in_flight: Gauge,
+    relay_connections: Gauge,
+    own_calls: Gauge,
     restores: Family<CodeLabel, Counter>,
     pod_checkpoints: Family<CodeLabel, Counter>,
     pod_restores: Family<CodeLabel, Counter>,
@@ -81,6 +83,8 @@ impl Metrics {
             pause_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 12)),
             written_bytes: Counter::default(),
             in_flight: Gauge::default(),
+            relay_connections: Gauge::default(),
+            own_calls: Gauge::default(),
             restores: Family::default(),
             pod_checkpoints: Family::default(),
             pod_restores: Family::default(),
@@ -174,6 +178,20 @@ impl Metrics {
             None,
             self.forwarded.clone(),
         );
+        add(
+            r,
+            "relay_connections",
+            "Client connections being relayed now",
+            None,
+            self.relay_connections.clone(),
+        );
+        add(
+            r,
+            "own_calls_in_flight",
+            "Calls the shim answers itself (checkpoints, restores) running now",
+            None,
+            self.own_calls.clone(),
+        );
         add(r, "relay", "The shim's own part of a forwarded call's latency: from reading a batch of frames to having written it on, per direction", secs, self.relay_seconds.clone());
         add(
             r,
@@ -197,8 +215,18 @@ impl Metrics {
 
     /// A checkpoint started; the returned guard ends it.
     pub fn checkpoint_started(&'static self) -> InFlight {
-        self.in_flight.inc();
-        InFlight(self)
+        InFlight::of(&self.in_flight)
+    }
+
+    /// A client connection is relayed until the guard is dropped.
+    pub fn relay_connection(&'static self) -> InFlight {
+        InFlight::of(&self.relay_connections)
+    }
+
+    /// A call the shim answers itself runs until the guard is dropped (also
+    /// when its task is aborted).
+    pub fn own_call(&'static self) -> InFlight {
+        InFlight::of(&self.own_calls)
     }
 
     pub fn checkpoint_answered(&self, code: tonic::Code) {
@@ -302,12 +330,19 @@ fn add(r: &mut Registry, name: &str, help: &str, unit: Option<Unit>, m: impl Met
     }
 }
 
-/// Counts a checkpoint as running until dropped.
-pub struct InFlight(&'static Metrics);
+/// Counts something as running (in a gauge) until dropped.
+pub struct InFlight(&'static Gauge);
+
+impl InFlight {
+    fn of(g: &'static Gauge) -> InFlight {
+        g.inc();
+        InFlight(g)
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.dec();
+        self.0.dec();
     }
 }
 

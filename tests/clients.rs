@@ -8,10 +8,11 @@
 mod common;
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::cri::Env;
+use common::{go_client, PYTHON};
 use common::raw::{self, frame};
 use k8s_cri::v1 as cri;
 use prost::Message;
@@ -71,32 +72,6 @@ fn assert_same_but_checkpoint(shim: &[Answer], direct: &[Answer], archive: &Path
         .unwrap()
         .any(|e| e.unwrap().path().unwrap() == Path::new("checkpoint/inventory.img")));
 }
-
-fn go_client() -> PathBuf {
-    let bin = Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-cri");
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("hack/go-cri");
-    let out = Command::new("go")
-        .args(["build", "-o"])
-        .arg(&bin)
-        .arg(".")
-        .current_dir(&src)
-        .env("GO111MODULE", "off")
-        .env("GOPATH", "/usr/share/gocode")
-        .env(
-            "GOCACHE",
-            Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-cache"),
-        )
-        .output()
-        .expect("go: run hack/setup.sh");
-    assert!(
-        out.status.success(),
-        "go build: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    bin
-}
-
-const PYTHON: &str = "/var/cache/ckpt-shim/venv/bin/python3";
 
 async fn counting_container(env: &mut Env) -> String {
     let mut c = env.client().await;

@@ -10,10 +10,9 @@ use std::time::{Duration, Instant};
 
 use common::cri::{container_pid, tracer, wait_seized, Client, Env};
 use common::scrape::{free_port, get, value};
+use common::PYTHON;
 use k8s_cri::v1 as cri;
 use nix::sys::signal::Signal;
-
-const PYTHON: &str = "/var/cache/ckpt-shim/venv/bin/python3";
 
 async fn checkpoint(c: &mut Client, id: &str, location: &Path) -> Result<(), tonic::Status> {
     c.checkpoint_container(cri::CheckpointContainerRequest {

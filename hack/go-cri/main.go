@@ -9,6 +9,11 @@
 //	go-cri SOCK owned N                       N RemoveContainer calls on one
 //	                                          connection (the shim answers them
 //	                                          itself), one JSON line each
+//	go-cri SOCK hold CONTAINER_ID              on one connection, an ExecSync that
+//	                                          sleeps 30 s and a GetContainerEvents
+//	                                          stream; one JSON line each as they
+//	                                          end; then, on a line on stdin, a
+//	                                          Version call on the same ClientConn
 //	go-cri bench DIRECT_SOCK SHIM_SOCK [-calls N] [-clients N] [-seconds S]
 //	                                          proxy cost, as hack/proxy-bench.rs
 package main
@@ -166,6 +171,48 @@ func owned(sock string, n int) {
 	}
 }
 
+// hold keeps two calls in flight for a test to break the runtime under: the
+// codes they end with are what the kubelet's client reports.
+func hold(sock, id string) {
+	conn := dial(sock)
+	defer conn.Close()
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		req := append(append(str(1, id), str(2, "sleep")...), str(2, "37")...)
+		_, err := call(conn, rt+"ExecSync", append(req, varint(3, 60)...), 90*time.Second)
+		report("ExecSync", err, nil)
+	}()
+	go func() {
+		defer wg.Done()
+		ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+		defer cancel()
+		desc := &grpc.StreamDesc{StreamName: "GetContainerEvents", ServerStreams: true}
+		events := 0
+		s, err := conn.NewStream(ctx, desc, rt+"GetContainerEvents")
+		if err == nil {
+			req := []byte{}
+			if err = s.SendMsg(&req); err == nil {
+				err = s.CloseSend()
+			}
+			for err == nil {
+				var ev []byte
+				if err = s.RecvMsg(&ev); err == nil {
+					events++
+				}
+			}
+		}
+		report("GetContainerEvents", err, map[string]interface{}{"events": events})
+	}()
+	fmt.Println(`{"call":"started"}`)
+	wg.Wait()
+	var line string
+	fmt.Scanln(&line)
+	_, err := call(conn, rt+"Version", str(1, "v1"), 30*time.Second)
+	report("Version", err, nil)
+}
+
 var methods = []struct {
 	name, path string
 }{
@@ -303,6 +350,10 @@ func main() {
 		fs.Parse(os.Args[4:])
 		bench(os.Args[2], os.Args[3], *n, *c, *s)
 	default:
+		if os.Args[2] == "hold" {
+			hold(os.Args[1], os.Args[3])
+			return
+		}
 		if os.Args[2] == "owned" {
 			var n int
 			fmt.Sscan(os.Args[3], &n)

@@ -7,15 +7,17 @@ pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 pub const HEADER_LEN: usize = 9;
 /// Every peer accepts frames this large; what the relay writes itself fits.
 pub const MAX_FRAME: usize = 16_384;
-/// A frame larger than this is refused (peers may allow up to 16 MiB).
-const LARGEST: usize = 1 << 24;
+/// The largest frame size a peer may announce (RFC 9113 §6.5.2).
+const LARGEST: usize = (1 << 24) - 1;
 
 pub const DATA: u8 = 0x0;
 pub const HEADERS: u8 = 0x1;
 pub const PRIORITY: u8 = 0x2;
 pub const RST_STREAM: u8 = 0x3;
 pub const SETTINGS: u8 = 0x4;
+pub const PUSH_PROMISE: u8 = 0x5;
 pub const PING: u8 = 0x6;
+pub const GOAWAY: u8 = 0x7;
 pub const WINDOW_UPDATE: u8 = 0x8;
 pub const CONTINUATION: u8 = 0x9;
 
@@ -24,6 +26,47 @@ pub const ACK: u8 = 0x1;
 pub const END_HEADERS: u8 = 0x4;
 pub const PADDED: u8 = 0x8;
 pub const PRIORITY_FLAG: u8 = 0x20;
+
+/// SETTINGS identifiers the relay reads or checks.
+const SETTINGS_ENABLE_PUSH: u16 = 0x2;
+const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
+pub const SETTINGS_MAX_FRAME_SIZE: u16 = 0x5;
+
+/// The largest flow-control window (RFC 9113 §6.9.1).
+pub const MAX_WINDOW: i64 = (1 << 31) - 1;
+
+/// HTTP/2 error codes (RFC 9113 §7) the relay sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    NoError = 0x0,
+    Protocol = 0x1,
+    Internal = 0x2,
+    FlowControl = 0x3,
+    StreamClosed = 0x5,
+    FrameSize = 0x6,
+    RefusedStream = 0x7,
+    Cancel = 0x8,
+    Compression = 0x9,
+}
+
+/// Why a relayed connection ended.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The peer broke the protocol: the connection ends with a GOAWAY carrying
+    /// `reason` (RFC 9113 §5.4.1).
+    #[error("HTTP/2 {reason:?}: {what}")]
+    Connection { reason: Reason, what: String },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// A connection error of type `reason`.
+pub fn error(reason: Reason, what: impl Into<String>) -> Error {
+    Error::Connection {
+        reason,
+        what: what.into(),
+    }
+}
 
 #[derive(Debug)]
 pub struct Frame {
@@ -48,8 +91,18 @@ impl Frame {
         }
     }
 
+    /// The (identifier, value) pairs of a SETTINGS frame.
+    pub fn settings(&self) -> impl Iterator<Item = (u16, u32)> + '_ {
+        self.payload.chunks_exact(6).map(|c| {
+            (
+                u16::from_be_bytes([c[0], c[1]]),
+                u32::from_be_bytes([c[2], c[3], c[4], c[5]]),
+            )
+        })
+    }
+
     /// The data of a DATA frame without its padding, and its flow-controlled length.
-    pub fn data(&self) -> std::io::Result<(&[u8], usize)> {
+    pub fn data(&self) -> Result<(&[u8], usize), Error> {
         let len = self.payload.len();
         if !self.has(PADDED) {
             return Ok((&self.payload, len));
@@ -57,18 +110,21 @@ impl Frame {
         let pad = *self
             .payload
             .first()
-            .ok_or_else(|| bad("empty padded DATA"))? as usize;
+            .ok_or_else(|| error(Reason::FrameSize, "empty padded DATA"))?
+            as usize;
         if pad + 1 > len {
-            return Err(bad("DATA padding exceeds the frame"));
+            return Err(error(Reason::Protocol, "DATA padding exceeds the frame"));
         }
         Ok((&self.payload[1..len - pad], len))
     }
 
     /// The header block fragment of a HEADERS frame, and its priority fields.
-    pub fn header_fragment(&self) -> std::io::Result<(&[u8], Option<[u8; 5]>)> {
+    pub fn header_fragment(&self) -> Result<(&[u8], Option<[u8; 5]>), Error> {
         let mut p: &[u8] = &self.payload;
         let pad = if self.has(PADDED) {
-            let (&n, rest) = p.split_first().ok_or_else(|| bad("empty padded HEADERS"))?;
+            let (&n, rest) = p
+                .split_first()
+                .ok_or_else(|| error(Reason::FrameSize, "empty padded HEADERS"))?;
             p = rest;
             n as usize
         } else {
@@ -76,7 +132,7 @@ impl Frame {
         };
         let priority = if self.has(PRIORITY_FLAG) {
             if p.len() < 5 {
-                return Err(bad("short HEADERS priority"));
+                return Err(error(Reason::FrameSize, "short HEADERS priority"));
             }
             let (pr, rest) = p.split_at(5);
             p = rest;
@@ -85,9 +141,73 @@ impl Frame {
             None
         };
         if pad > p.len() {
-            return Err(bad("HEADERS padding exceeds the frame"));
+            return Err(error(Reason::Protocol, "HEADERS padding exceeds the frame"));
         }
         Ok((&p[..p.len() - pad], priority))
+    }
+
+    /// The RFC 9113 §6 rules on a frame's stream and length that make a bad
+    /// frame a connection error, whoever it is for. A WINDOW_UPDATE of 0 on a
+    /// stream and a PRIORITY of the wrong size are the stream's own errors,
+    /// left to the caller. Unknown types pass (they are to be ignored).
+    pub fn check(&self) -> Result<(), Error> {
+        let (len, on_conn) = (self.payload.len(), self.stream == 0);
+        let wrong = |reason, what: &str| Err(error(reason, format!("{what} (type {})", self.kind)));
+        match self.kind {
+            DATA | HEADERS | PRIORITY | RST_STREAM | PUSH_PROMISE | CONTINUATION if on_conn => {
+                wrong(Reason::Protocol, "a stream's frame on stream 0")
+            }
+            SETTINGS | PING | GOAWAY if !on_conn => {
+                wrong(Reason::Protocol, "a connection's frame on a stream")
+            }
+            DATA => self.data().map(drop),
+            HEADERS => self.header_fragment().map(drop),
+            RST_STREAM if len != 4 => wrong(Reason::FrameSize, "RST_STREAM not 4 bytes"),
+            PING if len != 8 => wrong(Reason::FrameSize, "PING not 8 bytes"),
+            GOAWAY if len < 8 => wrong(Reason::FrameSize, "GOAWAY shorter than 8 bytes"),
+            WINDOW_UPDATE if len != 4 => wrong(Reason::FrameSize, "WINDOW_UPDATE not 4 bytes"),
+            WINDOW_UPDATE if on_conn && self.window_increment() == 0 => {
+                wrong(Reason::Protocol, "WINDOW_UPDATE of 0")
+            }
+            SETTINGS if self.has(ACK) && len != 0 => {
+                wrong(Reason::FrameSize, "SETTINGS ACK with a payload")
+            }
+            SETTINGS if len % 6 != 0 => {
+                wrong(Reason::FrameSize, "SETTINGS not a multiple of 6 bytes")
+            }
+            SETTINGS => self.check_settings(),
+            _ => Ok(()),
+        }
+    }
+
+    /// RFC 9113 §6.5.2: the values a SETTINGS frame may carry.
+    fn check_settings(&self) -> Result<(), Error> {
+        for (id, v) in self.settings() {
+            let bad = match id {
+                SETTINGS_ENABLE_PUSH if v > 1 => Some(Reason::Protocol),
+                SETTINGS_INITIAL_WINDOW_SIZE if v as i64 > MAX_WINDOW => Some(Reason::FlowControl),
+                SETTINGS_MAX_FRAME_SIZE if !(MAX_FRAME..=LARGEST).contains(&(v as usize)) => {
+                    Some(Reason::Protocol)
+                }
+                _ => None,
+            };
+            if let Some(reason) = bad {
+                return Err(error(reason, format!("SETTINGS {id} = {v}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The error code of a RST_STREAM or GOAWAY, and a GOAWAY's last stream.
+    pub fn code(&self) -> Option<u32> {
+        let at = if self.kind == GOAWAY { 4 } else { 0 };
+        let b = self.payload.get(at..at + 4)?;
+        Some(u32::from_be_bytes(b.try_into().expect("4 bytes")))
+    }
+
+    pub fn last_stream(&self) -> Option<u32> {
+        let b = self.payload.get(..4)?;
+        Some(u32::from_be_bytes(b.try_into().expect("4 bytes")) & 0x7fff_ffff)
     }
 }
 
@@ -95,6 +215,8 @@ impl Frame {
 pub struct Reader {
     buf: BytesMut,
     preface: usize,
+    /// The largest frame the peer may send: what the other peer announced.
+    pub max: usize,
 }
 
 impl Reader {
@@ -103,6 +225,7 @@ impl Reader {
         Reader {
             buf: BytesMut::with_capacity(32 << 10),
             preface: if preface { PREFACE.len() } else { 0 },
+            max: MAX_FRAME,
         }
     }
 
@@ -114,24 +237,30 @@ impl Reader {
     }
 
     /// The preface bytes received so far, to pass on; checked as they come.
-    pub fn take_preface(&mut self) -> std::io::Result<Bytes> {
+    pub fn take_preface(&mut self) -> Result<Bytes, Error> {
         let n = self.preface.min(self.buf.len());
         let done = PREFACE.len() - self.preface;
         if self.buf[..n] != PREFACE[done..done + n] {
-            return Err(bad("not an HTTP/2 connection preface"));
+            return Err(error(Reason::Protocol, "not an HTTP/2 connection preface"));
         }
         self.preface -= n;
         Ok(self.buf.split_to(n).freeze())
     }
 
-    pub fn next(&mut self) -> std::io::Result<Option<Frame>> {
+    pub fn next(&mut self) -> Result<Option<Frame>, Error> {
         if self.preface > 0 || self.buf.len() < HEADER_LEN {
             return Ok(None);
         }
         let h = &self.buf[..HEADER_LEN];
         let len = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
-        if len > LARGEST {
-            return Err(bad("frame too large"));
+        if len > self.max.min(LARGEST) {
+            return Err(error(
+                Reason::FrameSize,
+                format!(
+                    "a frame of {len} bytes, over SETTINGS_MAX_FRAME_SIZE {}",
+                    self.max
+                ),
+            ));
         }
         if self.buf.len() < HEADER_LEN + len {
             self.buf.reserve(HEADER_LEN + len - self.buf.len());
@@ -162,6 +291,18 @@ pub fn put_header(out: &mut BytesMut, len: usize, kind: u8, flags: u8, stream: u
 pub fn put_frame(out: &mut BytesMut, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
     put_header(out, payload.len(), kind, flags, stream);
     out.extend_from_slice(payload);
+}
+
+/// GOAWAY: the last stream the sender processes, and why it stops.
+pub fn put_goaway(out: &mut BytesMut, last_stream: u32, reason: Reason, debug: &str) {
+    let mut p = last_stream.to_be_bytes().to_vec();
+    p.extend((reason as u32).to_be_bytes());
+    p.extend(debug.as_bytes());
+    put_frame(out, GOAWAY, 0, 0, &p);
+}
+
+pub fn put_rst_stream(out: &mut BytesMut, stream: u32, reason: Reason) {
+    put_frame(out, RST_STREAM, 0, stream, &(reason as u32).to_be_bytes());
 }
 
 pub fn put_window_update(out: &mut BytesMut, stream: u32, increment: u32) {

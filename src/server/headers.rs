@@ -72,12 +72,63 @@ impl Default for Decoder {
 
 impl Decoder {
     pub fn decode(&mut self, mut block: Vec<u8>) -> std::io::Result<Fields> {
+        if !complete(&block) {
+            return Err(frame::bad("HPACK: a representation cut short"));
+        }
         let mut out = Vec::with_capacity(16);
         self.0
             .decode(&mut block, &mut out)
             .map_err(|e| frame::bad(&format!("HPACK: {e:?}")))?;
         Ok(out)
     }
+}
+
+/// Whether every representation in `block` (RFC 7541 §6) is whole: its
+/// integers end within the block and its strings are as long as they say.
+/// httlib-hpack 0.1.3 indexes past the end of a block cut inside an integer or
+/// before a string, and panics; the relay must answer that with an error.
+fn complete(mut block: &[u8]) -> bool {
+    while let Some(&first) = block.first() {
+        let (prefix, strings) = match first {
+            0x80.. => (7, 0),
+            0x40.. => (6, 1),
+            0x20.. => (5, 0),
+            _ => (4, 1),
+        };
+        let Some((index, rest)) = integer(block, prefix) else {
+            return false;
+        };
+        block = rest;
+        // A literal with a new name (index 0) carries the name first.
+        let strings = strings + usize::from(strings == 1 && index == 0);
+        for _ in 0..strings {
+            let Some((len, rest)) = block.first().and_then(|_| integer(block, 7)) else {
+                return false;
+            };
+            let Some(rest) = rest.get(len as usize..) else {
+                return false;
+            };
+            block = rest;
+        }
+    }
+    true
+}
+
+/// An HPACK integer with a `prefix`-bit prefix at the start of `b` (RFC 7541
+/// §5.1), at most 5 octets as httlib-hpack takes them, and what follows it.
+fn integer(b: &[u8], prefix: u8) -> Option<(u32, &[u8])> {
+    let mask = (1u32 << prefix) - 1;
+    let mut value = u32::from(*b.first()?) & mask;
+    if value < mask {
+        return Some((value, &b[1..]));
+    }
+    for (i, &byte) in b.iter().enumerate().skip(1).take(4) {
+        value += u32::from(byte & 0x7f) << (7 * (i - 1));
+        if byte & 0x80 == 0 {
+            return Some((value, &b[i + 1..]));
+        }
+    }
+    None
 }
 
 /// Encodes blocks that leave the receiver's dynamic table alone: fields are
@@ -270,6 +321,25 @@ mod tests {
             e.encode((n.clone(), v.clone(), how), &mut out).unwrap();
         }
         out
+    }
+
+    /// Blocks cut inside an integer or before a string's end: errors (the
+    /// codec itself would index past the end of each).
+    #[test]
+    fn a_block_cut_short_is_an_error() {
+        for block in [
+            &[0x1f][..],
+            &[0xff, 0x80],
+            &[0x40],
+            &[0x40, 0x85, b'a'],
+            &[0x00, 0x01, b'a'],
+            &[0x10, 0x7f],
+            &[0x3f],
+        ] {
+            assert!(Decoder::default().decode(block.to_vec()).is_err(), "{block:?}");
+        }
+        let whole = Encoder::default().encode(&fields(&[(":path", "/a"), ("x-b", "c")]));
+        assert_eq!(Decoder::default().decode(whole).unwrap().len(), 2);
     }
 
     #[test]

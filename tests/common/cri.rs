@@ -63,7 +63,13 @@ pub fn start_containerd(dir: &Path, runc: Runc) {
     let runc_bin = match runc {
         Runc::CkptRunc => {
             let link = bin.join("ckpt-runc");
-            std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_ckpt-shim"), &link).unwrap();
+            // A restarted containerd finds the link already there.
+            match std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_ckpt-shim"), &link) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                    panic!("ckpt-runc link: {e}")
+                }
+                _ => {}
+            }
             link
         }
         Runc::Plain => PathBuf::from(sh("command -v runc").trim()),
@@ -95,6 +101,8 @@ pub struct Env {
     shim: Option<Child>,
     pub pods: Vec<String>,
     pub cgroup_parent: String,
+    /// What containerd runs as runc (a restart runs the same).
+    runc: Runc,
 }
 
 impl Env {
@@ -115,6 +123,36 @@ impl Env {
 
     pub fn start_with_upstream(upstream: Option<&Path>) -> Env {
         Self::start_full(upstream, "", Runc::CkptRunc)
+    }
+
+    /// In front of a stand-in upstream, with these lines of TOML as settings.
+    pub fn start_faked(upstream: &Path, toml: &str) -> Env {
+        Self::start_full(Some(upstream), toml, Runc::CkptRunc)
+    }
+
+    /// SIGKILL to containerd (its shims and containers live on); returns once
+    /// its socket refuses connections.
+    pub fn kill_containerd(&self) {
+        let pid = std::fs::read_to_string(self.dir.join("containerd.pid")).unwrap();
+        let pid = nix::unistd::Pid::from_raw(pid.trim().parse().unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+        let t = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&self.containerd_sock).is_ok() {
+            assert!(t.elapsed() < Duration::from_secs(10), "containerd lives on");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// containerd again, on the same socket, state and root.
+    pub fn restart_containerd(&self) {
+        start_containerd(&self.dir, self.runc);
+    }
+
+    /// How many threads the shim runs.
+    pub fn shim_threads(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/task", self.shim_pid()))
+            .unwrap()
+            .count()
     }
 
     fn start_full(upstream: Option<&Path>, toml: &str, runc: Runc) -> Env {
@@ -148,6 +186,7 @@ impl Env {
             shim: None,
             pods: Vec::new(),
             cgroup_parent,
+            runc,
         };
         env.spawn_shim();
         env

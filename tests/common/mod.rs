@@ -577,3 +577,32 @@ pub fn restore_opts(
         identities,
     }
 }
+
+/// The venv with grpcio and h2 (hack/setup.sh).
+pub const PYTHON: &str = "/var/cache/ckpt-shim/venv/bin/python3";
+
+/// The Go CRI client (hack/go-cri), built once per test binary.
+pub fn go_client() -> PathBuf {
+    let bin = Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-cri");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("hack/go-cri");
+    let out = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&bin)
+        .arg(".")
+        .current_dir(&src)
+        .env("GO111MODULE", "off")
+        .env("GOPATH", "/usr/share/gocode")
+        .env(
+            "GOCACHE",
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-cache"),
+        )
+        .output()
+        .expect("go: run hack/setup.sh");
+    assert!(
+        out.status.success(),
+        "go build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    bin
+}
+
