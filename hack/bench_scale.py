@@ -140,7 +140,7 @@ class ScaleBench(RestoreBench):
                 self.cleanups = []
                 self.rows.setdefault(v, []).append(row)
                 print(f"  round {rnd + 1} {v}: {row['all']:.3f}s, read {row['read'] / MIB:.0f} MiB, "
-                      f"written {row['written'] / MIB:.0f} MiB, shim dirtied {row['shim_w'] / MIB:.0f} MiB",
+                      f"written {row['written'] / MIB:.0f} MiB, shim dirtied {row['shim_w'] / MIB:.0f} MiB; each: {' '.join(f'{x:.2f}' for x in sorted(row['each']))}",
                       file=sys.stderr, flush=True)
 
     def report(self):
