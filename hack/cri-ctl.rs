@@ -6,6 +6,10 @@
 //!   cri-ctl SOCK restore POD_NAME ARCHIVE      → a new pod, then CreateContainer with
 //!                                                the archive as image + StartContainer,
 //!                                                timed: "<pod id> <container id> <ms>"
+//!   cri-ctl SOCK restore-n POD_PREFIX N IMAGE  → N new pods (untimed), then every pod's
+//!                                                CreateContainer + StartContainer at once,
+//!                                                timed: "<pod id> <container id> <ms>" a
+//!                                                line each, then "all <ms>" (until the last)
 //!   cri-ctl SOCK checkpoint ID LOCATION [TIMEOUT_S]
 //!   cri-ctl SOCK pull IMAGE                    → PullImage, as the kubelet: "<image ref> <ms>"
 //!   cri-ctl SOCK rm-pod POD_ID
@@ -65,6 +69,7 @@ async fn main() -> Res<()> {
             .await?;
             println!("{} {id} {:.1}", pod.0, t.elapsed().as_secs_f64() * 1e3);
         }
+        ("restore-n", [prefix, n, image]) => restore_n(&mut c, prefix, n.parse()?, image).await?,
         ("pull", [image]) => {
             let t = std::time::Instant::now();
             let mut images = cri::image_service_client::ImageServiceClient::new(
@@ -136,6 +141,39 @@ async fn main() -> Res<()> {
         }
         _ => return Err(usage.into()),
     }
+    Ok(())
+}
+
+/// `n` restores of one checkpoint `image` started together, as a scale-out
+/// does: the pods first, then every Create+Start concurrently.
+async fn restore_n(c: &mut Client, prefix: &str, n: usize, image: &str) -> Res<()> {
+    let mut pods = Vec::new();
+    for i in 0..n {
+        let name = format!("{prefix}-{i}");
+        let logs = std::env::temp_dir().join(format!("cri-ctl-logs-{name}"));
+        pods.push(new_pod(c, &name, "/ckpt-shim-bench", &logs).await?);
+    }
+    let t = std::time::Instant::now();
+    let mut calls = Vec::new();
+    for pod in pods {
+        let (mut c, image) = (c.clone(), image.to_string());
+        calls.push(tokio::spawn(async move {
+            let id = create_counter(&mut c, &pod, Some(&image), 0, 1000)
+                .await
+                .map_err(|e| format!("CreateContainer in {}: {e}", pod.0))?;
+            c.start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .map_err(|e| format!("StartContainer {id}: {e}"))?;
+            Ok::<_, String>((pod.0, id, t.elapsed()))
+        }));
+    }
+    for call in calls {
+        let (pod, id, took) = call.await??;
+        println!("{pod} {id} {:.1}", took.as_secs_f64() * 1e3);
+    }
+    println!("all {:.1}", t.elapsed().as_secs_f64() * 1e3);
     Ok(())
 }
 

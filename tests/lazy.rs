@@ -368,3 +368,76 @@ fn disk_bytes(dir: &Path) -> u64 {
     }
     total
 }
+
+/// How many pods restore one checkpoint image at once (scale-out).
+const SCALE: usize = 4;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_checkpoint_image_restores_lazily_into_several_pods_at_once() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let out = out_dir();
+    let (archive, before, after) = checkpointed(&mut env, &mut c, out.path(), MIB).await;
+    let sock = env.containerd_sock.to_string_lossy().into_owned();
+    common::run_ok(
+        std::process::Command::new(env!("CARGO_BIN_EXE_ckpt-shim")).args([
+            "image",
+            archive.to_str().unwrap(),
+            "lazy-scale:1",
+            "--import",
+            &sock,
+        ]),
+    );
+    std::fs::remove_file(&archive).unwrap();
+    let mut pods = Vec::new();
+    for i in 0..SCALE {
+        pods.push(env.run_pod(&mut c, &format!("scale-{i}"), false).await);
+    }
+    // Every pod's CreateContainer + StartContainer at once, as a scale-out does.
+    let mut calls = Vec::new();
+    for pod in &pods {
+        let mut cfg = restore_config(&env, "restored", "localhost/lazy-scale:1");
+        cfg.annotations
+            .insert("io.ckpt-shim.lazy-pages".into(), "true".into());
+        let (mut c, pod) = (c.clone(), pod.clone());
+        calls.push(tokio::spawn(async move {
+            let id = create(&mut c, &pod, cfg).await?;
+            c.start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await?;
+            Ok::<_, tonic::Status>(id)
+        }));
+    }
+    let mut ids = Vec::new();
+    for call in calls {
+        let id = call.await.unwrap();
+        ids.push(id.unwrap_or_else(|e| panic!("{e:?}\n{}", env.shim_log())));
+    }
+    for (pod, id) in pods.iter().zip(&ids) {
+        let log = Path::new(&pod.1.log_directory).join("restored.log");
+        assert_continues(
+            &env,
+            id,
+            &log,
+            (before, after),
+            "one of several lazy restores",
+        );
+        let verdict = verify_memory(&env, id);
+        assert!(verdict.starts_with("ok "), "{id}: {verdict}");
+    }
+    // Each served from the one layer blob in containerd's content store.
+    let in_place = env
+        .shim_log()
+        .matches("restoring from the layer in the runtime's content store")
+        .count();
+    assert!(in_place >= SCALE, "{}", env.shim_log());
+    for (pod, id) in pods.iter().zip(&ids) {
+        let staged = env.dir.join("restore").join(id);
+        wait_gone(&staged.to_string_lossy(), Duration::from_secs(60));
+        let served = lazy_log(&env, id);
+        assert!(served.contains("daemon exit status: 0"), "{served}");
+        env.assert_running(&mut c, id).await;
+        remove(&mut c, id, &pod.0).await;
+    }
+}
