@@ -183,9 +183,6 @@ fn restore(inv: &Invocation, s: &Staged) -> Result<()> {
     s.mark_restored()
 }
 
-/// The page source's nice value: below the restores and containers around it.
-const PAGE_SOURCE_NICE: libc::c_int = 10;
-
 /// A lazy restore's page source ([`super::lazy_serve`]), started before the
 /// restore and left running after it: a process group of its own (it and
 /// CRIU's daemon), whose parent is the runtime's shim once this exits.
@@ -230,17 +227,10 @@ impl LazyServer {
             .stdout(std::process::Stdio::piped())
             .stderr(log.try_clone().ctx(|| "lazy-serve.log".into())?)
             .process_group(0);
-        // SAFETY: two syscalls between fork and exec.
+        // SAFETY: one syscall between fork and exec.
         unsafe {
             cmd.pre_exec(|| {
                 super::lazy_serve::mark_cloexec_from(3);
-                // Once its process runs, the page source pushes every page
-                // still missing, all CPU for a while (512 MiB ≈ 0.3 s). With
-                // eight restores of one image started together, the first
-                // ones' pushes at equal priority held up the later ones'
-                // restores (README, "Scale-out"). CRIU's daemon inherits this;
-                // an idle CPU still runs it at full speed.
-                libc::setpriority(libc::PRIO_PROCESS, 0, PAGE_SOURCE_NICE);
                 Ok(())
             });
         }
