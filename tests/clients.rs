@@ -12,8 +12,8 @@ use std::path::Path;
 use std::process::Command;
 
 use common::cri::Env;
-use common::{go_client, PYTHON};
 use common::raw::{self, frame};
+use common::{go_client, PYTHON};
 use k8s_cri::v1 as cri;
 use prost::Message;
 

@@ -230,24 +230,31 @@ fn find_member(tar: &[u8], name: &str) -> Option<usize> {
     None
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_checkpoint_image_restores_lazily_from_its_layer_in_place() {
-    let mut env = Env::start();
-    let mut c = env.client().await;
+/// A counter checkpointed and imported into containerd as checkpoint image
+/// `localhost/<tag>`; the archive is removed, so the pages can only come from
+/// containerd's content store. Returns the counts around the checkpoint.
+async fn checkpoint_image(env: &mut Env, c: &mut Client, tag: &str) -> (u64, u64) {
     let out = out_dir();
-    let (archive, before, after) = checkpointed(&mut env, &mut c, out.path(), MIB).await;
+    let (archive, before, after) = checkpointed(env, c, out.path(), MIB).await;
     let sock = env.containerd_sock.to_string_lossy().into_owned();
     common::run_ok(
         std::process::Command::new(env!("CARGO_BIN_EXE_ckpt-shim")).args([
             "image",
             archive.to_str().unwrap(),
-            "lazy-ckpt:1",
+            tag,
             "--import",
             &sock,
         ]),
     );
-    // The archive goes: the pages come from containerd's content store.
     std::fs::remove_file(&archive).unwrap();
+    (before, after)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_checkpoint_image_restores_lazily_from_its_layer_in_place() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let (before, after) = checkpoint_image(&mut env, &mut c, "lazy-ckpt:1").await;
     let image = Path::new("localhost/lazy-ckpt:1");
     let (pod, id) = restore_lazily(&mut env, &mut c, "from-image", image).await;
     let log = Path::new(&pod.1.log_directory).join("restored.log");
@@ -376,19 +383,7 @@ const SCALE: usize = 4;
 async fn one_checkpoint_image_restores_lazily_into_several_pods_at_once() {
     let mut env = Env::start();
     let mut c = env.client().await;
-    let out = out_dir();
-    let (archive, before, after) = checkpointed(&mut env, &mut c, out.path(), MIB).await;
-    let sock = env.containerd_sock.to_string_lossy().into_owned();
-    common::run_ok(
-        std::process::Command::new(env!("CARGO_BIN_EXE_ckpt-shim")).args([
-            "image",
-            archive.to_str().unwrap(),
-            "lazy-scale:1",
-            "--import",
-            &sock,
-        ]),
-    );
-    std::fs::remove_file(&archive).unwrap();
+    let (before, after) = checkpoint_image(&mut env, &mut c, "lazy-scale:1").await;
     let mut pods = Vec::new();
     for i in 0..SCALE {
         pods.push(env.run_pod(&mut c, &format!("scale-{i}"), false).await);

@@ -401,7 +401,10 @@ async fn resets_disconnects_and_goaway_on_either_side() {
     conn.request(1, &events, &frame(&[]), true).await;
     assert_eq!(count_messages(&conn.answer(1, 2).await.data), 2);
     conn.send(0x3, 0, 1, &8u32.to_be_bytes()).await; // RST_STREAM CANCEL
-    wait_for("the upstream lets go of the reset stream", || fake.live() == 0).await;
+    wait_for("the upstream lets go of the reset stream", || {
+        fake.live() == 0
+    })
+    .await;
     conn.request(3, &version, VERSION, true).await;
     let a = conn.answer(3, 0).await;
     assert_eq!((a.grpc_status(), a.data.as_slice()), (Some(0), VERSION));
@@ -500,10 +503,16 @@ async fn large_blocks_messages_frames_and_streams_cross_and_a_stalled_reader_blo
     // that reads nothing at all; the rest goes on.
     let mut send = raw::connect(&env.shim_sock, FakeSettings::default()).await;
     let size = (8 << 20).to_string();
-    let stalled =
-        raw::start_call(&mut send, &format!("{RT}Big"), &[("x-size", &size)], frame(&[])).await;
+    let stalled = raw::start_call(
+        &mut send,
+        &format!("{RT}Big"),
+        &[("x-size", &size)],
+        frame(&[]),
+    )
+    .await;
     let mut deaf = Conn::open(&env.shim_sock).await;
-    deaf.request(1, &format!("{RT}Big"), &frame(&[]), true).await;
+    deaf.request(1, &format!("{RT}Big"), &frame(&[]), true)
+        .await;
     let r = raw::send_call(&mut send, &echo, &[], VERSION.to_vec()).await;
     assert_eq!((r.status(), r.data.as_slice()), (Some(0), VERSION));
     let r = raw::call(&env.shim_sock, &echo, &[], VERSION.to_vec()).await;
@@ -548,9 +557,7 @@ fn expected(case: &str) -> Expect {
         | "frame_over_max_frame_size"
         | "length_field_past_the_payload" => GoAway(FRAME_SIZE),
         "settings_window_too_large" | "window_update_overflow" => GoAway(FLOW_CONTROL),
-        "bad_hpack_index" | "bad_hpack_table_update" | "header_list_2_mib" => {
-            GoAway(COMPRESSION)
-        }
+        "bad_hpack_index" | "bad_hpack_table_update" | "header_list_2_mib" => GoAway(COMPRESSION),
         _ => GoAway(PROTOCOL),
     }
 }
@@ -592,7 +599,10 @@ async fn malformed_http2_gets_the_rfc_answer_and_everyone_else_is_served() {
             _ => panic!("{name}: {c}"),
         };
         assert_eq!(got, expected(name), "{name}: {c}");
-        assert_eq!(c["version"], "OK", "{name}: the other client was not served");
+        assert_eq!(
+            c["version"], "OK",
+            "{name}: the other client was not served"
+        );
     }
     settled(&env, port, &before).await;
     eprintln!("{} malformed-input cases over a socket", cases.len());

@@ -336,7 +336,10 @@ mod tests {
             &[0x10, 0x7f],
             &[0x3f],
         ] {
-            assert!(Decoder::default().decode(block.to_vec()).is_err(), "{block:?}");
+            assert!(
+                Decoder::default().decode(block.to_vec()).is_err(),
+                "{block:?}"
+            );
         }
         let whole = Encoder::default().encode(&fields(&[(":path", "/a"), ("x-b", "c")]));
         assert_eq!(Decoder::default().decode(whole).unwrap().len(), 2);

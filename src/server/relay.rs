@@ -449,7 +449,8 @@ impl Relay {
         let mut from_client = frame::Reader::new(true);
         let mut from_upstream = frame::Reader::new(false);
         let end = loop {
-            let read_client = self.to_upstream.len() < BACKLOG && self.to_client.len() < CLIENT_BACKLOG;
+            let read_client =
+                self.to_upstream.len() < BACKLOG && self.to_client.len() < CLIENT_BACKLOG;
             let step: Result<(), End> = tokio::select! {
                 biased;
                 n = cwr.write(&self.to_client), if !self.to_client.is_empty() => {
@@ -523,7 +524,9 @@ impl Relay {
     /// upstream still processes end when the connection closes (grpc-go and
     /// C-core fail them UNAVAILABLE); later ones it retries elsewhere.
     fn goaway_client(&mut self, reason: Reason, what: &str) {
-        let last = self.goaway.map_or(self.last_stream, |g| g.min(self.last_stream));
+        let last = self
+            .goaway
+            .map_or(self.last_stream, |g| g.min(self.last_stream));
         frame::put_goaway(&mut self.to_client, last, reason, what);
     }
 
@@ -729,7 +732,10 @@ impl Relay {
             .decode(std::mem::take(&mut b.fragment))
             .map_err(compression)?;
         if b.stream & 1 == 0 {
-            return Err(frame::error(Reason::Protocol, "even stream id from a client"));
+            return Err(frame::error(
+                Reason::Protocol,
+                "even stream id from a client",
+            ));
         }
         if b.stream > self.last_stream {
             return self.on_request(b, fields);
@@ -975,7 +981,13 @@ impl Relay {
             // As on the client's side: answered here, never forwarded.
             frame::PING => {
                 if !f.has(frame::ACK) {
-                    frame::put_frame(&mut self.to_upstream, frame::PING, frame::ACK, 0, &f.payload);
+                    frame::put_frame(
+                        &mut self.to_upstream,
+                        frame::PING,
+                        frame::ACK,
+                        0,
+                        &f.payload,
+                    );
                 }
                 return Ok(());
             }
@@ -983,7 +995,10 @@ impl Relay {
             // Its header block would need a context the relay does not keep for
             // it; gRPC servers never push.
             frame::PUSH_PROMISE => {
-                return Err(frame::error(Reason::Protocol, "PUSH_PROMISE from the upstream"))
+                return Err(frame::error(
+                    Reason::Protocol,
+                    "PUSH_PROMISE from the upstream",
+                ))
             }
             frame::PRIORITY | frame::WINDOW_UPDATE => {}
             // Unknown types are ignored (RFC 9113 §5.5).

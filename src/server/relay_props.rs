@@ -122,7 +122,13 @@ fn reads() -> impl Strategy<Value = (Vec<u8>, Vec<usize>)> {
 
 /// Feeds `bytes` to the relay in reads cut at `cuts`, as from the client or
 /// the upstream; stops at the first error, which must be a connection error.
-fn feed(r: &mut Relay, reader: &mut frame::Reader, bytes: &[u8], cuts: &[usize], client: bool) -> bool {
+fn feed(
+    r: &mut Relay,
+    reader: &mut frame::Reader,
+    bytes: &[u8],
+    cuts: &[usize],
+    client: bool,
+) -> bool {
     let mut rest = bytes;
     let mut cuts = cuts.iter().cycle();
     while !rest.is_empty() {
@@ -194,19 +200,30 @@ fn the_parser_takes_any_bytes() {
         proptest::collection::vec(any::<u8>(), 0..300),
         reads().prop_map(|(b, _)| b),
     ];
-    run("parser", 4000, (bytes, any::<bool>()), |(bytes, preface)| {
-        let mut reader = frame::Reader::new(preface);
-        if preface {
-            reader.buf().extend_from_slice(frame::PREFACE);
-        }
-        reader.buf().extend_from_slice(&bytes);
-        if reader.take_preface().is_ok() {
-            while let Ok(Some(f)) = reader.next() {
-                let _ = (f.check(), f.data(), f.header_fragment(), f.code(), f.last_stream());
-                let _ = (f.settings().count(), f.window_increment());
+    run(
+        "parser",
+        4000,
+        (bytes, any::<bool>()),
+        |(bytes, preface)| {
+            let mut reader = frame::Reader::new(preface);
+            if preface {
+                reader.buf().extend_from_slice(frame::PREFACE);
             }
-        }
-    });
+            reader.buf().extend_from_slice(&bytes);
+            if reader.take_preface().is_ok() {
+                while let Ok(Some(f)) = reader.next() {
+                    let _ = (
+                        f.check(),
+                        f.data(),
+                        f.header_fragment(),
+                        f.code(),
+                        f.last_stream(),
+                    );
+                    let _ = (f.settings().count(), f.window_increment());
+                }
+            }
+        },
+    );
 }
 
 /// The names and values of `f`: what a peer's decoder reports.
@@ -218,20 +235,29 @@ fn pairs(f: &Fields) -> Vec<(Vec<u8>, Vec<u8>)> {
 /// the client side re-encodes decodes again to the same fields.
 #[test]
 fn hpack_takes_any_block() {
-    run("hpack", 4000, proptest::collection::vec(block(), 1..6), |blocks| {
-        let mut requests = headers::Requests::default();
-        let mut replies = headers::Decoder::default();
-        let mut upstream = headers::Decoder::default();
-        requests.withheld();
-        for b in blocks {
-            let _ = replies.decode(b.clone());
-            if let Ok(mut fields) = requests.decode(b) {
-                let again = requests.forward(&mut fields).expect("re-encoded once withheld");
-                let back = upstream.decode(again).expect("what the relay encodes decodes");
-                assert_eq!(pairs(&back), pairs(&fields));
+    run(
+        "hpack",
+        4000,
+        proptest::collection::vec(block(), 1..6),
+        |blocks| {
+            let mut requests = headers::Requests::default();
+            let mut replies = headers::Decoder::default();
+            let mut upstream = headers::Decoder::default();
+            requests.withheld();
+            for b in blocks {
+                let _ = replies.decode(b.clone());
+                if let Ok(mut fields) = requests.decode(b) {
+                    let again = requests
+                        .forward(&mut fields)
+                        .expect("re-encoded once withheld");
+                    let back = upstream
+                        .decode(again)
+                        .expect("what the relay encodes decodes");
+                    assert_eq!(pairs(&back), pairs(&fields));
+                }
             }
-        }
-    });
+        },
+    );
 }
 
 /// The relay, given any frames from both peers (the client's after its
@@ -241,28 +267,37 @@ fn hpack_takes_any_block() {
 fn the_relay_takes_any_frame_sequence() {
     let reachable = prop_oneof![4 => Just(true), 1 => Just(false)];
     let input = (reads(), reads(), reachable, any::<bool>());
-    run("relay", 3000, input, |(client, upstream, reachable, client_first)| {
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let _in = rt.enter();
-        let mut r = new_relay(reachable);
-        let mut from_client = frame::Reader::new(true);
-        let mut from_upstream = frame::Reader::new(false);
-        let client_bytes = [frame::PREFACE, &client.0].concat();
-        let mut sides = [true, false];
-        if !client_first {
-            sides.reverse();
-        }
-        for side in sides {
-            let alive = match side {
-                true => feed(&mut r, &mut from_client, &client_bytes, &client.1, true),
-                false if reachable => feed(&mut r, &mut from_upstream, &upstream.0, &upstream.1, false),
-                false => true,
-            };
-            if !alive {
-                break;
+    run(
+        "relay",
+        3000,
+        input,
+        |(client, upstream, reachable, client_first)| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let _in = rt.enter();
+            let mut r = new_relay(reachable);
+            let mut from_client = frame::Reader::new(true);
+            let mut from_upstream = frame::Reader::new(false);
+            let client_bytes = [frame::PREFACE, &client.0].concat();
+            let mut sides = [true, false];
+            if !client_first {
+                sides.reverse();
             }
-        }
-        well_formed(&r.to_client);
-        well_formed(&r.to_upstream);
-    });
+            for side in sides {
+                let alive = match side {
+                    true => feed(&mut r, &mut from_client, &client_bytes, &client.1, true),
+                    false if reachable => {
+                        feed(&mut r, &mut from_upstream, &upstream.0, &upstream.1, false)
+                    }
+                    false => true,
+                };
+                if !alive {
+                    break;
+                }
+            }
+            well_formed(&r.to_client);
+            well_formed(&r.to_upstream);
+        },
+    );
 }

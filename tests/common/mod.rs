@@ -605,4 +605,3 @@ pub fn go_client() -> PathBuf {
     );
     bin
 }
-

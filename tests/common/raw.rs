@@ -536,7 +536,8 @@ impl Conn {
         ];
         let block = self.enc.encode(fields);
         self.send(0x1, 0x4, stream, &block).await;
-        self.send(0x0, if end { 0x1 } else { 0 }, stream, body).await;
+        self.send(0x0, if end { 0x1 } else { 0 }, stream, body)
+            .await;
     }
 
     /// The next frame (SETTINGS are acknowledged on the way); None at the end
