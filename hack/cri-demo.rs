@@ -8,7 +8,7 @@
 #[path = "cri_common.rs"]
 mod cri_common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -45,16 +45,20 @@ async fn main() -> Res<()> {
         v.runtime_version
     );
 
-    let (pod, id) = run_counter(
-        &mut c,
-        "demo",
-        "/ckpt-shim-demo",
-        &work.join("logs"),
-        64,
-        200,
-    )
-    .await?;
-    while exec(&mut c, &id, "cat /tmp/count")
+    let id = run_original(&mut c, &work).await?;
+    let (archive, at_checkpoint) = checkpoint(&mut c, &id, &work, &shim).await?;
+    remove(&mut c, &id).await?;
+    let (id2, logs) = restore(&mut c, &archive, &work).await?;
+    show_restored(&mut c, &id2, &logs, at_checkpoint).await?;
+    println!("== demo OK");
+    Ok(())
+}
+
+/// A pod running the counter (64 MiB touched), once it has counted to 5, with
+/// a file written and one deleted inside it; returns the container ID.
+async fn run_original(c: &mut Client, work: &Path) -> Res<String> {
+    let (pod, id) = run_counter(c, "demo", "/ckpt-shim-demo", &work.join("logs"), 64, 200).await?;
+    while exec(c, &id, "cat /tmp/count")
         .await?
         .parse::<u64>()
         .unwrap_or(0)
@@ -66,20 +70,26 @@ async fn main() -> Res<()> {
         "== pod demo {}: container counter {} counts (64 MiB touched): {}",
         &pod[..12],
         &id[..12],
-        exec(&mut c, &id, "cat /tmp/count").await?
+        exec(c, &id, "cat /tmp/count").await?
     );
     exec(
-        &mut c,
+        c,
         &id,
         "echo written-before-checkpoint > /root/note; rm /bin/vi",
     )
     .await?;
     println!("== inside it (ExecSync): wrote /root/note, deleted /bin/vi");
 
+    Ok(id)
+}
+
+/// CheckpointContainer into the work dir while it runs; returns the archive
+/// and the count just before.
+async fn checkpoint(c: &mut Client, id: &str, work: &Path, shim: &Path) -> Res<(PathBuf, u64)> {
     let out = work.join("checkpoints");
     std::fs::create_dir_all(&out)?;
     let archive = out.join("checkpoint-demo_default-counter.tar");
-    let at_checkpoint: u64 = exec(&mut c, &id, "cat /tmp/count").await?.parse()?;
+    let at_checkpoint: u64 = exec(c, id, "cat /tmp/count").await?.parse()?;
     let started = Instant::now();
     c.checkpoint_container(cri::CheckpointContainerRequest {
         container_id: id[..12].into(),
@@ -97,37 +107,47 @@ async fn main() -> Res<()> {
         "{}",
         run(Command::new("ls").arg("-l").arg(&archive))?.trim()
     );
-    let before = exec(&mut c, &id, "cat /tmp/count").await?;
+    let before = exec(c, id, "cat /tmp/count").await?;
     tokio::time::sleep(Duration::from_millis(600)).await;
     println!(
         "== the container kept running: {before}, then {}",
-        exec(&mut c, &id, "cat /tmp/count").await?
+        exec(c, id, "cat /tmp/count").await?
     );
     println!(
         "== ckpt-shim inspect\n{}",
-        run(Command::new(&shim).arg("inspect").arg(&archive))?.trim_end()
+        run(Command::new(shim).arg("inspect").arg(&archive))?.trim_end()
     );
 
+    Ok((archive, at_checkpoint))
+}
+
+async fn remove(c: &mut Client, id: &str) -> Res<()> {
     c.stop_container(cri::StopContainerRequest {
-        container_id: id.clone(),
+        container_id: id.into(),
         timeout: 0,
     })
     .await?;
     c.remove_container(cri::RemoveContainerRequest {
-        container_id: id.clone(),
+        container_id: id.into(),
     })
     .await?;
     println!("== StopContainer, RemoveContainer: the original is gone");
 
+    Ok(())
+}
+
+/// The archive restored through CRI into a new pod; returns the new container
+/// and its pod's log dir.
+async fn restore(c: &mut Client, archive: &Path, work: &Path) -> Res<(String, PathBuf)> {
     // The restore, as CRI-O takes it: a new pod, and CreateContainer with the
     // archive as the image. The runtime (containerd, through ckpt-runc) owns it.
     let logs = work.join("logs-restored");
     let started = Instant::now();
-    let pod2 = new_pod(&mut c, "demo-restored", "/ckpt-shim-demo", &logs).await?;
+    let pod2 = new_pod(c, "demo-restored", "/ckpt-shim-demo", &logs).await?;
     let pod_ms = started.elapsed().as_secs_f64() * 1e3;
     let started = Instant::now();
     let image = archive.to_string_lossy();
-    let id2 = create_counter(&mut c, &pod2, Some(&image), 0, 200).await?;
+    let id2 = create_counter(c, &pod2, Some(&image), 0, 200).await?;
     c.start_container(cri::StartContainerRequest {
         container_id: id2.clone(),
     })
@@ -136,9 +156,15 @@ async fn main() -> Res<()> {
         "== new pod demo-restored ({pod_ms:.0} ms); CreateContainer(image = the archive) + StartContainer: {:.3}s",
         started.elapsed().as_secs_f64()
     );
+    Ok((id2, logs))
+}
+
+/// What the restored container shows; an error unless its count went on from
+/// the checkpoint.
+async fn show_restored(c: &mut Client, id2: &str, logs: &Path, at_checkpoint: u64) -> Res<()> {
     let st = c
         .container_status(cri::ContainerStatusRequest {
-            container_id: id2.clone(),
+            container_id: id2.into(),
             verbose: true,
         })
         .await?
@@ -156,14 +182,14 @@ async fn main() -> Res<()> {
         &id2[..12],
         info["checkpointedAt"]
     );
-    let first: u64 = exec(&mut c, &id2, "cat /tmp/count").await?.parse()?;
+    let first: u64 = exec(c, id2, "cat /tmp/count").await?.parse()?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let then: u64 = exec(&mut c, &id2, "cat /tmp/count").await?.parse()?;
+    let then: u64 = exec(c, id2, "cat /tmp/count").await?.parse()?;
     println!("== restored counter (ExecSync): {first}, a second later {then} (resumed from its memory, not from 1)");
     println!(
         "== inside it: /root/note = {:?}, hostname {:?}",
-        exec(&mut c, &id2, "cat /root/note").await?,
-        exec(&mut c, &id2, "hostname").await?
+        exec(c, id2, "cat /root/note").await?,
+        exec(c, id2, "hostname").await?
     );
     let log = std::fs::read_to_string(logs.join("counter.log"))?;
     println!(
@@ -174,6 +200,5 @@ async fn main() -> Res<()> {
     if !(then > first && first >= at_checkpoint && restored) {
         return Err("the restored counter did not continue".into());
     }
-    println!("== demo OK");
     Ok(())
 }
