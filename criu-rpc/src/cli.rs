@@ -211,22 +211,7 @@ impl Aborter {
 /// restore, or that the command line cannot express, are refused rather than
 /// dropped.
 pub fn dump_args(opts: &Opts, images: &Path, work: &Path) -> Result<Vec<OsString>, Error> {
-    let unsupported = |what: &'static str| Err(Error::Unsupported(what));
-    if !opts.cg_root.is_empty() {
-        return unsupported("cg_root");
-    }
-    if !opts.inherit_fd.is_empty() || !opts.join_ns.is_empty() {
-        return unsupported("inherit_fd/join_ns");
-    }
-    if opts.config_file.is_some() {
-        return unsupported("config_file");
-    }
-    if opts.orphan_pts_master == Some(true) {
-        return unsupported("orphan_pts_master (RPC only, and for restores)");
-    }
-    if opts.auto_ext_mnt == Some(true) || opts.empty_ns.is_some() {
-        return unsupported("auto_ext_mnt/empty_ns");
-    }
+    refuse_unsupported(opts)?;
     let pid = opts.pid.ok_or(Error::Unsupported("dump without a pid"))?;
     let mut a: Vec<OsString> = vec![
         "dump".into(),
@@ -298,6 +283,33 @@ pub fn dump_args(opts: &Opts, images: &Path, work: &Path) -> Result<Vec<OsString
             None => "--manage-cgroups".into(),
         });
     }
+    a.extend(switches(opts));
+    Ok(a)
+}
+
+/// The options the command line cannot carry, refused rather than dropped.
+fn refuse_unsupported(opts: &Opts) -> Result<(), Error> {
+    let unsupported = |what: &'static str| Err(Error::Unsupported(what));
+    if !opts.cg_root.is_empty() {
+        return unsupported("cg_root");
+    }
+    if !opts.inherit_fd.is_empty() || !opts.join_ns.is_empty() {
+        return unsupported("inherit_fd/join_ns");
+    }
+    if opts.config_file.is_some() {
+        return unsupported("config_file");
+    }
+    if opts.orphan_pts_master == Some(true) {
+        return unsupported("orphan_pts_master (RPC only, and for restores)");
+    }
+    if opts.auto_ext_mnt == Some(true) || opts.empty_ns.is_some() {
+        return unsupported("auto_ext_mnt/empty_ns");
+    }
+    Ok(())
+}
+
+/// The flags without a value, for the boolean options that are on.
+fn switches(opts: &Opts) -> Vec<OsString> {
     let flags = [
         (opts.leave_running, "--leave-running"),
         (opts.ext_unix_sk, "--ext-unix-sk"),
@@ -311,13 +323,11 @@ pub fn dump_args(opts: &Opts, images: &Path, work: &Path) -> Result<Vec<OsString
         (opts.tcp_skip_in_flight, "--skip-in-flight"),
         (opts.tcp_close, "--tcp-close"),
     ];
-    a.extend(
-        flags
-            .into_iter()
-            .filter(|(on, _)| *on == Some(true))
-            .map(|(_, f)| f.into()),
-    );
-    Ok(a)
+    flags
+        .into_iter()
+        .filter(|(on, _)| *on == Some(true))
+        .map(|(_, f)| f.into())
+        .collect()
 }
 
 #[cfg(test)]
