@@ -131,7 +131,19 @@ func calls(sock, id, location string) {
 	resp, err = call(conn, rt+"ListContainers", nil, 10*time.Second)
 	report("ListContainers", err, map[string]interface{}{"containers": len(fields(resp)[1])})
 
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	events, err := watchEvents(conn, 2*time.Second)
+	report("GetContainerEvents", err, map[string]interface{}{"events": events})
+
+	req := append(append(str(1, id), str(2, location)...), varint(3, 60)...)
+	_, err = call(conn, rt+"CheckpointContainer", req, 120*time.Second)
+	report("CheckpointContainer", err, nil)
+}
+
+// watchEvents reads GetContainerEvents until the stream ends or the timeout
+// passes; returns how many events came and how the stream ended.
+func watchEvents(conn *grpc.ClientConn, timeout time.Duration) (int, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
 	desc := &grpc.StreamDesc{StreamName: "GetContainerEvents", ServerStreams: true}
 	events := 0
 	s, err := conn.NewStream(ctx, desc, rt+"GetContainerEvents")
@@ -147,12 +159,7 @@ func calls(sock, id, location string) {
 			}
 		}
 	}
-	cancel()
-	report("GetContainerEvents", err, map[string]interface{}{"events": events})
-
-	req := append(append(str(1, id), str(2, location)...), varint(3, 60)...)
-	_, err = call(conn, rt+"CheckpointContainer", req, 120*time.Second)
-	report("CheckpointContainer", err, nil)
+	return events, err
 }
 
 // owned makes n calls the shim answers itself, one after another on one
@@ -186,23 +193,7 @@ func hold(sock, id string) {
 	}()
 	go func() {
 		defer wg.Done()
-		ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
-		defer cancel()
-		desc := &grpc.StreamDesc{StreamName: "GetContainerEvents", ServerStreams: true}
-		events := 0
-		s, err := conn.NewStream(ctx, desc, rt+"GetContainerEvents")
-		if err == nil {
-			req := []byte{}
-			if err = s.SendMsg(&req); err == nil {
-				err = s.CloseSend()
-			}
-			for err == nil {
-				var ev []byte
-				if err = s.RecvMsg(&ev); err == nil {
-					events++
-				}
-			}
-		}
+		events, err := watchEvents(conn, 90*time.Second)
 		report("GetContainerEvents", err, map[string]interface{}{"events": events})
 	}()
 	fmt.Println(`{"call":"started"}`)
