@@ -173,17 +173,8 @@ pub fn recorder(sock: &Path, reply: Answer) -> Arc<Mutex<Vec<Seen>>> {
 /// put there). The header blocks are encoded and decoded with loona-hpack.
 pub mod frames {
     use std::path::Path;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-        let mut b = (payload.len() as u32).to_be_bytes()[1..].to_vec();
-        b.extend([kind, flags]);
-        b.extend(stream.to_be_bytes());
-        b.extend(payload);
-        b
-    }
 
     #[derive(Debug, Default)]
     pub struct Answer {
@@ -220,75 +211,9 @@ pub mod frames {
         body: &[u8],
         messages: usize,
     ) -> Answer {
-        let mut s = tokio::net::UnixStream::connect(sock).await.unwrap();
-        let mut enc = loona_hpack::Encoder::new();
-        let fields: Vec<(&[u8], &[u8])> = vec![
-            (b":method", b"POST"),
-            (b":scheme", b"http"),
-            (b":path", path.as_bytes()),
-            (b":authority", authority.as_bytes()),
-            (b"content-type", b"application/grpc"),
-            (b"te", b"trailers"),
-        ];
-        let mut out = PREFACE.to_vec();
-        out.extend(frame(0x4, 0, 0, &[]));
-        out.extend(frame(0x1, 0x4, 1, &enc.encode(fields)));
-        out.extend(frame(0x0, 0x1, 1, body));
-        s.write_all(&out).await.unwrap();
-        read_answer(&mut s, messages).await
-    }
-
-    async fn read_answer(s: &mut tokio::net::UnixStream, messages: usize) -> Answer {
-        let mut dec = loona_hpack::Decoder::new();
-        let mut a = Answer::default();
-        let mut got_headers = false;
-        loop {
-            let mut h = [0u8; 9];
-            if s.read_exact(&mut h).await.is_err() {
-                return a;
-            }
-            let len = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
-            let (kind, flags, stream) = (h[3], h[4], u32::from_be_bytes([h[5], h[6], h[7], h[8]]));
-            let mut p = vec![0u8; len];
-            s.read_exact(&mut p).await.unwrap();
-            match kind {
-                0x4 if flags & 1 == 0 => s.write_all(&frame(0x4, 1, 0, &[])).await.unwrap(),
-                0x1 if stream == 1 => {
-                    assert!(flags & 0x4 != 0, "test client expects whole header blocks");
-                    let f: Vec<(String, String)> = dec
-                        .decode(&p)
-                        .unwrap()
-                        .into_iter()
-                        .map(|(n, v)| {
-                            (String::from_utf8(n).unwrap(), String::from_utf8(v).unwrap())
-                        })
-                        .collect();
-                    if got_headers {
-                        a.trailers = f
-                    } else {
-                        a.headers = f
-                    }
-                    got_headers = true;
-                    if flags & 1 != 0 {
-                        return a;
-                    }
-                }
-                0x0 if stream == 1 => {
-                    a.data.extend(&p);
-                    if messages > 0 && count_messages(&a.data) >= messages {
-                        return a;
-                    }
-                    if flags & 1 != 0 {
-                        return a;
-                    }
-                }
-                0x3 if stream == 1 => {
-                    a.reset = Some(u32::from_be_bytes(p[..4].try_into().unwrap()));
-                    return a;
-                }
-                _ => {}
-            }
-        }
+        let mut c = super::Conn::open(sock).await;
+        c.request_to(1, authority, path, body, true).await;
+        c.answer(1, messages).await
     }
 
     /// How many whole gRPC messages (5-byte prefix + body) `data` holds.
@@ -526,11 +451,23 @@ impl Conn {
     /// A gRPC request on `stream`: HEADERS, then DATA with `body` (ending the
     /// stream if `end`).
     pub async fn request(&mut self, stream: u32, path: &str, body: &[u8], end: bool) {
+        self.request_to(stream, "localhost", path, body, end).await
+    }
+
+    /// [`Conn::request`] with `authority` as `:authority`.
+    pub async fn request_to(
+        &mut self,
+        stream: u32,
+        authority: &str,
+        path: &str,
+        body: &[u8],
+        end: bool,
+    ) {
         let fields: Vec<(&[u8], &[u8])> = vec![
             (b":method", b"POST"),
             (b":scheme", b"http"),
             (b":path", path.as_bytes()),
-            (b":authority", b"localhost"),
+            (b":authority", authority.as_bytes()),
             (b"content-type", b"application/grpc"),
             (b"te", b"trailers"),
         ];
