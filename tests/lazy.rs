@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::cri::{Client, Env};
 use common::out_dir;
-use common::restore::{assert_continues, create, restore_config};
+use common::restore::{assert_continues, checkpoint_to, create, restore_config};
 use k8s_cri::v1 as cri;
 
 const MIB: u32 = 64;
@@ -23,15 +23,8 @@ async fn checkpointed(env: &mut Env, c: &mut Client, dir: &Path, mib: u32) -> (P
     let pod = env.run_pod(c, "orig", false).await;
     let id = env.counter(c, &pod, "counter", mib, true).await;
     let archive = dir.join("checkpoint.tar");
-    let before = env.count(&id).unwrap();
-    c.checkpoint_container(cri::CheckpointContainerRequest {
-        container_id: id.clone(),
-        location: archive.to_string_lossy().into_owned(),
-        timeout: 60,
-    })
-    .await
-    .unwrap();
-    (archive, before, env.count(&id).unwrap())
+    let (before, after) = checkpoint_to(env, c, &id, &archive).await;
+    (archive, before, after)
 }
 
 /// CreateContainer + StartContainer of `archive` in a new pod, asking for a

@@ -25,16 +25,22 @@ pub async fn checkpointed_counter(
     .await;
     assert_eq!(out, "ok");
     let archive = dir.join(format!("checkpoint-{pod_name}.tar"));
-    let before = env.count(&id).unwrap();
+    let (before, after) = checkpoint_to(env, c, &id, &archive).await;
+    (id, archive, before, after)
+}
+
+/// CheckpointContainer of counter `id` into `archive`: the counts just before
+/// and just after.
+pub async fn checkpoint_to(env: &Env, c: &mut Client, id: &str, archive: &Path) -> (u64, u64) {
+    let before = env.count(id).unwrap();
     c.checkpoint_container(cri::CheckpointContainerRequest {
-        container_id: id.clone(),
+        container_id: id.into(),
         location: archive.to_string_lossy().into_owned(),
         timeout: 60,
     })
     .await
     .unwrap();
-    let after = env.count(&id).unwrap();
-    (id, archive, before, after)
+    (before, env.count(id).unwrap())
 }
 
 /// The counter's config for a new pod, with `image` (the archive) as its image.
