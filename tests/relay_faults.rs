@@ -26,6 +26,30 @@ const RT: &str = "/runtime.v1.RuntimeService/";
 /// A gRPC-framed VersionRequest{version: "v1"}, as the stand-in echoes it.
 const VERSION: &[u8] = b"\x00\x00\x00\x00\x04\x0a\x02v1";
 
+/// A shim in front of a stand-in upstream at `up`, its metrics on `port`.
+struct Faked {
+    _dir: tempfile::TempDir,
+    up: PathBuf,
+    fake: Fake,
+    env: Env,
+    port: u16,
+}
+
+fn faked() -> Faked {
+    let dir = tempfile::tempdir().unwrap();
+    let up = dir.path().join("upstream.sock");
+    let fake = Fake::start(&up, FakeSettings::default());
+    let port = free_port();
+    let env = Env::start_faked(&up, &metrics(port));
+    Faked {
+        _dir: dir,
+        up,
+        fake,
+        env,
+        port,
+    }
+}
+
 fn metrics(port: u16) -> String {
     format!("metrics_listen = \"127.0.0.1:{port}\"\n")
 }
@@ -209,11 +233,13 @@ impl Drop for Holder {
 #[tokio::test(flavor = "multi_thread")]
 async fn calls_in_flight_end_unavailable_when_the_upstream_dies() {
     common::require(&["go", PYTHON]);
-    let dir = tempfile::tempdir().unwrap();
-    let up = dir.path().join("upstream.sock");
-    let mut fake = Fake::start(&up, FakeSettings::default());
-    let port = free_port();
-    let env = Env::start_faked(&up, &metrics(port));
+    let Faked {
+        _dir,
+        up,
+        mut fake,
+        env,
+        port,
+    } = faked();
     let go = go_client();
     let before = baseline(&env, port).await;
     for client in [Some(go.as_path()), None] {
@@ -377,11 +403,13 @@ async fn a_client_dropping_its_socket_mid_checkpoint_stops_it() {
 /// reconnects.
 #[tokio::test(flavor = "multi_thread")]
 async fn resets_disconnects_and_goaway_on_either_side() {
-    let dir = tempfile::tempdir().unwrap();
-    let up = dir.path().join("upstream.sock");
-    let fake = Fake::start(&up, FakeSettings::default());
-    let port = free_port();
-    let env = Env::start_faked(&up, &metrics(port));
+    let Faked {
+        _dir,
+        fake,
+        env,
+        port,
+        ..
+    } = faked();
     let before = baseline(&env, port).await;
     let events = format!("{RT}GetContainerEvents");
     let version = format!("{RT}Version");
@@ -442,11 +470,13 @@ async fn resets_disconnects_and_goaway_on_either_side() {
 /// 1 MiB frames and no HPACK dynamic table on both sides.
 #[tokio::test(flavor = "multi_thread")]
 async fn large_blocks_messages_frames_and_streams_cross_and_a_stalled_reader_blocks_nobody() {
-    let dir = tempfile::tempdir().unwrap();
-    let up = dir.path().join("upstream.sock");
-    let fake = Fake::start(&up, FakeSettings::default());
-    let port = free_port();
-    let env = Env::start_faked(&up, &metrics(port));
+    let Faked {
+        _dir,
+        fake,
+        env,
+        port,
+        ..
+    } = faked();
     let before = baseline(&env, port).await;
     let echo = format!("{RT}Echo");
     let big_header = "b".repeat(40 << 10);
@@ -567,11 +597,9 @@ fn expected(case: &str) -> Expect {
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_http2_gets_the_rfc_answer_and_everyone_else_is_served() {
     common::require(&[PYTHON]);
-    let dir = tempfile::tempdir().unwrap();
-    let up = dir.path().join("upstream.sock");
-    let _fake = Fake::start(&up, FakeSettings::default());
-    let port = free_port();
-    let env = Env::start_faked(&up, &metrics(port));
+    let Faked {
+        _dir, env, port, ..
+    } = faked();
     let before = baseline(&env, port).await;
     let out = tokio::task::block_in_place(|| {
         Command::new(PYTHON)
