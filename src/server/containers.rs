@@ -151,15 +151,7 @@ impl Containers {
     async fn restore(&self, call: &Call, source: Source) -> Result<Reply> {
         let name = source.name();
         let (path, fetched) = self.archive_of(source).await?;
-        let ckpt = {
-            let (p, ids) = (path.clone(), self.identities.clone());
-            blocking(move || {
-                let mut c = Checkpoint::open(&p)?;
-                c.unseal(ids)?;
-                Ok(c)
-            })
-            .await?
-        };
+        let ckpt = open_checkpoint(path.clone(), self.identities.clone()).await?;
         let image = self.base_image(&ckpt).await?;
         let msg = crate::pbwire::grpc_message(&call.body).unwrap_or_default();
         let create = plan::request(msg, &ckpt, &image, &name)?;
@@ -380,7 +372,20 @@ fn spec(image: &str) -> ImageSpec {
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+/// An archive opened with today's member checks, and unsealed with `ids`
+/// when it is sealed (so a wrong key fails before anything is created).
+pub(super) async fn open_checkpoint(path: PathBuf, ids: Arc<Identities>) -> Result<Checkpoint> {
+    blocking(move || {
+        let mut c = Checkpoint::open(&path)?;
+        c.unseal(ids)?;
+        Ok(c)
+    })
+    .await
+}
+
+pub(super) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::Other(format!("blocking task: {e}")))?

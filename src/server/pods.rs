@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::containers::Containers;
+use super::containers::{blocking, open_checkpoint, Containers};
 use super::native::{self, Native};
 use super::relay::{Call, Reply};
 use super::upstream::Upstream;
@@ -26,7 +26,6 @@ use crate::pbwire::{grpc_frame, Fields};
 use crate::pod::checkpoint::{Plan, PodReport};
 use crate::pod::manifest::{ContainerEntry, Manifest, NamespaceOptions, Sandbox};
 use crate::pod::{options, output, restore};
-use crate::restore::Checkpoint;
 use crate::seal::Identities;
 
 const RUNTIME: &str = "/runtime.v1.RuntimeService/";
@@ -331,15 +330,7 @@ impl Pods {
         archive: &std::path::Path,
         cfg_raw: &[u8],
     ) -> Result<()> {
-        let ckpt = {
-            let (p, ids) = (archive.to_path_buf(), self.identities.clone());
-            blocking(move || {
-                let mut c = Checkpoint::open(&p)?;
-                c.unseal(ids)?;
-                Ok(c)
-            })
-            .await?
-        };
+        let ckpt = open_checkpoint(archive.to_path_buf(), self.identities.clone()).await?;
         restore::check_process(&entry.name, cfg, &ckpt)?;
         if let Err(e) = restore::check_image(cfg, entry, false) {
             let wanted = cfg.image.as_ref().map_or("", |i| i.image.as_str());
@@ -549,12 +540,6 @@ fn call(metadata: &http::HeaderMap, method: &str, msg: &[u8]) -> Call {
         metadata: metadata.clone(),
         body: grpc_frame(msg).into(),
     }
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Other(format!("blocking task: {e}")))?
 }
 
 /// A tonic unary service from an async function.
