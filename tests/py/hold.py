@@ -19,10 +19,16 @@ def field(num, value):
     return bytes([num << 3 | 2, len(value)]) + value
 
 
+# Both calls end at once when the runtime goes: print writes the text and the
+# newline separately, so without the lock two threads' lines can interleave.
+PRINT = threading.Lock()
+
+
 def report(call, err=None, **extra):
     extra.update(call=call, code="OK" if err is None else err.code().name,
                  message="" if err is None else err.details())
-    print(json.dumps(extra), flush=True)
+    with PRINT:
+        print(json.dumps(extra), flush=True)
 
 
 def main():
