@@ -412,12 +412,7 @@ async fn a_shim_killed_mid_dump_is_recovered_by_the_next_one() {
     assert!(call.await.unwrap().is_err());
     // CRIU loses its client, aborts, and puts back the frozen state it found.
     let t = std::time::Instant::now();
-    while std::process::Command::new("pgrep")
-        .args(["-x", "criu"])
-        .status()
-        .unwrap()
-        .success()
-    {
+    while common::pgrep(&["-x", "criu"]) {
         assert!(t.elapsed() < Duration::from_secs(30), "CRIU did not end");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

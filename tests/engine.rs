@@ -611,10 +611,5 @@ async fn dropped_checkpoint(id: &str, stream: bool) {
 }
 
 fn criu_running() -> bool {
-    Command::new("pgrep")
-        .args(["-x", "criu"])
-        .stdout(Stdio::null())
-        .status()
-        .unwrap()
-        .success()
+    common::pgrep(&["-x", "criu"])
 }

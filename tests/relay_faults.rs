@@ -324,12 +324,7 @@ async fn containerd_restarted_under_calls_and_a_checkpoint() {
     })
     .await;
     wait_for("ExecSync runs in the container", || {
-        Command::new("pgrep")
-            .args(["-f", "^sleep 37$"])
-            .stdout(Stdio::null())
-            .status()
-            .unwrap()
-            .success()
+        common::pgrep(&["-f", "^sleep 37$"])
     })
     .await;
     env.kill_containerd();

@@ -371,6 +371,16 @@ pub fn wait_count(rootfs: &Path, pred: impl Fn(u64) -> bool) -> u64 {
     }
 }
 
+/// Whether a process matches `pgrep ARGS` (e.g. `["-x", "criu"]`).
+pub fn pgrep(args: &[&str]) -> bool {
+    Command::new("pgrep")
+        .args(args)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
 /// Names in `dir`, to check that nothing was left behind.
 pub fn entries(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
