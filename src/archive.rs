@@ -350,17 +350,18 @@ impl ArchiveWriter {
     /// through a pipe. Its headers are reserved for any size (a PAX header that
     /// 4 KiB-aligns the data), the data is read from the pipe into `hold` (see
     /// [`crate::hold`]) and what does not fit spliced into place, `drained` is
-    /// called once the pipe has ended, then the held data and the headers are
-    /// written. Stops early with an error once `stop` is set, which drops the
-    /// pipe and makes CRIU abort. Returns the member's size.
+    /// called once the pipe has ended; then, once `thawed` opens, the held data
+    /// and the headers are written. Stops early with an error once `stop` is
+    /// set, which drops the pipe and makes CRIU abort. Returns the member's
+    /// size and the bytes spliced in (written while CRIU held the tasks).
     pub fn add_stream(
         &mut self,
         name: &str,
         pipe: &OwnedFd,
         stop: &std::sync::atomic::AtomicBool,
-        mut hold: Option<&mut crate::hold::Hold>,
+        (mut hold, thawed): (Option<&mut crate::hold::Hold>, &crate::hold::Thawed),
         drained: &dyn Fn(),
-    ) -> Result<u64> {
+    ) -> Result<(u64, u64)> {
         let start = self.offset;
         let pax = pax_body_len(start, u64::MAX);
         let data_at = start + 2 * BLOCK + pax;
@@ -379,16 +380,17 @@ impl ArchiveWriter {
             self.splice_in(pipe, data_at + held as u64, stop).ctx(ctx)?
         };
         drained();
+        if !thawed.wait() || stop.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(abandoned()).ctx(ctx);
+        }
         let len = held as u64 + rest;
-        use std::os::unix::fs::FileExt;
         if let Some(h) = hold.filter(|_| held > 0) {
-            self.file
-                .write_all_at(&h.as_mut_slice()[..held], data_at)
-                .ctx(ctx)?;
+            h.write_into(&self.file, data_at, held).ctx(ctx)?;
             self.written += held as u64;
             self.held += held as u64;
         }
         let h = member_headers(name, len, Some(pax))?;
+        use std::os::unix::fs::FileExt;
         self.file
             .write_all_at(&h, start)
             .ctx(|| format!("write {}", self.target.path.display()))?;
@@ -398,7 +400,7 @@ impl ArchiveWriter {
             .seek(SeekFrom::Start(self.offset))
             .ctx(|| "seek past streamed data".into())?;
         self.pad()?;
-        Ok(len)
+        Ok((len, rest))
     }
 
     /// Moves everything `pipe` carries into the archive at `at`, in the kernel.
@@ -893,6 +895,55 @@ mod tests {
     }
 
     #[test]
+    fn held_data_waits_for_the_thaw_and_what_does_not_fit_is_spliced() {
+        use std::sync::atomic::AtomicBool;
+        let d = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..(3u32 << 20) + 4096).map(|i| (i % 251) as u8).collect();
+        let (rx, tx) = nix::unistd::pipe().unwrap();
+        let sent = data.clone();
+        let writer = std::thread::spawn(move || File::from(tx).write_all(&sent).unwrap());
+        let t = Target::new(&d.path().join("h.tar")).unwrap();
+        let mut w = ArchiveWriter::create(&t).unwrap();
+        let thawed = crate::hold::Thawed::default();
+        let (drained_tx, drained_rx) = std::sync::mpsc::channel();
+        let streaming = {
+            let thawed = thawed.clone();
+            std::thread::spawn(move || {
+                let mut hold = crate::hold::Hold::new(2 << 20).unwrap();
+                let stop = AtomicBool::new(false);
+                let drained = move || drained_tx.send(()).unwrap();
+                let r = w.add_stream("pages-1.img", &rx, &stop, (Some(&mut hold), &thawed), &drained);
+                (w, r.unwrap())
+            })
+        };
+        drained_rx.recv().unwrap();
+        writer.join().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let on_disk = std::fs::read(w_path(&d)).unwrap();
+        let tail = data.len() - (2 << 20);
+        let (before, spliced) = on_disk.split_at(on_disk.len() - tail);
+        assert_eq!(spliced, &data[2 << 20..], "what did not fit is spliced at once");
+        assert!(before.iter().all(|b| *b == 0), "nothing held is written before the thaw");
+        thawed.open(true);
+        let (w, (len, spliced)) = streaming.join().unwrap();
+        assert_eq!((len, spliced), (data.len() as u64, data.len() as u64 - (2 << 20)));
+        w.commit(false).unwrap();
+        let got = data_offsets(&d.path().join("h.tar"));
+        assert_eq!(got[0].0, "pages-1.img");
+        assert!(got[0].2 == data, "the member holds every byte, in order");
+    }
+
+    /// The unfinished archive of the test above, in its staging name.
+    fn w_path(d: &tempfile::TempDir) -> PathBuf {
+        std::fs::read_dir(d.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| p.file_name().unwrap().to_string_lossy() != "h.tar")
+            .unwrap()
+    }
+
+    #[test]
     fn streamed_member_gets_its_headers_once_its_size_is_known() {
         use std::sync::atomic::AtomicBool;
         let d = tempfile::tempdir().unwrap();
@@ -906,17 +957,17 @@ mod tests {
         let mut w = ArchiveWriter::create(&t).unwrap();
         w.add_bytes("config.dump", b"{}").unwrap();
         w.add_dir("checkpoint").unwrap();
-        let len = w
+        let (len, spliced) = w
             .add_stream(
                 "checkpoint/pages-1.img",
                 &rx,
                 &AtomicBool::new(false),
-                None,
+                (None, &crate::hold::Thawed::already()),
                 &|| {},
             )
             .unwrap();
         writer.join().unwrap();
-        assert_eq!(len, data.len() as u64);
+        assert_eq!((len, spliced), (data.len() as u64, data.len() as u64));
         w.add_bytes("dump.log", b"log").unwrap();
         w.commit(false).unwrap();
         let got = data_offsets(&d.path().join("s.tar"));

@@ -18,6 +18,7 @@ use crate::collect::{self, Overlay, RootfsDiff};
 use crate::dump::{self, DumpSettings, DumpTarget};
 use crate::error::{Context, Error, Result};
 use crate::freeze::{self, FreezeAt, Freezer};
+use crate::hold::Budget;
 use crate::locate::Container;
 use crate::mountinfo::{self, Mount};
 use crate::safefs;
@@ -45,9 +46,11 @@ pub struct Options {
     /// its command line) instead of dumping them into staging first. Falls back to
     /// the staged dump where the stream socket cannot be placed.
     pub stream: bool,
-    /// Most memory to hold the pages in during the pause when streaming (see
-    /// [`crate::hold`]); 0 writes them straight through.
-    pub hold_budget: u64,
+    /// The memory every checkpoint in flight may hold pages in during its
+    /// pause (see [`crate::hold`]).
+    pub hold: Arc<Budget>,
+    /// Most this checkpoint may hold, whatever the budget says.
+    pub hold_cap: Option<u64>,
     /// Seal the archive to these recipients (see [`crate::seal`]).
     pub seal: Option<Arc<Recipients>>,
 }
@@ -65,6 +68,8 @@ pub struct Report {
     pub streamed: bool,
     /// Bytes of pages held in memory during the pause (see [`crate::hold`]).
     pub pages_held: u64,
+    /// Bytes written to disk while the container was frozen.
+    pub frozen_written: u64,
     pub phases: Vec<(&'static str, Duration)>,
     /// How long the container was frozen by us (zero if it was paused already).
     pub frozen: Duration,
@@ -239,18 +244,21 @@ fn prepare(
 struct Diffed {
     diff: RootfsDiff,
     sealed: Option<CipherSpool>,
+    /// The diff's tar in memory, when pages are held.
+    held: Option<File>,
 }
 
 type DiffTask = tokio::task::JoinHandle<Result<Diffed>>;
 
 /// Step 4's file half, started the moment the container is frozen: the rootfs
 /// diff is taken while CRIU dumps, so files match memory and the walk adds no
-/// frozen time. Sealed, it is encrypted as it is walked, into staging.
+/// frozen time. Sealed, it is encrypted as it is walked, into staging; while
+/// pages are held (`in_memory`), it goes to memory, as they do.
 fn diff_when_frozen(
     freeze: &FreezeAt,
     c: &Container,
     mounts: &[Mount],
-    staging: &Path,
+    (staging, in_memory): (&Path, bool),
     sealer: Option<Arc<Sealer>>,
 ) -> Arc<Mutex<Option<DiffTask>>> {
     let slot: Arc<Mutex<Option<DiffTask>>> = Arc::default();
@@ -263,18 +271,33 @@ fn diff_when_frozen(
                     let w = SealWriter::new(sealer, ROOTFS_DIFF, &staging);
                     let (diff, w) = collect::rootfs_diff(&ov, &mounts, &spec, w)?;
                     let sealed = Some(w.finish()?);
-                    Ok(Diffed { diff, sealed })
+                    Ok(Diffed { diff, sealed, held: None })
+                }
+                None if in_memory => {
+                    let (diff, out) = collect::rootfs_diff(&ov, &mounts, &spec, memfd()?)?;
+                    Ok(Diffed { diff, sealed: None, held: Some(out) })
                 }
                 None => {
                     let out = safefs::create_new(&staging.join(ROOTFS_DIFF), 0o600)?;
                     let (diff, _) = collect::rootfs_diff(&ov, &mounts, &spec, out)?;
-                    Ok(Diffed { diff, sealed: None })
+                    Ok(Diffed { diff, sealed: None, held: None })
                 }
             });
             *s.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
         });
     }
     slot
+}
+
+/// An unnamed file in memory.
+fn memfd() -> Result<File> {
+    // SAFETY: a NUL-terminated name; the fd returned is ours.
+    let fd = unsafe { libc::memfd_create(c"ckpt-shim-held".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).ctx(|| "create a memory file".into());
+    }
+    // SAFETY: just opened, owned by the File from here.
+    Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }
 
 async fn run(c: Container, opts: Options, mut cancelled: Cancelled) -> Result<Report> {
@@ -306,6 +329,16 @@ pub struct Setup {
     gate: Option<freeze::Gate>,
 }
 
+/// Memory to hold `c`'s pages in during the pause, from the shared budget.
+fn reserve_hold(c: &Container, opts: &Options) -> crate::hold::Reservation {
+    let want = crate::hold::estimate(c.pid).unwrap_or(0);
+    let r = opts.hold.reserve(want.min(opts.hold_cap.unwrap_or(u64::MAX)));
+    if let Some(why) = &r.short {
+        tracing::info!(container = %c.id, "pages beyond the budget are written while frozen: {why}");
+    }
+    r
+}
+
 /// Step 1: where the archive goes, its first members, and what CRIU is told.
 pub fn setup(c: &Container, opts: &Options) -> Result<Setup> {
     let at = Instant::now();
@@ -317,7 +350,7 @@ pub fn setup(c: &Container, opts: &Options) -> Result<Setup> {
     let checkpointed = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
     let sealer = opts.seal.clone().map(|r| Arc::new(Sealer::new(r)));
     let head = head_members(c, &checkpointed, sealer.is_some());
-    let hold = crate::hold::size_for(c.pid, opts.hold_budget).unwrap_or(0);
+    let hold = reserve_hold(c, opts);
     let descriptors = collect::descriptors(c.pid);
     let sink = Sink::open(
         &target,
@@ -326,6 +359,7 @@ pub fn setup(c: &Container, opts: &Options) -> Result<Setup> {
         &descriptors,
         (opts.stream, hold),
         sealer.clone(),
+        opts.freeze_journal.as_deref(),
     )?;
     let streamed = matches!(sink, Sink::Streamed { .. });
     let p = prepare(c, &stage, deadline, &opts.settings)?;
@@ -417,13 +451,16 @@ impl Captured {
             head,
             streamed,
         } = w;
+        // The container runs again: what was held is written while the diff ends.
+        d.dumped.thaw();
         let (tail, diff_counts, stats) = collect_rest(&c, d.diff_task, stage.path()).await?;
         ph.mark("rootfs-diff");
         expire_check(deadline, cancelled, "rootfs diff")?;
 
-        let pages_held = d.dumped.held();
+        let written = d.dumped.thawed().await?;
+        let (pages_held, frozen_written) = written.frozen_io(stage.path());
         let expired = || expire_check(deadline, cancelled, "archive");
-        let (archive_bytes, archive_written_bytes) = d.dumped.archive(
+        let (archive_bytes, archive_written_bytes) = written.archive(
             &target,
             stage.path(),
             (head, tail),
@@ -438,6 +475,7 @@ impl Captured {
             archive_written_bytes,
             streamed,
             pages_held,
+            frozen_written,
             phases: ph.list,
             frozen: d.frozen,
             was_paused: d.was_paused,
@@ -471,7 +509,8 @@ async fn dump_frozen(
     sealer: Option<Arc<Sealer>>,
     cancelled: &mut Cancelled,
 ) -> Result<Frozen> {
-    let diff_task = diff_when_frozen(&freeze, c, &p.mounts, staging, sealer);
+    let in_memory = sink.holds();
+    let diff_task = diff_when_frozen(&freeze, c, &p.mounts, (staging, in_memory), sealer);
     let wait = Wait {
         freeze: &freeze,
         deadline,
@@ -483,6 +522,10 @@ async fn dump_frozen(
     let thawed = freeze.finish();
     let dumped = dumped.map_err(|e| out_of_space(e, staging))?;
     let (frozen, was_paused) = thawed?;
+    if !was_paused {
+        // Otherwise whoever froze it thaws it, then builds the archive.
+        dumped.thaw();
+    }
     let diff_task = diff_task.lock().unwrap_or_else(|p| p.into_inner()).take();
     Ok(Frozen {
         dumped,
@@ -558,7 +601,10 @@ fn tail_members(c: &Container, staging: &Path, diff: Option<Diffed>) -> Vec<Memb
     if let Some(d) = diff {
         members.push(match d.sealed {
             Some(parts) => Member::Sealed(Some(parts).into()),
-            None => Member::File(ROOTFS_DIFF.into(), staging.join(ROOTFS_DIFF)),
+            None => match d.held {
+                Some(f) => Member::Open(ROOTFS_DIFF.into(), f),
+                None => Member::File(ROOTFS_DIFF.into(), staging.join(ROOTFS_DIFF)),
+            },
         });
         if !d.diff.deleted.is_empty() {
             members.push(Member::Secret(

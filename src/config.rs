@@ -11,11 +11,6 @@ pub const DEFAULT_UPSTREAM: &str = "unix:///run/containerd/containerd.sock";
 pub const DEFAULT_CONFIG: &str = "/etc/ckpt-shim/config.toml";
 /// Where containerd's runc shim keeps runc state for CRI containers.
 pub const DEFAULT_RUNC_ROOT: &str = "/run/containerd/runc/k8s.io";
-/// Most memory a checkpoint holds its pages in during the pause, by default:
-/// none. Holding shortens the pause of large containers (2 GiB: about 950 →
-/// 550 ms here) at the cost of faulting in as much memory again first, which
-/// on this project's VM multiplied the checkpoint's total time; see README.
-pub const DEFAULT_HOLD_MIB: u64 = 0;
 /// How long SIGTERM waits for checkpoints in flight: long enough for a few GiB
 /// here, and well within systemd's default stop timeout (90 s).
 pub const DEFAULT_SHUTDOWN_GRACE_SECONDS: u64 = 30;
@@ -42,8 +37,9 @@ pub struct Config {
     /// Where restores wait between CreateContainer and StartContainer; the
     /// runtime's `ckpt-runc` must see the same (`CKPT_SHIM_RESTORE_DIR`).
     pub restore_dir: PathBuf,
-    /// Most MiB of memory to hold the pages in during the pause (0: none).
-    pub hold_pages_mib: u64,
+    /// Memory to hold frozen containers' pages in, so the pause never waits
+    /// for the disk (see [`crate::hold::budget`]).
+    pub hold: crate::hold::Policy,
     /// Seal every checkpoint to these age recipients (`age1…`, `ssh-ed25519 …`).
     pub encrypt_to: Vec<String>,
     /// Root-only identity files that open sealed checkpoints restored here.
@@ -73,7 +69,7 @@ impl Default for Config {
             durable: true,
             stream: true,
             restore_dir: crate::restore::stage::DEFAULT_ROOT.into(),
-            hold_pages_mib: DEFAULT_HOLD_MIB,
+            hold: crate::hold::Policy::default(),
             encrypt_to: Vec::new(),
             identities: Vec::new(),
             metrics_listen: None,
@@ -121,7 +117,13 @@ pub struct FileConfig {
     pub durable: Option<bool>,
     pub stream: Option<bool>,
     pub restore_dir: Option<PathBuf>,
+    /// `"auto"` or MiB.
+    pub hold_pages: Option<crate::hold::HoldPages>,
+    /// The number form's older name.
     pub hold_pages_mib: Option<u64>,
+    pub hold_ceiling_mib: Option<u64>,
+    pub hold_floor_mib: Option<u64>,
+    pub hold_pressure_pct: Option<f64>,
     pub encrypt_to: Option<Vec<String>>,
     pub identities: Option<Vec<PathBuf>>,
     pub metrics_listen: Option<String>,
@@ -158,7 +160,6 @@ impl FileConfig {
             durable,
             stream,
             restore_dir,
-            hold_pages_mib,
             encrypt_to,
             identities,
             shutdown_grace_seconds,
@@ -166,6 +167,22 @@ impl FileConfig {
         );
         if self.staging_dir.is_some() {
             c.staging_dir = self.staging_dir;
+        }
+        let h = &mut c.hold;
+        if let Some(p) = self.hold_pages_mib.map(crate::hold::HoldPages::Mib) {
+            h.pages = p;
+        }
+        if let Some(p) = self.hold_pages {
+            h.pages = p;
+        }
+        if let Some(m) = self.hold_ceiling_mib {
+            h.ceiling = m << 20;
+        }
+        if let Some(m) = self.hold_floor_mib {
+            h.floor = m << 20;
+        }
+        if let Some(p) = self.hold_pressure_pct {
+            h.pressure_pct = p;
         }
         if self.metrics_listen.is_some() {
             c.metrics_listen = self.metrics_listen;
@@ -192,6 +209,11 @@ mod tests {
             ("unix:///x.sock", true, DEFAULT_LISTEN)
         );
         assert!(toml::from_str::<FileConfig>("listne = \"/x\"").is_err());
+        use crate::hold::HoldPages;
+        assert_eq!(c.hold.pages, HoldPages::Auto, "pages are held by default");
+        let f: FileConfig = toml::from_str("hold_pages_mib = 64\nhold_floor_mib = 100").unwrap();
+        f.apply(&mut c);
+        assert_eq!((c.hold.pages, c.hold.floor), (HoldPages::Mib(64), 100 << 20));
         let d = tempfile::tempdir().unwrap();
         assert!(FileConfig::load(&d.path().join("absent.toml"), true).is_ok());
         assert!(FileConfig::load(&d.path().join("absent.toml"), false).is_err());
@@ -207,6 +229,10 @@ mod shipped {
         let f = super::FileConfig::load(&p, false).unwrap();
         assert_eq!(f.upstream.as_deref(), Some(super::DEFAULT_UPSTREAM));
         assert_eq!(f.checkpoint_enabled, Some(true));
+        assert_eq!(f.hold_pages, Some(crate::hold::HoldPages::Auto));
+        let mut c = super::Config::default();
+        f.apply(&mut c);
+        assert_eq!(c.hold, crate::hold::Policy::default(), "it says the defaults");
     }
 }
 

@@ -150,10 +150,14 @@ struct CheckpointArgs {
     /// streaming CRIU's images straight into it.
     #[arg(long)]
     no_stream: bool,
-    /// Most memory (MiB) to hold the pages in while the container is frozen;
-    /// 0 writes them straight into the archive.
-    #[arg(long, default_value_t = ckpt_shim::config::DEFAULT_HOLD_MIB)]
-    hold_pages_mib: u64,
+    /// Memory to hold the pages in while the container is frozen: "auto"
+    /// (within the node's available memory, as the server does) or MiB; 0
+    /// writes them straight into the archive.
+    #[arg(long, default_value = "auto")]
+    hold_pages: ckpt_shim::hold::HoldPages,
+    /// The number form's older name.
+    #[arg(long, conflicts_with = "hold_pages")]
+    hold_pages_mib: Option<u64>,
     /// Encrypt the archive to this age recipient or SSH public key (repeatable).
     #[arg(long, value_name = "RECIPIENT")]
     encrypt_to: Vec<String>,
@@ -337,7 +341,11 @@ async fn checkpoint(a: CheckpointArgs, criu: criu_rpc::Criu) -> ckpt_shim::Resul
         freeze_journal: None,
         durable: !a.no_fsync,
         stream: !a.no_stream,
-        hold_budget: a.hold_pages_mib << 20,
+        hold: ckpt_shim::hold::Budget::new(ckpt_shim::hold::Policy {
+            pages: a.hold_pages_mib.map_or(a.hold_pages, ckpt_shim::hold::HoldPages::Mib),
+            ..Default::default()
+        }),
+        hold_cap: None,
         seal,
     };
     let r = checkpoint::checkpoint(&c, &opts).await?;
@@ -348,7 +356,7 @@ async fn checkpoint(a: CheckpointArgs, criu: criu_rpc::Criu) -> ckpt_shim::Resul
         .collect();
     let criu_frozen = r.stats.as_ref().and_then(|s| s.frozen_time).unwrap_or(0);
     println!(
-        "checkpointed {} into {} ({} bytes{}) in {:.3}s; frozen {:.1}ms (CRIU {:.1}ms); {} bytes of pages held; archive step wrote {} bytes; {}",
+        "checkpointed {} into {} ({} bytes{}) in {:.3}s; frozen {:.1}ms (CRIU {:.1}ms); {} bytes of pages held; {} bytes written while frozen; archive step wrote {} bytes; {}",
         c.id,
         r.location.display(),
         r.archive_bytes,
@@ -357,6 +365,7 @@ async fn checkpoint(a: CheckpointArgs, criu: criu_rpc::Criu) -> ckpt_shim::Resul
         r.frozen.as_secs_f64() * 1e3,
         criu_frozen as f64 / 1e3,
         r.pages_held,
+        r.frozen_written,
         r.archive_written_bytes,
         phases.join(" ")
     );

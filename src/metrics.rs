@@ -45,6 +45,7 @@ pub struct Metrics {
     checkpoint_seconds: Histogram,
     pause_seconds: Histogram,
     written_bytes: Counter,
+    hold: HoldSeries,
     in_flight: Gauge,
     relay_connections: Gauge,
     own_calls: Gauge,
@@ -82,6 +83,7 @@ impl Metrics {
             checkpoint_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
             pause_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 12)),
             written_bytes: Counter::default(),
+            hold: HoldSeries::default(),
             in_flight: Gauge::default(),
             relay_connections: Gauge::default(),
             own_calls: Gauge::default(),
@@ -95,7 +97,9 @@ impl Metrics {
             upstream_errors: Family::default(),
             methods: Mutex::default(),
         };
-        m.register()
+        let mut m = m.register();
+        m.hold.register(&mut m.registry);
+        m
     }
 
     fn register(mut self) -> Metrics {
@@ -243,6 +247,23 @@ impl Metrics {
         self.written_bytes.inc_by(written);
     }
 
+    /// A checkpoint reserved pages memory: `in_use` by all now, of `budget`.
+    pub fn hold_reserved(&self, in_use: u64, budget: u64) {
+        self.hold.in_use.set(in_use as i64);
+        self.hold.budget.set(budget as i64);
+    }
+
+    pub fn hold_released(&self, in_use: u64) {
+        self.hold.in_use.set(in_use as i64);
+    }
+
+    /// A successful checkpoint held `held` bytes while frozen and wrote
+    /// `frozen_written` bytes to disk then.
+    pub fn checkpoint_frozen_io(&self, held: u64, frozen_written: u64) {
+        self.hold.held.inc_by(held);
+        self.hold.frozen_written.inc_by(frozen_written);
+    }
+
     pub fn restore_answered(&self, code: tonic::Code) {
         self.restores
             .get_or_create(&CodeLabel {
@@ -317,6 +338,25 @@ impl Metrics {
         self.upstream_errors
             .get_or_create(&KindLabel { kind })
             .inc();
+    }
+}
+
+/// Where the pages of frozen containers went (see [`crate::hold`]).
+#[derive(Default)]
+struct HoldSeries {
+    in_use: Gauge,
+    budget: Gauge,
+    held: Counter,
+    frozen_written: Counter,
+}
+
+impl HoldSeries {
+    fn register(&self, r: &mut Registry) {
+        let bytes = || Some(Unit::Bytes);
+        add(r, "hold_in_use", "Memory reserved now to hold frozen containers' pages", bytes(), self.in_use.clone());
+        add(r, "hold_budget", "The pages-holding budget computed at the last reservation", bytes(), self.budget.clone());
+        add(r, "checkpoint_held", "Page bytes successful checkpoints held in memory while frozen", bytes(), self.held.clone());
+        add(r, "checkpoint_frozen_written", "Bytes successful checkpoints wrote to disk while the container was frozen", bytes(), self.frozen_written.clone());
     }
 }
 

@@ -19,6 +19,7 @@ use criu_rpc::{Criu, Notify};
 use crate::archive::{self, ArchiveWriter, Target};
 use crate::error::{Context, Error, Result};
 use crate::freeze::{self, CriuWatch, FreezeAt};
+use crate::hold::{Hold, OpenOnDrop, Reservation, Thawed};
 use crate::seal::encrypt::{CipherSpool, Sealer};
 use crate::stream;
 
@@ -31,23 +32,79 @@ pub enum Sink {
         writer: ArchiveWriter,
         socket: CaptureSocket,
         /// Memory for the pages during the pause, faulted in before it.
-        hold: Option<crate::hold::Hold>,
+        hold: Option<Hold>,
         sealer: Option<Arc<Sealer>>,
     },
-    /// Into `<staging>/checkpoint`, as files.
-    Staged,
+    /// Into `<staging>/checkpoint`, as files: in memory while pages are held.
+    Staged(Option<HeldDir>),
 }
 
-/// A finished dump: what the archive still needs.
+/// Where a staged dump's images go while pages are held: a private dir on
+/// /dev/shm (memory), which `<staging>/checkpoint` points to, so CRIU writes
+/// nothing to disk while the container is frozen. Removed when dropped; noted
+/// in the journal meanwhile, so a crashed shim's is removed on its restart.
+pub struct HeldDir {
+    _dir: tempfile::TempDir,
+    _note: Option<freeze::JournalEntry>,
+    _memory: Reservation,
+}
+
+/// Where held images are staged.
+const HELD_STAGING: &str = "/dev/shm";
+
+impl HeldDir {
+    /// A held dir for `staging`'s images, if the whole reservation was given
+    /// and the memory file system has room for it.
+    fn make(staging: &Path, journal: Option<&Path>, memory: Reservation) -> Result<Option<HeldDir>> {
+        if memory.bytes == 0 || memory.short.is_some() {
+            return Ok(None);
+        }
+        let room = nix::sys::statvfs::statvfs(HELD_STAGING)
+            .map(|v| v.blocks_available() as u64 * v.fragment_size() as u64)
+            .unwrap_or(0);
+        if room < memory.bytes {
+            return Ok(None);
+        }
+        let dir = crate::safefs::private_tempdir(".ckpt-shim-staging-", Path::new(HELD_STAGING))?;
+        let note = journal
+            .map(|j| freeze::JournalEntry::staging(j, dir.path()))
+            .transpose()?;
+        let images = staging.join("checkpoint");
+        std::fs::remove_dir(&images).ctx(|| format!("remove {}", images.display()))?;
+        std::os::unix::fs::symlink(dir.path(), &images)
+            .ctx(|| format!("link {} to memory", images.display()))?;
+        Ok(Some(HeldDir {
+            _dir: dir,
+            _note: note,
+            _memory: memory,
+        }))
+    }
+}
+
+/// A finished dump. Streamed, its capture may still hold pages in memory,
+/// to be written once the container runs again ([`Dumped::thawed`]).
 pub enum Dumped {
-    Streamed(ArchiveWriter),
-    Staged,
+    Streamed(Capturing),
+    Staged(Option<HeldDir>),
+}
+
+/// A capture that outlives CRIU: what it held waits for the thaw.
+pub struct Capturing {
+    task: tokio::task::JoinHandle<Result<(ArchiveWriter, stream::Captured)>>,
+    /// Opened at the thaw; dropped unopened, the capture is abandoned.
+    thawed: OpenOnDrop,
+}
+
+/// The dump's data all in place: what the archive still needs.
+pub enum Written {
+    Streamed(ArchiveWriter, stream::Captured),
+    Staged(Option<HeldDir>),
 }
 
 impl Sink {
     /// Streams when asked and where it can work, writing `head` (and the
-    /// checkpoint dir with `descriptors`) into the archive now, with `hold`
-    /// bytes of memory for the pages; otherwise stages, with `descriptors.json`
+    /// checkpoint dir with `descriptors`) into the archive now, with the memory
+    /// `hold` reserved for the pages; otherwise stages, with `descriptors.json`
     /// among the images. A sealed checkpoint only streams: staged images would
     /// be plaintext on disk.
     pub fn open(
@@ -55,8 +112,9 @@ impl Sink {
         staging: &Path,
         head: &[Member],
         descriptors: &[u8],
-        (stream, hold): (bool, usize),
+        (stream, hold): (bool, Reservation),
         sealer: Option<Arc<Sealer>>,
+        journal: Option<&Path>,
     ) -> Result<Sink> {
         let images = staging.join("checkpoint");
         if stream || sealer.is_some() {
@@ -70,14 +128,12 @@ impl Sink {
                     let descriptors =
                         Member::Secret("checkpoint/descriptors.json".into(), descriptors.to_vec());
                     write_members(&mut writer, &[descriptors], sealer.as_deref())?;
-                    let hold = match hold {
-                        0 => None,
-                        n => crate::hold::Hold::new(n)
-                            .map_err(|e| {
-                                tracing::info!("writing pages through instead of holding them: {e}")
-                            })
-                            .ok(),
-                    };
+                    let hold = Hold::reserved(hold)
+                        .map_err(|e| {
+                            tracing::info!("writing pages through instead of holding them: {e}")
+                        })
+                        .ok()
+                        .flatten();
                     return Ok(Sink::Streamed {
                         writer,
                         socket,
@@ -93,12 +149,18 @@ impl Sink {
                 Err(e) => tracing::info!("dumping to staging instead of streaming: {e}"),
             }
         }
+        let held = HeldDir::make(staging, journal, hold)?;
         use std::io::Write;
         let path = images.join("descriptors.json");
         crate::safefs::create_new(&path, 0o600)?
             .write_all(descriptors)
             .ctx(|| format!("write {}", path.display()))?;
-        Ok(Sink::Staged)
+        Ok(Sink::Staged(held))
+    }
+
+    /// Whether the frozen container's data goes to memory first.
+    pub fn holds(&self) -> bool {
+        matches!(self, Sink::Streamed { hold: Some(_), .. } | Sink::Staged(Some(_)))
     }
 
     /// Runs CRIU with `opts`: the container is frozen when CRIU reaches
@@ -112,7 +174,7 @@ impl Sink {
         cancelled: &mut Cancelled,
     ) -> Result<Dumped> {
         match self {
-            Sink::Staged => {
+            Sink::Staged(held) => {
                 let expired = Arc::new(AtomicBool::new(false));
                 let mut handler = DumpHandler {
                     expired: expired.clone(),
@@ -122,7 +184,7 @@ impl Sink {
                 let dump = criu.dump(opts, &mut handler);
                 wait.dump(dump, || expired.store(true, Ordering::SeqCst), cancelled)
                     .await?;
-                Ok(Dumped::Staged)
+                Ok(Dumped::Staged(held))
             }
             Sink::Streamed {
                 writer,
@@ -130,15 +192,8 @@ impl Sink {
                 hold,
                 sealer,
             } => {
-                dump_streamed(
-                    criu,
-                    &opts,
-                    staging,
-                    (writer, socket, hold, sealer),
-                    wait,
-                    cancelled,
-                )
-                .await
+                let sink = (writer, socket, hold, sealer);
+                dump_streamed(criu, &opts, staging, sink, wait, cancelled).await
             }
         }
     }
@@ -176,17 +231,13 @@ impl criu_rpc::NotifyHandler for DumpHandler<'_> {
 }
 
 /// `criu dump --stream` with the shim capturing its images into `w`, and
-/// freezing when CRIU's action script reaches `pre-dump`.
+/// freezing when CRIU's action script reaches `pre-dump`. Returns once CRIU
+/// has exited; held pages are still to be written then.
 async fn dump_streamed(
     criu: &Criu,
     opts: &Opts,
     staging: &Path,
-    (mut w, sock, hold, sealer): (
-        ArchiveWriter,
-        CaptureSocket,
-        Option<crate::hold::Hold>,
-        Option<Arc<Sealer>>,
-    ),
+    (w, sock, hold, sealer): (ArchiveWriter, CaptureSocket, Option<Hold>, Option<Arc<Sealer>>),
     wait: &Wait<'_>,
     cancelled: &mut Cancelled,
 ) -> Result<Dumped> {
@@ -194,20 +245,16 @@ async fn dump_streamed(
     freeze::watch_pid(&wait.freeze.criu_watch(), cli.pid());
     let criu_gone = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(stream::Progress::default());
-    let capture = {
-        let (gone, spool, progress) = (criu_gone.clone(), staging.to_path_buf(), progress.clone());
-        tokio::task::spawn_blocking(move || {
-            stream::capture(
-                &sock,
-                &mut w,
-                &spool,
-                || gone.load(Ordering::SeqCst),
-                &progress,
-                hold,
-                sealer.as_deref(),
-            )
-            .map(|_| w)
-        })
+    let thawed = Thawed::default();
+    let task = spawn_capture(
+        (sock, w, staging.to_path_buf()),
+        (criu_gone.clone(), progress.clone()),
+        (hold, thawed.clone()),
+        sealer,
+    );
+    let capturing = Capturing {
+        task,
+        thawed: OpenOnDrop(thawed),
     };
     let aborter = cli.aborter();
     let mut stages = cli.take_stages().expect("asked to hold CRIU at its stages");
@@ -232,20 +279,56 @@ async fn dump_streamed(
     };
     let dumped = wait.dump(criu_run, || aborter.abort(), cancelled).await;
     criu_gone.store(true, Ordering::SeqCst);
-    // CRIU is done with the tasks: they run again now, while held pages are
-    // still being written.
-    let _ = wait.freeze.finish();
-    // CRIU has exited, so every pipe is closed and the capture ends.
-    let captured = capture
-        .await
-        .map_err(|e| Error::Other(format!("capture task failed: {e}")))
-        .and_then(|r| r);
-    match (dumped, captured) {
-        (Ok(()), Ok(w)) => Ok(Dumped::Streamed(w)),
-        (Err(e @ (Error::DeadlineExceeded(_) | Error::Cancelled)), _) => Err(e),
-        // A failed capture closes CRIU's pipes, so CRIU fails too: the capture's
-        // error (a full disk, say) is the cause.
-        (_, Err(e)) | (Err(e), Ok(_)) => Err(e),
+    match dumped {
+        Ok(()) => Ok(Dumped::Streamed(capturing)),
+        Err(e) => {
+            let _ = wait.freeze.finish();
+            // CRIU has exited, so every pipe is closed; what was held is dropped.
+            let captured = capturing.abandon().await;
+            match (e, captured) {
+                (e @ (Error::DeadlineExceeded(_) | Error::Cancelled), _) => Err(e),
+                // A failed capture closes CRIU's pipes, so CRIU fails too: the
+                // capture's error (a full disk, say) is the cause.
+                (_, Err(e)) | (e, Ok(())) => Err(e),
+            }
+        }
+    }
+}
+
+/// The capture of CRIU's stream into `w`, on a thread of its own.
+fn spawn_capture(
+    (sock, mut w, spool): (CaptureSocket, ArchiveWriter, PathBuf),
+    (gone, progress): (Arc<AtomicBool>, Arc<stream::Progress>),
+    held: (Option<Hold>, Thawed),
+    sealer: Option<Arc<Sealer>>,
+) -> tokio::task::JoinHandle<Result<(ArchiveWriter, stream::Captured)>> {
+    tokio::task::spawn_blocking(move || {
+        let gone = || gone.load(Ordering::SeqCst);
+        stream::capture(&sock, &mut w, &spool, gone, &progress, held, sealer.as_deref())
+            .map(|c| (w, c))
+    })
+}
+
+impl Capturing {
+    /// The container runs again: what was held may be written now.
+    pub fn thaw(&self) {
+        self.thawed.0.open(true);
+    }
+
+    async fn join(self) -> Result<(ArchiveWriter, stream::Captured)> {
+        let Capturing { task, thawed } = self;
+        let r = task.await;
+        drop(thawed);
+        r.map_err(|e| Error::Other(format!("capture task failed: {e}")))?
+    }
+
+    /// Ends a capture whose dump failed: nothing held is written.
+    async fn abandon(self) -> Result<()> {
+        self.thawed.0.open(false);
+        match self.join().await {
+            Err(e) if !archive::is_abandoned(&e) => Err(e),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -295,11 +378,37 @@ impl Wait<'_> {
 }
 
 impl Dumped {
-    /// Bytes of pages that were held in memory during the pause.
-    pub fn held(&self) -> u64 {
+    /// Once the container runs again (or if it was paused before and stays
+    /// so), every image written into the archive or staged.
+    pub async fn thawed(self) -> Result<Written> {
         match self {
-            Dumped::Streamed(w) => w.held,
-            Dumped::Staged => 0,
+            Dumped::Streamed(c) => {
+                c.thaw();
+                let (w, captured) = c.join().await?;
+                Ok(Written::Streamed(w, captured))
+            }
+            Dumped::Staged(held) => Ok(Written::Staged(held)),
+        }
+    }
+
+    /// The container runs again now (unless it was paused before).
+    pub fn thaw(&self) {
+        if let Dumped::Streamed(c) = self {
+            c.thaw()
+        }
+    }
+}
+
+impl Written {
+    /// Bytes of pages that were held in memory during the pause, and bytes
+    /// written to disk then.
+    pub fn frozen_io(&self, staging: &Path) -> (u64, u64) {
+        match self {
+            Written::Streamed(w, c) => (w.held, c.frozen_written),
+            // CRIU wrote every image while the tasks were frozen: into memory,
+            // or to disk.
+            Written::Staged(Some(_)) => (dir_bytes(&staging.join("checkpoint")), 0),
+            Written::Staged(None) => (0, dir_bytes(&staging.join("checkpoint"))),
         }
     }
 
@@ -316,7 +425,7 @@ impl Dumped {
         expired: impl Fn() -> Result<()>,
     ) -> Result<(u64, u64)> {
         match self {
-            Dumped::Streamed(mut w) => {
+            Written::Streamed(mut w, _) => {
                 write_members(&mut w, &tail, sealer)?;
                 if let Some(s) = sealer {
                     w.add_bytes(crate::seal::MARKER, &s.marker())?;
@@ -325,9 +434,21 @@ impl Dumped {
                 let written = w.written;
                 Ok((w.commit(durable)?, written))
             }
-            Dumped::Staged => build_archive(target, staging, head, tail, durable, expired),
+            Written::Staged(_held) => build_archive(target, staging, head, tail, durable, expired),
         }
     }
+}
+
+/// Bytes of the regular files in `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 /// A staged dump's archive: lists the members, plans the layout, and writes
@@ -407,6 +528,7 @@ pub fn write_members(
             (Member::File(name, path), _) | (Member::SecretFile(name, path), None) => {
                 w.add_file(name, &open(path)?)?
             }
+            (Member::Open(name, f), _) => w.add_file(name, f)?,
             (Member::Secret(name, data), Some(s)) => s.add_bytes(w, name, data)?,
             (Member::SecretFile(name, path), Some(s)) => {
                 let data = std::fs::read(path).ctx(|| format!("read {}", path.display()))?;
@@ -432,6 +554,8 @@ pub enum Member {
     File(String, PathBuf),
     Secret(String, Vec<u8>),
     SecretFile(String, PathBuf),
+    /// An open file (in memory) with the data.
+    Open(String, File),
     /// Parts sealed already (the rootfs diff, sealed as it was walked).
     Sealed(std::cell::RefCell<Option<CipherSpool>>),
 }
@@ -442,6 +566,7 @@ impl Member {
             Member::Dir(n) => n,
             Member::Bytes(n, _)
             | Member::File(n, _)
+            | Member::Open(n, _)
             | Member::Secret(n, _)
             | Member::SecretFile(n, _) => n,
             Member::Sealed(_) => "(sealed parts)",
@@ -455,6 +580,7 @@ impl Member {
             Member::Dir(_) => None,
             Member::Bytes(_, d) | Member::Secret(_, d) => Some(d.len() as u64),
             Member::File(_, p) | Member::SecretFile(_, p) => Some(stat(p)?.len()),
+            Member::Open(n, f) => Some(f.metadata().ctx(|| format!("stat {n}"))?.len()),
             Member::Sealed(_) => return Err(Error::Other("sealed parts are only streamed".into())),
         })
     }

@@ -11,18 +11,23 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use criu_rpc::streamer::CaptureSocket;
 
 use crate::archive::{self, safe_member_name, ArchiveWriter};
 use crate::error::{Context, Error, Result};
+use crate::hold::Thawed;
 use crate::seal::encrypt::{self, CipherSpool, Sealer};
 use crate::seal::PART;
 
 /// Spooled images stay in memory up to this size, then move to a file.
 const SPOOL_MEM: usize = 4 << 20;
+/// The same while pages are held: nothing should reach the disk while the
+/// container is frozen, and images other than the first pages image are
+/// metadata of bounded size (a second process's pages are the exception).
+const SPOOL_MEM_HELD: usize = 64 << 20;
 
 /// How far a capture has got. CRIU moves page *references* into its pipes
 /// (the pages it vmspliced from the frozen tasks) and lets the tasks run again
@@ -74,20 +79,23 @@ impl Progress {
 pub struct Captured {
     pub images: usize,
     pub bytes: u64,
+    /// Bytes written to disk while the container was frozen.
+    pub frozen_written: u64,
 }
 
 /// Serves CRIU's connection on `sock`, writing each image as `checkpoint/<name>`.
 /// Blocking: returns once CRIU has closed the connection and every image is in.
 /// `criu_gone` is polled while waiting for CRIU to connect. `spool_dir` (private)
 /// takes large spooled images. On error every pipe is dropped, so CRIU fails its
-/// next write and aborts.
+/// next write and aborts. With `hold`, nothing is written into the archive
+/// until `thawed` opens.
 pub fn capture(
     sock: &CaptureSocket,
     w: &mut ArchiveWriter,
     spool_dir: &Path,
     criu_gone: impl Fn() -> bool,
     progress: &Progress,
-    hold: Option<crate::hold::Hold>,
+    (hold, thawed): (Option<crate::hold::Hold>, Thawed),
     sealer: Option<&Sealer>,
 ) -> Result<Captured> {
     let Some(conn) = sock
@@ -98,9 +106,16 @@ pub fn capture(
             "CRIU ended without streaming its images".into(),
         ));
     };
+    let gate = match hold {
+        Some(_) => thawed.clone(),
+        None => Thawed::already(),
+    };
     let shared = Shared {
         w: Mutex::new(w),
         hold: Mutex::new(hold),
+        gate,
+        thawed,
+        frozen_written: AtomicU64::new(0),
         sealer,
         direct: AtomicBool::new(false),
         failed: AtomicBool::new(false),
@@ -117,7 +132,8 @@ pub fn capture(
             .unwrap_or(0);
         return Err(errs.swap_remove(cause));
     }
-    let total = std::mem::take(&mut *shared.total.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut total = std::mem::take(&mut *shared.total.lock().unwrap_or_else(|p| p.into_inner()));
+    total.frozen_written = shared.frozen_written.load(Ordering::SeqCst);
     Ok(total)
 }
 
@@ -181,6 +197,12 @@ struct Shared<'w> {
     w: Mutex<&'w mut ArchiveWriter>,
     /// Memory for the pages image during the pause (see [`crate::hold`]).
     hold: Mutex<Option<crate::hold::Hold>>,
+    /// What writes into the archive wait for: the thaw when pages are held,
+    /// nothing otherwise.
+    gate: Thawed,
+    /// Open once the container runs again.
+    thawed: Thawed,
+    frozen_written: AtomicU64,
     sealer: Option<&'w Sealer>,
     /// Whether some image is being spliced into the archive right now.
     direct: AtomicBool,
@@ -202,24 +224,59 @@ fn receive(
     }
     let member = format!("checkpoint/{name}");
     let len = if let Some(sealer) = shared.sealer {
-        receive_sealed(shared, sealer, &member, pipe, spool_dir, drained)?
+        let ended = || {
+            drained();
+            shared.gate.wait();
+        };
+        receive_sealed(shared, sealer, &member, pipe, spool_dir, &ended)?
     } else if name.starts_with("pages-") && !shared.direct.swap(true, Ordering::SeqCst) {
         let mut w = lock(&shared.w);
         let mut hold = lock(&shared.hold);
-        let r = w.add_stream(&member, &pipe, &shared.failed, hold.as_mut(), drained);
+        let held = (hold.as_mut(), &shared.gate);
+        let r = w.add_stream(&member, &pipe, &shared.failed, held, drained);
         shared.direct.store(false, Ordering::SeqCst);
-        r?
+        let (len, spliced) = r?;
+        shared.frozen_written.fetch_add(spliced, Ordering::SeqCst);
+        len
     } else {
-        let spool = Spool::fill(File::from(pipe), spool_dir, &shared.failed)
-            .ctx(|| format!("receive {name} from CRIU"))?;
-        drained();
-        let mut w = lock(&shared.w);
-        spool.append(&mut w, &member)?
+        receive_spooled(shared, name, pipe, spool_dir, drained)?
     };
     let mut t = lock(&shared.total);
     t.images += 1;
     t.bytes += len;
     Ok(())
+}
+
+/// An image other than the first pages image: read whole (into memory, or a
+/// private file once large), then appended once the gate opens.
+fn receive_spooled(
+    shared: &Shared,
+    name: &str,
+    pipe: OwnedFd,
+    spool_dir: &Path,
+    drained: &(dyn Fn() + Sync),
+) -> Result<u64> {
+    let in_memory = if shared.gate.is_open() {
+        SPOOL_MEM
+    } else {
+        SPOOL_MEM_HELD
+    };
+    let spool = Spool::fill(File::from(pipe), spool_dir, &shared.failed, in_memory)
+        .ctx(|| format!("receive {name} from CRIU"))?;
+    if let Spool::File(f) = &spool {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        shared.frozen_written.fetch_add(len, Ordering::SeqCst);
+    }
+    drained();
+    if !shared.gate.wait() {
+        return Err(archive::abandoned()).ctx(|| format!("receive {name}"));
+    }
+    let mut w = lock(&shared.w);
+    let len = spool.append(&mut w, &format!("checkpoint/{name}"))?;
+    if !shared.thawed.is_open() {
+        shared.frozen_written.fetch_add(len, Ordering::SeqCst);
+    }
+    Ok(len)
 }
 
 /// [`receive`] for a sealed checkpoint: the first pages image is sealed
@@ -284,7 +341,7 @@ enum Spool {
 }
 
 impl Spool {
-    fn fill(mut pipe: File, dir: &Path, stop: &AtomicBool) -> std::io::Result<Spool> {
+    fn fill(mut pipe: File, dir: &Path, stop: &AtomicBool, in_memory: usize) -> std::io::Result<Spool> {
         let mut mem = Vec::new();
         let mut buf = vec![0u8; 64 << 10];
         let mut file: Option<File> = None;
@@ -300,7 +357,7 @@ impl Spool {
             };
             match &mut file {
                 Some(f) => f.write_all(&buf[..n])?,
-                None if mem.len() + n > SPOOL_MEM => {
+                None if mem.len() + n > in_memory => {
                     // Unnamed and private: nothing to clean up, nothing to open.
                     let mut f = tempfile::tempfile_in(dir)?;
                     f.write_all(&mem)?;

@@ -55,17 +55,26 @@ async fn streamed_checkpoint_keeps_running_and_both_restores_continue_the_count(
     cycle("engine-stream", "engine-st", true).await;
 }
 
-/// The pages held in memory during the pause: all of them, or the first MiB
-/// held and the rest written through.
+/// The pages held in memory during the pause: all of them, the first MiB held
+/// and the rest written through, or none; streamed and staged.
 #[tokio::test(flavor = "multi_thread")]
 async fn held_pages_make_the_same_archive_and_both_restores_continue_the_count() {
-    for (id, budget) in [("engine-hold-all", 1 << 30), ("engine-hold-part", 1 << 20)] {
+    use ckpt_shim::hold::{Budget, HoldPages, Policy};
+    for (id, mib, stream) in [
+        ("engine-hold-all", 1024, true),
+        ("engine-hold-part", 1, true),
+        ("engine-hold-none", 0, true),
+        ("engine-hold-staged", 1024, false),
+    ] {
         cycle_with(
             id,
             id,
             Options {
-                hold_budget: budget,
-                ..mode_opts(Path::new("/"), true)
+                hold: Budget::new(Policy {
+                    pages: HoldPages::Mib(mib),
+                    ..Default::default()
+                }),
+                ..mode_opts(Path::new("/"), stream)
             },
         )
         .await;
@@ -98,10 +107,21 @@ async fn cycle_with(id: &str, prefix: &str, o: Options) {
     let report = checkpoint(&found, &o).await.unwrap();
     let after = c.count().unwrap();
     assert_eq!(report.streamed, stream);
-    match o.hold_budget {
-        0 => assert_eq!(report.pages_held, 0),
-        // The buffer serves each pages image in turn (two processes, two images).
-        b => assert!(report.pages_held > 0, "nothing held with a budget of {b}"),
+    match o.hold.policy().pages {
+        ckpt_shim::hold::HoldPages::Mib(0) => {
+            assert_eq!(report.pages_held, 0);
+            assert!(report.frozen_written > 1 << 20, "{report:?}");
+        }
+        // Held whole (streamed: the first pages image; staged: every image).
+        ckpt_shim::hold::HoldPages::Mib(1024) | ckpt_shim::hold::HoldPages::Auto => {
+            assert!(report.pages_held > 1 << 20, "{report:?}");
+            assert!(report.frozen_written < 1 << 20, "{report:?}");
+        }
+        // The first MiB held, the rest spliced in while frozen.
+        b => {
+            assert!(report.pages_held > 0, "nothing held with {b:?}");
+            assert!(report.frozen_written > 1 << 20, "{report:?}");
+        }
     }
     report.cleanup.wait();
 

@@ -33,7 +33,7 @@ pub struct Native {
     staging_dir: Option<PathBuf>,
     durable: bool,
     stream: bool,
-    hold_budget: u64,
+    hold: Arc<crate::hold::Budget>,
     journal: PathBuf,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     seal: Option<Arc<Recipients>>,
@@ -65,7 +65,7 @@ impl Native {
             staging_dir: cfg.staging_dir.clone(),
             durable: cfg.durable,
             stream: cfg.stream,
-            hold_budget: cfg.hold_pages_mib << 20,
+            hold: crate::hold::Budget::new(cfg.hold),
             journal: cfg.journal_dir(),
             locks: Mutex::default(),
             seal,
@@ -154,6 +154,7 @@ impl Native {
             report.frozen,
             report.archive_bytes,
         );
+        crate::metrics::get().checkpoint_frozen_io(report.pages_held, report.frozen_written);
         let cleanup = std::mem::take(&mut report.cleanup);
         self.stop.tasks.spawn_blocking(move || cleanup.wait());
         log_checkpointed(&c.id, &report, started.elapsed());
@@ -180,7 +181,8 @@ impl Native {
             staging_dir: self.staging_dir.clone(),
             durable: self.durable,
             stream: self.stream,
-            hold_budget: self.hold_budget,
+            hold: self.hold.clone(),
+            hold_cap: None,
             freeze_journal: Some(self.journal.clone()),
             seal: self.seal.clone(),
         }
@@ -366,6 +368,7 @@ fn log_checkpointed(id: &str, report: &checkpoint::Report, total: Duration) {
         archive_written_bytes = report.archive_written_bytes,
         streamed = report.streamed,
         pages_held = report.pages_held,
+        frozen_written = report.frozen_written,
         frozen_ms = ms(report.frozen),
         criu_frozen_ms = report.stats.as_ref().and_then(|s| s.frozen_time).map(|us| us as f64 / 1e3),
         pages_written = report.stats.as_ref().and_then(|s| s.pages_written),

@@ -66,6 +66,9 @@ impl Pods {
                 match &answer {
                     Ok(rep) => {
                         m.pod_checkpoint_done(rep.pause, rep.containers.len());
+                        for c in &rep.containers {
+                            m.checkpoint_frozen_io(c.pages_held, c.frozen_written);
+                        }
                         tracing::info!(pod = %pod, dir = %rep.dir.display(), containers = rep.containers.len(),
                             pause_ms = rep.pause.as_secs_f64() * 1e3, "pod checkpointed");
                     }
@@ -146,7 +149,7 @@ impl Pods {
             base.settings.tcp_established = t;
         }
         if let Some(mib) = opts.hold_pages_mib {
-            base.hold_budget = mib << 20;
+            base.hold_cap = Some(mib << 20);
         }
         if let Some(r) = opts.encrypt_to {
             base.seal = Some(r);

@@ -553,7 +553,8 @@ pub mod archive {
     }
 }
 
-/// The engine's checkpoint options for tests: staged, durable, plain.
+/// The engine's checkpoint options for tests: staged, durable, plain, pages
+/// held as the server holds them by default.
 pub fn checkpoint_opts(location: &Path) -> ckpt_shim::checkpoint::Options {
     ckpt_shim::checkpoint::Options {
         location: location.to_path_buf(),
@@ -564,7 +565,8 @@ pub fn checkpoint_opts(location: &Path) -> ckpt_shim::checkpoint::Options {
         freeze_journal: None,
         durable: true,
         stream: false,
-        hold_budget: 0,
+        hold: ckpt_shim::hold::Budget::new(Default::default()),
+        hold_cap: None,
         seal: None,
     }
 }

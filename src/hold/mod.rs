@@ -1,0 +1,324 @@
+//! Memory that holds the pages during the pause, so the pause never waits
+//! for the disk.
+//!
+//! While the container is frozen, CRIU can go no faster than the streamer reads
+//! its pipes. Writing the pages into the archive's page cache means allocating
+//! every page of the file on the way, and once the kernel's dirty limits are
+//! reached, waiting for writeback: the pause then tracks the disk. Copying them
+//! into memory that is already faulted in runs at memory speed. So before the
+//! freeze, the shim faults in a buffer as large as the container's memory
+//! (within the [`budget`] every checkpoint in flight shares), reads the pages
+//! image into it while CRIU is held, and writes it into the archive once the
+//! container runs again ([`Thawed`]). What does not fit goes straight to the
+//! archive, as without a buffer, and is counted as written while frozen.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
+
+use crate::error::{Context, Result};
+
+pub mod budget;
+pub use budget::{Budget, HoldPages, Policy, Reservation};
+
+/// Faulted-in anonymous memory, unmapped when dropped, with the share of the
+/// budget it stands for.
+pub struct Hold {
+    ptr: *mut u8,
+    len: usize,
+    _reservation: Reservation,
+}
+
+// SAFETY: the mapping is owned by this value and used by one thread at a time.
+unsafe impl Send for Hold {}
+
+impl Hold {
+    /// Maps and faults in the bytes `r` reserved; `None` if that is nothing.
+    pub fn reserved(r: Reservation) -> Result<Option<Hold>> {
+        if r.bytes == 0 {
+            return Ok(None);
+        }
+        let mut h = Hold::new(r.bytes as usize)?;
+        h._reservation = r;
+        Ok(Some(h))
+    }
+
+    /// Maps and faults in `len` bytes.
+    pub fn new(len: usize) -> Result<Hold> {
+        // SAFETY: a fresh private anonymous mapping; checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error())
+                .ctx(|| format!("map {len} bytes to hold pages"));
+        }
+        let hold = Hold {
+            ptr: ptr.cast(),
+            len,
+            _reservation: Reservation::default(),
+        };
+        // No MADV_HUGEPAGE: huge pages come from free 2 MiB blocks, which are
+        // what a VM balloon with free page reporting has handed back to the
+        // host, so touching them first costs 1-3 s per GiB here (against 0.5 s
+        // for small pages taken from what the guest kept), and varies 10×.
+        const MADV_POPULATE_WRITE: libc::c_int = 23;
+        // SAFETY: as above; fails only if memory cannot be had, then we give up.
+        if unsafe { libc::madvise(ptr, len, MADV_POPULATE_WRITE) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .ctx(|| format!("fault in {len} bytes to hold pages"));
+        }
+        Ok(hold)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is `len` bytes, readable and writable, and ours.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
+    /// Reads `pipe` into the buffer until it ends or the buffer is full;
+    /// returns how much was read and whether the pipe ended.
+    pub fn fill_from(&mut self, pipe: &OwnedFd) -> std::io::Result<(usize, bool)> {
+        let buf = self.as_mut_slice();
+        let mut filled = 0;
+        while filled < buf.len() {
+            // SAFETY: reading into our own buffer, within its length.
+            let n = unsafe {
+                libc::read(
+                    pipe.as_raw_fd(),
+                    buf[filled..].as_mut_ptr().cast(),
+                    buf.len() - filled,
+                )
+            };
+            match n {
+                0 => return Ok((filled, true)),
+                n if n > 0 => filled += n as usize,
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok((filled, false))
+    }
+}
+
+impl Hold {
+    /// Writes the first `len` bytes into `file` at `at`, giving each chunk's
+    /// memory back as soon as it is written. The page cache the write needs
+    /// is then taken from memory freed an instant before: on this project's
+    /// VM (a balloon with free page reporting), memory that has been free for
+    /// a while costs a trip to the host on first touch, about 1 s per GiB, and
+    /// a second such cost after the one paid for the hold itself would double
+    /// the checkpoint's total time.
+    pub fn write_into(&mut self, file: &std::fs::File, at: u64, len: usize) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        const CHUNK: usize = 32 << 20;
+        let mut done = 0;
+        while done < len {
+            let n = CHUNK.min(len - done);
+            file.write_all_at(&self.as_mut_slice()[done..done + n], at + done as u64)?;
+            // SAFETY: advice on whole pages of our own mapping (CHUNK is a
+            // multiple of the page size); they read as zeros if touched again.
+            unsafe { libc::madvise(self.ptr.add(done).cast(), n & !0xfff, libc::MADV_DONTNEED) };
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// How much memory to ask to hold for `pid`'s container: its anonymous and
+/// shared memory (what CRIU writes as pages) plus a margin. `None` if unknown.
+pub fn estimate(pid: i32) -> Option<u64> {
+    Some(container_memory(pid)?.saturating_add(4 << 20) / 16 * 17)
+}
+
+/// Anonymous plus shared memory of `pid`'s memory cgroup (v1 `total_rss` and
+/// `total_shmem`, or v2 `anon` and `shmem`).
+fn container_memory(pid: i32) -> Option<u64> {
+    let (dir, v2) = memory_cgroup(pid)?;
+    let keys: &[&str] = if v2 {
+        &["anon", "shmem"]
+    } else {
+        &["total_rss", "total_shmem"]
+    };
+    let stat = std::fs::read_to_string(dir.join("memory.stat")).ok()?;
+    Some(
+        stat.lines()
+            .filter_map(|l| l.split_once(' '))
+            .filter(|(k, _)| keys.contains(k))
+            .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
+            .sum(),
+    )
+}
+
+/// The shim's own memory cgroup, and whether it is v2.
+pub(crate) fn own_memory_cgroup() -> Option<(std::path::PathBuf, bool)> {
+    memory_cgroup(std::process::id() as i32)
+}
+
+/// `pid`'s memory cgroup dir: v1's memory controller where it is mounted,
+/// else v2's unified hierarchy; and whether it is v2.
+fn memory_cgroup(pid: i32) -> Option<(std::path::PathBuf, bool)> {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let (v1, v2) = cgroups.lines().fold((None, None), |(v1, v2), l| {
+        let mut p = l.splitn(3, ':');
+        let (_, ctl, path) = (
+            p.next(),
+            p.next().unwrap_or(""),
+            p.next().unwrap_or("").to_string(),
+        );
+        match ctl {
+            c if c.split(',').any(|c| c == "memory") => (Some(path), v2),
+            "" => (v1, Some(path)),
+            _ => (v1, v2),
+        }
+    });
+    match (v1, v2) {
+        (Some(p), _) => Some((
+            Path::new("/sys/fs/cgroup/memory").join(p.trim_start_matches('/')),
+            false,
+        )),
+        (None, Some(p)) => Some((cgroup2_root()?.join(p.trim_start_matches('/')), true)),
+        _ => None,
+    }
+}
+
+fn cgroup2_root() -> Option<std::path::PathBuf> {
+    crate::mountinfo::read(std::process::id() as i32)
+        .ok()?
+        .into_iter()
+        .find(|m| m.fs_type == "cgroup2")
+        .map(|m| m.mount_point)
+}
+
+/// Opens once the container runs again. Writes of what was held wait for it,
+/// so nothing but what did not fit is written while the container is frozen.
+/// It opens on every path: thawed ([`Thawed::open`]), or abandoned.
+#[derive(Clone, Default)]
+pub struct Thawed(Arc<(Mutex<Option<bool>>, Condvar)>);
+
+impl Thawed {
+    /// Open from the start: nothing waits (pages written through).
+    pub fn already() -> Thawed {
+        let t = Thawed::default();
+        t.open(true);
+        t
+    }
+
+    /// Opens it: `thawed`, or abandoned (the checkpoint failed).
+    pub fn open(&self, thawed: bool) {
+        let (state, cv) = &*self.0;
+        let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+        s.get_or_insert(thawed);
+        cv.notify_all();
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.0 .0.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    /// Blocks until it opens; `false` if the checkpoint was abandoned.
+    pub fn wait(&self) -> bool {
+        let (state, cv) = &*self.0;
+        let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            match *s {
+                Some(thawed) => return thawed,
+                None => s = cv.wait(s).unwrap_or_else(|p| p.into_inner()),
+            }
+        }
+    }
+}
+
+/// Opens its latch as abandoned when dropped, unless it was opened before:
+/// no writer waits forever on a checkpoint that failed.
+pub struct OpenOnDrop(pub Thawed);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        self.0.open(false);
+    }
+}
+
+pub(crate) fn meminfo(key: &str) -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(key)?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .map(|k| k * 1024)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_latch_opens_once_and_wakes_its_waiters() {
+        let t = Thawed::default();
+        assert!(!t.is_open());
+        let waiter = {
+            let t = t.clone();
+            std::thread::spawn(move || t.wait())
+        };
+        drop(OpenOnDrop(t.clone()));
+        assert!(!waiter.join().unwrap(), "dropped: abandoned");
+        t.open(true);
+        assert!(!t.wait(), "the first opening stands");
+        assert!(Thawed::already().wait());
+    }
+
+    #[test]
+    fn a_hold_takes_what_a_pipe_carries_and_says_when_it_is_full() {
+        let mut h = Hold::new(1 << 20).unwrap();
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let writer = std::thread::spawn(move || {
+            let data: Vec<u8> = (0..(3 << 19)).map(|i| (i % 253) as u8).collect();
+            let mut f = std::fs::File::from(w);
+            let _ = std::io::Write::write_all(&mut f, &data);
+        });
+        let (n, ended) = h.fill_from(&r).unwrap();
+        assert_eq!((n, ended), (1 << 20, false), "the buffer fills first");
+        assert!(h
+            .as_mut_slice()
+            .iter()
+            .enumerate()
+            .all(|(i, b)| *b == (i % 253) as u8));
+        let mut rest = Hold::new(1 << 20).unwrap();
+        let (n, ended) = rest.fill_from(&r).unwrap();
+        writer.join().unwrap();
+        assert!(ended && n == 1 << 19, "{n} {ended}");
+        assert!(estimate(std::process::id() as i32).is_some_and(|n| n > 4 << 20));
+    }
+}
