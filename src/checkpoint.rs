@@ -301,7 +301,7 @@ fn memfd() -> Result<File> {
 }
 
 async fn run(c: Container, opts: Options, mut cancelled: Cancelled) -> Result<Report> {
-    let set = setup(&c, &opts)?;
+    let set = setup(&c, &opts).await?;
     set.dump(&mut cancelled).await?.finish(&cancelled).await
 }
 
@@ -340,7 +340,16 @@ fn reserve_hold(c: &Container, opts: &Options) -> crate::hold::Reservation {
 }
 
 /// Step 1: where the archive goes, its first members, and what CRIU is told.
-pub fn setup(c: &Container, opts: &Options) -> Result<Setup> {
+/// Off the async workers: faulting in the memory that holds the pages takes
+/// about 0.5 s per GiB here.
+pub async fn setup(c: &Container, opts: &Options) -> Result<Setup> {
+    let (c, opts) = (c.clone(), opts.clone());
+    tokio::task::spawn_blocking(move || setup_blocking(&c, &opts))
+        .await
+        .map_err(|e| Error::Other(format!("checkpoint set-up task: {e}")))?
+}
+
+fn setup_blocking(c: &Container, opts: &Options) -> Result<Setup> {
     let at = Instant::now();
     let deadline = opts
         .deadline

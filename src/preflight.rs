@@ -62,8 +62,23 @@ pub async fn run_checks(cfg: &Config) -> Vec<Check> {
     checks.push(capabilities());
     checks.push(staging_dir(cfg));
     checks.push(dir_check("restore-dir", &cfg.restore_dir, false));
+    checks.push(hold_pages(&cfg.hold));
     checks.push(upstream(&cfg.upstream).await);
     checks
+}
+
+/// How much the frozen containers' pages may be held in right now (see
+/// [`crate::hold::budget`]): nothing is a warning, since every checkpoint's
+/// pause then waits for the disk.
+fn hold_pages(p: &crate::hold::Policy) -> Check {
+    let (budget, why) = p.budget_now();
+    let mode = match p.pages {
+        crate::hold::HoldPages::Auto => "auto".to_string(),
+        crate::hold::HoldPages::Mib(n) => format!("{n} MiB"),
+    };
+    let detail = format!("{mode}: {} now (set by the {why})", gib(budget));
+    let status = if budget > 0 { Status::Ok } else { Status::Warn };
+    Check::new("hold-pages", status, detail)
 }
 
 /// What the `CheckpointReady` runtime condition stands on: CRIU (found, new

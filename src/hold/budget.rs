@@ -84,6 +84,11 @@ impl Policy {
         }
     }
 
+    /// The budget on this node now, and what sets it.
+    pub fn budget_now(&self) -> (u64, &'static str) {
+        self.limit(&Node::now())
+    }
+
     /// The budget now, and why it is what it is.
     fn limit(&self, node: &Node) -> (u64, &'static str) {
         let ceiling = match self.pages {
@@ -91,14 +96,14 @@ impl Policy {
             HoldPages::Mib(n) => n << 20,
         };
         if ceiling == 0 {
-            return (0, "holding is off");
+            return (0, "setting: off");
         }
         if node.pressure_pct >= self.pressure_pct {
-            return (0, "memory pressure");
+            return (0, "memory pressure (PSI)");
         }
         let room = node.available.saturating_sub(self.floor);
         let cgroup = node.cgroup_room.unwrap_or(u64::MAX);
-        match [(ceiling, "ceiling"), (room, "MemAvailable"), (cgroup, "memory cgroup")]
+        match [(ceiling, "ceiling"), (room, "MemAvailable above the floor"), (cgroup, "memory cgroup")]
             .into_iter()
             .min_by_key(|(n, _)| *n)
         {
@@ -257,7 +262,7 @@ mod tests {
     fn the_floor_the_cgroup_and_pressure_each_cut_the_budget() {
         let p = Policy::default();
         assert_eq!(p.limit(&node(20)), (8 << 30, "ceiling"));
-        assert_eq!(p.limit(&node(3)), (1 << 30, "MemAvailable"));
+        assert_eq!(p.limit(&node(3)), (1 << 30, "MemAvailable above the floor"));
         assert_eq!(p.limit(&node(1)).0, 0, "below the floor nothing is held");
         let cg = Node {
             cgroup_room: Some(512 << 20),
@@ -268,8 +273,8 @@ mod tests {
             pressure_pct: 25.0,
             ..node(20)
         };
-        assert_eq!(p.limit(&pressed), (0, "memory pressure"));
-        assert_eq!(Policy::off().limit(&node(20)), (0, "holding is off"));
+        assert_eq!(p.limit(&pressed), (0, "memory pressure (PSI)"));
+        assert_eq!(Policy::off().limit(&node(20)), (0, "setting: off"));
         let fixed = Policy {
             pages: HoldPages::Mib(100),
             ..p

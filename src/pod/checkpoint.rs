@@ -43,7 +43,7 @@ pub struct PodReport {
 pub async fn run(plan: Plan, mut cancelled: Cancelled) -> Result<PodReport> {
     let deadline = plan.base.deadline.expect("a pod checkpoint has a deadline");
     let staging = Staging::new(&plan.output, plan.journal.as_deref())?;
-    let mut setups = setup_all(&plan, &staging)?;
+    let mut setups = setup_all(&plan, &staging).await?;
     // Each container's CRIU is registered where its freeze guard looks.
     let watches: Vec<CriuWatch> = setups
         .iter_mut()
@@ -118,16 +118,14 @@ async fn cut_at_pre_dump(
 
 /// Step 1 for each container: its archive `<id>.tar` in the staging dir, and
 /// CRIU's own staging beside the pod's, inside `output_path` too.
-fn setup_all(plan: &Plan, staging: &Staging) -> Result<Vec<Setup>> {
-    plan.containers
-        .iter()
-        .map(|(_, c)| {
-            let mut o = plan.base.clone();
-            o.location = staging.path().join(archive_name(c));
-            o.staging_dir = Some(plan.output.clone());
-            checkpoint::setup(c, &o)
-        })
-        .collect()
+async fn setup_all(plan: &Plan, staging: &Staging) -> Result<Vec<Setup>> {
+    let setups = plan.containers.iter().map(|(_, c)| {
+        let mut o = plan.base.clone();
+        o.location = staging.path().join(archive_name(c));
+        o.staging_dir = Some(plan.output.clone());
+        async move { checkpoint::setup(c, &o).await }
+    });
+    futures_util::future::try_join_all(setups).await
 }
 
 fn archive_name(c: &Container) -> String {

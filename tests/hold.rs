@@ -1,0 +1,90 @@
+//! Pages held in memory while the container is frozen (README, "Pages held
+//! during the pause"): by default, within one budget that every checkpoint in
+//! flight shares, with what does not fit written through.
+
+mod common;
+
+use std::path::Path;
+
+use common::cri::{Client, Env};
+use common::scrape::{free_port, get, value};
+use k8s_cri::v1 as cri;
+
+async fn checkpoint(mut c: Client, id: &str, location: &Path) -> Result<(), tonic::Status> {
+    c.checkpoint_container(cri::CheckpointContainerRequest {
+        container_id: id.into(),
+        location: location.to_string_lossy().into_owned(),
+        timeout: 0,
+    })
+    .await
+    .map(drop)
+}
+
+/// The shim's resident memory, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    kib << 10
+}
+
+/// The size of the archive's first pages image.
+fn pages_len(archive: &Path) -> u64 {
+    let mut ar = tar::Archive::new(std::fs::File::open(archive).unwrap());
+    ar.entries()
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.path().unwrap().to_string_lossy().starts_with("checkpoint/pages-"))
+        .map(|e| e.size())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Two 64 MiB containers checkpointed at once under a 100 MiB ceiling: both
+/// succeed with complete archives, together they hold no more than the
+/// ceiling (so one of them writes part of its pages through), the budget is
+/// all given back, and the shim's memory returns to what it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_checkpoints_share_one_budget() {
+    const CEILING: f64 = (100 << 20) as f64;
+    let port = free_port();
+    let toml = format!("metrics_listen = \"127.0.0.1:{port}\"\nhold_ceiling_mib = 100\n");
+    let mut env = Env::start_configured(&toml);
+    let mut c = env.client().await;
+    let pod = env.run_pod(&mut c, "hold-share", true).await;
+    let a = env.counter(&mut c, &pod, "a", 64, true).await;
+    let b = env.counter(&mut c, &pod, "b", 64, true).await;
+    let (_, before) = get(port, "/metrics");
+    let idle = rss(env.shim_pid());
+
+    let out = common::out_dir();
+    let (pa, pb) = (out.path().join("a.tar"), out.path().join("b.tar"));
+    let (ra, rb) = tokio::join!(
+        checkpoint(env.client().await, &a, &pa),
+        checkpoint(env.client().await, &b, &pb)
+    );
+    ra.unwrap();
+    rb.unwrap();
+
+    let (_, after) = get(port, "/metrics");
+    let delta = |s: &str| value(&after, s) - value(&before, s);
+    let held = delta("ckpt_shim_checkpoint_held_bytes_total");
+    let through = delta("ckpt_shim_checkpoint_frozen_written_bytes_total");
+    assert!(held > (32 << 20) as f64 && held <= CEILING, "held {held} of a 100 MiB ceiling");
+    assert!(through > (16 << 20) as f64, "what did not fit was written through: {through}");
+    assert_eq!(value(&after, "ckpt_shim_hold_in_use_bytes"), 0.0, "{after}");
+    assert_eq!(value(&after, "ckpt_shim_hold_budget_bytes"), CEILING);
+    for (id, archive) in [(&a, &pa), (&b, &pb)] {
+        assert!(pages_len(archive) >= 64 << 20, "{id}: every touched page is in");
+        ckpt_shim::inspect::inspect(archive).unwrap();
+        env.assert_running(&mut c, id).await;
+    }
+    let now = rss(env.shim_pid());
+    assert!(now < idle + (24 << 20), "the shim holds {now} bytes, {idle} before");
+}
