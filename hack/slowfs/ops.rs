@@ -82,6 +82,27 @@ impl Filesystem for SlowFs {
         reply_entry(reply, r);
     }
 
+    /// Also how a unix socket is bound here (the shim's capture socket for
+    /// CRIU's image streamer lives in its staging dir).
+    fn mknod(
+        &self,
+        _: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = self.inodes.fd(parent).and_then(|dir| {
+            let kind = nix::sys::stat::SFlag::from_bits_truncate(mode & libc::S_IFMT);
+            let perm = Mode::from_bits_truncate(mode & 0o7777 & !umask);
+            nix::sys::stat::mknodat(&*dir, name, kind, perm, rdev.into()).map_err(errno)?;
+            self.entry(parent, name)
+        });
+        reply_entry(reply, r);
+    }
+
     fn unlink(&self, _: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         reply_empty(reply, self.remove(parent, name, UnlinkatFlags::NoRemoveDir));
     }
