@@ -1,7 +1,8 @@
 //! A checkpoint onto a deliberately slow disk (issue 21, item 4): hack/slowfs,
 //! a FUSE passthrough whose writes are throttled, with the archive, and the
-//! staging the shim keeps beside it, on its mount. First the slow disk itself:
-//! what is written comes back, writes are held to the rate, and it unmounts.
+//! staging the shim keeps beside it, on its mount, streamed and staged. First
+//! the slow disk itself: what is written comes back, writes are held to the
+//! rate, and it unmounts.
 
 mod common;
 
@@ -97,34 +98,49 @@ fn wait_only(dir: &Path, names: &[&str]) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_checkpoint_on_the_slow_disk_is_complete_and_restores() {
+/// A CRI checkpoint of a 128 MiB counter, through a shim with `toml` as its
+/// settings, onto a slow disk at 50 MB/s: the archive is complete, only it is
+/// left on the disk, the counter runs on, and the archive restores from there.
+/// Returns the shim's log.
+async fn checkpoint_on_a_slow_disk_restores(toml: &str) -> String {
     let out = out_dir();
     let slow = SlowFs::mount(out.path(), 50.0);
-    let mut env = Env::start();
+    let mut env = Env::start_configured(toml);
     let mut c = env.client().await;
     let pod = env.run_pod(&mut c, "slow", false).await;
     let id = env.counter(&mut c, &pod, "counter", 128, true).await;
     let archive = slow.mnt.join("checkpoint-slow.tar");
     let counts = checkpoint_to(&env, &mut c, &id, &archive).await;
 
-    // Complete: every page the counter touched is in it, and it is the file
-    // on the backing disk, with nothing else left there.
     let pages = page_bytes(&archive);
     assert!(pages >= 128 * MIB as u64, "{pages} bytes of pages");
-    // Streamed as on any disk: CRIU's capture socket could be bound in the
-    // staging dir on the mount (a FUSE mknod), so no fallback to staging.
-    let log = env.shim_log();
-    assert!(log.contains("streamed=true"), "{log}");
     wait_only(&slow.backing, &["checkpoint-slow.tar"]);
     env.assert_running(&mut c, &id).await;
 
-    // It restores, from the slow disk, and goes on counting.
     let image = archive.to_string_lossy().into_owned();
     let from = restore_from(&mut env, &mut c, "slow-restored", &image, counts).await;
     assert_eq!(from, image);
+    let log = env.shim_log();
     drop(c);
     drop(env);
     wait_only(&slow.backing, &["checkpoint-slow.tar"]);
     slow.stop();
+    log
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_checkpoint_streamed_to_the_slow_disk_is_complete_and_restores() {
+    let log = checkpoint_on_a_slow_disk_restores("").await;
+    // Streamed as on any disk: CRIU's capture socket could be bound in the
+    // staging dir on the mount (a FUSE mknod), so no fallback to staging.
+    assert!(log.contains("streamed=true"), "{log}");
+}
+
+/// Staged, the archive is built from files in staging on the same FUSE mount
+/// (copy_file_range inside it; no FALLOC_FL_INSERT_RANGE through FUSE, so no
+/// adoption).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_checkpoint_staged_on_the_slow_disk_is_complete_and_restores() {
+    let log = checkpoint_on_a_slow_disk_restores("stream = false\n").await;
+    assert!(log.contains("streamed=false"), "{log}");
 }
