@@ -69,6 +69,77 @@ fn a_mount_left_by_a_killed_slowfs_is_detached_by_the_next_one() {
     fs.stop();
 }
 
+fn io_errno<T>(r: std::io::Result<T>) -> Option<i32> {
+    r.err().and_then(|e| e.raw_os_error())
+}
+
+/// What the shim's archive writer does (src/archive.rs, src/fcopy.rs), on the
+/// slow disk: and the two things FUSE refuses, for which the shim falls back.
+#[test]
+fn the_slow_disk_does_what_the_archive_writer_does() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+    use std::ptr::null_mut;
+    common::require(&[]);
+    let out = out_dir();
+    let fs = SlowFs::mount(out.path(), 50.0);
+    let (tmp, target) = (fs.mnt.join(".a.tmp"), fs.mnt.join("a.tar"));
+    let open = |p: &Path, flags: i32| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(flags | libc::O_NOFOLLOW)
+            .mode(0o600)
+            .open(p)
+    };
+    let f = open(&tmp, libc::O_CREAT | libc::O_EXCL).unwrap();
+    assert_eq!(io_errno(open(&tmp, libc::O_CREAT | libc::O_EXCL)), Some(libc::EEXIST));
+    assert_eq!(f.metadata().unwrap().permissions().mode() & 0o777, 0o600);
+    // A pipe spliced in, then a copy_file_range inside the mount.
+    let (r, w) = nix::unistd::pipe().unwrap();
+    nix::unistd::write(&w, &[7u8; 4096]).unwrap();
+    let (mut at, mut at2) = (0i64, 0i64);
+    // SAFETY: open fds and local offsets.
+    let n = unsafe { libc::splice(r.as_raw_fd(), null_mut(), f.as_raw_fd(), &mut at, 4096, 0) };
+    assert_eq!(n, 4096, "splice: {}", std::io::Error::last_os_error());
+    let g = open(&fs.mnt.join("copy"), libc::O_CREAT | libc::O_EXCL).unwrap();
+    at = 0;
+    // SAFETY: as above.
+    let n = unsafe { libc::copy_file_range(f.as_raw_fd(), &mut at, g.as_raw_fd(), &mut at2, 4096, 0) };
+    assert_eq!(n, 4096, "copy_file_range: {}", std::io::Error::last_os_error());
+    f.sync_data().unwrap();
+    // Reopened as adoption does, and refused an inserted range: FUSE passes
+    // only keep-size, punch-hole and zero-range fallocate modes.
+    let again = open(&tmp, 0).unwrap();
+    let insert = nix::fcntl::fallocate(&again, nix::fcntl::FallocateFlags::FALLOC_FL_INSERT_RANGE, 0, 4096);
+    assert_eq!(insert, Err(nix::errno::Errno::EOPNOTSUPP));
+    // Renamed into place, never over an existing file.
+    let dir = std::fs::File::open(&fs.mnt).unwrap();
+    let noreplace = nix::fcntl::RenameFlags::RENAME_NOREPLACE;
+    nix::fcntl::renameat2(&dir, ".a.tmp", &dir, "a.tar", noreplace).unwrap();
+    let over = nix::fcntl::renameat2(&dir, "copy", &dir, "a.tar", noreplace);
+    assert_eq!(over, Err(nix::errno::Errno::EEXIST));
+    nix::unistd::fsync(&dir).unwrap();
+    let mut buf = [0u8; 4096];
+    g.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!((std::fs::read(&target).unwrap(), buf), (vec![7u8; 4096], [7u8; 4096]));
+    // A unix socket bound and reached in a directory on the mount (CRIU's
+    // image streamer connects to the shim's so).
+    std::fs::create_dir(fs.mnt.join("staging")).unwrap();
+    let sock = fs.mnt.join("staging/s.sock");
+    let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    l.accept().unwrap();
+    // No O_TMPFILE here (the shim names its temp files instead).
+    let t = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .open(&fs.mnt);
+    assert_eq!(io_errno(t), Some(libc::EOPNOTSUPP));
+    drop((f, g, again, dir, l));
+    fs.stop();
+}
+
 /// The archive's page data, in bytes.
 fn page_bytes(archive: &Path) -> u64 {
     let mut ar = tar::Archive::new(std::fs::File::open(archive).unwrap());

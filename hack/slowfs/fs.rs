@@ -120,7 +120,8 @@ impl SlowFs {
     ) -> Result<(FileAttr, u64), Errno> {
         let dir = self.inodes.fd(parent)?;
         let flags = OFlag::from_bits_truncate(
-            (flags | libc::O_CREAT | libc::O_CLOEXEC) & !(libc::O_APPEND | libc::O_NOCTTY),
+            (flags | libc::O_CREAT | libc::O_CLOEXEC)
+                & !(libc::O_APPEND | libc::O_NOCTTY | libc::O_DIRECT),
         );
         let fd =
             nix::fcntl::openat(&*dir, name, flags, Mode::from_bits_truncate(mode)).map_err(errno)?;

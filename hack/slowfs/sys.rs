@@ -54,10 +54,19 @@ pub fn reopen(fd: &impl AsRawFd, flags: i32) -> Result<File, Errno> {
     Ok(File::from(fd))
 }
 
-/// What the kernel may keep of a client's open flags: creation and
-/// truncation were done already, and the kernel gives every write its offset.
+/// What a reopen through `/proc/self/fd` keeps of a client's open flags:
+/// creation and truncation were done already; the kernel gives every write
+/// its offset (no O_APPEND) and does O_DIRECT on its side (our buffers are
+/// not aligned for it); O_NOFOLLOW would refuse the magic link itself.
 pub fn open_flags(flags: i32) -> i32 {
-    flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC | libc::O_APPEND)
+    flags
+        & !(libc::O_CREAT
+            | libc::O_EXCL
+            | libc::O_NOCTTY
+            | libc::O_TRUNC
+            | libc::O_APPEND
+            | libc::O_DIRECT
+            | libc::O_NOFOLLOW)
 }
 
 pub fn attr(ino: u64, st: &FileStat) -> FileAttr {

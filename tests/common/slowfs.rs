@@ -64,8 +64,9 @@ impl SlowFs {
         fs
     }
 
-    /// Starts slowfs on the mount point, and waits for the mount (a live one:
-    /// a stale mount there answers ENOTCONN until slowfs detaches it).
+    /// Starts slowfs on the mount point, and waits for the mount: a live one.
+    /// A stale mount there answers ENOTCONN until slowfs detaches it, so once
+    /// the mount point answers, a mount seen after that is the new one.
     pub fn start(&mut self, rate_mb: f64) {
         let child = Command::new(binary())
             .args(["--rate-mb", &rate_mb.to_string()])
@@ -76,7 +77,7 @@ impl SlowFs {
             .unwrap();
         self.child = Some(child);
         let t = Instant::now();
-        while !(mounted(&self.mnt) && std::fs::metadata(&self.mnt).is_ok()) {
+        while !(std::fs::metadata(&self.mnt).is_ok() && mounted(&self.mnt)) {
             let c = self.child.as_mut().unwrap();
             assert!(c.try_wait().unwrap().is_none(), "slowfs exited");
             assert!(t.elapsed() < Duration::from_secs(20), "slowfs did not mount");
