@@ -15,9 +15,10 @@ each round runs, in an order that rotates from round to round:
   A-hold ckpt-shim checkpoint (CLI) holding the pages in memory during the pause
   A-enc, A-enc-hold  the CLI, no fsync, encrypted to an age key (hack/bench's own,
          made with age-keygen), without and with the pages held
-  A-slow, A-nf-slow  A and A-nf with the archive (and the staging beside it) on a
-         deliberately slow disk: hack/slowfs, a FUSE passthrough of the same file
-         system whose writes are throttled to --slow-mb MB/s (reads are not)
+  A-slow, A-nf-slow, A-hold-slow  A, A-nf and A-hold with the archive (and the
+         staging beside it) on a deliberately slow disk: hack/slowfs, a FUSE
+         passthrough of the same file system whose writes are throttled to
+         --slow-mb MB/s (reads are not)
 Every run also measures the pause as the application sees it: a probe inside the
 container (hack/workloads/pauseprobe.c) spins on CLOCK_MONOTONIC across the
 checkpoint and reports its longest gap, beside the tool's own frozen figure.
@@ -368,6 +369,7 @@ class Bench:
                 ("A-nf", lambda: p("runc", mib, lambda: self.run_A_cli(mib, False)), False),
                 ("A-slow", lambda: p("cri", mib, lambda: self.run_A(mib, base=f"{self.slow}/out")), False),
                 ("A-nf-slow", lambda: p("runc", mib, lambda: self.run_A_cli(mib, False, base=f"{self.slow}/out")), False),
+                ("A-hold-slow", lambda: p("runc", mib, lambda: self.run_A_cli(mib, False, base=f"{self.slow}/out", hold=4096)), False),
                 ("A-hold", lambda: p("runc", mib, lambda: self.run_A_cli(mib, False, hold=4096)), False),
                 ("A-enc", lambda: p("runc", mib, lambda: self.run_A_cli(mib, False, encrypt=True)), False),
                 ("A-enc-hold", lambda: p("runc", mib, lambda: self.run_A_cli(mib, False, hold=4096, encrypt=True)), False),
@@ -411,7 +413,7 @@ class Bench:
         fmt = lambda m: "-" if not m else f"{m[0]:.3f} ({m[1]:.3f}–{m[2]:.3f})"
         fz = lambda m: "-" if not m else f"{m[0]:.0f}"
         lines = ["| MiB | variant | wall s, median (min–max) | durable s (with sync) | pause ms, probe median (min–max) | tool's frozen ms | CRIU frozen ms | output bytes |", "|---|---|---|---|---|---|---|---|"]
-        names = {"A": "A shim via CRI, no fsync", "A-d": "A shim via CRI (fdatasync)", "A-cli": "A shim CLI (fdatasync)", "A-nf": "A shim CLI, no fsync", "A-slow": f"A shim via CRI, no fsync, on slowfs at {self.slow_mb:g} MB/s", "A-nf-slow": f"A shim CLI, no fsync, on slowfs at {self.slow_mb:g} MB/s", "A-hold": "A shim CLI, pages held, no fsync", "A-enc": "A shim CLI, encrypted, no fsync", "A-enc-hold": "A shim CLI, encrypted, pages held, no fsync", "A-stg": "A shim CLI staged (fdatasync)", "A-stg-nf": "A shim CLI staged, no fsync", "B": "B raw criu dump", "C": "C runc checkpoint + tar", "D": "D podman --export"}
+        names = {"A": "A shim via CRI, no fsync", "A-d": "A shim via CRI (fdatasync)", "A-cli": "A shim CLI (fdatasync)", "A-nf": "A shim CLI, no fsync", "A-slow": f"A shim via CRI, no fsync, on slowfs at {self.slow_mb:g} MB/s", "A-nf-slow": f"A shim CLI, no fsync, on slowfs at {self.slow_mb:g} MB/s", "A-hold-slow": f"A shim CLI, pages held, no fsync, on slowfs at {self.slow_mb:g} MB/s", "A-hold": "A shim CLI, pages held, no fsync", "A-enc": "A shim CLI, encrypted, no fsync", "A-enc-hold": "A shim CLI, encrypted, pages held, no fsync", "A-stg": "A shim CLI staged (fdatasync)", "A-stg-nf": "A shim CLI staged, no fsync", "B": "B raw criu dump", "C": "C runc checkpoint + tar", "D": "D podman --export"}
         fp = lambda m: "-" if not m else f"{m[0]:.0f} ({m[1]:.0f}–{m[2]:.0f})"
         for mib in self.sizes:
             for v, label in names.items():
@@ -432,10 +434,11 @@ class Bench:
             x = self.results.get((mib, "A-xfs"), [{}])[0]
             xfs = f"{x['archive_wrote'] / x['bytes'] * 100:.2f}%" if x.get("bytes") else "-"
             lines.append(f"| {mib or 'tiny'} | {m('A') / m('B'):.2f} | {m('A-nf') / m('B'):.2f} | {m('A-stg-nf') / m('B'):.2f} | {m('C') / m('A'):.2f} | {m('D') / m('A'):.2f} | {m('A-nf', 'frozen') - m('B', 'frozen'):+.0f} | {m('C', 'durable') / m('A-d'):.2f} | {m('D', 'durable') / m('A-d'):.2f} | {m('A-cli') / m('B', 'durable'):.2f} | {xfs} |")
-        lines += ["", "| MiB | slow disk / normal disk: pause A-slow / A (CRI) | A-nf-slow / A-nf (CLI) | wall A-slow / A | A-nf-slow / A-nf |", "|---|---|---|---|---|"]
+        lines += ["", "| MiB | slow disk / normal disk: pause A-slow / A (CRI) | A-nf-slow / A-nf (CLI) | A-hold-slow / A-hold | wall A-slow / A | A-nf-slow / A-nf | A-hold-slow / A-hold |", "|---|---|---|---|---|---|---|"]
         for mib in self.sizes:
             m = lambda v, k="wall": (self.med(mib, v, k) or [float("nan")])[0] or float("nan")
-            lines.append(f"| {mib or 'tiny'} | {m('A-slow', 'pause') / m('A', 'pause'):.2f} | {m('A-nf-slow', 'pause') / m('A-nf', 'pause'):.2f} | {m('A-slow') / m('A'):.2f} | {m('A-nf-slow') / m('A-nf'):.2f} |")
+            r = lambda a, b, k="wall": f"{m(a, k) / m(b, k):.2f}"
+            lines.append(f"| {mib or 'tiny'} | {r('A-slow', 'A', 'pause')} | {r('A-nf-slow', 'A-nf', 'pause')} | {r('A-hold-slow', 'A-hold', 'pause')} | {r('A-slow', 'A')} | {r('A-nf-slow', 'A-nf')} | {r('A-hold-slow', 'A-hold')} |")
         lines += ["", f"shim (`ckpt-shim serve`) peak RSS over the whole run: {self.rss} MiB"]
         return "\n".join(lines)
 
