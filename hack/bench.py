@@ -15,6 +15,10 @@ each round runs, in an order that rotates from round to round:
   A-hold ckpt-shim checkpoint (CLI) holding the pages in memory during the pause
   A-enc, A-enc-hold  the CLI, no fsync, encrypted to an age key (hack/bench's own,
          made with age-keygen), without and with the pages held
+  A-slow, A-nf-slow, A-hold-slow  A, A-nf and A-hold with the archive (and the
+         staging beside it) on a deliberately slow disk: hack/slowfs, a FUSE
+         passthrough of the same file system whose writes are throttled to
+         --slow-mb MB/s (reads are not)
 Every run also measures the pause as the application sees it: a probe inside the
 container (hack/workloads/pauseprobe.c) spins on CLOCK_MONOTONIC across the
 checkpoint and reports its longest gap, beside the tool's own frozen figure.
@@ -39,6 +43,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIM = os.path.join(ROOT, "target/release/ckpt-shim")
 CRICTL = os.path.join(ROOT, "target/release/examples/cri-ctl")
+SLOWFS = os.path.join(ROOT, "target/release/examples/slowfs")
 
 
 def sh(cmd, check=True, **kw):
@@ -102,8 +107,9 @@ def read(path):
 
 
 class Bench:
-    def __init__(self, work, sizes, rounds, only=None):
+    def __init__(self, work, sizes, rounds, only=None, slow_mb=50):
         self.w, self.sizes, self.rounds, self.only = work, sizes, rounds, only
+        self.slow_mb, self.slowfs = slow_mb, None
         self.results = {}  # (size, variant) -> list of dicts
         self.n = 0
         self.podman = ["podman", "--root", f"{work}/podman/root", "--runroot", f"{work}/podman/run",
@@ -138,11 +144,32 @@ class Bench:
                 break
             time.sleep(0.05)
         sh(self.podman + ["load", "-q", "-i", f"{self.w}/images/counter-oci.tar"])
+        if not self.only or any(v.endswith("-slow") for v in self.only):
+            self.mount_slowfs()
         sh(["age-keygen", "-o", f"{self.w}/bench.key"])
         self.recipient = re.search(r"public key: (age1\w+)", open(f"{self.w}/bench.key").read()).group(1)
 
+    def mount_slowfs(self):
+        """The slow disk: {w}/slow-backing through hack/slowfs on {w}/slow."""
+        self.slow = f"{self.w}/slow"
+        try:
+            os.stat(self.slow)
+        except OSError:  # ENOTCONN: a killed slowfs's mount, left by an earlier run
+            sh(["umount", "-l", self.slow], check=False)
+        for d in (f"{self.w}/slow-backing", self.slow):
+            os.makedirs(d, exist_ok=True)
+        self.slowfs = subprocess.Popen([SLOWFS, "--rate-mb", str(self.slow_mb), f"{self.w}/slow-backing", self.slow],
+                                       stdout=subprocess.DEVNULL, stderr=open(f"{self.w}/slowfs.log", "w"))
+        for _ in range(400):
+            if os.path.ismount(self.slow):
+                break
+            time.sleep(0.05)
+        else:
+            raise RuntimeError(f"slowfs did not mount: {open(f'{self.w}/slowfs.log').read()}")
+        os.makedirs(f"{self.slow}/out", mode=0o700, exist_ok=True)
+
     def teardown(self):
-        for p in (self.shim, self.shim_d):
+        for p in (self.shim, self.shim_d, self.slowfs):
             if p:
                 p.terminate()
                 p.wait()
@@ -150,7 +177,7 @@ class Bench:
         for s in self.sizes:
             sh(f"runc --root {self.w}/runc-state kill runc-{s} KILL; sleep 0.3; runc --root {self.w}/runc-state delete -f runc-{s}", check=False)
         sh(["bash", f"{ROOT}/hack/containerd.sh", "stop", f"{self.w}/ctrd"], check=False)
-        sh(f"umount -l {self.w}/runc-*/rootfs {self.w}/xfs 2>/dev/null; find /sys/fs/cgroup/*/ckpt-shim-bench -depth -type d -exec rmdir {{}} \\; 2>/dev/null", check=False)
+        sh(f"umount -l {self.w}/runc-*/rootfs {self.w}/xfs {self.w}/slow 2>/dev/null; find /sys/fs/cgroup/*/ckpt-shim-bench -depth -type d -exec rmdir {{}} \\; 2>/dev/null", check=False)
         shutil.rmtree(self.w, ignore_errors=True)
 
     def start_containers(self, mib):
@@ -246,8 +273,8 @@ class Bench:
         r["pause"] = verdict()
         return r
 
-    def run_A(self, mib, durable=False):
-        d = self.fresh()
+    def run_A(self, mib, durable=False, base=None):
+        d = self.fresh(base)
         sock = self.sock_d if durable else self.sock
         log = f"{self.w}/shim{'-d' if durable else ''}.log"
         wall, _ = self.timed(lambda: sh([CRICTL, sock, "checkpoint", self.cri_id, f"{d}/a.tar", "600"]))
@@ -340,6 +367,9 @@ class Bench:
                 ("A-d", lambda: p("cri", mib, lambda: self.run_A(mib, durable=True)), False),
                 ("A-cli", lambda: p("runc", mib, lambda: self.run_A_cli(mib, True)), False),
                 ("A-nf", lambda: p("runc", mib, lambda: self.run_A_cli(mib, False)), False),
+                ("A-slow", lambda: p("cri", mib, lambda: self.run_A(mib, base=f"{self.slow}/out")), False),
+                ("A-nf-slow", lambda: p("runc", mib, lambda: self.run_A_cli(mib, False, base=f"{self.slow}/out")), False),
+                ("A-hold-slow", lambda: p("runc", mib, lambda: self.run_A_cli(mib, False, base=f"{self.slow}/out", hold=4096)), False),
                 ("A-hold", lambda: p("runc", mib, lambda: self.run_A_cli(mib, False, hold=4096)), False),
                 ("A-enc", lambda: p("runc", mib, lambda: self.run_A_cli(mib, False, encrypt=True)), False),
                 ("A-enc-hold", lambda: p("runc", mib, lambda: self.run_A_cli(mib, False, hold=4096, encrypt=True)), False),
@@ -383,7 +413,7 @@ class Bench:
         fmt = lambda m: "-" if not m else f"{m[0]:.3f} ({m[1]:.3f}–{m[2]:.3f})"
         fz = lambda m: "-" if not m else f"{m[0]:.0f}"
         lines = ["| MiB | variant | wall s, median (min–max) | durable s (with sync) | pause ms, probe median (min–max) | tool's frozen ms | CRIU frozen ms | output bytes |", "|---|---|---|---|---|---|---|---|"]
-        names = {"A": "A shim via CRI, no fsync", "A-d": "A shim via CRI (fdatasync)", "A-cli": "A shim CLI (fdatasync)", "A-nf": "A shim CLI, no fsync", "A-hold": "A shim CLI, pages held, no fsync", "A-enc": "A shim CLI, encrypted, no fsync", "A-enc-hold": "A shim CLI, encrypted, pages held, no fsync", "A-stg": "A shim CLI staged (fdatasync)", "A-stg-nf": "A shim CLI staged, no fsync", "B": "B raw criu dump", "C": "C runc checkpoint + tar", "D": "D podman --export"}
+        names = {"A": "A shim via CRI, no fsync", "A-d": "A shim via CRI (fdatasync)", "A-cli": "A shim CLI (fdatasync)", "A-nf": "A shim CLI, no fsync", "A-slow": f"A shim via CRI, no fsync, on slowfs at {self.slow_mb:g} MB/s", "A-nf-slow": f"A shim CLI, no fsync, on slowfs at {self.slow_mb:g} MB/s", "A-hold-slow": f"A shim CLI, pages held, no fsync, on slowfs at {self.slow_mb:g} MB/s", "A-hold": "A shim CLI, pages held, no fsync", "A-enc": "A shim CLI, encrypted, no fsync", "A-enc-hold": "A shim CLI, encrypted, pages held, no fsync", "A-stg": "A shim CLI staged (fdatasync)", "A-stg-nf": "A shim CLI staged, no fsync", "B": "B raw criu dump", "C": "C runc checkpoint + tar", "D": "D podman --export"}
         fp = lambda m: "-" if not m else f"{m[0]:.0f} ({m[1]:.0f}–{m[2]:.0f})"
         for mib in self.sizes:
             for v, label in names.items():
@@ -404,6 +434,11 @@ class Bench:
             x = self.results.get((mib, "A-xfs"), [{}])[0]
             xfs = f"{x['archive_wrote'] / x['bytes'] * 100:.2f}%" if x.get("bytes") else "-"
             lines.append(f"| {mib or 'tiny'} | {m('A') / m('B'):.2f} | {m('A-nf') / m('B'):.2f} | {m('A-stg-nf') / m('B'):.2f} | {m('C') / m('A'):.2f} | {m('D') / m('A'):.2f} | {m('A-nf', 'frozen') - m('B', 'frozen'):+.0f} | {m('C', 'durable') / m('A-d'):.2f} | {m('D', 'durable') / m('A-d'):.2f} | {m('A-cli') / m('B', 'durable'):.2f} | {xfs} |")
+        lines += ["", "| MiB | slow disk / normal disk: pause A-slow / A (CRI) | A-nf-slow / A-nf (CLI) | A-hold-slow / A-hold | wall A-slow / A | A-nf-slow / A-nf | A-hold-slow / A-hold |", "|---|---|---|---|---|---|---|"]
+        for mib in self.sizes:
+            m = lambda v, k="wall": (self.med(mib, v, k) or [float("nan")])[0] or float("nan")
+            r = lambda a, b, k="wall": f"{m(a, k) / m(b, k):.2f}"
+            lines.append(f"| {mib or 'tiny'} | {r('A-slow', 'A', 'pause')} | {r('A-nf-slow', 'A-nf', 'pause')} | {r('A-hold-slow', 'A-hold', 'pause')} | {r('A-slow', 'A')} | {r('A-nf-slow', 'A-nf')} | {r('A-hold-slow', 'A-hold')} |")
         lines += ["", f"shim (`ckpt-shim serve`) peak RSS over the whole run: {self.rss} MiB"]
         return "\n".join(lines)
 
@@ -415,8 +450,9 @@ def main():
     ap.add_argument("--work", default="/var/tmp/ckpt-shim-bench")
     ap.add_argument("--out", help="also write the tables here")
     ap.add_argument("--only", help="run just these variants, comma-separated (e.g. A-st,B)")
+    ap.add_argument("--slow-mb", type=float, default=50, help="write rate of the slow disk (A-slow, A-nf-slow), MB/s")
     a = ap.parse_args()
-    b = Bench(a.work, [int(s) for s in a.sizes.split(",")], a.rounds, a.only.split(",") if a.only else None)
+    b = Bench(a.work, [int(s) for s in a.sizes.split(",")], a.rounds, a.only.split(",") if a.only else None, a.slow_mb)
     try:
         b.setup()
         b.run()

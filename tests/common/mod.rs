@@ -405,6 +405,7 @@ pub mod raw;
 pub mod registry;
 pub mod restore;
 pub mod scrape;
+pub mod slowfs;
 
 /// stdin, stdout and stderr for a restored process: /dev/null and a pipe drained
 /// by a thread for as long as the process lives.
