@@ -153,6 +153,9 @@ pub async fn checkpoint_tracked(
 struct Stage {
     dir: tempfile::TempDir,
     note: Option<freeze::JournalEntry>,
+    /// CRIU's log in memory while pages are held: CRIU writes it line by line
+    /// while the container is frozen, and on a slow disk each line waits.
+    log: Option<File>,
 }
 
 impl Stage {
@@ -169,16 +172,38 @@ impl Stage {
             .mode(0o700)
             .create(dir.path().join("checkpoint"))
             .ctx(|| "create images dir".into())?;
-        Ok(Stage { dir, note })
+        Ok(Stage {
+            dir,
+            note,
+            log: None,
+        })
     }
 
     fn path(&self) -> &Path {
         self.dir.path()
     }
 
+    /// Where CRIU's log goes (in memory once [`Stage::log_in_memory`]), as
+    /// CRIU opens it and as we read it.
+    fn log(&self) -> (PathBuf, PathBuf) {
+        use std::os::fd::AsRawFd;
+        match &self.log {
+            Some(f) => (
+                format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd()).into(),
+                format!("/proc/self/fd/{}", f.as_raw_fd()).into(),
+            ),
+            None => (DUMP_LOG.into(), self.path().join(DUMP_LOG)),
+        }
+    }
+
+    fn log_in_memory(&mut self) -> Result<()> {
+        self.log = Some(memfd()?);
+        Ok(())
+    }
+
     /// Deleting GiBs of images costs real time: done off the request path.
     fn remove_in_background(self) -> Cleanup {
-        let Stage { dir, note } = self;
+        let Stage { dir, note, .. } = self;
         let staged = dir.keep();
         Cleanup(Some(std::thread::spawn(move || {
             if let Err(e) = std::fs::remove_dir_all(&staged) {
@@ -371,7 +396,12 @@ fn setup_blocking(c: &Container, opts: &Options) -> Result<Setup> {
         opts.freeze_journal.as_deref(),
     )?;
     let streamed = matches!(sink, Sink::Streamed { .. });
-    let p = prepare(c, &stage, deadline, &opts.settings)?;
+    let mut stage = stage;
+    if sink.holds() {
+        stage.log_in_memory()?;
+    }
+    let mut p = prepare(c, &stage, deadline, &opts.settings)?;
+    p.criu_opts.log_file = Some(stage.log().0.to_string_lossy().into_owned());
     let mut ph = Phases {
         at,
         list: Vec::new(),
@@ -462,7 +492,7 @@ impl Captured {
         } = w;
         // The container runs again: what was held is written while the diff ends.
         d.dumped.thaw();
-        let (tail, diff_counts, stats) = collect_rest(&c, d.diff_task, stage.path()).await?;
+        let (tail, diff_counts, stats) = collect_rest(&c, d.diff_task, &stage).await?;
         ph.mark("rootfs-diff");
         expire_check(deadline, cancelled, "rootfs diff")?;
 
@@ -549,8 +579,9 @@ async fn dump_frozen(
 async fn collect_rest(
     c: &Container,
     diff_task: Option<DiffTask>,
-    staging: &Path,
+    stage: &Stage,
 ) -> Result<(Vec<Member>, (u64, usize), Option<DumpStatsEntry>)> {
+    let staging = stage.path();
     let diff = match diff_task {
         Some(t) => Some(
             t.await
@@ -564,7 +595,7 @@ async fn collect_rest(
     let counts = diff
         .as_ref()
         .map_or((0, 0), |d| (d.diff.entries, d.diff.deleted.len()));
-    Ok((tail_members(c, staging, diff), counts, stats))
+    Ok((tail_members(c, (staging, &stage.log().1), diff), counts, stats))
 }
 
 /// CRIU reports a full disk only in its log, which cannot be written then either:
@@ -601,7 +632,7 @@ fn head_members(c: &Container, checkpointed: &str, sealed: bool) -> Vec<Member> 
 
 /// The members after CRIU's images: CRIU's statistics (written to its work
 /// dir even when streaming), the rootfs diff, the bind mounts, the log.
-fn tail_members(c: &Container, staging: &Path, diff: Option<Diffed>) -> Vec<Member> {
+fn tail_members(c: &Container, (staging, log): (&Path, &Path), diff: Option<Diffed>) -> Vec<Member> {
     let mut members = Vec::new();
     let stats = staging.join("stats-dump");
     if stats.exists() {
@@ -625,16 +656,14 @@ fn tail_members(c: &Container, staging: &Path, diff: Option<Diffed>) -> Vec<Memb
     if let Some(b) = collect::bind_mounts(&c.spec) {
         members.push(Member::Bytes("bind.mounts".into(), b));
     }
-    if staging.join("dump.log").exists() {
-        members.push(Member::SecretFile(
-            "dump.log".into(),
-            staging.join("dump.log"),
-        ));
+    if log.exists() {
+        members.push(Member::SecretFile(DUMP_LOG.into(), log.to_path_buf()));
     }
     members
 }
 
 const ROOTFS_DIFF: &str = "rootfs-diff.tar";
+const DUMP_LOG: &str = "dump.log";
 
 /// Fails once the deadline has passed or the caller has gone.
 fn expire_check(deadline: Instant, cancelled: &Cancelled, phase: &'static str) -> Result<()> {
