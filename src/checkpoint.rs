@@ -397,7 +397,8 @@ fn setup_blocking(c: &Container, opts: &Options) -> Result<Setup> {
     )?;
     let streamed = matches!(sink, Sink::Streamed { .. });
     let mut stage = stage;
-    if sink.holds() {
+    // Over RPC (staged), CRIU refuses a log path with a '/' in it.
+    if sink.holds() && streamed {
         stage.log_in_memory()?;
     }
     let mut p = prepare(c, &stage, deadline, &opts.settings)?;
