@@ -60,7 +60,7 @@ impl HeldDir {
             return Ok(None);
         }
         let room = nix::sys::statvfs::statvfs(HELD_STAGING)
-            .map(|v| v.blocks_available() as u64 * v.fragment_size() as u64)
+            .map(|v| v.blocks_available() * v.fragment_size())
             .unwrap_or(0);
         if room < memory.bytes {
             return Ok(None);
