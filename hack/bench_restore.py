@@ -38,7 +38,8 @@ from bench import CRICTL, SHIM, Bench, read, sh  # noqa: E402
 
 
 def text(path):
-    return (read(path) or b"").decode(errors="replace")
+    """A log's text, without the colours a tracing log may carry."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", (read(path) or b"").decode(errors="replace"))
 
 
 def detached(cmd, stdout=None):
@@ -68,16 +69,55 @@ class RestoreBench(Bench):
         super().teardown()
 
     def prepare(self, mib):
-        """Checkpoints of each kind, taken once per size."""
+        """Checkpoints of the kinds the variants run restore, taken once per size."""
         os.makedirs(f"{self.w}/ck-{mib}", mode=0o700, exist_ok=True)
         ck = f"{self.w}/ck-{mib}"
+        want = lambda v: not self.only or v in self.only
         sh([CRICTL, self.sock, "checkpoint", self.cri_id, f"{ck}/cri.tar", "600"])
-        sh([SHIM, "image", f"{ck}/cri.tar", f"ckpt-bench-{mib}:1", "--import", f"{self.w}/ctrd/containerd.sock"])
-        sh(["runc", "--root", f"{self.w}/runc-state", "checkpoint", "--leave-running", "--image-path", f"{ck}/runc-img",
-            "--work-path", f"{ck}/runc-work", f"runc-{mib}"])
-        sh([SHIM, "checkpoint", "--runtime-root", f"{self.w}/runc-state", f"runc-{mib}", "--output", f"{ck}/shim.tar"])
-        sh(self.podman + ["container", "checkpoint", "--leave-running", "--compress", "none", f"--export={ck}/podman.tar", f"pm-{mib}"])
+        if want("IMG"):
+            sh([SHIM, "image", f"{ck}/cri.tar", f"ckpt-bench-{mib}:1", "--import", f"{self.w}/ctrd/containerd.sock"])
+        if want("R"):
+            sh(["runc", "--root", f"{self.w}/runc-state", "checkpoint", "--leave-running", "--image-path", f"{ck}/runc-img",
+                "--work-path", f"{ck}/runc-work", f"runc-{mib}"])
+        if want("S"):
+            sh([SHIM, "checkpoint", "--runtime-root", f"{self.w}/runc-state", f"runc-{mib}", "--output", f"{ck}/shim.tar"])
+        if want("P"):
+            sh(self.podman + ["container", "checkpoint", "--leave-running", "--compress", "none", f"--export={ck}/podman.tar", f"pm-{mib}"])
         self.spec = f"{self.w}/runc-{mib}/config.json"
+
+    def written(self, proc):
+        """What a shim process has written (`write_bytes`: put into the page cache for the disk)."""
+        io = dict(l.split(": ") for l in open(f"/proc/{proc.pid}/io").read().splitlines())
+        return int(io["write_bytes"])
+
+    def note(self, mib, key, value):
+        self.extra.setdefault((mib, key), []).append(value)
+
+    def verify(self, cid, deadline):
+        """The restored counter hashes its memory again; a mismatch fails the benchmark."""
+        root = f"{self.w}/ctrd/state/io.containerd.runtime.v2.task/k8s.io/{cid}/rootfs"
+        open(f"{root}/tmp/verify", "w").close()
+        while time.time() < deadline and not os.path.exists(f"{root}/tmp/verified"):
+            time.sleep(0.05)
+        verdict = text(f"{root}/tmp/verified").strip()
+        if not verdict.startswith("ok"):
+            raise RuntimeError(f"restored memory differs ({cid}): {verdict!r}")
+
+    def breakdown(self, mib, v, log_path, cid):
+        """CreateContainer's share (the shim's log) and, for a served restore, the page source's
+        own times (its log), kept beside the variant's wall time."""
+        m = re.findall(r"ms=(\d+) created a container to restore", text(log_path)) or \
+            re.findall(r"created a container to restore.*?ms=(\d+)", text(log_path))
+        if m:
+            self.note(mib, f"{v}-create", int(m[-1]) / 1000)
+        ls = text(f"{self.restore_dir}/{cid}/work/lazy-serve.log")
+        m = re.search(r"page source ready after (\d+) ms, runc restore done after (\d+) ms", ls)
+        if m:
+            self.note(mib, f"{v}-ready", int(m.group(1)) / 1000)
+            self.note(mib, f"{v}-runc", int(m.group(2)) / 1000)
+        m = re.search(r"every page in after (\d+) ms", ls)
+        if m:
+            self.note(mib, f"{v}-all", int(m.group(1)) / 1000)
 
     def overlay(self, name):
         b = f"{self.w}/{name}"
@@ -86,16 +126,24 @@ class RestoreBench(Bench):
         sh(f"mount -t overlay overlay -o lowerdir={self.w}/image,upperdir={b}/upper,workdir={b}/work {b}/rootfs")
         return b
 
-    def run_CRI(self, mib, image=None, sock=None):
+    def run_CRI(self, mib, image=None, sock=None, v="CRI"):
         image = image or f"{self.w}/ck-{mib}/cri.tar"
+        shim, log = (self.shim_l, "shim-l.log") if sock == self.sock_lazy else (self.shim, "shim.log")
+        before = self.written(shim)
         pod, cid, ms = sh([CRICTL, sock or self.sock, "restore", f"r-{self.n}", image]).split()
         self.n += 1
         self.cleanups.append(lambda: sh([CRICTL, self.sock, "rm-pod", pod], check=False))
         self.last_cid = cid
+        self.breakdown(mib, v, f"{self.w}/{log}", cid)
+        if v == "CRI":
+            self.verify(cid, time.time() + 120)
+        # Pages still being pushed (lazy) are no part of the restore's own writes; the
+        # page source writes nothing but its logs.
+        self.note(mib, f"{v}-written", (self.written(shim) - before) / 2**20)
         return float(ms) / 1000
 
     def run_LAZY(self, mib):
-        wall = self.run_CRI(mib, sock=self.sock_lazy)
+        wall = self.run_CRI(mib, sock=self.sock_lazy, v="LAZY")
         cid = self.last_cid
         log = f"{self.restore_dir}/{cid}/work/lazy-serve.log"
         deadline = time.time() + 120
@@ -104,14 +152,8 @@ class RestoreBench(Bench):
         m = re.search(r"pages: (\d+) .* after (\d+) ms; daemon exit status: 0", text(log))
         if not m:
             raise RuntimeError(f"lazy restore did not serve its pages: {text(log)!r}")
-        self.extra.setdefault((mib, "LAZY-all"), []).append(int(m.group(2)) / 1000)
-        root = f"{self.w}/ctrd/state/io.containerd.runtime.v2.task/k8s.io/{cid}/rootfs"
-        open(f"{root}/tmp/verify", "w").close()
-        while time.time() < deadline and not os.path.exists(f"{root}/tmp/verified"):
-            time.sleep(0.05)
-        verdict = text(f"{root}/tmp/verified").strip()
-        if not verdict.startswith("ok"):
-            raise RuntimeError(f"lazy restore's memory differs: {verdict!r}")
+        self.note(mib, "LAZY-all", int(m.group(2)) / 1000)
+        self.verify(cid, deadline)
         return wall
 
     def run_IMG(self, mib):
@@ -177,15 +219,20 @@ class RestoreBench(Bench):
             shutil.rmtree(f"{self.w}/ck-{mib}", ignore_errors=True)
 
     def report(self):
-        labels = {"CRI": "ckpt-shim via CRI (Create+Start)", "LAZY": "ckpt-shim via CRI, lazy (Create+Start)",
-                  "LAZY-all": "… lazy: until every page was in", "IMG": "ckpt-shim via CRI, from a checkpoint image", "R": "runc restore -d", "S": "ckpt-shim restore (CLI)", "P": "podman restore --import"}
+        labels = {"CRI": "ckpt-shim via CRI (Create+Start)", "CRI-create": "… of it CreateContainer",
+                  "CRI-ready": "… page source ready, from ckpt-runc's start", "CRI-runc": "… runc restore done, from ckpt-runc's start",
+                  "CRI-all": "… every page in, from ckpt-runc's start",
+                  "CRI-written": "… MiB written by the shim", "LAZY": "ckpt-shim via CRI, lazy (Create+Start)",
+                  "LAZY-all": "… lazy: until every page was in", "LAZY-written": "… lazy: MiB written by the shim",
+                  "IMG": "ckpt-shim via CRI, from a checkpoint image", "R": "runc restore -d", "S": "ckpt-shim restore (CLI)", "P": "podman restore --import"}
         self.times.update(self.extra)
         med = lambda mib, v: statistics.median(self.times[(mib, v)]) if (mib, v) in self.times else float("nan")
         rng = lambda mib, v: f"{min(self.times[(mib, v)]):.3f}–{max(self.times[(mib, v)]):.3f}" if (mib, v) in self.times else "-"
-        lines = ["| MiB | variant | s, median (min–max) |", "|---|---|---|"]
+        lines = ["| MiB | variant | s (or MiB), median (min–max) |", "|---|---|---|"]
         for mib in self.sizes:
             for v, label in labels.items():
-                lines.append(f"| {mib} | {label} | {med(mib, v):.3f} ({rng(mib, v)}) |")
+                if (mib, v) in self.times:
+                    lines.append(f"| {mib} | {label} | {med(mib, v):.3f} ({rng(mib, v)}) |")
         lines += ["", "| MiB | CRI / runc restore | lazy / runc restore | runc restore / lazy | image / archive (CRI) | CLI / runc restore | podman / CRI |", "|---|---|---|---|---|---|---|"]
         for mib in self.sizes:
             r = lambda a, b: med(mib, a) / med(mib, b)
