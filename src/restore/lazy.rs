@@ -225,7 +225,10 @@ impl Source {
     /// From a staged lazy restore (`dir`: holding `lazy.json` and `checkpoint/`).
     pub fn open(dir: &Path) -> Result<Source> {
         let plan = Plan::read(dir)?.ok_or_else(|| {
-            Error::Other(format!("{} is not a served restore (no {PLAN})", dir.display()))
+            Error::Other(format!(
+                "{} is not a served restore (no {PLAN})",
+                dir.display()
+            ))
         })?;
         let file = regular_file(&plan.archive)?;
         // The archive may have changed since it was checked at CreateContainer.
@@ -255,6 +258,27 @@ impl Source {
 
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// Process `pid`'s pages the restore leaves to the page source, run by
+    /// run: (address, bytes, offset in the archive).
+    pub fn lazy_runs(&self, pid: u64) -> Vec<(u64, u64, u64)> {
+        let Some((pm, base)) = self.procs.get(&pid) else {
+            return Vec::new();
+        };
+        pm.runs
+            .iter()
+            .filter(|r| r.present() && r.lazy())
+            .map(|r| (r.vaddr, r.nr_pages * PAGE_SIZE, base + r.offset))
+            .collect()
+    }
+
+    /// Where in the archive each process's pages are: (offset, bytes).
+    pub fn extents(&self) -> Vec<(u64, u64)> {
+        self.procs
+            .values()
+            .map(|(pm, base)| (*base, pm.pages_bytes()))
+            .collect()
     }
 
     /// How many pages are there to serve, over all processes.

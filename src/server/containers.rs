@@ -176,7 +176,9 @@ impl Containers {
         let dest = staging.path().to_path_buf();
         let pages = self.pages(call, &ckpt, fetched.is_some());
         let extract = blocking(move || match pages {
-            Pages::Served { full } => crate::restore::lazy::stage(&ckpt.path, &dest, full).map(drop),
+            Pages::Served { full } => {
+                crate::restore::lazy::stage(&ckpt.path, &dest, full).map(drop)
+            }
             Pages::Copied => ckpt.extract(&dest),
         });
         let rewritten = Call {
@@ -229,8 +231,12 @@ impl Containers {
             None => Pages::Served { full: !lazy },
             Some(why) => {
                 match lazy {
-                    true => tracing::warn!(archive = %ckpt.path.display(), "restoring in full, not lazily: {why}"),
-                    false => tracing::info!(archive = %ckpt.path.display(), "copying the pages into the restore dir: {why}"),
+                    true => {
+                        tracing::warn!(archive = %ckpt.path.display(), "restoring in full, not lazily: {why}")
+                    }
+                    false => {
+                        tracing::info!(archive = %ckpt.path.display(), "copying the pages into the restore dir: {why}")
+                    }
                 }
                 Pages::Copied
             }
