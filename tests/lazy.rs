@@ -460,6 +460,7 @@ async fn a_full_restore_copies_no_page_and_has_all_its_memory_when_started() {
         written < 1 << 20,
         "{written} bytes staged for {BIG_MIB} MiB"
     );
+    eprintln!("staged on disk for {BIG_MIB} MiB: {written} bytes");
     let pages = std::fs::metadata(staged.join("checkpoint/pages-1.img")).unwrap();
     assert!(pages.len() >= u64::from(BIG_MIB) << 20, "{pages:?}");
     c.start_container(cri::StartContainerRequest {
