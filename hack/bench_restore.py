@@ -5,7 +5,10 @@ For counters touching N MiB of incompressible memory, each round runs, in an
 order that rotates from round to round:
   CRI     ckpt-shim through CRI: CreateContainer (the archive as the image) and
           StartContainer in a new pod, in front of containerd (its runc is
-          ckpt-runc); timed from CreateContainer to StartContainer's answer
+          ckpt-runc); timed from CreateContainer to StartContainer's answer.
+          A full restore: its pages are put in from the archive before
+          StartContainer answers. Also reported: CreateContainer's share, the
+          page source's own times, what the shim wrote, and the memory check
   LAZY    the same as CRI, restored lazily (a shim with lazy_pages = true): the
           process runs before its memory is in; its pages are served from the
           archive. Also reported: until every page was pushed (lazy-serve's own
@@ -19,8 +22,9 @@ order that rotates from round to round:
   S       `ckpt-shim restore` of a `ckpt-shim checkpoint` archive of that runc
           container into a fresh overlay bundle
   P       `podman container restore --import` of a podman export (uncompressed)
-Every restore starts from a checkpoint taken beforehand, still in the page cache,
-and the restored container is removed (untimed) before the next run.
+Every restore starts from a checkpoint taken beforehand, read into the page cache
+just before (CRI and LAZY: the archive; R: its images), and the restored container
+is removed (untimed) before the next run.
 With --xfs the whole work dir (archives, images, restore dir) is on a reflink XFS
 loop image, where a restore shares the archive's extents instead of copying pages.
 """

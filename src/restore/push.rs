@@ -247,6 +247,9 @@ impl Pusher<'_> {
 
     /// Reads and follows task `i`'s events, then serves its waiting faults.
     fn events(&mut self, i: usize) -> Result<()> {
+        if self.tasks[i].gone {
+            return Ok(());
+        }
         loop {
             let evs = uffd::read_events(self.tasks[i].uffd.as_fd())
                 .ctx(|| "read a userfaultfd".into())?;
