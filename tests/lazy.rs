@@ -632,3 +632,76 @@ fn pids_with(what: &str) -> Vec<nix::unistd::Pid> {
         })
         .collect()
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_restore_of_two_processes_puts_in_both_memories() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let out = out_dir();
+    // Two counters in one container: a shell's child, and the shell exec'd.
+    let pod = env.run_pod(&mut c, "two", false).await;
+    let mut cfg = common::cri::counter_config("counter", false);
+    cfg.command = vec!["/bin/sh".into()];
+    cfg.args = vec![
+        "-c".into(),
+        "/bin/counter /tmp/count2 32 50 & exec /bin/counter /tmp/count 64 50".into(),
+    ];
+    let orig = common::cri::create(&mut c, &pod, cfg).await;
+    common::cri::start_container(&mut c, &orig).await;
+    let root = env.rootfs(&orig);
+    common::wait_count(&root, |v| v >= 3);
+    let second = |root: &Path| {
+        std::fs::read_to_string(root.join("tmp/count2"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+    };
+    let t = Instant::now();
+    while second(&root).unwrap_or(0) < 20 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the second counter never counted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let archive = out.path().join("checkpoint.tar");
+    let second_before = second(&root).unwrap();
+    let (before, after) = checkpoint_to(&env, &mut c, &orig, &archive).await;
+    let pod = env.run_pod(&mut c, "two-restored", false).await;
+    let cfg = restore_config(&env, "restored", &archive.to_string_lossy());
+    let id = create(&mut c, &pod, cfg).await.unwrap();
+    c.start_container(cri::StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("StartContainer: {e:?}\n{}", env.shim_log()));
+    // Both processes' userfaultfds came, both memories went in.
+    let served = lazy_log(&env, &id);
+    assert!(served.contains("processes: 2,"), "{served}");
+    let log = Path::new(&pod.1.log_directory).join("restored.log");
+    assert_continues(&env, &id, &log, (before, after), "the exec'd counter");
+    // The child's count lives in its memory: it goes on from where it was,
+    // never from 0.
+    let root = env.rootfs(&id);
+    let t = Instant::now();
+    loop {
+        let v = second(&root).unwrap_or(second_before);
+        assert!(
+            v >= second_before,
+            "the child counter restarted: {v} < {second_before}"
+        );
+        if v > second_before + 5 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the child counter stopped at {v}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for _ in 0..2 {
+        let verdict = verify_memory(&env, &id);
+        assert!(verdict.starts_with("ok "), "{verdict}");
+        let _ = std::fs::remove_file(root.join("tmp/verified"));
+    }
+    remove(&mut c, &id, &pod.0).await;
+}
