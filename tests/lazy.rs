@@ -705,3 +705,51 @@ async fn a_full_restore_of_two_processes_puts_in_both_memories() {
     }
     remove(&mut c, &id, &pod.0).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_restore_removed_while_its_pages_go_in_leaves_nothing() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let out = out_dir();
+    let (archive, _, _) = checkpointed(&mut env, &mut c, out.path(), BIG_MIB).await;
+    let pod = env.run_pod(&mut c, "full-gone", false).await;
+    let cfg = restore_config(&env, "restored", &archive.to_string_lossy());
+    let id = create(&mut c, &pod, cfg).await.unwrap();
+    let staged = env.dir.join("restore").join(&id);
+    let mut c2 = c.clone();
+    let start = tokio::spawn({
+        let id = id.clone();
+        async move {
+            c2.start_container(cri::StartContainerRequest { container_id: id })
+                .await
+        }
+    });
+    let t = Instant::now();
+    while !lazy_log(&env, &id).contains("runc restore done") {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{}",
+            lazy_log(&env, &id)
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // Removal while the pages go in: refused (the start is under way) or
+    // done; either way, once the start has answered, nothing may stay.
+    let removed = c
+        .remove_container(cri::RemoveContainerRequest {
+            container_id: id.clone(),
+        })
+        .await;
+    eprintln!("RemoveContainer mid-push: {removed:?}");
+    let started = start.await.unwrap();
+    eprintln!("StartContainer: {started:?}\n{}", lazy_log(&env, &id));
+    if removed.is_err() {
+        // Refused: the restore went on undisturbed, its restore dir kept.
+        assert!(started.is_ok(), "{started:?}");
+        assert!(lazy_log(&env, &id).contains("every page in after"));
+        assert!(verify_memory(&env, &id).starts_with("ok "));
+    }
+    remove(&mut c, &id, &pod.0).await;
+    wait_gone(&staged.to_string_lossy(), Duration::from_secs(20));
+    assert!(!env.restores().contains(&id), "{:?}", env.restores());
+}
