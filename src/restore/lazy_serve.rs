@@ -1,5 +1,8 @@
-//! `ckpt-shim lazy-serve DIR`: the page source of one lazy restore, a process
-//! of its own so that it outlives the shim and the runtime's `create` call.
+//! `ckpt-shim lazy-serve DIR`: the page source of one served restore, a
+//! process of its own so that it outlives the shim and the runtime's `create`
+//! call. For a full restore it is the lazy-pages daemon itself and puts every
+//! page in at once ([`super::push`]); `ckpt-runc` waits for it. For a lazy
+//! one, described here, it runs on after the restore.
 //!
 //! It starts CRIU's lazy-pages daemon on the staged images (`DIR/checkpoint`,
 //! work dir `DIR/work`, where the restore finds `lazy-pages.socket`), hands it

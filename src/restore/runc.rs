@@ -11,6 +11,9 @@
 //!   (joined). It maps the checkpointed stdio pipes to the runtime's new ones
 //!   from `descriptors.json`. Without a subreaper of runc's own, the restored
 //!   process is the runtime shim's, like any container's init.
+//!   The memory of a restore served from the archive ([`super::lazy`]) comes
+//!   from a page source started first (`runc restore --lazy-pages`); a full
+//!   restore's `create` returns only once that has put every page in.
 //! - `start` then has nothing left to do.
 //!
 //! CRIU restores the checkpoint's hostname into the UTS namespace it joins,
