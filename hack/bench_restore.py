@@ -5,7 +5,10 @@ For counters touching N MiB of incompressible memory, each round runs, in an
 order that rotates from round to round:
   CRI     ckpt-shim through CRI: CreateContainer (the archive as the image) and
           StartContainer in a new pod, in front of containerd (its runc is
-          ckpt-runc); timed from CreateContainer to StartContainer's answer
+          ckpt-runc); timed from CreateContainer to StartContainer's answer.
+          A full restore: its pages are put in from the archive before
+          StartContainer answers. Also reported: CreateContainer's share, the
+          page source's own times, what the shim wrote, and the memory check
   LAZY    the same as CRI, restored lazily (a shim with lazy_pages = true): the
           process runs before its memory is in; its pages are served from the
           archive. Also reported: until every page was pushed (lazy-serve's own
@@ -19,8 +22,9 @@ order that rotates from round to round:
   S       `ckpt-shim restore` of a `ckpt-shim checkpoint` archive of that runc
           container into a fresh overlay bundle
   P       `podman container restore --import` of a podman export (uncompressed)
-Every restore starts from a checkpoint taken beforehand, still in the page cache,
-and the restored container is removed (untimed) before the next run.
+Every restore starts from a checkpoint taken beforehand, read into the page cache
+just before (CRI and LAZY: the archive; R: its images), and the restored container
+is removed (untimed) before the next run.
 With --xfs the whole work dir (archives, images, restore dir) is on a reflink XFS
 loop image, where a restore shares the archive's extents instead of copying pages.
 """
@@ -38,7 +42,8 @@ from bench import CRICTL, SHIM, Bench, read, sh  # noqa: E402
 
 
 def text(path):
-    return (read(path) or b"").decode(errors="replace")
+    """A log's text, without the colours a tracing log may carry."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", (read(path) or b"").decode(errors="replace"))
 
 
 def detached(cmd, stdout=None):
@@ -68,16 +73,71 @@ class RestoreBench(Bench):
         super().teardown()
 
     def prepare(self, mib):
-        """Checkpoints of each kind, taken once per size."""
+        """Checkpoints of the kinds the variants run restore, taken once per size."""
         os.makedirs(f"{self.w}/ck-{mib}", mode=0o700, exist_ok=True)
         ck = f"{self.w}/ck-{mib}"
+        want = lambda v: not self.only or v in self.only
         sh([CRICTL, self.sock, "checkpoint", self.cri_id, f"{ck}/cri.tar", "600"])
-        sh([SHIM, "image", f"{ck}/cri.tar", f"ckpt-bench-{mib}:1", "--import", f"{self.w}/ctrd/containerd.sock"])
-        sh(["runc", "--root", f"{self.w}/runc-state", "checkpoint", "--leave-running", "--image-path", f"{ck}/runc-img",
-            "--work-path", f"{ck}/runc-work", f"runc-{mib}"])
-        sh([SHIM, "checkpoint", "--runtime-root", f"{self.w}/runc-state", f"runc-{mib}", "--output", f"{ck}/shim.tar"])
-        sh(self.podman + ["container", "checkpoint", "--leave-running", "--compress", "none", f"--export={ck}/podman.tar", f"pm-{mib}"])
+        if want("IMG"):
+            sh([SHIM, "image", f"{ck}/cri.tar", f"ckpt-bench-{mib}:1", "--import", f"{self.w}/ctrd/containerd.sock"])
+        if want("R"):
+            sh(["runc", "--root", f"{self.w}/runc-state", "checkpoint", "--leave-running", "--image-path", f"{ck}/runc-img",
+                "--work-path", f"{ck}/runc-work", f"runc-{mib}"])
+        if want("S"):
+            sh([SHIM, "checkpoint", "--runtime-root", f"{self.w}/runc-state", f"runc-{mib}", "--output", f"{ck}/shim.tar"])
+        if want("P"):
+            sh(self.podman + ["container", "checkpoint", "--leave-running", "--compress", "none", f"--export={ck}/podman.tar", f"pm-{mib}"])
         self.spec = f"{self.w}/runc-{mib}/config.json"
+
+    def warm(self, v, paths):
+        """Reads the checkpoint into the page cache, as every variant's is when it starts:
+        on this VM a 2 GiB archive written a minute before was found half evicted."""
+        files = []
+        for p in paths:
+            files += [os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs] if os.path.isdir(p) else [p]
+        for f in files:
+            with open(f, "rb") as r:
+                while r.read(8 << 20):
+                    pass
+        res = sh(["fincore", "-nb", "-o", "RES"] + files, check=False).split()
+        size = sum(os.path.getsize(f) for f in files)
+        print(f"    {v}: checkpoint {sum(int(r) for r in res) / max(size, 1):.0%} in the page cache", file=sys.stderr)
+
+    def written(self, proc):
+        """What a shim process has written (`write_bytes`: put into the page cache for the disk)."""
+        io = dict(l.split(": ") for l in open(f"/proc/{proc.pid}/io").read().splitlines())
+        return int(io["write_bytes"])
+
+    def note(self, mib, key, value):
+        self.extra.setdefault((mib, key), []).append(value)
+
+    def verify(self, cid, deadline):
+        """The restored counter hashes its memory again; a mismatch fails the benchmark."""
+        root = f"{self.w}/ctrd/state/io.containerd.runtime.v2.task/k8s.io/{cid}/rootfs"
+        open(f"{root}/tmp/verify", "w").close()
+        while time.time() < deadline and not os.path.exists(f"{root}/tmp/verified"):
+            time.sleep(0.05)
+        verdict = text(f"{root}/tmp/verified").strip()
+        if not verdict.startswith("ok"):
+            raise RuntimeError(f"restored memory differs ({cid}): {verdict!r}")
+
+    def breakdown(self, mib, v, log_path, cid):
+        """CreateContainer's share (the shim's log) and, for a served restore, the page source's
+        own times (its log), kept beside the variant's wall time."""
+        m = re.findall(r"ms=(\d+) created a container to restore", text(log_path)) or \
+            re.findall(r"created a container to restore.*?ms=(\d+)", text(log_path))
+        if m:
+            self.note(mib, f"{v}-create", int(m[-1]) / 1000)
+        ls = text(f"{self.restore_dir}/{cid}/work/lazy-serve.log")
+        m = re.search(r"page source ready after (\d+) ms, runc restore done after (\d+) ms", ls)
+        if m:
+            self.note(mib, f"{v}-ready", int(m.group(1)) / 1000)
+            self.note(mib, f"{v}-runc", int(m.group(2)) / 1000)
+        for line in re.findall(r"lazy-serve: pushed .*", ls):
+            print(f"    {v}: {line}", file=sys.stderr)
+        m = re.search(r"every page in after (\d+) ms", ls)
+        if m:
+            self.note(mib, f"{v}-all", int(m.group(1)) / 1000)
 
     def overlay(self, name):
         b = f"{self.w}/{name}"
@@ -86,16 +146,26 @@ class RestoreBench(Bench):
         sh(f"mount -t overlay overlay -o lowerdir={self.w}/image,upperdir={b}/upper,workdir={b}/work {b}/rootfs")
         return b
 
-    def run_CRI(self, mib, image=None, sock=None):
+    def run_CRI(self, mib, image=None, sock=None, v="CRI"):
         image = image or f"{self.w}/ck-{mib}/cri.tar"
+        shim, log = (self.shim_l, "shim-l.log") if sock == self.sock_lazy else (self.shim, "shim.log")
+        if os.path.exists(image):
+            self.warm(v, [image])
+        before = self.written(shim)
         pod, cid, ms = sh([CRICTL, sock or self.sock, "restore", f"r-{self.n}", image]).split()
         self.n += 1
         self.cleanups.append(lambda: sh([CRICTL, self.sock, "rm-pod", pod], check=False))
         self.last_cid = cid
+        self.breakdown(mib, v, f"{self.w}/{log}", cid)
+        if v == "CRI":
+            self.verify(cid, time.time() + 120)
+        # Pages still being pushed (lazy) are no part of the restore's own writes; the
+        # page source writes nothing but its logs.
+        self.note(mib, f"{v}-written", (self.written(shim) - before) / 2**20)
         return float(ms) / 1000
 
     def run_LAZY(self, mib):
-        wall = self.run_CRI(mib, sock=self.sock_lazy)
+        wall = self.run_CRI(mib, sock=self.sock_lazy, v="LAZY")
         cid = self.last_cid
         log = f"{self.restore_dir}/{cid}/work/lazy-serve.log"
         deadline = time.time() + 120
@@ -104,14 +174,8 @@ class RestoreBench(Bench):
         m = re.search(r"pages: (\d+) .* after (\d+) ms; daemon exit status: 0", text(log))
         if not m:
             raise RuntimeError(f"lazy restore did not serve its pages: {text(log)!r}")
-        self.extra.setdefault((mib, "LAZY-all"), []).append(int(m.group(2)) / 1000)
-        root = f"{self.w}/ctrd/state/io.containerd.runtime.v2.task/k8s.io/{cid}/rootfs"
-        open(f"{root}/tmp/verify", "w").close()
-        while time.time() < deadline and not os.path.exists(f"{root}/tmp/verified"):
-            time.sleep(0.05)
-        verdict = text(f"{root}/tmp/verified").strip()
-        if not verdict.startswith("ok"):
-            raise RuntimeError(f"lazy restore's memory differs: {verdict!r}")
+        self.note(mib, "LAZY-all", int(m.group(2)) / 1000)
+        self.verify(cid, deadline)
         return wall
 
     def run_IMG(self, mib):
@@ -124,6 +188,7 @@ class RestoreBench(Bench):
         cfg = open(self.spec).read().replace(f"/ckpt-shim-bench/runc-{mib}", f"/ckpt-shim-bench/{name}")
         open(f"{b}/config.json", "w").write(cfg)
         # stdio on a pipe, as at checkpoint time; runc returns once the process runs.
+        self.warm("R", [f"{self.w}/ck-{mib}/runc-img"])
         cmd = (f"cd {b} && exec runc --root {self.w}/runc-state restore -d --image-path {self.w}/ck-{mib}/runc-img "
                f"--work-path {b}/restore-work {name} </dev/null > >(exec cat >/dev/null 2>&1) 2>&1")
         t = time.monotonic()
@@ -177,15 +242,20 @@ class RestoreBench(Bench):
             shutil.rmtree(f"{self.w}/ck-{mib}", ignore_errors=True)
 
     def report(self):
-        labels = {"CRI": "ckpt-shim via CRI (Create+Start)", "LAZY": "ckpt-shim via CRI, lazy (Create+Start)",
-                  "LAZY-all": "… lazy: until every page was in", "IMG": "ckpt-shim via CRI, from a checkpoint image", "R": "runc restore -d", "S": "ckpt-shim restore (CLI)", "P": "podman restore --import"}
+        labels = {"CRI": "ckpt-shim via CRI (Create+Start)", "CRI-create": "… of it CreateContainer",
+                  "CRI-ready": "… page source ready, from ckpt-runc's start", "CRI-runc": "… runc restore done, from ckpt-runc's start",
+                  "CRI-all": "… every page in, from ckpt-runc's start",
+                  "CRI-written": "… MiB written by the shim", "LAZY": "ckpt-shim via CRI, lazy (Create+Start)",
+                  "LAZY-all": "… lazy: until every page was in", "LAZY-written": "… lazy: MiB written by the shim",
+                  "IMG": "ckpt-shim via CRI, from a checkpoint image", "R": "runc restore -d", "S": "ckpt-shim restore (CLI)", "P": "podman restore --import"}
         self.times.update(self.extra)
         med = lambda mib, v: statistics.median(self.times[(mib, v)]) if (mib, v) in self.times else float("nan")
         rng = lambda mib, v: f"{min(self.times[(mib, v)]):.3f}–{max(self.times[(mib, v)]):.3f}" if (mib, v) in self.times else "-"
-        lines = ["| MiB | variant | s, median (min–max) |", "|---|---|---|"]
+        lines = ["| MiB | variant | s (or MiB), median (min–max) |", "|---|---|---|"]
         for mib in self.sizes:
             for v, label in labels.items():
-                lines.append(f"| {mib} | {label} | {med(mib, v):.3f} ({rng(mib, v)}) |")
+                if (mib, v) in self.times:
+                    lines.append(f"| {mib} | {label} | {med(mib, v):.3f} ({rng(mib, v)}) |")
         lines += ["", "| MiB | CRI / runc restore | lazy / runc restore | runc restore / lazy | image / archive (CRI) | CLI / runc restore | podman / CRI |", "|---|---|---|---|---|---|---|"]
         for mib in self.sizes:
             r = lambda a, b: med(mib, a) / med(mib, b)

@@ -1,8 +1,10 @@
-//! Lazy restore through CRI: the restored process runs before its memory is
-//! in, its pages served from the archive by `ckpt-shim lazy-serve` (CRIU's
-//! lazy-pages daemon fed by the shim's page server), on real CRIU, runc and
-//! containerd. Its memory ends up whole (the counter hashes it again), and
-//! the page source is gone on every path.
+//! Served restores through CRI, on real CRIU, runc and containerd: the
+//! pages stay in the archive and `ckpt-shim lazy-serve` puts them into the
+//! restored process. Lazily, the process runs before its memory is in (CRIU's
+//! lazy-pages daemon fed by the shim's page server); in full (the default),
+//! StartContainer is answered once the shim has put every page in. Either
+//! way no page is copied into the restore dir, the memory ends up whole (the
+//! counter hashes it again), and the page source is gone on every path.
 
 mod common;
 
@@ -276,6 +278,17 @@ async fn a_checkpoint_image_restores_lazily_from_its_layer_in_place() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_archive_cut_before_start_fails_the_start_and_leaves_nothing_running() {
+    cut_before_start(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_archive_cut_before_a_full_start_fails_it_and_leaves_nothing_running() {
+    cut_before_start(false).await;
+}
+
+/// Stages a restore (lazy or full), cuts the archive inside its pages, and
+/// starts it: the start fails, nothing runs.
+async fn cut_before_start(lazy: bool) {
     let mut env = Env::start();
     let mut c = env.client().await;
     let out = out_dir();
@@ -283,7 +296,7 @@ async fn an_archive_cut_before_start_fails_the_start_and_leaves_nothing_running(
     let pod = env.run_pod(&mut c, "cut-later", false).await;
     let mut cfg = restore_config(&env, "restored", &archive.to_string_lossy());
     cfg.annotations
-        .insert("io.ckpt-shim.lazy-pages".into(), "true".into());
+        .insert("io.ckpt-shim.lazy-pages".into(), lazy.to_string());
     let id = create(&mut c, &pod, cfg).await.unwrap();
     // Staged without the pages: a few KiB on disk for 64 MiB of memory.
     let staged = env.dir.join("restore").join(&id);
@@ -428,4 +441,315 @@ async fn one_checkpoint_image_restores_lazily_into_several_pods_at_once() {
         env.assert_running(&mut c, id).await;
         remove(&mut c, id, &pod.0).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_restore_copies_no_page_and_has_all_its_memory_when_started() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let out = out_dir();
+    let (archive, before, after) = checkpointed(&mut env, &mut c, out.path(), BIG_MIB).await;
+    let pod = env.run_pod(&mut c, "full", false).await;
+    // No annotation: a full restore, the default.
+    let cfg = restore_config(&env, "restored", &archive.to_string_lossy());
+    let id = create(&mut c, &pod, cfg).await.unwrap();
+    // The pages image is a hole as long as the pages: none of them copied.
+    let staged = env.dir.join("restore").join(&id);
+    let written = disk_bytes(&staged);
+    assert!(
+        written < 1 << 20,
+        "{written} bytes staged for {BIG_MIB} MiB"
+    );
+    eprintln!("staged on disk for {BIG_MIB} MiB: {written} bytes");
+    let pages = std::fs::metadata(staged.join("checkpoint/pages-1.img")).unwrap();
+    assert!(pages.len() >= u64::from(BIG_MIB) << 20, "{pages:?}");
+    c.start_container(cri::StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("StartContainer: {e:?}\n{}", env.shim_log()));
+    // Answered once every page was in: the page source has ended already.
+    assert!(processes_with(&staged.to_string_lossy()).is_empty());
+    let served = lazy_log(&env, &id);
+    assert!(served.contains("every page in after"), "{served}");
+    assert!(pushed_pages(&served) >= u64::from(BIG_MIB) << 8, "{served}");
+    let log = Path::new(&pod.1.log_directory).join("restored.log");
+    assert_continues(&env, &id, &log, (before, after), "full restore");
+    assert!(
+        verify_memory(&env, &id).starts_with("ok "),
+        "memory differs"
+    );
+    remove(&mut c, &id, &pod.0).await;
+    assert!(!env.restores().contains(&id));
+}
+
+/// How many pages the page source of a full restore put in, from its log.
+fn pushed_pages(log: &str) -> u64 {
+    log.split("pushed Ok(Pushed {")
+        .nth(1)
+        .and_then(|s| s.split("pages: ").nth(1))
+        .and_then(|s| s.split(',').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_restore_whose_page_source_dies_fails_its_start_and_leaves_nothing() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let out = out_dir();
+    let (archive, _, _) = checkpointed(&mut env, &mut c, out.path(), BIG_MIB).await;
+    let pod = env.run_pod(&mut c, "full-dies", false).await;
+    let cfg = restore_config(&env, "restored", &archive.to_string_lossy());
+    let id = create(&mut c, &pod, cfg).await.unwrap();
+    let staged = env.dir.join("restore").join(&id);
+    let mut c2 = c.clone();
+    let start = tokio::spawn({
+        let id = id.clone();
+        async move {
+            c2.start_container(cri::StartContainerRequest { container_id: id })
+                .await
+        }
+    });
+    // Once the process is restored, while its pages go in: the page source dies.
+    let t = Instant::now();
+    while !lazy_log(&env, &id).contains("runc restore done") {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{}",
+            lazy_log(&env, &id)
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let init = env.rootfs(&id).with_file_name("init.pid");
+    let restored: i32 = std::fs::read_to_string(&init)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    for p in pids_with(&staged.to_string_lossy()) {
+        let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
+    }
+    let answer = start.await.unwrap();
+    if lazy_log(&env, &id).contains("lazy-serve: pushed Ok") {
+        eprintln!("every page was in before the page source could be killed; nothing to test");
+        return;
+    }
+    let err = answer.unwrap_err();
+    assert!(err.message().contains("pages"), "{err:?}");
+    assert_ne!(
+        env.state(&mut c, &id).await,
+        cri::ContainerState::ContainerRunning
+    );
+    // Not left running on with holes in its memory.
+    let t = Instant::now();
+    while std::fs::read_to_string(format!("/proc/{restored}/stat"))
+        .is_ok_and(|st| !st.contains(") Z "))
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the restored counter runs on"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_gone(&staged.to_string_lossy(), Duration::from_secs(20));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shim_killed_during_a_full_restore_leaves_it_whole() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let out = out_dir();
+    let (archive, before, after) = checkpointed(&mut env, &mut c, out.path(), BIG_MIB).await;
+    let pod = env.run_pod(&mut c, "full-kill", false).await;
+    let cfg = restore_config(&env, "restored", &archive.to_string_lossy());
+    let id = create(&mut c, &pod, cfg).await.unwrap();
+    let staged = env.dir.join("restore").join(&id);
+    let mut c2 = c.clone();
+    let start = tokio::spawn({
+        let id = id.clone();
+        async move {
+            c2.start_container(cri::StartContainerRequest { container_id: id })
+                .await
+        }
+    });
+    // The page source runs: SIGKILL the shim, start it again.
+    let t = Instant::now();
+    while processes_with(&staged.to_string_lossy()).is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(60), "no page source");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    env.kill_shim();
+    let _ = start.await.unwrap();
+    env.spawn_shim();
+    let mut c = env.client().await;
+    // containerd ends the start it was asked for: running, whole, or
+    // exited, and then nothing of it is left.
+    let t = Instant::now();
+    let state = loop {
+        let st = env.state(&mut c, &id).await;
+        if st != cri::ContainerState::ContainerCreated {
+            break st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "never started nor failed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!(
+        "after the shim's restart: {state:?}\n{}",
+        lazy_log(&env, &id)
+    );
+    wait_gone(&staged.to_string_lossy(), Duration::from_secs(60));
+    if state != cri::ContainerState::ContainerRunning {
+        remove(&mut c, &id, &pod.0).await;
+        assert!(!env.restores().contains(&id));
+        return;
+    }
+    let log = Path::new(&pod.1.log_directory).join("restored.log");
+    assert_continues(&env, &id, &log, (before, after), "after a shim restart");
+    assert!(
+        verify_memory(&env, &id).starts_with("ok "),
+        "memory differs"
+    );
+    wait_gone(&staged.to_string_lossy(), Duration::from_secs(60));
+    remove(&mut c, &id, &pod.0).await;
+    assert!(!env.restores().contains(&id));
+}
+
+/// Pids of the processes whose command line mentions `what`.
+fn pids_with(what: &str) -> Vec<nix::unistd::Pid> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cmd)
+                .contains(what)
+                .then_some(nix::unistd::Pid::from_raw(pid))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_restore_of_two_processes_puts_in_both_memories() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let out = out_dir();
+    // Two counters in one container: a shell's child, and the shell exec'd.
+    let pod = env.run_pod(&mut c, "two", false).await;
+    let mut cfg = common::cri::counter_config("counter", false);
+    cfg.command = vec!["/bin/sh".into()];
+    cfg.args = vec![
+        "-c".into(),
+        "/bin/counter /tmp/count2 32 50 & exec /bin/counter /tmp/count 64 50".into(),
+    ];
+    let orig = common::cri::create(&mut c, &pod, cfg).await;
+    common::cri::start_container(&mut c, &orig).await;
+    let root = env.rootfs(&orig);
+    common::wait_count(&root, |v| v >= 3);
+    let second = |root: &Path| {
+        std::fs::read_to_string(root.join("tmp/count2"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+    };
+    let t = Instant::now();
+    while second(&root).unwrap_or(0) < 20 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the second counter never counted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let archive = out.path().join("checkpoint.tar");
+    let second_before = second(&root).unwrap();
+    let (before, after) = checkpoint_to(&env, &mut c, &orig, &archive).await;
+    let pod = env.run_pod(&mut c, "two-restored", false).await;
+    let cfg = restore_config(&env, "restored", &archive.to_string_lossy());
+    let id = create(&mut c, &pod, cfg).await.unwrap();
+    c.start_container(cri::StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("StartContainer: {e:?}\n{}", env.shim_log()));
+    // Both processes' userfaultfds came, both memories went in.
+    let served = lazy_log(&env, &id);
+    assert!(served.contains("processes: 2,"), "{served}");
+    let log = Path::new(&pod.1.log_directory).join("restored.log");
+    assert_continues(&env, &id, &log, (before, after), "the exec'd counter");
+    // The child's count lives in its memory: it goes on from where it was,
+    // never from 0.
+    let root = env.rootfs(&id);
+    let t = Instant::now();
+    loop {
+        let v = second(&root).unwrap_or(second_before);
+        assert!(
+            v >= second_before,
+            "the child counter restarted: {v} < {second_before}"
+        );
+        if v > second_before + 5 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the child counter stopped at {v}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for _ in 0..2 {
+        let verdict = verify_memory(&env, &id);
+        assert!(verdict.starts_with("ok "), "{verdict}");
+        let _ = std::fs::remove_file(root.join("tmp/verified"));
+    }
+    remove(&mut c, &id, &pod.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_restore_removed_while_its_pages_go_in_leaves_nothing() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let out = out_dir();
+    let (archive, _, _) = checkpointed(&mut env, &mut c, out.path(), BIG_MIB).await;
+    let pod = env.run_pod(&mut c, "full-gone", false).await;
+    let cfg = restore_config(&env, "restored", &archive.to_string_lossy());
+    let id = create(&mut c, &pod, cfg).await.unwrap();
+    let staged = env.dir.join("restore").join(&id);
+    let mut c2 = c.clone();
+    let start = tokio::spawn({
+        let id = id.clone();
+        async move {
+            c2.start_container(cri::StartContainerRequest { container_id: id })
+                .await
+        }
+    });
+    let t = Instant::now();
+    while !lazy_log(&env, &id).contains("runc restore done") {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{}",
+            lazy_log(&env, &id)
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // Removal while the pages go in: refused (the start is under way) or
+    // done; either way, once the start has answered, nothing may stay.
+    let removed = c
+        .remove_container(cri::RemoveContainerRequest {
+            container_id: id.clone(),
+        })
+        .await;
+    eprintln!("RemoveContainer mid-push: {removed:?}");
+    let started = start.await.unwrap();
+    eprintln!("StartContainer: {started:?}\n{}", lazy_log(&env, &id));
+    if removed.is_err() {
+        // Refused: the restore went on undisturbed, its restore dir kept.
+        assert!(started.is_ok(), "{started:?}");
+        assert!(lazy_log(&env, &id).contains("every page in after"));
+        assert!(verify_memory(&env, &id).starts_with("ok "));
+    }
+    remove(&mut c, &id, &pod.0).await;
+    wait_gone(&staged.to_string_lossy(), Duration::from_secs(20));
+    assert!(!env.restores().contains(&id), "{:?}", env.restores());
 }

@@ -10,7 +10,9 @@
 //! names (shared memory's, restored in full by CRIU) are copied whole.
 //!
 //! `lazy.json` beside the images says where the pages are: the archive and
-//! each pages image's offset and length in it.
+//! each pages image's offset and length in it, and whether the restore is a
+//! full one: served the same way, but answered only once every page is in
+//! ([`Plan::full`]). Either way no page is copied into the restore dir.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -28,12 +30,32 @@ use crate::error::{Context, Error, Result};
 pub const ANNOTATION: &str = "io.ckpt-shim.lazy-pages";
 pub const PLAN: &str = "lazy.json";
 
-/// Where a lazy restore's pages are.
+/// Where a served restore's pages are.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Plan {
     pub archive: PathBuf,
     /// Each lazily served `pages-<id>.img`, by id: where it is in the archive.
     pub pages: BTreeMap<u32, Member>,
+    /// A full restore: the runtime's create returns only once the page source
+    /// has pushed every page, so the memory is all in place when
+    /// StartContainer is answered, as after a restore from copied images.
+    #[serde(default)]
+    pub full: bool,
+}
+
+impl Plan {
+    /// The plan staged in `dir`, if the restore there is a served one.
+    pub fn read(dir: &Path) -> Result<Option<Plan>> {
+        let path = dir.join(PLAN);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).ctx(|| format!("read {}", path.display())),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::Other(format!("{PLAN}: {e}")))
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
@@ -67,11 +89,12 @@ pub fn criu_supported() -> std::result::Result<(), String> {
         .clone()
 }
 
-/// Stages `archive` into `dest` (a fresh private dir) for a lazy restore, and
-/// writes `lazy.json` there. The pages' sizes are checked against the
-/// pagemaps and the archive's length, so a truncated archive fails here,
-/// before anything runs, not when the process touches the missing page.
-pub fn stage(archive: &Path, dest: &Path) -> Result<Plan> {
+/// Stages `archive` into `dest` (a fresh private dir) for a served restore
+/// (lazy, or `full`), and writes `lazy.json` there. The pages' sizes are
+/// checked against the pagemaps and the archive's length, so a truncated
+/// archive fails here, before anything runs, not when the process touches the
+/// missing page.
+pub fn stage(archive: &Path, dest: &Path, full: bool) -> Result<Plan> {
     let members = pages_members(archive)?;
     let skip: Vec<String> = members.keys().map(|id| member_name(*id)).collect();
     extract_except(archive, dest, &skip)?;
@@ -100,6 +123,7 @@ pub fn stage(archive: &Path, dest: &Path) -> Result<Plan> {
     let plan = Plan {
         archive: std::fs::canonicalize(archive).ctx(|| format!("resolve {}", archive.display()))?,
         pages: lazy,
+        full,
     };
     let json = serde_json::to_vec_pretty(&plan).expect("plain struct serialises");
     let mut f = crate::safefs::create_new(&dest.join(PLAN), 0o600)?;
@@ -200,10 +224,12 @@ pub struct Source {
 impl Source {
     /// From a staged lazy restore (`dir`: holding `lazy.json` and `checkpoint/`).
     pub fn open(dir: &Path) -> Result<Source> {
-        let plan: Plan = serde_json::from_slice(
-            &std::fs::read(dir.join(PLAN)).ctx(|| format!("read {}", dir.join(PLAN).display()))?,
-        )
-        .map_err(|e| Error::Other(format!("{PLAN}: {e}")))?;
+        let plan = Plan::read(dir)?.ok_or_else(|| {
+            Error::Other(format!(
+                "{} is not a served restore (no {PLAN})",
+                dir.display()
+            ))
+        })?;
         let file = regular_file(&plan.archive)?;
         // The archive may have changed since it was checked at CreateContainer.
         let len = file.metadata().ctx(|| "stat the archive".into())?.len();
@@ -232,6 +258,27 @@ impl Source {
 
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// Process `pid`'s pages the restore leaves to the page source, run by
+    /// run: (address, bytes, offset in the archive).
+    pub fn lazy_runs(&self, pid: u64) -> Vec<(u64, u64, u64)> {
+        let Some((pm, base)) = self.procs.get(&pid) else {
+            return Vec::new();
+        };
+        pm.runs
+            .iter()
+            .filter(|r| r.present() && r.lazy())
+            .map(|r| (r.vaddr, r.nr_pages * PAGE_SIZE, base + r.offset))
+            .collect()
+    }
+
+    /// Where in the archive each process's pages are: (offset, bytes).
+    pub fn extents(&self) -> Vec<(u64, u64)> {
+        self.procs
+            .values()
+            .map(|(pm, base)| (*base, pm.pages_bytes()))
+            .collect()
     }
 
     /// How many pages are there to serve, over all processes.
@@ -289,7 +336,7 @@ mod tests {
         let ar = archive(tmp.path(), 0);
         let dest = tmp.path().join("stage");
         std::fs::create_dir(&dest).unwrap();
-        let plan = stage(&ar, &dest).unwrap();
+        let plan = stage(&ar, &dest, false).unwrap();
         let staged = dest.join("checkpoint/pages-1.img");
         let data = std::fs::read(&staged).unwrap();
         assert_eq!(data.len() as u64, 5 * PAGE_SIZE);
@@ -314,7 +361,7 @@ mod tests {
         let ar = archive(tmp.path(), 1024 + 3 * 512 + 100);
         let dest = tmp.path().join("stage");
         std::fs::create_dir(&dest).unwrap();
-        let err = stage(&ar, &dest).unwrap_err().to_string();
+        let err = stage(&ar, &dest, true).unwrap_err().to_string();
         assert!(err.contains("truncated") || err.contains("read"), "{err}");
     }
 

@@ -1,5 +1,8 @@
-//! `ckpt-shim lazy-serve DIR`: the page source of one lazy restore, a process
-//! of its own so that it outlives the shim and the runtime's `create` call.
+//! `ckpt-shim lazy-serve DIR`: the page source of one served restore, a
+//! process of its own so that it outlives the shim and the runtime's `create`
+//! call. For a full restore it is the lazy-pages daemon itself and puts every
+//! page in at once ([`super::push`]); `ckpt-runc` waits for it. For a lazy
+//! one, described here, it runs on after the restore.
 //!
 //! It starts CRIU's lazy-pages daemon on the staged images (`DIR/checkpoint`,
 //! work dir `DIR/work`, where the restore finds `lazy-pages.socket`), hands it
@@ -39,6 +42,28 @@ pub struct Options {
 
 /// Runs the page source to its end; `Err` when the pages were not all served.
 pub fn run(o: &Options) -> Result<()> {
+    let full = super::lazy::Plan::read(&o.dir)?.is_some_and(|p| p.full);
+    match full {
+        true => push(o),
+        false => serve(o),
+    }
+}
+
+/// A full restore: the shim is the lazy-pages daemon and puts every page in
+/// at once ([`super::push`]).
+fn push(o: &Options) -> Result<()> {
+    let started = Instant::now();
+    let restored = Restored::watch(o.pid_file.clone());
+    let pushed = super::push::run(&o.dir, say_ready);
+    eprintln!(
+        "lazy-serve: pushed {pushed:?} after {} ms",
+        started.elapsed().as_millis()
+    );
+    pushed.map(drop).inspect_err(|_| restored.kill())
+}
+
+/// A lazy restore: CRIU's lazy-pages daemon, fed by our page server.
+fn serve(o: &Options) -> Result<()> {
     let started = Instant::now();
     let src = Source::open(&o.dir)?;
     let (mut ours, theirs) = UnixStream::pair().ctx(|| "socket pair".into())?;

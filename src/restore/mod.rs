@@ -4,6 +4,8 @@
 //! - [`create`]: CreateContainer of a checkpoint, rewritten for the runtime;
 //! - [`lazy`], [`pagemap`], [`page_server`], [`lazy_serve`]: a lazy restore,
 //!   its memory served from the archive as the process touches it;
+//! - [`push`], [`spans`], [`uffd`]: a full restore's memory put in from the
+//!   archive by the shim itself, one copy per page;
 //! - [`rootfs`]: the checkpoint's file changes applied to a new root file system;
 //! - [`runc`]: `ckpt-runc`, the runtime's runc, which turns a create into a restore;
 //! - [`stage`]: a CRI restore's checkpoint, kept by container ID until it starts;
@@ -15,10 +17,13 @@ pub mod lazy;
 pub mod lazy_serve;
 pub mod page_server;
 pub mod pagemap;
+pub mod push;
 pub mod rootfs;
 pub mod runc;
+pub mod spans;
 pub mod stage;
 pub mod standalone;
+pub mod uffd;
 
 pub use archive::{extract, Checkpoint};
 pub use rootfs::{apply_rootfs_diff, create_mount_points};

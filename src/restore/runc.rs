@@ -11,6 +11,9 @@
 //!   (joined). It maps the checkpointed stdio pipes to the runtime's new ones
 //!   from `descriptors.json`. Without a subreaper of runc's own, the restored
 //!   process is the runtime shim's, like any container's init.
+//!   The memory of a restore served from the archive ([`super::lazy`]) comes
+//!   from a page source started first (`runc restore --lazy-pages`); a full
+//!   restore's `create` returns only once that has put every page in.
 //! - `start` then has nothing left to do.
 //!
 //! CRIU restores the checkpoint's hostname into the UTS namespace it joins,
@@ -123,11 +126,12 @@ pub fn main(args: Vec<OsString>) -> i32 {
 fn restore(inv: &Invocation, s: &Staged) -> Result<()> {
     let started = std::time::Instant::now();
     std::fs::create_dir_all(s.work()).ctx(|| format!("create {}", s.work().display()))?;
-    // A lazy restore's page source starts first: it comes up while the file
-    // changes are applied.
-    let lazy = match s.dir.join(super::lazy::PLAN).is_file() {
-        true => Some(LazyServer::spawn(s, inv.option(&["--pid-file"]))?),
-        false => None,
+    // A served restore's page source starts first: it comes up while the
+    // file changes are applied.
+    let plan = super::lazy::Plan::read(&s.dir)?;
+    let lazy = match &plan {
+        Some(_) => Some(LazyServer::spawn(s, inv.option(&["--pid-file"]))?),
+        None => None,
     };
     let bundle = PathBuf::from(inv.option(&["--bundle", "-b"]).unwrap_or(OsStr::new(".")));
     let spec = Spec::load(bundle.join("config.json"))
@@ -180,15 +184,50 @@ fn restore(inv: &Invocation, s: &Staged) -> Result<()> {
             log_tail(&s.work().join("restore.log"))
         )));
     }
+    match (lazy, plan.is_some_and(|p| p.full)) {
+        (Some(l), true) => all_pages_in(inv, s, l, started)?,
+        (Some(l), false) => l.detach(),
+        (None, _) => {}
+    }
     s.mark_restored()
 }
 
-/// A lazy restore's page source ([`super::lazy_serve`]), started before the
-/// restore and left running after it: a process group of its own (it and
-/// CRIU's daemon), whose parent is the runtime's shim once this exits.
+/// A full restore served from the archive is done once its page source has
+/// pushed every page. If it could not, the page source has killed the
+/// restored process; runc's record of it goes too, so that the runtime's
+/// create fails as when CRIU fails, with nothing of the container left.
+fn all_pages_in(
+    inv: &Invocation,
+    s: &Staged,
+    mut l: LazyServer,
+    started: std::time::Instant,
+) -> Result<()> {
+    let done = l.wait();
+    l.note(&format!(
+        "ckpt-runc: every page in after {} ms",
+        started.elapsed().as_millis()
+    ));
+    if let Err(e) = done {
+        let _ = Command::new(real_runc())
+            .args(&inv.globals)
+            .args(["delete", "--force", &inv.id])
+            .status();
+        return Err(Error::Other(format!(
+            "the restore's pages were not all served ({e}): {}",
+            log_tail(&s.work().join("lazy-serve.log"))
+        )));
+    }
+    Ok(())
+}
+
+/// A served restore's page source ([`super::lazy_serve`]), started before
+/// the restore: a process group of its own (it and CRIU's daemon). A lazy
+/// restore leaves it running, its parent the runtime's shim once this
+/// exits; a full one waits for it.
 struct LazyServer {
     pgid: nix::unistd::Pid,
     log: std::fs::File,
+    child: std::process::Child,
 }
 
 /// A page source started, not yet known to be listening; killed if dropped
@@ -257,10 +296,9 @@ impl Spawned {
                 log_tail(&s.work().join("lazy-serve.log"))
             )));
         }
-        // From here it runs on its own; the runtime's shim reaps it.
-        drop(self.child.take());
         let log = self.log.try_clone().ctx(|| "lazy-serve.log".into())?;
-        Ok(LazyServer { pgid, log })
+        let child = self.child.take().expect("not taken yet");
+        Ok(LazyServer { pgid, log, child })
     }
 }
 
@@ -271,8 +309,21 @@ impl LazyServer {
     }
 
     /// Stops it (a failed restore): the daemon would wait for it forever.
-    fn stop(self) {
+    fn stop(mut self) {
         let _ = nix::sys::signal::killpg(self.pgid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// Lets it run on its own (a lazy restore); the runtime's shim reaps it.
+    fn detach(self) {}
+
+    /// Waits for its end: `Ok` once the daemon has every page in.
+    fn wait(&mut self) -> Result<()> {
+        let st = self.child.wait().ctx(|| "wait for lazy-serve".into())?;
+        match st.success() {
+            true => Ok(()),
+            false => Err(Error::Other(format!("lazy-serve {st}"))),
+        }
     }
 }
 

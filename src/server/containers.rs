@@ -37,6 +37,16 @@ pub struct Containers {
     lazy_default: bool,
 }
 
+/// How a restore's pages reach the process ([`Containers::pages`]).
+#[derive(Debug, Clone, Copy)]
+enum Pages {
+    /// Served from where they are by a page source; `full`: StartContainer
+    /// is answered once every page is in, else as soon as the process runs.
+    Served { full: bool },
+    /// Copied into the restore dir, where CRIU reads them.
+    Copied,
+}
+
 /// What a CreateContainer restores.
 enum Source {
     Archive(PathBuf),
@@ -164,10 +174,12 @@ impl Containers {
             checkpointed_at: ckpt.config.checkpointed_time.clone(),
         };
         let dest = staging.path().to_path_buf();
-        let lazy = self.lazy(call, &ckpt, fetched.is_some());
-        let extract = blocking(move || match lazy {
-            true => crate::restore::lazy::stage(&ckpt.path, &dest).map(drop),
-            false => ckpt.extract(&dest),
+        let pages = self.pages(call, &ckpt, fetched.is_some());
+        let extract = blocking(move || match pages {
+            Pages::Served { full } => {
+                crate::restore::lazy::stage(&ckpt.path, &dest, full).map(drop)
+            }
+            Pages::Copied => ckpt.extract(&dest),
         });
         let rewritten = Call {
             path: call.path.clone(),
@@ -194,20 +206,20 @@ impl Containers {
         Ok(reply)
     }
 
-    /// Whether to restore lazily: asked for (annotation, else config) and
-    /// possible. Pages are served from the archive while the process runs,
-    /// so not from a sealed one (its pages are encrypted) nor from one
-    /// fetched into a staging that goes when CreateContainer is answered.
-    fn lazy(&self, call: &Call, ckpt: &Checkpoint, fetched: bool) -> bool {
+    /// How the pages get into the restored process. Served from the archive
+    /// by a page source where possible: lazily if asked for (annotation,
+    /// else config), else in full, StartContainer waiting for every page.
+    /// Not from a sealed archive (its pages are encrypted) nor from one
+    /// fetched into a staging that goes when CreateContainer is answered:
+    /// then they are copied into the restore dir.
+    fn pages(&self, call: &Call, ckpt: &Checkpoint, fetched: bool) -> Pages {
         let annotations = call
             .decode::<CreateContainerRequest>()
             .ok()
             .and_then(|r| r.config)
             .map(|c| c.annotations)
             .unwrap_or_default();
-        if !crate::restore::lazy::wanted(&annotations, self.lazy_default) {
-            return false;
-        }
+        let lazy = crate::restore::lazy::wanted(&annotations, self.lazy_default);
         let why_not = if ckpt.sealed.is_some() {
             Some("the archive is encrypted".to_string())
         } else if fetched {
@@ -215,10 +227,20 @@ impl Containers {
         } else {
             crate::restore::lazy::criu_supported().err()
         };
-        if let Some(why) = &why_not {
-            tracing::warn!(archive = %ckpt.path.display(), "restoring in full, not lazily: {why}");
+        match why_not {
+            None => Pages::Served { full: !lazy },
+            Some(why) => {
+                match lazy {
+                    true => {
+                        tracing::warn!(archive = %ckpt.path.display(), "restoring in full, not lazily: {why}")
+                    }
+                    false => {
+                        tracing::info!(archive = %ckpt.path.display(), "copying the pages into the restore dir: {why}")
+                    }
+                }
+                Pages::Copied
+            }
         }
-        why_not.is_none()
     }
 
     /// A CreateContainer `call` that restores `archive` (a pod restore's):
