@@ -896,6 +896,12 @@ mod tests {
 
     #[test]
     fn held_data_waits_for_the_thaw_and_what_does_not_fit_is_spliced() {
+        held_then_spliced(false);
+        held_then_spliced(true);
+    }
+
+    /// The test above with a buffer, or with a memory file (`in_file`).
+    fn held_then_spliced(in_file: bool) {
         use std::sync::atomic::AtomicBool;
         let d = tempfile::tempdir().unwrap();
         let data: Vec<u8> = (0..(3u32 << 20) + 4096).map(|i| (i % 251) as u8).collect();
@@ -909,7 +915,10 @@ mod tests {
         let streaming = {
             let thawed = thawed.clone();
             std::thread::spawn(move || {
-                let mut hold = crate::hold::Hold::new(2 << 20).unwrap();
+                let mut hold = match in_file {
+                    true => crate::hold::Hold::in_file(2 << 20).unwrap(),
+                    false => crate::hold::Hold::new(2 << 20).unwrap(),
+                };
                 let stop = AtomicBool::new(false);
                 let drained = move || drained_tx.send(()).unwrap();
                 let r = w.add_stream("pages-1.img", &rx, &stop, (Some(&mut hold), &thawed), &drained);

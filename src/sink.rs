@@ -128,7 +128,8 @@ impl Sink {
                     let descriptors =
                         Member::Secret("checkpoint/descriptors.json".into(), descriptors.to_vec());
                     write_members(&mut writer, &[descriptors], sealer.as_deref())?;
-                    let hold = Hold::reserved(hold)
+                    // Sealing works on buffers; a plain stream splices into a memory file.
+                    let hold = Hold::reserved(hold, sealer.is_some())
                         .map_err(|e| {
                             tracing::info!("writing pages through instead of holding them: {e}")
                         })

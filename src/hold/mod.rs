@@ -21,26 +21,56 @@ use crate::error::{Context, Result};
 pub mod budget;
 pub use budget::{Budget, HoldPages, Policy, Reservation};
 
-/// Faulted-in anonymous memory, unmapped when dropped, with the share of the
-/// budget it stands for.
+/// Memory that holds a pages image while the container is frozen, with the
+/// share of the budget it stands for.
 pub struct Hold {
-    ptr: *mut u8,
-    len: usize,
+    mem: Mem,
     _reservation: Reservation,
+}
+
+enum Mem {
+    /// Anonymous memory faulted in before the freeze, for what needs the
+    /// bytes as a buffer (a sealed checkpoint's parts).
+    Buffer { ptr: *mut u8, len: usize },
+    /// A memory file (memfd) the pipe is spliced into, up to `cap` bytes.
+    /// Nothing is faulted in first: a full page written into a memory file
+    /// is allocated but never zeroed, and it is not dirty page cache, so no
+    /// writeback throttles it. Faulting in a buffer first cost about 0.5 s per
+    /// GiB here before the checkpoint could start, for a pause no shorter.
+    File { file: std::fs::File, cap: usize },
 }
 
 // SAFETY: the mapping is owned by this value and used by one thread at a time.
 unsafe impl Send for Hold {}
 
 impl Hold {
-    /// Maps and faults in the bytes `r` reserved; `None` if that is nothing.
-    pub fn reserved(r: Reservation) -> Result<Option<Hold>> {
+    /// The bytes `r` reserved, as a memory file, or as a faulted-in buffer
+    /// when `buffer`; `None` if that is nothing.
+    pub fn reserved(r: Reservation, buffer: bool) -> Result<Option<Hold>> {
         if r.bytes == 0 {
             return Ok(None);
         }
-        let mut h = Hold::new(r.bytes as usize)?;
+        let mut h = match buffer {
+            true => Hold::new(r.bytes as usize)?,
+            false => Hold::in_file(r.bytes as usize)?,
+        };
         h._reservation = r;
         Ok(Some(h))
+    }
+
+    /// A memory file taking up to `cap` bytes.
+    pub fn in_file(cap: usize) -> Result<Hold> {
+        // SAFETY: a NUL-terminated name; the fd returned is ours.
+        let fd = unsafe { libc::memfd_create(c"ckpt-shim-pages".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).ctx(|| "create a memory file".into());
+        }
+        // SAFETY: just opened, owned by the File from here.
+        let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        Ok(Hold {
+            mem: Mem::File { file, cap },
+            _reservation: Reservation::default(),
+        })
     }
 
     /// Maps and faults in `len` bytes.
@@ -61,8 +91,10 @@ impl Hold {
                 .ctx(|| format!("map {len} bytes to hold pages"));
         }
         let hold = Hold {
-            ptr: ptr.cast(),
-            len,
+            mem: Mem::Buffer {
+                ptr: ptr.cast(),
+                len,
+            },
             _reservation: Reservation::default(),
         };
         // No MADV_HUGEPAGE: huge pages come from free 2 MiB blocks, which are
@@ -79,31 +111,46 @@ impl Hold {
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        match &self.mem {
+            Mem::Buffer { len, .. } => *len,
+            Mem::File { cap, .. } => *cap,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
+    /// The buffer; empty for a memory file.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: the mapping is `len` bytes, readable and writable, and ours.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+        match &self.mem {
+            // SAFETY: the mapping is `len` bytes, readable and writable, and ours.
+            Mem::Buffer { ptr, len } => unsafe { std::slice::from_raw_parts_mut(*ptr, *len) },
+            Mem::File { .. } => &mut [],
+        }
     }
 
-    /// Reads `pipe` into the buffer until it ends or the buffer is full;
-    /// returns how much was read and whether the pipe ended.
+    /// Takes what `pipe` carries until it ends or the hold is full; returns
+    /// how much was taken and whether the pipe ended.
     pub fn fill_from(&mut self, pipe: &OwnedFd) -> std::io::Result<(usize, bool)> {
+        let cap = self.len();
+        let file_fd = match &self.mem {
+            Mem::File { file, .. } => Some(file.as_raw_fd()),
+            Mem::Buffer { .. } => None,
+        };
         let buf = self.as_mut_slice();
         let mut filled = 0;
-        while filled < buf.len() {
-            // SAFETY: reading into our own buffer, within its length.
-            let n = unsafe {
-                libc::read(
-                    pipe.as_raw_fd(),
-                    buf[filled..].as_mut_ptr().cast(),
-                    buf.len() - filled,
-                )
+        while filled < cap {
+            let n = match file_fd {
+                // SAFETY: both fds are open; the offset is a local the kernel advances.
+                Some(fd) => unsafe {
+                    let mut off = filled as i64;
+                    libc::splice(pipe.as_raw_fd(), std::ptr::null_mut(), fd, &mut off, (cap - filled).min(1 << 20), libc::SPLICE_F_MOVE)
+                },
+                // SAFETY: reading into our own buffer, within its length.
+                None => unsafe {
+                    libc::read(pipe.as_raw_fd(), buf[filled..].as_mut_ptr().cast(), cap - filled)
+                },
             };
             match n {
                 0 => return Ok((filled, true)),
@@ -118,9 +165,7 @@ impl Hold {
         }
         Ok((filled, false))
     }
-}
 
-impl Hold {
     /// Writes the first `len` bytes into `file` at `at`, giving each chunk's
     /// memory back as soon as it is written. The page cache the write needs
     /// is then taken from memory freed an instant before: on this project's
@@ -130,24 +175,83 @@ impl Hold {
     /// the checkpoint's total time.
     pub fn write_into(&mut self, file: &std::fs::File, at: u64, len: usize) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
-        const CHUNK: usize = 32 << 20;
         let mut done = 0;
         while done < len {
             let n = CHUNK.min(len - done);
-            file.write_all_at(&self.as_mut_slice()[done..done + n], at + done as u64)?;
-            // SAFETY: advice on whole pages of our own mapping (CHUNK is a
-            // multiple of the page size); they read as zeros if touched again.
-            unsafe { libc::madvise(self.ptr.add(done).cast(), n & !0xfff, libc::MADV_DONTNEED) };
+            match &self.mem {
+                Mem::Buffer { ptr, .. } => {
+                    // SAFETY: within the buffer's own length.
+                    let chunk = unsafe { std::slice::from_raw_parts(ptr.add(done), n) };
+                    file.write_all_at(chunk, at + done as u64)?;
+                    // SAFETY: whole pages of our own mapping (CHUNK is a multiple
+                    // of the page size), written already and never read again.
+                    unsafe { libc::madvise(ptr.add(done).cast(), n & !0xfff, libc::MADV_DONTNEED) };
+                }
+                Mem::File { file: mem, .. } => {
+                    send_range(mem, done as u64, file, at + done as u64, n)?;
+                    // SAFETY: a range of our own memory file, written already.
+                    unsafe {
+                        libc::fallocate(
+                            mem.as_raw_fd(),
+                            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                            done as i64,
+                            n as i64,
+                        )
+                    };
+                }
+            }
+            // Writeback starts now, behind the next chunk's copy, rather than
+            // all at once in the archive's final fdatasync.
+            // SAFETY: a hint on a range of a file we hold open.
+            unsafe {
+                libc::sync_file_range(
+                    file.as_raw_fd(),
+                    (at + done as u64) as i64,
+                    n as i64,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                )
+            };
             done += n;
         }
         Ok(())
     }
 }
 
+/// The chunks held data is written out in, each given back once written.
+const CHUNK: usize = 32 << 20;
+
+/// Copies `len` bytes of `src` at `from` into `dst` at `to` in the kernel
+/// (sendfile: the memory file's pages go to the page cache with one copy and
+/// no mapping of ours). `dst`'s file position is moved.
+fn send_range(src: &std::fs::File, from: u64, dst: &std::fs::File, to: u64, len: usize) -> std::io::Result<()> {
+    use std::io::Seek;
+    (&*dst).seek(std::io::SeekFrom::Start(to))?;
+    let mut off = from as libc::off_t;
+    let end = from + len as u64;
+    while (off as u64) < end {
+        let want = (end - off as u64) as usize;
+        // SAFETY: both fds are open; `off` is a local the kernel advances.
+        let n = unsafe { libc::sendfile(dst.as_raw_fd(), src.as_raw_fd(), &mut off, want) };
+        match n {
+            0 => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
+            n if n > 0 => {}
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Drop for Hold {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `new` mapped.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        if let Mem::Buffer { ptr, len } = self.mem {
+            // SAFETY: unmapping exactly what `new` mapped.
+            unsafe { libc::munmap(ptr.cast(), len) };
+        }
     }
 }
 
@@ -297,6 +401,25 @@ mod tests {
         t.open(true);
         assert!(!t.wait(), "the first opening stands");
         assert!(Thawed::already().wait());
+    }
+
+    #[test]
+    fn a_memory_file_takes_a_pipe_and_gives_it_back_in_place() {
+        let mut h = Hold::in_file(3 << 20).unwrap();
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let data: Vec<u8> = (0..(5 << 19)).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = std::thread::spawn(move || {
+            std::io::Write::write_all(&mut std::fs::File::from(w), &sent).unwrap()
+        });
+        let (n, ended) = h.fill_from(&r).unwrap();
+        writer.join().unwrap();
+        assert_eq!((n, ended), (data.len(), true));
+        let d = tempfile::tempdir().unwrap();
+        let out = std::fs::File::create(d.path().join("out")).unwrap();
+        h.write_into(&out, 4096, n).unwrap();
+        let back = std::fs::read(d.path().join("out")).unwrap();
+        assert!(back[..4096].iter().all(|b| *b == 0) && back[4096..] == data[..]);
     }
 
     #[test]
