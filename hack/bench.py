@@ -1,33 +1,55 @@
 #!/usr/bin/env python3
 """Checkpoint benchmark: ckpt-shim against the peers, measured in the same run.
 
+Issue 21's question: with the pages held in memory while the container is frozen
+(`hold_pages = "auto"`, the default), how long is the pause, the total time, the
+shim's peak memory and the bytes written while frozen, against writing through
+(`hold_pages = 0`), raw CRIU, runc and podman, on the normal disk and a slow one.
+
 For containers touching N MiB of incompressible memory (hack/workloads/counter.c),
 each round runs, in an order that rotates from round to round:
-  A      ckpt-shim CheckpointContainer through its CRI socket, in front of containerd,
-         with `durable = false` (no fdatasync)
-  A-d    the same through a second ckpt-shim with the default `durable = true`
-  A-cli  ckpt-shim checkpoint (standalone, on a runc container), archive fdatasync'd
-  A-nf   the same without the fdatasync
-  A-stg, A-stg-nf  the same two dumping into staging first (--no-stream)
-  B      raw `criu dump --leave-running` of the same runc container into a fresh dir
-  C      `runc checkpoint --leave-running` + `tar cf` (what containerd 2.x does)
-  D      `podman container checkpoint --leave-running --export` (runc, no compression)
-  A-hold ckpt-shim checkpoint (CLI) holding the pages in memory during the pause
-  A-enc, A-enc-hold  the CLI, no fsync, encrypted to an age key (hack/bench's own,
-         made with age-keygen), without and with the pages held
-  A-slow, A-nf-slow, A-hold-slow  A, A-nf and A-hold with the archive (and the
-         staging beside it) on a deliberately slow disk: hack/slowfs, a FUSE
-         passthrough of the same file system whose writes are throttled to
-         --slow-mb MB/s (reads are not)
-Every run also measures the pause as the application sees it: a probe inside the
-container (hack/workloads/pauseprobe.c) spins on CLOCK_MONOTONIC across the
-checkpoint and reports its longest gap, beside the tool's own frozen figure.
-Size 0 is a tiny container (the counter with no memory touched).
-Every run writes to a fresh directory on the same file system; outputs are deleted
-and synced between runs, outside the timing. Durable variants add the `sync` that
-makes B, C and D's output durable; A-d and A-cli already include their one fdatasync.
-Also: CRIU's frozen time, the shim's peak RSS, and on an XFS loop image how many bytes
-the archive step writes itself (reflink and adoption copy no page data). Not a test: it asserts nothing.
+  through CRI (CheckpointContainer on a `ckpt-shim serve` socket in front of containerd;
+  one shim per variant, each with its own config, socket and log):
+  A       auto (the default), `durable = false` (no fdatasync)
+  A-d     auto, durable (the default config)
+  A-wt, A-wt-d  the same two written through (`hold_pages = 0`)
+  the CLI (`ckpt-shim checkpoint`, on a runc container):
+  A-nf    auto (the default), --no-fsync
+  A-cli   auto, the archive fdatasync'd
+  A-nf-wt, A-cli-wt  the same two written through (`--hold-pages 0`)
+  A-enc, A-enc-wt  --no-fsync, encrypted to an age key (hack/bench's own), auto and
+          written through
+  A-stg, A-stg-nf, A-stg-nf-wt  dumping into staging first (--no-stream): auto with
+          and without fsync, and written through without
+  the peers, on that same runc container:
+  B       raw `criu dump --leave-running` into a fresh dir (the floor)
+  C       `runc checkpoint --leave-running` + `tar cf` (what containerd 2.x does)
+  D       `podman container checkpoint --leave-running --export` (runc, no compression)
+  on a deliberately slow disk (hack/slowfs, a FUSE passthrough of the same file
+  system whose writes are throttled to --slow-mb MB/s; reads are not), the archive
+  and the staging beside it:
+  A-slow, A-wt-slow        A and A-wt through CRI
+  A-nf-slow, A-nf-wt-slow  A-nf and A-nf-wt, the CLI
+  A-xfs   (only without --only, or when named) A-cli written through on a reflink XFS
+          loop image: how many bytes the archive step writes itself (reflink and
+          adoption copy no page data)
+
+Every run records:
+  - the pause as the application sees it: a probe inside the container
+    (hack/workloads/pauseprobe.c) spins on CLOCK_MONOTONIC across the checkpoint
+    and reports its longest gap; beside it the tool's own frozen figure and CRIU's;
+  - the total wall time (durable variants of B, C and D add the `sync` that makes
+    their output durable; A-d, A-wt-d, A-cli, A-cli-wt, A-stg include their fdatasync);
+  - the shim's bytes held and written while frozen (the CLI's status line, the
+    serve shim's "checkpointed" log line); the peers write everything while frozen;
+  - peak RSS: for a command (the CLI and the peers) its maximum RSS as GNU time
+    reports it, which covers the children it waited for (CRIU); for a serve shim its
+    VmHWM, reset before each checkpoint (/proc/PID/clear_refs), and its VmRSS once
+    the run has settled, to show the held memory is given back.
+Size 0 is a tiny container (the counter with no memory touched). Every run writes to
+a fresh directory on the same file system; outputs are deleted and synced between
+runs, outside the timing. The tables are rewritten to --out after each size, so an
+interrupted run leaves what it measured. Not a test: it asserts nothing.
 """
 import argparse
 import json
@@ -38,6 +60,7 @@ import statistics
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,11 +114,11 @@ def frozen_ms(stats_bytes):
 
 
 def stats_in_tar(path):
-    with tarfile.open(path) as t:
-        try:
+    try:
+        with tarfile.open(path) as t:
             return t.extractfile("stats-dump").read()
-        except KeyError:
-            return None
+    except (KeyError, tarfile.ReadError):  # not in it, or encrypted
+        return None
 
 
 def read(path):
@@ -106,16 +129,45 @@ def read(path):
         return None
 
 
+# The serve shims, one per CRI variant: name -> its config file.
+SHIMS = {
+    "A": "durable = false\n",
+    "A-d": "",
+    "A-wt": "durable = false\nhold_pages = 0\n",
+    "A-wt-d": "hold_pages = 0\n",
+}
+# Held against written through, the same otherwise: (auto, written through, what).
+PAIRS = [("A", "A-wt", "CRI, no fsync"), ("A-d", "A-wt-d", "CRI, durable"),
+         ("A-nf", "A-nf-wt", "CLI, no fsync"), ("A-cli", "A-cli-wt", "CLI, fsync"),
+         ("A-enc", "A-enc-wt", "CLI, encrypted, no fsync"), ("A-stg-nf", "A-stg-nf-wt", "CLI staged, no fsync")]
+# On the slow disk against its twin on the normal disk: (slow, normal, what).
+SLOW_PAIRS = [("A-slow", "A", "CRI, auto"), ("A-wt-slow", "A-wt", "CRI, written through"),
+              ("A-nf-slow", "A-nf", "CLI, auto"), ("A-nf-wt-slow", "A-nf-wt", "CLI, written through")]
+MiB = 1 << 20
+
+
+def proc_status(pid, key):
+    """A /proc/PID/status figure in bytes (VmHWM, VmRSS)."""
+    return int(re.search(rf"{key}:\s+(\d+)", open(f"/proc/{pid}/status").read()).group(1)) * 1024
+
+
+def last_logged(log, key):
+    """`key=` in the last "checkpointed" line of a serve shim's log."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", open(log).read())
+    line = [l for l in text.splitlines() if "checkpointed" in l and f"{key}=" in l][-1]
+    return float(re.search(rf"\b{key}=([0-9.]+)", line).group(1))
+
+
 class Bench:
-    def __init__(self, work, sizes, rounds, only=None, slow_mb=50):
-        self.w, self.sizes, self.rounds, self.only = work, sizes, rounds, only
+    def __init__(self, work, sizes, rounds, only=None, slow_mb=50, skip=()):
+        self.w, self.sizes, self.rounds, self.only, self.skip = work, sizes, rounds, only, set(skip)
         self.slow_mb, self.slowfs = slow_mb, None
         self.results = {}  # (size, variant) -> list of dicts
         self.n = 0
         self.podman = ["podman", "--root", f"{work}/podman/root", "--runroot", f"{work}/podman/run",
                        "--storage-driver", "overlay", "--cgroup-manager", "cgroupfs", "--events-backend", "file",
                        "--runtime", "runc", "--tmpdir", f"{work}/podman/tmp"]
-        self.shim = self.shim_d = None
+        self.shims = {}  # name -> dict(proc, sock, log, idle: VmRSS before any checkpoint, peak)
 
     # --- set-up ---
     def setup(self):
@@ -129,25 +181,32 @@ class Bench:
                    CKPT_SHIM_RESTORE_DIR=self.restore_dir)
         sh(["bash", f"{ROOT}/hack/build-image.sh", f"{self.w}/image"])
         sh(["bash", f"{ROOT}/hack/containerd.sh", "start", f"{self.w}/ctrd"], env=env)
-        # Two shims in front of the same containerd: the default (durable) one, and
-        # one without the fdatasync, for like-for-like ratios against B, C and D.
-        self.sock, self.sock_d = f"{self.w}/shim/ckpt-shim.sock", f"{self.w}/shim-d/ckpt-shim.sock"
-        open(f"{self.w}/shim-nf.toml", "w").write("durable = false\n")
-        up = f"unix://{self.w}/ctrd/containerd.sock"
-        self.shim = subprocess.Popen([SHIM, "serve", "--listen", self.sock, "--upstream", up, "--config", f"{self.w}/shim-nf.toml",
-                                      "--restore-dir", self.restore_dir],
-                                     stdout=subprocess.DEVNULL, stderr=open(f"{self.w}/shim.log", "w"))
-        self.shim_d = subprocess.Popen([SHIM, "serve", "--listen", self.sock_d, "--upstream", up, "--restore-dir", self.restore_dir],
-                                       stdout=subprocess.DEVNULL, stderr=open(f"{self.w}/shim-d.log", "w"))
-        for _ in range(200):
-            if os.path.exists(self.sock) and os.path.exists(self.sock_d):
-                break
-            time.sleep(0.05)
+        for name, toml in SHIMS.items():
+            self.start_shim(name, toml)
         sh(self.podman + ["load", "-q", "-i", f"{self.w}/images/counter-oci.tar"])
         if not self.only or any(v.endswith("-slow") for v in self.only):
             self.mount_slowfs()
         sh(["age-keygen", "-o", f"{self.w}/bench.key"])
         self.recipient = re.search(r"public key: (age1\w+)", open(f"{self.w}/bench.key").read()).group(1)
+
+    def start_shim(self, name, toml):
+        """A `ckpt-shim serve` in front of the same containerd, with its own config,
+        socket and log."""
+        d = f"{self.w}/shim-{name}"
+        os.makedirs(d, exist_ok=True)
+        open(f"{d}/config.toml", "w").write(toml)
+        s = dict(sock=f"{d}/ckpt-shim.sock", log=f"{d}/shim.log", peak=0)
+        s["proc"] = subprocess.Popen([SHIM, "serve", "--listen", s["sock"], "--upstream", f"unix://{self.w}/ctrd/containerd.sock",
+                                      "--config", f"{d}/config.toml", "--restore-dir", self.restore_dir],
+                                     stdout=subprocess.DEVNULL, stderr=open(s["log"], "w"))
+        for _ in range(200):
+            if os.path.exists(s["sock"]):
+                break
+            time.sleep(0.05)
+        else:
+            raise RuntimeError(f"shim {name} did not start: {open(s['log']).read()}")
+        s["idle"] = proc_status(s["proc"].pid, "VmRSS")
+        self.shims[name] = s
 
     def mount_slowfs(self):
         """The slow disk: {w}/slow-backing through hack/slowfs on {w}/slow."""
@@ -169,7 +228,7 @@ class Bench:
         os.makedirs(f"{self.slow}/out", mode=0o700, exist_ok=True)
 
     def teardown(self):
-        for p in (self.shim, self.shim_d, self.slowfs):
+        for p in [s["proc"] for s in self.shims.values()] + [self.slowfs]:
             if p:
                 p.terminate()
                 p.wait()
@@ -193,7 +252,7 @@ class Bench:
         cfg["linux"]["cgroupsPath"] = f"/ckpt-shim-bench/runc-{mib}"
         json.dump(cfg, open(f"{b}/config.json", "w"))
         subprocess.Popen(["setsid", "sh", "-c", f"cd {b} && runc --root {self.w}/runc-state run -d runc-{mib} </dev/null 2>&1 | cat >/dev/null"])
-        self.cri_pod, self.cri_id = sh([CRICTL, self.sock, "run-counter", f"bench-{mib}", str(mib)]).split()
+        self.cri_pod, self.cri_id = sh([CRICTL, self.shims["A"]["sock"], "run-counter", f"bench-{mib}", str(mib)]).split()
         sh(self.podman + ["run", "-d", "--name", f"pm-{mib}", "--network", "none", "--ulimit", "nofile=1024:1024",
                           "--ulimit", "nproc=1024:1024", "docker.io/library/ckpt-counter:latest", "/bin/counter", "/tmp/count", str(mib), "1000"])
         deadline = time.time() + 120
@@ -205,7 +264,7 @@ class Bench:
         raise RuntimeError("containers did not start")
 
     def stop_containers(self, mib):
-        sh([CRICTL, self.sock, "rm-pod", self.cri_pod], check=False)
+        sh([CRICTL, self.shims["A"]["sock"], "rm-pod", self.cri_pod], check=False)
         sh(self.podman + ["rm", "-f", "-t", "0", f"pm-{mib}"], check=False)
         sh(f"runc --root {self.w}/runc-state kill runc-{mib} KILL; sleep 0.3; runc --root {self.w}/runc-state delete -f runc-{mib}; umount {self.w}/runc-{mib}/rootfs", check=False)
 
@@ -219,11 +278,17 @@ class Bench:
         os.makedirs(d, mode=0o700)
         return d
 
-    def timed(self, fn):
+    def measure(self, cmd):
+        """Runs cmd after a sync: (wall seconds, stdout, peak RSS in bytes of it and
+        the children it waited for). The RSS is GNU time's %M: a child forked from
+        this script would start with the script's own peak (~17 MiB), kept across
+        exec; one forked from time starts with time's (~2 MiB)."""
         sh("sync")
-        t = time.monotonic()
-        extra = fn()
-        return time.monotonic() - t, extra
+        with tempfile.NamedTemporaryFile("r") as rss:
+            t = time.monotonic()
+            out = sh(["/usr/bin/time", "-f", "%M", "-o", rss.name] + cmd)
+            wall = time.monotonic() - t
+            return wall, out, int(rss.read().split()[-1]) * 1024
 
     def sync_time(self):
         t = time.monotonic()
@@ -258,13 +323,16 @@ class Bench:
         t0 = time.monotonic()
 
         def verdict():
-            while time.monotonic() < t0 + secs + 30:
+            # Looked at least once: a checkpoint on the slow disk outlasts the probe.
+            deadline = max(t0 + secs, time.monotonic()) + 30
+            while True:
                 text = open(path).read() if path and os.path.exists(path) else (
                     sh(self.podman + ["exec", f"pm-{mib}", "cat", "/tmp/pause"], check=False) if not path else "")
                 if text.strip():
                     return json.loads(text)["longest_us"] / 1000.0
+                if time.monotonic() > deadline:
+                    return None
                 time.sleep(0.2)
-            return None
         return verdict
 
     def with_probe(self, kind, mib, fn):
@@ -273,23 +341,29 @@ class Bench:
         r["pause"] = verdict()
         return r
 
-    def run_A(self, mib, durable=False, base=None):
+    def run_A(self, mib, shim, base=None):
+        """CheckpointContainer through the serve shim `shim`."""
         d = self.fresh(base)
-        sock = self.sock_d if durable else self.sock
-        log = f"{self.w}/shim{'-d' if durable else ''}.log"
-        wall, _ = self.timed(lambda: sh([CRICTL, sock, "checkpoint", self.cri_id, f"{d}/a.tar", "600"]))
-        tool = float(re.findall(r"frozen_ms=([0-9.]+)", open(log).read())[-1])
-        return dict(wall=wall, frozen=frozen_ms(stats_in_tar(f"{d}/a.tar")), tool=tool, bytes=os.path.getsize(f"{d}/a.tar"), dir=d)
+        s = self.shims[shim]
+        pid = s["proc"].pid
+        open(f"/proc/{pid}/clear_refs", "w").write("5")  # VmHWM := VmRSS, so it is this checkpoint's peak
+        wall, _, _ = self.measure([CRICTL, s["sock"], "checkpoint", self.cri_id, f"{d}/a.tar", "600"])
+        rss = proc_status(pid, "VmHWM")
+        s["peak"] = max(s["peak"], rss)
+        logged = lambda k: last_logged(s["log"], k)
+        return dict(wall=wall, frozen=frozen_ms(stats_in_tar(f"{d}/a.tar")), tool=logged("frozen_ms"), held=logged("pages_held"),
+                    frozen_written=logged("frozen_written"), rss=rss, shim=shim, bytes=os.path.getsize(f"{d}/a.tar"), dir=d)
 
-    def run_A_cli(self, mib, fsync=True, base=None, stream=True, hold=0, encrypt=False):
+    def run_A_cli(self, mib, fsync=True, base=None, stream=True, hold="auto", encrypt=False):
         d = self.fresh(base)
         cmd = [SHIM, "checkpoint", "--runtime-root", f"{self.w}/runc-state", f"runc-{mib}", "--output", f"{d}/a.tar",
-               "--hold-pages-mib", str(hold)] + ([] if fsync else ["--no-fsync"]) + ([] if stream else ["--no-stream"])
+               "--hold-pages", str(hold)] + ([] if fsync else ["--no-fsync"]) + ([] if stream else ["--no-stream"])
         cmd += ["--encrypt-to", self.recipient] if encrypt else []
-        wall, out = self.timed(lambda: sh(cmd))
-        wrote = int(re.search(r"archive step wrote (\d+) bytes", out).group(1))
-        tool = float(re.search(r"; frozen ([0-9.]+)ms", out).group(1))
-        return dict(wall=wall, frozen=frozen_ms(stats_in_tar(f"{d}/a.tar")), tool=tool, bytes=os.path.getsize(f"{d}/a.tar"), archive_wrote=wrote, dir=d)
+        wall, out, rss = self.measure(cmd)
+        held, frozen_written = map(int, re.search(r"(\d+) bytes of pages held; (\d+) bytes written while frozen", out).groups())
+        return dict(wall=wall, frozen=frozen_ms(stats_in_tar(f"{d}/a.tar")),
+                    tool=float(re.search(r"; frozen ([0-9.]+)ms", out).group(1)), held=held, frozen_written=frozen_written, rss=rss,
+                    archive_wrote=int(re.search(r"archive step wrote (\d+) bytes", out).group(1)), bytes=os.path.getsize(f"{d}/a.tar"), dir=d)
 
     def run_B(self, mib):
         d = self.fresh()
@@ -311,25 +385,25 @@ class Bench:
         cmd = ["criu", "dump", "-t", str(pid), "-D", f"{d}/img", "-W", f"{d}/work", "--leave-running", "--root", f"{self.w}/runc-{mib}/rootfs",
                "--freeze-cgroup", f"/sys/fs/cgroup/freezer/ckpt-shim-bench/runc-{mib}",
                "--manage-cgroups=soft", "--file-locks", "-v4", "-o", "dump.log"] + ext
-        wall, _ = self.timed(lambda: sh(cmd))
-        return dict(wall=wall, frozen=frozen_ms(read(f"{d}/work/stats-dump")), bytes=int(sh(["du", "-sb", f"{d}/img"]).split()[0]), dir=d)
+        wall, _, rss = self.measure(cmd)
+        return dict(wall=wall, frozen=frozen_ms(read(f"{d}/work/stats-dump")), rss=rss, bytes=int(sh(["du", "-sb", f"{d}/img"]).split()[0]), dir=d)
 
     def run_C(self, mib):
         d = self.fresh()
         cmd = ["runc", "--root", f"{self.w}/runc-state", "checkpoint", "--leave-running", "--image-path", f"{d}/img", "--work-path", f"{d}/work", f"runc-{mib}"]
-        wall1, _ = self.timed(lambda: sh(cmd))
+        dump, _, rss = self.measure(cmd)
         t = time.monotonic()
         sh(["tar", "cf", f"{d}/c.tar", "-C", f"{d}/img", "."])
-        wall = wall1 + time.monotonic() - t
-        return dict(wall=wall, dump=wall1, frozen=frozen_ms(read(f"{d}/work/stats-dump")), bytes=os.path.getsize(f"{d}/c.tar"), dir=d)
+        wall = dump + time.monotonic() - t
+        return dict(wall=wall, dump=dump, frozen=frozen_ms(read(f"{d}/work/stats-dump")), rss=rss, bytes=os.path.getsize(f"{d}/c.tar"), dir=d)
 
     def run_D(self, mib):
         d = self.fresh()
         cmd = self.podman + ["container", "checkpoint", "--leave-running", "--compress", "none", "--print-stats", f"--export={d}/d.tar", f"pm-{mib}"]
-        wall, out = self.timed(lambda: sh(cmd))
+        wall, out, rss = self.measure(cmd)
         st = json.loads(out[out.index("{"):]) if "{" in out else {}
         fr = (st.get("container_statistics") or [{}])[0].get("criu_statistics", {}).get("frozen_time")
-        return dict(wall=wall, frozen=fr / 1000.0 if fr is not None else None, bytes=os.path.getsize(f"{d}/d.tar"), dir=d)
+        return dict(wall=wall, frozen=fr / 1000.0 if fr is not None else None, rss=rss, bytes=os.path.getsize(f"{d}/d.tar"), dir=d)
 
     def record(self, mib, name, r, durable_sync=False):
         if durable_sync:
@@ -342,6 +416,8 @@ class Bench:
             time.sleep(0.02)
         shutil.rmtree(d, ignore_errors=True)
         self.settle()
+        if "shim" in r:  # the serve shim's memory once the run is over: is the held buffer given back?
+            r["rss_after"] = proc_status(self.shims[r.pop("shim")]["proc"].pid, "VmRSS")
         self.results.setdefault((mib, name), []).append(r)
 
     def settle(self):
@@ -358,42 +434,56 @@ class Bench:
             time.sleep(0.1)
         time.sleep(0.3)
 
-    def run(self):
+    def variants(self, mib):
+        """(name, label, durable_sync, run) for every variant, `run` probed."""
+        p, cli, slow = self.with_probe, self.run_A_cli, f"{self.slow_mb:g} MB/s slowfs"
+        cri = lambda shim, base=None: lambda: p("cri", mib, lambda: self.run_A(mib, shim, base))
+        runc = lambda **kw: lambda: p("runc", mib, lambda: cli(mib, **kw))
+        slow_out = lambda: f"{self.slow}/out"
+        return [
+            ("A", "CRI, auto, no fsync", False, cri("A")),
+            ("A-d", "CRI, auto (fdatasync)", False, cri("A-d")),
+            ("A-wt", "CRI, written through, no fsync", False, cri("A-wt")),
+            ("A-wt-d", "CRI, written through (fdatasync)", False, cri("A-wt-d")),
+            ("A-nf", "CLI, auto, no fsync", False, runc(fsync=False)),
+            ("A-cli", "CLI, auto (fdatasync)", False, runc(fsync=True)),
+            ("A-nf-wt", "CLI, written through, no fsync", False, runc(fsync=False, hold=0)),
+            ("A-cli-wt", "CLI, written through (fdatasync)", False, runc(fsync=True, hold=0)),
+            ("A-enc", "CLI, auto, encrypted, no fsync", False, runc(fsync=False, encrypt=True)),
+            ("A-enc-wt", "CLI, written through, encrypted, no fsync", False, runc(fsync=False, encrypt=True, hold=0)),
+            ("A-stg", "CLI staged, auto (fdatasync)", False, runc(fsync=True, stream=False)),
+            ("A-stg-nf", "CLI staged, auto, no fsync", False, runc(fsync=False, stream=False)),
+            ("A-stg-nf-wt", "CLI staged, written through, no fsync", False, runc(fsync=False, stream=False, hold=0)),
+            ("B", "B raw criu dump", True, lambda: p("runc", mib, lambda: self.run_B(mib))),
+            ("C", "C runc checkpoint + tar", True, lambda: p("runc", mib, lambda: self.run_C(mib))),
+            ("D", "D podman --export", True, lambda: p("podman", mib, lambda: self.run_D(mib))),
+            ("A-slow", f"CRI, auto, no fsync, {slow}", False, lambda: cri("A", slow_out())()),
+            ("A-wt-slow", f"CRI, written through, no fsync, {slow}", False, lambda: cri("A-wt", slow_out())()),
+            ("A-nf-slow", f"CLI, auto, no fsync, {slow}", False, lambda: runc(fsync=False, base=slow_out())()),
+            ("A-nf-wt-slow", f"CLI, written through, no fsync, {slow}", False, lambda: runc(fsync=False, hold=0, base=slow_out())()),
+        ]
+
+    def run(self, progress=lambda: None):
         for mib in self.sizes:
             self.start_containers(mib)
-            p = self.with_probe
-            variants = [
-                ("A", lambda: p("cri", mib, lambda: self.run_A(mib)), False),
-                ("A-d", lambda: p("cri", mib, lambda: self.run_A(mib, durable=True)), False),
-                ("A-cli", lambda: p("runc", mib, lambda: self.run_A_cli(mib, True)), False),
-                ("A-nf", lambda: p("runc", mib, lambda: self.run_A_cli(mib, False)), False),
-                ("A-slow", lambda: p("cri", mib, lambda: self.run_A(mib, base=f"{self.slow}/out")), False),
-                ("A-nf-slow", lambda: p("runc", mib, lambda: self.run_A_cli(mib, False, base=f"{self.slow}/out")), False),
-                ("A-hold-slow", lambda: p("runc", mib, lambda: self.run_A_cli(mib, False, base=f"{self.slow}/out", hold=4096)), False),
-                ("A-hold", lambda: p("runc", mib, lambda: self.run_A_cli(mib, False, hold=4096)), False),
-                ("A-enc", lambda: p("runc", mib, lambda: self.run_A_cli(mib, False, encrypt=True)), False),
-                ("A-enc-hold", lambda: p("runc", mib, lambda: self.run_A_cli(mib, False, hold=4096, encrypt=True)), False),
-                ("A-stg", lambda: p("runc", mib, lambda: self.run_A_cli(mib, True, stream=False)), False),
-                ("A-stg-nf", lambda: p("runc", mib, lambda: self.run_A_cli(mib, False, stream=False)), False),
-                ("B", lambda: p("runc", mib, lambda: self.run_B(mib)), True),
-                ("C", lambda: p("runc", mib, lambda: self.run_C(mib)), True),
-                ("D", lambda: p("podman", mib, lambda: self.run_D(mib)), True),
-            ]
-            if self.only:
-                variants = [v for v in variants if v[0] in self.only]
+            variants = [v for v in self.variants(mib) if (not self.only or v[0] in self.only) and f"{mib}:{v[0]}" not in self.skip]
             for rnd in range(self.rounds):
                 k = rnd % len(variants)
-                for name, fn, durable in variants[k:] + variants[:k]:
+                for name, _, durable, fn in variants[k:] + variants[:k]:
                     r = fn()
                     self.record(mib, name, r, durable)
-                    print(f"  {mib} MiB round {rnd + 1} {name}: {r['wall']:.3f}s frozen {r.get('frozen')} pause {r.get('pause')}", file=sys.stderr, flush=True)
+                    fw = r.get("frozen_written")
+                    print(f"  {mib} MiB round {rnd + 1} {name}: {r['wall']:.3f}s pause {r.get('pause')} ms, frozen {r.get('frozen')}, "
+                          f"written while frozen {fw if fw is None else f'{fw / MiB:.1f} MiB'}, rss {r.get('rss', 0) / MiB:.0f} MiB", file=sys.stderr, flush=True)
+                progress()
             if not self.only or "A-xfs" in self.only:
                 self.xfs(mib)
             self.stop_containers(mib)
-        self.rss = max(int(re.search(r"VmHWM:\s+(\d+)", open(f"/proc/{p.pid}/status").read()).group(1)) // 1024 for p in (self.shim, self.shim_d))
+            progress()
 
     def xfs(self, mib):
-        """On a reflink XFS loop image, how many bytes the archive step writes."""
+        """On a reflink XFS loop image, how many bytes the archive step writes
+        (written through: held pages are written by the archive step itself)."""
         if not shutil.which("mkfs.xfs"):
             return
         mnt = f"{self.w}/xfs"
@@ -401,7 +491,7 @@ class Bench:
             os.makedirs(mnt, exist_ok=True)
             sh(f"truncate -s {max(8, 3 * max(self.sizes) // 1024 + 4)}G {self.w}/xfs.img && mkfs.xfs -q -f -m reflink=1 {self.w}/xfs.img && mount -o loop {self.w}/xfs.img {mnt}")
             os.makedirs(f"{mnt}/out", mode=0o700, exist_ok=True)
-        r = self.run_A_cli(mib, True, base=f"{mnt}/out")
+        r = self.run_A_cli(mib, True, base=f"{mnt}/out", hold=0)
         self.record(mib, "A-xfs", r)
 
     # --- report ---
@@ -409,37 +499,70 @@ class Bench:
         v = [r[key] for r in self.results.get((mib, name), []) if r.get(key) is not None]
         return (statistics.median(v), min(v), max(v)) if v else None
 
+    def m(self, mib, name, key="wall"):
+        """The median, or None."""
+        x = self.med(mib, name, key)
+        return x[0] if x else None
+
+    def ratio(self, mib, a, b, key="wall", key_b=None, goal=None):
+        x, y = self.m(mib, a, key), self.m(mib, b, key_b or key)
+        if not x or not y:
+            return "-"
+        met = "" if goal is None else (" ✓" if x / y <= goal else " ✗")
+        return f"{x / y:.2f}{met}"
+
     def report(self):
-        fmt = lambda m: "-" if not m else f"{m[0]:.3f} ({m[1]:.3f}–{m[2]:.3f})"
-        fz = lambda m: "-" if not m else f"{m[0]:.0f}"
-        lines = ["| MiB | variant | wall s, median (min–max) | durable s (with sync) | pause ms, probe median (min–max) | tool's frozen ms | CRIU frozen ms | output bytes |", "|---|---|---|---|---|---|---|---|"]
-        names = {"A": "A shim via CRI, no fsync", "A-d": "A shim via CRI (fdatasync)", "A-cli": "A shim CLI (fdatasync)", "A-nf": "A shim CLI, no fsync", "A-slow": f"A shim via CRI, no fsync, on slowfs at {self.slow_mb:g} MB/s", "A-nf-slow": f"A shim CLI, no fsync, on slowfs at {self.slow_mb:g} MB/s", "A-hold-slow": f"A shim CLI, pages held, no fsync, on slowfs at {self.slow_mb:g} MB/s", "A-hold": "A shim CLI, pages held, no fsync", "A-enc": "A shim CLI, encrypted, no fsync", "A-enc-hold": "A shim CLI, encrypted, pages held, no fsync", "A-stg": "A shim CLI staged (fdatasync)", "A-stg-nf": "A shim CLI staged, no fsync", "B": "B raw criu dump", "C": "C runc checkpoint + tar", "D": "D podman --export"}
-        fp = lambda m: "-" if not m else f"{m[0]:.0f} ({m[1]:.0f}–{m[2]:.0f})"
+        tiny = lambda mib: mib or "tiny"
+        rng = lambda m, f: "-" if not m else f"{m[0]:{f}} ({m[1]:{f}}–{m[2]:{f}})"
+        mb = lambda m: "-" if m is None else f"{m / MiB:.0f}" if m >= MiB or m == 0 else f"{m / MiB:.2f}"
+        # A median, with the range when the rounds differ (a round that wrote while frozen must show).
+        mbr = lambda m: "-" if not m else mb(m[0]) if m[1] == m[2] else f"{mb(m[0])} ({mb(m[1])}–{mb(m[2])})"
+        lines = [f"Medians (min–max) of {self.rounds} rounds. Pause: the probe's longest gap inside the container. "
+                 "Written while frozen / held: the shim's own count (the peers write everything while frozen). "
+                 "Peak RSS: the command's maximum RSS (GNU time's %M, with the CRIU it waited for); for CRI the serve shim's VmHWM "
+                 "during that checkpoint, and its VmRSS once the run settled.", "",
+                 "| MiB | variant | pause ms | total s | durable s (with sync) | written while frozen MiB | held MiB | peak RSS MiB | shim RSS after MiB | tool's frozen ms | CRIU frozen ms | output bytes |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for mib in self.sizes:
-            for v, label in names.items():
-                by = self.med(mib, v, "bytes")
-                tool = self.med(mib, v, "tool") or self.med(mib, v, "frozen")
-                lines.append(f"| {mib or 'tiny'} | {label} | {fmt(self.med(mib, v))} | {fmt(self.med(mib, v, 'durable'))} | {fp(self.med(mib, v, 'pause'))} | {fz(tool)} | {fz(self.med(mib, v, 'frozen'))} | {by[0]:.0f} |" if by else f"| {mib or 'tiny'} | {label} | - | - | - | - | - | - |")
-        lines += ["", "| MiB | pause: C / A (CRI) | C / A-nf (same container) | A-nf / B | A-hold / B | D / A |", "|---|---|---|---|---|---|"]
+            for v, label, _, _ in self.variants(mib):
+                if (mib, v) not in self.results:
+                    continue
+                m = lambda k: self.m(mib, v, k)
+                fz = lambda x: "-" if x is None else f"{x:.0f}"
+                lines.append(f"| {tiny(mib)} | {v}: {label} | {rng(self.med(mib, v, 'pause'), '.0f')} | {rng(self.med(mib, v), '.3f')} | "
+                             f"{rng(self.med(mib, v, 'durable'), '.3f')} | {mbr(self.med(mib, v, 'frozen_written'))} | {mbr(self.med(mib, v, 'held'))} | {mb(m('rss'))} | "
+                             f"{mb(m('rss_after'))} | {fz(m('tool'))} | {fz(m('frozen'))} | {fz(m('bytes'))} |")
+        lines += ["", "Held (auto) against written through, same run. Goals (issue 21): pause ≤ 0.5× raw `criu dump` (B), total ≤ 1.2× written through.", "",
+                  "| MiB | auto vs written through | pause auto / B | pause wt / B | pause auto / wt | total auto / wt | written while frozen, auto MiB |",
+                  "|---|---|---|---|---|---|---|"]
         for mib in self.sizes:
-            m = lambda v: (self.med(mib, v, "pause") or [float("nan")])[0] or float("nan")
-            lines.append(f"| {mib or 'tiny'} | {m('C') / m('A'):.2f} | {m('C') / m('A-nf'):.2f} | {m('A-nf') / m('B'):.2f} | {m('A-hold') / m('B'):.2f} | {m('D') / m('A'):.2f} |")
-        lines += ["", "| MiB | encrypted / plain: wall A-enc / A-nf | A-enc-hold / A-hold | pause A-enc / A-nf | A-enc-hold / A-nf |", "|---|---|---|---|---|"]
+            for a, wt, what in PAIRS:
+                if (mib, a) in self.results or (mib, wt) in self.results:
+                    lines.append(f"| {tiny(mib)} | {a} / {wt} ({what}) | {self.ratio(mib, a, 'B', 'pause', goal=0.5)} | {self.ratio(mib, wt, 'B', 'pause')} | "
+                                 f"{self.ratio(mib, a, wt, 'pause')} | {self.ratio(mib, a, wt, goal=1.2)} | {mbr(self.med(mib, a, 'frozen_written'))} |")
+        lines += ["", f"On the slow disk ({self.slow_mb:g} MB/s slowfs) against the same variant on the normal disk. Goal (issue 21): auto's pause ≤ 1.2× the normal disk's.", "",
+                  "| MiB | slow / normal | pause normal ms | pause slow ms | pause slow / normal | total slow / normal | written while frozen, slow MiB |",
+                  "|---|---|---|---|---|---|---|"]
         for mib in self.sizes:
-            m = lambda v, k="wall": (self.med(mib, v, k) or [float("nan")])[0] or float("nan")
-            lines.append(f"| {mib or 'tiny'} | {m('A-enc') / m('A-nf'):.2f} | {m('A-enc-hold') / m('A-hold'):.2f} | {m('A-enc', 'pause') / m('A-nf', 'pause'):.2f} | {m('A-enc-hold', 'pause') / m('A-nf', 'pause'):.2f} |")
-        lines += ["", "| MiB | A/B | A-nf/B (CLI) | staged A-stg-nf/B | C/A | D/A | A-nf frozen − B frozen (ms, same container) | durable: C+sync / A-d | D+sync / A-d | A-cli / B+sync | XFS: bytes the archive step wrote / archive |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            for s, n, what in SLOW_PAIRS:
+                if (mib, s) in self.results:
+                    pm = lambda v: rng(self.med(mib, v, "pause"), ".0f")
+                    lines.append(f"| {tiny(mib)} | {s} / {n} ({what}) | {pm(n)} | {pm(s)} | {self.ratio(mib, s, n, 'pause', goal=1.2 if 'auto' in what else None)} | "
+                                 f"{self.ratio(mib, s, n)} | {mbr(self.med(mib, s, 'frozen_written'))} |")
+        lines += ["", "Against the peers (total time unless it says pause):", "",
+                  "| MiB | A/B | A-nf/B | A-stg-nf/B | C/A | D/A | pause C/A | pause D/A | durable: C+sync / A-d | D+sync / A-d | A-cli / B+sync | A-enc / A-nf | XFS: bytes the archive step wrote / archive |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for mib in self.sizes:
-            m = lambda v, k="wall": (self.med(mib, v, k) or [float("nan")])[0] or float("nan")
+            r = lambda a, b, k="wall", kb=None: self.ratio(mib, a, b, k, kb)
             x = self.results.get((mib, "A-xfs"), [{}])[0]
             xfs = f"{x['archive_wrote'] / x['bytes'] * 100:.2f}%" if x.get("bytes") else "-"
-            lines.append(f"| {mib or 'tiny'} | {m('A') / m('B'):.2f} | {m('A-nf') / m('B'):.2f} | {m('A-stg-nf') / m('B'):.2f} | {m('C') / m('A'):.2f} | {m('D') / m('A'):.2f} | {m('A-nf', 'frozen') - m('B', 'frozen'):+.0f} | {m('C', 'durable') / m('A-d'):.2f} | {m('D', 'durable') / m('A-d'):.2f} | {m('A-cli') / m('B', 'durable'):.2f} | {xfs} |")
-        lines += ["", "| MiB | slow disk / normal disk: pause A-slow / A (CRI) | A-nf-slow / A-nf (CLI) | A-hold-slow / A-hold | wall A-slow / A | A-nf-slow / A-nf | A-hold-slow / A-hold |", "|---|---|---|---|---|---|---|"]
-        for mib in self.sizes:
-            m = lambda v, k="wall": (self.med(mib, v, k) or [float("nan")])[0] or float("nan")
-            r = lambda a, b, k="wall": f"{m(a, k) / m(b, k):.2f}"
-            lines.append(f"| {mib or 'tiny'} | {r('A-slow', 'A', 'pause')} | {r('A-nf-slow', 'A-nf', 'pause')} | {r('A-hold-slow', 'A-hold', 'pause')} | {r('A-slow', 'A')} | {r('A-nf-slow', 'A-nf')} | {r('A-hold-slow', 'A-hold')} |")
-        lines += ["", f"shim (`ckpt-shim serve`) peak RSS over the whole run: {self.rss} MiB"]
+            lines.append(f"| {tiny(mib)} | {r('A', 'B')} | {r('A-nf', 'B')} | {r('A-stg-nf', 'B')} | {r('C', 'A')} | {r('D', 'A')} | {r('C', 'A', 'pause')} | "
+                         f"{r('D', 'A', 'pause')} | {r('C', 'A-d', 'durable', 'wall')} | {r('D', 'A-d', 'durable', 'wall')} | {r('A-cli', 'B', 'wall', 'durable')} | "
+                         f"{r('A-enc', 'A-nf')} | {xfs} |")
+        lines += ["", "| serve shim | config | VmRSS idle, before any checkpoint, MiB | peak VmHWM of any checkpoint, MiB | VmRSS after its last checkpoint, MiB |", "|---|---|---|---|---|"]
+        for name, s in self.shims.items():
+            now = proc_status(s["proc"].pid, "VmRSS") if s["proc"].poll() is None else None
+            lines.append(f"| {name} | `{SHIMS[name].strip().replace(chr(10), '; ') or '(defaults)'}` | {mb(s['idle'])} | {mb(s['peak'] or None)} | {mb(now)} |")
         return "\n".join(lines)
 
 
@@ -449,19 +572,26 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--work", default="/var/tmp/ckpt-shim-bench")
     ap.add_argument("--out", help="also write the tables here")
-    ap.add_argument("--only", help="run just these variants, comma-separated (e.g. A-st,B)")
-    ap.add_argument("--slow-mb", type=float, default=50, help="write rate of the slow disk (A-slow, A-nf-slow), MB/s")
+    ap.add_argument("--only", help="run just these variants, comma-separated (e.g. A,A-wt,B)")
+    ap.add_argument("--skip", default="", help="leave out these runs, comma-separated SIZE:VARIANT (e.g. 2048:C,2048:D)")
+    ap.add_argument("--slow-mb", type=float, default=50, help="write rate of the slow disk (the -slow variants), MB/s")
     a = ap.parse_args()
-    b = Bench(a.work, [int(s) for s in a.sizes.split(",")], a.rounds, a.only.split(",") if a.only else None, a.slow_mb)
+    b = Bench(a.work, [int(s) for s in a.sizes.split(",")], a.rounds, a.only.split(",") if a.only else None, a.slow_mb,
+              [s for s in a.skip.split(",") if s])
+    def progress():
+        if a.out:
+            open(a.out, "w").write(b.report() + "\n")
     try:
         b.setup()
-        b.run()
-        text = b.report()
+        b.run(progress)
     finally:
-        b.teardown()
-    print(text)
-    if a.out:
-        open(a.out, "w").write(text + "\n")
+        try:  # what was measured, also when interrupted (Ctrl-C)
+            text = b.report()
+            print(text)
+            if a.out:
+                open(a.out, "w").write(text + "\n")
+        finally:
+            b.teardown()
 
 
 if __name__ == "__main__":
