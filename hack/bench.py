@@ -517,7 +517,8 @@ class Bench:
         mb = lambda m: "-" if m is None else f"{m / MiB:.0f}" if m >= MiB or m == 0 else f"{m / MiB:.2f}"
         # A median, with the range when the rounds differ (a round that wrote while frozen must show).
         mbr = lambda m: "-" if not m else mb(m[0]) if m[1] == m[2] else f"{mb(m[0])} ({mb(m[1])}–{mb(m[2])})"
-        lines = [f"Medians (min–max) of {self.rounds} rounds. Pause: the probe's longest gap inside the container. "
+        done = ", ".join(f"{tiny(mib)} MiB: {max((len(r) for (s, _), r in self.results.items() if s == mib), default=0)}" for mib in self.sizes)
+        lines = [f"Medians (min–max) of the rounds run ({done} of {self.rounds}). Pause: the probe's longest gap inside the container. "
                  "Written while frozen / held: the shim's own count (the peers write everything while frozen). "
                  "Peak RSS: the command's maximum RSS (GNU time's %M, with the CRIU it waited for); for CRI the serve shim's VmHWM "
                  "during that checkpoint, and its VmRSS once the run settled.", "",
