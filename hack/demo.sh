@@ -29,7 +29,7 @@ echo
 echo "== crictl info -q: the runtime's conditions through the shim, CheckpointReady last:"
 crictl info -q
 echo "== its metrics (curl http://127.0.0.1:9464/metrics), in part:"
-python3 -c 'import urllib.request as u; print(u.urlopen("http://127.0.0.1:9464/metrics").read().decode())' | grep -E '^ckpt_shim_(checkpoints_total|restores_total|checkpoint_pause_seconds_(sum|count)|checkpoint_written_bytes_total|forwarded_calls_total\{method="(Version|ListContainers)")'
+python3 -c 'import urllib.request as u; print(u.urlopen("http://127.0.0.1:9464/metrics").read().decode())' | grep -E '^ckpt_shim_(checkpoints_total|restores_total|checkpoint_pause_seconds_(sum|count)|checkpoint_written_bytes_total|checkpoint_held_bytes_total|checkpoint_frozen_written_bytes_total|hold_budget_bytes|forwarded_calls_total\{method="(Version|ListContainers)")'
 echo "== a lazy restore of the same archive with crictl (annotation io.ckpt-shim.lazy-pages=true): it runs before its memory is in place"
 archive="$work/checkpoints/checkpoint-demo_default-counter.tar"
 cat > "$work/lazy-pod.json" <<JSON

@@ -6,19 +6,8 @@ mod common;
 
 use std::path::Path;
 
-use common::cri::{Client, Env};
+use common::cri::{checkpoint, Env};
 use common::scrape::{free_port, get, value};
-use k8s_cri::v1 as cri;
-
-async fn checkpoint(mut c: Client, id: &str, location: &Path) -> Result<(), tonic::Status> {
-    c.checkpoint_container(cri::CheckpointContainerRequest {
-        container_id: id.into(),
-        location: location.to_string_lossy().into_owned(),
-        timeout: 0,
-    })
-    .await
-    .map(drop)
-}
 
 /// The shim's resident memory, in bytes.
 fn rss(pid: u32) -> u64 {
@@ -65,10 +54,8 @@ async fn concurrent_checkpoints_share_one_budget() {
 
     let out = common::out_dir();
     let (pa, pb) = (out.path().join("a.tar"), out.path().join("b.tar"));
-    let (ra, rb) = tokio::join!(
-        checkpoint(env.client().await, &a, &pa),
-        checkpoint(env.client().await, &b, &pb)
-    );
+    let (mut ca, mut cb) = (env.client().await, env.client().await);
+    let (ra, rb) = tokio::join!(checkpoint(&mut ca, &a, &pa), checkpoint(&mut cb, &b, &pb));
     ra.unwrap();
     rb.unwrap();
 

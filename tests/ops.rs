@@ -8,21 +8,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::cri::{container_pid, tracer, wait_seized, Client, Env};
+use common::cri::{checkpoint, container_pid, tracer, wait_seized, Env};
 use common::scrape::{free_port, get, value};
 use common::PYTHON;
 use k8s_cri::v1 as cri;
 use nix::sys::signal::Signal;
-
-async fn checkpoint(c: &mut Client, id: &str, location: &Path) -> Result<(), tonic::Status> {
-    c.checkpoint_container(cri::CheckpointContainerRequest {
-        container_id: id.into(),
-        location: location.to_string_lossy().into_owned(),
-        timeout: 0,
-    })
-    .await
-    .map(drop)
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_count_checkpoints_failures_and_forwarded_calls() {

@@ -27,6 +27,17 @@ pub fn counter_config(name: &str, host_network: bool) -> cri::ContainerConfig {
     cri_common::counter(name, 8, 50, host_network)
 }
 
+/// CheckpointContainer of `id` into `location`, with no timeout of its own.
+pub async fn checkpoint(c: &mut Client, id: &str, location: &Path) -> Result<(), tonic::Status> {
+    c.checkpoint_container(cri::CheckpointContainerRequest {
+        container_id: id.into(),
+        location: location.to_string_lossy().into_owned(),
+        timeout: 0,
+    })
+    .await
+    .map(drop)
+}
+
 pub async fn connect(sock: &Path) -> Client {
     cri_common::connect(sock)
         .await
