@@ -654,9 +654,7 @@ async fn bad_restore_requests_are_refused_and_leave_nothing() {
 /// thawed, and the output dir empty again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deadline_in_the_middle_of_the_dumps_thaws_all_and_leaves_nothing() {
-    // Pages written through: faulting in 2 GiB to hold them would take the
-    // whole 500 ms before CRIU starts, and the deadline is to come mid-dump.
-    let mut env = Env::start_configured("hold_pages = 0\n");
+    let mut env = Env::start();
     let mut c = env.client().await;
     let pod = env.run_pod(&mut c, "slow", false).await;
     // Big enough that the dumps outlast the deadline's remainder.

@@ -302,12 +302,18 @@ impl LogFile {
 pub(crate) fn log_tail(log: &Option<LogFile>) -> String {
     const TAIL: u64 = 3000;
     let Some(log) = log else { return String::new() };
+    // A log in our own memory file is named by its /proc fd link, which
+    // O_NOFOLLOW would refuse; anything else must not be a link.
+    let nofollow = match log.name.to_bytes().starts_with(b"/proc/") {
+        true => 0,
+        false => libc::O_NOFOLLOW,
+    };
     // SAFETY: openat on a directory fd we own with a NUL-terminated name.
     let fd = unsafe {
         libc::openat(
             log.dir.as_raw_fd(),
             log.name.as_ptr(),
-            libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+            libc::O_RDONLY | libc::O_CLOEXEC | nofollow,
         )
     };
     if fd < 0 {
