@@ -340,6 +340,7 @@ async fn containerd_restarted_under_calls_and_a_checkpoint() {
     .await;
 
     env.restart_containerd();
+    upstream_answers(&env).await;
     assert_eq!(h.again(), "OK");
     drop(h);
     c.version(cri::VersionRequest::default()).await.unwrap();
@@ -351,6 +352,21 @@ async fn containerd_restarted_under_calls_and_a_checkpoint() {
         env.shim_log()
     );
     settled(&env, port, &before).await;
+}
+
+/// Waits until the restarted containerd answers Version on its own socket:
+/// its socket appears a moment before its CRI service does, and a call in
+/// between is UNAVAILABLE with or without the shim.
+async fn upstream_answers(env: &Env) {
+    let t = Instant::now();
+    loop {
+        let mut up = common::cri::connect(&env.dir.join("containerd.sock")).await;
+        if up.version(cri::VersionRequest::default()).await.is_ok() {
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "containerd never answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A client that goes away mid-checkpoint without a word (its socket closed,
@@ -378,8 +394,11 @@ async fn a_client_dropping_its_socket_mid_checkpoint_stops_it() {
     })
     .await;
     drop(conn);
-    wait_for("the checkpoint is undone", || {
-        common::entries(out.path()).is_empty() && env.freezer(&id) == "THAWED"
+    // The staging goes before the task that removed it says why it stopped.
+    wait_for("the checkpoint is undone and says why", || {
+        common::entries(out.path()).is_empty()
+            && env.freezer(&id) == "THAWED"
+            && env.shim_log().contains("cancelled by the caller")
     })
     .await;
     assert!(
