@@ -493,17 +493,18 @@ fn pushed_pages(log: &str) -> u64 {
         .unwrap_or(0)
 }
 
-type Starting = tokio::task::JoinHandle<Result<tonic::Response<cri::StartContainerResponse>, tonic::Status>>;
+/// A full restore of a fresh checkpoint into a new pod, its StartContainer
+/// under way.
+struct Starting {
+    pod: (String, cri::PodSandboxConfig),
+    id: String,
+    start: tokio::task::JoinHandle<Result<tonic::Response<cri::StartContainerResponse>, tonic::Status>>,
+    /// The counter's count before and after its checkpoint.
+    counts: (u64, u64),
+}
 
-/// A full restore of a fresh checkpoint into pod `name`, its StartContainer
-/// under way, returned once CRIU's restore is done and the pages go in.
-async fn full_restore_mid_push(
-    env: &mut Env,
-    c: &mut Client,
-    out: &std::path::Path,
-    name: &str,
-) -> ((String, cri::PodSandboxConfig), String, Starting) {
-    let (archive, _, _) = checkpointed(env, c, out, BIG_MIB).await;
+async fn full_restore_starting(env: &mut Env, c: &mut Client, out: &Path, name: &str) -> Starting {
+    let (archive, before, after) = checkpointed(env, c, out, BIG_MIB).await;
     let pod = env.run_pod(c, name, false).await;
     let cfg = restore_config(env, "restored", &archive.to_string_lossy());
     let id = create(c, &pod, cfg).await.unwrap();
@@ -515,12 +516,24 @@ async fn full_restore_mid_push(
                 .await
         }
     });
+    Starting {
+        pod,
+        id,
+        start,
+        counts: (before, after),
+    }
+}
+
+/// [`full_restore_starting`], returned once CRIU's restore is done and the
+/// pages go in.
+async fn full_restore_mid_push(env: &mut Env, c: &mut Client, out: &Path, name: &str) -> Starting {
+    let s = full_restore_starting(env, c, out, name).await;
     let t = Instant::now();
-    while !lazy_log(env, &id).contains("runc restore done") {
-        assert!(t.elapsed() < Duration::from_secs(60), "{}", lazy_log(env, &id));
+    while !lazy_log(env, &s.id).contains("runc restore done") {
+        assert!(t.elapsed() < Duration::from_secs(60), "{}", lazy_log(env, &s.id));
         std::thread::sleep(Duration::from_millis(2));
     }
-    (pod, id, start)
+    s
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -529,7 +542,7 @@ async fn a_full_restore_whose_page_source_dies_fails_its_start_and_leaves_nothin
     let mut c = env.client().await;
     let out = out_dir();
     // Once the process is restored, while its pages go in: the page source dies.
-    let (_pod, id, start) = full_restore_mid_push(&mut env, &mut c, out.path(), "full-dies").await;
+    let Starting { id, start, .. } = full_restore_mid_push(&mut env, &mut c, out.path(), "full-dies").await;
     let staged = env.dir.join("restore").join(&id);
     let init = env.rootfs(&id).with_file_name("init.pid");
     let restored: i32 = std::fs::read_to_string(&init)
@@ -570,19 +583,13 @@ async fn a_shim_killed_during_a_full_restore_leaves_it_whole() {
     let mut env = Env::start();
     let mut c = env.client().await;
     let out = out_dir();
-    let (archive, before, after) = checkpointed(&mut env, &mut c, out.path(), BIG_MIB).await;
-    let pod = env.run_pod(&mut c, "full-kill", false).await;
-    let cfg = restore_config(&env, "restored", &archive.to_string_lossy());
-    let id = create(&mut c, &pod, cfg).await.unwrap();
+    let Starting {
+        pod,
+        id,
+        start,
+        counts: (before, after),
+    } = full_restore_starting(&mut env, &mut c, out.path(), "full-kill").await;
     let staged = env.dir.join("restore").join(&id);
-    let mut c2 = c.clone();
-    let start = tokio::spawn({
-        let id = id.clone();
-        async move {
-            c2.start_container(cri::StartContainerRequest { container_id: id })
-                .await
-        }
-    });
     // The page source runs: SIGKILL the shim, start it again.
     let t = Instant::now();
     while processes_with(&staged.to_string_lossy()).is_empty() {
@@ -721,7 +728,7 @@ async fn a_full_restore_removed_while_its_pages_go_in_leaves_nothing() {
     let mut env = Env::start();
     let mut c = env.client().await;
     let out = out_dir();
-    let (pod, id, start) = full_restore_mid_push(&mut env, &mut c, out.path(), "full-gone").await;
+    let Starting { pod, id, start, .. } = full_restore_mid_push(&mut env, &mut c, out.path(), "full-gone").await;
     let staged = env.dir.join("restore").join(&id);
     // Removal while the pages go in: refused (the start is under way) or
     // done; either way, once the start has answered, nothing may stay.
