@@ -197,7 +197,7 @@ impl Stage {
     }
 
     fn log_in_memory(&mut self) -> Result<()> {
-        self.log = Some(memfd()?);
+        self.log = Some(crate::hold::memfd(c"ckpt-shim-criu-log")?);
         Ok(())
     }
 
@@ -299,7 +299,7 @@ fn diff_when_frozen(
                     Ok(Diffed { diff, sealed, held: None })
                 }
                 None if in_memory => {
-                    let (diff, out) = collect::rootfs_diff(&ov, &mounts, &spec, memfd()?)?;
+                    let (diff, out) = collect::rootfs_diff(&ov, &mounts, &spec, crate::hold::memfd(c"ckpt-shim-rootfs-diff")?)?;
                     Ok(Diffed { diff, sealed: None, held: Some(out) })
                 }
                 None => {
@@ -312,17 +312,6 @@ fn diff_when_frozen(
         });
     }
     slot
-}
-
-/// An unnamed file in memory.
-fn memfd() -> Result<File> {
-    // SAFETY: a NUL-terminated name; the fd returned is ours.
-    let fd = unsafe { libc::memfd_create(c"ckpt-shim-held".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).ctx(|| "create a memory file".into());
-    }
-    // SAFETY: just opened, owned by the File from here.
-    Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }
 
 async fn run(c: Container, opts: Options, mut cancelled: Cancelled) -> Result<Report> {
@@ -365,8 +354,8 @@ fn reserve_hold(c: &Container, opts: &Options) -> crate::hold::Reservation {
 }
 
 /// Step 1: where the archive goes, its first members, and what CRIU is told.
-/// Off the async workers: faulting in the memory that holds the pages takes
-/// about 0.5 s per GiB here.
+/// Off the async workers: a sealed checkpoint faults in the buffer that holds
+/// its pages here, about 0.5 s per GiB on this project's VM.
 pub async fn setup(c: &Container, opts: &Options) -> Result<Setup> {
     let (c, opts) = (c.clone(), opts.clone());
     tokio::task::spawn_blocking(move || setup_blocking(&c, &opts))
@@ -491,7 +480,8 @@ impl Captured {
             head,
             streamed,
         } = w;
-        // The container runs again: what was held is written while the diff ends.
+        // Step 5 comes after the thaw (a pod's too, which its cut does
+        // first): what was held is written while the diff ends.
         d.dumped.thaw();
         let (tail, diff_counts, stats) = collect_rest(&c, d.diff_task, &stage).await?;
         ph.mark("rootfs-diff");
@@ -562,10 +552,6 @@ async fn dump_frozen(
     let thawed = freeze.finish();
     let dumped = dumped.map_err(|e| out_of_space(e, staging))?;
     let (frozen, was_paused) = thawed?;
-    if !was_paused {
-        // Otherwise whoever froze it thaws it, then builds the archive.
-        dumped.thaw();
-    }
     let diff_task = diff_task.lock().unwrap_or_else(|p| p.into_inner()).take();
     Ok(Frozen {
         dumped,

@@ -31,7 +31,7 @@ pub enum Sink {
     Streamed {
         writer: ArchiveWriter,
         socket: CaptureSocket,
-        /// Memory for the pages during the pause, faulted in before it.
+        /// Memory for the pages during the pause (see [`crate::hold`]).
         hold: Option<Hold>,
         sealer: Option<Arc<Sealer>>,
     },
@@ -392,7 +392,8 @@ impl Dumped {
         }
     }
 
-    /// The container runs again now (unless it was paused before).
+    /// The container runs again (or was paused before the checkpoint and
+    /// stays so): what was held may be written now.
     pub fn thaw(&self) {
         if let Dumped::Streamed(c) = self {
             c.thaw()

@@ -60,15 +60,11 @@ impl Hold {
 
     /// A memory file taking up to `cap` bytes.
     pub fn in_file(cap: usize) -> Result<Hold> {
-        // SAFETY: a NUL-terminated name; the fd returned is ours.
-        let fd = unsafe { libc::memfd_create(c"ckpt-shim-pages".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error()).ctx(|| "create a memory file".into());
-        }
-        // SAFETY: just opened, owned by the File from here.
-        let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         Ok(Hold {
-            mem: Mem::File { file, cap },
+            mem: Mem::File {
+                file: memfd(c"ckpt-shim-pages")?,
+                cap,
+            },
             _reservation: Reservation::default(),
         })
     }
@@ -318,6 +314,17 @@ fn cgroup2_root() -> Option<std::path::PathBuf> {
         .into_iter()
         .find(|m| m.fs_type == "cgroup2")
         .map(|m| m.mount_point)
+}
+
+/// An unnamed file in memory (what a frozen container's data is held in).
+pub fn memfd(name: &std::ffi::CStr) -> Result<std::fs::File> {
+    // SAFETY: a NUL-terminated name; the fd returned is ours.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).ctx(|| "create a memory file".into());
+    }
+    // SAFETY: just opened, owned by the File from here.
+    Ok(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }
 
 /// Opens once the container runs again. Writes of what was held wait for it,
