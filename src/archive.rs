@@ -921,7 +921,13 @@ mod tests {
                 };
                 let stop = AtomicBool::new(false);
                 let drained = move || drained_tx.send(()).unwrap();
-                let r = w.add_stream("pages-1.img", &rx, &stop, (Some(&mut hold), &thawed), &drained);
+                let r = w.add_stream(
+                    "pages-1.img",
+                    &rx,
+                    &stop,
+                    (Some(&mut hold), &thawed),
+                    &drained,
+                );
                 (w, r.unwrap())
             })
         };
@@ -931,11 +937,21 @@ mod tests {
         let on_disk = std::fs::read(w_path(&d)).unwrap();
         let tail = data.len() - (2 << 20);
         let (before, spliced) = on_disk.split_at(on_disk.len() - tail);
-        assert_eq!(spliced, &data[2 << 20..], "what did not fit is spliced at once");
-        assert!(before.iter().all(|b| *b == 0), "nothing held is written before the thaw");
+        assert_eq!(
+            spliced,
+            &data[2 << 20..],
+            "what did not fit is spliced at once"
+        );
+        assert!(
+            before.iter().all(|b| *b == 0),
+            "nothing held is written before the thaw"
+        );
         thawed.open(true);
         let (w, (len, spliced)) = streaming.join().unwrap();
-        assert_eq!((len, spliced), (data.len() as u64, data.len() as u64 - (2 << 20)));
+        assert_eq!(
+            (len, spliced),
+            (data.len() as u64, data.len() as u64 - (2 << 20))
+        );
         w.commit(false).unwrap();
         let got = data_offsets(&d.path().join("h.tar"));
         assert_eq!(got[0].0, "pages-1.img");

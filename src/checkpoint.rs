@@ -296,16 +296,33 @@ fn diff_when_frozen(
                     let w = SealWriter::new(sealer, ROOTFS_DIFF, &staging);
                     let (diff, w) = collect::rootfs_diff(&ov, &mounts, &spec, w)?;
                     let sealed = Some(w.finish()?);
-                    Ok(Diffed { diff, sealed, held: None })
+                    Ok(Diffed {
+                        diff,
+                        sealed,
+                        held: None,
+                    })
                 }
                 None if in_memory => {
-                    let (diff, out) = collect::rootfs_diff(&ov, &mounts, &spec, crate::hold::memfd(c"ckpt-shim-rootfs-diff")?)?;
-                    Ok(Diffed { diff, sealed: None, held: Some(out) })
+                    let (diff, out) = collect::rootfs_diff(
+                        &ov,
+                        &mounts,
+                        &spec,
+                        crate::hold::memfd(c"ckpt-shim-rootfs-diff")?,
+                    )?;
+                    Ok(Diffed {
+                        diff,
+                        sealed: None,
+                        held: Some(out),
+                    })
                 }
                 None => {
                     let out = safefs::create_new(&staging.join(ROOTFS_DIFF), 0o600)?;
                     let (diff, _) = collect::rootfs_diff(&ov, &mounts, &spec, out)?;
-                    Ok(Diffed { diff, sealed: None, held: None })
+                    Ok(Diffed {
+                        diff,
+                        sealed: None,
+                        held: None,
+                    })
                 }
             });
             *s.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
@@ -346,7 +363,9 @@ pub struct Setup {
 /// Memory to hold `c`'s pages in during the pause, from the shared budget.
 fn reserve_hold(c: &Container, opts: &Options) -> crate::hold::Reservation {
     let want = crate::hold::estimate(c.pid).unwrap_or(0);
-    let r = opts.hold.reserve(want.min(opts.hold_cap.unwrap_or(u64::MAX)));
+    let r = opts
+        .hold
+        .reserve(want.min(opts.hold_cap.unwrap_or(u64::MAX)));
     if let Some(why) = &r.short {
         tracing::info!(container = %c.id, "pages beyond the budget are written while frozen: {why}");
     }
@@ -582,7 +601,11 @@ async fn collect_rest(
     let counts = diff
         .as_ref()
         .map_or((0, 0), |d| (d.diff.entries, d.diff.deleted.len()));
-    Ok((tail_members(c, (staging, &stage.log().1), diff), counts, stats))
+    Ok((
+        tail_members(c, (staging, &stage.log().1), diff),
+        counts,
+        stats,
+    ))
 }
 
 /// CRIU reports a full disk only in its log, which cannot be written then either:
@@ -619,7 +642,11 @@ fn head_members(c: &Container, checkpointed: &str, sealed: bool) -> Vec<Member> 
 
 /// The members after CRIU's images: CRIU's statistics (written to its work
 /// dir even when streaming), the rootfs diff, the bind mounts, the log.
-fn tail_members(c: &Container, (staging, log): (&Path, &Path), diff: Option<Diffed>) -> Vec<Member> {
+fn tail_members(
+    c: &Container,
+    (staging, log): (&Path, &Path),
+    diff: Option<Diffed>,
+) -> Vec<Member> {
     let mut members = Vec::new();
     let stats = staging.join("stats-dump");
     if stats.exists() {

@@ -213,7 +213,10 @@ mod tests {
         assert_eq!(c.hold.pages, HoldPages::Auto, "pages are held by default");
         let f: FileConfig = toml::from_str("hold_pages_mib = 64\nhold_floor_mib = 100").unwrap();
         f.apply(&mut c);
-        assert_eq!((c.hold.pages, c.hold.floor), (HoldPages::Mib(64), 100 << 20));
+        assert_eq!(
+            (c.hold.pages, c.hold.floor),
+            (HoldPages::Mib(64), 100 << 20)
+        );
         let d = tempfile::tempdir().unwrap();
         assert!(FileConfig::load(&d.path().join("absent.toml"), true).is_ok());
         assert!(FileConfig::load(&d.path().join("absent.toml"), false).is_err());
@@ -232,7 +235,11 @@ mod shipped {
         assert_eq!(f.hold_pages, Some(crate::hold::HoldPages::Auto));
         let mut c = super::Config::default();
         f.apply(&mut c);
-        assert_eq!(c.hold, crate::hold::Policy::default(), "it says the defaults");
+        assert_eq!(
+            c.hold,
+            crate::hold::Policy::default(),
+            "it says the defaults"
+        );
     }
 }
 

@@ -342,7 +342,9 @@ async fn checkpoint(a: CheckpointArgs, criu: criu_rpc::Criu) -> ckpt_shim::Resul
         durable: !a.no_fsync,
         stream: !a.no_stream,
         hold: ckpt_shim::hold::Budget::new(ckpt_shim::hold::Policy {
-            pages: a.hold_pages_mib.map_or(a.hold_pages, ckpt_shim::hold::HoldPages::Mib),
+            pages: a
+                .hold_pages_mib
+                .map_or(a.hold_pages, ckpt_shim::hold::HoldPages::Mib),
             ..Default::default()
         }),
         hold_cap: None,

@@ -353,10 +353,34 @@ struct HoldSeries {
 impl HoldSeries {
     fn register(&self, r: &mut Registry) {
         let bytes = || Some(Unit::Bytes);
-        add(r, "hold_in_use", "Memory reserved now to hold frozen containers' pages", bytes(), self.in_use.clone());
-        add(r, "hold_budget", "The pages-holding budget computed at the last reservation", bytes(), self.budget.clone());
-        add(r, "checkpoint_held", "Page bytes successful checkpoints held in memory while frozen", bytes(), self.held.clone());
-        add(r, "checkpoint_frozen_written", "Bytes successful checkpoints wrote to disk while the container was frozen", bytes(), self.frozen_written.clone());
+        add(
+            r,
+            "hold_in_use",
+            "Memory reserved now to hold frozen containers' pages",
+            bytes(),
+            self.in_use.clone(),
+        );
+        add(
+            r,
+            "hold_budget",
+            "The pages-holding budget computed at the last reservation",
+            bytes(),
+            self.budget.clone(),
+        );
+        add(
+            r,
+            "checkpoint_held",
+            "Page bytes successful checkpoints held in memory while frozen",
+            bytes(),
+            self.held.clone(),
+        );
+        add(
+            r,
+            "checkpoint_frozen_written",
+            "Bytes successful checkpoints wrote to disk while the container was frozen",
+            bytes(),
+            self.frozen_written.clone(),
+        );
     }
 }
 

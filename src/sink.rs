@@ -55,7 +55,11 @@ const HELD_STAGING: &str = "/dev/shm";
 impl HeldDir {
     /// A held dir for `staging`'s images, if the whole reservation was given
     /// and the memory file system has room for it.
-    fn make(staging: &Path, journal: Option<&Path>, memory: Reservation) -> Result<Option<HeldDir>> {
+    fn make(
+        staging: &Path,
+        journal: Option<&Path>,
+        memory: Reservation,
+    ) -> Result<Option<HeldDir>> {
         if memory.bytes == 0 || memory.short.is_some() {
             return Ok(None);
         }
@@ -161,7 +165,10 @@ impl Sink {
 
     /// Whether the frozen container's data goes to memory first.
     pub fn holds(&self) -> bool {
-        matches!(self, Sink::Streamed { hold: Some(_), .. } | Sink::Staged(Some(_)))
+        matches!(
+            self,
+            Sink::Streamed { hold: Some(_), .. } | Sink::Staged(Some(_))
+        )
     }
 
     /// Runs CRIU with `opts`: the container is frozen when CRIU reaches
@@ -238,7 +245,12 @@ async fn dump_streamed(
     criu: &Criu,
     opts: &Opts,
     staging: &Path,
-    (w, sock, hold, sealer): (ArchiveWriter, CaptureSocket, Option<Hold>, Option<Arc<Sealer>>),
+    (w, sock, hold, sealer): (
+        ArchiveWriter,
+        CaptureSocket,
+        Option<Hold>,
+        Option<Arc<Sealer>>,
+    ),
     wait: &Wait<'_>,
     cancelled: &mut Cancelled,
 ) -> Result<Dumped> {
@@ -305,8 +317,16 @@ fn spawn_capture(
 ) -> tokio::task::JoinHandle<Result<(ArchiveWriter, stream::Captured)>> {
     tokio::task::spawn_blocking(move || {
         let gone = || gone.load(Ordering::SeqCst);
-        stream::capture(&sock, &mut w, &spool, gone, &progress, held, sealer.as_deref())
-            .map(|c| (w, c))
+        stream::capture(
+            &sock,
+            &mut w,
+            &spool,
+            gone,
+            &progress,
+            held,
+            sealer.as_deref(),
+        )
+        .map(|c| (w, c))
     })
 }
 

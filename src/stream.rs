@@ -341,7 +341,12 @@ enum Spool {
 }
 
 impl Spool {
-    fn fill(mut pipe: File, dir: &Path, stop: &AtomicBool, in_memory: usize) -> std::io::Result<Spool> {
+    fn fill(
+        mut pipe: File,
+        dir: &Path,
+        stop: &AtomicBool,
+        in_memory: usize,
+    ) -> std::io::Result<Spool> {
         let mut mem = Vec::new();
         let mut buf = vec![0u8; 64 << 10];
         let mut file: Option<File> = None;

@@ -29,7 +29,12 @@ fn pages_len(archive: &Path) -> u64 {
     ar.entries()
         .unwrap()
         .map(|e| e.unwrap())
-        .filter(|e| e.path().unwrap().to_string_lossy().starts_with("checkpoint/pages-"))
+        .filter(|e| {
+            e.path()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("checkpoint/pages-")
+        })
         .map(|e| e.size())
         .max()
         .unwrap_or(0)
@@ -63,17 +68,29 @@ async fn concurrent_checkpoints_share_one_budget() {
     let delta = |s: &str| value(&after, s) - value(&before, s);
     let held = delta("ckpt_shim_checkpoint_held_bytes_total");
     let through = delta("ckpt_shim_checkpoint_frozen_written_bytes_total");
-    assert!(held > (32 << 20) as f64 && held <= CEILING, "held {held} of a 100 MiB ceiling");
-    assert!(through > (16 << 20) as f64, "what did not fit was written through: {through}");
+    assert!(
+        held > (32 << 20) as f64 && held <= CEILING,
+        "held {held} of a 100 MiB ceiling"
+    );
+    assert!(
+        through > (16 << 20) as f64,
+        "what did not fit was written through: {through}"
+    );
     assert_eq!(value(&after, "ckpt_shim_hold_in_use_bytes"), 0.0, "{after}");
     assert_eq!(value(&after, "ckpt_shim_hold_budget_bytes"), CEILING);
     for (id, archive) in [(&a, &pa), (&b, &pb)] {
-        assert!(pages_len(archive) >= 64 << 20, "{id}: every touched page is in");
+        assert!(
+            pages_len(archive) >= 64 << 20,
+            "{id}: every touched page is in"
+        );
         ckpt_shim::inspect::inspect(archive).unwrap();
         env.assert_running(&mut c, id).await;
     }
     let now = rss(env.shim_pid());
-    assert!(now < idle + (24 << 20), "the shim holds {now} bytes, {idle} before");
+    assert!(
+        now < idle + (24 << 20),
+        "the shim holds {now} bytes, {idle} before"
+    );
 }
 
 /// The longest gap the probe in `c` saw, in µs, once it has written it.
@@ -81,7 +98,11 @@ fn probe_verdict(c: &common::Runc, name: &str) -> u64 {
     let path = c.overlay.rootfs.join("tmp").join(name);
     let t = std::time::Instant::now();
     while !path.exists() {
-        assert!(t.elapsed().as_secs() < 30, "the probe never wrote {}", path.display());
+        assert!(
+            t.elapsed().as_secs() < 30,
+            "the probe never wrote {}",
+            path.display()
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
@@ -90,9 +111,16 @@ fn probe_verdict(c: &common::Runc, name: &str) -> u64 {
 
 /// The pause as the container sees it (hack/workloads/pauseprobe.c spinning
 /// inside it) of one checkpoint with `pages` into `location`.
-async fn pause_of(c: &common::Runc, n: usize, pages: ckpt_shim::hold::HoldPages, location: &Path) -> u64 {
+async fn pause_of(
+    c: &common::Runc,
+    n: usize,
+    pages: ckpt_shim::hold::HoldPages,
+    location: &Path,
+) -> u64 {
     let name = format!("pause-{n}");
-    c.exec(&format!("/bin/pauseprobe /tmp/{name} 5 </dev/null >/dev/null 2>&1 &"));
+    c.exec(&format!(
+        "/bin/pauseprobe /tmp/{name} 5 </dev/null >/dev/null 2>&1 &"
+    ));
     std::thread::sleep(std::time::Duration::from_millis(300));
     let found = ckpt_shim::locate::from_runtime_root(&c.root, &c.id).unwrap();
     let opts = ckpt_shim::checkpoint::Options {
@@ -103,7 +131,9 @@ async fn pause_of(c: &common::Runc, n: usize, pages: ckpt_shim::hold::HoldPages,
         }),
         ..common::checkpoint_opts(location)
     };
-    let r = ckpt_shim::checkpoint::checkpoint(&found, &opts).await.unwrap();
+    let r = ckpt_shim::checkpoint::checkpoint(&found, &opts)
+        .await
+        .unwrap();
     r.cleanup.wait();
     std::fs::remove_file(location).unwrap();
     probe_verdict(c, &name)

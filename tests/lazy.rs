@@ -498,7 +498,9 @@ fn pushed_pages(log: &str) -> u64 {
 struct Starting {
     pod: (String, cri::PodSandboxConfig),
     id: String,
-    start: tokio::task::JoinHandle<Result<tonic::Response<cri::StartContainerResponse>, tonic::Status>>,
+    start: tokio::task::JoinHandle<
+        Result<tonic::Response<cri::StartContainerResponse>, tonic::Status>,
+    >,
     /// The counter's count before and after its checkpoint.
     counts: (u64, u64),
 }
@@ -530,7 +532,11 @@ async fn full_restore_mid_push(env: &mut Env, c: &mut Client, out: &Path, name: 
     let s = full_restore_starting(env, c, out, name).await;
     let t = Instant::now();
     while !lazy_log(env, &s.id).contains("runc restore done") {
-        assert!(t.elapsed() < Duration::from_secs(60), "{}", lazy_log(env, &s.id));
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{}",
+            lazy_log(env, &s.id)
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
     s
@@ -542,7 +548,8 @@ async fn a_full_restore_whose_page_source_dies_fails_its_start_and_leaves_nothin
     let mut c = env.client().await;
     let out = out_dir();
     // Once the process is restored, while its pages go in: the page source dies.
-    let Starting { id, start, .. } = full_restore_mid_push(&mut env, &mut c, out.path(), "full-dies").await;
+    let Starting { id, start, .. } =
+        full_restore_mid_push(&mut env, &mut c, out.path(), "full-dies").await;
     let staged = env.dir.join("restore").join(&id);
     let init = env.rootfs(&id).with_file_name("init.pid");
     let restored: i32 = std::fs::read_to_string(&init)
@@ -728,7 +735,8 @@ async fn a_full_restore_removed_while_its_pages_go_in_leaves_nothing() {
     let mut env = Env::start();
     let mut c = env.client().await;
     let out = out_dir();
-    let Starting { pod, id, start, .. } = full_restore_mid_push(&mut env, &mut c, out.path(), "full-gone").await;
+    let Starting { pod, id, start, .. } =
+        full_restore_mid_push(&mut env, &mut c, out.path(), "full-gone").await;
     let staged = env.dir.join("restore").join(&id);
     // Removal while the pages go in: refused (the start is under way) or
     // done; either way, once the start has answered, nothing may stay.

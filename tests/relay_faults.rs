@@ -364,7 +364,10 @@ async fn upstream_answers(env: &Env) {
         if up.version(cri::VersionRequest::default()).await.is_ok() {
             return;
         }
-        assert!(t.elapsed() < Duration::from_secs(30), "containerd never answered");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "containerd never answered"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -45,7 +45,10 @@ fn the_slow_disk_gives_back_what_was_written_and_holds_writes_to_its_rate() {
         took.as_secs_f64() >= floor,
         "64 MiB written in {took:?} through a 50 MB/s throttle"
     );
-    assert!(std::fs::read(&f).unwrap() == want, "read back through the mount");
+    assert!(
+        std::fs::read(&f).unwrap() == want,
+        "read back through the mount"
+    );
     assert!(
         std::fs::read(fs.backing.join("f")).unwrap() == want,
         "the backing file"
@@ -93,7 +96,10 @@ fn the_slow_disk_does_what_the_archive_writer_does() {
             .open(p)
     };
     let f = open(&tmp, libc::O_CREAT | libc::O_EXCL).unwrap();
-    assert_eq!(io_errno(open(&tmp, libc::O_CREAT | libc::O_EXCL)), Some(libc::EEXIST));
+    assert_eq!(
+        io_errno(open(&tmp, libc::O_CREAT | libc::O_EXCL)),
+        Some(libc::EEXIST)
+    );
     assert_eq!(f.metadata().unwrap().permissions().mode() & 0o777, 0o600);
     // A pipe spliced in, then a copy_file_range inside the mount.
     let (r, w) = nix::unistd::pipe().unwrap();
@@ -105,13 +111,24 @@ fn the_slow_disk_does_what_the_archive_writer_does() {
     let g = open(&fs.mnt.join("copy"), libc::O_CREAT | libc::O_EXCL).unwrap();
     at = 0;
     // SAFETY: as above.
-    let n = unsafe { libc::copy_file_range(f.as_raw_fd(), &mut at, g.as_raw_fd(), &mut at2, 4096, 0) };
-    assert_eq!(n, 4096, "copy_file_range: {}", std::io::Error::last_os_error());
+    let n =
+        unsafe { libc::copy_file_range(f.as_raw_fd(), &mut at, g.as_raw_fd(), &mut at2, 4096, 0) };
+    assert_eq!(
+        n,
+        4096,
+        "copy_file_range: {}",
+        std::io::Error::last_os_error()
+    );
     f.sync_data().unwrap();
     // Reopened as adoption does, and refused an inserted range: FUSE passes
     // only keep-size, punch-hole and zero-range fallocate modes.
     let again = open(&tmp, 0).unwrap();
-    let insert = nix::fcntl::fallocate(&again, nix::fcntl::FallocateFlags::FALLOC_FL_INSERT_RANGE, 0, 4096);
+    let insert = nix::fcntl::fallocate(
+        &again,
+        nix::fcntl::FallocateFlags::FALLOC_FL_INSERT_RANGE,
+        0,
+        4096,
+    );
     assert_eq!(insert, Err(nix::errno::Errno::EOPNOTSUPP));
     // Renamed into place, never over an existing file.
     let dir = std::fs::File::open(&fs.mnt).unwrap();
@@ -122,7 +139,10 @@ fn the_slow_disk_does_what_the_archive_writer_does() {
     nix::unistd::fsync(&dir).unwrap();
     let mut buf = [0u8; 4096];
     g.read_exact_at(&mut buf, 0).unwrap();
-    assert_eq!((std::fs::read(&target).unwrap(), buf), (vec![7u8; 4096], [7u8; 4096]));
+    assert_eq!(
+        (std::fs::read(&target).unwrap(), buf),
+        (vec![7u8; 4096], [7u8; 4096])
+    );
     // A unix socket bound and reached in a directory on the mount (CRIU's
     // image streamer connects to the shim's so).
     std::fs::create_dir(fs.mnt.join("staging")).unwrap();

@@ -64,7 +64,11 @@ impl SlowFs {
         Ok((ino, sys::attr(ino, &st)))
     }
 
-    pub(crate) fn getattr_of(&self, ino: INodeNo, fh: Option<FileHandle>) -> Result<FileAttr, Errno> {
+    pub(crate) fn getattr_of(
+        &self,
+        ino: INodeNo,
+        fh: Option<FileHandle>,
+    ) -> Result<FileAttr, Errno> {
         let st = match fh {
             Some(fh) => sys::stat(&*self.files.get(fh.0)?)?,
             None => sys::stat(&*self.inodes.fd(ino)?)?,
@@ -123,8 +127,8 @@ impl SlowFs {
             (flags | libc::O_CREAT | libc::O_CLOEXEC)
                 & !(libc::O_APPEND | libc::O_NOCTTY | libc::O_DIRECT),
         );
-        let fd =
-            nix::fcntl::openat(&*dir, name, flags, Mode::from_bits_truncate(mode)).map_err(errno)?;
+        let fd = nix::fcntl::openat(&*dir, name, flags, Mode::from_bits_truncate(mode))
+            .map_err(errno)?;
         let file = File::from(fd);
         let path = sys::reopen(&file, libc::O_PATH)?;
         let (_, attr) = self.remember(path.into())?;
@@ -154,7 +158,10 @@ impl SlowFs {
         Ok(data.len() as u32)
     }
 
-    pub(crate) fn readdir_of(&self, ino: INodeNo) -> Result<Vec<(u64, FileType, std::ffi::OsString)>, Errno> {
+    pub(crate) fn readdir_of(
+        &self,
+        ino: INodeNo,
+    ) -> Result<Vec<(u64, FileType, std::ffi::OsString)>, Errno> {
         let fd = self.inodes.fd(ino)?;
         let mut out = vec![
             (ino.0, FileType::Directory, ".".into()),
@@ -169,7 +176,12 @@ impl SlowFs {
     }
 
     /// Copies inside the backing file system, at the throttled rate.
-    pub(crate) fn copy_of(&self, from: (FileHandle, u64), to: (FileHandle, u64), len: u64) -> Result<u32, Errno> {
+    pub(crate) fn copy_of(
+        &self,
+        from: (FileHandle, u64),
+        to: (FileHandle, u64),
+        len: u64,
+    ) -> Result<u32, Errno> {
         let (src, dst) = (self.files.get(from.0 .0)?, self.files.get(to.0 .0)?);
         let len = len.min(u32::MAX as u64 & !0xfff);
         self.throttle.take(len);

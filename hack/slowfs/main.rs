@@ -48,7 +48,9 @@ fn main() {
 
 fn run(a: &Args) -> std::io::Result<()> {
     if a.rate_mb <= 0.0 || a.threads == 0 {
-        return Err(std::io::Error::other("--rate-mb and --threads must be positive"));
+        return Err(std::io::Error::other(
+            "--rate-mb and --threads must be positive",
+        ));
     }
     // Modes reach the backing files as the callers asked (the kernel applied
     // their umask already).

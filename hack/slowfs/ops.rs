@@ -253,7 +253,9 @@ impl Filesystem for SlowFs {
     }
 
     fn opendir(&self, _: &Request, ino: INodeNo, _: OpenFlags, reply: ReplyOpen) {
-        let r = self.readdir_of(ino).map(|entries| self.dirs.insert(entries));
+        let r = self
+            .readdir_of(ino)
+            .map(|entries| self.dirs.insert(entries));
         reply_opened(reply, r);
     }
 
@@ -371,7 +373,10 @@ impl Filesystem for SlowFs {
         _: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        reply_written(reply, self.copy_of((fh_in, offset_in), (fh_out, offset_out), len));
+        reply_written(
+            reply,
+            self.copy_of((fh_in, offset_in), (fh_out, offset_out), len),
+        );
     }
 }
 

@@ -103,9 +103,13 @@ impl Policy {
         }
         let room = node.available.saturating_sub(self.floor);
         let cgroup = node.cgroup_room.unwrap_or(u64::MAX);
-        match [(ceiling, "ceiling"), (room, "MemAvailable above the floor"), (cgroup, "memory cgroup")]
-            .into_iter()
-            .min_by_key(|(n, _)| *n)
+        match [
+            (ceiling, "ceiling"),
+            (room, "MemAvailable above the floor"),
+            (cgroup, "memory cgroup"),
+        ]
+        .into_iter()
+        .min_by_key(|(n, _)| *n)
         {
             Some(least) => least,
             None => unreachable!("three candidates"),
@@ -219,7 +223,10 @@ fn own_cgroup_room() -> Option<u64> {
         std::fs::read_to_string(p).ok()?.trim().parse().ok()
     };
     let (limit, usage) = match super::own_memory_cgroup()? {
-        (dir, true) => (read(dir.join("memory.max"))?, read(dir.join("memory.current"))?),
+        (dir, true) => (
+            read(dir.join("memory.max"))?,
+            read(dir.join("memory.current"))?,
+        ),
         (dir, false) => (
             read(dir.join("memory.limit_in_bytes"))?,
             read(dir.join("memory.usage_in_bytes"))?,
@@ -251,7 +258,11 @@ mod tests {
         let second = b.reserve_on(200 << 20, &node(20));
         assert_eq!((first.bytes, second.bytes), (200 << 20, 100 << 20));
         assert!(first.short.is_none());
-        assert!(second.short.as_deref().unwrap().contains("ceiling"), "{:?}", second.short);
+        assert!(
+            second.short.as_deref().unwrap().contains("ceiling"),
+            "{:?}",
+            second.short
+        );
         drop(first);
         assert_eq!(b.reserve_on(250 << 20, &node(20)).bytes, 200 << 20);
         drop(second);

@@ -141,11 +141,22 @@ impl Hold {
                 // SAFETY: both fds are open; the offset is a local the kernel advances.
                 Some(fd) => unsafe {
                     let mut off = filled as i64;
-                    libc::splice(pipe.as_raw_fd(), std::ptr::null_mut(), fd, &mut off, (cap - filled).min(1 << 20), libc::SPLICE_F_MOVE)
+                    libc::splice(
+                        pipe.as_raw_fd(),
+                        std::ptr::null_mut(),
+                        fd,
+                        &mut off,
+                        (cap - filled).min(1 << 20),
+                        libc::SPLICE_F_MOVE,
+                    )
                 },
                 // SAFETY: reading into our own buffer, within its length.
                 None => unsafe {
-                    libc::read(pipe.as_raw_fd(), buf[filled..].as_mut_ptr().cast(), cap - filled)
+                    libc::read(
+                        pipe.as_raw_fd(),
+                        buf[filled..].as_mut_ptr().cast(),
+                        cap - filled,
+                    )
                 },
             };
             match n {
@@ -219,7 +230,13 @@ const CHUNK: usize = 32 << 20;
 /// Copies `len` bytes of `src` at `from` into `dst` at `to` in the kernel
 /// (sendfile: the memory file's pages go to the page cache with one copy and
 /// no mapping of ours). `dst`'s file position is moved.
-fn send_range(src: &std::fs::File, from: u64, dst: &std::fs::File, to: u64, len: usize) -> std::io::Result<()> {
+fn send_range(
+    src: &std::fs::File,
+    from: u64,
+    dst: &std::fs::File,
+    to: u64,
+    len: usize,
+) -> std::io::Result<()> {
     use std::io::Seek;
     (&*dst).seek(std::io::SeekFrom::Start(to))?;
     let mut off = from as libc::off_t;
@@ -350,7 +367,11 @@ impl Thawed {
     }
 
     pub fn is_open(&self) -> bool {
-        self.0 .0.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+        self.0
+             .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
     }
 
     /// Blocks until it opens; `false` if the checkpoint was abandoned.

@@ -25,7 +25,14 @@ pub fn binary() -> PathBuf {
         other => other,
     };
     let out = Command::new(option_env!("CARGO").unwrap_or("cargo"))
-        .args(["build", "--quiet", "--example", "slowfs", "--profile", profile])
+        .args([
+            "build",
+            "--quiet",
+            "--example",
+            "slowfs",
+            "--profile",
+            profile,
+        ])
         .arg("--manifest-path")
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
         .env("CARGO_TARGET_DIR", profile_dir.parent().unwrap())
@@ -80,7 +87,10 @@ impl SlowFs {
         while !(std::fs::metadata(&self.mnt).is_ok() && mounted(&self.mnt)) {
             let c = self.child.as_mut().unwrap();
             assert!(c.try_wait().unwrap().is_none(), "slowfs exited");
-            assert!(t.elapsed() < Duration::from_secs(20), "slowfs did not mount");
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "slowfs did not mount"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -98,7 +108,11 @@ impl SlowFs {
         kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM).unwrap();
         let st = wait(&mut c, Duration::from_secs(20)).expect("slowfs did not stop");
         assert!(st.success(), "slowfs: {st}");
-        assert!(!mounted(&self.mnt), "slowfs left {} mounted", self.mnt.display());
+        assert!(
+            !mounted(&self.mnt),
+            "slowfs left {} mounted",
+            self.mnt.display()
+        );
     }
 }
 
