@@ -185,7 +185,12 @@ impl Env {
         let up = upstream
             .map(Path::to_path_buf)
             .unwrap_or_else(|| containerd_sock.clone());
-        let cgroup_parent = format!("/ckpt-shim-test-pods-{}", std::process::id());
+        // One parent per environment: a finished one's clean-up removes its
+        // parent, which must not be another running environment's too.
+        let cgroup_parent = format!(
+            "/ckpt-shim-test-pods-{}",
+            dir.file_name().unwrap().to_string_lossy().replace('.', "-")
+        );
         let config = dir.join("shim.toml");
         std::fs::write(&config, toml).unwrap();
         let mut env = Env {

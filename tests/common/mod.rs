@@ -174,7 +174,10 @@ impl Runc {
         let bundle = tmp.path().join("bundle");
         std::fs::create_dir_all(&bundle).unwrap();
         let overlay = Overlay::new(&bundle);
-        let cgroup = format!("/ckpt-shim-test/{id}-{}", std::process::id());
+        // A parent of its own: the Drop of a container removes its parent when
+        // empty, and a parent shared with tests running beside it would go
+        // between runc's making of the parent and of the leaf under it.
+        let cgroup = format!("/ckpt-shim-test-{id}-{}/{id}", std::process::id());
         let mib = spec.mib.to_string();
         let mut args = vec!["/bin/counter", "/tmp/count", &mib, "50"];
         args.extend(spec.extra_args.iter().map(String::as_str));
