@@ -48,7 +48,8 @@ fn pages_len(archive: &Path) -> u64 {
 async fn concurrent_checkpoints_share_one_budget() {
     const CEILING: f64 = (100 << 20) as f64;
     let port = free_port();
-    let toml = format!("metrics_listen = \"127.0.0.1:{port}\"\nhold_ceiling_mib = 100\n");
+    // A number, not auto: auto would write these through on the normal disk.
+    let toml = format!("metrics_listen = \"127.0.0.1:{port}\"\nhold_pages = 100\n");
     let mut env = Env::start_configured(&toml);
     let mut c = env.client().await;
     let pod = env.run_pod(&mut c, "hold-share", true).await;
@@ -110,13 +111,14 @@ fn probe_verdict(c: &common::Runc, name: &str) -> u64 {
 }
 
 /// The pause as the container sees it (hack/workloads/pauseprobe.c spinning
-/// inside it) of one checkpoint with `pages` into `location`.
+/// inside it) of one checkpoint with `pages` into `location`, and the bytes
+/// of pages it held.
 async fn pause_of(
     c: &common::Runc,
     n: usize,
     pages: ckpt_shim::hold::HoldPages,
     location: &Path,
-) -> u64 {
+) -> (u64, u64) {
     let name = format!("pause-{n}");
     c.exec(&format!(
         "/bin/pauseprobe /tmp/{name} 5 </dev/null >/dev/null 2>&1 &"
@@ -136,7 +138,7 @@ async fn pause_of(
         .unwrap();
     r.cleanup.wait();
     std::fs::remove_file(location).unwrap();
-    probe_verdict(c, &name)
+    (probe_verdict(c, &name), r.pages_held)
 }
 
 /// On a disk that takes 50 MB/s, a 64 MiB container's pause from inside is
@@ -158,8 +160,12 @@ async fn held_pages_keep_a_slow_disk_out_of_the_pause() {
     let location = slow.mnt.join("c.tar");
     let (mut held, mut through) = (Vec::new(), Vec::new());
     for round in 0..2 {
-        held.push(pause_of(&c, 2 * round, HoldPages::Auto, &location).await);
-        through.push(pause_of(&c, 2 * round + 1, HoldPages::Mib(0), &location).await);
+        let (pause, pages_held) = pause_of(&c, 2 * round, HoldPages::Auto, &location).await;
+        assert!(pages_held > 32 << 20, "auto holds on a strictly limited device: {pages_held}");
+        held.push(pause);
+        let (pause, pages_held) = pause_of(&c, 2 * round + 1, HoldPages::Mib(0), &location).await;
+        assert_eq!(pages_held, 0);
+        through.push(pause);
     }
     let worst_held = held.iter().max().unwrap();
     let best_through = through.iter().min().unwrap();
@@ -167,5 +173,29 @@ async fn held_pages_keep_a_slow_disk_out_of_the_pause() {
         worst_held < best_through,
         "pauses (µs) held {held:?}, written through {through:?}"
     );
+    c.assert_running();
+}
+
+/// Where the page cache takes the pages without meeting the disk (the normal
+/// disk, far below the background dirty threshold), auto writes them through:
+/// a second copy would only make the checkpoint longer. A ceiling in MiB holds
+/// there all the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn auto_writes_through_where_the_page_cache_takes_the_pages() {
+    use ckpt_shim::hold::HoldPages;
+    common::require(&["runc", "criu", "cc"]);
+    let c = common::Runc::start_with(
+        "hold-auto-fast",
+        common::Spec {
+            mib: 32,
+            ..Default::default()
+        },
+    );
+    let out = common::out_dir();
+    let location = out.path().join("c.tar");
+    let (_, auto) = pause_of(&c, 0, HoldPages::Auto, &location).await;
+    assert_eq!(auto, 0, "auto held pages on the normal disk");
+    let (_, ceiling) = pause_of(&c, 1, HoldPages::Mib(1024), &location).await;
+    assert!(ceiling > 16 << 20, "a ceiling holds: {ceiling}");
     c.assert_running();
 }
