@@ -136,14 +136,11 @@ SHIMS = {
     "A-wt": "durable = false\nhold_pages = 0\n",
     "A-wt-d": "hold_pages = 0\n",
     "A-h": "durable = false\nhold_pages = 8192\n",
-    "A-h-nfa": "durable = false\nhold_pages = 8192\nhold_fault_ahead = 0\n",
 }
 # Held against written through, the same otherwise: (auto, written through, what).
 PAIRS = [("A", "A-wt", "CRI, no fsync"), ("A-d", "A-wt-d", "CRI, durable"), ("A-h", "A-wt", "CRI, always held, no fsync"),
          ("A-nf", "A-nf-wt", "CLI, no fsync"), ("A-cli", "A-cli-wt", "CLI, fsync"),
          ("A-enc", "A-enc-wt", "CLI, encrypted, no fsync"), ("A-stg-nf", "A-stg-nf-wt", "CLI staged, no fsync")]
-# Held with its memory faulted in ahead (the default) against without: (ahead, not, what).
-AHEAD_PAIRS = [("A-h", "A-h-nfa", "CRI, always held, no fsync")]
 # On the slow disk against its twin on the normal disk: (slow, normal, what).
 SLOW_PAIRS = [("A-slow", "A", "CRI, auto"), ("A-wt-slow", "A-wt", "CRI, written through"),
               ("A-nf-slow", "A-nf", "CLI, auto"), ("A-nf-wt-slow", "A-nf-wt", "CLI, written through")]
@@ -450,7 +447,6 @@ class Bench:
             ("A-wt", "CRI, written through, no fsync", False, cri("A-wt")),
             ("A-wt-d", "CRI, written through (fdatasync)", False, cri("A-wt-d")),
             ("A-h", "CRI, always held (hold_pages = 8192), no fsync", False, cri("A-h")),
-            ("A-h-nfa", "CRI, always held, not faulted in ahead, no fsync", False, cri("A-h-nfa")),
             ("A-nf", "CLI, auto, no fsync", False, runc(fsync=False)),
             ("A-cli", "CLI, auto (fdatasync)", False, runc(fsync=True)),
             ("A-nf-wt", "CLI, written through, no fsync", False, runc(fsync=False, hold=0)),
@@ -547,14 +543,6 @@ class Bench:
                 if (mib, a) in self.results or (mib, wt) in self.results:
                     lines.append(f"| {tiny(mib)} | {a} / {wt} ({what}) | {self.ratio(mib, a, 'B', 'pause', goal=0.5)} | {self.ratio(mib, wt, 'B', 'pause')} | "
                                  f"{self.ratio(mib, a, wt, 'pause')} | {self.ratio(mib, a, wt, goal=1.2)} | {mbr(self.med(mib, a, 'frozen_written'))} |")
-        lines += ["", "The hold faulted in ahead of the copy (the default, `hold_fault_ahead = 2`) against not (`0`), same run.", "",
-                  "| MiB | ahead vs not | pause ahead / not | total ahead / not | pause ahead / B | pause not / B |",
-                  "|---|---|---|---|---|---|"]
-        for mib in self.sizes:
-            for a, n, what in AHEAD_PAIRS:
-                if (mib, a) in self.results and (mib, n) in self.results:
-                    lines.append(f"| {tiny(mib)} | {a} / {n} ({what}) | {self.ratio(mib, a, n, 'pause')} | {self.ratio(mib, a, n)} | "
-                                 f"{self.ratio(mib, a, 'B', 'pause', goal=0.5)} | {self.ratio(mib, n, 'B', 'pause')} |")
         lines += ["", f"On the slow disk ({self.slow_mb:g} MB/s slowfs) against the same variant on the normal disk. Goal (issue 21): auto's pause ≤ 1.2× the normal disk's.", "",
                   "| MiB | slow / normal | pause normal ms | pause slow ms | pause slow / normal | total slow / normal | written while frozen, slow MiB |",
                   "|---|---|---|---|---|---|---|"]

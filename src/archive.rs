@@ -916,8 +916,8 @@ mod tests {
             let thawed = thawed.clone();
             std::thread::spawn(move || {
                 let mut hold = match in_file {
-                    true => crate::hold::Hold::in_file(2 << 20, 2).unwrap(),
-                    false => crate::hold::Hold::new(2 << 20, 2).unwrap(),
+                    true => crate::hold::Hold::in_file(2 << 20).unwrap(),
+                    false => crate::hold::Hold::new(2 << 20).unwrap(),
                 };
                 let stop = AtomicBool::new(false);
                 let drained = move || drained_tx.send(()).unwrap();

@@ -124,7 +124,6 @@ pub struct FileConfig {
     pub hold_ceiling_mib: Option<u64>,
     pub hold_floor_mib: Option<u64>,
     pub hold_pressure_pct: Option<f64>,
-    pub hold_fault_ahead: Option<usize>,
     pub encrypt_to: Option<Vec<String>>,
     pub identities: Option<Vec<PathBuf>>,
     pub metrics_listen: Option<String>,
@@ -184,9 +183,6 @@ impl FileConfig {
         }
         if let Some(p) = self.hold_pressure_pct {
             h.pressure_pct = p;
-        }
-        if let Some(n) = self.hold_fault_ahead {
-            h.fault_ahead = n;
         }
         if self.metrics_listen.is_some() {
             c.metrics_listen = self.metrics_listen;

@@ -63,15 +63,11 @@ pub struct Policy {
     pub floor: u64,
     /// PSI memory `some avg10` (percent) at which nothing is held.
     pub pressure_pct: f64,
-    /// Threads that fault a hold in ahead of its filling (see
-    /// [`super::ahead`]); 0 leaves it to the copy.
-    pub fault_ahead: usize,
 }
 
 pub const DEFAULT_CEILING_MIB: u64 = 8 << 10;
 pub const DEFAULT_FLOOR_MIB: u64 = 2 << 10;
 pub const DEFAULT_PRESSURE_PCT: f64 = 10.0;
-pub const DEFAULT_FAULT_AHEAD: usize = 2;
 
 impl Default for Policy {
     fn default() -> Self {
@@ -80,7 +76,6 @@ impl Default for Policy {
             ceiling: DEFAULT_CEILING_MIB << 20,
             floor: DEFAULT_FLOOR_MIB << 20,
             pressure_pct: DEFAULT_PRESSURE_PCT,
-            fault_ahead: DEFAULT_FAULT_AHEAD,
         }
     }
 }
@@ -184,7 +179,6 @@ impl Budget {
                         budget: Some(self.clone()),
                         bytes: 0,
                         short: None,
-                        fault_ahead: self.policy.fault_ahead,
                         through: want,
                     };
                 }
@@ -220,7 +214,6 @@ impl Budget {
             budget: Some(self.clone()),
             bytes,
             short,
-            fault_ahead: self.policy.fault_ahead,
             through: 0,
         }
     }
@@ -233,8 +226,6 @@ pub struct Reservation {
     pub bytes: u64,
     /// Why less than asked was given, if it was.
     pub short: Option<String>,
-    /// Threads to fault the hold in with.
-    pub fault_ahead: usize,
     /// Auto chose to write through this many bytes: the page cache takes them.
     pub through: u64,
 }

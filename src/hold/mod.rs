@@ -2,15 +2,15 @@
 //! for the disk.
 //!
 //! While the container is frozen, CRIU can go no faster than the streamer reads
-//! its pipes. Writing the pages into the archive's page cache means, once the
-//! kernel's dirty limits are reached, waiting for writeback: the pause then
-//! tracks the disk. Copying them into memory runs at memory speed. So the shim
-//! makes a hold as large as the container's memory (within the [`budget`]
-//! every checkpoint in flight shares) before the freeze, faults it in from
-//! then on ([`ahead`]), reads the pages image into it while CRIU is held, and
-//! writes it into the archive once the container runs again ([`Thawed`]).
-//! What does not fit goes straight to the archive, as without a hold, and is
-//! counted as written while frozen.
+//! its pipes. Writing the pages into the archive's page cache means allocating
+//! every page of the file on the way, and once the kernel's dirty limits are
+//! reached, waiting for writeback: the pause then tracks the disk. Copying them
+//! into memory that is already faulted in runs at memory speed. So before the
+//! freeze, the shim faults in a buffer as large as the container's memory
+//! (within the [`budget`] every checkpoint in flight shares), reads the pages
+//! image into it while CRIU is held, and writes it into the archive once the
+//! container runs again ([`Thawed`]). What does not fit goes straight to the
+//! archive, as without a buffer, and is counted as written while frozen.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
@@ -18,33 +18,27 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use crate::error::{Context, Result};
 
-pub mod ahead;
 pub mod budget;
 pub mod writeback;
-use ahead::FaultAhead;
 pub use budget::{Budget, HoldPages, Policy, Reservation};
 
 /// Memory that holds a pages image while the container is frozen, with the
 /// share of the budget it stands for.
 pub struct Hold {
     mem: Mem,
-    /// Faulting it in until the fill ends; stopped before it is written out.
-    ahead: Option<FaultAhead>,
     _reservation: Reservation,
 }
 
 enum Mem {
-    /// Anonymous memory, for what needs the bytes as a buffer (a sealed
-    /// checkpoint's parts).
+    /// Anonymous memory faulted in before the freeze, for what needs the
+    /// bytes as a buffer (a sealed checkpoint's parts).
     Buffer { ptr: *mut u8, len: usize },
-    /// A memory file (memfd) the pipe is spliced into, up to `cap` bytes: it
-    /// is not dirty page cache, so no writeback throttles it. `map` is a
-    /// shared mapping of it while it is faulted in, else null.
-    File {
-        file: std::fs::File,
-        cap: usize,
-        map: *mut u8,
-    },
+    /// A memory file (memfd) the pipe is spliced into, up to `cap` bytes.
+    /// Nothing is faulted in first: a full page written into a memory file
+    /// is allocated but never zeroed, and it is not dirty page cache, so no
+    /// writeback throttles it. Faulting in a buffer first cost about 0.5 s per
+    /// GiB here before the checkpoint could start, for a pause no shorter.
+    File { file: std::fs::File, cap: usize },
 }
 
 // SAFETY: the mapping is owned by this value and used by one thread at a time.
@@ -58,47 +52,26 @@ impl Hold {
             return Ok(None);
         }
         let mut h = match buffer {
-            true => Hold::new(r.bytes as usize, r.fault_ahead)?,
-            false => Hold::in_file(r.bytes as usize, r.fault_ahead)?,
+            true => Hold::new(r.bytes as usize)?,
+            false => Hold::in_file(r.bytes as usize)?,
         };
         h._reservation = r;
         Ok(Some(h))
     }
 
-    /// A memory file taking up to `cap` bytes, faulted in from now on by
-    /// `threads` threads.
-    pub fn in_file(cap: usize, threads: usize) -> Result<Hold> {
-        let file = memfd(c"ckpt-shim-pages")?;
-        file.set_len(cap as u64).ctx(|| format!("size a memory file to {cap} bytes"))?;
-        // SAFETY: a shared mapping of our own memory file, within its size;
-        // checked below, unmapped once the faulting stops.
-        let map = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                cap,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        // Without the mapping, the splice faults in what it writes.
-        let map = match map {
-            libc::MAP_FAILED => std::ptr::null_mut(),
-            m => m.cast::<u8>(),
-        };
-        // SAFETY: unmapped only in `stop_ahead`, after the threads are joined.
-        let ahead =
-            (!map.is_null() && threads > 0).then(|| unsafe { FaultAhead::start(map, cap, threads) });
+    /// A memory file taking up to `cap` bytes.
+    pub fn in_file(cap: usize) -> Result<Hold> {
         Ok(Hold {
-            mem: Mem::File { file, cap, map },
-            ahead,
+            mem: Mem::File {
+                file: memfd(c"ckpt-shim-pages")?,
+                cap,
+            },
             _reservation: Reservation::default(),
         })
     }
 
-    /// Maps `len` bytes, faulted in from now on by `threads` threads.
-    pub fn new(len: usize, threads: usize) -> Result<Hold> {
+    /// Maps and faults in `len` bytes.
+    pub fn new(len: usize) -> Result<Hold> {
         // SAFETY: a fresh private anonymous mapping; checked below.
         let ptr = unsafe {
             libc::mmap(
@@ -114,36 +87,24 @@ impl Hold {
             return Err(std::io::Error::last_os_error())
                 .ctx(|| format!("map {len} bytes to hold pages"));
         }
-        // No MADV_HUGEPAGE: huge pages come from free 2 MiB blocks, which are
-        // what a VM balloon with free page reporting has handed back to the
-        // host, so touching them first costs 1-3 s per GiB here (against 0.5 s
-        // for small pages taken from what the guest kept), and varies 10×.
-        Ok(Hold {
+        let hold = Hold {
             mem: Mem::Buffer {
                 ptr: ptr.cast(),
                 len,
             },
-            // SAFETY: the buffer is unmapped in Drop, after the threads are joined.
-            ahead: (threads > 0).then(|| unsafe { FaultAhead::start(ptr.cast(), len, threads) }),
             _reservation: Reservation::default(),
-        })
-    }
-
-    /// Stops faulting in, and gives back what was faulted in past `filled`:
-    /// the fill has ended, and nothing may come back into what is written out.
-    fn stop_ahead(&mut self, filled: usize) {
-        let Some(mut ahead) = self.ahead.take() else {
-            return;
         };
-        ahead.stop();
-        if let Mem::File { file, cap, map } = &mut self.mem {
-            if !map.is_null() {
-                // SAFETY: the mapping made in `in_file`, which no thread uses now.
-                unsafe { libc::munmap(map.cast(), *cap) };
-            }
-            *map = std::ptr::null_mut();
-            let _ = file.set_len(filled as u64);
+        // No MADV_HUGEPAGE: huge pages come from free 2 MiB blocks, which are
+        // what a VM balloon with free page reporting has handed back to the
+        // host, so touching them first costs 1-3 s per GiB here (against 0.5 s
+        // for small pages taken from what the guest kept), and varies 10×.
+        const MADV_POPULATE_WRITE: libc::c_int = 23;
+        // SAFETY: as above; fails only if memory cannot be had, then we give up.
+        if unsafe { libc::madvise(ptr, len, MADV_POPULATE_WRITE) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .ctx(|| format!("fault in {len} bytes to hold pages"));
         }
+        Ok(hold)
     }
 
     pub fn len(&self) -> usize {
@@ -174,24 +135,9 @@ impl Hold {
             Mem::File { file, .. } => Some(file.as_raw_fd()),
             Mem::Buffer { .. } => None,
         };
-        let (filled, ended) = self.fill(pipe, cap, file_fd)?;
-        self.stop_ahead(filled);
-        Ok((filled, ended))
-    }
-
-    fn fill(
-        &mut self,
-        pipe: &OwnedFd,
-        cap: usize,
-        file_fd: Option<i32>,
-    ) -> std::io::Result<(usize, bool)> {
-        let ahead = self.ahead.take();
         let buf = self.as_mut_slice();
         let mut filled = 0;
-        let r = loop {
-            if filled >= cap {
-                break Ok((filled, false));
-            }
+        while filled < cap {
             let n = match file_fd {
                 // SAFETY: both fds are open; the offset is a local the kernel advances.
                 Some(fd) => unsafe {
@@ -215,23 +161,17 @@ impl Hold {
                 },
             };
             match n {
-                0 => break Ok((filled, true)),
-                n if n > 0 => {
-                    filled += n as usize;
-                    if let Some(a) = &ahead {
-                        a.filled(filled);
-                    }
-                }
+                0 => return Ok((filled, true)),
+                n if n > 0 => filled += n as usize,
                 _ => {
                     let e = std::io::Error::last_os_error();
                     if e.kind() != std::io::ErrorKind::Interrupted {
-                        break Err(e);
+                        return Err(e);
                     }
                 }
             }
-        };
-        self.ahead = ahead;
-        r
+        }
+        Ok((filled, false))
     }
 
     /// Writes the first `len` bytes into `file` at `at`, giving each chunk's
@@ -243,7 +183,6 @@ impl Hold {
     /// the checkpoint's total time.
     pub fn write_into(&mut self, file: &std::fs::File, at: u64, len: usize) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
-        self.stop_ahead(len);
         let mut done = 0;
         while done < len {
             let n = CHUNK.min(len - done);
@@ -323,7 +262,6 @@ fn send_range(
 
 impl Drop for Hold {
     fn drop(&mut self) {
-        self.stop_ahead(0);
         if let Mem::Buffer { ptr, len } = self.mem {
             // SAFETY: unmapping exactly what `new` mapped.
             unsafe { libc::munmap(ptr.cast(), len) };
@@ -496,7 +434,7 @@ mod tests {
 
     #[test]
     fn a_memory_file_takes_a_pipe_and_gives_it_back_in_place() {
-        let mut h = Hold::in_file(3 << 20, 2).unwrap();
+        let mut h = Hold::in_file(3 << 20).unwrap();
         let (r, w) = nix::unistd::pipe().unwrap();
         let data: Vec<u8> = (0..(5 << 19)).map(|i| (i % 251) as u8).collect();
         let sent = data.clone();
@@ -515,7 +453,7 @@ mod tests {
 
     #[test]
     fn a_hold_takes_what_a_pipe_carries_and_says_when_it_is_full() {
-        let mut h = Hold::new(1 << 20, 2).unwrap();
+        let mut h = Hold::new(1 << 20).unwrap();
         let (r, w) = nix::unistd::pipe().unwrap();
         let writer = std::thread::spawn(move || {
             let data: Vec<u8> = (0..(3 << 19)).map(|i| (i % 253) as u8).collect();
@@ -529,7 +467,7 @@ mod tests {
             .iter()
             .enumerate()
             .all(|(i, b)| *b == (i % 253) as u8));
-        let mut rest = Hold::new(1 << 20, 0).unwrap();
+        let mut rest = Hold::new(1 << 20).unwrap();
         let (n, ended) = rest.fill_from(&r).unwrap();
         writer.join().unwrap();
         assert!(ended && n == 1 << 19, "{n} {ended}");

@@ -64,6 +64,13 @@ impl Node {
     }
 }
 
+impl Node {
+    /// How much more the page cache takes before the background threshold.
+    pub fn headroom(&self) -> u64 {
+        self.background_threshold().saturating_sub(self.dirty)
+    }
+}
+
 /// Why `bytes` written while frozen into files under `dirs` would meet the
 /// disk, or `None` if the page cache takes them as memory.
 pub fn would_meet_disk(dirs: &[&Path], bytes: u64, node: &Node) -> Option<String> {
