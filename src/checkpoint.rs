@@ -360,16 +360,12 @@ pub struct Setup {
     gate: Option<freeze::Gate>,
 }
 
-/// Memory to hold `c`'s pages in during the pause, from the shared budget,
-/// when writing them into files under `dirs` would meet the disk.
-fn reserve_hold(c: &Container, opts: &Options, dirs: &[&Path]) -> crate::hold::Reservation {
+/// Memory to hold `c`'s pages in during the pause, from the shared budget.
+fn reserve_hold(c: &Container, opts: &Options) -> crate::hold::Reservation {
     let want = crate::hold::estimate(c.pid).unwrap_or(0);
     let r = opts
         .hold
-        .plan(want.min(opts.hold_cap.unwrap_or(u64::MAX)), dirs);
-    if r.through > 0 {
-        tracing::info!(container = %c.id, "pages written through: the page cache takes {} MiB without meeting the disk", r.through >> 20);
-    }
+        .reserve(want.min(opts.hold_cap.unwrap_or(u64::MAX)));
     if let Some(why) = &r.short {
         tracing::info!(container = %c.id, "pages beyond the budget are written while frozen: {why}");
     }
@@ -396,7 +392,7 @@ fn setup_blocking(c: &Container, opts: &Options) -> Result<Setup> {
     let checkpointed = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
     let sealer = opts.seal.clone().map(|r| Arc::new(Sealer::new(r)));
     let head = head_members(c, &checkpointed, sealer.is_some());
-    let hold = reserve_hold(c, opts, &[&target.dir_path, stage.path()]);
+    let hold = reserve_hold(c, opts);
     let descriptors = collect::descriptors(c.pid);
     let sink = Sink::open(
         &target,

@@ -73,10 +73,7 @@ pub async fn run_checks(cfg: &Config) -> Vec<Check> {
 fn hold_pages(p: &crate::hold::Policy) -> Check {
     let (budget, why) = p.budget_now();
     let mode = match p.pages {
-        crate::hold::HoldPages::Auto => format!(
-            "auto (writes through up to {} into a disk not strictly limited)",
-            gib(crate::hold::writeback::Node::now().headroom())
-        ),
+        crate::hold::HoldPages::Auto => "auto".to_string(),
         crate::hold::HoldPages::Mib(n) => format!("{n} MiB"),
     };
     let detail = format!("{mode}: {} now (set by the {why})", gib(budget));

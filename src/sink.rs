@@ -612,6 +612,30 @@ impl Member {
 /// cross the kernel's background dirty threshold? Then the copy is throttled to
 /// disk speed, and writing the pages back once in place is the cheaper way.
 fn copy_would_throttle(len: u64) -> bool {
-    let node = crate::hold::writeback::Node::now();
-    node.dirty + 2 * len > node.background_threshold()
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let threshold = match read("/proc/sys/vm/dirty_background_bytes") {
+        0 => {
+            let available_kib = std::fs::read_to_string("/proc/meminfo")
+                .ok()
+                .and_then(|m| {
+                    m.lines().find_map(|l| {
+                        l.strip_prefix("MemAvailable:")?
+                            .trim()
+                            .strip_suffix("kB")?
+                            .trim()
+                            .parse::<u64>()
+                            .ok()
+                    })
+                })
+                .unwrap_or(0);
+            available_kib * 1024 / 100 * read("/proc/sys/vm/dirty_background_ratio")
+        }
+        bytes => bytes,
+    };
+    2 * len > threshold
 }

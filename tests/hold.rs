@@ -48,8 +48,7 @@ fn pages_len(archive: &Path) -> u64 {
 async fn concurrent_checkpoints_share_one_budget() {
     const CEILING: f64 = (100 << 20) as f64;
     let port = free_port();
-    // A number, not auto: auto would write these through on the normal disk.
-    let toml = format!("metrics_listen = \"127.0.0.1:{port}\"\nhold_pages = 100\n");
+    let toml = format!("metrics_listen = \"127.0.0.1:{port}\"\nhold_ceiling_mib = 100\n");
     let mut env = Env::start_configured(&toml);
     let mut c = env.client().await;
     let pod = env.run_pod(&mut c, "hold-share", true).await;
@@ -176,29 +175,5 @@ async fn held_pages_keep_a_slow_disk_out_of_the_pause() {
         worst_held < best_through,
         "pauses (µs) held {held:?}, written through {through:?}"
     );
-    c.assert_running();
-}
-
-/// Where the page cache takes the pages without meeting the disk (the normal
-/// disk, far below the background dirty threshold), auto writes them through:
-/// a second copy would only make the checkpoint longer. A ceiling in MiB holds
-/// there all the same.
-#[tokio::test(flavor = "multi_thread")]
-async fn auto_writes_through_where_the_page_cache_takes_the_pages() {
-    use ckpt_shim::hold::HoldPages;
-    common::require(&["runc", "criu", "cc"]);
-    let c = common::Runc::start_with(
-        "hold-auto-fast",
-        common::Spec {
-            mib: 32,
-            ..Default::default()
-        },
-    );
-    let out = common::out_dir();
-    let location = out.path().join("c.tar");
-    let (_, auto) = pause_of(&c, 0, HoldPages::Auto, &location).await;
-    assert_eq!(auto, 0, "auto held pages on the normal disk");
-    let (_, ceiling) = pause_of(&c, 1, HoldPages::Mib(1024), &location).await;
-    assert!(ceiling > 16 << 20, "a ceiling holds: {ceiling}");
     c.assert_running();
 }

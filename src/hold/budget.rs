@@ -11,12 +11,7 @@
 //! and nothing at all while the node's memory is under pressure (PSI `some
 //! avg10` at or above `hold_pressure_pct`). What a checkpoint does not get is
 //! written through, as without holding: holding must never risk the OOM killer.
-//!
-//! In auto mode a checkpoint asks only if writing through would meet the disk
-//! while frozen ([`super::writeback`]); the pages that auto checkpoints in
-//! flight write through count as dirty already when the next one decides.
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
@@ -146,8 +141,6 @@ impl Node {
 pub struct Budget {
     policy: Policy,
     in_use: Mutex<u64>,
-    /// What auto checkpoints in flight write through into the page cache.
-    through: Mutex<u64>,
 }
 
 impl Budget {
@@ -155,37 +148,11 @@ impl Budget {
         Arc::new(Budget {
             policy,
             in_use: Mutex::new(0),
-            through: Mutex::new(0),
         })
     }
 
     pub fn policy(&self) -> &Policy {
         &self.policy
-    }
-
-    /// For a checkpoint writing `want` bytes into files under `dirs` while
-    /// frozen: nothing in auto mode if the page cache takes them without
-    /// meeting the disk (counted as dirty until the reservation is dropped),
-    /// else what [`Budget::reserve`] gives.
-    pub fn plan(self: &Arc<Self>, want: u64, dirs: &[&Path]) -> Reservation {
-        if self.policy.pages == HoldPages::Auto && want > 0 {
-            let mut through = self.through.lock().unwrap_or_else(|p| p.into_inner());
-            let mut node = super::writeback::Node::now();
-            node.dirty += *through;
-            match super::writeback::would_meet_disk(dirs, want, &node) {
-                None => {
-                    *through += want;
-                    return Reservation {
-                        budget: Some(self.clone()),
-                        bytes: 0,
-                        short: None,
-                        through: want,
-                    };
-                }
-                Some(why) => tracing::debug!("holding pages: {why}"),
-            }
-        }
-        self.reserve(want)
     }
 
     /// Up to `want` bytes, if the budget has them now (see the module's doc);
@@ -214,7 +181,6 @@ impl Budget {
             budget: Some(self.clone()),
             bytes,
             short,
-            through: 0,
         }
     }
 }
@@ -226,17 +192,11 @@ pub struct Reservation {
     pub bytes: u64,
     /// Why less than asked was given, if it was.
     pub short: Option<String>,
-    /// Auto chose to write through this many bytes: the page cache takes them.
-    pub through: u64,
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
         if let Some(b) = &self.budget {
-            if self.through > 0 {
-                *b.through.lock().unwrap_or_else(|p| p.into_inner()) -= self.through;
-                return;
-            }
             let mut in_use = b.in_use.lock().unwrap_or_else(|p| p.into_inner());
             *in_use -= self.bytes;
             crate::metrics::get().hold_released(*in_use);

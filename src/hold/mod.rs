@@ -19,7 +19,6 @@ use std::sync::{Arc, Condvar, Mutex};
 use crate::error::{Context, Result};
 
 pub mod budget;
-pub mod writeback;
 pub use budget::{Budget, HoldPages, Policy, Reservation};
 
 /// Memory that holds a pages image while the container is frozen, with the
