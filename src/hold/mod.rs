@@ -333,45 +333,41 @@ fn cgroup2_root() -> Option<std::path::PathBuf> {
         .map(|m| m.mount_point)
 }
 
-/// An unnamed file in memory for a pages image: on the shim's own tmpfs
-/// ([`large_folio_tmpfs`]) where it has one, else a memfd.
+/// An unnamed file in memory for a pages image: on a tmpfs of its own
+/// ([`detached_tmpfs`]) where one can be had, else a memfd.
 fn pages_file() -> Result<std::fs::File> {
     use std::os::fd::FromRawFd;
-    if let Some(root) = large_folio_tmpfs() {
-        let flags = libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC;
-        // SAFETY: a NUL-terminated path relative to our mount's root fd.
-        let fd = unsafe { libc::openat(root.as_raw_fd(), c".".as_ptr(), flags, 0o600) };
-        if fd >= 0 {
-            // SAFETY: just opened, owned by the File from here.
-            return Ok(unsafe { std::fs::File::from_raw_fd(fd) });
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let root = match detached_tmpfs() {
+        Ok(root) => root,
+        Err(e) => {
+            if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::info!("holding pages in memfds: no tmpfs of our own: {e}");
+            }
+            return memfd(c"ckpt-shim-pages");
         }
-        tracing::info!(
-            "an unnamed file on the hold tmpfs: {}",
-            std::io::Error::last_os_error()
-        );
+    };
+    let flags = libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC;
+    // SAFETY: a NUL-terminated path relative to the mount's root fd.
+    let fd = unsafe { libc::openat(root.as_raw_fd(), c".".as_ptr(), flags, 0o600) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error())
+            .ctx(|| "an unnamed file on the hold's tmpfs".into());
     }
-    memfd(c"ckpt-shim-pages")
+    // SAFETY: just opened, owned by the File from here. The mount lives as
+    // long as the file; the root's fd closes here.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
 }
 
-/// A tmpfs of the process's own, mounted nowhere (fsopen and fsmount: only
-/// its fd reaches it, and it goes with the process), whose files take large
-/// folios (`huge=within_size`). Memfds take a 4 KiB page at a time while
-/// the system's `shmem_enabled` is `never`, as it is by default: filling
-/// 2 GiB took 1.0-1.2 s that way here against 0.35-0.5 s on this tmpfs (and
-/// 0.6-0.7 s into ext4's page cache), measured in turn in one run. With
+/// A tmpfs of a hold's own, mounted nowhere (fsopen and fsmount: only its fd
+/// reaches it, and it goes with its last file), whose files take large folios
+/// (`huge=within_size`). Memfds take a 4 KiB page at a time while the
+/// system's `shmem_enabled` is `never`, as it is by default: filling 2 GiB
+/// took 1.0-1.2 s that way here against 0.35-0.5 s on this tmpfs (and 0.6-0.7
+/// s into ext4's page cache), measured in turn in one run. With
 /// `huge=always` it took 4.7-6.6 s: a whole 2 MiB page is zeroed first, and
 /// free 2 MiB blocks are what this VM's balloon has handed back to the host.
-/// `None` where it cannot be had (no CAP_SYS_ADMIN, an older kernel).
-pub fn large_folio_tmpfs() -> Option<&'static OwnedFd> {
-    static ROOT: std::sync::OnceLock<Option<OwnedFd>> = std::sync::OnceLock::new();
-    ROOT.get_or_init(|| {
-        detached_tmpfs()
-            .map_err(|e| tracing::info!("holding pages in memfds: no tmpfs of our own: {e}"))
-            .ok()
-    })
-    .as_ref()
-}
-
+/// Fails without CAP_SYS_ADMIN, or on a kernel older than 5.2.
 fn detached_tmpfs() -> std::io::Result<OwnedFd> {
     use std::os::fd::FromRawFd;
     const FSOPEN_CLOEXEC: libc::c_uint = 1;
@@ -544,7 +540,7 @@ mod tests {
         assert!(back[..4096].iter().all(|b| *b == 0) && back[4096..] == data[..]);
     }
 
-    /// As root, the pages go to the shim's own tmpfs, reachable only through
+    /// As root, the pages go to a tmpfs of their own, reachable only through
     /// the process's fds: not a memfd, and no mount anyone can see.
     #[test]
     fn pages_are_held_on_a_tmpfs_mounted_nowhere() {
@@ -567,8 +563,8 @@ mod tests {
         let id = format!("{} ", stx.stx_mnt_id);
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         assert!(!mounts.lines().any(|l| l.starts_with(&id)), "mounted: {id}");
-        let root = large_folio_tmpfs().unwrap();
-        let mode = nix::sys::stat::fstat(root).unwrap().st_mode;
+        let root = detached_tmpfs().unwrap();
+        let mode = nix::sys::stat::fstat(&root).unwrap().st_mode;
         assert_eq!(mode & 0o777, 0o700);
     }
 
