@@ -5,12 +5,13 @@
 //! its pipes. Writing the pages into the archive's page cache means allocating
 //! every page of the file on the way, and once the kernel's dirty limits are
 //! reached, waiting for writeback: the pause then tracks the disk. Copying them
-//! into memory that is already faulted in runs at memory speed. So before the
-//! freeze, the shim faults in a buffer as large as the container's memory
-//! (within the [`budget`] every checkpoint in flight shares), reads the pages
-//! image into it while CRIU is held, and writes it into the archive once the
-//! container runs again ([`Thawed`]). What does not fit goes straight to the
-//! archive, as without a buffer, and is counted as written while frozen.
+//! into memory runs at memory speed. So before the freeze, the shim reserves
+//! memory as large as the container's (within the [`budget`] every checkpoint
+//! in flight shares): a memory file on a tmpfs of its own ([`pages_file`]), or
+//! for a sealed checkpoint a buffer faulted in first. The pages image goes
+//! into it while CRIU is held, and into the archive once the container runs
+//! again ([`Thawed`]). What does not fit goes straight to the archive, as
+//! without a hold, and is counted as written while frozen.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;

@@ -192,10 +192,16 @@ impl Pusher<'_> {
                     self.add(pid as u64, uffd);
                 }
             }
-            for i in 0..self.tasks.len() {
-                self.events(i)?;
-            }
+            self.all_events()?;
         }
+    }
+
+    /// Reads and follows every task's events (a child a fork adds is read on the next pass).
+    fn all_events(&mut self) -> Result<()> {
+        for i in 0..self.tasks.len() {
+            self.events(i)?;
+        }
+        Ok(())
     }
 
     fn add(&mut self, pid: u64, uffd: OwnedFd) {
@@ -229,9 +235,7 @@ impl Pusher<'_> {
     /// Fills everything left, process by process, following their events.
     fn push_all(&mut self) -> Result<()> {
         loop {
-            for i in 0..self.tasks.len() {
-                self.events(i)?;
-            }
+            self.all_events()?;
             let Some(i) = self
                 .tasks
                 .iter()
