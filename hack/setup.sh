@@ -12,9 +12,9 @@ source "$here/apt-source.sh"
 node=
 if [ "${1:-}" = --node ]; then node=${2:-/etc/containerd/config.toml}; fi
 
-CRIU_VERSION=4.1.1
+CRIU_VERSION=4.2.1
 CRIU_TARBALL=criu_${CRIU_VERSION}.orig.tar.xz
-CRIU_SHA256=f80a66cb3726bb2116266d4759ce3bcbfab7abdb6b6d430bf20dd41911717afe
+CRIU_SHA256=29ec0ee09e296479fe7048c80980e8ef1d0684d0b0204c2b101dfea19f6725b9
 CACHE=${CKPT_SHIM_CACHE:-/var/cache/ckpt-shim}
 installed=()
 
@@ -27,7 +27,7 @@ PKGS=(
   build-essential pkg-config protobuf-compiler libprotobuf-dev
   # the container stack the tests drive
   runc containerd containernetworking-plugins busybox-static umoci skopeo iproute2 xz-utils procps util-linux
-  # CRIU 4.1.1 build dependencies
+  # CRIU build dependencies
   libprotobuf-c-dev protobuf-c-compiler libnl-3-dev libnl-route-3-dev libcap-dev libaio-dev
   libnet1-dev libgnutls28-dev libbsd-dev uuid-dev python3-protobuf iptables
   # the reflink test (XFS on a loop device)
@@ -63,15 +63,15 @@ criu_ok() { [ -x /usr/local/sbin/criu ] && /usr/local/sbin/criu --version 2>/dev
 if ! criu_ok; then
   mkdir -p "$CACHE" && chmod 0700 "$CACHE"
   if [ ! -f "$CACHE/$CRIU_TARBALL" ] || ! echo "$CRIU_SHA256  $CACHE/$CRIU_TARBALL" | sha256sum -c --quiet; then
-    log "fetching $CRIU_TARBALL from Debian 13's source archive"
+    log "fetching $CRIU_TARBALL from Debian forky's source archive"
     # A deb-src entry only: it can never upgrade a binary package (libc6 stays bookworm's).
     # From the archive apt already uses here (a mirror, say), found in its own configuration.
     archive=$(debian_archive_uri) || exit 1
-    echo "deb-src $archive trixie main" > /etc/apt/sources.list.d/ckpt-shim-trixie-src.list
-    apt-get update -qq -o Dir::Etc::sourcelist=/etc/apt/sources.list.d/ckpt-shim-trixie-src.list \
+    echo "deb-src $archive forky main" > /etc/apt/sources.list.d/ckpt-shim-criu-src.list
+    apt-get update -qq -o Dir::Etc::sourcelist=/etc/apt/sources.list.d/ckpt-shim-criu-src.list \
       -o Dir::Etc::sourceparts=- -o APT::Get::List-Cleanup=0
     # The .dsc and debian.tar may 404; the orig tarball is what we need, so tolerate failure and check it.
-    (cd "$CACHE" && apt-get source --download-only -qq "criu/trixie" >/dev/null 2>&1 || true)
+    (cd "$CACHE" && apt-get source --download-only -qq "criu/forky" >/dev/null 2>&1 || true)
     [ -f "$CACHE/$CRIU_TARBALL" ] || { echo "could not download $CRIU_TARBALL" >&2; exit 1; }
     echo "$CRIU_SHA256  $CACHE/$CRIU_TARBALL" | sha256sum -c --quiet || { echo "bad sha256 for $CRIU_TARBALL" >&2; exit 1; }
   fi

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set-up, then the whole test suite. Tests need root, CRIU 4.1.1, runc and containerd;
+# Set-up, then the whole test suite. Tests need root, CRIU 4.2.1, runc and containerd;
 # they fail (never skip) when a part is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
