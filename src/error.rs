@@ -40,6 +40,10 @@ pub enum Error {
     #[error("no space left writing {0}")]
     NoSpace(PathBuf),
 
+    /// Past a limit, or more than the destination has room for.
+    #[error("too large: {0}")]
+    TooLarge(String),
+
     #[error("deadline exceeded during {0}")]
     DeadlineExceeded(&'static str),
 
@@ -100,7 +104,7 @@ impl From<Error> for tonic::Status {
             }
             Error::NotRunning { .. } | Error::ChecksFailed { .. } => Code::FailedPrecondition,
             Error::AlreadyExists(_) => Code::AlreadyExists,
-            Error::NoSpace(_) => Code::ResourceExhausted,
+            Error::NoSpace(_) | Error::TooLarge(_) => Code::ResourceExhausted,
             Error::DeadlineExceeded(_) | Error::FreezeTimeout { .. } => Code::DeadlineExceeded,
             Error::Cancelled => Code::Cancelled,
             Error::ShuttingDown => Code::Unavailable,
