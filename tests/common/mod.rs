@@ -408,6 +408,7 @@ pub mod raw;
 pub mod registry;
 pub mod restore;
 pub mod scrape;
+pub mod security;
 pub mod slowfs;
 
 /// stdin, stdout and stderr for a restored process: /dev/null and a pipe drained
