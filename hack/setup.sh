@@ -30,6 +30,8 @@ PKGS=(
   # CRIU build dependencies
   libprotobuf-c-dev protobuf-c-compiler libnl-3-dev libnl-route-3-dev libcap-dev libaio-dev
   libnet1-dev libgnutls28-dev libbsd-dev uuid-dev python3-protobuf iptables
+  # a restore installs the new spec's seccomp filter, compiled by libseccomp (src/restore/policy)
+  libseccomp-dev
   # the reflink test (XFS on a loop device)
   xfsprogs
   # checkpoint images: a registry the tests start on 127.0.0.1, and buildah,

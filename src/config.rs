@@ -52,6 +52,9 @@ pub struct Config {
     /// its pages served from the archive as it touches them (see README); a
     /// CreateContainer annotation `io.ckpt-shim.lazy-pages` overrides it.
     pub lazy_pages: bool,
+    /// Restores hold the checkpoint's images against the new container's
+    /// spec (`enforce`, the default), or restore them as they are (`off`).
+    pub restore_policy: crate::restore::policy::Mode,
 }
 
 impl Default for Config {
@@ -75,6 +78,7 @@ impl Default for Config {
             metrics_listen: None,
             shutdown_grace_seconds: DEFAULT_SHUTDOWN_GRACE_SECONDS,
             lazy_pages: false,
+            restore_policy: crate::restore::policy::Mode::Enforce,
         }
     }
 }
@@ -129,6 +133,8 @@ pub struct FileConfig {
     pub metrics_listen: Option<String>,
     pub shutdown_grace_seconds: Option<u64>,
     pub lazy_pages: Option<bool>,
+    /// `"enforce"` or `"off"`.
+    pub restore_policy: Option<crate::restore::policy::Mode>,
 }
 
 impl FileConfig {
@@ -163,7 +169,8 @@ impl FileConfig {
             encrypt_to,
             identities,
             shutdown_grace_seconds,
-            lazy_pages
+            lazy_pages,
+            restore_policy
         );
         if self.staging_dir.is_some() {
             c.staging_dir = self.staging_dir;

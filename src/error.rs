@@ -57,6 +57,30 @@ pub enum Error {
     #[error("cgroup of container {id} did not freeze within the deadline (state {state})")]
     FreezeTimeout { id: String, state: String },
 
+    /// A restore that would give a process more than the new container's
+    /// spec allows ([`crate::restore::policy`]).
+    #[error("restore refused: {process}: {field} is {found} in the checkpoint; the new container allows {allowed}")]
+    Privilege {
+        process: String,
+        field: &'static str,
+        found: String,
+        allowed: String,
+    },
+
+    /// A restore whose process would differ from a fresh container of the
+    /// new spec, without holding more (fewer capabilities, say).
+    #[error("restore refused: {process}: {field} is {found} in the checkpoint; a fresh container of this config has {fresh}")]
+    Unlike {
+        process: String,
+        field: &'static str,
+        found: String,
+        fresh: String,
+    },
+
+    /// A CRIU image that is not what CRIU writes: forged or damaged.
+    #[error("malformed checkpoint image {image}: {why}")]
+    BadImage { image: String, why: String },
+
     #[error("unsafe archive member {0:?}")]
     UnsafeArchive(String),
 
@@ -98,11 +122,15 @@ impl From<Error> for tonic::Status {
             Error::InvalidArgument(_)
             | Error::Ambiguous { .. }
             | Error::UnsafeArchive(_)
+            | Error::BadImage { .. }
             | Error::Mismatch { .. } => Code::InvalidArgument,
             Error::NotFound(_) | Error::PodNotFound(_) | Error::ImageNotFound { .. } => {
                 Code::NotFound
             }
-            Error::NotRunning { .. } | Error::ChecksFailed { .. } => Code::FailedPrecondition,
+            Error::NotRunning { .. } | Error::ChecksFailed { .. } | Error::Unlike { .. } => {
+                Code::FailedPrecondition
+            }
+            Error::Privilege { .. } => Code::PermissionDenied,
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::NoSpace(_) | Error::TooLarge(_) => Code::ResourceExhausted,
             Error::DeadlineExceeded(_) | Error::FreezeTimeout { .. } => Code::DeadlineExceeded,

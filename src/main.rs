@@ -174,6 +174,14 @@ struct RestoreArgs {
     /// A root-only identity file for an encrypted archive (repeatable).
     #[arg(long, value_name = "FILE")]
     identity: Vec<PathBuf>,
+    /// `enforce`: the restored processes get no more than the bundle's
+    /// config.json allows (refused where they would); `off`: as in the archive.
+    #[arg(long, value_name = "enforce|off", default_value = "enforce", value_parser = parse_policy)]
+    restore_policy: restore::policy::Mode,
+}
+
+fn parse_policy(s: &str) -> Result<restore::policy::Mode, String> {
+    serde_json::from_value(s.into()).map_err(|_| format!("{s:?}: expected enforce or off"))
 }
 
 #[derive(Args)]
@@ -385,6 +393,7 @@ async fn restore(a: RestoreArgs, criu: criu_rpc::Criu) -> ckpt_shim::Result<()> 
         settings: DumpSettings::default(),
         stdio: None,
         identities,
+        policy: a.restore_policy,
     })
     .await?;
     println!("restored {} as pid {pid}", a.id);

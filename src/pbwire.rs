@@ -68,6 +68,20 @@ impl Fields {
         self.all(number).pop()
     }
 
+    /// The field numbers, in the order they were encoded.
+    pub fn numbers(&self) -> impl Iterator<Item = u32> + '_ {
+        self.fields.iter().map(|(n, _)| *n)
+    }
+
+    /// Replaces every field `number` with one varint.
+    pub fn set_varint(&mut self, number: u32, value: u64) {
+        self.remove(number);
+        let mut raw = Vec::with_capacity(11);
+        encode_key(number, WireType::Varint, &mut raw);
+        encode_varint(value, &mut raw);
+        self.fields.push((number, raw));
+    }
+
     pub fn remove(&mut self, number: u32) {
         self.fields.retain(|(n, _)| *n != number);
     }

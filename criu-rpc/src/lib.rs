@@ -23,9 +23,15 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/criu.rs"));
 }
 
+/// Entries of CRIU's image files, as far as the shim reads them; framed by [`image`].
+pub mod images {
+    include!(concat!(env!("OUT_DIR"), "/criu.image.rs"));
+}
+
 pub mod cli;
 mod client;
 mod error;
+pub mod image;
 mod seqpacket;
 pub mod stats;
 pub mod streamer;

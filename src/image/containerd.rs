@@ -36,6 +36,23 @@ fn req<T>(msg: T, lease: Option<&str>) -> Request<T> {
     r
 }
 
+/// The OCI runtime spec containerd generated for container `id` (CRI's
+/// CreateContainer stores it with the container record; the task's
+/// `config.json` is written from it at start).
+pub async fn container_spec(ch: Channel, id: &str) -> Result<Value> {
+    use containerd_client::services::v1::{containers_client::ContainersClient, GetContainerRequest};
+    let got = ContainersClient::new(ch)
+        .get(req(GetContainerRequest { id: id.into() }, None))
+        .await?
+        .into_inner();
+    let spec = got
+        .container
+        .and_then(|c| c.spec)
+        .ok_or_else(|| Error::Other(format!("containerd holds no spec for container {id}")))?;
+    serde_json::from_slice(&spec.value)
+        .map_err(|e| Error::Other(format!("the spec containerd holds for {id}: {e}")))
+}
+
 pub async fn connect(socket: &Path) -> Result<Channel> {
     containerd_client::connect(socket)
         .await

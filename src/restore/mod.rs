@@ -6,6 +6,8 @@
 //!   its memory served from the archive as the process touches it;
 //! - [`push`], [`spans`], [`uffd`]: a full restore's memory put in from the
 //!   archive by the shim itself, one copy per page;
+//! - [`policy`]: the images held against the new container's spec: a restore
+//!   never gives a process more than a fresh container of that spec;
 //! - [`rootfs`]: the checkpoint's file changes applied to a new root file system;
 //! - [`runc`]: `ckpt-runc`, the runtime's runc, which turns a create into a restore;
 //! - [`stage`]: a CRI restore's checkpoint, kept by container ID until it starts;
@@ -17,6 +19,7 @@ pub mod lazy;
 pub mod lazy_serve;
 pub mod page_server;
 pub mod pagemap;
+pub mod policy;
 pub mod push;
 pub mod rootfs;
 pub mod runc;

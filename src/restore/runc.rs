@@ -136,6 +136,7 @@ fn restore(inv: &Invocation, s: &Staged) -> Result<()> {
     let bundle = PathBuf::from(inv.option(&["--bundle", "-b"]).unwrap_or(OsStr::new(".")));
     let spec = Spec::load(bundle.join("config.json"))
         .map_err(|e| Error::Other(format!("{}/config.json: {e}", bundle.display())))?;
+    confine(s, &spec)?;
     let rootfs = super::rootfs::bundle_rootfs(&spec, &bundle);
     super::apply_rootfs_diff(&s.dir, &rootfs)?;
     rename_uts(&spec, &s.images())?;
@@ -190,6 +191,15 @@ fn restore(inv: &Invocation, s: &Staged) -> Result<()> {
         (None, _) => {}
     }
     s.mark_restored()
+}
+
+/// The images held against the spec this create runs, the last word on
+/// what the restored tree may hold ([`super::policy`]); the shim checked
+/// them against the same spec at CreateContainer.
+fn confine(s: &Staged, spec: &Spec) -> Result<()> {
+    let mode = s.info().map(|i| i.policy).unwrap_or_default();
+    let json = serde_json::to_value(spec).map_err(|e| Error::Other(format!("config.json: {e}")))?;
+    super::policy::enforce(&s.images(), &json, mode).map(drop)
 }
 
 /// A full restore served from the archive is done once its page source has

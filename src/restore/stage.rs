@@ -38,6 +38,10 @@ pub struct RestoreInfo {
     pub checkpointed_id: String,
     pub checkpointed_name: String,
     pub checkpointed_at: String,
+    /// The restore policy the shim ran at CreateContainer; the runtime's
+    /// create applies the same (enforced when unreadable).
+    #[serde(default)]
+    pub policy: super::policy::Mode,
 }
 
 /// A restore being prepared: a private dir under the root, renamed to the

@@ -32,6 +32,8 @@ pub struct RestoreOptions {
     pub stdio: Option<[OwnedFd; 3]>,
     /// What opens a sealed archive.
     pub identities: Arc<Identities>,
+    /// Hold the images against the bundle's `config.json` ([`super::policy`]).
+    pub policy: super::policy::Mode,
 }
 
 /// Restores the archive as container `id`; returns the restored init's host pid.
@@ -42,7 +44,9 @@ pub async fn restore(o: &RestoreOptions) -> Result<i32> {
     let work = safefs::private_tempdir(".ckpt-shim-restore-", &o.bundle)?;
     let x = private_dir(work.path(), "archive")?;
     ckpt.extract(&x)?;
-    let spec = bundle_spec(&o.bundle, &x)?;
+    let spec = bundle_spec(&o.bundle, &x, o.policy)?;
+    let json = serde_json::to_value(&spec).map_err(|e| Error::Other(format!("config.json: {e}")))?;
+    super::policy::enforce(&x.join("checkpoint"), &json, o.policy)?;
     let rootfs = super::rootfs::bundle_rootfs(&spec, &o.bundle);
     apply_rootfs_diff(&x, &rootfs)?;
     create_mount_points(&spec, &rootfs)?;
@@ -93,9 +97,18 @@ fn private_dir(dir: &Path, name: &str) -> Result<PathBuf> {
 }
 
 /// The bundle's `config.json`, written from the archive's `spec.dump` first
-/// when the bundle has none.
-fn bundle_spec(bundle: &Path, extracted: &Path) -> Result<Spec> {
+/// when the bundle has none, which only a restore that trusts the archive
+/// may do: the archive's author wrote `spec.dump`, so holding the images
+/// against it would check nothing.
+fn bundle_spec(bundle: &Path, extracted: &Path, policy: super::policy::Mode) -> Result<Spec> {
     let config = bundle.join("config.json");
+    if !config.exists() && policy == super::policy::Mode::Enforce {
+        return Err(Error::InvalidArgument(format!(
+            "{} is missing: a restore is held against the new container's own spec \
+             (write one, or pass --restore-policy off to trust the archive's spec.dump)",
+            config.display()
+        )));
+    }
     if !config.exists() {
         std::fs::copy(extracted.join("spec.dump"), &config)
             .ctx(|| format!("write {}", config.display()))?;

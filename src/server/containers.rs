@@ -19,6 +19,7 @@ use crate::cri::{
     ImageStatusRequest, PullImageRequest, RemoveContainerRequest, StartContainerRequest,
 };
 use crate::error::{Error, Result};
+use crate::restore::policy::Mode;
 use crate::image::containerd::Found;
 use crate::restore::create::{self as plan};
 use crate::restore::stage::{self, RestoreInfo, Staged, Staging};
@@ -35,6 +36,9 @@ pub struct Containers {
     identities: Arc<Identities>,
     /// Restore lazily unless the request's annotation says otherwise.
     lazy_default: bool,
+    /// Hold the images against the new container's spec (the config's
+    /// `restore_policy`).
+    policy: Mode,
 }
 
 /// How a restore's pages reach the process ([`Containers::pages`]).
@@ -73,7 +77,14 @@ impl Containers {
             images: CheckpointImages::default(),
             identities,
             lazy_default: false,
+            policy: Mode::Enforce,
         }
+    }
+
+    /// The config's `restore_policy`.
+    pub fn with_restore_policy(mut self, policy: Mode) -> Containers {
+        self.policy = policy;
+        self
     }
 
     /// Restores lazily by default (the config's `lazy_pages`).
@@ -172,6 +183,7 @@ impl Containers {
             checkpointed_id: ckpt.config.id.clone(),
             checkpointed_name: ckpt.config.name.clone(),
             checkpointed_at: ckpt.config.checkpointed_time.clone(),
+            policy: self.policy,
         };
         let dest = staging.path().to_path_buf();
         let pages = self.pages(call, &ckpt, fetched.is_some());
@@ -193,8 +205,12 @@ impl Containers {
         let Some(created) = reply.decode::<CreateContainerResponse>() else {
             return Ok(reply);
         };
+        let checked = match extracted {
+            Ok(()) => self.confine(&created.container_id, &staging).await,
+            Err(e) => Err(e),
+        };
         if let Err(e) =
-            extracted.and_then(|()| staging.commit(&self.root, &created.container_id, &info))
+            checked.and_then(|()| staging.commit(&self.root, &created.container_id, &info))
         {
             self.remove_upstream(&created.container_id).await;
             return Err(e);
@@ -204,6 +220,21 @@ impl Containers {
             .unwrap_or_else(|p| p.into_inner())
             .insert(created.container_id);
         Ok(reply)
+    }
+
+    /// Holds the staged images against the spec the runtime just generated
+    /// for container `id` ([`crate::restore::policy`]), so that a restore
+    /// the runtime's create would refuse is refused here, at CreateContainer.
+    /// The runtime's create checks again, against the `config.json` it runs.
+    async fn confine(&self, id: &str, staging: &Staging) -> Result<()> {
+        if self.policy == Mode::Off {
+            return Ok(());
+        }
+        let spec = crate::image::containerd::container_spec(self.upstream.channel(), id).await?;
+        let images = staging.path().join("checkpoint");
+        let c = blocking(move || crate::restore::policy::confine(&images, &spec)).await?;
+        tracing::info!(container = %id, threads = c.threads, seccomp_filter = c.filtered, "checkpoint images within the new container's spec");
+        Ok(())
     }
 
     /// How the pages get into the restored process. Served from the archive

@@ -592,6 +592,7 @@ pub fn restore_opts(
         settings: Default::default(),
         stdio: Some(drained_pipe()),
         identities,
+        policy: Default::default(),
     }
 }
 
