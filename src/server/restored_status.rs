@@ -81,6 +81,7 @@ mod tests {
             checkpointed_id: "abc".into(),
             checkpointed_name: "counter".into(),
             checkpointed_at: "2026-12-06T06:10:11.123456789+01:00".into(),
+            policy: Default::default(),
         }
     }
 

@@ -163,3 +163,6 @@ pub fn enforce(dir: &Path, spec: &Value, mode: Mode) -> Result<Option<Confined>>
     c.write()?;
     Ok(Some(summary))
 }
+
+#[cfg(test)]
+mod tests;
