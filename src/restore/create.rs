@@ -202,6 +202,10 @@ mod tests {
                         "env": ["PATH=/bin", "HOSTNAME=old-pod", "A=b=c"], "user": {"uid": 0, "gid": 0}},
             "root": {"path": "rootfs"},
             "mounts": mounts,
+            // What an archive's author could slip in: devices and runtime settings.
+            "annotations": {"cdi.k8s.io/gpu": "vendor.com/gpu=all",
+                            "io.kubernetes.cri.untrusted-workload": "false",
+                            "run.oci.keep_original_groups": "1"},
         });
         Checkpoint {
             path: "/c.tar".into(),
@@ -269,6 +273,11 @@ mod tests {
         assert_eq!(
             (c.log_path.as_str(), c.annotations[RESTORED_FROM].as_str()),
             ("new.log", "/c.tar")
+        );
+        assert_eq!(
+            c.annotations.keys().collect::<Vec<_>>(),
+            [RESTORED_FROM],
+            "no annotation of the checkpoint's reaches the new container"
         );
         let unknown = [0xfa, 0x01, 0x01, b'z'];
         assert!(
