@@ -66,6 +66,8 @@ pub struct Images {
     pub mounts: BTreeMap<String, Vec<MntEntry>>,
     pub ghosts: Vec<(String, GhostFileEntry)>,
     pub ttys: Vec<TtyInfoEntry>,
+    /// The tmpfs contents CRIU unpacks (`tmpfs-dev-<mnt>.tar.gz.img`).
+    pub tmpfs: Vec<String>,
 }
 
 pub fn bad(image: impl AsRef<Path>, why: impl std::fmt::Display) -> Error {
@@ -88,6 +90,7 @@ impl Images {
             mounts: BTreeMap::new(),
             ghosts: Vec::new(),
             ttys: Vec::new(),
+            tmpfs: Vec::new(),
         };
         if dir.join("seccomp.img").exists() {
             out.seccomp = Some(decode_one(dir, "seccomp.img", Kind::Seccomp)?);
@@ -101,6 +104,8 @@ impl Images {
                 let first = image::first(&bytes, Kind::GhostFile).map_err(|e| bad(&name, e))?;
                 let g = GhostFileEntry::decode(first).map_err(|e| bad(&name, e))?;
                 out.ghosts.push((name, g));
+            } else if name.starts_with("tmpfs-dev-") {
+                out.tmpfs.push(name);
             } else if name.starts_with("creds-") {
                 return Err(bad(&name, "per-task creds images (CRIU before 3.x) are not restored"));
             }

@@ -65,7 +65,7 @@ const SECCOMP_MODE_FILTER: u64 = 2;
 pub fn confine(dir: &Path, spec: &Value) -> Result<Confined> {
     let a = Allowed::from_json(spec)?;
     let images = Images::read(dir)?;
-    files::check(&images)?;
+    files::check(&images, &a)?;
     mounts::check(&images, &a)?;
     let bpf = a.seccomp.as_ref().map(seccomp::compile).transpose()?;
     let mut writes = Vec::new();

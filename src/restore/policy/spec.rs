@@ -61,6 +61,9 @@ pub struct Allowed {
     pub masked: Vec<String>,
     pub readonly: Vec<String>,
     pub namespaces: Vec<Ns>,
+    /// Device nodes the container may have: (`c` or `b`, major, minor), the
+    /// spec's `linux.devices` and those runc always makes.
+    pub devices: Vec<(char, u64, u64)>,
     /// `linux.seccomp`, compiled later ([`super::seccomp`]).
     pub seccomp: Option<Value>,
 }
@@ -126,6 +129,7 @@ impl Allowed {
             masked: strings(&spec["linux"]["maskedPaths"]),
             readonly: strings(&spec["linux"]["readonlyPaths"]),
             namespaces: namespaces(&spec["linux"]["namespaces"])?,
+            devices: devices(&spec["linux"]["devices"]),
             seccomp: Some(spec["linux"]["seccomp"].clone()).filter(|v| !v.is_null()),
         })
     }
@@ -206,6 +210,23 @@ fn mounts(v: &Value) -> Vec<Mount> {
 pub fn clean(p: &str) -> String {
     let parts: Vec<&str> = p.split('/').filter(|s| !s.is_empty() && *s != ".").collect();
     format!("/{}", parts.join("/"))
+}
+
+/// null, zero, full, random, urandom and tty: runc makes them in every
+/// container's /dev.
+const RUNC_DEVICES: [(char, u64, u64); 6] =
+    [('c', 1, 3), ('c', 1, 5), ('c', 1, 7), ('c', 1, 8), ('c', 1, 9), ('c', 5, 0)];
+
+fn devices(v: &Value) -> Vec<(char, u64, u64)> {
+    let listed = v.as_array().into_iter().flatten().filter_map(|d| {
+        let kind = match d["type"].as_str()? {
+            "b" => 'b',
+            "c" | "u" => 'c',
+            _ => return None,
+        };
+        Some((kind, d["major"].as_u64()?, d["minor"].as_u64()?))
+    });
+    RUNC_DEVICES.into_iter().chain(listed).collect()
 }
 
 fn namespaces(v: &Value) -> Result<Vec<Ns>> {

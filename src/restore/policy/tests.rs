@@ -227,3 +227,40 @@ proptest! {
         }
     }
 }
+
+/// A `tmpfs-dev-<id>.tar.gz.img` of these (path, type, major, minor, mode).
+fn tmpfs_image(members: &[(&str, tar::EntryType, u32, u32, u32)]) -> Vec<u8> {
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut b = tar::Builder::new(gz);
+    for (path, kind, major, minor, mode) in members {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(*kind);
+        h.set_device_major(*major).unwrap();
+        h.set_device_minor(*minor).unwrap();
+        h.set_mode(*mode);
+        h.set_size(0);
+        b.append_data(&mut h, path, std::io::empty()).unwrap();
+    }
+    b.into_inner().unwrap().finish().unwrap()
+}
+
+#[test]
+fn device_nodes_and_set_id_files_in_a_tmpfs_are_refused_unless_the_spec_has_them() {
+    use tar::EntryType::{Block, Char, Regular};
+    let d = images(creds(0, u64::MAX));
+    let dev = d.path().join("tmpfs-dev-42.tar.gz.img");
+    std::fs::write(&dev, tmpfs_image(&[("./null", Char, 1, 3, 0o666), ("./tmp", Regular, 0, 0, 0o644)])).unwrap();
+    assert!(confine(d.path(), &default_spec()).is_ok());
+    std::fs::write(&dev, tmpfs_image(&[("./null", Char, 1, 3, 0o666), ("./sda", Block, 8, 0, 0o660)])).unwrap();
+    let e = confine(d.path(), &default_spec()).unwrap_err();
+    assert!(matches!(&e, Error::Privilege { field: "device node", found, .. } if found.contains("sda (8:0)")), "{e}");
+    let mut with_sda = default_spec();
+    with_sda["linux"]["devices"] = json!([{"path": "/dev/sda", "type": "b", "major": 8, "minor": 0}]);
+    assert!(confine(d.path(), &with_sda).is_ok(), "a device the spec lists");
+    std::fs::write(&dev, tmpfs_image(&[("./kmem", Char, 1, 2, 0o640)])).unwrap();
+    assert!(confine(d.path(), &with_sda).is_err());
+    std::fs::write(&dev, tmpfs_image(&[("./su", Regular, 0, 0, 0o4755)])).unwrap();
+    assert!(matches!(confine(d.path(), &default_spec()), Err(Error::Privilege { field: "file mode", .. })));
+    std::fs::write(&dev, b"not gzip").unwrap();
+    assert!(matches!(confine(d.path(), &default_spec()), Err(Error::BadImage { .. })));
+}
