@@ -292,6 +292,30 @@ impl Source {
     }
 }
 
+/// A source for page-server tests: process `pid`'s pagemap image `pm`, its
+/// pages image in a file of its own in `dir`, page `i` of it filled with
+/// [`Source::test_byte`]`(i)`.
+#[cfg(test)]
+impl Source {
+    pub fn for_test(dir: &Path, pid: u64, pm: &[u8]) -> Source {
+        let pm = Pagemap::parse(pm).unwrap();
+        let mut pages = Vec::new();
+        for i in 0..pm.pages_bytes() / PAGE_SIZE {
+            pages.extend(std::iter::repeat_n(Self::test_byte(i), PAGE_SIZE as usize));
+        }
+        let path = dir.join(format!("pages-{}.img", pm.pages_id));
+        std::fs::write(&path, pages).unwrap();
+        Source {
+            file: File::open(path).unwrap(),
+            procs: HashMap::from([(pid, (pm, 0))]),
+        }
+    }
+
+    pub fn test_byte(page: u64) -> u8 {
+        (page % 251) as u8 + 1
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::pagemap::{encode, PE_LAZY, PE_PRESENT};

@@ -5,6 +5,10 @@
 //! before it in the pages image, so a run's offset there is the sum of the
 //! present runs before it.
 //!
+//! A run's length is `nr_pages` (field 5, a u64) since CRIU 4.2, which
+//! leaves the old u32 field 2 (now `compat_nr_pages`) at 0; images of older
+//! CRIUs have only field 2 (criu commit afb2e6c3f). Either is read.
+//!
 //! A plain dump marks the pages of private anonymous memory (not the stack)
 //! `PE_LAZY` as well: a lazy restore leaves those to the lazy-pages daemon
 //! and reads only the others from the pages image itself.
@@ -44,11 +48,13 @@ struct PagemapEntry {
     #[prost(uint64, required, tag = "1")]
     vaddr: u64,
     #[prost(uint32, required, tag = "2")]
-    nr_pages: u32,
+    compat_nr_pages: u32,
     #[prost(bool, optional, tag = "3")]
     in_parent: Option<bool>,
     #[prost(uint32, optional, tag = "4")]
     flags: Option<u32>,
+    #[prost(uint64, optional, tag = "5")]
+    nr_pages: Option<u64>,
 }
 
 /// One run of pages: `nr_pages` from `vaddr`, at `offset` in the pages image
@@ -103,7 +109,7 @@ impl Pagemap {
             }
             let run = Run {
                 vaddr: e.vaddr,
-                nr_pages: u64::from(e.nr_pages),
+                nr_pages: e.nr_pages.unwrap_or(u64::from(e.compat_nr_pages)),
                 flags,
                 offset,
             };
@@ -193,9 +199,16 @@ fn word(b: &[u8], i: usize) -> Option<u32> {
         .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
 }
 
-/// A pagemap image of these runs (`(vaddr, nr_pages, flags)`), for tests.
+/// A pagemap image of these runs (`(vaddr, nr_pages, flags)`) as CRIU 4.2
+/// writes it, for tests.
 #[cfg(test)]
 pub fn encode(pages_id: u32, runs: &[(u64, u32, u32)]) -> Vec<u8> {
+    encode_as(pages_id, runs, false)
+}
+
+/// The same, as CRIU before 4.2 wrote it when `pre_4_2`.
+#[cfg(test)]
+fn encode_as(pages_id: u32, runs: &[(u64, u32, u32)], pre_4_2: bool) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(&IMG_COMMON_MAGIC.to_le_bytes());
     out.extend_from_slice(&PAGEMAP_MAGIC.to_le_bytes());
@@ -208,9 +221,10 @@ pub fn encode(pages_id: u32, runs: &[(u64, u32, u32)]) -> Vec<u8> {
         push(
             PagemapEntry {
                 vaddr,
-                nr_pages,
+                compat_nr_pages: if pre_4_2 { nr_pages } else { 0 },
                 in_parent: None,
                 flags: Some(flags),
+                nr_pages: (!pre_4_2).then_some(u64::from(nr_pages)),
             }
             .encode_to_vec(),
         );
@@ -248,6 +262,30 @@ mod tests {
         assert_eq!(offs, [0, 2, 5, 6, 10]);
         assert_eq!(pm.pages_bytes(), 10 * PAGE_SIZE);
         assert_eq!(pm.runs.iter().filter(|r| !r.lazy()).count(), 2);
+    }
+
+    #[test]
+    fn run_lengths_are_read_from_criu_4_2s_field_and_older_criu_s() {
+        let runs = [(0x1000, 2, PE_PRESENT), (0x3000, 3, LP)];
+        let new = Pagemap::parse(&encode(7, &runs)).unwrap();
+        let old = Pagemap::parse(&encode_as(7, &runs, true)).unwrap();
+        assert_eq!(new, old);
+        let lens: Vec<u64> = new.runs.iter().map(|r| r.nr_pages).collect();
+        assert_eq!(lens, [2, 3]);
+        // A length past u32, which only 4.2's field can say.
+        let mut big = PagemapEntry {
+            vaddr: 0x1000,
+            compat_nr_pages: 0,
+            in_parent: None,
+            flags: Some(PE_PRESENT),
+            nr_pages: Some(1 << 33),
+        }
+        .encode_to_vec();
+        let mut img = encode(7, &[]);
+        img.extend_from_slice(&(big.len() as u32).to_le_bytes());
+        img.append(&mut big);
+        let pm = Pagemap::parse(&img).unwrap();
+        assert_eq!(pm.pages_bytes(), (1 << 33) * PAGE_SIZE);
     }
 
     #[test]
