@@ -57,6 +57,7 @@ impl Check {
 pub async fn run_checks(cfg: &Config) -> Vec<Check> {
     let mut checks = criu(&cfg.criu).await;
     checks.push(criu_features(&cfg.criu).await);
+    checks.push(tcp_dump(&cfg.criu).await);
     checks.push(kernel());
     checks.push(freezer());
     checks.push(capabilities());
@@ -133,6 +134,7 @@ async fn criu(binary: &Path) -> Vec<Check> {
 }
 
 /// Read from `criu --version`, which also works for a CRIU that cannot serve RPC.
+/// A version whose page-server protocol the lazy restore does not speak warns.
 async fn criu_version(criu: &Path) -> Check {
     let fail = |why: String| Check::new("criu-version", Status::Fail, why);
     let out = match run(criu, &["--version"]).await {
@@ -140,8 +142,12 @@ async fn criu_version(criu: &Path) -> Check {
         Ok(out) => return fail(output_tail(&out)),
         Err(why) => return fail(why),
     };
-    match parse_criu_version(&String::from_utf8_lossy(&out.stdout)) {
-        Some(v) if new_enough(&v) => Check::new("criu-version", Status::Ok, v.to_string()),
+    let text = String::from_utf8_lossy(&out.stdout);
+    match parse_criu_version(&text) {
+        Some(v) if new_enough(&v) => match crate::restore::page_server::check_criu_version(&text) {
+            Ok(()) => Check::new("criu-version", Status::Ok, v.to_string()),
+            Err(why) => Check::new("criu-version", Status::Warn, format!("{v}: {why}")),
+        },
         Some(v) => fail(format!("{v} is older than {MIN_CRIU}")),
         None => fail("no `Version:` in `criu --version`".into()),
     }
@@ -183,6 +189,180 @@ async fn criu_features(criu: &Path) -> Check {
     }
     let status = if missing { Status::Warn } else { Status::Ok };
     Check::new("criu-features", status, said.join("; "))
+}
+
+/// Whether CRIU can dump TCP sockets on this kernel, found by doing it: a
+/// throwaway `sleep` holding a listening socket and both ends of an
+/// established loopback connection is dumped with `tcp-established`, left
+/// running, into a private temporary dir, and then killed. The connection
+/// must then still carry bytes (CRIU took it out of repair mode). CRIU 4.1.1
+/// failed every such dump on Linux 6.16 and later (see hack/setup.sh); a
+/// failure shows the error line of CRIU's log.
+///
+/// The network lock is skipped: the throwaway shares the host's network
+/// namespace, where CRIU's lock would add and remove iptables rules of the
+/// host's, and its idle connection has no traffic to hold still.
+pub async fn tcp_dump(criu: &Path) -> Check {
+    let Ok(criu) = find_binary(criu) else {
+        return Check::new("criu-tcp-dump", Status::Fail, "not run: no criu binary");
+    };
+    match tokio::time::timeout(CRIU_TIMEOUT, tcp_dump_probe(&criu)).await {
+        Ok(Ok(detail)) => Check::new("criu-tcp-dump", Status::Ok, detail),
+        Ok(Err(why)) => Check::new("criu-tcp-dump", Status::Fail, why),
+        Err(_) => Check::new(
+            "criu-tcp-dump",
+            Status::Fail,
+            format!("the dump took over {CRIU_TIMEOUT:?}"),
+        ),
+    }
+}
+
+/// The throwaway of [`tcp_dump`], killed and reaped when dropped.
+struct Throwaway(std::process::Child);
+
+impl Drop for Throwaway {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn tcp_dump_probe(criu: &Path) -> Result<String, String> {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::{AsFd, AsRawFd};
+    use std::os::unix::process::CommandExt;
+
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("listen: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| format!("listen: {e}"))?;
+    let client = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    let (server, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+    let dup = |s: &TcpStream| s.try_clone().map_err(|e| format!("dup a socket: {e}"));
+    let (mut ours_client, mut ours_server) = (dup(&client)?, dup(&server)?);
+    let mut cmd = std::process::Command::new("sleep");
+    cmd.arg("600")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let held = (listener, client, server);
+    // SAFETY: between fork and exec only fcntl and setsid run, both
+    // async-signal-safe; nothing is allocated.
+    unsafe {
+        cmd.pre_exec(move || {
+            use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+            // Kept across exec; in its own session, so CRIU needs no shell-job.
+            for fd in [held.0.as_fd(), held.1.as_fd(), held.2.as_fd()] {
+                fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty()))?;
+            }
+            nix::unistd::setsid()?;
+            Ok(())
+        });
+    }
+    let child = Throwaway(cmd.spawn().map_err(|e| format!("start sleep: {e}"))?);
+    drop(cmd);
+
+    let dir = tempfile::Builder::new()
+        .prefix("ckpt-shim-tcp-probe-")
+        .tempdir()
+        .map_err(|e| format!("temp dir: {e}"))?;
+    let dir_fd = std::fs::File::open(dir.path()).map_err(|e| format!("temp dir: {e}"))?;
+    let opts = criu_rpc::proto::Opts {
+        images_dir_fd: dir_fd.as_raw_fd(),
+        pid: Some(child.0.id() as i32),
+        leave_running: Some(true),
+        tcp_established: Some(true),
+        shell_job: Some(false),
+        network_lock: Some(criu_rpc::proto::NetworkLockMethod::Skip as i32),
+        log_level: Some(4),
+        log_file: Some("dump.log".into()),
+        ..Default::default()
+    };
+    if let Err(e) = criu_rpc::Criu::new(criu)
+        .dump(opts, &mut criu_rpc::ack_all())
+        .await
+    {
+        let log = std::fs::read_to_string(dir.path().join("dump.log")).unwrap_or_default();
+        return Err(format!(
+            "CRIU cannot dump TCP sockets: {}",
+            criu_failure(&log, &e)
+        ));
+    }
+    let streams = std::fs::read_dir(dir.path())
+        .map_err(|e| format!("list the images: {e}"))?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("tcp-stream-"))
+        .count();
+    if streams != 2 {
+        return Err(format!(
+            "CRIU dumped {streams} established TCP streams of the 2 (tcp-stream-*.img)"
+        ));
+    }
+    // Left running: the connection must work as before.
+    let carried = tokio::task::spawn_blocking(move || {
+        ours_server.set_read_timeout(Some(Duration::from_secs(5)))?;
+        ours_client.write_all(b"ok")?;
+        let mut b = [0u8; 2];
+        ours_server.read_exact(&mut b)?;
+        Ok::<_, std::io::Error>(b == *b"ok")
+    })
+    .await
+    .map_err(|e| format!("{e}"))?;
+    match carried {
+        Ok(true) => {}
+        Ok(false) => return Err("after the dump the connection carried other bytes".into()),
+        Err(e) => return Err(format!("after the dump the connection is broken: {e}")),
+    }
+    drop(child);
+    Ok(format!(
+        "dumped a listening and an established loopback TCP socket (tcp-established, \
+         left running: the connection works on) with {}",
+        criu.display()
+    ))
+}
+
+/// Why a CRIU dump failed, from its whole `log` (else the tail in `e`): see
+/// [`dump_cause`]. Without an `Error` line in either, the first error CRIU
+/// reported, else our own error's first line.
+pub fn criu_failure(log: &str, e: &criu_rpc::Error) -> String {
+    let reported = match e {
+        criu_rpc::Error::Failed {
+            cr_errmsg: Some(m), ..
+        } => Some(m.trim()).filter(|m| !m.is_empty()),
+        _ => None,
+    };
+    match dump_cause(log)
+        .or_else(|| dump_cause(e.log_tail()))
+        .or(reported)
+    {
+        Some(line) => line.to_string(),
+        None => e.to_string().lines().next().unwrap_or_default().to_string(),
+    }
+}
+
+/// The `Error` line of a CRIU dump log that says why the dump failed. Not the
+/// first one: CRIU logs errors that are not fatal, while it probes the
+/// kernel before the dump starts (`Dumping processes`; creating a veth pair
+/// without CAP_NET_ADMIN, say) and during it (raising RLIMIT_NOFILE without
+/// CAP_SYS_RESOURCE), and CRIU's own answer carries the first. Nor the last:
+/// a failed dump unwinds through criu/cr-dump.c, which logs a line at each
+/// level (`Dump files (pid: N) failed`, `Dumping FAILED.`). So it is the
+/// last line of the dump from elsewhere, else the dump's first error, else
+/// (CRIU failed before it started) the log's first.
+pub fn dump_cause(log: &str) -> Option<&str> {
+    let is_error = |l: &&str| l.contains("Error (");
+    let dump: Vec<&str> = log
+        .lines()
+        .skip_while(|l| !l.contains("Dumping processes"))
+        .filter(is_error)
+        .collect();
+    let cause = dump
+        .iter()
+        .rev()
+        .find(|l| !l.contains("(criu/cr-dump.c:"))
+        .or(dump.first())
+        .copied()
+        .or_else(|| log.lines().find(is_error));
+    cause.map(str::trim)
 }
 
 /// `binary` itself if it names a path, else the first match in `PATH`; it
@@ -232,8 +412,8 @@ fn output_tail(out: &Output) -> String {
     format!("{}: {tail}", out.status)
 }
 
-/// `criu --version` prints `Version: 4.1.1`, and for a git build also
-/// `GitID: v4.1-12-g…` (whose version then counts as the next minor).
+/// `criu --version` prints `Version: 4.2.1`, and for a git build also
+/// `GitID: v4.2-12-g…` (whose version then counts as the next minor).
 pub fn parse_criu_version(text: &str) -> Option<Version> {
     let field = |key: &str| {
         text.lines()
@@ -472,8 +652,8 @@ mod tests {
 
     #[test]
     fn criu_version_is_parsed_and_compared_with_4_0() {
-        let v = parse_criu_version("Version: 4.1.1\n").unwrap();
-        assert_eq!((v.major, v.minor, v.sublevel), (4, 1, 1));
+        let v = parse_criu_version("Version: 4.2.1\n").unwrap();
+        assert_eq!((v.major, v.minor, v.sublevel), (4, 2, 1));
         assert!(new_enough(&v));
         assert!(new_enough(&parse_criu_version("Version: 4.0\n").unwrap()));
         assert!(!new_enough(
@@ -485,6 +665,77 @@ mod tests {
         assert!(!new_enough(&git));
         assert!(parse_criu_version("criu: unknown option\n").is_none());
         assert!(parse_criu_version("Version: x.1\n").is_none());
+    }
+
+    /// Lines as CRIU 4.2.1 logged them dumping a TCP connection without
+    /// CAP_NET_ADMIN: kernel probes' errors, a harmless one, the cause, the
+    /// unwinding.
+    const NO_NET_ADMIN: &str = "\
+(00.009228) Error (criu/libnetlink.c:54): -1 reported by netlink: Operation not permitted
+(00.009238) Error (criu/net.c:4151): net: Unable to create a veth pair: -1
+(00.057777) Dumping processes (pid: 13106 comm: sleep)
+(00.057791) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted
+(00.065383) tcp: \tTurning repair on for socket 11527
+(00.065391) Error (soccr/soccr.c:94): Can't turn TCP repair mode ON: Operation not permitted
+(00.065395) ----------------------------------------
+(00.065407) Error (criu/cr-dump.c:1545): Dump files (pid: 13106) failed with -1
+(00.065693) net: Unlock network
+(00.065706) Error (criu/cr-dump.c:1975): Dumping FAILED.
+";
+
+    #[test]
+    fn a_dump_s_cause_is_its_last_error_before_the_unwinding() {
+        assert_eq!(
+            dump_cause(NO_NET_ADMIN),
+            Some("(00.065391) Error (soccr/soccr.c:94): Can't turn TCP repair mode ON: Operation not permitted")
+        );
+        // Only cr-dump.c's own lines: the dump's first error.
+        let own = "(1) Error (criu/net.c:1): probe\n(2) Dumping processes (pid: 1)\n\
+                   (3) Error (criu/cr-dump.c:7): Task 1 is in rseq\n\
+                   (4) Error (criu/cr-dump.c:9): Dumping FAILED.\n";
+        assert_eq!(
+            dump_cause(own),
+            Some("(3) Error (criu/cr-dump.c:7): Task 1 is in rseq")
+        );
+        // Failed before dumping: the log's first error.
+        let early =
+            "(1) Error (criu/crtools.c:5): Can't open images dir\n(2) Error (x.c:1): more\n";
+        assert_eq!(
+            dump_cause(early),
+            Some("(1) Error (criu/crtools.c:5): Can't open images dir")
+        );
+        assert_eq!(dump_cause("(1) Dumping processes\n(2) fine\n"), None);
+    }
+
+    #[test]
+    fn a_failure_is_said_from_the_log_else_criu_s_answer_else_ours() {
+        use criu_rpc::proto::ReqType;
+        let failed = |msg: Option<&str>, tail: &str| criu_rpc::Error::Failed {
+            req: ReqType::Dump,
+            cr_errno: None,
+            cr_errmsg: msg.map(str::to_string),
+            log_tail: tail.into(),
+        };
+        let first = Some("Error (criu/libnetlink.c:54): -1 reported by netlink\n");
+        assert!(criu_failure(NO_NET_ADMIN, &failed(first, ""))
+            .ends_with("Can't turn TCP repair mode ON: Operation not permitted"));
+        // No log of its own: the tail the error carries.
+        assert!(criu_failure("", &failed(first, NO_NET_ADMIN))
+            .ends_with("Can't turn TCP repair mode ON: Operation not permitted"));
+        assert_eq!(
+            criu_failure("", &failed(first, "")),
+            "Error (criu/libnetlink.c:54): -1 reported by netlink"
+        );
+        let crashed = criu_rpc::Error::Crashed {
+            req: ReqType::Dump,
+            status: "signal 9".into(),
+            stderr: String::new(),
+            log_tail: String::new(),
+        };
+        assert_eq!(
+            criu_failure("", &crashed),
+            "CRIU exited without answering the Dump request (signal 9)"
+        );
     }
 
     #[test]
