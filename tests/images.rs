@@ -459,7 +459,7 @@ async fn ckpt_shim_image_imports_and_writes_oci_layouts() {
             "org.criu.checkpoint.rootfsImageName",
             "docker.io/library/ckpt-counter:latest",
         ),
-        ("org.criu.checkpoint.criu.version", "4.1.1"),
+        ("org.criu.checkpoint.criu.version", "4.2.1"),
         ("org.criu.checkpoint.runtime.name", "io.containerd.runc.v2"),
         ("org.criu.checkpoint.engine.name", "containerd"),
     ] {

@@ -1,5 +1,8 @@
 //! `criu dump` driven through its command line, for what RPC cannot carry: image
-//! streaming (`--stream` makes `criu swrk` 4.1.1 abort before it answers).
+//! streaming. CRIU's RPC service has no streaming option and opens the images
+//! dir without a streamer ("unclear how to do that with RPC", criu/cr-service.c,
+//! still so in 4.2.1); `--stream` given to `criu swrk` made 4.1.1 abort before
+//! it answered.
 //!
 //! The options are the same [`Opts`] a DUMP request takes, turned into flags by
 //! [`dump_args`]. What NOTIFY does over RPC, an action script does here: CRIU runs

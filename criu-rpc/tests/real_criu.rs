@@ -1,4 +1,4 @@
-//! criu-rpc against the real CRIU 4.1.1 that hack/setup.sh installs. No mocks.
+//! criu-rpc against the real CRIU 4.2.1 that hack/setup.sh installs. No mocks.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -18,11 +18,11 @@ fn criu() -> Criu {
     let out = Command::new("criu").arg("--version").output();
     let ok = out
         .as_ref()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("4.1.1"))
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("Version: 4.2.1"))
         .unwrap_or(false);
     assert!(
         ok,
-        "CRIU 4.1.1 is not the `criu` in PATH ({out:?}): run `hack/setup.sh` as root"
+        "CRIU 4.2.1 is not the `criu` in PATH ({out:?}): run `hack/setup.sh` as root"
     );
     Criu::new("criu")
 }
@@ -219,10 +219,10 @@ fn criu_children() -> Vec<i32> {
 }
 
 #[tokio::test]
-async fn version_reports_4_1_1() {
+async fn version_reports_4_2_1() {
     let v = criu().version().await.unwrap();
-    assert_eq!((v.major, v.minor, v.sublevel), (4, 1, 1), "{v:?}");
-    assert_eq!(v.number(), 40101);
+    assert_eq!((v.major, v.minor, v.sublevel), (4, 2, 1), "{v:?}");
+    assert_eq!(v.number(), 40201);
 }
 
 #[tokio::test]

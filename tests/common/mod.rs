@@ -34,8 +34,8 @@ pub fn require(tools: &[&str]) {
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
     assert!(
-        v.contains("4.1.1"),
-        "CRIU 4.1.1 must be the `criu` in PATH (found {v:?}): {SETUP_HINT}"
+        v.contains("Version: 4.2.1"),
+        "CRIU 4.2.1 must be the `criu` in PATH (found {v:?}): {SETUP_HINT}"
     );
 }
 
@@ -55,11 +55,11 @@ pub fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A `criu` that reports 4.1.1 and whose `criu check` fails with `why`.
+/// A `criu` that reports 4.2.1 and whose `criu check` fails with `why`.
 pub fn criu_stub(dir: &Path, why: &str) -> PathBuf {
     let stub = dir.join("criu-stub");
     let script = format!(
-        "#!/bin/sh\ncase \"$1\" in\n  --version) echo 'Version: 4.1.1' ;;\n  check) echo '{why}' >&2; exit 1 ;;\nesac\n"
+        "#!/bin/sh\ncase \"$1\" in\n  --version) echo 'Version: 4.2.1' ;;\n  check) echo '{why}' >&2; exit 1 ;;\nesac\n"
     );
     std::fs::write(&stub, script).unwrap();
     let exec = std::os::unix::fs::PermissionsExt::from_mode(0o755);
