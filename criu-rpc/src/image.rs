@@ -26,6 +26,7 @@ pub enum Kind {
     TtyInfo,
     Utsns,
     Pagemap,
+    Files,
     Stats,
 }
 
@@ -46,6 +47,7 @@ impl Kind {
             TtyInfo => (common, 0x5945_3036),
             Utsns => (common, 0x5447_3203),
             Pagemap => (common, 0x5608_4025),
+            Files => (common, 0x5630_3138),
             Stats => (Some(IMG_SERVICE_MAGIC), 0x5709_3306),
         }
     }

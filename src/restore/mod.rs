@@ -11,6 +11,7 @@
 //! - [`rootfs`]: the checkpoint's file changes applied to a new root file system;
 //! - [`runc`]: `ckpt-runc`, the runtime's runc, which turns a create into a restore;
 //! - [`stage`]: a CRI restore's checkpoint, kept by container ID until it starts;
+//! - [`tcp_hold`]: loopback TCP connections held until both their ends are back;
 //! - [`standalone`]: `ckpt-shim restore`, CRIU driven directly into a bundle.
 
 pub mod archive;
@@ -26,6 +27,7 @@ pub mod runc;
 pub mod spans;
 pub mod stage;
 pub mod standalone;
+pub mod tcp_hold;
 pub mod uffd;
 
 pub use archive::{extract, Checkpoint};

@@ -166,10 +166,10 @@ fn restore(inv: &Invocation, s: &Staged) -> Result<()> {
             cmd.arg(k).args(v);
         }
     }
-    let status = cmd
-        .arg(&inv.id)
-        .status()
-        .ctx(|| format!("run {:?}", real_runc()))?;
+    let held = super::tcp_hold::Hold::before_restore(&s.images(), &spec)?;
+    let status = cmd.arg(&inv.id).status();
+    held.after_restore(status.as_ref().is_ok_and(|s| s.success()));
+    let status = status.ctx(|| format!("run {:?}", real_runc()))?;
     if let Some(l) = &lazy {
         l.note(&format!(
             "ckpt-runc: page source ready after {ready_ms} ms, runc restore done after {} ms",
