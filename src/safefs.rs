@@ -27,3 +27,21 @@ pub fn private_tempdir(prefix: &str, parent: &Path) -> Result<tempfile::TempDir>
         .tempdir_in(parent)
         .ctx(|| format!("create a private directory in {}", parent.display()))
 }
+
+/// What a file system has free for an unprivileged writer ([`free_space`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Free {
+    pub bytes: u64,
+    /// None where the file system does not count inodes (btrfs).
+    pub inodes: Option<u64>,
+}
+
+/// The space and inodes `path`'s file system has free (statvfs), leaving out
+/// the blocks it keeps for root.
+pub fn free_space(path: &Path) -> Result<Free> {
+    let s = nix::sys::statvfs::statvfs(path).ctx(|| format!("statvfs {}", path.display()))?;
+    Ok(Free {
+        bytes: (s.blocks_available() as u64).saturating_mul(s.fragment_size() as u64),
+        inodes: (s.files() > 0).then_some(s.files_available() as u64),
+    })
+}
