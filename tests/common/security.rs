@@ -84,6 +84,53 @@ impl Crictl {
     }
 }
 
+/// SIGKILLs what is left of the runtime's start of container `id` when
+/// StartContainer gave up on it: the processes whose command line names `id`
+/// (ckpt-runc's), and every process under them. A restore whose CRIU fails
+/// late can leave CRIU, ckpt-runc and the half-restored tree waiting on each
+/// other after containerd's shim is gone, out of reach of any clean-up by
+/// container state. Returns how many processes it killed.
+pub fn kill_stuck_runtime(id: &str) -> usize {
+    let procs: Vec<(i32, i32, String)> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // The fields after the command's closing parenthesis: state, ppid.
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            Some((pid, ppid, cmdline))
+        })
+        .collect();
+    let mut doomed: Vec<i32> = procs
+        .iter()
+        .filter(|p| p.2.contains(id) && p.0 != std::process::id() as i32)
+        .map(|p| p.0)
+        .collect();
+    let mut i = 0;
+    while i < doomed.len() {
+        let parent = doomed[i];
+        doomed.extend(procs.iter().filter(|p| p.1 == parent).map(|p| p.0));
+        i += 1;
+    }
+    // Children before their parents, so none is handed to init first.
+    for pid in doomed.iter().rev() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    doomed.len()
+}
+
 /// The gRPC status code a failed crictl call printed ("code = PermissionDenied").
 pub fn grpc_code(stderr: &str) -> Option<String> {
     let (_, rest) = stderr.rsplit_once("code = ")?;
@@ -124,7 +171,14 @@ impl Sec {
     /// The container's `linux.security_context`, in crictl's JSON (CRI's
     /// field names; SecurityProfile's RuntimeDefault = 0, Unconfined = 1).
     pub fn security_context(self) -> serde_json::Value {
-        let mut sc = serde_json::json!({ "namespace_options": namespaces() });
+        // containerd 1.6 masks and makes read-only only what the request
+        // lists (none when it lists none): kubelet's defaults, as it sends
+        // them for every container (a privileged one ignores them).
+        let mut sc = serde_json::json!({
+            "namespace_options": namespaces(),
+            "masked_paths": MASKED_PATHS,
+            "readonly_paths": READONLY_PATHS,
+        });
         let o = sc.as_object_mut().unwrap();
         match self {
             Sec::Default => {}
@@ -158,6 +212,30 @@ impl Sec {
         sc
     }
 }
+
+/// kubelet's default masked paths (k8s.io/kubernetes pkg/securitycontext).
+pub const MASKED_PATHS: [&str; 11] = [
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+
+/// kubelet's default read-only paths.
+pub const READONLY_PATHS: [&str; 5] = [
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
 
 /// What kubelet asks for: the pod's network, a pid namespace of the
 /// container's own, the pod's IPC (NamespaceMode POD = 0, CONTAINER = 1).
@@ -198,14 +276,16 @@ pub fn pod_json(env: &Env, name: &str, privileged: bool) -> (PathBuf, PathBuf) {
     (p, logs)
 }
 
-/// A container `name` running `command` from `image` with `sec`, as crictl
-/// reads it; written to `<env.dir>/<name>-ctr.json`. Its log is
+/// A container `name` running `command` (its first word as CRI's `command`,
+/// the rest as `args`, as kubelet sends them) from `image` with `sec`, as
+/// crictl reads it; written to `<env.dir>/<name>-ctr.json`. Its log is
 /// `<pod's log directory>/<name>.log`.
 pub fn container_json(env: &Env, name: &str, image: &str, command: &[String], sec: Sec) -> PathBuf {
     let ctr = serde_json::json!({
         "metadata": {"name": name},
         "image": {"image": image},
-        "command": command,
+        "command": command[..1],
+        "args": command[1..],
         "log_path": format!("{name}.log"),
         "linux": {"security_context": sec.security_context()},
     });
@@ -279,23 +359,23 @@ pub const STATUS_FIELDS: [&str; 11] = [
     "Seccomp_filters",
 ];
 
-/// Those lines of `pid`'s status, their values with single spaces. A field
-/// the kernel does not print is an error, not an empty value.
+/// Those lines of `pid`'s status, their values with single spaces.
 pub fn privileges(pid: i32) -> BTreeMap<&'static str, String> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
-    parse_privileges(&text)
+    parse_privileges(&text).unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"))
 }
 
-pub fn parse_privileges(status: &str) -> BTreeMap<&'static str, String> {
+/// A field the kernel does not print is an error, not an empty value.
+pub fn parse_privileges(status: &str) -> Result<BTreeMap<&'static str, String>, String> {
     STATUS_FIELDS
         .iter()
         .map(|f| {
             let v = status
                 .lines()
                 .find_map(|l| l.strip_prefix(f)?.strip_prefix(':'))
-                .unwrap_or_else(|| panic!("no {f}: line in {status}"));
-            (*f, v.split_whitespace().collect::<Vec<_>>().join(" "))
+                .ok_or_else(|| format!("no {f}: line in {status:?}"))?;
+            Ok((*f, v.split_whitespace().collect::<Vec<_>>().join(" ")))
         })
         .collect()
 }
@@ -304,14 +384,35 @@ pub fn parse_privileges(status: &str) -> BTreeMap<&'static str, String> {
 /// system type, "ro" or "rw" for the mount).
 pub type ProcSysMount = (String, String, String);
 
+/// The file system type a masked file's mount is given here: a bind of a
+/// null device, whichever file system that node lives on. runc masks a file
+/// with the container's own /dev/null (tmpfs), and runc and CRIU restore
+/// that mount from the host's /dev/null (devtmpfs): the same mask.
+pub const NULL_DEVICE: &str = "null-device";
+
 /// Every mount at or under /proc and /sys in `pid`'s mount namespace (mount
 /// points relative to its root), sorted: the masked paths (/dev/null or a
 /// read-only tmpfs over them), the read-only ones, and /proc and /sys
 /// themselves.
 pub fn proc_sys_mounts(pid: i32) -> Vec<ProcSysMount> {
+    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::fs::MetadataExt;
     let text = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
         .unwrap_or_else(|e| panic!("/proc/{pid}/mountinfo: {e}"));
-    parse_proc_sys_mounts(&text)
+    let mut v = parse_proc_sys_mounts(&text);
+    for m in v.iter_mut() {
+        // What is at the mount point, seen through the process's own root.
+        let at = std::fs::metadata(format!("/proc/{pid}/root{}", m.0));
+        if at.is_ok_and(|md| {
+            md.file_type().is_char_device()
+                && nix::sys::stat::major(md.rdev()) == 1
+                && nix::sys::stat::minor(md.rdev()) == 3
+        }) {
+            m.1 = NULL_DEVICE.to_string();
+        }
+    }
+    v.sort();
+    v
 }
 
 pub fn parse_proc_sys_mounts(mountinfo: &str) -> Vec<ProcSysMount> {
@@ -364,6 +465,20 @@ pub fn logged(text: &str, prefix: &str) -> Vec<(u64, String)> {
             Some((n.trim().parse().ok()?, tail.to_string()))
         })
         .collect()
+}
+
+/// Waits up to `limit` for `log` to show a value of `want` or more after
+/// `prefix`.
+pub fn logged_up_to(log: &Path, prefix: &str, want: u64, limit: Duration) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if logged(&text, prefix).iter().any(|(n, _)| *n >= want) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
 }
 
 /// Waits up to `limit` for the count in `rootfs/tmp/count` to reach `want`.
@@ -536,41 +651,80 @@ pub mod criu {
         encode(&fields)
     }
 
-    /// A core-<tid>.img whose thread's credentials hold every capability:
-    /// inheritable, permitted, effective, bounding and ambient all ones, in
-    /// two 32-bit words each (CRIU keeps the bits the kernel has).
-    pub fn forge_all_caps(core_img: &[u8]) -> Vec<u8> {
+    /// creds_entry's IDs (uid, gid, euid, egid, suid, sgid, fsuid, fsgid:
+    /// fields 1 to 8, in that order) and supplementary groups.
+    pub const ID_FIELDS: [u32; 8] = [1, 2, 3, 4, 5, 6, 7, 8];
+    pub const GROUPS: u32 = 14;
+
+    /// A core-<tid>.img with `edit` applied to each thread's creds_entry
+    /// (its fields, in their order).
+    pub fn rewrite_creds(core_img: &[u8], edit: &dyn Fn(Vec<Field>) -> Vec<Field>) -> Vec<u8> {
         let forged: Vec<Vec<u8>> = entries(core_img, CORE_MAGIC)
             .iter()
             .map(|core| {
                 within(core, CORE_THREAD_CORE, |tc| {
-                    within(tc, THREAD_CORE_CREDS, |creds| {
-                        let mut fields: Vec<Field> = parse(creds)
-                            .into_iter()
-                            .filter(|x| !CAP_FIELDS.contains(&x.num))
-                            .collect();
-                        for num in CAP_FIELDS {
-                            for _ in 0..2 {
-                                let mut value = Vec::new();
-                                put_varint(&mut value, u64::from(u32::MAX));
-                                fields.push(Field {
-                                    num,
-                                    wire: 0,
-                                    value,
-                                });
-                            }
-                        }
-                        encode(&fields)
-                    })
+                    within(tc, THREAD_CORE_CREDS, |creds| encode(&edit(parse(creds))))
                 })
             })
             .collect();
         image(CORE_MAGIC, &forged)
     }
 
-    /// The capability sets a core-<tid>.img's credentials hold, by field
-    /// number, read back independently of the forger's rewriting.
-    pub fn caps(core_img: &[u8]) -> std::collections::BTreeMap<u32, Vec<u32>> {
+    /// `fields` with every `num` replaced by `values`, each its own varint.
+    pub fn set_u32s(fields: Vec<Field>, num: u32, values: &[u32]) -> Vec<Field> {
+        let mut fields: Vec<Field> = fields.into_iter().filter(|x| x.num != num).collect();
+        for v in values {
+            let mut value = Vec::new();
+            put_varint(&mut value, u64::from(*v));
+            fields.push(Field {
+                num,
+                wire: 0,
+                value,
+            });
+        }
+        fields
+    }
+
+    /// A core-<tid>.img whose thread's credentials hold every capability:
+    /// inheritable, permitted, effective, bounding and ambient all ones, in
+    /// two 32-bit words each (CRIU keeps the bits the kernel has).
+    pub fn forge_all_caps(core_img: &[u8]) -> Vec<u8> {
+        rewrite_creds(core_img, &|fields| {
+            CAP_FIELDS
+                .iter()
+                .fold(fields, |f, num| set_u32s(f, *num, &[u32::MAX, u32::MAX]))
+        })
+    }
+
+    /// What a creds_entry says: its IDs (in [`ID_FIELDS`] order), groups and
+    /// capability sets (by field number).
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct Creds {
+        pub ids: [u32; 8],
+        pub groups: Vec<u32>,
+        pub caps: std::collections::BTreeMap<u32, Vec<u32>>,
+    }
+
+    /// A core-<tid>.img whose thread's IDs, groups and capabilities are
+    /// `creds`' (everything else in them, securebits, no_new_privs and LSM
+    /// labels among them, as it was).
+    pub fn forge_creds(core_img: &[u8], creds: &Creds) -> Vec<u8> {
+        rewrite_creds(core_img, &|fields| {
+            let mut f = fields;
+            for (num, id) in ID_FIELDS.iter().zip(creds.ids) {
+                f = set_u32s(f, *num, &[id]);
+            }
+            f = set_u32s(f, GROUPS, &creds.groups);
+            for (num, words) in &creds.caps {
+                f = set_u32s(f, *num, words);
+            }
+            f
+        })
+    }
+
+    /// The creds_entry of a core-<tid>.img, read back independently of the
+    /// forger's rewriting.
+    pub fn creds(core_img: &[u8]) -> Creds {
         let core = entries(core_img, CORE_MAGIC);
         assert_eq!(core.len(), 1, "one core_entry in a core image");
         let one = |msg: &[u8], num: u32| -> Vec<u8> {
@@ -579,12 +733,60 @@ pub mod criu {
             assert_eq!(v.len(), 1, "field {num}");
             v[0].value.clone()
         };
-        let creds = one(&one(&core[0], CORE_THREAD_CORE), THREAD_CORE_CREDS);
-        let fields = parse(&creds);
-        CAP_FIELDS
-            .iter()
-            .map(|n| (*n, repeated_u32(&fields, *n)))
-            .collect()
+        let fields = parse(&one(&one(&core[0], CORE_THREAD_CORE), THREAD_CORE_CREDS));
+        let mut ids = [0u32; 8];
+        for (i, num) in ID_FIELDS.iter().enumerate() {
+            let v = repeated_u32(&fields, *num);
+            assert_eq!(v.len(), 1, "creds field {num}: {v:?}");
+            ids[i] = v[0];
+        }
+        Creds {
+            ids,
+            groups: repeated_u32(&fields, GROUPS),
+            caps: CAP_FIELDS
+                .iter()
+                .map(|n| (*n, repeated_u32(&fields, *n)))
+                .collect(),
+        }
+    }
+
+    /// The capability sets a core-<tid>.img's credentials hold, by field
+    /// number.
+    pub fn caps(core_img: &[u8]) -> std::collections::BTreeMap<u32, Vec<u32>> {
+        creds(core_img).caps
+    }
+
+    /// The credentials a process has, as `/proc/<pid>/status` shows them
+    /// ([`super::privileges`]), in a creds_entry's terms: what a checkpoint
+    /// of that process would hold.
+    pub fn creds_of(status: &std::collections::BTreeMap<&'static str, String>) -> Creds {
+        let nums = |f: &str| -> Vec<u32> {
+            status[f]
+                .split_whitespace()
+                .map(|x| x.parse().unwrap_or_else(|e| panic!("{f} {x:?}: {e}")))
+                .collect()
+        };
+        // Real, effective, saved and file system IDs.
+        let (u, g) = (nums("Uid"), nums("Gid"));
+        assert_eq!((u.len(), g.len()), (4, 4), "{status:?}");
+        let words = |f: &str| {
+            let v = u64::from_str_radix(&status[f], 16).unwrap();
+            vec![v as u32, (v >> 32) as u32]
+        };
+        Creds {
+            ids: [u[0], g[0], u[1], g[1], u[2], g[2], u[3], g[3]],
+            groups: nums("Groups"),
+            caps: [
+                (CAP_INH, "CapInh"),
+                (CAP_PRM, "CapPrm"),
+                (CAP_EFF, "CapEff"),
+                (CAP_BND, "CapBnd"),
+                (CAP_AMB, "CapAmb"),
+            ]
+            .into_iter()
+            .map(|(n, f)| (n, words(f)))
+            .collect(),
+        }
     }
 
     /// A CheckpointContainer archive's core images (`checkpoint/core-*.img`).
