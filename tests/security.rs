@@ -161,7 +161,11 @@ impl Row {
             Outcome::NoCheckpoint(e) => ("no checkpoint".to_string(), e.clone()),
             Outcome::Refused(code, msg) => (
                 format!("refused {}", code.as_deref().unwrap_or("?")),
-                msg.lines().last().unwrap_or("").to_string(),
+                // The runtime's own words, after crictl's wrapping.
+                msg.rsplit_once("desc = ")
+                    .map_or(msg.as_str(), |(_, d)| d)
+                    .trim_end_matches('"')
+                    .to_string(),
             ),
             Outcome::StartFailed(e) => (
                 "start failed".to_string(),
@@ -910,7 +914,8 @@ async fn a_pod_checkpoint_with_a_privileged_container_is_refused_whole() {
     let err = r.expect_err("RestorePod of a privileged container into an ordinary pod");
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     assert_eq!(after, before, "RestorePod left something");
-    assert_eq!(crictl.run(&["pods", "--name", "pdst", "-q"]), "");
+    // crictl's --name is a regular expression ("pdst-ordinary" is there).
+    assert_eq!(crictl.run(&["pods", "--name", "^pdst$", "-q"]), "");
 }
 
 /// RestorePod of the pod checkpoint in `dir` into a new ordinary pod `name`,
