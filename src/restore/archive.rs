@@ -1014,7 +1014,7 @@ mod tests {
                 file_bytes(DIFF, &diff),
                 file(DELETED, r#"["/ok", "/../etc/shadow"]"#),
             ]),
-            "deleted.files: /../etc/shadow (an absolute name, or one that climbs",
+            "deleted.files: /../etc/shadow (a path that climbs with ..",
         );
         assert_unsafe(
             open(&[file("./deleted.files", "[\"/\"]")]),

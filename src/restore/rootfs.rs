@@ -347,7 +347,11 @@ fn deleted_path(p: &str) -> Result<PathBuf> {
     if p.contains('\0') {
         return Err(bad("a NUL byte in a path"));
     }
-    let parts = placeable(Path::new(rel)).map_err(|why| bad(&why))?;
+    if p.len() > NAME_MAX_BYTES {
+        return Err(bad(&format!("a path past {NAME_MAX_BYTES} bytes")));
+    }
+    let parts = normal(Path::new(rel))
+        .ok_or_else(|| bad("a path that climbs with .., or starts with //"))?;
     if parts.is_empty() {
         return Err(bad("the root itself"));
     }
@@ -934,14 +938,17 @@ pub(crate) mod tests {
             (r#"["relative"]"#.into(), "relative (not an absolute path"),
             (
                 r#"["/../etc/passwd"]"#.into(),
-                "/../etc/passwd (an absolute name, or one that climbs",
+                "/../etc/passwd (a path that climbs with ..",
             ),
-            (r#"["/a/../../b"]"#.into(), "one that climbs"),
-            (r#"["//etc"]"#.into(), "//etc (an absolute name"),
+            (r#"["/a/../../b"]"#.into(), "/a/../../b (a path that climbs"),
+            (
+                r#"["//etc"]"#.into(),
+                "//etc (a path that climbs with .., or starts with //",
+            ),
             (r#"["/"]"#.into(), "/ (the root itself"),
             (r#"["/."]"#.into(), "/. (the root itself"),
             (r#"["/a\u0000b"]"#.into(), "a NUL byte"),
-            (format!("[\"{long}\"]"), "a name past 4096 bytes"),
+            (format!("[\"{long}\"]"), "a path past 4096 bytes"),
         ] {
             let err = check_deleted(list.as_bytes()).unwrap_err();
             assert!(matches!(err, Error::UnsafeArchive(_)), "{list}: {err:?}");
@@ -1032,7 +1039,10 @@ pub(crate) mod tests {
         assert!(err.to_string().contains("dev/x (a device node"), "{err}");
         let err =
             apply_rootfs_diff(staged(&clean(), r#"["/../x"]"#).path(), root.path()).unwrap_err();
-        assert!(err.to_string().contains("one that climbs"), "{err}");
+        assert!(
+            err.to_string().contains("/../x (a path that climbs"),
+            "{err}"
+        );
         assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
     }
 
