@@ -178,6 +178,14 @@ async fn bad_checkpoints_are_refused_and_leave_nothing() {
         |_, _| None,
         Some(("checkpoint/evil", "/etc/passwd")),
     );
+    // A device node in the rootfs diff: refused at create, as every rule of
+    // docs/security-archive.md is (tests/archive_hostile.rs has the others).
+    let with_device = common::archive::rewrite(
+        &archive,
+        &out.path().join("device.tar"),
+        |name, data| (name == "rootfs-diff.tar").then(|| with_device_node(data, "dev/evil")),
+        None,
+    );
     let missing_image = common::archive::rewrite(
         &archive,
         &out.path().join("image.tar"),
@@ -203,6 +211,11 @@ async fn bad_checkpoints_are_refused_and_leave_nothing() {
         (not_tar, Code::InvalidArgument, "not a checkpoint archive"),
         (truncated, Code::InvalidArgument, "not a checkpoint archive"),
         (with_link, Code::InvalidArgument, "checkpoint/evil"),
+        (
+            with_device,
+            Code::InvalidArgument,
+            "rootfs-diff.tar: dev/evil (a device node",
+        ),
         (
             missing_image,
             Code::NotFound,
@@ -233,12 +246,13 @@ async fn bad_checkpoints_are_refused_and_leave_nothing() {
     }
 
     // CRIU fails at StartContainer: the error says why, from CRIU's log; the
-    // container ends exited, and nothing of it runs.
+    // container ends exited, and nothing of it runs. The image cut is one
+    // CreateContainer does not read (a cut core image is refused there).
     let broken = common::archive::rewrite(
         &archive,
         &out.path().join("broken.tar"),
         |name, data| {
-            name.starts_with("checkpoint/core-")
+            name.starts_with("checkpoint/mm-")
                 .then(|| data[..data.len() / 2].to_vec())
         },
         None,
@@ -278,4 +292,22 @@ async fn bad_checkpoints_are_refused_and_leave_nothing() {
         .await
         .unwrap();
     assert!(env.restores().is_empty());
+}
+
+/// A rootfs diff with a character device `name` appended, written raw.
+fn with_device_node(diff: &[u8], name: &str) -> Vec<u8> {
+    let mut out = tar::Builder::new(Vec::new());
+    for e in tar::Archive::new(diff).entries().unwrap() {
+        let mut e = e.unwrap();
+        let h = e.header().clone();
+        out.append(&h, &mut e).unwrap();
+    }
+    let mut h = tar::Header::new_gnu();
+    h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+    h.set_entry_type(tar::EntryType::Char);
+    h.set_mode(0o666);
+    h.set_size(0);
+    h.set_cksum();
+    out.append(&h, std::io::empty()).unwrap();
+    out.into_inner().unwrap()
 }
