@@ -143,7 +143,11 @@ async fn pod_checkpointed_through_the_shim_is_restored_and_continues() {
     let ov = Overlay::on(&lower, target.path());
     // The new container's config, which the restore is held against: the
     // spec containerd generated for the original.
-    std::fs::write(target.path().join("config.json"), serde_json::to_vec(&spec).unwrap()).unwrap();
+    std::fs::write(
+        target.path().join("config.json"),
+        serde_json::to_vec(&spec).unwrap(),
+    )
+    .unwrap();
     let pid = restore(&restore_opts(
         &archive,
         target.path(),

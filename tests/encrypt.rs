@@ -204,7 +204,11 @@ async fn an_encrypted_checkpoint_keeps_no_plaintext_and_the_identity_restores_it
     c.kill();
     let target = tempfile::tempdir().unwrap();
     let ov = Overlay::new(target.path());
-    std::fs::copy(c.bundle.join("config.json"), target.path().join("config.json")).unwrap();
+    std::fs::copy(
+        c.bundle.join("config.json"),
+        target.path().join("config.json"),
+    )
+    .unwrap();
     let ids = identities(&[&age]);
     let pid = restore(&restore_opts(
         &sealed,

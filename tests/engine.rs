@@ -216,7 +216,11 @@ async fn cycle_with(id: &str, prefix: &str, o: Options) {
     let target = tempfile::tempdir().unwrap();
     let ov = Overlay::new(target.path());
     // The new container's config, which the restore is held against: the same.
-    std::fs::copy(c.bundle.join("config.json"), target.path().join("config.json")).unwrap();
+    std::fs::copy(
+        c.bundle.join("config.json"),
+        target.path().join("config.json"),
+    )
+    .unwrap();
     let restored_id = format!("{id}-restored");
     let pid = restore(&restore_opts(
         &archive,

@@ -161,7 +161,10 @@ mod tests {
     #[test]
     fn lengths_past_the_end_and_wrong_magics_are_refused() {
         let mut img = encode(Kind::Core, &[b"abcd"]);
-        assert_eq!(entries(&img, Kind::Pstree), Err(ImageError::Magic(Kind::Pstree)));
+        assert_eq!(
+            entries(&img, Kind::Pstree),
+            Err(ImageError::Magic(Kind::Pstree))
+        );
         img.truncate(img.len() - 1);
         assert!(matches!(
             entries(&img, Kind::Core),
@@ -171,10 +174,17 @@ mod tests {
         img.extend_from_slice(&[0xff, 0xff, 0xff, 0xff]);
         assert!(matches!(
             entries(&img, Kind::Core),
-            Err(ImageError::Truncated { index: 1, len: u32::MAX, .. })
+            Err(ImageError::Truncated {
+                index: 1,
+                len: u32::MAX,
+                ..
+            })
         ));
         img.truncate(img.len() - 2);
         assert!(entries(&img, Kind::Core).is_err());
-        assert_eq!(first(&encode::<&[u8]>(Kind::Core, &[]), Kind::Core), Err(ImageError::Empty(Kind::Core)));
+        assert_eq!(
+            first(&encode::<&[u8]>(Kind::Core, &[]), Kind::Core),
+            Err(ImageError::Empty(Kind::Core))
+        );
     }
 }

@@ -58,6 +58,9 @@ mod tests {
             parse_utsns(&REAL[..20]),
             Err(StatsError::Image(ImageError::Truncated { .. }))
         ));
-        assert!(matches!(parse_dump_stats(REAL), Err(StatsError::Image(ImageError::Magic(Kind::Stats)))));
+        assert!(matches!(
+            parse_dump_stats(REAL),
+            Err(StatsError::Image(ImageError::Magic(Kind::Stats)))
+        ));
     }
 }

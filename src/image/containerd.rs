@@ -40,7 +40,9 @@ fn req<T>(msg: T, lease: Option<&str>) -> Request<T> {
 /// CreateContainer stores it with the container record; the task's
 /// `config.json` is written from it at start).
 pub async fn container_spec(ch: Channel, id: &str) -> Result<Value> {
-    use containerd_client::services::v1::{containers_client::ContainersClient, GetContainerRequest};
+    use containerd_client::services::v1::{
+        containers_client::ContainersClient, GetContainerRequest,
+    };
     let got = ContainersClient::new(ch)
         .get(req(GetContainerRequest { id: id.into() }, None))
         .await?

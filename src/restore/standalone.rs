@@ -45,7 +45,8 @@ pub async fn restore(o: &RestoreOptions) -> Result<i32> {
     let x = private_dir(work.path(), "archive")?;
     ckpt.extract(&x)?;
     let spec = bundle_spec(&o.bundle, &x, o.policy)?;
-    let json = serde_json::to_value(&spec).map_err(|e| Error::Other(format!("config.json: {e}")))?;
+    let json =
+        serde_json::to_value(&spec).map_err(|e| Error::Other(format!("config.json: {e}")))?;
     super::policy::enforce(&x.join("checkpoint"), &json, o.policy)?;
     let rootfs = super::rootfs::bundle_rootfs(&spec, &o.bundle);
     apply_rootfs_diff(&x, &rootfs)?;

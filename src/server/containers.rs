@@ -19,9 +19,9 @@ use crate::cri::{
     ImageStatusRequest, PullImageRequest, RemoveContainerRequest, StartContainerRequest,
 };
 use crate::error::{Error, Result};
-use crate::restore::policy::Mode;
 use crate::image::containerd::Found;
 use crate::restore::create::{self as plan};
+use crate::restore::policy::Mode;
 use crate::restore::stage::{self, RestoreInfo, Staged, Staging};
 use crate::restore::Checkpoint;
 use crate::seal::Identities;

@@ -18,7 +18,11 @@ use super::spec::{Allowed, Caps, CAP_SETGID, CAP_SETPCAP, CAP_SETUID};
 use crate::error::{Error, Result};
 
 fn mask(words: &[u32]) -> u64 {
-    words.iter().take(2).enumerate().fold(0, |m, (i, w)| m | (u64::from(*w) << (32 * i)))
+    words
+        .iter()
+        .take(2)
+        .enumerate()
+        .fold(0, |m, (i, w)| m | (u64::from(*w) << (32 * i)))
 }
 
 fn words(m: u64) -> Vec<u32> {
@@ -43,7 +47,12 @@ fn set_caps(c: &mut CredsEntry, caps: Caps) {
     c.cap_amb = words(caps.amb);
 }
 
-pub fn privilege(process: &str, field: &'static str, found: impl ToString, allowed: impl ToString) -> Error {
+pub fn privilege(
+    process: &str,
+    field: &'static str,
+    found: impl ToString,
+    allowed: impl ToString,
+) -> Error {
     Error::Privilege {
         process: process.into(),
         field,
@@ -52,7 +61,12 @@ pub fn privilege(process: &str, field: &'static str, found: impl ToString, allow
     }
 }
 
-pub fn unlike(process: &str, field: &'static str, found: impl ToString, fresh: impl ToString) -> Error {
+pub fn unlike(
+    process: &str,
+    field: &'static str,
+    found: impl ToString,
+    fresh: impl ToString,
+) -> Error {
     Error::Unlike {
         process: process.into(),
         field,
@@ -73,7 +87,12 @@ pub fn confine(process: &str, init: bool, c: &CredsEntry, a: &Allowed) -> Result
         out.no_new_privs = Some(1);
     }
     if c.secbits != 0 && !a.bound.has(CAP_SETPCAP) {
-        return Err(privilege(process, "securebits", format!("{:#x}", c.secbits), "0 (no CAP_SETPCAP)"));
+        return Err(privilege(
+            process,
+            "securebits",
+            format!("{:#x}", c.secbits),
+            "0 (no CAP_SETPCAP)",
+        ));
     }
     if init {
         like_fresh(process, &out, a)?;
@@ -82,8 +101,18 @@ pub fn confine(process: &str, init: bool, c: &CredsEntry, a: &Allowed) -> Result
 }
 
 fn ids(process: &str, init: bool, c: &CredsEntry, a: &Allowed) -> Result<()> {
-    let uids = [("uid", c.uid), ("euid", c.euid), ("suid", c.suid), ("fsuid", c.fsuid)];
-    let gids = [("gid", c.gid), ("egid", c.egid), ("sgid", c.sgid), ("fsgid", c.fsgid)];
+    let uids = [
+        ("uid", c.uid),
+        ("euid", c.euid),
+        ("suid", c.suid),
+        ("fsuid", c.fsuid),
+    ];
+    let gids = [
+        ("gid", c.gid),
+        ("egid", c.egid),
+        ("sgid", c.sgid),
+        ("fsgid", c.fsgid),
+    ];
     let may_setuid = !init && a.bound.has(CAP_SETUID);
     let may_setgid = !init && a.bound.has(CAP_SETGID);
     for (field, id) in uids.into_iter().filter(|_| !may_setuid) {
@@ -103,20 +132,38 @@ fn ids(process: &str, init: bool, c: &CredsEntry, a: &Allowed) -> Result<()> {
     want.sort_unstable();
     want.dedup();
     if !may_setgid && have != want {
-        return Err(privilege(process, "groups", format!("{have:?}"), format!("{want:?}")));
+        return Err(privilege(
+            process,
+            "groups",
+            format!("{have:?}"),
+            format!("{want:?}"),
+        ));
     }
     Ok(())
 }
 
 fn lsm(process: &str, c: &CredsEntry, a: &Allowed) -> Result<()> {
     if c.apparmor_data.as_ref().is_some_and(|d| !d.is_empty()) {
-        return Err(privilege(process, "AppArmor policy data", "present", "none"));
+        return Err(privilege(
+            process,
+            "AppArmor policy data",
+            "present",
+            "none",
+        ));
     }
     let wanted = a.lsm_label.as_deref().unwrap_or("");
-    for (field, label) in [("LSM profile", &c.lsm_profile), ("LSM socket label", &c.lsm_sockcreate)] {
+    for (field, label) in [
+        ("LSM profile", &c.lsm_profile),
+        ("LSM socket label", &c.lsm_sockcreate),
+    ] {
         let label = label.as_deref().unwrap_or("");
         if !label.is_empty() && label != wanted {
-            return Err(privilege(process, field, label, if wanted.is_empty() { "none" } else { wanted }));
+            return Err(privilege(
+                process,
+                field,
+                label,
+                if wanted.is_empty() { "none" } else { wanted },
+            ));
         }
     }
     Ok(())
@@ -134,15 +181,30 @@ fn like_fresh(process: &str, c: &CredsEntry, a: &Allowed) -> Result<()> {
         ("CapAmb", have.amb, fresh.amb),
     ] {
         if h != f {
-            return Err(unlike(process, field, format!("{h:016x}"), format!("{f:016x}")));
+            return Err(unlike(
+                process,
+                field,
+                format!("{h:016x}"),
+                format!("{f:016x}"),
+            ));
         }
     }
     let nnp = c.no_new_privs.unwrap_or(0) != 0;
     if nnp != a.no_new_privs {
-        return Err(unlike(process, "NoNewPrivs", nnp as u8, a.no_new_privs as u8));
+        return Err(unlike(
+            process,
+            "NoNewPrivs",
+            nnp as u8,
+            a.no_new_privs as u8,
+        ));
     }
     if c.secbits != 0 {
-        return Err(unlike(process, "securebits", format!("{:#x}", c.secbits), "0"));
+        return Err(unlike(
+            process,
+            "securebits",
+            format!("{:#x}", c.secbits),
+            "0",
+        ));
     }
     Ok(())
 }
@@ -155,12 +217,32 @@ mod tests {
     fn allowed(uid: u32, caps: &[&str], nnp: bool) -> Allowed {
         Allowed::from_json(&json!({"process": {"user": {"uid": uid, "gid": uid},
             "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
-            "noNewPrivileges": nnp}})).unwrap()
+            "noNewPrivileges": nnp}}))
+        .unwrap()
     }
 
     fn creds(uid: u32, caps: u64) -> CredsEntry {
-        let mut c = CredsEntry { uid, gid: uid, euid: uid, egid: uid, suid: uid, sgid: uid, fsuid: uid, fsgid: uid, ..Default::default() };
-        set_caps(&mut c, Caps { eff: caps, prm: caps, inh: 0, bnd: caps, amb: 0 });
+        let mut c = CredsEntry {
+            uid,
+            gid: uid,
+            euid: uid,
+            egid: uid,
+            suid: uid,
+            sgid: uid,
+            fsuid: uid,
+            fsgid: uid,
+            ..Default::default()
+        };
+        set_caps(
+            &mut c,
+            Caps {
+                eff: caps,
+                prm: caps,
+                inh: 0,
+                bnd: caps,
+                amb: 0,
+            },
+        );
         c
     }
 
@@ -191,15 +273,36 @@ mod tests {
     fn an_init_below_a_fresh_one_is_unlike_and_labels_and_securebits_are_checked() {
         let a = allowed(0, &["CAP_CHOWN", "CAP_KILL"], false);
         let e = confine("pid 1", true, &creds(0, 1), &a).unwrap_err();
-        assert!(matches!(e, Error::Unlike { field: "CapEff", .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::Unlike {
+                    field: "CapEff",
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let mut c = creds(0, u64::MAX);
         c.lsm_profile = Some("unconfined".into());
-        assert!(matches!(confine("pid 1", true, &c, &a), Err(Error::Privilege { field: "LSM profile", .. })));
+        assert!(matches!(
+            confine("pid 1", true, &c, &a),
+            Err(Error::Privilege {
+                field: "LSM profile",
+                ..
+            })
+        ));
         let mut c = creds(0, u64::MAX);
         c.apparmor_data = Some(vec![1]);
         assert!(confine("pid 1", true, &c, &a).is_err());
         let mut c = creds(0, u64::MAX);
         c.secbits = 0x10;
-        assert!(matches!(confine("pid 1", true, &c, &a), Err(Error::Privilege { field: "securebits", .. })));
+        assert!(matches!(
+            confine("pid 1", true, &c, &a),
+            Err(Error::Privilege {
+                field: "securebits",
+                ..
+            })
+        ));
     }
 }

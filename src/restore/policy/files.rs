@@ -35,15 +35,30 @@ pub fn check(images: &Images, a: &Allowed) -> Result<()> {
     for (name, g) in &images.ghosts {
         let kind = g.mode & S_IFMT;
         if !FILE_TYPES.contains(&kind) {
-            return Err(privilege(name, "ghost file type", format!("{kind:o}"), "a regular file, directory or symlink"));
+            return Err(privilege(
+                name,
+                "ghost file type",
+                format!("{kind:o}"),
+                "a regular file, directory or symlink",
+            ));
         }
         if kind == S_IFREG && g.mode & (S_ISUID | S_ISGID) != 0 {
-            return Err(privilege(name, "ghost file mode", format!("{:o}", g.mode & 0o7777), "no set-ID bits"));
+            return Err(privilege(
+                name,
+                "ghost file mode",
+                format!("{:o}", g.mode & 0o7777),
+                "no set-ID bits",
+            ));
         }
     }
     for t in &images.ttys {
         if !TTY_TYPES.contains(&t.r#type) {
-            return Err(privilege("tty-info.img", "terminal type", t.r#type, "a pseudo-terminal or the runtime's console"));
+            return Err(privilege(
+                "tty-info.img",
+                "terminal type",
+                t.r#type,
+                "a pseudo-terminal or the runtime's console",
+            ));
         }
     }
     Ok(())
@@ -66,14 +81,28 @@ fn tmpfs(path: &std::path::Path, name: &str, a: &Allowed) -> Result<()> {
             _ => None,
         };
         if let Some(kind) = kind {
-            let dev = (kind, h.device_major().ok().flatten().unwrap_or(0) as u64, h.device_minor().ok().flatten().unwrap_or(0) as u64);
+            let dev = (
+                kind,
+                h.device_major().ok().flatten().unwrap_or(0) as u64,
+                h.device_minor().ok().flatten().unwrap_or(0) as u64,
+            );
             if !a.devices.contains(&dev) {
-                return Err(privilege(name, "device node", format!("{path} ({}:{})", dev.1, dev.2), "the spec's devices"));
+                return Err(privilege(
+                    name,
+                    "device node",
+                    format!("{path} ({}:{})", dev.1, dev.2),
+                    "the spec's devices",
+                ));
             }
         }
         let mode = h.mode().map_err(|e| bad(name, e))?;
         if h.entry_type().is_file() && mode & (S_ISUID | S_ISGID) != 0 {
-            return Err(privilege(name, "file mode", format!("{path} {:o}", mode & 0o7777), "no set-ID bits"));
+            return Err(privilege(
+                name,
+                "file mode",
+                format!("{path} {:o}", mode & 0o7777),
+                "no set-ID bits",
+            ));
         }
     }
     Ok(())

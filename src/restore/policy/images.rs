@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use criu_rpc::image::{self, Kind};
 use criu_rpc::images::{
-    CoreEntry, GhostFileEntry, TaskKobjIdsEntry, InventoryEntry, MntEntry, PstreeEntry, SeccompEntry, TtyInfoEntry,
+    CoreEntry, GhostFileEntry, InventoryEntry, MntEntry, PstreeEntry, SeccompEntry,
+    TaskKobjIdsEntry, TtyInfoEntry,
 };
 use prost::Message;
 
@@ -71,7 +72,11 @@ pub struct Images {
 }
 
 pub fn bad(image: impl AsRef<Path>, why: impl std::fmt::Display) -> Error {
-    let name = image.as_ref().file_name().unwrap_or_default().to_string_lossy();
+    let name = image
+        .as_ref()
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy();
     Error::BadImage {
         image: name.into_owned(),
         why: why.to_string(),
@@ -107,7 +112,10 @@ impl Images {
             } else if name.starts_with("tmpfs-dev-") {
                 out.tmpfs.push(name);
             } else if name.starts_with("creds-") {
-                return Err(bad(&name, "per-task creds images (CRIU before 3.x) are not restored"));
+                return Err(bad(
+                    &name,
+                    "per-task creds images (CRIU before 3.x) are not restored",
+                ));
             }
         }
         if dir.join("tty-info.img").exists() {
@@ -124,14 +132,24 @@ fn read_tasks(dir: &Path) -> Result<Vec<Task>> {
     }
     let total: usize = pstree.iter().map(|p| p.threads.len().max(1)).sum();
     if total > MAX_THREADS {
-        return Err(bad("pstree.img", format!("{total} threads (at most {MAX_THREADS})")));
+        return Err(bad(
+            "pstree.img",
+            format!("{total} threads (at most {MAX_THREADS})"),
+        ));
     }
     let mut seen = std::collections::HashSet::new();
     let mut tasks = Vec::with_capacity(pstree.len());
     for p in pstree {
-        let tids = if p.threads.is_empty() { vec![p.pid] } else { p.threads.clone() };
+        let tids = if p.threads.is_empty() {
+            vec![p.pid]
+        } else {
+            p.threads.clone()
+        };
         if tids[0] != p.pid {
-            return Err(bad("pstree.img", format!("pid {}: its first thread is {}", p.pid, tids[0])));
+            return Err(bad(
+                "pstree.img",
+                format!("pid {}: its first thread is {}", p.pid, tids[0]),
+            ));
         }
         let mut threads = Vec::with_capacity(tids.len());
         for tid in tids {
@@ -145,7 +163,11 @@ fn read_tasks(dir: &Path) -> Result<Vec<Task>> {
             true => decode_all::<TaskKobjIdsEntry>(dir, &ids_img, Kind::Ids)?.pop(),
             false => None,
         };
-        tasks.push(Task { pstree: p, ids, threads });
+        tasks.push(Task {
+            pstree: p,
+            ids,
+            threads,
+        });
     }
     Ok(tasks)
 }
@@ -156,7 +178,10 @@ fn read_thread(dir: &Path, tid: u32) -> Result<Thread> {
     let raw = read(&file)?;
     let entries = image::entries(&raw, Kind::Core).map_err(|e| bad(&name, e))?;
     let [entry] = entries.as_slice() else {
-        return Err(bad(&name, format!("{} entries, one expected", entries.len())));
+        return Err(bad(
+            &name,
+            format!("{} entries, one expected", entries.len()),
+        ));
     };
     let core = CoreEntry::decode(*entry).map_err(|e| bad(&name, e))?;
     let creds = core.thread_core.as_ref().and_then(|t| t.creds.as_ref());
@@ -170,7 +195,12 @@ fn read_thread(dir: &Path, tid: u32) -> Result<Thread> {
         .and_then(|t| Fields::parse(&t).ok()?.get(10).map(<[u8]>::to_vec))
         .unwrap_or_default();
     only_known(&name, "credentials", &creds_raw, 1..=19)?;
-    Ok(Thread { tid, file, raw: entries[0].to_vec(), core })
+    Ok(Thread {
+        tid,
+        file,
+        raw: entries[0].to_vec(),
+        core,
+    })
 }
 
 /// Refuses a message with a field numbered outside `known`.
@@ -198,10 +228,15 @@ pub fn read(path: &Path) -> Result<Vec<u8>> {
         .map_err(|e| bad(path, e))?;
     let meta = f.metadata().map_err(|e| bad(path, e))?;
     if !meta.is_file() || meta.len() > MAX_IMAGE {
-        return Err(bad(path, format!("not a regular file of at most {MAX_IMAGE} bytes")));
+        return Err(bad(
+            path,
+            format!("not a regular file of at most {MAX_IMAGE} bytes"),
+        ));
     }
     let mut out = Vec::with_capacity(meta.len() as usize);
-    f.take(MAX_IMAGE).read_to_end(&mut out).map_err(|e| bad(path, e))?;
+    f.take(MAX_IMAGE)
+        .read_to_end(&mut out)
+        .map_err(|e| bad(path, e))?;
     Ok(out)
 }
 

@@ -25,7 +25,10 @@ pub fn hard_limit(a: &Allowed, resource: u32) -> u64 {
 }
 
 fn own_hard_limit(resource: u32) -> u64 {
-    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit writes one rlimit into the struct we own; nix's
     // getrlimit takes only the resources it names, and CRIU's images index
     // them by number.
@@ -42,7 +45,10 @@ pub fn rlimits(r: &TaskRlimitsEntry, a: &Allowed) -> TaskRlimitsEntry {
         .enumerate()
         .map(|(i, e)| {
             let max = e.max.min(hard_limit(a, i as u32));
-            RlimitEntry { cur: e.cur.min(max), max }
+            RlimitEntry {
+                cur: e.cur.min(max),
+                max,
+            }
         })
         .collect();
     TaskRlimitsEntry { rlimits }
@@ -85,14 +91,36 @@ mod tests {
     fn limits_are_lowered_to_the_spec_and_the_runtime() {
         let a = Allowed::from_json(&json!({"process": {"user": {"uid": 0},
             "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 1024, "hard": 4096}], "oomScoreAdj": 500}})).unwrap();
-        let big = RlimitEntry { cur: u64::MAX, max: u64::MAX };
-        let r = rlimits(&TaskRlimitsEntry { rlimits: vec![big; 8] }, &a);
-        assert_eq!(r.rlimits[7], RlimitEntry { cur: 4096, max: 4096 });
+        let big = RlimitEntry {
+            cur: u64::MAX,
+            max: u64::MAX,
+        };
+        let r = rlimits(
+            &TaskRlimitsEntry {
+                rlimits: vec![big; 8],
+            },
+            &a,
+        );
+        assert_eq!(
+            r.rlimits[7],
+            RlimitEntry {
+                cur: 4096,
+                max: 4096
+            }
+        );
         assert_eq!(r.rlimits[0].max, own_hard_limit(0));
         assert_eq!(oom_score_adj(Some(-1000), &a), Some(500));
         assert_eq!(oom_score_adj(Some(900), &a), Some(900));
-        let t = ThreadCoreEntry { sched_policy: Some(1), sched_prio: Some(99), sched_nice: Some(-20), ..Default::default() };
+        let t = ThreadCoreEntry {
+            sched_policy: Some(1),
+            sched_prio: Some(99),
+            sched_nice: Some(-20),
+            ..Default::default()
+        };
         let s = sched(&t, &a);
-        assert_eq!((s.sched_policy, s.sched_prio, s.sched_nice), (Some(0), Some(0), Some(0)));
+        assert_eq!(
+            (s.sched_policy, s.sched_prio, s.sched_nice),
+            (Some(0), Some(0), Some(0))
+        );
     }
 }

@@ -75,9 +75,18 @@ pub fn confine(dir: &Path, spec: &Value) -> Result<Confined> {
             writes.push((th.file.clone(), image::encode(Kind::Core, &[core])));
         }
     }
-    let filters = bpf.map(|filter| SeccompFilter { filter, prev: None, flags: Some(0) });
-    let entry = SeccompEntry { seccomp_filters: filters.into_iter().collect() };
-    writes.push((dir.join("seccomp.img"), image::encode(Kind::Seccomp, &[entry.encode_to_vec()])));
+    let filters = bpf.map(|filter| SeccompFilter {
+        filter,
+        prev: None,
+        flags: Some(0),
+    });
+    let entry = SeccompEntry {
+        seccomp_filters: filters.into_iter().collect(),
+    };
+    writes.push((
+        dir.join("seccomp.img"),
+        image::encode(Kind::Seccomp, &[entry.encode_to_vec()]),
+    ));
     Ok(Confined {
         threads: writes.len() - 1,
         filtered: !entry.seccomp_filters.is_empty(),
@@ -87,7 +96,12 @@ pub fn confine(dir: &Path, spec: &Value) -> Result<Confined> {
 
 /// One thread's core image as the restore may use it.
 fn thread(task: &Task, th: &Thread, init: bool, a: &Allowed, filtered: bool) -> Result<Vec<u8>> {
-    let name = th.file.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    let name = th
+        .file
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
     let wire = |e| bad(&name, e);
     let mut core = Fields::parse(&th.raw).map_err(wire)?;
     let tc: &ThreadCoreEntry = th.core.thread_core.as_ref().expect("checked when read");
@@ -122,7 +136,11 @@ fn thread(task: &Task, th: &Thread, init: bool, a: &Allowed, filtered: bool) -> 
 }
 
 /// The task's own part: limits lowered, the old per-task seccomp fields gone.
-fn task_core_fields(raw: &[u8], tc: &TaskCoreEntry, a: &Allowed) -> Result<Vec<u8>, crate::pbwire::WireError> {
+fn task_core_fields(
+    raw: &[u8],
+    tc: &TaskCoreEntry,
+    a: &Allowed,
+) -> Result<Vec<u8>, crate::pbwire::WireError> {
     let mut t = Fields::parse(raw)?;
     if let Some(r) = &tc.rlimits {
         t.set(8, &[&limits::rlimits(r, a).encode_to_vec()]);
@@ -159,7 +177,11 @@ pub fn enforce(dir: &Path, spec: &Value, mode: Mode) -> Result<Option<Confined>>
         return Ok(None);
     }
     let c = confine(dir, spec)?;
-    let summary = Confined { writes: Vec::new(), threads: c.threads, filtered: c.filtered };
+    let summary = Confined {
+        writes: Vec::new(),
+        threads: c.threads,
+        filtered: c.filtered,
+    };
     c.write()?;
     Ok(Some(summary))
 }

@@ -51,12 +51,23 @@ const WHO: &str = "(mount namespace)";
 pub fn check(images: &Images, a: &Allowed) -> Result<()> {
     let root_ns = images.tasks[0].ids.as_ref().and_then(|i| i.mnt_ns_id);
     for (file, entries) in &images.mounts {
-        let id = file.trim_start_matches("mountpoints-").trim_end_matches(".img").parse().ok();
+        let id = file
+            .trim_start_matches("mountpoints-")
+            .trim_end_matches(".img")
+            .parse()
+            .ok();
         if id != root_ns {
-            return Err(privilege(WHO, "mount namespace", file, "the container's one"));
+            return Err(privilege(
+                WHO,
+                "mount namespace",
+                file,
+                "the container's one",
+            ));
         }
         let raw = super::images::read(&images.dir.join(file))?;
-        for e in criu_rpc::image::entries(&raw, criu_rpc::image::Kind::Mountpoints).map_err(|e| bad(file, e))? {
+        for e in criu_rpc::image::entries(&raw, criu_rpc::image::Kind::Mountpoints)
+            .map_err(|e| bad(file, e))?
+        {
             only_known(file, "a mount", e, 1..=18)?;
         }
         mounts(entries, a)?;
@@ -79,10 +90,21 @@ fn mounts(entries: &[MntEntry], a: &Allowed) -> Result<()> {
         .iter()
         .filter(|m| !is_bind(m) && !fstypes(&m.kind).is_empty())
         .map(|m| &m.destination)
-        .chain(a.masked.iter().chain(&a.readonly).filter(proc_or_sys).filter(|p| Path::new(p).exists()));
+        .chain(
+            a.masked
+                .iter()
+                .chain(&a.readonly)
+                .filter(proc_or_sys)
+                .filter(|p| Path::new(p).exists()),
+        );
     for dest in wanted {
         if !seen.contains_key(&clean(dest)) {
-            return Err(unlike(WHO, "mount", format!("{dest} missing"), format!("{dest} mounted")));
+            return Err(unlike(
+                WHO,
+                "mount",
+                format!("{dest} missing"),
+                format!("{dest} mounted"),
+            ));
         }
     }
     Ok(())
@@ -103,7 +125,9 @@ fn one(m: &MntEntry, at: &str, a: &Allowed) -> Result<()> {
     let refuse = || privilege(WHO, "mount", describe(m, at), "only the new spec's mounts");
     if external {
         // runc maps these to the new spec's sources by their key.
-        let mapped = spec.is_some_and(is_bind) || a.masked.iter().any(|p| clean(p) == at) || cgroup.is_some();
+        let mapped = spec.is_some_and(is_bind)
+            || a.masked.iter().any(|p| clean(p) == at)
+            || cgroup.is_some();
         return if mapped { Ok(()) } else { Err(refuse()) };
     }
     if let Some(s) = spec.filter(|s| !is_bind(s)) {
@@ -127,7 +151,8 @@ fn one(m: &MntEntry, at: &str, a: &Allowed) -> Result<()> {
         };
     }
     if a.readonly.iter().any(|p| clean(p) == at) {
-        let fs_ok = (at.starts_with("/proc/") && m.fstype == 1) || (at.starts_with("/sys/") && m.fstype == 2);
+        let fs_ok = (at.starts_with("/proc/") && m.fstype == 1)
+            || (at.starts_with("/sys/") && m.fstype == 2);
         return match fs_ok && m.flags & MS_RDONLY != 0 {
             true => Ok(()),
             false => Err(refuse()),
@@ -140,16 +165,29 @@ fn one(m: &MntEntry, at: &str, a: &Allowed) -> Result<()> {
 }
 
 fn flags(m: &MntEntry, at: &str, options: &[String]) -> Result<()> {
-    for (opt, bit) in [("ro", MS_RDONLY), ("nosuid", MS_NOSUID), ("nodev", MS_NODEV), ("noexec", MS_NOEXEC)] {
+    for (opt, bit) in [
+        ("ro", MS_RDONLY),
+        ("nosuid", MS_NOSUID),
+        ("nodev", MS_NODEV),
+        ("noexec", MS_NOEXEC),
+    ] {
         if options.iter().any(|o| o == opt) && m.flags & bit == 0 {
-            return Err(privilege(WHO, "mount flags", format!("{at} without {opt}"), format!("{at} {opt}")));
+            return Err(privilege(
+                WHO,
+                "mount flags",
+                format!("{at} without {opt}"),
+                format!("{at} {opt}"),
+            ));
         }
     }
     Ok(())
 }
 
 fn describe(m: &MntEntry, at: &str) -> String {
-    format!("{at} (fstype {}, source {:?}, root {:?}, flags {:#x})", m.fstype, m.source, m.root, m.flags)
+    format!(
+        "{at} (fstype {}, source {:?}, root {:?}, flags {:#x})",
+        m.fstype, m.source, m.root, m.flags
+    )
 }
 
 fn ids(i: &TaskKobjIdsEntry) -> [(Ns, Option<u32>); 7] {
@@ -165,24 +203,51 @@ fn ids(i: &TaskKobjIdsEntry) -> [(Ns, Option<u32>); 7] {
 }
 
 fn namespaces(images: &Images, a: &Allowed) -> Result<()> {
-    let host = images.inventory.root_ids.as_ref().ok_or_else(|| bad("inventory.img", "no root_ids"))?;
+    let host = images
+        .inventory
+        .root_ids
+        .as_ref()
+        .ok_or_else(|| bad("inventory.img", "no root_ids"))?;
     let root = &images.tasks[0];
-    let mine = root.ids.as_ref().ok_or_else(|| bad(format!("ids-{}.img", root.pstree.pid), "the root task has no namespace ids"))?;
+    let mine = root.ids.as_ref().ok_or_else(|| {
+        bad(
+            format!("ids-{}.img", root.pstree.pid),
+            "the root task has no namespace ids",
+        )
+    })?;
     for ((ns, h), (_, m)) in ids(host).into_iter().zip(ids(mine)) {
         let own = h != m;
         match (a.has_ns(ns), own) {
             (true, false) => {
-                return Err(privilege(&root.name(), "namespace", format!("the host's {ns:?}"), format!("a {ns:?} namespace of its own")))
+                return Err(privilege(
+                    &root.name(),
+                    "namespace",
+                    format!("the host's {ns:?}"),
+                    format!("a {ns:?} namespace of its own"),
+                ))
             }
             (false, true) => {
-                return Err(unlike(&root.name(), "namespace", format!("a {ns:?} namespace of its own"), format!("the host's {ns:?}")))
+                return Err(unlike(
+                    &root.name(),
+                    "namespace",
+                    format!("a {ns:?} namespace of its own"),
+                    format!("the host's {ns:?}"),
+                ))
             }
             _ => {}
         }
     }
     for t in &images.tasks {
-        if t.ids.as_ref().is_some_and(|i| i.user_ns_id != mine.user_ns_id) {
-            return Err(privilege(&t.name(), "user namespace", "one of its own", "the container's"));
+        if t.ids
+            .as_ref()
+            .is_some_and(|i| i.user_ns_id != mine.user_ns_id)
+        {
+            return Err(privilege(
+                &t.name(),
+                "user namespace",
+                "one of its own",
+                "the container's",
+            ));
         }
     }
     Ok(())

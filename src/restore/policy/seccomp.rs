@@ -14,21 +14,27 @@
 //! hands decisions to a user-space agent (SCMP_ACT_NOTIFY) cannot be
 //! restored: the agent's socket is runc's to set up at start.
 
-use libseccomp::{ScmpAction, ScmpArch, ScmpArgCompare, ScmpCompareOp, ScmpFilterContext, ScmpSyscall};
+use libseccomp::{
+    ScmpAction, ScmpArch, ScmpArgCompare, ScmpCompareOp, ScmpFilterContext, ScmpSyscall,
+};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
 
 /// The BPF program (an array of `struct sock_filter`) of `profile`.
 pub fn compile(profile: &Value) -> Result<Vec<u8>> {
-    let bad = |why: String| Error::InvalidArgument(format!("the new spec's seccomp profile: {why}"));
+    let bad =
+        |why: String| Error::InvalidArgument(format!("the new spec's seccomp profile: {why}"));
     let default = action(&profile["defaultAction"], &profile["defaultErrnoRet"])?;
     let mut ctx = ScmpFilterContext::new(default).map_err(|e| bad(e.to_string()))?;
     ctx.set_ctl_nnp(false).map_err(|e| bad(e.to_string()))?;
     for arch in profile["architectures"].as_array().into_iter().flatten() {
         let name = arch.as_str().unwrap_or_default();
-        let arch: ScmpArch = name.parse().map_err(|_| bad(format!("unknown architecture {name}")))?;
-        ctx.add_arch(arch).map_err(|e| bad(format!("{name}: {e}")))?;
+        let arch: ScmpArch = name
+            .parse()
+            .map_err(|_| bad(format!("unknown architecture {name}")))?;
+        ctx.add_arch(arch)
+            .map_err(|e| bad(format!("{name}: {e}")))?;
     }
     for rule in profile["syscalls"].as_array().into_iter().flatten() {
         let act = action(&rule["action"], &rule["errnoRet"])?;
@@ -58,15 +64,21 @@ fn action(name: &Value, errno: &Value) -> Result<ScmpAction> {
     }
     // ERRNO without a value answers EPERM, as runc's default.
     let value = errno.as_i64().map(|v| v as i32).or(Some(libc::EPERM));
-    ScmpAction::from_str(name, value)
-        .map_err(|_| Error::InvalidArgument(format!("the new spec's seccomp profile: unknown action {name:?}")))
+    ScmpAction::from_str(name, value).map_err(|_| {
+        Error::InvalidArgument(format!(
+            "the new spec's seccomp profile: unknown action {name:?}"
+        ))
+    })
 }
 
 /// Each condition with the argument it tests.
 fn conditions(args: &Value) -> std::result::Result<Vec<(u32, ScmpArgCompare)>, String> {
     let mut out = Vec::new();
     for a in args.as_array().into_iter().flatten() {
-        let index = a["index"].as_u64().filter(|i| *i < 6).ok_or("an argument index past 5")?;
+        let index = a["index"]
+            .as_u64()
+            .filter(|i| *i < 6)
+            .ok_or("an argument index past 5")?;
         let value = a["value"].as_u64().unwrap_or(0);
         let two = a["valueTwo"].as_u64().unwrap_or(0);
         let (op, datum) = match a["op"].as_str().unwrap_or_default() {
@@ -116,7 +128,10 @@ fn export(ctx: &ScmpFilterContext) -> Result<Vec<u8>> {
         .and_then(|_| f.read_to_end(&mut bpf))
         .map_err(|e| Error::Other(format!("read the seccomp filter: {e}")))?;
     if bpf.is_empty() || bpf.len() % 8 != 0 {
-        return Err(Error::Other(format!("libseccomp gave a filter of {} bytes", bpf.len())));
+        return Err(Error::Other(format!(
+            "libseccomp gave a filter of {} bytes",
+            bpf.len()
+        )));
     }
     Ok(bpf)
 }
@@ -145,7 +160,13 @@ mod tests {
 
     #[test]
     fn notify_and_unknown_actions_are_refused() {
-        assert!(matches!(compile(&json!({"defaultAction": "SCMP_ACT_NOTIFY"})), Err(Error::Unlike { .. })));
-        assert!(matches!(compile(&json!({"defaultAction": "SCMP_ACT_MAYBE"})), Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            compile(&json!({"defaultAction": "SCMP_ACT_NOTIFY"})),
+            Err(Error::Unlike { .. })
+        ));
+        assert!(matches!(
+            compile(&json!({"defaultAction": "SCMP_ACT_MAYBE"})),
+            Err(Error::InvalidArgument(_))
+        ));
     }
 }

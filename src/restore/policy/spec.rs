@@ -107,7 +107,11 @@ impl Allowed {
         // exec a set-user-ID root program (no no_new_privs).
         let root_max = inh | bnd | amb;
         let init_eff = if uid == 0 { root_max } else { amb };
-        let bound_eff = if uid != 0 && no_new_privs { amb } else { root_max };
+        let bound_eff = if uid != 0 && no_new_privs {
+            amb
+        } else {
+            root_max
+        };
         Ok(Allowed {
             uid,
             gid: u32_of(&user["gid"]),
@@ -115,8 +119,20 @@ impl Allowed {
                 .as_array()
                 .map(|a| a.iter().map(u32_of).collect())
                 .unwrap_or_default(),
-            bound: Caps { eff: bound_eff, prm: bound_eff, inh, bnd, amb },
-            init: Caps { eff: init_eff, prm: init_eff, inh, bnd, amb },
+            bound: Caps {
+                eff: bound_eff,
+                prm: bound_eff,
+                inh,
+                bnd,
+                amb,
+            },
+            init: Caps {
+                eff: init_eff,
+                prm: init_eff,
+                inh,
+                bnd,
+                amb,
+            },
             no_new_privs,
             lsm_label: process["apparmorProfile"]
                 .as_str()
@@ -145,16 +161,20 @@ fn u32_of(v: &Value) -> u32 {
 
 fn strings(v: &Value) -> Vec<String> {
     v.as_array()
-        .map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 fn caps_mask(v: &Value) -> Result<u64> {
     let mut mask = 0u64;
     for name in strings(v) {
-        let cap: caps::Capability = name
-            .parse()
-            .map_err(|_| Error::InvalidArgument(format!("unknown capability {name:?} in the spec")))?;
+        let cap: caps::Capability = name.parse().map_err(|_| {
+            Error::InvalidArgument(format!("unknown capability {name:?} in the spec"))
+        })?;
         mask |= 1 << cap.index();
     }
     Ok(mask)
@@ -164,10 +184,9 @@ fn rlimits(v: &Value) -> Result<Vec<(u32, u64, u64)>> {
     let mut out = Vec::new();
     for r in v.as_array().into_iter().flatten() {
         let name = r["type"].as_str().unwrap_or_default();
-        let resource = RLIMITS
-            .iter()
-            .position(|n| *n == name)
-            .ok_or_else(|| Error::InvalidArgument(format!("unknown rlimit {name:?} in the spec")))?;
+        let resource = RLIMITS.iter().position(|n| *n == name).ok_or_else(|| {
+            Error::InvalidArgument(format!("unknown rlimit {name:?} in the spec"))
+        })?;
         let get = |k: &str| r[k].as_u64().unwrap_or(u64::MAX);
         out.push((resource as u32, get("soft"), get("hard")));
     }
@@ -208,14 +227,23 @@ fn mounts(v: &Value) -> Vec<Mount> {
 
 /// A path as an absolute one without `.` parts or trailing slashes.
 pub fn clean(p: &str) -> String {
-    let parts: Vec<&str> = p.split('/').filter(|s| !s.is_empty() && *s != ".").collect();
+    let parts: Vec<&str> = p
+        .split('/')
+        .filter(|s| !s.is_empty() && *s != ".")
+        .collect();
     format!("/{}", parts.join("/"))
 }
 
 /// null, zero, full, random, urandom and tty: runc makes them in every
 /// container's /dev.
-const RUNC_DEVICES: [(char, u64, u64); 6] =
-    [('c', 1, 3), ('c', 1, 5), ('c', 1, 7), ('c', 1, 8), ('c', 1, 9), ('c', 5, 0)];
+const RUNC_DEVICES: [(char, u64, u64); 6] = [
+    ('c', 1, 3),
+    ('c', 1, 5),
+    ('c', 1, 7),
+    ('c', 1, 8),
+    ('c', 1, 9),
+    ('c', 5, 0),
+];
 
 fn devices(v: &Value) -> Vec<(char, u64, u64)> {
     let listed = v.as_array().into_iter().flatten().filter_map(|d| {
@@ -269,16 +297,51 @@ mod tests {
     fn root_gains_its_bounding_set_and_others_only_their_ambient_one() {
         let caps = serde_json::json!({"bounding": ["CAP_CHOWN", "CAP_KILL"], "effective": ["CAP_CHOWN"],
                                       "inheritable": [], "ambient": []});
-        let root = Allowed::from_json(&spec(serde_json::json!({"uid": 0, "gid": 0}), caps.clone(), false)).unwrap();
+        let root = Allowed::from_json(&spec(
+            serde_json::json!({"uid": 0, "gid": 0}),
+            caps.clone(),
+            false,
+        ))
+        .unwrap();
         let both = (1 << 0) | (1 << 5);
-        assert_eq!(root.init, Caps { eff: both, prm: both, inh: 0, bnd: both, amb: 0 });
+        assert_eq!(
+            root.init,
+            Caps {
+                eff: both,
+                prm: both,
+                inh: 0,
+                bnd: both,
+                amb: 0
+            }
+        );
         assert_eq!(root.bound, root.init);
-        let user = Allowed::from_json(&spec(serde_json::json!({"uid": 1000, "gid": 1000, "additionalGids": [5]}), caps.clone(), true)).unwrap();
-        assert_eq!(user.init, Caps { eff: 0, prm: 0, inh: 0, bnd: both, amb: 0 });
-        assert_eq!(user.bound, user.init, "no_new_privs: no set-user-ID root exec");
+        let user = Allowed::from_json(&spec(
+            serde_json::json!({"uid": 1000, "gid": 1000, "additionalGids": [5]}),
+            caps.clone(),
+            true,
+        ))
+        .unwrap();
+        assert_eq!(
+            user.init,
+            Caps {
+                eff: 0,
+                prm: 0,
+                inh: 0,
+                bnd: both,
+                amb: 0
+            }
+        );
+        assert_eq!(
+            user.bound, user.init,
+            "no_new_privs: no set-user-ID root exec"
+        );
         assert_eq!(user.groups, vec![5]);
-        let user = Allowed::from_json(&spec(serde_json::json!({"uid": 1000}), caps, false)).unwrap();
-        assert_eq!(user.bound.eff, both, "without no_new_privs a set-user-ID exec reaches the bounding set");
+        let user =
+            Allowed::from_json(&spec(serde_json::json!({"uid": 1000}), caps, false)).unwrap();
+        assert_eq!(
+            user.bound.eff, both,
+            "without no_new_privs a set-user-ID exec reaches the bounding set"
+        );
         assert_eq!(user.rlimits, vec![(7, 1024, 4096)]);
         assert_eq!(user.namespaces, vec![Ns::Pid, Ns::Mnt, Ns::Net]);
         assert_eq!(user.mounts[0].destination, "/proc");

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use criu_rpc::image::{encode, Kind};
 use criu_rpc::images::*;
-use prost::Message;
 use proptest::prelude::*;
+use prost::Message;
 use serde_json::{json, Value};
 
 use super::{confine, creds::caps_of};
@@ -33,7 +33,18 @@ fn spec(uid: u32, caps: &[&str], nnp: bool, seccomp: Option<Value>) -> Value {
 }
 
 fn default_spec() -> Value {
-    spec(0, &["CAP_CHOWN", "CAP_KILL", "CAP_SETUID", "CAP_SETGID", "CAP_NET_BIND_SERVICE"], false, None)
+    spec(
+        0,
+        &[
+            "CAP_CHOWN",
+            "CAP_KILL",
+            "CAP_SETUID",
+            "CAP_SETGID",
+            "CAP_NET_BIND_SERVICE",
+        ],
+        false,
+        None,
+    )
 }
 
 fn words(m: u64) -> Vec<u32> {
@@ -42,17 +53,36 @@ fn words(m: u64) -> Vec<u32> {
 
 fn creds(uid: u32, caps: u64) -> CredsEntry {
     CredsEntry {
-        uid, gid: uid, euid: uid, egid: uid, suid: uid, sgid: uid, fsuid: uid, fsgid: uid,
-        cap_inh: words(0), cap_prm: words(caps), cap_eff: words(caps), cap_bnd: words(caps),
-        cap_amb: words(0), ..Default::default()
+        uid,
+        gid: uid,
+        euid: uid,
+        egid: uid,
+        suid: uid,
+        sgid: uid,
+        fsuid: uid,
+        fsgid: uid,
+        cap_inh: words(0),
+        cap_prm: words(caps),
+        cap_eff: words(caps),
+        cap_bnd: words(caps),
+        cap_amb: words(0),
+        ..Default::default()
     }
 }
 
 fn mount(id: u32, parent: u32, fstype: u32, at: &str, flags: u32, ext: Option<&str>) -> Vec<u8> {
     MntEntry {
-        fstype, mnt_id: id, root_dev: 1, parent_mnt_id: parent, flags, root: "/".into(),
-        mountpoint: at.into(), source: "none".into(), options: String::new(),
-        ext_key: ext.map(String::from), ..Default::default()
+        fstype,
+        mnt_id: id,
+        root_dev: 1,
+        parent_mnt_id: parent,
+        flags,
+        root: "/".into(),
+        mountpoint: at.into(),
+        source: "none".into(),
+        options: String::new(),
+        ext_key: ext.map(String::from),
+        ..Default::default()
     }
     .encode_to_vec()
 }
@@ -61,24 +91,86 @@ fn mount(id: u32, parent: u32, fstype: u32, at: &str, flags: u32, ext: Option<&s
 /// namespaces (ids 11, 12, 13; CRIU's own are 1, 2, 3).
 fn write_images(dir: &Path, c: CredsEntry) {
     let w = |name: &str, bytes: Vec<u8>| std::fs::write(dir.join(name), bytes).unwrap();
-    let host = TaskKobjIdsEntry { pid_ns_id: Some(1), mnt_ns_id: Some(2), net_ns_id: Some(3), ipc_ns_id: Some(4), uts_ns_id: Some(5), user_ns_id: Some(6), time_ns_id: Some(7), ..Default::default() };
-    let mine = TaskKobjIdsEntry { pid_ns_id: Some(11), mnt_ns_id: Some(12), net_ns_id: Some(13), ..host };
-    w("inventory.img", encode(Kind::Inventory, &[InventoryEntry { img_version: 2, root_ids: Some(host), lsmtype: Some(0) }.encode_to_vec()]));
-    w("pstree.img", encode(Kind::Pstree, &[PstreeEntry { pid: 1, ppid: 0, pgid: 1, sid: 1, threads: vec![1] }.encode_to_vec()]));
+    let host = TaskKobjIdsEntry {
+        pid_ns_id: Some(1),
+        mnt_ns_id: Some(2),
+        net_ns_id: Some(3),
+        ipc_ns_id: Some(4),
+        uts_ns_id: Some(5),
+        user_ns_id: Some(6),
+        time_ns_id: Some(7),
+        ..Default::default()
+    };
+    let mine = TaskKobjIdsEntry {
+        pid_ns_id: Some(11),
+        mnt_ns_id: Some(12),
+        net_ns_id: Some(13),
+        ..host
+    };
+    w(
+        "inventory.img",
+        encode(
+            Kind::Inventory,
+            &[InventoryEntry {
+                img_version: 2,
+                root_ids: Some(host),
+                lsmtype: Some(0),
+            }
+            .encode_to_vec()],
+        ),
+    );
+    w(
+        "pstree.img",
+        encode(
+            Kind::Pstree,
+            &[PstreeEntry {
+                pid: 1,
+                ppid: 0,
+                pgid: 1,
+                sid: 1,
+                threads: vec![1],
+            }
+            .encode_to_vec()],
+        ),
+    );
     w("ids-1.img", encode(Kind::Ids, &[mine.encode_to_vec()]));
-    let rlimits = TaskRlimitsEntry { rlimits: vec![RlimitEntry { cur: u64::MAX, max: u64::MAX }; 16] };
+    let rlimits = TaskRlimitsEntry {
+        rlimits: vec![
+            RlimitEntry {
+                cur: u64::MAX,
+                max: u64::MAX
+            };
+            16
+        ],
+    };
     let core = CoreEntry {
         mtype: 1,
-        tc: Some(TaskCoreEntry { comm: Some("app".into()), rlimits: Some(rlimits), oom_score_adj: Some(-999), ..Default::default() }),
+        tc: Some(TaskCoreEntry {
+            comm: Some("app".into()),
+            rlimits: Some(rlimits),
+            oom_score_adj: Some(-999),
+            ..Default::default()
+        }),
         ids: None,
-        thread_core: Some(ThreadCoreEntry { creds: Some(c), sched_policy: Some(1), sched_prio: Some(50), ..Default::default() }),
+        thread_core: Some(ThreadCoreEntry {
+            creds: Some(c),
+            sched_policy: Some(1),
+            sched_prio: Some(50),
+            ..Default::default()
+        }),
     };
     w("core-1.img", encode(Kind::Core, &[core.encode_to_vec()]));
-    w("mountpoints-12.img", encode(Kind::Mountpoints, &[
-        mount(1, 0, 0, "/", 0, None),
-        mount(2, 1, 1, "/proc", 0xe, None),
-        mount(3, 1, 5, "/etc/hosts", 0, Some("/etc/hosts")),
-    ]));
+    w(
+        "mountpoints-12.img",
+        encode(
+            Kind::Mountpoints,
+            &[
+                mount(1, 0, 0, "/", 0, None),
+                mount(2, 1, 1, "/proc", 0xe, None),
+                mount(3, 1, 5, "/etc/hosts", 0, Some("/etc/hosts")),
+            ],
+        ),
+    );
 }
 
 fn images(c: CredsEntry) -> tempfile::TempDir {
@@ -101,14 +193,34 @@ fn a_like_checkpoint_is_confined_and_written_back() {
     let core = read_core(d.path());
     let tc = core.thread_core.unwrap();
     assert_eq!(caps_of(tc.creds.as_ref().unwrap()).eff, DEFAULT_CAPS);
-    assert_eq!((tc.sched_policy, tc.sched_prio), (Some(0), Some(0)), "no CAP_SYS_NICE");
+    assert_eq!(
+        (tc.sched_policy, tc.sched_prio),
+        (Some(0), Some(0)),
+        "no CAP_SYS_NICE"
+    );
     let task = core.tc.unwrap();
-    assert_eq!(task.rlimits.unwrap().rlimits[7], RlimitEntry { cur: 1024, max: 1024 });
-    assert!(task.oom_score_adj.unwrap() >= 0, "never below the runtime's own");
-    assert_eq!(task.comm.as_deref(), Some("app"), "the fields not rewritten stay");
+    assert_eq!(
+        task.rlimits.unwrap().rlimits[7],
+        RlimitEntry {
+            cur: 1024,
+            max: 1024
+        }
+    );
+    assert!(
+        task.oom_score_adj.unwrap() >= 0,
+        "never below the runtime's own"
+    );
+    assert_eq!(
+        task.comm.as_deref(),
+        Some("app"),
+        "the fields not rewritten stay"
+    );
     // Confined once, the images pass again unchanged: create and ckpt-runc both run it.
     let again = confine(d.path(), &default_spec()).unwrap();
-    assert!(again.writes.iter().all(|(p, b)| std::fs::read(p).unwrap() == *b || p.ends_with("seccomp.img")));
+    assert!(again
+        .writes
+        .iter()
+        .all(|(p, b)| std::fs::read(p).unwrap() == *b || p.ends_with("seccomp.img")));
 }
 
 #[test]
@@ -130,39 +242,120 @@ fn the_spec_filter_replaces_the_chain_and_no_new_privs_is_set() {
 #[test]
 fn refusals_name_the_rule() {
     let root_into_user = confine(images(creds(0, 0)).path(), &spec(1000, &[], true, None));
-    assert!(matches!(root_into_user, Err(Error::Privilege { field: "uid", .. })), "{root_into_user:?}");
+    assert!(
+        matches!(root_into_user, Err(Error::Privilege { field: "uid", .. })),
+        "{root_into_user:?}"
+    );
 
     let d = images(creds(0, u64::MAX));
     let mut hostpid = default_spec();
     hostpid["linux"]["namespaces"] = json!([{"type": "mount"}, {"type": "network"}]);
-    assert!(matches!(confine(d.path(), &hostpid), Err(Error::Unlike { field: "namespace", .. })));
+    assert!(matches!(
+        confine(d.path(), &hostpid),
+        Err(Error::Unlike {
+            field: "namespace",
+            ..
+        })
+    ));
 
     // The root task in CRIU's own (the host's) pid namespace.
-    let ids = TaskKobjIdsEntry { pid_ns_id: Some(1), mnt_ns_id: Some(12), net_ns_id: Some(13), ipc_ns_id: Some(4), uts_ns_id: Some(5), user_ns_id: Some(6), time_ns_id: Some(7), ..Default::default() };
-    std::fs::write(d.path().join("ids-1.img"), encode(Kind::Ids, &[ids.encode_to_vec()])).unwrap();
-    assert!(matches!(confine(d.path(), &default_spec()), Err(Error::Privilege { field: "namespace", .. })));
+    let ids = TaskKobjIdsEntry {
+        pid_ns_id: Some(1),
+        mnt_ns_id: Some(12),
+        net_ns_id: Some(13),
+        ipc_ns_id: Some(4),
+        uts_ns_id: Some(5),
+        user_ns_id: Some(6),
+        time_ns_id: Some(7),
+        ..Default::default()
+    };
+    std::fs::write(
+        d.path().join("ids-1.img"),
+        encode(Kind::Ids, &[ids.encode_to_vec()]),
+    )
+    .unwrap();
+    assert!(matches!(
+        confine(d.path(), &default_spec()),
+        Err(Error::Privilege {
+            field: "namespace",
+            ..
+        })
+    ));
 
     let d = images(creds(0, u64::MAX));
-    std::fs::write(d.path().join("mountpoints-12.img"), encode(Kind::Mountpoints, &[
-        mount(1, 0, 0, "/", 0, None), mount(2, 1, 1, "/proc", 0xe, None), mount(4, 1, 3, "/dev", 0, None),
-    ])).unwrap();
+    std::fs::write(
+        d.path().join("mountpoints-12.img"),
+        encode(
+            Kind::Mountpoints,
+            &[
+                mount(1, 0, 0, "/", 0, None),
+                mount(2, 1, 1, "/proc", 0xe, None),
+                mount(4, 1, 3, "/dev", 0, None),
+            ],
+        ),
+    )
+    .unwrap();
     let e = confine(d.path(), &default_spec()).unwrap_err();
     assert!(matches!(e, Error::Privilege { field: "mount", .. }), "{e}");
     assert!(e.to_string().contains("/dev"), "{e}");
 
     let d = images(creds(0, u64::MAX));
-    std::fs::write(d.path().join("mountpoints-12.img"), encode(Kind::Mountpoints, &[
-        mount(1, 0, 0, "/", 0, None), mount(2, 1, 1, "/proc", 0x0, None),
-    ])).unwrap();
-    assert!(matches!(confine(d.path(), &default_spec()), Err(Error::Privilege { field: "mount flags", .. })));
+    std::fs::write(
+        d.path().join("mountpoints-12.img"),
+        encode(
+            Kind::Mountpoints,
+            &[
+                mount(1, 0, 0, "/", 0, None),
+                mount(2, 1, 1, "/proc", 0x0, None),
+            ],
+        ),
+    )
+    .unwrap();
+    assert!(matches!(
+        confine(d.path(), &default_spec()),
+        Err(Error::Privilege {
+            field: "mount flags",
+            ..
+        })
+    ));
 
     let d = images(creds(0, u64::MAX));
-    let g = GhostFileEntry { uid: 0, gid: 0, mode: 0o104755, rdev: None };
-    std::fs::write(d.path().join("ghost-file-1.img"), encode(Kind::GhostFile, &[g.encode_to_vec()])).unwrap();
-    assert!(matches!(confine(d.path(), &default_spec()), Err(Error::Privilege { field: "ghost file mode", .. })));
-    let g = GhostFileEntry { uid: 0, gid: 0, mode: 0o020600, rdev: Some(0x103) };
-    std::fs::write(d.path().join("ghost-file-1.img"), encode(Kind::GhostFile, &[g.encode_to_vec()])).unwrap();
-    assert!(matches!(confine(d.path(), &default_spec()), Err(Error::Privilege { field: "ghost file type", .. })));
+    let g = GhostFileEntry {
+        uid: 0,
+        gid: 0,
+        mode: 0o104755,
+        rdev: None,
+    };
+    std::fs::write(
+        d.path().join("ghost-file-1.img"),
+        encode(Kind::GhostFile, &[g.encode_to_vec()]),
+    )
+    .unwrap();
+    assert!(matches!(
+        confine(d.path(), &default_spec()),
+        Err(Error::Privilege {
+            field: "ghost file mode",
+            ..
+        })
+    ));
+    let g = GhostFileEntry {
+        uid: 0,
+        gid: 0,
+        mode: 0o020600,
+        rdev: Some(0x103),
+    };
+    std::fs::write(
+        d.path().join("ghost-file-1.img"),
+        encode(Kind::GhostFile, &[g.encode_to_vec()]),
+    )
+    .unwrap();
+    assert!(matches!(
+        confine(d.path(), &default_spec()),
+        Err(Error::Privilege {
+            field: "ghost file type",
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -175,9 +368,16 @@ fn unknown_fields_in_credentials_are_refused() {
     let mut core = crate::pbwire::Fields::default();
     core.set_varint(1, 1);
     core.push(5, &tc.encode());
-    std::fs::write(d.path().join("core-1.img"), encode(Kind::Core, &[core.encode()])).unwrap();
+    std::fs::write(
+        d.path().join("core-1.img"),
+        encode(Kind::Core, &[core.encode()]),
+    )
+    .unwrap();
     let e = confine(d.path(), &default_spec()).unwrap_err();
-    assert!(matches!(&e, Error::BadImage { why, .. } if why.contains("unknown field 20")), "{e}");
+    assert!(
+        matches!(&e, Error::BadImage { why, .. } if why.contains("unknown field 20")),
+        "{e}"
+    );
     assert_eq!(tonic::Status::from(e).code(), tonic::Code::InvalidArgument);
 }
 
@@ -188,13 +388,21 @@ fn forge(bytes: &[u8], how: u8, at: usize, value: u8) -> Vec<u8> {
     match how % 4 {
         0 => b.truncate(i),
         1 if !b.is_empty() => b[i] ^= value.max(1),
-        2 => b.splice(i..i, [0xff, 0xff, 0xff, 0x7f, value]).for_each(drop),
+        2 => b
+            .splice(i..i, [0xff, 0xff, 0xff, 0x7f, value])
+            .for_each(drop),
         _ => b.extend_from_slice(&[value; 9]),
     }
     b
 }
 
-const FILES: [&str; 5] = ["inventory.img", "pstree.img", "ids-1.img", "core-1.img", "mountpoints-12.img"];
+const FILES: [&str; 5] = [
+    "inventory.img",
+    "pstree.img",
+    "ids-1.img",
+    "core-1.img",
+    "mountpoints-12.img",
+];
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
@@ -249,18 +457,45 @@ fn device_nodes_and_set_id_files_in_a_tmpfs_are_refused_unless_the_spec_has_them
     use tar::EntryType::{Block, Char, Regular};
     let d = images(creds(0, u64::MAX));
     let dev = d.path().join("tmpfs-dev-42.tar.gz.img");
-    std::fs::write(&dev, tmpfs_image(&[("./null", Char, 1, 3, 0o666), ("./tmp", Regular, 0, 0, 0o644)])).unwrap();
+    std::fs::write(
+        &dev,
+        tmpfs_image(&[
+            ("./null", Char, 1, 3, 0o666),
+            ("./tmp", Regular, 0, 0, 0o644),
+        ]),
+    )
+    .unwrap();
     assert!(confine(d.path(), &default_spec()).is_ok());
-    std::fs::write(&dev, tmpfs_image(&[("./null", Char, 1, 3, 0o666), ("./sda", Block, 8, 0, 0o660)])).unwrap();
+    std::fs::write(
+        &dev,
+        tmpfs_image(&[("./null", Char, 1, 3, 0o666), ("./sda", Block, 8, 0, 0o660)]),
+    )
+    .unwrap();
     let e = confine(d.path(), &default_spec()).unwrap_err();
-    assert!(matches!(&e, Error::Privilege { field: "device node", found, .. } if found.contains("sda (8:0)")), "{e}");
+    assert!(
+        matches!(&e, Error::Privilege { field: "device node", found, .. } if found.contains("sda (8:0)")),
+        "{e}"
+    );
     let mut with_sda = default_spec();
-    with_sda["linux"]["devices"] = json!([{"path": "/dev/sda", "type": "b", "major": 8, "minor": 0}]);
-    assert!(confine(d.path(), &with_sda).is_ok(), "a device the spec lists");
+    with_sda["linux"]["devices"] =
+        json!([{"path": "/dev/sda", "type": "b", "major": 8, "minor": 0}]);
+    assert!(
+        confine(d.path(), &with_sda).is_ok(),
+        "a device the spec lists"
+    );
     std::fs::write(&dev, tmpfs_image(&[("./kmem", Char, 1, 2, 0o640)])).unwrap();
     assert!(confine(d.path(), &with_sda).is_err());
     std::fs::write(&dev, tmpfs_image(&[("./su", Regular, 0, 0, 0o4755)])).unwrap();
-    assert!(matches!(confine(d.path(), &default_spec()), Err(Error::Privilege { field: "file mode", .. })));
+    assert!(matches!(
+        confine(d.path(), &default_spec()),
+        Err(Error::Privilege {
+            field: "file mode",
+            ..
+        })
+    ));
     std::fs::write(&dev, b"not gzip").unwrap();
-    assert!(matches!(confine(d.path(), &default_spec()), Err(Error::BadImage { .. })));
+    assert!(matches!(
+        confine(d.path(), &default_spec()),
+        Err(Error::BadImage { .. })
+    ));
 }
