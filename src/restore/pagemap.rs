@@ -1,7 +1,6 @@
 //! CRIU's `pagemap-<pid>.img`: which virtual addresses of a process have pages
-//! in `pages-<id>.img`, and where. The image is two magics, then length-prefixed
-//! protobuf entries: a head naming the pages image, then runs of pages in
-//! address order. Pages of a run with `PE_PRESENT` follow those of the run
+//! in `pages-<id>.img`, and where. The image ([`criu_rpc::image`] frames it)
+//! is a head naming the pages image, then runs of pages in address order. Pages of a run with `PE_PRESENT` follow those of the run
 //! before it in the pages image, so a run's offset there is the sum of the
 //! present runs before it.
 //!
@@ -13,22 +12,27 @@
 //! `PE_LAZY` as well: a lazy restore leaves those to the lazy-pages daemon
 //! and reads only the others from the pages image itself.
 
+use criu_rpc::image::{self, ImageError, Kind};
 use prost::Message;
 
-const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
-const PAGEMAP_MAGIC: u32 = 0x5608_4025;
 pub const PAGE_SIZE: u64 = 4096;
 
 pub const PE_PARENT: u32 = 1 << 0;
 pub const PE_LAZY: u32 = 1 << 1;
 pub const PE_PRESENT: u32 = 1 << 2;
 
+/// No process's memory reaches past this (57-bit addresses, 5-level paging);
+/// a run that does is forged.
+const ADDRESS_LIMIT: u64 = 1 << 57;
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum PagemapError {
-    #[error("not a pagemap image (bad magic)")]
-    Magic,
-    #[error("pagemap image truncated")]
+    #[error("{0}")]
+    Image(#[from] ImageError),
+    #[error("pagemap image has no head")]
     Truncated,
+    #[error("pagemap run at {0:#x} reaches past the address space")]
+    Range(u64),
     #[error("pagemap image: {0}")]
     Decode(#[from] prost::DecodeError),
     #[error("pagemap image has pages in a parent checkpoint, which a restore here does not have")]
@@ -77,6 +81,15 @@ impl Run {
     fn end(&self) -> u64 {
         self.vaddr + self.nr_pages * PAGE_SIZE
     }
+
+    /// The run's end, if it stays within the address space (checked once,
+    /// at parse, so that [`end`](Self::end) cannot overflow later).
+    fn checked_end(&self) -> Option<u64> {
+        self.nr_pages
+            .checked_mul(PAGE_SIZE)
+            .and_then(|len| self.vaddr.checked_add(len))
+            .filter(|&end| end <= ADDRESS_LIMIT)
+    }
 }
 
 /// A process's pagemap.
@@ -89,11 +102,12 @@ pub struct Pagemap {
 
 impl Pagemap {
     pub fn parse(bytes: &[u8]) -> Result<Pagemap, PagemapError> {
-        let mut it = Entries::new(bytes)?;
-        let head = PagemapHead::decode(it.next().ok_or(PagemapError::Truncated)??)?;
+        let entries = image::entries(bytes, Kind::Pagemap)?;
+        let (head, rest) = entries.split_first().ok_or(PagemapError::Truncated)?;
+        let head = PagemapHead::decode(*head)?;
         let (mut runs, mut offset, mut last_end) = (Vec::new(), 0, 0);
-        for body in it {
-            let e = PagemapEntry::decode(body?)?;
+        for body in rest {
+            let e = PagemapEntry::decode(*body)?;
             // Images older than CRIU 3.x had no flags: a run then was present
             // unless in the parent.
             let flags = e.flags.unwrap_or(if e.in_parent == Some(true) {
@@ -113,7 +127,7 @@ impl Pagemap {
                 flags,
                 offset,
             };
-            last_end = run.end();
+            last_end = run.checked_end().ok_or(PagemapError::Range(run.vaddr))?;
             if run.present() {
                 offset += run.nr_pages * PAGE_SIZE;
             }
@@ -161,44 +175,6 @@ impl Pagemap {
     }
 }
 
-/// The entries of a CRIU image, each a protobuf message's bytes.
-struct Entries<'a> {
-    rest: &'a [u8],
-}
-
-impl<'a> Entries<'a> {
-    fn new(bytes: &'a [u8]) -> Result<Entries<'a>, PagemapError> {
-        if word(bytes, 0) != Some(IMG_COMMON_MAGIC) || word(bytes, 4) != Some(PAGEMAP_MAGIC) {
-            return Err(PagemapError::Magic);
-        }
-        Ok(Entries { rest: &bytes[8..] })
-    }
-}
-
-impl<'a> Iterator for Entries<'a> {
-    type Item = Result<&'a [u8], PagemapError>;
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.rest.is_empty() {
-            return None;
-        }
-        let Some(len) = word(self.rest, 0) else {
-            self.rest = &[];
-            return Some(Err(PagemapError::Truncated));
-        };
-        let Some(body) = self.rest.get(4..4 + len as usize) else {
-            self.rest = &[];
-            return Some(Err(PagemapError::Truncated));
-        };
-        self.rest = &self.rest[4 + len as usize..];
-        Some(Ok(body))
-    }
-}
-
-fn word(b: &[u8], i: usize) -> Option<u32> {
-    b.get(i..i + 4)
-        .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
-}
-
 /// A pagemap image of these runs (`(vaddr, nr_pages, flags)`) as CRIU 4.2
 /// writes it, for tests.
 #[cfg(test)]
@@ -209,16 +185,9 @@ pub fn encode(pages_id: u32, runs: &[(u64, u32, u32)]) -> Vec<u8> {
 /// The same, as CRIU before 4.2 wrote it when `pre_4_2`.
 #[cfg(test)]
 fn encode_as(pages_id: u32, runs: &[(u64, u32, u32)], pre_4_2: bool) -> Vec<u8> {
-    let mut out = Vec::new();
-    out.extend_from_slice(&IMG_COMMON_MAGIC.to_le_bytes());
-    out.extend_from_slice(&PAGEMAP_MAGIC.to_le_bytes());
-    let mut push = |body: Vec<u8>| {
-        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        out.extend_from_slice(&body);
-    };
-    push(PagemapHead { pages_id }.encode_to_vec());
+    let mut entries = vec![PagemapHead { pages_id }.encode_to_vec()];
     for &(vaddr, nr_pages, flags) in runs {
-        push(
+        entries.push(
             PagemapEntry {
                 vaddr,
                 compat_nr_pages: if pre_4_2 { nr_pages } else { 0 },
@@ -229,7 +198,7 @@ fn encode_as(pages_id: u32, runs: &[(u64, u32, u32)], pre_4_2: bool) -> Vec<u8> 
             .encode_to_vec(),
         );
     }
-    out
+    image::encode(Kind::Pagemap, &entries)
 }
 
 #[cfg(test)]
@@ -308,10 +277,17 @@ mod tests {
 
     #[test]
     fn broken_images_are_refused() {
-        assert_eq!(Pagemap::parse(b"nope").unwrap_err(), PagemapError::Magic);
+        assert!(matches!(
+            Pagemap::parse(b"nope").unwrap_err(),
+            PagemapError::Image(ImageError::Magic(Kind::Pagemap))
+        ));
         let good = encode(1, &[(0x1000, 1, LP)]);
-        assert_eq!(
+        assert!(matches!(
             Pagemap::parse(&good[..good.len() - 1]).unwrap_err(),
+            PagemapError::Image(ImageError::Truncated { .. })
+        ));
+        assert_eq!(
+            Pagemap::parse(&encode(1, &[])[..8]).unwrap_err(),
             PagemapError::Truncated
         );
         let parent = encode(1, &[(0x1000, 1, PE_PARENT)]);
@@ -321,5 +297,25 @@ mod tests {
             Pagemap::parse(&order).unwrap_err(),
             PagemapError::Order(0x4000)
         );
+        let past = encode(1, &[(u64::MAX - 0xfff, u32::MAX, LP)]);
+        assert_eq!(
+            Pagemap::parse(&past).unwrap_err(),
+            PagemapError::Range(u64::MAX - 0xfff)
+        );
+    }
+
+    proptest::proptest! {
+        /// Forged runs (any address, any length, any flags) parse or are
+        /// refused; none overflows.
+        #[test]
+        fn forged_runs_never_overflow(
+            runs in proptest::collection::vec((proptest::prelude::any::<u64>(), proptest::prelude::any::<u32>(), 0u32..8), 0..6),
+            at in proptest::prelude::any::<u64>(),
+        ) {
+            if let Ok(pm) = Pagemap::parse(&encode(1, &runs)) {
+                let _ = pm.pages_bytes();
+                let _ = pm.find(at & !0xfff, 64);
+            }
+        }
     }
 }

@@ -109,6 +109,8 @@ impl Images {
                 let first = image::first(&bytes, Kind::GhostFile).map_err(|e| bad(&name, e))?;
                 let g = GhostFileEntry::decode(first).map_err(|e| bad(&name, e))?;
                 out.ghosts.push((name, g));
+            } else if name.starts_with("pagemap-") {
+                pages_match(dir, &name)?;
             } else if name.starts_with("tmpfs-dev-") {
                 out.tmpfs.push(name);
             } else if name.starts_with("creds-") {
@@ -265,4 +267,26 @@ fn file_names(dir: &Path) -> Result<Vec<String>> {
     }
     out.sort();
     Ok(out)
+}
+
+/// A pagemap must parse, and its pages image must hold exactly the pages it
+/// lists: CRIU would read past the end of a shorter one, late in the restore.
+fn pages_match(dir: &Path, name: &str) -> Result<()> {
+    let pm = crate::restore::pagemap::Pagemap::parse(&read(&dir.join(name))?)
+        .map_err(|e| bad(name, e))?;
+    let pages = format!("pages-{}.img", pm.pages_id);
+    let len = std::fs::symlink_metadata(dir.join(&pages))
+        .ok()
+        .filter(|m| m.is_file())
+        .map(|m| m.len());
+    match len {
+        Some(len) if len == pm.pages_bytes() => Ok(()),
+        found => Err(bad(
+            name,
+            format!(
+                "lists {} bytes of pages; {pages} holds {found:?}",
+                pm.pages_bytes()
+            ),
+        )),
+    }
 }

@@ -499,3 +499,31 @@ fn device_nodes_and_set_id_files_in_a_tmpfs_are_refused_unless_the_spec_has_them
         Err(Error::BadImage { .. })
     ));
 }
+
+#[test]
+fn a_pagemap_must_match_its_pages_image() {
+    use crate::restore::pagemap::{encode, PE_PRESENT};
+    let d = images(creds(0, u64::MAX));
+    std::fs::write(
+        d.path().join("pagemap-1.img"),
+        encode(3, &[(0x1000, 2, PE_PRESENT)]),
+    )
+    .unwrap();
+    std::fs::write(d.path().join("pages-3.img"), vec![0u8; 8192]).unwrap();
+    assert!(confine(d.path(), &default_spec()).is_ok());
+    std::fs::write(d.path().join("pages-3.img"), vec![0u8; 4096]).unwrap();
+    let e = confine(d.path(), &default_spec()).unwrap_err();
+    assert!(
+        matches!(&e, Error::BadImage { image, .. } if image == "pagemap-1.img"),
+        "{e}"
+    );
+    std::fs::write(
+        d.path().join("pagemap-1.img"),
+        encode(3, &[(u64::MAX - 0xfff, 9, PE_PRESENT)]),
+    )
+    .unwrap();
+    assert!(matches!(
+        confine(d.path(), &default_spec()),
+        Err(Error::BadImage { .. })
+    ));
+}
