@@ -38,6 +38,17 @@ pub struct Task {
     pub threads: Vec<Thread>,
 }
 
+/// CRIU's `TASK_DEAD`: a zombie.
+const TASK_DEAD: u32 = 2;
+
+impl Thread {
+    /// A zombie's core: a task state of dead and no thread state.
+    pub fn zombie(&self) -> bool {
+        self.core.thread_core.is_none()
+            && self.core.tc.as_ref().and_then(|t| t.task_state) == Some(TASK_DEAD)
+    }
+}
+
 impl Task {
     pub fn leader(&self) -> &Thread {
         &self.threads[0]
@@ -165,6 +176,12 @@ fn read_tasks(dir: &Path) -> Result<Vec<Task>> {
             true => decode_all::<TaskKobjIdsEntry>(dir, &ids_img, Kind::Ids)?.pop(),
             false => None,
         };
+        if threads[0].zombie() && (threads.len() > 1 || tasks.is_empty()) {
+            return Err(bad(
+                "pstree.img",
+                format!("pid {} is dead but is the root or has threads", p.pid),
+            ));
+        }
         tasks.push(Task {
             pstree: p,
             ids,
@@ -187,8 +204,20 @@ fn read_thread(dir: &Path, tid: u32) -> Result<Thread> {
     };
     let core = CoreEntry::decode(*entry).map_err(|e| bad(&name, e))?;
     let creds = core.thread_core.as_ref().and_then(|t| t.creds.as_ref());
+    let raw = entries[0].to_vec();
     if creds.is_none() {
-        return Err(bad(&name, "a thread without credentials"));
+        // A zombie is dumped with no thread state: CRIU restores it as a
+        // child that exits at once, with nothing of its own.
+        let thread = Thread {
+            tid,
+            file,
+            raw,
+            core,
+        };
+        return match thread.zombie() {
+            true => Ok(thread),
+            false => Err(bad(&name, "a thread without credentials")),
+        };
     }
     // The credentials are rewritten whole: a field this schema lacks would be lost, or trusted.
     let creds_raw = Fields::parse(entry)
@@ -200,7 +229,7 @@ fn read_thread(dir: &Path, tid: u32) -> Result<Thread> {
     Ok(Thread {
         tid,
         file,
-        raw: entries[0].to_vec(),
+        raw,
         core,
     })
 }

@@ -70,7 +70,7 @@ pub fn confine(dir: &Path, spec: &Value) -> Result<Confined> {
     let bpf = a.seccomp.as_ref().map(seccomp::compile).transpose()?;
     let mut writes = Vec::new();
     for (i, task) in images.tasks.iter().enumerate() {
-        for th in &task.threads {
+        for th in task.threads.iter().filter(|t| !t.zombie()) {
             let core = thread(task, th, i == 0, &a, bpf.is_some())?;
             writes.push((th.file.clone(), image::encode(Kind::Core, &[core])));
         }

@@ -527,3 +527,67 @@ fn a_pagemap_must_match_its_pages_image() {
         Err(Error::BadImage { .. })
     ));
 }
+
+#[test]
+fn a_zombie_child_passes_without_credentials_but_a_live_thread_never_does() {
+    let d = images(creds(0, u64::MAX));
+    let tree = |entries: &[(u32, u32)]| {
+        let e: Vec<Vec<u8>> = entries
+            .iter()
+            .map(|&(pid, ppid)| {
+                PstreeEntry {
+                    pid,
+                    ppid,
+                    pgid: 1,
+                    sid: 1,
+                    threads: vec![pid],
+                }
+                .encode_to_vec()
+            })
+            .collect();
+        std::fs::write(d.path().join("pstree.img"), encode(Kind::Pstree, &e)).unwrap();
+    };
+    let dead = |state: Option<u32>| CoreEntry {
+        mtype: 1,
+        tc: Some(TaskCoreEntry {
+            task_state: state,
+            comm: Some("defunct".into()),
+            ..Default::default()
+        }),
+        ids: None,
+        thread_core: None,
+    };
+    tree(&[(1, 0), (2, 1)]);
+    std::fs::write(
+        d.path().join("core-2.img"),
+        encode(Kind::Core, &[dead(Some(2)).encode_to_vec()]),
+    )
+    .unwrap();
+    let c = confine(d.path(), &default_spec()).unwrap();
+    assert_eq!(c.threads, 1, "the zombie's image is left as it is");
+    std::fs::write(
+        d.path().join("core-2.img"),
+        encode(Kind::Core, &[dead(Some(1)).encode_to_vec()]),
+    )
+    .unwrap();
+    assert!(
+        matches!(
+            confine(d.path(), &default_spec()),
+            Err(Error::BadImage { .. })
+        ),
+        "alive, without credentials"
+    );
+    tree(&[(2, 0)]);
+    std::fs::write(
+        d.path().join("core-2.img"),
+        encode(Kind::Core, &[dead(Some(2)).encode_to_vec()]),
+    )
+    .unwrap();
+    assert!(
+        matches!(
+            confine(d.path(), &default_spec()),
+            Err(Error::BadImage { .. })
+        ),
+        "a dead root"
+    );
+}
