@@ -124,11 +124,14 @@ fn one(m: &MntEntry, at: &str, a: &Allowed) -> Result<()> {
         .find(|s| s.kind.starts_with("cgroup") && at.starts_with(&format!("{}/", s.destination)));
     let refuse = || privilege(WHO, "mount", describe(m, at), "only the new spec's mounts");
     if external {
-        // runc maps these to the new spec's sources by their key.
-        let mapped = spec.is_some_and(is_bind)
-            || a.masked.iter().any(|p| clean(p) == at)
-            || cgroup.is_some();
-        return if mapped { Ok(()) } else { Err(refuse()) };
+        // runc maps these to the new spec's sources by their key: a bind
+        // mount's and a cgroup hierarchy's is its own destination, a masked
+        // file's the host's /dev/null. Any other key would put one of the
+        // spec's sources somewhere the spec does not.
+        let key = m.ext_key.as_deref().map(clean);
+        let own = key.as_deref() == Some(at) && (spec.is_some_and(is_bind) || cgroup.is_some());
+        let masked = key.as_deref() == Some("/dev/null") && a.masked.iter().any(|p| clean(p) == at);
+        return if own || masked { Ok(()) } else { Err(refuse()) };
     }
     if let Some(s) = spec.filter(|s| !is_bind(s)) {
         if !fstypes(&s.kind).contains(&m.fstype) {
@@ -185,8 +188,8 @@ fn flags(m: &MntEntry, at: &str, options: &[String]) -> Result<()> {
 
 fn describe(m: &MntEntry, at: &str) -> String {
     format!(
-        "{at} (fstype {}, source {:?}, root {:?}, flags {:#x})",
-        m.fstype, m.source, m.root, m.flags
+        "{at} (fstype {}, source {:?}, root {:?}, flags {:#x}, external key {:?})",
+        m.fstype, m.source, m.root, m.flags, m.ext_key
     )
 }
 

@@ -591,3 +591,40 @@ fn a_zombie_child_passes_without_credentials_but_a_live_thread_never_does() {
         "a dead root"
     );
 }
+
+#[test]
+fn an_external_mount_is_only_the_spec_source_at_its_own_destination() {
+    let d = images(creds(0, u64::MAX));
+    let with = |m: Vec<u8>| {
+        let all = [
+            mount(1, 0, 0, "/", 0, None),
+            mount(2, 1, 1, "/proc", 0xe, None),
+            m,
+        ];
+        std::fs::write(
+            d.path().join("mountpoints-12.img"),
+            encode(Kind::Mountpoints, &all),
+        )
+        .unwrap();
+        confine(d.path(), &default_spec())
+    };
+    assert!(with(mount(3, 1, 5, "/etc/hosts", 0, Some("/etc/hosts"))).is_ok());
+    let moved = with(mount(3, 1, 5, "/etc/shadow", 0, Some("/etc/hosts")));
+    assert!(
+        matches!(moved, Err(Error::Privilege { field: "mount", .. })),
+        "{moved:?}"
+    );
+    let other_key = with(mount(3, 1, 5, "/etc/hosts", 0, Some("/var/lib/kubelet")));
+    assert!(
+        matches!(other_key, Err(Error::Privilege { field: "mount", .. })),
+        "{other_key:?}"
+    );
+    let old_style = MntEntry {
+        ext_mount: Some(true),
+        ..MntEntry::decode(mount(3, 1, 5, "/etc/hosts", 0, None).as_slice()).unwrap()
+    };
+    assert!(
+        with(old_style.encode_to_vec()).is_err(),
+        "an external mount without a key"
+    );
+}
