@@ -57,6 +57,11 @@ pub enum Error {
     #[error("cgroup of container {id} did not freeze within the deadline (state {state})")]
     FreezeTimeout { id: String, state: String },
 
+    /// Processes in the container's cgroup outside its init's process tree,
+    /// which CRIU, dumping that tree, would leave out of the checkpoint.
+    #[error("container {id}: {processes} in its cgroup would be left out of the checkpoint: outside the process tree of its init (daemonized into the pod's shared PID namespace, or started by exec)")]
+    LeftOut { id: String, processes: String },
+
     /// A restore that would give a process more than the new container's
     /// spec allows ([`crate::restore::policy`]).
     #[error("restore refused: {process}: {field} is {found} in the checkpoint; the new container allows {allowed}")]
@@ -127,9 +132,10 @@ impl From<Error> for tonic::Status {
             Error::NotFound(_) | Error::PodNotFound(_) | Error::ImageNotFound { .. } => {
                 Code::NotFound
             }
-            Error::NotRunning { .. } | Error::ChecksFailed { .. } | Error::Unlike { .. } => {
-                Code::FailedPrecondition
-            }
+            Error::NotRunning { .. }
+            | Error::ChecksFailed { .. }
+            | Error::Unlike { .. }
+            | Error::LeftOut { .. } => Code::FailedPrecondition,
             Error::Privilege { .. } => Code::PermissionDenied,
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::NoSpace(_) | Error::TooLarge(_) => Code::ResourceExhausted,
