@@ -1,10 +1,12 @@
 use std::future::Future;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::Duration;
 
+use nix::fcntl::{openat, OFlag};
+use nix::sys::stat::Mode;
 use prost::Message;
 
 use crate::proto::{Features, Opts, Req, ReqType, Resp};
@@ -285,14 +287,14 @@ impl LogFile {
         if dir_fd < 0 {
             return None;
         }
-        // SAFETY: duplicating a descriptor the caller keeps open for the request.
-        let dup = unsafe { libc::fcntl(dir_fd, libc::F_DUPFD_CLOEXEC, 0) };
-        if dup < 0 {
-            return None;
-        }
-        // SAFETY: dup is a fresh descriptor we own.
+        // SAFETY: `opts` names fds of this process that its caller keeps
+        // open until the request has returned, and this borrow ends with this
+        // line, once the duplicate is made.
+        let dir = unsafe { BorrowedFd::borrow_raw(dir_fd) }
+            .try_clone_to_owned()
+            .ok()?;
         Some(LogFile {
-            dir: unsafe { OwnedFd::from_raw_fd(dup) },
+            dir,
             name: std::ffi::CString::new(name).ok()?,
         })
     }
@@ -305,22 +307,14 @@ pub(crate) fn log_tail(log: &Option<LogFile>) -> String {
     // A log in our own memory file is named by its /proc fd link, which
     // O_NOFOLLOW would refuse; anything else must not be a link.
     let nofollow = match log.name.to_bytes().starts_with(b"/proc/") {
-        true => 0,
-        false => libc::O_NOFOLLOW,
+        true => OFlag::empty(),
+        false => OFlag::O_NOFOLLOW,
     };
-    // SAFETY: openat on a directory fd we own with a NUL-terminated name.
-    let fd = unsafe {
-        libc::openat(
-            log.dir.as_raw_fd(),
-            log.name.as_ptr(),
-            libc::O_RDONLY | libc::O_CLOEXEC | nofollow,
-        )
-    };
-    if fd < 0 {
+    let flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC | nofollow;
+    let Ok(fd) = openat(&log.dir, log.name.as_c_str(), flags, Mode::empty()) else {
         return String::new();
-    }
-    // SAFETY: fd was just opened and is owned by the File from here on.
-    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+    };
+    let mut f = std::fs::File::from(fd);
     let len = f.seek(SeekFrom::End(0)).unwrap_or(0);
     let _ = f.seek(SeekFrom::Start(len.saturating_sub(TAIL)));
     let mut s = String::new();

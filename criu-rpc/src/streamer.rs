@@ -12,8 +12,8 @@ use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use prost::Message;
 
 use crate::proto::ImgStreamerRequestEntry;
@@ -21,6 +21,8 @@ use crate::proto::ImgStreamerRequestEntry;
 pub const CAPTURE_SOCKET: &str = "streamer-capture.sock";
 /// The longest path a unix socket address holds (`sun_path` less its NUL).
 const SUN_PATH_MAX: usize = 107;
+/// How long `accept` waits between looks at its `give_up`.
+const POLL_MS: u16 = 20;
 /// Image names are short; anything longer is not CRIU talking.
 const NAME_MAX: u32 = 4096;
 
@@ -60,15 +62,9 @@ impl CaptureSocket {
                     if give_up() {
                         return Ok(None);
                     }
-                    let mut pfd = libc::pollfd {
-                        fd: self.listener.as_raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    };
-                    // SAFETY: poll on one pollfd we own, with a bounded timeout.
-                    unsafe {
-                        libc::poll(&mut pfd, 1, Duration::from_millis(20).as_millis() as i32)
-                    };
+                    let mut pfd = [PollFd::new(self.listener.as_fd(), PollFlags::POLLIN)];
+                    // A wait of 20 ms at most; an error (EINTR) only shortens it.
+                    let _ = poll(&mut pfd, PollTimeout::from(POLL_MS));
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -126,7 +122,8 @@ impl Capture {
         let mut fds = Vec::new();
         for c in msg.cmsgs().map_err(io::Error::from)? {
             if let ControlMessageOwned::ScmRights(r) = c {
-                // SAFETY: the kernel just installed these descriptors for us.
+                // SAFETY: SCM_RIGHTS installed these fds in our table for this
+                // message alone: nothing else owns or closes them.
                 fds.extend(r.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
             }
         }

@@ -73,7 +73,9 @@ impl Proc {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        // SAFETY: only async-signal-safe calls (fcntl, dup2, close, umask) between fork and exec.
+        // SAFETY: pre_exec's closure runs in the forked child, where only
+        // async-signal-safe calls are sound: place_fds makes only fcntl, dup2
+        // and umask calls, allocates nothing and takes no lock.
         unsafe {
             cmd.pre_exec(move || place_fds(&sources));
         }
@@ -187,7 +189,9 @@ fn place_fds(sources: &[RawFd]) -> std::io::Result<()> {
         return Err(std::io::Error::from_raw_os_error(libc::EMFILE));
     }
     for (i, &src) in sources.iter().enumerate() {
-        // SAFETY: fcntl is async-signal-safe.
+        // SAFETY: a raw libc call because nothing between fork and exec may
+        // allocate or take a lock, and fcntl is async-signal-safe; `src` is
+        // open in the child (an fd of the parent's, kept for the spawn).
         let fd = unsafe { libc::fcntl(src, libc::F_DUPFD_CLOEXEC, 100) };
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
@@ -196,12 +200,12 @@ fn place_fds(sources: &[RawFd]) -> std::io::Result<()> {
     }
     for (i, &fd) in lifted[..sources.len()].iter().enumerate() {
         // dup2 yields a descriptor without CLOEXEC, so exactly these survive exec.
-        // SAFETY: dup2 is async-signal-safe.
+        // SAFETY: as above: dup2 is async-signal-safe, `fd` is the open copy
+        // just made, and the target numbers belong to no one in the child.
         if unsafe { libc::dup2(fd, CRIU_SOCK_FD + i as RawFd) } < 0 {
             return Err(std::io::Error::last_os_error());
         }
     }
-    // SAFETY: umask cannot fail.
-    unsafe { libc::umask(0o077) };
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     Ok(())
 }
