@@ -3,9 +3,16 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{
+    fcntl, openat, renameat2, splice, FallocateFlags, FcntlArg, OFlag, RenameFlags, SpliceFFlags,
+};
+use nix::sys::stat::Mode;
+use nix::unistd::{unlinkat, UnlinkatFlags};
 
 use crate::error::{Context, Error, Result};
 
@@ -57,19 +64,11 @@ impl Target {
             .to_path_buf();
         let cdir =
             CString::new(dir_path.as_os_str().as_bytes()).map_err(|_| bad("contains NUL"))?;
-        // SAFETY: a NUL-terminated path; the result is checked.
-        let fd = unsafe {
-            libc::open(
-                cdir.as_ptr(),
-                libc::O_DIRECTORY | libc::O_RDONLY | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(bad(&format!("parent directory unusable: {e}")));
-        }
-        // SAFETY: fd was just opened.
-        let dir = unsafe { OwnedFd::from_raw_fd(fd) };
+        let flags = OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC;
+        let dir = nix::fcntl::open(cdir.as_c_str(), flags, Mode::empty()).map_err(|e| {
+            let e = std::io::Error::from(e);
+            bad(&format!("parent directory unusable: {e}"))
+        })?;
         let name = CString::new(name.as_bytes()).map_err(|_| bad("contains NUL"))?;
         let t = Target {
             path: location.to_path_buf(),
@@ -155,22 +154,17 @@ impl ArchiveWriter {
         ))
         .expect("no NUL");
         let flags =
-            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-        // SAFETY: openat on an open dir fd with a NUL-terminated name; 0600 from creation.
-        let fd = unsafe {
-            libc::openat(
-                tmp_dir.as_raw_fd(),
-                tmp.as_ptr(),
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        // 0600 from creation.
+        let file = File::from(
+            openat(
+                &tmp_dir,
+                tmp.as_c_str(),
                 flags,
-                0o600 as libc::c_uint,
+                Mode::from_bits_truncate(0o600),
             )
-        };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error())
-                .ctx(|| format!("create archive in {}", target.dir_path.display()));
-        }
-        // SAFETY: fd was just opened and is owned by the File.
-        let file = unsafe { File::from_raw_fd(fd) };
+            .ctx(|| format!("create archive in {}", target.dir_path.display()))?,
+        );
         let w = ArchiveWriter {
             target: target.try_clone()?,
             tmp_dir,
@@ -209,42 +203,26 @@ impl ArchiveWriter {
             .into();
         let tmp = CString::new(rel).map_err(|_| Error::Other(format!("bad name {rel}")))?;
         let same_fs = same_fs(&tmp_dir, &target.dir);
-        // SAFETY: openat on an open dir fd with a NUL-terminated name.
-        let fd = unsafe {
-            libc::openat(
-                tmp_dir.as_raw_fd(),
-                tmp.as_ptr(),
-                libc::O_RDWR | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            )
+        let flags = OFlag::O_RDWR | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let Ok(fd) = openat(&tmp_dir, tmp.as_c_str(), flags, Mode::empty()) else {
+            return Ok(None);
         };
-        if fd < 0 || !same_fs {
-            if fd >= 0 {
-                // SAFETY: closing the fd we just opened.
-                unsafe { libc::close(fd) };
-            }
+        if !same_fs {
             return Ok(None);
         }
-        // SAFETY: fd was just opened and is owned by the File.
-        let file = unsafe { File::from_raw_fd(fd) };
+        let file = File::from(fd);
         let len = file.metadata().ctx(|| format!("stat {rel}"))?.len();
         nix::sys::stat::fchmod(
             file.as_fd(),
             nix::sys::stat::Mode::from_bits_truncate(0o600),
         )
         .ctx(|| "chmod archive".into())?;
-        // SAFETY: fallocate on our own fd; on failure the file is unchanged.
-        if unsafe {
-            libc::fallocate(
-                file.as_raw_fd(),
-                libc::FALLOC_FL_INSERT_RANGE,
-                0,
-                data_at as i64,
-            )
-        } != 0
-        {
+        // On failure the file is unchanged.
+        let insert = FallocateFlags::FALLOC_FL_INSERT_RANGE;
+        if let Err(e) = nix::fcntl::fallocate(&file, insert, 0, data_at as i64) {
             tracing::debug!(
                 "cannot insert a range here, copying instead: {}",
-                std::io::Error::last_os_error()
+                std::io::Error::from(e)
             );
             return Ok(None);
         }
@@ -368,8 +346,8 @@ impl ArchiveWriter {
         let path = self.target.path.clone();
         let ctx = || format!("stream {name} into {}", path.display());
         // Bigger pipes mean fewer wake-ups; the size is capped without CAP_SYS_RESOURCE.
-        // SAFETY: fcntl on a pipe we hold; failure leaves the size as it was.
-        unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
+        // Failure leaves the size as it was.
+        let _ = fcntl(pipe, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
         let (held, ended) = match hold {
             Some(ref mut h) => h.fill_from(pipe).ctx(ctx)?,
             None => (0, false),
@@ -415,26 +393,18 @@ impl ArchiveWriter {
             if stop.load(std::sync::atomic::Ordering::Relaxed) {
                 return Err(abandoned());
             }
-            // SAFETY: both fds are open; `off` is a local the kernel advances.
-            let n = unsafe {
-                libc::splice(
-                    pipe.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    self.file.as_raw_fd(),
-                    &mut off,
-                    PIPE_SIZE as usize,
-                    libc::SPLICE_F_MOVE | libc::SPLICE_F_MORE,
-                )
-            };
-            match n {
-                0 => return Ok(off as u64 - at),
-                n if n > 0 => {}
-                _ => {
-                    let e = std::io::Error::last_os_error();
-                    if e.kind() != std::io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
+            let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_MORE;
+            match splice(
+                pipe,
+                None,
+                &self.file,
+                Some(&mut off),
+                PIPE_SIZE as usize,
+                flags,
+            ) {
+                Ok(0) => return Ok(off as u64 - at),
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -477,22 +447,18 @@ impl ArchiveWriter {
                 .sync_data()
                 .ctx(|| format!("fdatasync {}", self.target.path.display()))?;
         }
-        // SAFETY: renameat2 on open dir fds with NUL-terminated names.
-        let rc = unsafe {
-            libc::renameat2(
-                self.tmp_dir.as_raw_fd(),
-                self.tmp.as_ptr(),
-                self.target.dir.as_raw_fd(),
-                self.target.name.as_ptr(),
-                libc::RENAME_NOREPLACE,
-            )
-        };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EEXIST) {
-                return Err(Error::AlreadyExists(self.target.path.clone()));
+        match renameat2(
+            &self.tmp_dir,
+            self.tmp.as_c_str(),
+            &self.target.dir,
+            self.target.name.as_c_str(),
+            RenameFlags::RENAME_NOREPLACE,
+        ) {
+            Ok(()) => {}
+            Err(Errno::EEXIST) => return Err(Error::AlreadyExists(self.target.path.clone())),
+            Err(e) => {
+                return Err(e).ctx(|| format!("rename archive to {}", self.target.path.display()))
             }
-            return Err(e).ctx(|| format!("rename archive to {}", self.target.path.display()));
         }
         self.committed = true;
         if durable {
@@ -506,8 +472,11 @@ impl ArchiveWriter {
 impl Drop for ArchiveWriter {
     fn drop(&mut self) {
         if !self.committed {
-            // SAFETY: unlinkat on our own temp name in an open dir fd.
-            unsafe { libc::unlinkat(self.tmp_dir.as_raw_fd(), self.tmp.as_ptr(), 0) };
+            let _ = unlinkat(
+                &self.tmp_dir,
+                self.tmp.as_c_str(),
+                UnlinkatFlags::NoRemoveDir,
+            );
         }
     }
 }
@@ -640,7 +609,8 @@ fn pax_padding(total: usize) -> String {
 
 fn rand_u64() -> u64 {
     let mut b = [0u8; 8];
-    // SAFETY: getrandom fills the buffer it is given.
+    // SAFETY: no safe wrapper (std's is unstable, nix has none): getrandom
+    // writes at most `b.len()` bytes into `b`, a live local buffer.
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
     if n != 8 {
         return std::process::id() as u64

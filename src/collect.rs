@@ -249,7 +249,9 @@ fn is_opaque(dir: &Path) -> bool {
     };
     let mut v = [0u8; 4];
     for name in [c"trusted.overlay.opaque", c"user.overlay.opaque"] {
-        // SAFETY: valid NUL-terminated strings and a buffer of the stated size.
+        // SAFETY: no safe wrapper exists (neither std nor nix reads xattrs):
+        // `path` and `name` are NUL-terminated, and the kernel writes at most
+        // `v.len()` bytes into `v`, a live local buffer.
         let n = unsafe {
             libc::lgetxattr(path.as_ptr(), name.as_ptr(), v.as_mut_ptr().cast(), v.len())
         };

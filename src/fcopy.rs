@@ -4,9 +4,12 @@
 //! (`copy_file_range`), else read and write.
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+
+use nix::errno::Errno;
+use nix::fcntl::copy_file_range;
 
 /// What a copy did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,20 +41,13 @@ pub fn copy_range(
     let mut left = len;
     while left > 0 {
         let chunk = left.min(1 << 30) as usize;
-        // SAFETY: both fds are open; the offsets are local variables.
-        let n = unsafe {
-            libc::copy_file_range(src.as_raw_fd(), &mut s, dst.as_raw_fd(), &mut d, chunk, 0)
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
-            ) {
+        let n = match copy_file_range(src, Some(&mut s), dst, Some(&mut d), chunk) {
+            Ok(n) => n,
+            Err(Errno::EXDEV | Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => {
                 return by_read(src, s as u64, dst, d as u64, left);
             }
-            return Err(e);
-        }
+            Err(e) => return Err(e.into()),
+        };
         if n == 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
@@ -80,7 +76,9 @@ fn share(src: &File, src_off: u64, dst: &File, dst_off: u64, len: u64) -> bool {
         src_length: len,
         dest_offset: dst_off,
     };
-    // SAFETY: FICLONERANGE reads one file_clone_range struct from the pointer.
+    // SAFETY: no safe wrapper exists for FICLONERANGE; the kernel reads one
+    // `struct file_clone_range` (this #[repr(C)] layout) from `&arg`, which
+    // lives across the call, and writes nothing back.
     let rc = unsafe { libc::ioctl(dst.as_raw_fd(), FICLONERANGE, &arg) };
     if rc != 0 {
         tracing::debug!(
@@ -117,12 +115,8 @@ fn by_read(
     Ok(Moved::Copied)
 }
 
-fn seek(f: &File, pos: u64) -> std::io::Result<()> {
-    // SAFETY: moving a file position of our own.
-    if unsafe { libc::lseek(f.as_raw_fd(), pos as i64, libc::SEEK_SET) } != pos as i64 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+fn seek(mut f: &File, pos: u64) -> std::io::Result<()> {
+    f.seek(SeekFrom::Start(pos)).map(drop)
 }
 
 #[cfg(test)]
