@@ -13,9 +13,17 @@
 //! again ([`Thawed`]). What does not fit goes straight to the archive, as
 //! without a hold, and is counted as written while frozen.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
+use std::ptr::NonNull;
 use std::sync::{Arc, Condvar, Mutex};
+
+use nix::errno::Errno;
+use nix::fcntl::{fallocate, openat, splice, FallocateFlags, OFlag, SpliceFFlags};
+use nix::sys::mman::{madvise, mmap_anonymous, munmap, MapFlags, MmapAdvise, ProtFlags};
+use nix::sys::sendfile::sendfile;
+use nix::sys::stat::Mode;
 
 use crate::error::{Context, Result};
 
@@ -32,7 +40,7 @@ pub struct Hold {
 enum Mem {
     /// Anonymous memory faulted in before the freeze, for what needs the
     /// bytes as a buffer (a sealed checkpoint's parts).
-    Buffer { ptr: *mut u8, len: usize },
+    Buffer(Mapping),
     /// A memory file ([`pages_file`]) the pipe is spliced into, up to `cap`
     /// bytes. Nothing is faulted in first: a full page written into a memory
     /// file is allocated but never zeroed, and it is not dirty page cache, so
@@ -40,9 +48,6 @@ enum Mem {
     /// per GiB here before the checkpoint could start, for a pause no shorter.
     File { file: std::fs::File, cap: usize },
 }
-
-// SAFETY: the mapping is owned by this value and used by one thread at a time.
-unsafe impl Send for Hold {}
 
 impl Hold {
     /// The bytes `r` reserved, as a memory file, or as a faulted-in buffer
@@ -72,44 +77,22 @@ impl Hold {
 
     /// Maps and faults in `len` bytes.
     pub fn new(len: usize) -> Result<Hold> {
-        // SAFETY: a fresh private anonymous mapping; checked below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error())
-                .ctx(|| format!("map {len} bytes to hold pages"));
-        }
-        let hold = Hold {
-            mem: Mem::Buffer {
-                ptr: ptr.cast(),
-                len,
-            },
-            _reservation: Reservation::default(),
-        };
+        let map = Mapping::new(len).ctx(|| format!("map {len} bytes to hold pages"))?;
         // No MADV_HUGEPAGE: huge pages come from free 2 MiB blocks, which are
         // what a VM balloon with free page reporting has handed back to the
         // host, so touching them first costs 1-3 s per GiB here (against 0.5 s
         // for small pages taken from what the guest kept), and varies 10×.
-        const MADV_POPULATE_WRITE: libc::c_int = 23;
-        // SAFETY: as above; fails only if memory cannot be had, then we give up.
-        if unsafe { libc::madvise(ptr, len, MADV_POPULATE_WRITE) } != 0 {
-            return Err(std::io::Error::last_os_error())
-                .ctx(|| format!("fault in {len} bytes to hold pages"));
-        }
-        Ok(hold)
+        map.populate()
+            .ctx(|| format!("fault in {len} bytes to hold pages"))?;
+        Ok(Hold {
+            mem: Mem::Buffer(map),
+            _reservation: Reservation::default(),
+        })
     }
 
     pub fn len(&self) -> usize {
         match &self.mem {
-            Mem::Buffer { len, .. } => *len,
+            Mem::Buffer(map) => map.len,
             Mem::File { cap, .. } => *cap,
         }
     }
@@ -120,9 +103,8 @@ impl Hold {
 
     /// The buffer; empty for a memory file.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        match &self.mem {
-            // SAFETY: the mapping is `len` bytes, readable and writable, and ours.
-            Mem::Buffer { ptr, len } => unsafe { std::slice::from_raw_parts_mut(*ptr, *len) },
+        match &mut self.mem {
+            Mem::Buffer(map) => map.as_mut_slice(),
             Mem::File { .. } => &mut [],
         }
     }
@@ -131,44 +113,22 @@ impl Hold {
     /// how much was taken and whether the pipe ended.
     pub fn fill_from(&mut self, pipe: &OwnedFd) -> std::io::Result<(usize, bool)> {
         let cap = self.len();
-        let file_fd = match &self.mem {
-            Mem::File { file, .. } => Some(file.as_raw_fd()),
-            Mem::Buffer { .. } => None,
-        };
-        let buf = self.as_mut_slice();
         let mut filled = 0;
         while filled < cap {
-            let n = match file_fd {
-                // SAFETY: both fds are open; the offset is a local the kernel advances.
-                Some(fd) => unsafe {
+            let n = match &mut self.mem {
+                Mem::File { file, .. } => {
                     let mut off = filled as i64;
-                    libc::splice(
-                        pipe.as_raw_fd(),
-                        std::ptr::null_mut(),
-                        fd,
-                        &mut off,
-                        (cap - filled).min(1 << 20),
-                        libc::SPLICE_F_MOVE,
-                    )
-                },
-                // SAFETY: reading into our own buffer, within its length.
-                None => unsafe {
-                    libc::read(
-                        pipe.as_raw_fd(),
-                        buf[filled..].as_mut_ptr().cast(),
-                        cap - filled,
-                    )
-                },
+                    let want = (cap - filled).min(1 << 20);
+                    let flags = SpliceFFlags::SPLICE_F_MOVE;
+                    splice(pipe, None, &*file, Some(&mut off), want, flags)
+                }
+                Mem::Buffer(map) => nix::unistd::read(pipe, &mut map.as_mut_slice()[filled..]),
             };
             match n {
-                0 => return Ok((filled, true)),
-                n if n > 0 => filled += n as usize,
-                _ => {
-                    let e = std::io::Error::last_os_error();
-                    if e.kind() != std::io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
+                Ok(0) => return Ok((filled, true)),
+                Ok(n) => filled += n,
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
             }
         }
         Ok((filled, false))
@@ -186,47 +146,112 @@ impl Hold {
         let mut done = 0;
         while done < len {
             let n = CHUNK.min(len - done);
-            match &self.mem {
-                Mem::Buffer { ptr, .. } => {
-                    // SAFETY: within the buffer's own length.
-                    let chunk = unsafe { std::slice::from_raw_parts(ptr.add(done), n) };
-                    file.write_all_at(chunk, at + done as u64)?;
-                    // SAFETY: whole pages of our own mapping (CHUNK is a multiple
-                    // of the page size), written already and never read again.
-                    unsafe { libc::madvise(ptr.add(done).cast(), n & !0xfff, libc::MADV_DONTNEED) };
+            match &mut self.mem {
+                Mem::Buffer(map) => {
+                    file.write_all_at(&map.as_mut_slice()[done..done + n], at + done as u64)?;
+                    // Whole pages (CHUNK is a multiple of the page size),
+                    // written already and never read again.
+                    map.discard(done, n & !0xfff);
                 }
                 Mem::File { file: mem, .. } => {
                     send_range(mem, done as u64, file, at + done as u64, n)?;
-                    // SAFETY: a range of our own memory file, written already.
-                    unsafe {
-                        libc::fallocate(
-                            mem.as_raw_fd(),
-                            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                            done as i64,
-                            n as i64,
-                        )
-                    };
+                    // A range written already: its memory goes back.
+                    let punch =
+                        FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+                    let _ = fallocate(&*mem, punch, done as i64, n as i64);
                 }
             }
             // Writeback starts now, behind the next chunk's copy, rather than
             // all at once in the archive's final fdatasync.
-            // SAFETY: a hint on a range of a file we hold open.
-            unsafe {
-                libc::sync_file_range(
-                    file.as_raw_fd(),
-                    (at + done as u64) as i64,
-                    n as i64,
-                    libc::SYNC_FILE_RANGE_WRITE,
-                )
-            };
+            start_writeback(file, at + done as u64, n);
             done += n;
         }
         Ok(())
     }
 }
 
+/// Asks the kernel to start writing `len` bytes of `file` from `at` back
+/// (`SYNC_FILE_RANGE_WRITE`): a hint, whose failure changes nothing.
+fn start_writeback(file: &std::fs::File, at: u64, len: usize) {
+    // SAFETY: no safe wrapper exists (nix has no sync_file_range); the call
+    // takes plain integers and an fd `file` keeps open, and reads or writes
+    // no memory of ours.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            at as i64,
+            len as i64,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+}
+
 /// The chunks held data is written out in, each given back once written.
 const CHUNK: usize = 32 << 20;
+
+/// Anonymous memory of our own: a private, readable and writable mapping of
+/// `len` bytes, unmapped when dropped. nix's mmap, madvise and munmap stay
+/// unsafe (they could change memory Rust holds references into), so each
+/// call here says why it cannot.
+struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a Mapping owns its memory alone (no other pointer to it exists), so
+// it may move to another thread as a Box<[u8]> may; it is not Sync.
+unsafe impl Send for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes (`MAP_NORESERVE`: only what is touched counts).
+    fn new(len: usize) -> std::io::Result<Mapping> {
+        let size = NonZeroUsize::new(len).ok_or(Errno::EINVAL)?;
+        let prot = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
+        let flags = MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE;
+        // SAFETY: with no address asked for, the kernel picks one that
+        // overlaps nothing mapped, so no memory Rust knows of changes.
+        let ptr = unsafe { mmap_anonymous(None, size, prot, flags) }?;
+        Ok(Mapping {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    /// Faults every page in now (`MADV_POPULATE_WRITE`), so that filling it
+    /// later runs at memory speed.
+    fn populate(&self) -> std::io::Result<()> {
+        // SAFETY: exactly our own mapping; populating allocates its pages
+        // and changes no byte of it (they read as zeros before and after).
+        unsafe { madvise(self.ptr.cast(), self.len, MmapAdvise::MADV_POPULATE_WRITE) }?;
+        Ok(())
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` starts `len` bytes mapped readable and writable until
+        // drop, initialised (anonymous memory reads as zeros), and reachable
+        // only through this borrow of `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Gives back the memory of `len` bytes from `at` (`MADV_DONTNEED`: they
+    /// read as zeros after). Both must be page-aligned; a failed hint
+    /// changes nothing.
+    fn discard(&mut self, at: usize, len: usize) {
+        assert!(at <= self.len && len <= self.len - at, "within the mapping");
+        // SAFETY: a range inside our own mapping, under `&mut self` so no
+        // slice of it is alive; DONTNEED on private anonymous memory only
+        // zeroes those bytes, which stay mapped and initialised.
+        let _ = unsafe { madvise(self.ptr.add(at).cast(), len, MmapAdvise::MADV_DONTNEED) };
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: exactly what `new` mapped, unmapped once, when no borrow
+        // of it can be left.
+        let _ = unsafe { munmap(self.ptr.cast(), self.len) };
+    }
+}
 
 /// Copies `len` bytes of `src` at `from` into `dst` at `to` in the kernel
 /// (sendfile: the memory file's pages go to the page cache with one copy and
@@ -244,29 +269,13 @@ fn send_range(
     let end = from + len as u64;
     while (off as u64) < end {
         let want = (end - off as u64) as usize;
-        // SAFETY: both fds are open; `off` is a local the kernel advances.
-        let n = unsafe { libc::sendfile(dst.as_raw_fd(), src.as_raw_fd(), &mut off, want) };
-        match n {
-            0 => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
-            n if n > 0 => {}
-            _ => {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
+        match sendfile(dst, src, Some(&mut off), want) {
+            Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())
-}
-
-impl Drop for Hold {
-    fn drop(&mut self) {
-        if let Mem::Buffer { ptr, len } = self.mem {
-            // SAFETY: unmapping exactly what `new` mapped.
-            unsafe { libc::munmap(ptr.cast(), len) };
-        }
-    }
 }
 
 /// How much memory to ask to hold for `pid`'s container: its anonymous and
@@ -337,7 +346,6 @@ fn cgroup2_root() -> Option<std::path::PathBuf> {
 /// An unnamed file in memory for a pages image: on a tmpfs of its own
 /// ([`detached_tmpfs`]) where one can be had, else a memfd.
 fn pages_file() -> Result<std::fs::File> {
-    use std::os::fd::FromRawFd;
     static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let root = match detached_tmpfs() {
         Ok(root) => root,
@@ -348,16 +356,11 @@ fn pages_file() -> Result<std::fs::File> {
             return memfd(c"ckpt-shim-pages");
         }
     };
-    let flags = libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC;
-    // SAFETY: a NUL-terminated path relative to the mount's root fd.
-    let fd = unsafe { libc::openat(root.as_raw_fd(), c".".as_ptr(), flags, 0o600) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error())
-            .ctx(|| "an unnamed file on the hold's tmpfs".into());
-    }
-    // SAFETY: just opened, owned by the File from here. The mount lives as
-    // long as the file; the root's fd closes here.
-    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+    let flags = OFlag::O_TMPFILE | OFlag::O_RDWR | OFlag::O_CLOEXEC;
+    // The mount lives as long as the file; the root's fd closes here.
+    let fd = openat(&root, c".", flags, Mode::from_bits_truncate(0o600))
+        .ctx(|| "an unnamed file on the hold's tmpfs".into())?;
+    Ok(std::fs::File::from(fd))
 }
 
 /// A tmpfs of a hold's own, mounted nowhere (fsopen and fsmount: only its fd
@@ -370,69 +373,84 @@ fn pages_file() -> Result<std::fs::File> {
 /// free 2 MiB blocks are what this VM's balloon has handed back to the host.
 /// Fails without CAP_SYS_ADMIN, or on a kernel older than 5.2.
 fn detached_tmpfs() -> std::io::Result<OwnedFd> {
-    use std::os::fd::FromRawFd;
-    const FSOPEN_CLOEXEC: libc::c_uint = 1;
     const FSCONFIG_SET_STRING: libc::c_uint = 1;
     const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
-    const FSMOUNT_CLOEXEC: libc::c_uint = 1;
     const ATTRS: libc::c_uint = 0x2 | 0x4 | 0x8; // MOUNT_ATTR_NOSUID | NODEV | NOEXEC
-    let check = |r: libc::c_long| match r {
-        r if r < 0 => Err(std::io::Error::last_os_error()),
-        r => Ok(r as i32),
-    };
-    // SAFETY: fsopen with a NUL-terminated name; the fd is owned from here.
-    let fs = unsafe {
-        OwnedFd::from_raw_fd(check(libc::syscall(
-            libc::SYS_fsopen,
-            c"tmpfs".as_ptr(),
-            FSOPEN_CLOEXEC,
-        ))?)
-    };
+    let fs = fsopen(c"tmpfs")?;
     // Its size is the hold budget's to limit (0: tmpfs sets none of its own).
     for (key, value) in [
         (c"huge", c"within_size"),
         (c"mode", c"0700"),
         (c"size", c"0"),
     ] {
-        // SAFETY: NUL-terminated key and value on our fs context fd.
-        check(unsafe {
-            libc::syscall(
-                libc::SYS_fsconfig,
-                fs.as_raw_fd(),
-                FSCONFIG_SET_STRING,
-                key.as_ptr(),
-                value.as_ptr(),
-                0,
-            )
-        })?;
+        fsconfig(fs.as_fd(), FSCONFIG_SET_STRING, Some(key), Some(value))?;
     }
-    // SAFETY: as above, no key or value.
-    check(unsafe {
+    fsconfig(fs.as_fd(), FSCONFIG_CMD_CREATE, None, None)?;
+    fsmount(fs.as_fd(), ATTRS)
+}
+
+// The new mount API: neither libc nor nix wraps it, so its calls are raw
+// syscalls, each given only fds and NUL-terminated strings (or null).
+
+/// `fsopen(name, FSOPEN_CLOEXEC)`: a file system context.
+fn fsopen(name: &std::ffi::CStr) -> std::io::Result<OwnedFd> {
+    const FSOPEN_CLOEXEC: libc::c_uint = 1;
+    // SAFETY: the kernel only reads `name`, NUL-terminated and alive across
+    // the call.
+    new_fd(unsafe { libc::syscall(libc::SYS_fsopen, name.as_ptr(), FSOPEN_CLOEXEC) })
+}
+
+/// `fsconfig(fs, cmd, key, value, 0)`, a null for each `None`.
+fn fsconfig(
+    fs: BorrowedFd,
+    cmd: libc::c_uint,
+    key: Option<&std::ffi::CStr>,
+    value: Option<&std::ffi::CStr>,
+) -> std::io::Result<()> {
+    let ptr = |s: Option<&std::ffi::CStr>| s.map_or(std::ptr::null(), |s| s.as_ptr());
+    // SAFETY: the kernel only reads `key` and `value`, each null (as the
+    // commands that take none want) or NUL-terminated and alive across the
+    // call; `fs` is an open fs context.
+    let r = unsafe {
         libc::syscall(
             libc::SYS_fsconfig,
             fs.as_raw_fd(),
-            FSCONFIG_CMD_CREATE,
-            std::ptr::null::<libc::c_char>(),
-            std::ptr::null::<libc::c_void>(),
+            cmd,
+            ptr(key),
+            ptr(value),
             0,
         )
-    })?;
-    // SAFETY: fsmount of our created context; the mount fd is owned from here.
-    let mnt =
-        check(unsafe { libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, ATTRS) })?;
-    // SAFETY: just returned to us.
-    Ok(unsafe { OwnedFd::from_raw_fd(mnt) })
+    };
+    match r {
+        r if r < 0 => Err(std::io::Error::last_os_error()),
+        _ => Ok(()),
+    }
+}
+
+/// `fsmount(fs, FSMOUNT_CLOEXEC, attrs)`: the created file system, as a
+/// mount attached nowhere.
+fn fsmount(fs: BorrowedFd, attrs: libc::c_uint) -> std::io::Result<OwnedFd> {
+    const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+    // SAFETY: plain integers and `fs`, an open fs context; no memory of ours
+    // is read or written.
+    new_fd(unsafe { libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, attrs) })
+}
+
+/// The fd a syscall returned, owned from here; its error if it failed.
+fn new_fd(r: libc::c_long) -> std::io::Result<OwnedFd> {
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the syscalls passed here (fsopen, fsmount) return a new fd
+    // installed for us alone: open, and owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
 }
 
 /// An unnamed file in memory (what a frozen container's data is held in).
 pub fn memfd(name: &std::ffi::CStr) -> Result<std::fs::File> {
-    // SAFETY: a NUL-terminated name; the fd returned is ours.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).ctx(|| "create a memory file".into());
-    }
-    // SAFETY: just opened, owned by the File from here.
-    Ok(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC).ctx(|| "create a memory file".into())?;
+    Ok(std::fs::File::from(fd))
 }
 
 /// Opens once the container runs again. Writes of what was held wait for it,
@@ -550,18 +568,16 @@ mod tests {
         let link = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd())).unwrap();
         let link = link.to_string_lossy();
         assert!(!link.starts_with("/memfd:"), "{link}");
-        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-        // SAFETY: fstatfs into our own struct, on our own fd.
-        assert_eq!(unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) }, 0);
-        assert_eq!(st.f_type, libc::TMPFS_MAGIC);
-        let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-        let (empty, mnt_id) = (libc::AT_EMPTY_PATH, libc::STATX_MNT_ID);
-        // SAFETY: statx of our own fd into our own struct.
-        assert_eq!(
-            unsafe { libc::statx(f.as_raw_fd(), c"".as_ptr(), empty, mnt_id, &mut stx) },
-            0
-        );
-        let id = format!("{} ", stx.stx_mnt_id);
+        let st = nix::sys::statfs::fstatfs(&f).unwrap();
+        assert_eq!(st.filesystem_type(), nix::sys::statfs::TMPFS_MAGIC);
+        // The fd's mount id, as statx's STATX_MNT_ID gives it.
+        let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", f.as_raw_fd()));
+        let mnt_id = fdinfo
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("mnt_id:").map(|v| v.trim().to_string()))
+            .expect("fdinfo has mnt_id");
+        let id = format!("{mnt_id} ");
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         assert!(!mounts.lines().any(|l| l.starts_with(&id)), "mounted: {id}");
         let root = detached_tmpfs().unwrap();
