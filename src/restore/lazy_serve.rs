@@ -109,7 +109,9 @@ fn spawn_daemon(o: &Options, ps: OwnedFd, status: OwnedFd) -> Result<Child> {
         .stdin(Stdio::null())
         .stdout(Stdio::null());
     let (ps_raw, status_raw) = (ps.as_raw_fd(), status.as_raw_fd());
-    // SAFETY: only async-signal-safe calls between fork and exec.
+    // SAFETY: pre_exec's closure runs in the forked child, where only
+    // async-signal-safe calls are sound: it makes only dup2 and close_range
+    // calls, on fds open in the child, and allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
             for (from, to) in [(ps_raw, PS_FD + 100), (status_raw, STATUS_FD + 100)] {
@@ -137,7 +139,9 @@ fn spawn_daemon(o: &Options, ps: OwnedFd, status: OwnedFd) -> Result<Child> {
 /// `CLOSE_RANGE_CLOEXEC`, Linux 5.11), so that a child keeps only what it is given.
 pub fn mark_cloexec_from(first: i32) {
     const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
-    // SAFETY: a plain syscall on fd numbers.
+    // SAFETY: no safe wrapper exists (neither libc nor nix has
+    // close_range); it takes plain integers, reads no memory of ours, and
+    // only sets CLOEXEC, so no fd anything owns is closed or changed in use.
     unsafe {
         libc::syscall(
             libc::SYS_close_range,
@@ -210,7 +214,9 @@ impl Restored {
         let slot = self.pidfd.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(fd) = slot.as_ref() {
             eprintln!("lazy-serve: killing the restored process: its memory cannot be served");
-            // SAFETY: a plain syscall on an fd we own.
+            // SAFETY: no safe wrapper exists for pidfd_send_signal; it takes
+            // a pidfd we hold open, a signal number and a null siginfo (which
+            // the kernel reads as "as kill() sends it").
             unsafe {
                 libc::syscall(
                     libc::SYS_pidfd_send_signal,
@@ -236,8 +242,10 @@ fn pidfd_of(pid_file: &Path) -> Option<OwnedFd> {
         .trim()
         .parse()
         .ok()?;
-    // SAFETY: pidfd_open returns a new fd or -1.
+    // SAFETY: no safe wrapper exists for pidfd_open (std's PidFd is
+    // unstable); it takes plain integers and reads no memory of ours.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    // SAFETY: a fresh fd nobody else owns.
+    // SAFETY: pidfd_open returned a new fd installed for us alone: open, and
+    // owned by nothing else.
     (fd >= 0).then(|| unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
 }

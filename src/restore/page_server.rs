@@ -23,8 +23,10 @@
 //! as `--ps-socket`, as here) sends `PS_IOV_FORCE_CLOSE`, answered by a 0.
 
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
+
+use nix::errno::Errno;
+use nix::sys::sendfile::sendfile64;
 
 use super::lazy::Source;
 
@@ -163,17 +165,11 @@ fn send_file(sock: &UnixStream, file: &std::fs::File, at: u64, len: u64) -> std:
     let mut off = at as libc::off64_t;
     let mut left = len as usize;
     while left > 0 {
-        // SAFETY: both fds are open for the call; `off` is a valid pointer.
-        let n = unsafe { libc::sendfile64(sock.as_raw_fd(), file.as_raw_fd(), &mut off, left) };
-        match n {
-            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            n if n < 0 => {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-            n => left -= n as usize,
+        match sendfile64(sock, file, Some(&mut off), left) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => left -= n,
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())

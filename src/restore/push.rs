@@ -21,11 +21,16 @@
 //! into memory the process dropped would bring stale data back.
 
 use std::io::Read;
+use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::ptr::NonNull;
 
 use nix::errno::Errno;
+use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::mman::{madvise, mmap, munmap, MapFlags, MmapAdvise, ProtFlags};
 
 use super::lazy::Source;
 use super::pagemap::PAGE_SIZE;
@@ -40,7 +45,6 @@ const RESTORE_FINISHED: u32 = 0x5253_5446;
 const PUSH_CHUNK: u64 = 16 << 20;
 /// What a fault fills from its page on, within its run.
 const FAULT_CHUNK: u64 = 1 << 20;
-const MADV_POPULATE_READ: i32 = 22;
 
 /// What a push did.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
@@ -60,30 +64,37 @@ struct Task {
     gone: bool,
 }
 
-/// The archive, mapped read-only.
+/// The archive, mapped read-only. Only the kernel reads through it (the
+/// pointers [`Mapping::at`] gives go to `UFFDIO_COPY`): no Rust reference to
+/// its bytes is ever made, so the file changing under it is no hazard.
 struct Mapping {
-    ptr: *mut libc::c_void,
+    ptr: NonNull<u8>,
     len: usize,
 }
 
 impl Mapping {
     fn new(file: &std::fs::File) -> Result<Mapping> {
         let len = file.metadata().ctx(|| "stat the archive".into())?.len() as usize;
-        // SAFETY: a fresh read-only shared mapping of a file we hold open.
+        let size = NonZeroUsize::new(len)
+            .ok_or(Errno::EINVAL)
+            .ctx(|| "map the archive".into())?;
+        // SAFETY: with no address asked for, the kernel picks one that
+        // overlaps nothing mapped, so no memory Rust knows of changes.
         let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
+            mmap(
+                None,
+                size,
+                ProtFlags::PROT_READ,
+                MapFlags::MAP_SHARED,
+                file,
                 0,
             )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error()).ctx(|| "map the archive".into());
         }
-        Ok(Mapping { ptr, len })
+        .ctx(|| "map the archive".into())?;
+        Ok(Mapping {
+            ptr: ptr.cast(),
+            len,
+        })
     }
 
     /// The mapping at archive offset `at`, `len` bytes of it in page tables
@@ -91,22 +102,26 @@ impl Mapping {
     fn at(&self, at: u64, len: u64) -> *const u8 {
         assert!(at + len <= self.len as u64, "pages beyond the archive");
         let start = at & !(PAGE_SIZE - 1);
-        // SAFETY: in the mapping; populating page tables changes no data.
-        unsafe {
-            libc::madvise(
-                self.ptr.cast::<u8>().add(start as usize).cast(),
+        let advise = MmapAdvise::MADV_POPULATE_READ;
+        // SAFETY: `start..at + len` lies in our mapping (asserted above);
+        // populating its page tables reads the file in and changes no byte.
+        // A failure only leaves the copy its slower path.
+        let _ = unsafe {
+            madvise(
+                self.ptr.add(start as usize).cast(),
                 (at + len - start) as usize,
-                MADV_POPULATE_READ,
-            );
-            self.ptr.cast::<u8>().add(at as usize)
-        }
+                advise,
+            )
+        };
+        self.ptr.as_ptr().wrapping_add(at as usize)
     }
 }
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: our mapping, unmapped once.
-        unsafe { libc::munmap(self.ptr, self.len) };
+        // SAFETY: exactly what `new` mapped, unmapped once; no reference
+        // into it exists (see the type's docs).
+        let _ = unsafe { munmap(self.ptr.cast(), self.len) };
     }
 }
 
@@ -144,15 +159,8 @@ fn read_ahead(file: &std::fs::File, extents: Vec<(u64, u64)>) {
     let Ok(f) = file.try_clone() else { return };
     std::thread::spawn(move || {
         for (at, len) in extents {
-            // SAFETY: advice on an fd we own.
-            unsafe {
-                libc::posix_fadvise(
-                    f.as_raw_fd(),
-                    at as i64,
-                    len as i64,
-                    libc::POSIX_FADV_WILLNEED,
-                )
-            };
+            let advice = PosixFadviseAdvice::POSIX_FADV_WILLNEED;
+            let _ = posix_fadvise(&f, at as i64, len as i64, advice);
         }
     });
 }
@@ -216,20 +224,16 @@ impl Pusher<'_> {
 
     /// Waits until `conn` or a userfaultfd has something; whether `conn` has.
     fn wait(&self, conn: BorrowedFd) -> Result<bool> {
-        let mut fds: Vec<libc::pollfd> = std::iter::once(conn.as_raw_fd())
-            .chain(self.tasks.iter().map(|t| t.uffd.as_raw_fd()))
-            .map(|fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            })
+        let mut fds: Vec<PollFd> = std::iter::once(conn)
+            .chain(self.tasks.iter().map(|t| t.uffd.as_fd()))
+            .map(|fd| PollFd::new(fd, PollFlags::POLLIN))
             .collect();
-        // SAFETY: polls fds we hold, through a buffer of their number.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if n < 0 && Errno::last() != Errno::EINTR {
-            return Err(std::io::Error::last_os_error()).ctx(|| "poll".into());
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => return Err(e).ctx(|| "poll".into()),
         }
-        Ok(fds[0].revents != 0)
+        // Any event at all (`None`: one nix has no name for).
+        Ok(fds[0].revents() != Some(PollFlags::empty()))
     }
 
     /// Fills everything left, process by process, following their events.
@@ -275,7 +279,9 @@ impl Pusher<'_> {
         match ev {
             Event::Fault { address } => self.fault(i, address & !(PAGE_SIZE - 1))?,
             Event::Fork { uffd } => {
-                // SAFETY: the kernel installed this fd in our table for us.
+                // SAFETY: a fork event's fd is one the kernel installed in
+                // our table as it read the event for us, owned by nothing
+                // else; each event is read, so followed, once.
                 let uffd = unsafe { OwnedFd::from_raw_fd(uffd) };
                 // The child has the parent's memory, missing the same pages.
                 let left = self.tasks[i].left.clone();
@@ -383,7 +389,8 @@ fn recv_fd(conn: &UnixStream) -> Result<OwnedFd> {
     for c in msg.cmsgs().ctx(|| "receive a userfaultfd".into())? {
         if let ControlMessageOwned::ScmRights(fds) = c {
             if let Some(&fd) = fds.first() {
-                // SAFETY: the kernel installed it in our table for us.
+                // SAFETY: SCM_RIGHTS installed it in our table for this
+                // message alone: nothing else owns or closes it.
                 return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
             }
         }

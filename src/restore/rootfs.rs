@@ -1008,14 +1008,16 @@ pub(crate) mod tests {
     /// reads them).
     fn has_xattr(path: &Path, name: &std::ffi::CStr) -> bool {
         let p = c_path(path);
-        // SAFETY: NUL-terminated strings; a null buffer of size 0 asks the size only.
+        // SAFETY: NUL-terminated strings the kernel only reads; a null buffer
+        // of size 0 asks the size only, so nothing is written.
         let n = unsafe { libc::lgetxattr(p.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
         n >= 0
     }
 
     fn set_xattr(path: &Path, name: &std::ffi::CStr) -> bool {
         let p = c_path(path);
-        // SAFETY: NUL-terminated strings and a 1-byte value.
+        // SAFETY: NUL-terminated strings and a 1-byte value, all only read
+        // by the kernel and alive across the call.
         let n = unsafe { libc::lsetxattr(p.as_ptr(), name.as_ptr(), b"y".as_ptr().cast(), 1, 0) };
         n == 0 && has_xattr(path, name)
     }

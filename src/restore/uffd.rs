@@ -90,16 +90,12 @@ impl Event {
 /// Reads the messages waiting on `uffd` (opened non-blocking by CRIU).
 pub fn read_events(uffd: BorrowedFd) -> std::io::Result<Vec<Event>> {
     let mut buf = [0u8; MSG_SIZE * 32];
-    // SAFETY: reads into a buffer we own, of its length.
-    let n = unsafe { libc::read(uffd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-    if n < 0 {
-        let e = std::io::Error::last_os_error();
-        return match e.kind() {
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Ok(Vec::new()),
-            _ => Err(e),
-        };
-    }
-    Ok(buf[..n as usize]
+    let n = match nix::unistd::read(uffd, &mut buf) {
+        Ok(n) => n,
+        Err(Errno::EAGAIN | Errno::EINTR) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(buf[..n]
         .chunks_exact(MSG_SIZE)
         .map(|m| Event::decode(m.try_into().expect("one message")))
         .collect())
@@ -115,8 +111,10 @@ pub fn copy(uffd: BorrowedFd, dst: u64, src: *const u8, len: u64) -> Result<(), 
         mode: 0,
         copy: 0,
     };
-    // SAFETY: the ioctl reads `src..src+len`, which the caller maps, and
-    // writes only into `a`.
+    // SAFETY: no safe wrapper exists for userfaultfd's ioctls. UFFDIO_COPY
+    // reads `a` (this #[repr(C)] layout of `struct uffdio_copy`, alive across
+    // the call) and writes only its `copy` field; it reads `src..src+len`
+    // (which the caller maps) and writes into the other process, not ours.
     let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_COPY as _, &mut a) };
     match r {
         0 => Ok(()),
@@ -132,7 +130,10 @@ pub fn zeropage(uffd: BorrowedFd, dst: u64, len: u64) -> Result<(), Errno> {
         mode: 0,
         zeropage: 0,
     };
-    // SAFETY: the ioctl writes only into `a`.
+    // SAFETY: no safe wrapper exists for userfaultfd's ioctls.
+    // UFFDIO_ZEROPAGE reads `a` (this #[repr(C)] layout of `struct
+    // uffdio_zeropage`, alive across the call), writes only its `zeropage`
+    // field, and maps pages into the other process, not ours.
     let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_ZEROPAGE as _, &mut a) };
     match r {
         0 => Ok(()),
