@@ -6,6 +6,8 @@
 //! the archive when CRIU streams its images; [`restore`] and [`inspect`] read
 //! archives back.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod archive;
 pub mod cri {
     //! Generated from `proto/cri.proto`: the CRI messages the shim decodes.

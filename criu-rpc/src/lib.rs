@@ -18,6 +18,8 @@
 //! dropped (a drop guard does this synchronously), which happens before the grace
 //! period ends, so CRIU is never blocked on a frozen task when it is killed.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod proto {
     //! Messages generated from `proto/rpc.proto`.
     include!(concat!(env!("OUT_DIR"), "/criu.rs"));

@@ -32,9 +32,8 @@ impl SeqPacket {
         // SAFETY: register's contract is that the fd stays open and the same
         // for the AsyncFd's whole life: it owns the OwnedFd, which closes only
         // when the AsyncFd drops it, and nothing here swaps it.
-        Ok(SeqPacket {
-            fd: unsafe { AsyncFd::register(fd) }?,
-        })
+        let fd = unsafe { AsyncFd::register(fd) }?;
+        Ok(SeqPacket { fd })
     }
 
     pub(crate) async fn send(&self, buf: &[u8]) -> io::Result<()> {
