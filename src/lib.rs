@@ -38,6 +38,7 @@ pub mod freeze;
 pub mod hold;
 pub mod image;
 pub mod locate;
+pub mod meminfo;
 pub mod metrics;
 pub mod mountinfo;
 pub mod pbwire;

@@ -620,20 +620,8 @@ fn copy_would_throttle(len: u64) -> bool {
     };
     let threshold = match read("/proc/sys/vm/dirty_background_bytes") {
         0 => {
-            let available_kib = std::fs::read_to_string("/proc/meminfo")
-                .ok()
-                .and_then(|m| {
-                    m.lines().find_map(|l| {
-                        l.strip_prefix("MemAvailable:")?
-                            .trim()
-                            .strip_suffix("kB")?
-                            .trim()
-                            .parse::<u64>()
-                            .ok()
-                    })
-                })
-                .unwrap_or(0);
-            available_kib * 1024 / 100 * read("/proc/sys/vm/dirty_background_ratio")
+            let available = crate::meminfo::available().unwrap_or(0);
+            available / 100 * read("/proc/sys/vm/dirty_background_ratio")
         }
         bytes => bytes,
     };

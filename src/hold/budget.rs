@@ -129,7 +129,7 @@ pub struct Node {
 impl Node {
     pub fn now() -> Node {
         Node {
-            available: super::meminfo("MemAvailable:").unwrap_or(0),
+            available: crate::meminfo::available().unwrap_or(0),
             pressure_pct: psi_some_avg10().unwrap_or(0.0),
             cgroup_room: own_cgroup_room(),
         }

@@ -506,21 +506,6 @@ impl Drop for OpenOnDrop {
     }
 }
 
-pub(crate) fn meminfo(key: &str) -> Option<u64> {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()?
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(key)?
-                .trim()
-                .strip_suffix("kB")?
-                .trim()
-                .parse::<u64>()
-                .ok()
-                .map(|k| k * 1024)
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
