@@ -9,60 +9,29 @@
 //! full length holding only those pages. Pages images no process's pagemap
 //! names (shared memory's, restored in full by CRIU) are copied whole.
 //!
-//! `lazy.json` beside the images says where the pages are: the archive and
-//! each pages image's offset and length in it, and whether the restore is a
-//! full one: served the same way, but answered only once every page is in
-//! ([`Plan::full`]). Either way no page is copied into the restore dir.
+//! `lazy.json` beside the images ([`super::source::Plan`]) says where the
+//! pages are, and whether the restore is a full one. Either way no page is
+//! copied into the restore dir.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-
-use serde::{Deserialize, Serialize};
+use std::path::Path;
 
 use super::archive::{check_entry, extract_except, regular_file};
 use super::pagemap::{Pagemap, PAGE_SIZE};
+use super::source::pagemaps;
 use crate::error::{Context, Error, Result};
 
 /// The CreateContainer annotation that asks for a lazy restore (`"true"`) or
 /// a full one (`"false"`), whatever the config's `lazy_pages` says.
 pub const ANNOTATION: &str = "io.ckpt-shim.lazy-pages";
-pub const PLAN: &str = "lazy.json";
 
-/// Where a served restore's pages are.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Plan {
-    pub archive: PathBuf,
-    /// Each lazily served `pages-<id>.img`, by id: where it is in the archive.
-    pub pages: BTreeMap<u32, Member>,
-    /// A full restore: the runtime's create returns only once the page source
-    /// has pushed every page, so the memory is all in place when
-    /// StartContainer is answered, as after a restore from copied images.
-    #[serde(default)]
-    pub full: bool,
-}
-
-impl Plan {
-    /// The plan staged in `dir`, if the restore there is a served one.
-    pub fn read(dir: &Path) -> Result<Option<Plan>> {
-        let path = dir.join(PLAN);
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).ctx(|| format!("read {}", path.display())),
-        };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| Error::Other(format!("{PLAN}: {e}")))
-    }
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
-pub struct Member {
-    pub at: u64,
-    pub len: u64,
-}
+// Where the pages are and whether CRIU can be served them are the page
+// source's and the page server's to say; named here too for the restore
+// paths that ask this module.
+pub use super::page_server::criu_supported;
+pub use super::source::{Member, Plan, PLAN};
 
 /// Whether a lazy restore is asked for: the request's annotation, else the config.
 pub fn wanted(annotations: &HashMap<String, String>, config_default: bool) -> bool {
@@ -71,22 +40,6 @@ pub fn wanted(annotations: &HashMap<String, String>, config_default: bool) -> bo
         Some("false") => false,
         _ => config_default,
     }
-}
-
-/// Whether the `criu` on PATH (what runc and the daemon run) speaks the
-/// page-server protocol [`super::page_server`] does; asked once.
-pub fn criu_supported() -> std::result::Result<(), String> {
-    static ANSWER: std::sync::OnceLock<std::result::Result<(), String>> =
-        std::sync::OnceLock::new();
-    ANSWER
-        .get_or_init(|| {
-            let out = std::process::Command::new("criu")
-                .arg("--version")
-                .output()
-                .map_err(|e| format!("run criu --version: {e}"))?;
-            super::page_server::check_criu_version(&String::from_utf8_lossy(&out.stdout))
-        })
-        .clone()
 }
 
 /// Stages `archive` into `dest` (a fresh private dir) for a served restore
@@ -177,26 +130,6 @@ fn check_member(archive: &Path, id: u32, m: Member, pm: &Pagemap, archive_len: u
     Ok(())
 }
 
-/// The process pagemaps in `images` (`pagemap-<pid>.img`), by pid.
-pub fn pagemaps(images: &Path) -> Result<Vec<(u64, Pagemap)>> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(images).ctx(|| format!("list {}", images.display()))? {
-        let e = e.ctx(|| format!("list {}", images.display()))?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        let pid = name
-            .strip_prefix("pagemap-")
-            .and_then(|s| s.strip_suffix(".img"))
-            .and_then(|s| s.parse::<u64>().ok());
-        if let Some(pid) = pid {
-            let bytes = std::fs::read(e.path()).ctx(|| format!("read {name}"))?;
-            let pm = Pagemap::parse(&bytes)
-                .map_err(|err| Error::InvalidArgument(format!("{name}: {err}")))?;
-            out.push((pid, pm));
-        }
-    }
-    Ok(out)
-}
-
 /// Writes `out`: a sparse file as long as the pages image, holding only the
 /// pages the restore reads itself (present, not lazy), read from the archive.
 fn write_resident(archive: &File, m: Member, pm: &Pagemap, out: &Path) -> Result<()> {
@@ -214,112 +147,12 @@ fn write_resident(archive: &File, m: Member, pm: &Pagemap, out: &Path) -> Result
     Ok(())
 }
 
-/// Where the restored processes' lazy pages are: the archive, open, and
-/// each process's pagemap with its pages' offset in the archive.
-pub struct Source {
-    file: File,
-    procs: HashMap<u64, (Pagemap, u64)>,
-}
-
-impl Source {
-    /// From a staged lazy restore (`dir`: holding `lazy.json` and `checkpoint/`).
-    pub fn open(dir: &Path) -> Result<Source> {
-        let plan = Plan::read(dir)?.ok_or_else(|| {
-            Error::Other(format!(
-                "{} is not a served restore (no {PLAN})",
-                dir.display()
-            ))
-        })?;
-        let file = regular_file(&plan.archive)?;
-        // The archive may have changed since it was checked at CreateContainer.
-        let len = file.metadata().ctx(|| "stat the archive".into())?.len();
-        if let Some(m) = plan.pages.values().find(|m| m.at + m.len > len) {
-            return Err(Error::InvalidArgument(format!(
-                "{} no longer holds its pages (cut at {len}, pages end at {})",
-                plan.archive.display(),
-                m.at + m.len
-            )));
-        }
-        let mut procs = HashMap::new();
-        for (pid, pm) in pagemaps(&dir.join("checkpoint"))? {
-            if let Some(m) = plan.pages.get(&pm.pages_id) {
-                procs.insert(pid, (pm, m.at));
-            }
-        }
-        Ok(Source { file, procs })
-    }
-
-    /// Where in the archive process `pid`'s pages from `vaddr` on are, and how
-    /// many (at most `max`) follow there.
-    pub fn find(&self, pid: u64, vaddr: u64, max: u64) -> Option<(u64, u64)> {
-        let (pm, base) = self.procs.get(&pid)?;
-        pm.find(vaddr, max).map(|(off, n)| (base + off, n))
-    }
-
-    pub fn file(&self) -> &File {
-        &self.file
-    }
-
-    /// Process `pid`'s pages the restore leaves to the page source, run by
-    /// run: (address, bytes, offset in the archive).
-    pub fn lazy_runs(&self, pid: u64) -> Vec<(u64, u64, u64)> {
-        let Some((pm, base)) = self.procs.get(&pid) else {
-            return Vec::new();
-        };
-        pm.runs
-            .iter()
-            .filter(|r| r.present() && r.lazy())
-            .map(|r| (r.vaddr, r.nr_pages * PAGE_SIZE, base + r.offset))
-            .collect()
-    }
-
-    /// Where in the archive each process's pages are: (offset, bytes).
-    pub fn extents(&self) -> Vec<(u64, u64)> {
-        self.procs
-            .values()
-            .map(|(pm, base)| (*base, pm.pages_bytes()))
-            .collect()
-    }
-
-    /// How many pages are there to serve, over all processes.
-    pub fn lazy_pages(&self) -> u64 {
-        self.procs
-            .values()
-            .flat_map(|(pm, _)| pm.runs.iter())
-            .filter(|r| r.present() && r.lazy())
-            .map(|r| r.nr_pages)
-            .sum()
-    }
-}
-
-/// A source for page-server tests: process `pid`'s pagemap image `pm`, its
-/// pages image in a file of its own in `dir`, page `i` of it filled with
-/// [`Source::test_byte`]`(i)`.
-#[cfg(test)]
-impl Source {
-    pub fn for_test(dir: &Path, pid: u64, pm: &[u8]) -> Source {
-        let pm = Pagemap::parse(pm).unwrap();
-        let mut pages = Vec::new();
-        for i in 0..pm.pages_bytes() / PAGE_SIZE {
-            pages.extend(std::iter::repeat_n(Self::test_byte(i), PAGE_SIZE as usize));
-        }
-        let path = dir.join(format!("pages-{}.img", pm.pages_id));
-        std::fs::write(&path, pages).unwrap();
-        Source {
-            file: File::open(path).unwrap(),
-            procs: HashMap::from([(pid, (pm, 0))]),
-        }
-    }
-
-    pub fn test_byte(page: u64) -> u8 {
-        (page % 251) as u8 + 1
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::pagemap::{encode, PE_LAZY, PE_PRESENT};
+    use super::super::source::Source;
     use super::*;
+    use std::path::PathBuf;
 
     /// An archive of pid 1's images: 2 resident pages, then 3 lazy ones; each
     /// page filled with its index.

@@ -25,8 +25,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
-use super::lazy::Source;
 use super::page_server;
+use super::source::Source;
 use crate::error::{Context, Error, Result};
 
 /// The daemon's fds in its own table: the page server socket, its status pipe.
@@ -42,7 +42,7 @@ pub struct Options {
 
 /// Runs the page source to its end; `Err` when the pages were not all served.
 pub fn run(o: &Options) -> Result<()> {
-    let full = super::lazy::Plan::read(&o.dir)?.is_some_and(|p| p.full);
+    let full = super::source::Plan::read(&o.dir)?.is_some_and(|p| p.full);
     match full {
         true => push(o),
         false => serve(o),

@@ -28,7 +28,7 @@ use std::os::unix::net::UnixStream;
 use nix::errno::Errno;
 use nix::sys::sendfile::sendfile64;
 
-use super::lazy::Source;
+use super::source::Source;
 
 const PS_IOV_ADD_F: u32 = 6;
 const PS_IOV_GET: u32 = 7;
@@ -173,6 +173,22 @@ fn send_file(sock: &UnixStream, file: &std::fs::File, at: u64, len: u64) -> std:
         }
     }
     Ok(())
+}
+
+/// Whether the `criu` on PATH (what runc and the daemon run) speaks the
+/// page-server protocol this module does; asked once.
+pub fn criu_supported() -> std::result::Result<(), String> {
+    static ANSWER: std::sync::OnceLock<std::result::Result<(), String>> =
+        std::sync::OnceLock::new();
+    ANSWER
+        .get_or_init(|| {
+            let out = std::process::Command::new("criu")
+                .arg("--version")
+                .output()
+                .map_err(|e| format!("run criu --version: {e}"))?;
+            check_criu_version(&String::from_utf8_lossy(&out.stdout))
+        })
+        .clone()
 }
 
 /// The header layout above is CRIU 4.2's; 4.0 and 4.1 had another, and a

@@ -32,8 +32,8 @@ use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::mman::{madvise, mmap, munmap, MapFlags, MmapAdvise, ProtFlags};
 
-use super::lazy::Source;
 use super::pagemap::PAGE_SIZE;
+use super::source::Source;
 use super::spans::Spans;
 use super::uffd::{self, Event};
 use crate::error::{Context, Error, Result};
