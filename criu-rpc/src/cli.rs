@@ -22,7 +22,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::client::{log_tail, LogFile};
-use crate::proto::{CgMode, NetworkLockMethod, Opts, ReqType};
+use crate::proto::{CgMode, ExtMountMap, NetworkLockMethod, Opts, ReqType};
 use crate::swrk::{describe, Proc};
 use crate::{Criu, Error};
 
@@ -226,68 +226,71 @@ pub fn dump_args(opts: &Opts, images: &Path, work: &Path) -> Result<Vec<OsString
         pid.to_string().into(),
         format!("-v{}", opts.log_level()).into(),
     ];
-    let mut pair = |flag: &str, v: OsString| {
-        a.push(flag.into());
-        a.push(v);
-    };
-    if let Some(l) = &opts.log_file {
-        pair("-o", l.into());
+    for (flag, value) in valued(opts).into_iter().chain(repeated(opts)) {
+        a.extend([flag.into(), value]);
     }
-    if let Some(r) = &opts.root {
-        pair("--root", r.into());
-    }
-    if let Some(c) = &opts.freeze_cgroup {
-        pair("--freeze-cgroup", c.into());
-    }
-    if let Some(y) = &opts.cgroup_yard {
-        pair("--cgroup-yard", y.into());
-    }
-    if let Some(t) = opts.timeout {
-        pair("--timeout", t.to_string().into());
-    }
-    if opts.ghost_limit.is_some() {
-        pair("--ghost-limit", opts.ghost_limit().to_string().into());
-    }
-    if let Some(p) = &opts.lsm_profile {
-        pair("--lsm-profile", p.into());
-    }
-    if opts.network_lock.is_some() {
-        let m = match opts.network_lock() {
-            NetworkLockMethod::Iptables => "iptables",
-            NetworkLockMethod::Nftables => "nftables",
-            NetworkLockMethod::Skip => "skip",
-        };
-        pair("--network-lock", m.into());
-    }
-    for m in &opts.ext_mnt {
-        pair("--external", format!("mnt[{}]:{}", m.key, m.val).into());
-    }
-    for e in &opts.external {
-        pair("--external", e.into());
-    }
-    for m in &opts.skip_mnt {
-        pair("--skip-mnt", m.into());
-    }
-    for f in &opts.enable_fs {
-        pair("--enable-fs", f.into());
-    }
-    if opts.manage_cgroups == Some(true) {
-        let mode = match opts.manage_cgroups_mode.map(|_| opts.manage_cgroups_mode()) {
-            None | Some(CgMode::Default) => None,
-            Some(CgMode::Ignore) => Some("ignore"),
-            Some(CgMode::CgNone) => Some("none"),
-            Some(CgMode::Props) => Some("props"),
-            Some(CgMode::Soft) => Some("soft"),
-            Some(CgMode::Full) => Some("full"),
-            Some(CgMode::Strict) => Some("strict"),
-        };
-        a.push(match mode {
-            Some(m) => format!("--manage-cgroups={m}").into(),
-            None => "--manage-cgroups".into(),
-        });
-    }
+    a.extend(manage_cgroups(opts));
     a.extend(switches(opts));
     Ok(a)
+}
+
+/// The options that take one value and are set: each flag with its value.
+fn valued(opts: &Opts) -> Vec<(&'static str, OsString)> {
+    let text = |s: &Option<String>| s.as_ref().map(OsString::from);
+    let network_lock = opts.network_lock.map(|_| match opts.network_lock() {
+        NetworkLockMethod::Iptables => "iptables",
+        NetworkLockMethod::Nftables => "nftables",
+        NetworkLockMethod::Skip => "skip",
+    });
+    [
+        ("-o", text(&opts.log_file)),
+        ("--root", text(&opts.root)),
+        ("--freeze-cgroup", text(&opts.freeze_cgroup)),
+        ("--cgroup-yard", text(&opts.cgroup_yard)),
+        ("--timeout", opts.timeout.map(|t| t.to_string().into())),
+        (
+            "--ghost-limit",
+            opts.ghost_limit.map(|g| g.to_string().into()),
+        ),
+        ("--lsm-profile", text(&opts.lsm_profile)),
+        ("--network-lock", network_lock.map(OsString::from)),
+    ]
+    .into_iter()
+    .filter_map(|(flag, value)| Some((flag, value?)))
+    .collect()
+}
+
+/// The list options: a flag for each entry.
+fn repeated(opts: &Opts) -> impl Iterator<Item = (&'static str, OsString)> + '_ {
+    let mnt = |m: &ExtMountMap| format!("mnt[{}]:{}", m.key, m.val);
+    let ext_mnt = opts
+        .ext_mnt
+        .iter()
+        .map(move |m| ("--external", mnt(m).into()));
+    let external = opts.external.iter().map(|e| ("--external", e.into()));
+    let skip_mnt = opts.skip_mnt.iter().map(|m| ("--skip-mnt", m.into()));
+    let enable_fs = opts.enable_fs.iter().map(|f| ("--enable-fs", f.into()));
+    ext_mnt.chain(external).chain(skip_mnt).chain(enable_fs)
+}
+
+/// `--manage-cgroups`, with its mode unless that is the default, if asked for.
+fn manage_cgroups(opts: &Opts) -> Option<OsString> {
+    if opts.manage_cgroups != Some(true) {
+        return None;
+    }
+    let mode = match opts.manage_cgroups_mode.map(|_| opts.manage_cgroups_mode()) {
+        None | Some(CgMode::Default) => None,
+        Some(CgMode::Ignore) => Some("ignore"),
+        Some(CgMode::CgNone) => Some("none"),
+        Some(CgMode::Props) => Some("props"),
+        Some(CgMode::Soft) => Some("soft"),
+        Some(CgMode::Full) => Some("full"),
+        Some(CgMode::Strict) => Some("strict"),
+    };
+    Some(match mode {
+        Some(m) => format!("--manage-cgroups={m}").into(),
+        None => "--manage-cgroups".into(),
+    })
 }
 
 /// The options the command line cannot carry, refused rather than dropped.

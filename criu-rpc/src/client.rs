@@ -199,64 +199,93 @@ impl Criu {
         let mut refused: Option<(String, String)> = None;
         loop {
             let Some((buf, fd)) = session.sock.recv().await? else {
-                let status = session.proc.exit_status().await;
-                return Err(Error::Crashed {
-                    req: sent,
-                    status,
-                    stderr: session.proc.stderr(),
-                    log_tail: log_tail(&log),
-                });
+                return Err(crashed(sent, &mut session, &log).await);
             };
             let resp = Resp::decode(buf.as_slice())?;
-            if resp.r#type() == ReqType::Notify {
-                let n = resp.notify.unwrap_or_default();
-                let script = n.script.unwrap_or_default();
-                tracing::debug!(%script, pid = ?n.pid, "CRIU notify");
-                let result = handler
-                    .notify(Notify {
-                        script: script.clone(),
-                        pid: n.pid,
-                        fd,
-                    })
-                    .await;
-                let ack = Req {
-                    r#type: ReqType::Notify as i32,
-                    notify_success: Some(result.is_ok()),
-                    ..Default::default()
-                };
-                if let Err(reason) = result {
-                    refused = Some((script, reason));
-                }
-                session.sock.send(&ack.encode_to_vec()).await?;
-                continue;
+            if resp.r#type() != ReqType::Notify {
+                // The final response. CRIU exits by itself now; `session`'s drop
+                // reaps it off this path so the caller can thaw the container
+                // without waiting.
+                return outcome(sent, resp, refused, &log);
             }
-            // The final response. CRIU exits by itself now; `session`'s drop reaps it
-            // off this path so the caller can thaw the container without waiting.
-            if let Some((script, reason)) = refused {
-                return Err(Error::NotifyAborted {
-                    req: sent,
-                    script,
-                    reason,
-                    log_tail: log_tail(&log),
-                });
+            if let Some(refusal) = answer(&session, handler, resp, fd).await? {
+                refused = Some(refusal);
             }
-            if !resp.success {
-                return Err(Error::Failed {
-                    req: sent,
-                    cr_errno: resp.cr_errno.filter(|e| *e != 0),
-                    cr_errmsg: resp.cr_errmsg,
-                    log_tail: log_tail(&log),
-                });
-            }
-            if resp.r#type() != sent {
-                return Err(Error::Protocol {
-                    sent,
-                    got: resp.r#type(),
-                });
-            }
-            return Ok(resp);
         }
     }
+}
+
+/// Answers one NOTIFY through `handler` and acknowledges it (success or
+/// not, as the handler said); the script and the handler's reason if it
+/// refused.
+async fn answer(
+    session: &Session,
+    handler: &mut dyn NotifyHandler,
+    resp: Resp,
+    fd: Option<OwnedFd>,
+) -> Result<Option<(String, String)>, Error> {
+    let n = resp.notify.unwrap_or_default();
+    let script = n.script.unwrap_or_default();
+    tracing::debug!(%script, pid = ?n.pid, "CRIU notify");
+    let result = handler
+        .notify(Notify {
+            script: script.clone(),
+            pid: n.pid,
+            fd,
+        })
+        .await;
+    let ack = Req {
+        r#type: ReqType::Notify as i32,
+        notify_success: Some(result.is_ok()),
+        ..Default::default()
+    };
+    session.sock.send(&ack.encode_to_vec()).await?;
+    Ok(result.err().map(|reason| (script, reason)))
+}
+
+/// CRIU closed the socket before its final response: how it ended, and what
+/// it said.
+async fn crashed(sent: ReqType, session: &mut Session, log: &Option<LogFile>) -> Error {
+    let status = session.proc.exit_status().await;
+    Error::Crashed {
+        req: sent,
+        status,
+        stderr: session.proc.stderr(),
+        log_tail: log_tail(log),
+    }
+}
+
+/// The request's outcome from CRIU's final response: a refused notification
+/// first, then CRIU's own failure, then a response of the wrong type.
+fn outcome(
+    sent: ReqType,
+    resp: Resp,
+    refused: Option<(String, String)>,
+    log: &Option<LogFile>,
+) -> Result<Resp, Error> {
+    if let Some((script, reason)) = refused {
+        return Err(Error::NotifyAborted {
+            req: sent,
+            script,
+            reason,
+            log_tail: log_tail(log),
+        });
+    }
+    if !resp.success {
+        return Err(Error::Failed {
+            req: sent,
+            cr_errno: resp.cr_errno.filter(|e| *e != 0),
+            cr_errmsg: resp.cr_errmsg,
+            log_tail: log_tail(log),
+        });
+    }
+    if resp.r#type() != sent {
+        return Err(Error::Protocol {
+            sent,
+            got: resp.r#type(),
+        });
+    }
+    Ok(resp)
 }
 
 fn simple(t: ReqType) -> Req {
