@@ -214,6 +214,29 @@ impl Stage {
     }
 }
 
+/// A container with a terminal (`tty: true`): the runtime made a pty inside
+/// it, gave the master to its shim outside, and bound the slave on
+/// `/dev/console`. CRIU refuses to dump a pty slave whose master is not in
+/// the tree (`Unable to find a master for /0`, `Found slave peer index 0
+/// without correspond master peer`) unless told its master is held outside
+/// (`orphan_pts_master`), as runc tells it. That option exists only over RPC,
+/// so such a container is dumped over RPC, not streamed. On restore, runc
+/// sets it too: CRIU makes a new pty and hands its master to runc, which
+/// passes it on through the runtime's console socket.
+///
+/// An encrypted checkpoint only streams, so it cannot hold a terminal.
+fn has_terminal(c: &Container, opts: &Options) -> Result<bool> {
+    let terminal = c.spec.process().as_ref().and_then(|p| p.terminal()) == Some(true);
+    if terminal && opts.seal.is_some() {
+        return Err(Error::Sealed(format!(
+            "container {} has a terminal: CRIU dumps one only over RPC, which cannot \
+             stream, and an encrypted checkpoint only streams",
+            c.id
+        )));
+    }
+    Ok(terminal)
+}
+
 /// What CRIU is told, and what the rootfs diff needs.
 struct Prepared {
     criu_opts: criu_rpc::proto::Opts,
@@ -387,6 +410,7 @@ fn setup_blocking(c: &Container, opts: &Options) -> Result<Setup> {
     let deadline = opts
         .deadline
         .unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 86400));
+    let terminal = has_terminal(c, opts)?;
     let target = Target::new(&opts.location)?;
     let stage = Stage::new(&target, opts)?;
     let checkpointed = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
@@ -399,7 +423,7 @@ fn setup_blocking(c: &Container, opts: &Options) -> Result<Setup> {
         stage.path(),
         &head,
         &descriptors,
-        (opts.stream, hold),
+        (opts.stream && !terminal, hold),
         sealer.clone(),
         opts.freeze_journal.as_deref(),
     )?;
@@ -411,6 +435,7 @@ fn setup_blocking(c: &Container, opts: &Options) -> Result<Setup> {
     }
     let mut p = prepare(c, &stage, deadline, &opts.settings)?;
     p.criu_opts.log_file = Some(stage.log().0.to_string_lossy().into_owned());
+    p.criu_opts.orphan_pts_master = Some(terminal);
     let mut ph = Phases {
         at,
         list: Vec::new(),

@@ -70,11 +70,7 @@ pub fn request(original: &[u8], ckpt: &Checkpoint, image: &str, source: &str) ->
         .ok_or_else(|| {
             Error::InvalidArgument("the checkpoint's spec.dump has no process".into())
         })?;
-    if process.terminal().unwrap_or(false) {
-        return Err(Error::InvalidArgument(
-            "the checkpointed container had a terminal; restoring one is not supported".into(),
-        ));
-    }
+    terminal_matches(process.terminal() == Some(true), config.tty)?;
     let sources = mount_sources(ckpt, &config)?;
 
     let mut outer = Fields::parse(original).map_err(|e| bad(&e))?;
@@ -118,6 +114,27 @@ pub fn request(original: &[u8], ckpt: &Checkpoint, image: &str, source: &str) ->
         request: outer.encode(),
         sources,
     })
+}
+
+/// A container that had a terminal comes back on a new one: CRIU makes the
+/// pty and hands its master to runc, which passes it to the runtime through
+/// the console socket the runtime gives it only for a config that asks for
+/// a terminal (`tty`). Without one, CRIU aborts at StartContainer (`Don't
+/// have tty to inherit session from`); given one for a checkpoint without a
+/// terminal, the runtime waits for a console that never comes. So the
+/// request must ask for a terminal exactly when the checkpoint had one.
+fn terminal_matches(had: bool, asked: bool) -> Result<()> {
+    match (had, asked) {
+        (true, false) => Err(Error::InvalidArgument(
+            "the checkpointed container had a terminal: restore it with tty (and stdin, \
+             to attach to it), so that the runtime gives it a new one"
+                .into(),
+        )),
+        (false, true) => Err(Error::InvalidArgument(
+            "the checkpointed container had no terminal: restore it without tty".into(),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Checks that the request declares every bind mount the checkpoint had, and
@@ -287,6 +304,25 @@ mod tests {
         assert_eq!(out.sources, [(new_src.clone(), SourceKind::File)]);
         create_sources(&out.sources).unwrap();
         assert!(new_src.is_file());
+
+        // A terminal is asked for exactly when the checkpoint had one.
+        let mut tty = req.clone();
+        tty.config.as_mut().unwrap().tty = true;
+        let err = request(&tty.encode_to_vec(), &ckpt, "i", "/c.tar").unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidArgument(ref m) if m.contains("had no terminal")),
+            "{err}"
+        );
+        let mut had = checkpoint(serde_json::json!([bind("/etc/app.conf", "/old/cfg")]));
+        let mut spec = serde_json::to_value(&had.spec).unwrap();
+        spec["process"]["terminal"] = true.into();
+        had.spec = serde_json::from_value(spec).unwrap();
+        let err = request(&wire, &had, "i", "/c.tar").unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidArgument(ref m) if m.contains("had a terminal")),
+            "{err}"
+        );
+        assert!(request(&tty.encode_to_vec(), &had, "i", "/c.tar").is_ok());
 
         // A bind mount the request leaves out is refused, by name.
         let mut undeclared = req.clone();
