@@ -487,7 +487,8 @@ impl Setup {
         } = self;
         expire_check(w.deadline, cancelled, "dump")?;
         let journal = w.opts.freeze_journal.clone();
-        let mut freeze = FreezeAt::new(p.freezer.clone(), &w.c.id, w.deadline, journal);
+        let root = (w.c.id.as_str(), w.c.pid);
+        let mut freeze = FreezeAt::new(p.freezer.clone(), root, w.deadline, journal);
         if let Some(watch) = criu {
             freeze = freeze.with_criu(watch);
         }
@@ -594,6 +595,10 @@ async fn dump_frozen(
         .dump(&opts.criu, p.criu_opts, staging, &wait, cancelled)
         .await;
     let thawed = freeze.finish();
+    if let Some(e) = freeze.refusal() {
+        // What CRIU reports is only that its pre-dump was refused.
+        return Err(e);
+    }
     let dumped = dumped.map_err(|e| out_of_space(e, staging))?;
     let (frozen, was_paused) = thawed?;
     let diff_task = diff_task.lock().unwrap_or_else(|p| p.into_inner()).take();

@@ -150,6 +150,8 @@ impl Freezer {
 pub struct FreezeAt {
     freezer: Freezer,
     id: String,
+    /// The container's init: the root of the tree CRIU dumps.
+    root: i32,
     deadline: Instant,
     journal_dir: Option<PathBuf>,
     criu: CriuWatch,
@@ -159,18 +161,23 @@ pub struct FreezeAt {
     on_frozen: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     /// A pod's cut: wait there for the whole pod to be frozen.
     gate: Option<Gate>,
+    /// Why the freeze refused the dump, for the caller: CRIU only learns
+    /// that its `pre-dump` failed.
+    refused: Mutex<Option<Error>>,
 }
 
 impl FreezeAt {
+    /// The freeze of `freezer` for a dump of the tree under `root`.
     pub fn new(
         freezer: Freezer,
-        id: &str,
+        (id, root): (&str, i32),
         deadline: Instant,
         journal_dir: Option<PathBuf>,
     ) -> FreezeAt {
         FreezeAt {
             freezer,
             id: id.to_string(),
+            root,
             deadline,
             journal_dir,
             criu: Default::default(),
@@ -178,6 +185,7 @@ impl FreezeAt {
             finished: Mutex::new(None),
             on_frozen: Mutex::new(None),
             gate: None,
+            refused: Mutex::new(None),
         }
     }
 
@@ -228,11 +236,28 @@ impl FreezeAt {
             .freezer
             .freeze(&self.id, self.deadline, journal, self.criu.clone())
             .await?;
+        // Frozen, no process forks or exits: the tree holds still.
+        let outside = outside_tree(&self.freezer, self.root)?;
+        if !outside.is_empty() {
+            // Thawed by the guard; CRIU, its pre-dump refused, lets go.
+            drop(guard);
+            let left_out = || Error::LeftOut {
+                id: self.id.clone(),
+                processes: describe(&outside),
+            };
+            *lock(&self.refused) = Some(left_out());
+            return Err(left_out());
+        }
         *lock(&self.guard) = Some(guard);
         if let Some(f) = lock(&self.on_frozen).take() {
             f();
         }
         Ok(())
+    }
+
+    /// Why [`freeze`](Self::freeze) refused the dump, if it did (once).
+    pub fn refusal(&self) -> Option<Error> {
+        lock(&self.refused).take()
     }
 
     pub fn is_frozen(&self) -> bool {
@@ -485,6 +510,84 @@ fn wait_exit(pidfd: &OwnedFd, timeout: Duration) {
     };
     // SAFETY: one valid pollfd; a pidfd polls readable when the process exits.
     unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) };
+}
+
+/// The processes in `freezer`'s cgroup, or one below it, outside the tree
+/// of `root`: (pid, comm). CRIU dumps the tree under the container's init,
+/// so these would silently be left out of the checkpoint. In a pod that
+/// shares one PID namespace, a process that daemonizes is reparented to the
+/// pod's init (its pause), out of that tree, while it stays in the
+/// container's cgroup; a process that `exec` started is the runtime's
+/// child. Read while frozen, so that nothing forks or exits meanwhile.
+pub fn outside_tree(freezer: &Freezer, root: i32) -> Result<Vec<(i32, String)>> {
+    let tree = tree_of(root);
+    let mut procs = Vec::new();
+    cgroup_procs(freezer.path(), &mut procs)?;
+    procs.sort_unstable();
+    procs.dedup();
+    Ok(procs
+        .into_iter()
+        .filter(|p| !tree.contains(p) && crate::locate::process_alive(*p))
+        .map(|p| (p, comm(p)))
+        .collect())
+}
+
+/// `root` and its descendants, through every thread's `children`, as CRIU
+/// walks them.
+fn tree_of(root: i32) -> std::collections::HashSet<i32> {
+    let mut tree = std::collections::HashSet::from([root]);
+    let mut todo = vec![root];
+    while let Some(pid) = todo.pop() {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter();
+        for t in tasks.flatten().flatten() {
+            let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+                if tree.insert(child) {
+                    todo.push(child);
+                }
+            }
+        }
+    }
+    tree
+}
+
+/// Every pid in `dir`'s `cgroup.procs` and in those of the cgroups below it.
+fn cgroup_procs(dir: &Path, out: &mut Vec<i32>) -> Result<()> {
+    let procs = read_trim(&dir.join("cgroup.procs"))?;
+    out.extend(procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+    for e in std::fs::read_dir(dir).ctx(|| format!("list {}", dir.display()))? {
+        let e = e.ctx(|| format!("list {}", dir.display()))?;
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            cgroup_procs(&e.path(), out)?;
+        }
+    }
+    Ok(())
+}
+
+/// Its command name, and its pid in its own PID namespace where that differs.
+fn comm(pid: i32) -> String {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim().to_string())
+        .unwrap_or_else(|_| "?".into());
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let inner = status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .and_then(|l| l.split_whitespace().last())
+        .filter(|p| *p != pid.to_string());
+    match inner {
+        Some(p) => format!("{comm}, pid {p} in the container"),
+        None => comm,
+    }
+}
+
+/// "pid 4711 (httpd, pid 9 in the container), pid 4712 (nc, …)".
+fn describe(procs: &[(i32, String)]) -> String {
+    let each: Vec<String> = procs
+        .iter()
+        .map(|(pid, comm)| format!("pid {pid} ({comm})"))
+        .collect();
+    each.join(", ")
 }
 
 fn join_cgroup(mount_point: &Path, mount_root: &str, path: &str) -> PathBuf {
