@@ -2,7 +2,7 @@
 //! one (uncompressed) layer, a config, and a manifest carrying the checkpoint
 //! annotations.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -96,9 +96,25 @@ pub fn build(archive: &Path) -> Result<Built> {
     })
 }
 
-/// The annotations CRI-O, checkpointctl and podman set on a checkpoint image.
+/// The annotations CRI-O, checkpointctl and podman set on a checkpoint image:
+/// the container's, its base image's and the checkpoint's own, each set only
+/// if known and not empty.
 fn annotations(c: &Checkpoint) -> BTreeMap<String, String> {
     let spec_ann = c.spec.annotations().clone().unwrap_or_default();
+    container(c, &spec_ann)
+        .into_iter()
+        .chain(base_image(c))
+        .chain(checkpoint(c))
+        .filter_map(|(k, v)| Some((k, v.filter(|v| !v.is_empty())?)))
+        .collect()
+}
+
+/// Annotations by name, each with its value if known.
+type Entries = Vec<(String, Option<String>)>;
+
+/// The container: its name (under CRI-O's key and CRIU's), ID, engine and
+/// runtime, and its pod, from the spec's annotations and `config.dump`.
+fn container(c: &Checkpoint, spec_ann: &HashMap<String, String>) -> Entries {
     let ann = |keys: &[&str]| keys.iter().find_map(|k| spec_ann.get(*k).cloned());
     let name = ann(&[
         "io.kubernetes.cri.container-name",
@@ -112,62 +128,60 @@ fn annotations(c: &Checkpoint) -> BTreeMap<String, String> {
             .unwrap_or_default()
             .to_string()
     });
+    let pod_name = ann(&["io.kubernetes.cri.sandbox-name", "io.kubernetes.pod.name"]);
+    let pod_namespace = ann(&[
+        "io.kubernetes.cri.sandbox-namespace",
+        "io.kubernetes.pod.namespace",
+    ]);
+    let engine = crate::inspect::engine_of(spec_ann);
+    vec![
+        (super::CRIO_NAME.into(), Some(name.clone())),
+        (super::CRIU_NAME.into(), Some(name)),
+        (criu_key("container.id"), Some(c.config.id.clone())),
+        (criu_key("engine.name"), Some(engine.into())),
+        (criu_key("runtime.name"), Some(c.config.runtime.clone())),
+        (criu_key("pod.name"), pod_name),
+        (criu_key("pod.namespace"), pod_namespace),
+    ]
+}
+
+/// The image the container ran (under CRIU's keys and CRI-O's), and the name
+/// it was asked for by.
+fn base_image(c: &Checkpoint) -> Entries {
     let (image_ref, image_name) = c.base_image();
-    let mut a = BTreeMap::new();
-    let mut put = |k: &str, v: Option<String>| {
-        if let Some(v) = v.filter(|v| !v.is_empty()) {
-            a.insert(k.to_string(), v);
-        }
-    };
-    put(super::CRIO_NAME, Some(name.clone()));
-    put(super::CRIU_NAME, Some(name));
-    put(
-        "org.criu.checkpoint.container.id",
-        Some(c.config.id.clone()),
-    );
-    put(
-        "org.criu.checkpoint.engine.name",
-        Some(crate::inspect::engine_of(&spec_ann).into()),
-    );
-    put(
-        "org.criu.checkpoint.runtime.name",
-        Some(c.config.runtime.clone()),
-    );
-    put(
-        "org.criu.checkpoint.pod.name",
-        ann(&["io.kubernetes.cri.sandbox-name", "io.kubernetes.pod.name"]),
-    );
-    put(
-        "org.criu.checkpoint.pod.namespace",
-        ann(&[
-            "io.kubernetes.cri.sandbox-namespace",
-            "io.kubernetes.pod.namespace",
-        ]),
-    );
+    let mut out = Entries::new();
     for (k, v) in [
         ("rootfsImageName", image_name),
         ("rootfsImageID", image_ref),
     ] {
-        put(&format!("org.criu.checkpoint.{k}"), v.map(String::from));
-        put(
-            &format!("io.kubernetes.cri-o.annotations.checkpoint.{k}"),
-            v.map(String::from),
-        );
+        out.push((criu_key(k), v.map(String::from)));
+        out.push((crio_key(k), v.map(String::from)));
     }
-    put(
-        "org.criu.checkpoint.rootfsImageUserRequested",
+    out.push((
+        criu_key("rootfsImageUserRequested"),
         c.config.rootfs_image.clone(),
-    );
-    if c.sealed.is_some() {
-        put("io.ckpt-shim.checkpoint.encrypted", Some("age".into()));
-    }
+    ));
+    out
+}
+
+/// The checkpoint itself: sealed or not, and the CRIU that wrote it (under
+/// both keys).
+fn checkpoint(c: &Checkpoint) -> Entries {
+    let sealed = c.sealed.as_ref().map(|_| "age".to_string());
     let criu = criu_version();
-    put("org.criu.checkpoint.criu.version", criu.clone());
-    put(
-        "io.kubernetes.cri-o.annotations.checkpoint.criu.version",
-        criu,
-    );
-    a
+    vec![
+        ("io.ckpt-shim.checkpoint.encrypted".into(), sealed),
+        (criu_key("criu.version"), criu.clone()),
+        (crio_key("criu.version"), criu),
+    ]
+}
+
+fn criu_key(k: &str) -> String {
+    format!("org.criu.checkpoint.{k}")
+}
+
+fn crio_key(k: &str) -> String {
+    format!("io.kubernetes.cri-o.annotations.checkpoint.{k}")
 }
 
 /// This node's CRIU version, as `criu --version` says it.
