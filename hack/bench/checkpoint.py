@@ -17,7 +17,7 @@ each round runs, in an order that rotates from round to round:
   A-nf    auto (the default), --no-fsync
   A-cli   auto, the archive fdatasync'd
   A-nf-wt, A-cli-wt  the same two written through (`--hold-pages 0`)
-  A-enc, A-enc-wt  --no-fsync, encrypted to an age key (hack/bench's own), auto and
+  A-enc, A-enc-wt  --no-fsync, encrypted to an age key (the benchmark's own), auto and
           written through
   A-stg, A-stg-nf, A-stg-nf-wt  dumping into staging first (--no-stream): auto with
           and without fsync, and written through without
@@ -63,17 +63,7 @@ import tarfile
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHIM = os.path.join(ROOT, "target/release/ckpt-shim")
-CRICTL = os.path.join(ROOT, "target/release/examples/cri-ctl")
-SLOWFS = os.path.join(ROOT, "target/release/examples/slowfs")
-
-
-def sh(cmd, check=True, **kw):
-    r = subprocess.run(cmd, shell=isinstance(cmd, str), capture_output=True, text=True, **kw)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"{cmd}: {r.stderr.strip()}")
-    return r.stdout
+from common import CRICTL, ROOT, SHIM, SLOWFS, read, sh
 
 
 # --- CRIU's stats-dump: two magics, a length, then a protobuf StatsEntry ---
@@ -121,14 +111,6 @@ def stats_in_tar(path):
         return None
 
 
-def read(path):
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError:
-        return None
-
-
 # The serve shims, one per CRI variant: name -> its config file.
 SHIMS = {
     "A": "durable = false\n",
@@ -159,8 +141,11 @@ def last_logged(log, key):
 
 
 class Bench:
-    def __init__(self, work, sizes, rounds, only=None, slow_mb=50, skip=()):
+    shim_configs = SHIMS  # the serve shims setup() starts: name -> config
+
+    def __init__(self, work, sizes, rounds, only=None, slow_mb=50, skip=(), probe_secs=None):
         self.w, self.sizes, self.rounds, self.only, self.skip = work, sizes, rounds, only, set(skip)
+        self.probe_time = probe_secs
         self.slow_mb, self.slowfs = slow_mb, None
         self.results = {}  # (size, variant) -> list of dicts
         self.n = 0
@@ -181,13 +166,16 @@ class Bench:
                    CKPT_SHIM_RESTORE_DIR=self.restore_dir)
         sh(["bash", f"{ROOT}/hack/build-image.sh", f"{self.w}/image"])
         sh(["bash", f"{ROOT}/hack/containerd.sh", "start", f"{self.w}/ctrd"], env=env)
-        for name, toml in SHIMS.items():
+        for name, toml in self.shim_configs.items():
             self.start_shim(name, toml)
         sh(self.podman + ["load", "-q", "-i", f"{self.w}/images/counter-oci.tar"])
-        if not self.only or any(v.endswith("-slow") for v in self.only):
+        if self.wants_slowfs():
             self.mount_slowfs()
         sh(["age-keygen", "-o", f"{self.w}/bench.key"])
         self.recipient = re.search(r"public key: (age1\w+)", open(f"{self.w}/bench.key").read()).group(1)
+
+    def wants_slowfs(self):
+        return not self.only or any(v.endswith("-slow") for v in self.only)
 
     def start_shim(self, name, toml):
         """A `ckpt-shim serve` in front of the same containerd, with its own config,
@@ -297,7 +285,8 @@ class Bench:
 
     # --- the pause, seen from inside the container ---
     def probe_secs(self, mib):
-        return 3 + mib / 256
+        """How long the probe spins: it must outlast the checkpoint."""
+        return self.probe_time or 3 + mib / 256
 
     def probe(self, kind, mib):
         """Starts the probe in the container `kind` runs; returns a function that
@@ -563,7 +552,7 @@ class Bench:
         lines += ["", "| serve shim | config | VmRSS idle, before any checkpoint, MiB | peak VmHWM of any checkpoint, MiB | VmRSS after its last checkpoint, MiB |", "|---|---|---|---|---|"]
         for name, s in self.shims.items():
             now = proc_status(s["proc"].pid, "VmRSS") if s["proc"].poll() is None else None
-            lines.append(f"| {name} | `{SHIMS[name].strip().replace(chr(10), '; ') or '(defaults)'}` | {mb(s['idle'])} | {mb(s['peak'] or None)} | {mb(now)} |")
+            lines.append(f"| {name} | `{self.shim_configs[name].strip().replace(chr(10), '; ') or '(defaults)'}` | {mb(s['idle'])} | {mb(s['peak'] or None)} | {mb(now)} |")
         return "\n".join(lines)
 
 
@@ -576,9 +565,11 @@ def main():
     ap.add_argument("--only", help="run just these variants, comma-separated (e.g. A,A-wt,B)")
     ap.add_argument("--skip", default="", help="leave out these runs, comma-separated SIZE:VARIANT (e.g. 2048:C,2048:D)")
     ap.add_argument("--slow-mb", type=float, default=50, help="write rate of the slow disk (the -slow variants), MB/s")
+    ap.add_argument("--probe-secs", type=float, help="how long the pause probe spins around each checkpoint "
+                    "[default: 3 s + 1 s per 256 MiB]; it must outlast the checkpoint")
     a = ap.parse_args()
     b = Bench(a.work, [int(s) for s in a.sizes.split(",")], a.rounds, a.only.split(",") if a.only else None, a.slow_mb,
-              [s for s in a.skip.split(",") if s])
+              [s for s in a.skip.split(",") if s], a.probe_secs)
     def progress():
         if a.out:
             open(a.out, "w").write(b.report() + "\n")

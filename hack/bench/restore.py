@@ -37,40 +37,38 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import CRICTL, SHIM, Bench, read, sh  # noqa: E402
-
-
-def text(path):
-    """A log's text, without the colours a tracing log may carry."""
-    return re.sub(r"\x1b\[[0-9;]*m", "", (read(path) or b"").decode(errors="replace"))
+from checkpoint import Bench
+from common import CRICTL, SHIM, sh, text
 
 
 def detached(cmd, stdout=None):
     """Runs `cmd` to its exit without holding pipes a restored process inherits."""
     with open(stdout or os.devnull, "w") as f:
-        subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, check=True)
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        raise RuntimeError(f"{cmd}: exit status {r.returncode}: {text(stdout).strip() if stdout else ''}")
 
 
 class RestoreBench(Bench):
-    def setup(self):
-        super().setup()
-        # A third shim in front of the same containerd, restoring lazily.
-        self.extra, self.sock_lazy = {}, f"{self.w}/shim-l/ckpt-shim.sock"
-        open(f"{self.w}/shim-l.toml", "w").write("durable = false\nlazy_pages = true\n")
-        self.shim_l = subprocess.Popen([SHIM, "serve", "--listen", self.sock_lazy, "--upstream", f"unix://{self.w}/ctrd/containerd.sock",
-                                        "--config", f"{self.w}/shim-l.toml", "--restore-dir", self.restore_dir],
-                                       stdout=subprocess.DEVNULL, stderr=open(f"{self.w}/shim-l.log", "w"))
-        for _ in range(200):
-            if os.path.exists(self.sock_lazy):
-                break
-            time.sleep(0.05)
+    # Two serve shims in front of the same containerd: A restores in full (the
+    # default), L lazily. A also takes the checkpoints and runs the counters.
+    shim_configs = {"A": "durable = false\n", "L": "durable = false\nlazy_pages = true\n"}
+    probed = False  # the counter alone: no pause is measured here
 
-    def teardown(self):
-        if getattr(self, "shim_l", None):
-            self.shim_l.terminate()
-            self.shim_l.wait()
-        super().teardown()
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.extra = {}
+
+    def wants_slowfs(self):
+        return False
+
+    @property
+    def sock(self):
+        return self.shims["A"]["sock"]
+
+    @property
+    def sock_lazy(self):
+        return self.shims["L"]["sock"]
 
     def prepare(self, mib):
         """Checkpoints of the kinds the variants run restore, taken once per size."""
@@ -148,7 +146,8 @@ class RestoreBench(Bench):
 
     def run_CRI(self, mib, image=None, sock=None, v="CRI"):
         image = image or f"{self.w}/ck-{mib}/cri.tar"
-        shim, log = (self.shim_l, "shim-l.log") if sock == self.sock_lazy else (self.shim, "shim.log")
+        s = self.shims["L" if sock == self.sock_lazy else "A"]
+        shim = s["proc"]
         if os.path.exists(image):
             self.warm(v, [image])
         before = self.written(shim)
@@ -156,8 +155,8 @@ class RestoreBench(Bench):
         self.n += 1
         self.cleanups.append(lambda: sh([CRICTL, self.sock, "rm-pod", pod], check=False))
         self.last_cid = cid
-        self.breakdown(mib, v, f"{self.w}/{log}", cid)
-        if v == "CRI":
+        self.breakdown(mib, v, s["log"], cid)
+        if v in ("CRI", "IMG"):
             self.verify(cid, time.time() + 120)
         # Pages still being pushed (lazy) are no part of the restore's own writes; the
         # page source writes nothing but its logs.
@@ -179,7 +178,7 @@ class RestoreBench(Bench):
         return wall
 
     def run_IMG(self, mib):
-        return self.run_CRI(mib, f"localhost/ckpt-bench-{mib}:1")
+        return self.run_CRI(mib, f"localhost/ckpt-bench-{mib}:1", v="IMG")
 
     def run_R(self, mib):
         name = f"rr-{mib}-{self.n}"
@@ -201,6 +200,9 @@ class RestoreBench(Bench):
         name = f"rs-{mib}-{self.n}"
         self.n += 1
         b = self.overlay(name)
+        # The runc container's own spec: the restore is held to it.
+        cfg = open(self.spec).read().replace(f"/ckpt-shim-bench/runc-{mib}", f"/ckpt-shim-bench/{name}")
+        open(f"{b}/config.json", "w").write(cfg)
         # The restored process keeps the command's stdio: a file, not a pipe we wait on.
         out = f"{b}.out"
         t = time.monotonic()
@@ -277,18 +279,17 @@ def main():
         sh(f"truncate -s {max(8, 4 * max(int(x) for x in a.sizes.split(',')) // 1024 + 6)}G {img} && "
            f"mkfs.xfs -q -f -m reflink=1 {img} && mount -o loop {img} {a.work}")
     b = RestoreBench(a.work, [int(s) for s in a.sizes.split(",")], a.rounds, a.only.split(",") if a.only else None)
-    b.rss = 0
     try:
         b.setup()
         b.run()
-        text = b.report()
+        out = b.report()
     finally:
         for c in getattr(b, "cleanups", []):
             c()
         b.teardown()
         if a.xfs:
             sh(f"umount {a.work}; rm -f {a.work}.xfs.img; rmdir {a.work}", check=False)
-    print(text)
+    print(out)
 
 
 if __name__ == "__main__":

@@ -26,18 +26,9 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHIM = f"{ROOT}/target/release/ckpt-shim"
-CRICTL = f"{ROOT}/target/release/examples/cri-ctl"
-PROXY_BENCH = f"{ROOT}/target/release/examples/proxy-bench"
+from common import CRICTL, PROXY_BENCH, ROOT, SHIM, TARGET, sh
+
 PYTHON = "/var/cache/ckpt-shim/venv/bin/python3"
-
-
-def sh(cmd, **kw):
-    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    if r.returncode != 0:
-        raise RuntimeError(f"{cmd}: {r.stderr.strip()}")
-    return r.stdout
 
 
 def cpu_seconds(pid):
@@ -72,7 +63,8 @@ def run_client(cmd, shim_pid, calls_per_run=None):
 
 def go_client(work):
     out = f"{work}/go-cri"
-    env = dict(os.environ, GO111MODULE="off", GOPATH="/usr/share/gocode", GOCACHE=f"{work}/go-cache")
+    # The build cache the tests use too (tests/common: go_client), kept between runs.
+    env = dict(os.environ, GO111MODULE="off", GOPATH="/usr/share/gocode", GOCACHE=f"{TARGET}/tmp/go-cache")
     sh(["go", "build", "-o", out, "."], cwd=f"{ROOT}/hack/go-cri", env=env)
     return out
 

@@ -5,7 +5,8 @@ A counter touching MIB MiB of incompressible memory is checkpointed through CRI
 and imported into containerd as a checkpoint image (`ckpt-shim image --import`).
 Each round then runs, in an order that rotates from round to round:
   FULL-1  one restore of the image through CRI (CreateContainer + StartContainer
-          in a new pod), pages copied out of the layer into the restore dir
+          in a new pod), every page put in from the layer's blob before
+          StartContainer answers
   FULL-N  N restores of it: N pods made first (untimed), then every pod's
           CreateContainer + StartContainer at once (`cri-ctl restore-n`),
           timed until the last StartContainer is answered
@@ -38,9 +39,8 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import CRICTL, SHIM, sh  # noqa: E402
-from bench_restore import RestoreBench, text  # noqa: E402
+from common import CRICTL, SHIM, sh, text
+from restore import RestoreBench
 
 MIB = 1 << 20
 
@@ -105,7 +105,7 @@ class ScaleBench(RestoreBench):
 
     def one(self, variant):
         lazy, n = variant.startswith("LAZY"), (1 if variant.endswith("-1") else self.scale)
-        sock, proc = (self.sock_lazy, self.shim_l) if lazy else (self.sock, self.shim)
+        sock, proc = (self.sock_lazy, self.shims["L"]["proc"]) if lazy else (self.sock, self.shims["A"]["proc"])
         sh("sync; echo 1 > /proc/sys/vm/drop_caches")
         r0, w0, s0 = *self.device_stat(), self.shim_written(proc)
         out = sh([CRICTL, sock, "restore-n", f"s{self.n}", str(n), "localhost/ckpt-scale:1"])
@@ -178,7 +178,6 @@ def main():
     mkfs = "mkfs.xfs -q -f -m reflink=1" if a.xfs else "mkfs.ext4 -q -F"
     sh(f"truncate -s {(a.scale + 4) * a.mib // 1024 + 8}G {img} && {mkfs} {img} && mount -o loop {img} {a.work}")
     b = ScaleBench(a.work, a.mib, a.scale, a.rounds, a.only.split(",") if a.only else None)
-    b.rss = 0
     try:
         b.setup()
         b.run()

@@ -18,7 +18,8 @@ start and end. A variant's pod pause is the longest gap any container saw during
 the call; `one` is the median of the containers' own gaps in SEQ (one container
 checkpointed alone). Totals are the wall time of the call(s). One shim, default
 settings, in front of a private containerd whose runc is ckpt-runc.
-  sudo hack/bench pods [--pods 2,4] [--mib 64] [--rounds 3]
+Prints a markdown table.
+  sudo hack/bench/run pods [--pods 2,4] [--mib 64] [--rounds 3]
 """
 import argparse
 import json
@@ -29,23 +30,8 @@ import subprocess
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHIM = os.path.join(ROOT, "target/release/ckpt-shim")
-CTL = os.path.join(ROOT, "target/release/examples/cri-ctl")
-
-
-def sh(cmd, check=True, **kw):
-    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"{cmd}: {r.stderr.strip()}")
-    return r.stdout
-
-
-def crictl_path():
-    for p in (os.path.join(ROOT, "../shared/bin/crictl"), shutil.which("crictl")):
-        if p and os.access(p, os.X_OK):
-            return p
-    raise SystemExit("crictl is needed to make the pods (../shared/bin/crictl or on PATH)")
+from common import CRICTL as CTL
+from common import ROOT, SHIM, crictl_path, sh
 
 
 class Bench:
@@ -221,11 +207,12 @@ def main():
     finally:
         b.teardown()
         shutil.rmtree(work, ignore_errors=True)
-    print(f"\n{a.mib} MiB per container, {a.rounds} rounds, medians (ms); pause = longest gap any container saw, from inside")
-    print(f"{'pod':>3}  {'variant':<7} {'pause':>8} {'x one':>6} {'total':>8} {'restore→running':>16}")
+    print(f"{a.mib} MiB per container, {a.rounds} rounds, medians; pause: the longest gap any container saw, from inside\n")
+    print("| pod | variant | pause ms | × one | total ms | restore → running ms |")
+    print("|---|---|---|---|---|---|")
+    fmt = lambda x: "" if x is None else f"{x:.0f}"
     for n, v, pause, ratio, total, restore in rows:
-        fmt = lambda x: f"{x:8.1f}" if x is not None else f"{'':>8}"
-        print(f"{n:>3}  {v:<7} {fmt(pause)} {ratio:6.2f} {fmt(total)} {fmt(restore) if restore else '':>16}")
+        print(f"| {n} | {v} | {fmt(pause)} | {ratio:.2f} | {fmt(total)} | {fmt(restore)} |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,51 @@
+"""What every benchmark of hack/bench/ shares: where the repository and the
+binaries are, and running a command.
+
+The binaries are the release build (`hack/bench/run` builds them) unless
+CKPT_BENCH_PROFILE names another cargo profile (`dev`: target/debug, as
+tests/bench_smoke.rs runs them); CARGO_TARGET_DIR is honoured as cargo does.
+"""
+import os
+import re
+import shutil
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PROFILE = os.environ.get("CKPT_BENCH_PROFILE") or "release"
+TARGET = os.path.join(ROOT, os.environ.get("CARGO_TARGET_DIR") or "target")
+OUT = os.path.join(TARGET, "debug" if PROFILE == "dev" else PROFILE)
+SHIM = os.path.join(OUT, "ckpt-shim")
+CRICTL = os.path.join(OUT, "examples/cri-ctl")  # hack/cri-ctl.rs, not cri-tools' crictl
+SLOWFS = os.path.join(OUT, "examples/slowfs")
+PROXY_BENCH = os.path.join(OUT, "examples/proxy-bench")
+
+
+def sh(cmd, check=True, **kw):
+    """Runs `cmd` (a list, or a string for the shell); its stdout. Raises with its
+    stderr if it fails and `check`."""
+    r = subprocess.run(cmd, shell=isinstance(cmd, str), capture_output=True, text=True, **kw)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{cmd}: {r.stderr.strip()}")
+    return r.stdout
+
+
+def read(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def text(path):
+    """A log's text, without the colours a tracing log may carry."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", (read(path) or b"").decode(errors="replace"))
+
+
+def crictl_path():
+    """cri-tools' crictl: on PATH, else ../shared/bin/crictl beside the repository."""
+    for p in (shutil.which("crictl"), os.path.join(ROOT, "../shared/bin/crictl")):
+        if p and os.access(p, os.X_OK):
+            return p
+    raise SystemExit("crictl (cri-tools 1.34) is needed: put it on PATH or in ../shared/bin beside the repository "
+                     "(https://github.com/kubernetes-sigs/cri-tools/releases)")
