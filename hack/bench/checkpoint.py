@@ -36,8 +36,10 @@ each round runs, in an order that rotates from round to round:
 
 Every run records:
   - the pause as the application sees it: a probe inside the container
-    (hack/workloads/pauseprobe.c) spins on CLOCK_MONOTONIC across the checkpoint
-    and reports its longest gap; beside it the tool's own frozen figure and CRIU's;
+    (hack/workloads/pauseprobe.c, started by the container's init, so that it is
+    in the tree that is dumped) spins on CLOCK_MONOTONIC across the checkpoint
+    (--probe-secs) and reports its longest gap; beside it the tool's own frozen
+    figure and CRIU's;
   - the total wall time (durable variants of B, C and D add the `sync` that makes
     their output durable; A-d, A-wt-d, A-cli, A-cli-wt, A-stg include their fdatasync);
   - the shim's bytes held and written while frozen (the CLI's status line, the
@@ -52,6 +54,7 @@ runs, outside the timing. The tables are rewritten to --out after each size, so 
 interrupted run leaves what it measured. Not a test: it asserts nothing.
 """
 import argparse
+import errno
 import json
 import os
 import re
@@ -63,7 +66,7 @@ import tarfile
 import tempfile
 import time
 
-from common import CRICTL, ROOT, SHIM, SLOWFS, read, sh
+from common import CRICTL, ROOT, SHIM, SLOWFS, crictl_path, read, sh
 
 
 # --- CRIU's stats-dump: two magics, a length, then a protobuf StatsEntry ---
@@ -138,6 +141,23 @@ def last_logged(log, key):
     text = re.sub(r"\x1b\[[0-9;]*m", "", open(log).read())
     line = [l for l in text.splitlines() if "checkpointed" in l and f"{key}=" in l][-1]
     return float(re.search(rf"\b{key}=([0-9.]+)", line).group(1))
+
+
+def start_probe(fifo, secs, timeout=30):
+    """Has the container's init start the pause probe for `secs` (see Bench.command)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError as e:  # ENXIO: its reader is between two probes; ENOENT: not made yet
+            if e.errno not in (errno.ENXIO, errno.ENOENT) or time.monotonic() > deadline:
+                raise RuntimeError(f"{fifo}: nobody starts the probe: {e}") from e
+            time.sleep(0.01)
+    try:
+        os.write(fd, f"{secs}\n".encode())
+    finally:
+        os.close(fd)
 
 
 class Bench:
@@ -227,6 +247,54 @@ class Bench:
         sh(f"umount -l {self.w}/runc-*/rootfs {self.w}/xfs {self.w}/slow 2>/dev/null; find /sys/fs/cgroup/*/ckpt-shim-bench -depth -type d -exec rmdir {{}} \\; 2>/dev/null", check=False)
         shutil.rmtree(self.w, ignore_errors=True)
 
+    # Every container the checkpoints run on is the counter; with `probed`, its
+    # init starts the pause probe as its own child each time a number of seconds
+    # is written into /dev/probe.fifo. The probe must be in the init's tree: the
+    # shim refuses to checkpoint a container with a process outside it (one that
+    # `exec` started, say), which CRIU would leave out. The FIFO is on the
+    # container's /dev, a tmpfs of its own, not in its root file system's changes.
+    probed = True
+
+    def command(self, mib):
+        counter = ["/bin/counter", "/tmp/count", str(mib), "1000"]
+        if not self.probed:
+            return counter
+        # (A checkpoint may interrupt the FIFO's open: the loop goes on.)
+        launcher = ('mkfifo /dev/probe.fifo; while :; do if read secs < /dev/probe.fifo; then /bin/pauseprobe /tmp/pause "$secs" & '
+                    f"else sleep 0.1; fi; done 2>/dev/null & exec {' '.join(counter)}")
+        return ["/bin/sh", "-c", launcher]
+
+    def rootfs(self, kind, mib):
+        """Where the host sees the container's root file system (none for podman's: exec)."""
+        return {"cri": f"{self.cri_state()}/rootfs", "runc": f"{self.w}/runc-{mib}/rootfs"}.get(kind)
+
+    def cri_state(self):
+        return f"{self.w}/ctrd/state/io.containerd.runtime.v2.task/k8s.io/{self.cri_id}"
+
+    def init_pid(self, kind, mib):
+        return self.runc_pid(mib) if kind == "runc" else int(open(f"{self.cri_state()}/init.pid").read())
+
+    def start_cri(self, mib):
+        """A pod with the counter, through the CRI of shim A, as cri-ctl's run-counter
+        makes it, but with the command of `command`."""
+        if not self.probed:
+            return sh([CRICTL, self.shims["A"]["sock"], "run-counter", f"bench-{mib}", str(mib)]).split()
+        name = f"bench-{mib}"
+        pod = {"metadata": {"name": name, "uid": f"uid-{name}", "namespace": "default"}, "hostname": name,
+               "log_directory": f"{self.w}/logs/{name}",
+               "linux": {"cgroup_parent": f"/ckpt-shim-bench/{name}", "security_context": {"namespace_options": {"pid": 1}}}}
+        ctr = {"metadata": {"name": "counter"}, "image": {"image": "docker.io/library/ckpt-counter:latest"},
+               "command": self.command(mib), "log_path": "counter.log",
+               "linux": {"security_context": {"namespace_options": {"pid": 1}}}}
+        os.makedirs(pod["log_directory"], exist_ok=True)
+        for what, obj in (("pod", pod), ("ctr", ctr)):
+            json.dump(obj, open(f"{self.w}/{what}-{mib}.json", "w"))
+        cri = lambda *a: sh([crictl_path(), "--runtime-endpoint", f"unix://{self.shims['A']['sock']}", "--timeout", "60s", *a]).strip()
+        pod_id = cri("runp", f"{self.w}/pod-{mib}.json")
+        cid = cri("create", pod_id, f"{self.w}/ctr-{mib}.json", f"{self.w}/pod-{mib}.json")
+        cri("start", cid)
+        return pod_id, cid
+
     def start_containers(self, mib):
         # runc, on an overlay like containerd's, stdio on a pipe.
         b = f"{self.w}/runc-{mib}"
@@ -235,17 +303,18 @@ class Bench:
         sh(f"mount -t overlay overlay -o lowerdir={self.w}/image,upperdir={b}/upper,workdir={b}/work {b}/rootfs")
         sh(["runc", "spec", "--bundle", b])
         cfg = json.load(open(f"{b}/config.json"))
-        cfg["process"].update(terminal=False, args=["/bin/counter", "/tmp/count", str(mib), "1000"])
+        cfg["process"].update(terminal=False, args=self.command(mib))
         cfg["root"]["readonly"] = False
         cfg["linux"]["cgroupsPath"] = f"/ckpt-shim-bench/runc-{mib}"
         json.dump(cfg, open(f"{b}/config.json", "w"))
         subprocess.Popen(["setsid", "sh", "-c", f"cd {b} && runc --root {self.w}/runc-state run -d runc-{mib} </dev/null 2>&1 | cat >/dev/null"])
-        self.cri_pod, self.cri_id = sh([CRICTL, self.shims["A"]["sock"], "run-counter", f"bench-{mib}", str(mib)]).split()
+        self.cri_pod, self.cri_id = self.start_cri(mib)
         sh(self.podman + ["run", "-d", "--name", f"pm-{mib}", "--network", "none", "--ulimit", "nofile=1024:1024",
-                          "--ulimit", "nproc=1024:1024", "docker.io/library/ckpt-counter:latest", "/bin/counter", "/tmp/count", str(mib), "1000"])
+                          "--ulimit", "nproc=1024:1024", "docker.io/library/ckpt-counter:latest"] + self.command(mib))
         deadline = time.time() + 120
-        while time.time() < deadline:
-            ok = os.path.exists(f"{b}/rootfs/tmp/count") and sh(self.podman + ["exec", f"pm-{mib}", "cat", "/tmp/count"], check=False).strip()
+        while time.time() < deadline:  # each has counted once: its memory is touched
+            ok = all(os.path.exists(f"{self.rootfs(k, mib)}/tmp/count") for k in ("cri", "runc")) and \
+                sh(self.podman + ["exec", f"pm-{mib}", "cat", "/tmp/count"], check=False).strip()
             if ok:
                 return
             time.sleep(0.2)
@@ -292,22 +361,14 @@ class Bench:
         """Starts the probe in the container `kind` runs; returns a function that
         waits for its verdict: the longest gap in ms."""
         secs = self.probe_secs(mib)
-        args = ["/bin/pauseprobe", "/tmp/pause", str(secs)]
-        if kind == "cri":
-            path = f"{self.w}/ctrd/state/io.containerd.runtime.v2.task/k8s.io/{self.cri_id}/rootfs/tmp/pause"
-            start = ["ctr", "--address", f"{self.w}/ctrd/containerd.sock", "-n", "k8s.io", "tasks", "exec", "-d",
-                     "--exec-id", f"probe-{self.n}", self.cri_id] + args
-        elif kind == "runc":
-            path = f"{self.w}/runc-{mib}/rootfs/tmp/pause"
-            start = ["runc", "--root", f"{self.w}/runc-state", "exec", "-d", f"runc-{mib}"] + args
-        else:
-            path = None
-            start = self.podman + ["exec", "-d", f"pm-{mib}"] + args
+        root = self.rootfs(kind, mib)
+        path = root and f"{root}/tmp/pause"
         if path and os.path.exists(path):
             os.remove(path)
-        sh(self.podman + ["exec", f"pm-{mib}", "rm", "-f", "/tmp/pause"], check=False) if kind == "podman" else None
-        # Not captured: the detached probe would hold the pipes open to its end.
-        subprocess.run(start, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        if kind == "podman":  # an exec that has ended before the checkpoint starts
+            sh(self.podman + ["exec", f"pm-{mib}", "sh", "-c", f"rm -f /tmp/pause; echo {secs} > /dev/probe.fifo"])
+        else:
+            start_probe(f"/proc/{self.init_pid(kind, mib)}/root/dev/probe.fifo", secs)
         time.sleep(0.4)
         t0 = time.monotonic()
 
