@@ -95,7 +95,7 @@ async fn latency(direct: &mut Clients, shim: &mut Clients, id: &str, n: usize) -
     Ok(format!("[{}]", rows.join(",")))
 }
 
-/// Tells hack/bench_proxy.py that a phase ended and how many calls went through
+/// Tells hack/bench/proxy.py that a phase ended and how many calls went through
 /// the shim since the last mark; it reads the shim's CPU time there. The pause
 /// keeps the next phase's first calls out of that reading.
 async fn mark(phase: &str, shim_calls: u64) {

@@ -238,7 +238,7 @@ func firstContainer(conn *grpc.ClientConn) string {
 	return string(fields(fields(resp)[1][0])[1][0])
 }
 
-// mark tells hack/bench_proxy.py that a phase ended, and how many calls went
+// mark tells hack/bench/proxy.py that a phase ended, and how many calls went
 // through the shim since the last mark; it reads the shim's CPU time there. The pause keeps
 // the next phase's first calls out of that reading.
 func mark(phase string, shimCalls int64) {
