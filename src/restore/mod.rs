@@ -24,6 +24,7 @@ pub mod policy;
 pub mod push;
 pub mod rootfs;
 pub mod runc;
+pub mod sockets;
 pub mod source;
 pub mod spans;
 pub mod stage;

@@ -137,6 +137,7 @@ fn restore(inv: &Invocation, s: &Staged) -> Result<()> {
     let spec = Spec::load(bundle.join("config.json"))
         .map_err(|e| Error::Other(format!("{}/config.json: {e}", bundle.display())))?;
     confine(s, &spec)?;
+    super::sockets::prepare(s, &spec)?;
     let rootfs = super::rootfs::bundle_rootfs(&spec, &bundle);
     super::apply_rootfs_diff(&s.dir, &rootfs)?;
     rename_uts(&spec, &s.images())?;
