@@ -1,5 +1,6 @@
 //! `ckpt-shim inspect`: what an archive holds, without extracting it.
 
+use std::fmt::Formatter;
 use std::fs::File;
 use std::io::Read;
 use std::path::Path;
@@ -188,27 +189,46 @@ fn sealed_summary(
 }
 
 impl std::fmt::Display for Summary {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mib = |b: u64| format!("{:.1} MiB", b as f64 / 1048576.0);
+    fn fmt(&self, f: &mut Formatter<'_>) -> std::fmt::Result {
         if let Some(c) = &self.config {
-            writeln!(f, "container:    {} ({})", c.name, c.id)?;
-            writeln!(
-                f,
-                "image:        {}",
-                c.rootfs_image_name.as_deref().unwrap_or("-")
-            )?;
-            writeln!(
-                f,
-                "runtime:      {}",
-                if c.runtime.is_empty() {
-                    "-"
-                } else {
-                    &c.runtime
-                }
-            )?;
-            writeln!(f, "created:      {}", c.created_time)?;
-            writeln!(f, "checkpointed: {}", c.checkpointed_time)?;
+            write_container(f, c)?;
         }
+        self.write_contents(f)?;
+        if let Some(x) = &self.sealed {
+            write_sealed(f, x)?;
+        }
+        if let Some(st) = &self.stats {
+            write_stats(f, st)?;
+        }
+        Ok(())
+    }
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / 1048576.0)
+}
+
+/// Which container was checkpointed, from `config.dump`.
+fn write_container(f: &mut Formatter<'_>, c: &ConfigDump) -> std::fmt::Result {
+    let runtime = match c.runtime.is_empty() {
+        true => "-",
+        false => &c.runtime,
+    };
+    writeln!(f, "container:    {} ({})", c.name, c.id)?;
+    writeln!(
+        f,
+        "image:        {}",
+        c.rootfs_image_name.as_deref().unwrap_or("-")
+    )?;
+    writeln!(f, "runtime:      {runtime}")?;
+    writeln!(f, "created:      {}", c.created_time)?;
+    writeln!(f, "checkpointed: {}", c.checkpointed_time)
+}
+
+impl Summary {
+    /// The engine, and what the archive holds: its size and members, CRIU's
+    /// images and pages, the rootfs diff.
+    fn write_contents(&self, f: &mut Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "engine:       {}", self.engine)?;
         writeln!(
             f,
@@ -228,36 +248,39 @@ impl std::fmt::Display for Summary {
                 "rootfs diff:  {} , {} deleted paths",
                 mib(b),
                 self.deleted_files.len()
-            )?,
-            None => writeln!(f, "rootfs diff:  none")?,
+            ),
+            None => writeln!(f, "rootfs diff:  none"),
         }
-        if let Some(x) = &self.sealed {
-            let files = |p: &[std::path::PathBuf]| {
-                p.iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            match &x.opened_with {
-                Some(with) => writeln!(f, "encrypted:    age, {} members in {} parts; every part opened and authenticated with {}", x.members, x.parts, files(with))?,
-                None => writeln!(f, "encrypted:    age, {} members in {} parts (--identity opens and authenticates them, and shows deleted paths)", x.members, x.parts)?,
-            }
-        }
-        if let Some(st) = &self.stats {
-            let ms = |us: Option<u32>| format!("{:.1} ms", us.unwrap_or(0) as f64 / 1000.0);
-            writeln!(
-                f,
-                "criu stats:   freezing {}, frozen {}, memdump {}, memwrite {}, pages scanned {}, written {}",
-                ms(st.freezing_time),
-                ms(st.frozen_time),
-                ms(st.memdump_time),
-                ms(st.memwrite_time),
-                st.pages_scanned.unwrap_or(0),
-                st.pages_written.unwrap_or(0)
-            )?;
-        }
-        Ok(())
     }
+}
+
+/// How a sealed archive is sealed, and whether it was opened.
+fn write_sealed(f: &mut Formatter<'_>, x: &SealSummary) -> std::fmt::Result {
+    let files = |p: &[std::path::PathBuf]| {
+        p.iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match &x.opened_with {
+        Some(with) => writeln!(f, "encrypted:    age, {} members in {} parts; every part opened and authenticated with {}", x.members, x.parts, files(with)),
+        None => writeln!(f, "encrypted:    age, {} members in {} parts (--identity opens and authenticates them, and shows deleted paths)", x.members, x.parts),
+    }
+}
+
+/// CRIU's own statistics of the dump.
+fn write_stats(f: &mut Formatter<'_>, st: &DumpStatsEntry) -> std::fmt::Result {
+    let ms = |us: Option<u32>| format!("{:.1} ms", us.unwrap_or(0) as f64 / 1000.0);
+    writeln!(
+        f,
+        "criu stats:   freezing {}, frozen {}, memdump {}, memwrite {}, pages scanned {}, written {}",
+        ms(st.freezing_time),
+        ms(st.frozen_time),
+        ms(st.memdump_time),
+        ms(st.memwrite_time),
+        st.pages_scanned.unwrap_or(0),
+        st.pages_written.unwrap_or(0)
+    )
 }
 
 /// The engine that made a checkpoint, as checkpointctl tells it: by the spec's
