@@ -5,11 +5,17 @@
 # keeps running, inspect the archive, then restore it through CRI into a new pod
 # and watch the count continue (hack/cri-demo.rs). Then what an operator sees:
 # the CheckpointReady condition, the metrics, and a clean stop on SIGTERM.
-# crictl (cri-tools 1.34) is ../shared/bin/crictl beside the repository.
+# crictl (cri-tools 1.34): the one on PATH, else ../shared/bin/crictl beside the repository.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-crictl_bin="$(cd .. && pwd)/shared/bin/crictl"
-[ -x "$crictl_bin" ] || { echo "demo.sh: $crictl_bin is missing: cri-tools' crictl belongs in ../shared/bin beside the repository" >&2; exit 1; }
+crictl_bin=$(command -v crictl || true)
+if [ -z "$crictl_bin" ] && [ -x ../shared/bin/crictl ]; then crictl_bin="$(cd .. && pwd)/shared/bin/crictl"; fi
+if [ -z "$crictl_bin" ]; then
+  echo "demo.sh: crictl is missing: neither on PATH nor in ../shared/bin beside the repository." >&2
+  echo "  Install cri-tools' crictl (1.34 is what this was tested with) from https://github.com/kubernetes-sigs/cri-tools/releases," >&2
+  echo "  e.g. into /usr/local/bin, or put it in $(cd .. && pwd)/shared/bin." >&2
+  exit 1
+fi
 bash hack/setup.sh
 export PATH="/usr/local/sbin:$PATH"
 cargo build --release --locked -q --bin ckpt-shim --example cri-demo --example cri-ctl

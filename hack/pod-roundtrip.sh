@@ -3,12 +3,19 @@
 # runtime is ckpt-runc) with ckpt-shim in front, a pod of two counters made with
 # crictl, CheckpointPod and RestorePod with hack/cri-ctl (crictl 1.34 has no pod
 # commands), then crictl start of each restored container. Needs hack/setup.sh run.
-#   hack/pod-roundtrip.sh [CRICTL [SOCKET WORKDIR]]   # CRICTL: default ../shared/bin/crictl, else crictl on PATH;
+#   hack/pod-roundtrip.sh [CRICTL [SOCKET WORKDIR]]   # CRICTL: default crictl on PATH, else ../shared/bin/crictl;
 #   with SOCKET, against a shim that runs already (hack/demo.sh), its files in WORKDIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="/usr/local/sbin:$PATH"
-crictl=${1:-$( [ -x ../shared/bin/crictl ] && echo "$PWD/../shared/bin/crictl" || command -v crictl)}
+crictl=${1:-$(command -v crictl || true)}
+if [ -z "$crictl" ] && [ -x ../shared/bin/crictl ]; then crictl="$(cd .. && pwd)/shared/bin/crictl"; fi
+if [ -z "$crictl" ]; then
+  echo "pod-roundtrip.sh: crictl is missing: neither on PATH nor in ../shared/bin beside the repository." >&2
+  echo "  Install cri-tools' crictl (1.34 is what this was tested with) from https://github.com/kubernetes-sigs/cri-tools/releases," >&2
+  echo "  e.g. into /usr/local/bin, or put it in $(cd .. && pwd)/shared/bin; or pass its path as the first argument." >&2
+  exit 1
+fi
 build=${BUILD:-debug}
 if [ -n "${2:-}" ]; then # a node that runs already (hack/demo.sh)
   sock=$2 work=$3 node_tag=ckpt-shim-demo
