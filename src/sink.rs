@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use criu_rpc::cli::Stage;
+use criu_rpc::cli::{CliDump, Stage, Stages};
 use criu_rpc::proto::Opts;
 use criu_rpc::streamer::CaptureSocket;
 use criu_rpc::{Criu, Notify};
@@ -270,41 +270,52 @@ async fn dump_streamed(
         thawed: OpenOnDrop(thawed),
     };
     let aborter = cli.aborter();
-    let mut stages = cli.take_stages().expect("asked to hold CRIU at its stages");
-    let criu_run = async {
-        let done = cli.wait();
-        tokio::pin!(done);
-        loop {
-            tokio::select! {
-                r = &mut done => return r,
-                asked = stages.asked() => {
-                    let go_on = match asked {
-                        // The pause starts now, not before CRIU's start-up.
-                        Ok(Stage::PreDump) => wait.freeze.freeze().await.is_ok(),
-                        // The tasks run again after this: every image read first.
-                        Ok(Stage::PostDump) => progress.wait_drained().await,
-                        Err(_) => false,
-                    };
-                    let _ = stages.answer(go_on).await;
-                }
-            }
-        }
-    };
+    let stages = cli.take_stages().expect("asked to hold CRIU at its stages");
+    let criu_run = run_held(&mut cli, stages, wait, &progress);
     let dumped = wait.dump(criu_run, || aborter.abort(), cancelled).await;
     criu_gone.store(true, Ordering::SeqCst);
     match dumped {
         Ok(()) => Ok(Dumped::Streamed(capturing)),
-        Err(e) => {
-            let _ = wait.freeze.finish();
-            // CRIU has exited, so every pipe is closed; what was held is dropped.
-            let captured = capturing.abandon().await;
-            match (e, captured) {
-                (e @ (Error::DeadlineExceeded(_) | Error::Cancelled), _) => Err(e),
-                // A failed capture closes CRIU's pipes, so CRIU fails too: the
-                // capture's error (a full disk, say) is the cause.
-                (_, Err(e)) | (e, Ok(())) => Err(e),
+        Err(e) => Err(abandon(e, capturing, wait).await),
+    }
+}
+
+/// Waits for CRIU to exit, answering it at the stages it is held at.
+async fn run_held(
+    cli: &mut CliDump,
+    mut stages: Stages,
+    wait: &Wait<'_>,
+    progress: &stream::Progress,
+) -> std::result::Result<(), criu_rpc::Error> {
+    let done = cli.wait();
+    tokio::pin!(done);
+    loop {
+        tokio::select! {
+            r = &mut done => return r,
+            asked = stages.asked() => {
+                let go_on = match asked {
+                    // The pause starts now, not before CRIU's start-up.
+                    Ok(Stage::PreDump) => wait.freeze.freeze().await.is_ok(),
+                    // The tasks run again after this: every image read first.
+                    Ok(Stage::PostDump) => progress.wait_drained().await,
+                    Err(_) => false,
+                };
+                let _ = stages.answer(go_on).await;
             }
         }
+    }
+}
+
+/// After CRIU failed, or was stopped with `e`: ends the freeze, abandons the
+/// capture (CRIU has exited, so every pipe is closed; what was held is
+/// dropped), and says why the dump failed.
+async fn abandon(e: Error, capturing: Capturing, wait: &Wait<'_>) -> Error {
+    let _ = wait.freeze.finish();
+    match (e, capturing.abandon().await) {
+        (e @ (Error::DeadlineExceeded(_) | Error::Cancelled), _) => e,
+        // A failed capture closes CRIU's pipes, so CRIU fails too: the
+        // capture's error (a full disk, say) is the cause.
+        (_, Err(e)) | (e, Ok(())) => e,
     }
 }
 
