@@ -25,6 +25,8 @@ pub struct Config {
     pub criu: PathBuf,
     /// runc state dir of the upstream's containers, to read `config.json` unchanged.
     pub runc_root: PathBuf,
+    /// Dump established TCP connections (on by default: the kubelet passes no
+    /// options, and a serving container has clients; docs/sockets.md).
     pub tcp_established: bool,
     pub file_locks: bool,
     /// `false` answers CheckpointContainer with UNIMPLEMENTED, like a runtime without it.
@@ -66,7 +68,7 @@ impl Default for Config {
             log_level: "info".into(),
             criu: "criu".into(),
             runc_root: DEFAULT_RUNC_ROOT.into(),
-            tcp_established: false,
+            tcp_established: true,
             file_locks: true,
             checkpoint_enabled: true,
             durable: true,
@@ -204,8 +206,9 @@ mod tests {
     #[test]
     fn file_values_apply_and_unknown_keys_are_refused() {
         let f: FileConfig =
-            toml::from_str("upstream = \"unix:///x.sock\"\ntcp_established = true\n").unwrap();
+            toml::from_str("upstream = \"unix:///x.sock\"\ntcp_established = false\n").unwrap();
         let mut c = Config::default();
+        assert!(c.tcp_established, "on by default");
         f.apply(&mut c);
         assert_eq!(
             (
@@ -213,7 +216,7 @@ mod tests {
                 c.tcp_established,
                 c.listen.to_str().unwrap()
             ),
-            ("unix:///x.sock", true, DEFAULT_LISTEN)
+            ("unix:///x.sock", false, DEFAULT_LISTEN)
         );
         assert!(toml::from_str::<FileConfig>("listne = \"/x\"").is_err());
         use crate::hold::HoldPages;

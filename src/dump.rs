@@ -26,10 +26,18 @@ const RECREATED_FS: &[&str] = &[
     "tracefs",
 ];
 
-/// Operator choices for the dump (CRI-O/containerd parity by default).
+/// Operator choices for the dump. The kubelet passes no options, so the
+/// defaults must let it checkpoint a container that serves (docs/sockets.md):
+/// established TCP connections are dumped (`tcp_established`; without it CRIU
+/// refuses any, `inet: Connected TCP socket, consider using
+/// --tcp-established option`), and connections still in a listener's accept
+/// queue are left to the running container (`skip_in_flight`; without it CRIU
+/// refuses a listener with any, `In-flight connection (l)`, and a served
+/// container is frozen before CRIU seizes it, so clients keep queueing).
 #[derive(Debug, Clone)]
 pub struct DumpSettings {
     pub tcp_established: bool,
+    pub skip_in_flight: bool,
     pub ext_unix_sk: bool,
     pub file_locks: bool,
     pub manage_cgroups: CgMode,
@@ -38,7 +46,8 @@ pub struct DumpSettings {
 impl Default for DumpSettings {
     fn default() -> Self {
         DumpSettings {
-            tcp_established: false,
+            tcp_established: true,
+            skip_in_flight: true,
             ext_unix_sk: false,
             file_locks: true,
             manage_cgroups: CgMode::Soft,
@@ -77,6 +86,7 @@ pub fn criu_opts(
         manage_cgroups_mode: Some(s.manage_cgroups as i32),
         file_locks: Some(s.file_locks),
         tcp_established: Some(s.tcp_established),
+        tcp_skip_in_flight: Some(s.skip_in_flight),
         ext_unix_sk: Some(s.ext_unix_sk),
         shell_job: Some(false),
         notify_scripts: Some(true),
@@ -91,13 +101,18 @@ pub fn criu_opts(
 }
 
 /// CRIU's network lock keeps a namespace's traffic still while TCP connections
-/// are dumped in repair mode, and costs the pause an iptables-restore each way
-/// (about 70 ms here). It protects nothing else: without `tcp_established`,
-/// CRIU refuses to dump a container with an established connection, so no TCP
-/// state is taken that traffic could make stale; listening sockets are
-/// recreated on restore, and datagrams in flight are lost either way. So it is
-/// skipped unless established connections are dumped, and the pod's other
-/// containers, which share the network namespace, keep their network.
+/// are dumped in repair mode, so that the two ends of a connection restored
+/// connected (both in the checkpoint, [`crate::restore::sockets`]) agree on
+/// what was sent and acknowledged. In a pod's network namespace CRIU locks the
+/// whole namespace (criu/net.c, `iptables_network_lock_internal`: a `CRIU`
+/// chain that drops every packet but its own, marked 0xC114), from just after
+/// it seizes the tasks until it is done; in the host's, each connection alone.
+/// It costs the pause an iptables-restore each way, and the pod's other
+/// containers their packets meanwhile (TCP sends them again). It protects
+/// nothing else: without `tcp_established` CRIU refuses to dump a container
+/// with an established connection, so no TCP state is taken that traffic could
+/// make stale; listening sockets are recreated on restore, and datagrams in
+/// flight are lost either way. So it is skipped then.
 fn network_lock(s: &DumpSettings) -> NetworkLockMethod {
     if s.tcp_established {
         NetworkLockMethod::Iptables
@@ -223,13 +238,13 @@ mod tests {
     #[test]
     fn the_network_is_locked_only_for_established_connections() {
         let mut s = DumpSettings::default();
-        assert_eq!(network_lock(&s), NetworkLockMethod::Skip);
-        s.tcp_established = true;
         assert_eq!(network_lock(&s), NetworkLockMethod::Iptables);
+        s.tcp_established = false;
+        assert_eq!(network_lock(&s), NetworkLockMethod::Skip);
         // What the command line carries.
         let o = Opts {
             pid: Some(1),
-            network_lock: Some(network_lock(&DumpSettings::default()) as i32),
+            network_lock: Some(network_lock(&s) as i32),
             ..Default::default()
         };
         let args = criu_rpc::cli::dump_args(&o, Path::new("/i"), Path::new("/w")).unwrap();
@@ -238,6 +253,33 @@ mod tests {
                 .any(|w| w[0] == "--network-lock" && w[1] == "skip"),
             "{args:?}"
         );
+    }
+
+    /// What the kubelet gets, passing no options: a served container can be
+    /// checkpointed with its clients connected and queueing.
+    #[test]
+    fn by_default_connections_are_dumped_and_queued_ones_left() {
+        let spec = Spec::default();
+        let t = DumpTarget {
+            pid: std::process::id() as i32,
+            spec: &spec,
+            rootfs: Path::new("/"),
+            mounts: &[],
+            host_mounts: &[],
+            freeze_cgroup: Path::new("/sys/fs/cgroup/x"),
+        };
+        let fd = || OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        let o = criu_opts(&t, &fd(), &fd(), 10, &DumpSettings::default()).unwrap();
+        let args = criu_rpc::cli::dump_args(&o, Path::new("/i"), Path::new("/w")).unwrap();
+        for flag in ["--tcp-established", "--skip-in-flight"] {
+            assert!(args.iter().any(|a| a == flag), "{flag}: {args:?}");
+        }
+        assert!(
+            args.windows(2)
+                .any(|w| w[0] == "--network-lock" && w[1] == "iptables"),
+            "{args:?}"
+        );
+        assert!(crate::config::Config::default().tcp_established);
     }
 
     #[test]
