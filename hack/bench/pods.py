@@ -173,7 +173,7 @@ def parallel_of(variant):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pods", default="2,4")
     ap.add_argument("--mib", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
