@@ -380,6 +380,15 @@ struct Relay {
 const TO_UPSTREAM: usize = 0;
 const TO_CLIENT: usize = 1;
 
+/// The client's connection and the upstream's, split into halves; the
+/// upstream's are `None` where the relay answers the client itself.
+struct Sides {
+    crd: OwnedReadHalf,
+    cwr: OwnedWriteHalf,
+    urd: Option<OwnedReadHalf>,
+    uwr: Option<OwnedWriteHalf>,
+}
+
 /// Reads a batch from `half` if there is one.
 async fn read_from(half: &mut Option<OwnedReadHalf>, buf: &mut BytesMut) -> std::io::Result<usize> {
     half.as_mut().expect("guarded").read_buf(buf).await
@@ -428,17 +437,16 @@ impl Relay {
         }
     }
 
-    /// Until either side ends the connection. Writes come first, so a batch
-    /// goes out as soon as it is handled; a side is not read while the other
-    /// side has not taken what was already read from it.
+    /// Until either side ends the connection; then tells the sides why, and
+    /// writes out what is left before closing both.
     async fn run(
         mut self,
         client: UnixStream,
         upstream: Option<UnixStream>,
         mut answered: mpsc::UnboundedReceiver<Answered>,
     ) -> (Result<(), frame::Error>, Relay) {
-        let (mut crd, mut cwr) = client.into_split();
-        let (mut urd, mut uwr) = match upstream.map(|u| u.into_split()) {
+        let (crd, cwr) = client.into_split();
+        let (urd, uwr) = match upstream.map(|u| u.into_split()) {
             Some((r, w)) => (Some(r), Some(w)),
             None => {
                 // With no upstream the relay is the client's server: its SETTINGS first.
@@ -446,24 +454,40 @@ impl Relay {
                 (None, None)
             }
         };
+        let mut sides = Sides { crd, cwr, urd, uwr };
+        let end = self.relay(&mut sides, &mut answered).await;
+        let result = self.tell_the_end(end);
+        self.close(sides).await;
+        (result, self)
+    }
+
+    /// Moves batches between the sides until either ends the connection; how
+    /// it ended. Writes come first, so a batch goes out as soon as it is
+    /// handled; a side is not read while the other side has not taken what
+    /// was already read from it.
+    async fn relay(
+        &mut self,
+        s: &mut Sides,
+        answered: &mut mpsc::UnboundedReceiver<Answered>,
+    ) -> End {
         let mut from_client = frame::Reader::new(true);
         let mut from_upstream = frame::Reader::new(false);
-        let end = loop {
+        loop {
             let read_client =
                 self.to_upstream.len() < BACKLOG && self.to_client.len() < CLIENT_BACKLOG;
             let step: Result<(), End> = tokio::select! {
                 biased;
-                n = cwr.write(&self.to_client), if !self.to_client.is_empty() => {
+                n = s.cwr.write(&self.to_client), if !self.to_client.is_empty() => {
                     n.map(|n| self.wrote(TO_CLIENT, n)).map_err(|_| End::ClientClosed)
                 }
-                n = write_to(&mut uwr, &self.to_upstream), if uwr.is_some() && !self.to_upstream.is_empty() => {
+                n = write_to(&mut s.uwr, &self.to_upstream), if s.uwr.is_some() && !self.to_upstream.is_empty() => {
                     n.map(|n| self.wrote(TO_UPSTREAM, n)).map_err(upstream_failed)
                 }
-                n = crd.read_buf(from_client.buf()), if read_client => match n {
+                n = s.crd.read_buf(from_client.buf()), if read_client => match n {
                     Ok(0) | Err(_) => Err(End::ClientClosed),
-                    Ok(_) => self.client_batch(&mut from_client, uwr.is_some()).map_err(End::Client),
+                    Ok(_) => self.client_batch(&mut from_client, s.uwr.is_some()).map_err(End::Client),
                 },
-                n = read_from(&mut urd, from_upstream.buf()), if urd.is_some() && self.to_client.len() < BACKLOG => match n {
+                n = read_from(&mut s.urd, from_upstream.buf()), if s.urd.is_some() && self.to_client.len() < BACKLOG => match n {
                     Ok(0) => Err(End::UpstreamGone("upstream runtime closed the connection".into())),
                     Err(e) => Err(upstream_failed(e)),
                     Ok(_) => self.upstream_batch(&mut from_upstream).map_err(End::Upstream),
@@ -475,24 +499,28 @@ impl Relay {
                 }
             };
             if let Err(end) = step {
-                break end;
+                return end;
             }
-        };
-        let result = self.tell_the_end(end);
-        // What was read before the end still goes out (a GOAWAY before a close).
+        }
+    }
+
+    /// Writes out what was read before the end (a GOAWAY before a close),
+    /// for a second at most, and shuts both connections down. (`&mut`: the
+    /// relay is not Sync, so a shared borrow across the awaits would keep
+    /// its task from moving between threads.)
+    async fn close(&mut self, mut s: Sides) {
         let flush = async {
-            cwr.write_all(&self.to_client).await?;
-            if let Some(w) = uwr.as_mut() {
+            s.cwr.write_all(&self.to_client).await?;
+            if let Some(w) = s.uwr.as_mut() {
                 w.write_all(&self.to_upstream).await?;
             }
             std::io::Result::Ok(())
         };
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), flush).await;
-        let _ = cwr.shutdown().await;
-        if let Some(w) = uwr.as_mut() {
+        let _ = s.cwr.shutdown().await;
+        if let Some(w) = s.uwr.as_mut() {
             let _ = w.shutdown().await;
         }
-        (result, self)
     }
 
     /// Writes the GOAWAYs an end calls for; the error it ended with.
