@@ -16,9 +16,10 @@ use super::relay::{Call, Reply};
 use super::upstream::Upstream;
 use crate::cri::{
     CheckpointPodRequest, CheckpointPodResponse, ContainerConfig, ContainerState,
-    ListContainersRequest, NamespaceMode, PodSandboxState, PodSandboxStatusRequest,
-    RemovePodSandboxRequest, RestorePodRequest, RestorePodResponse, RestoredContainer,
-    RunPodSandboxResponse, StatusRequest, StopPodSandboxRequest,
+    ListContainersRequest, NamespaceMode, PodSandboxState, PodSandboxStatus,
+    PodSandboxStatusRequest, PodSandboxStatusResponse, RemovePodSandboxRequest, RestorePodRequest,
+    RestorePodResponse, RestoredContainer, RunPodSandboxResponse, StatusRequest,
+    StopPodSandboxRequest,
 };
 use crate::error::{Error, Result};
 use crate::locate::Container;
@@ -172,17 +173,7 @@ impl Pods {
         if id.is_empty() {
             return Err(Error::InvalidArgument("pod_sandbox_id is empty".into()));
         }
-        let req = PodSandboxStatusRequest {
-            pod_sandbox_id: id.into(),
-            verbose: true,
-        };
-        let resp = match self.upstream.runtime().pod_sandbox_status(req).await {
-            Ok(r) => r.into_inner(),
-            Err(s) if s.code() == tonic::Code::NotFound => {
-                return Err(Error::PodNotFound(id.into()))
-            }
-            Err(s) => return Err(s.into()),
-        };
+        let resp = self.sandbox_status(id).await?;
         let st = resp
             .status
             .ok_or_else(|| Error::Other(format!("upstream returned no status for pod {id}")))?;
@@ -192,43 +183,21 @@ impl Pods {
                 st.id
             )));
         }
-        let info: serde_json::Value = resp
-            .info
-            .get("info")
-            .and_then(|s| serde_json::from_str(s).ok())
-            .unwrap_or_default();
-        let ns = st
-            .linux
-            .as_ref()
-            .and_then(|l| l.namespaces.as_ref())
-            .and_then(|n| n.options.as_ref())
-            .cloned()
-            .unwrap_or_default();
-        let mode = |m: i32| {
-            NamespaceMode::try_from(m)
-                .map_or("UNKNOWN", |m| m.as_str_name())
-                .to_string()
+        let hostname = hostname(&resp.info);
+        Ok(as_recorded(st, hostname))
+    }
+
+    /// The upstream's verbose status of pod `id`.
+    async fn sandbox_status(&self, id: &str) -> Result<PodSandboxStatusResponse> {
+        let req = PodSandboxStatusRequest {
+            pod_sandbox_id: id.into(),
+            verbose: true,
         };
-        let meta = st.metadata.clone().unwrap_or_default();
-        Ok(Sandbox {
-            id: st.id.clone(),
-            name: meta.name,
-            uid: meta.uid,
-            namespace: meta.namespace,
-            attempt: meta.attempt,
-            labels: st.labels.into_iter().collect(),
-            annotations: st.annotations.into_iter().collect(),
-            hostname: info["config"]["hostname"]
-                .as_str()
-                .unwrap_or_default()
-                .into(),
-            runtime_handler: st.runtime_handler,
-            namespace_options: NamespaceOptions {
-                network: mode(ns.network),
-                pid: mode(ns.pid),
-                ipc: mode(ns.ipc),
-            },
-        })
+        match self.upstream.runtime().pod_sandbox_status(req).await {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) if s.code() == tonic::Code::NotFound => Err(Error::PodNotFound(id.into())),
+            Err(s) => Err(s.into()),
+        }
     }
 
     /// The requested containers (full IDs or unique prefixes): each running,
@@ -498,6 +467,58 @@ impl Pods {
         if let Err(e) = rt.remove_pod_sandbox(remove).await {
             tracing::error!(pod = %pod, "could not remove a half-restored pod: {e}");
         }
+    }
+}
+
+/// The pod's hostname, from the verbose status's `info` (its config as the
+/// runtime keeps it); empty if not there.
+fn hostname(info: &std::collections::HashMap<String, String>) -> String {
+    let info: serde_json::Value = info
+        .get("info")
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or_default();
+    info["config"]["hostname"]
+        .as_str()
+        .unwrap_or_default()
+        .into()
+}
+
+/// A ready pod's status as the manifest records it.
+fn as_recorded(st: PodSandboxStatus, hostname: String) -> Sandbox {
+    let namespace_options = namespace_options(&st);
+    let meta = st.metadata.clone().unwrap_or_default();
+    Sandbox {
+        id: st.id.clone(),
+        name: meta.name,
+        uid: meta.uid,
+        namespace: meta.namespace,
+        attempt: meta.attempt,
+        labels: st.labels.into_iter().collect(),
+        annotations: st.annotations.into_iter().collect(),
+        hostname,
+        runtime_handler: st.runtime_handler,
+        namespace_options,
+    }
+}
+
+/// The pod's network, pid and ipc namespace modes, by their CRI names.
+fn namespace_options(st: &PodSandboxStatus) -> NamespaceOptions {
+    let ns = st
+        .linux
+        .as_ref()
+        .and_then(|l| l.namespaces.as_ref())
+        .and_then(|n| n.options.as_ref())
+        .cloned()
+        .unwrap_or_default();
+    let mode = |m: i32| {
+        NamespaceMode::try_from(m)
+            .map_or("UNKNOWN", |m| m.as_str_name())
+            .to_string()
+    };
+    NamespaceOptions {
+        network: mode(ns.network),
+        pid: mode(ns.pid),
+        ipc: mode(ns.ipc),
     }
 }
 
