@@ -102,7 +102,19 @@ impl Metrics {
         m
     }
 
+    /// Registers every series, in the order they are exported.
     fn register(mut self) -> Metrics {
+        self.register_container_calls();
+        self.register_pod_calls();
+        self.register_relay();
+        let build = Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]);
+        add(&mut self.registry, "build", "The shim's build", None, build);
+        self
+    }
+
+    /// The calls on one container: checkpoints (their time, pause and bytes)
+    /// and restores.
+    fn register_container_calls(&mut self) {
         let r = &mut self.registry;
         let secs = Some(Unit::Seconds);
         add(
@@ -147,6 +159,12 @@ impl Metrics {
             None,
             self.restores.clone(),
         );
+    }
+
+    /// The calls on a pod: CheckpointPod (its pause and size) and RestorePod.
+    fn register_pod_calls(&mut self) {
+        let r = &mut self.registry;
+        let secs = Some(Unit::Seconds);
         add(
             r,
             "pod_checkpoints",
@@ -175,6 +193,13 @@ impl Metrics {
             None,
             self.pod_containers.clone(),
         );
+    }
+
+    /// The relay to the upstream runtime: what it forwards, its connections,
+    /// the calls the shim answers itself, its own latency, its failures.
+    fn register_relay(&mut self) {
+        let r = &mut self.registry;
+        let secs = Some(Unit::Seconds);
         add(
             r,
             "forwarded_calls",
@@ -204,9 +229,6 @@ impl Metrics {
             None,
             self.upstream_errors.clone(),
         );
-        let build = Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]);
-        add(r, "build", "The shim's build", None, build);
-        self
     }
 
     /// The series in the OpenMetrics text format.
