@@ -42,6 +42,11 @@ PKGS=(
   # CRI clients unlike ours, for the tests: grpc-go as the kubelet uses it, and
   # Python for gRPC C-core (grpcio, from PyPI below)
   golang-go golang-google-grpc-dev golang-google-protobuf-dev python3-venv
+  # real applications checkpointed under load (tests/apps.rs, hack/build-app-images.sh
+  # copies them into images from here): redis-tools holds redis-server's binary and
+  # redis-cli without a system service; PostgreSQL 15 with psql; nginx; a JRE, and the
+  # JDK's javac for the service it runs; Python; curl as nginx's client
+  redis-tools postgresql-15 postgresql-client-15 nginx openjdk-17-jdk-headless python3 curl
 )
 
 missing=()
@@ -105,6 +110,9 @@ if ! "$venv/bin/python3" -c "import grpc, grpc_tools, h2; assert grpc.__version_
   "$venv/bin/pip" install -q "grpcio==$GRPCIO" "grpcio-tools==$GRPCIO" "h2==$H2"
   installed+=("grpcio-$GRPCIO" "h2-$H2")
 fi
+
+# Images of those applications, for tests/apps.rs and the demo (rebuilt only when they change).
+bash "$here/build-app-images.sh"
 
 criu check >/dev/null 2>&1 || { criu check >&2; echo "criu check failed" >&2; exit 1; }
 log "criu check passed ($(criu --version | head -n1))"
