@@ -403,6 +403,7 @@ pub fn out_dir() -> tempfile::TempDir {
     std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     d
 }
+pub mod apps;
 pub mod cri;
 pub mod raw;
 pub mod registry;
