@@ -57,6 +57,8 @@ echo "its page source (lazy-serve.log), last line: $(tail -1 "$CKPT_SHIM_RESTORE
 echo "== a whole pod: CheckpointPod and RestorePod (KEP-5823) with hack/cri-ctl, started with crictl"
 BUILD=release bash hack/pod-roundtrip.sh "$crictl_bin" "$sock" "$work/pods"
 grep -E "pod checkpointed|pod restored" "$work/shim.log"
+echo "== an application with a client connected: redis checkpointed with crictl while redis-cli INCRs on one connection, restored into a new pod serving its keys (hack/apps/redis-demo.sh)"
+bash hack/apps/redis-demo.sh "$crictl_bin" "$sock" "$work/containerd/containerd.sock" "$work/apps" /ckpt-shim-demo
 echo "== SIGTERM: the shim stops taking calls, waits for checkpoints in flight, exits"
 kill -TERM "$shim_pid"
 wait "$shim_pid" && echo "exit status 0"
