@@ -359,11 +359,17 @@ mod tests {
         SocketAddr::from((ip, port))
     }
 
-    #[test]
-    fn each_socket_gets_its_rule() {
-        let reg = Fields::default().encode(); // a file that is no socket
+    const NEW_POD: Target = Target {
+        new_netns: true,
+        pod: false,
+    };
+
+    /// One socket of each case, in a new pod's restore: the entries and the
+    /// dir of their `files.img`, rewritten.
+    fn each_case() -> (Vec<Vec<u8>>, tempfile::TempDir, Vec<(SocketAddr, Fate)>) {
+        let v6 = |src, dst| entry(AF_INET6, SOCK_STREAM, 1, src, dst);
         let entries = vec![
-            reg,
+            Fields::default().encode(),                 // 0 a file that is no socket
             tcp(10, (w([0; 4]), 8080), (w([0; 4]), 0)), // 1 listening on the wildcard
             tcp(10, (w(POD), 8443), (w([0; 4]), 0)),    // 2 listening on the pod's address
             tcp(1, (w(LO), 7000), (w(LO), 40000)),      // 3, 4: a loopback pair
@@ -371,32 +377,19 @@ mod tests {
             tcp(1, (w(LO), 40001), (w(LO), 9000)), // 5 to a loopback peer not here
             tcp(1, (w(POD), 40002), (w([10, 96, 0, 1]), 443)), // 6 out of the pod
             entry(AF_INET, 2, 1, (w(POD), 53), (w([10, 96, 0, 10]), 53)), // 7 UDP
-            entry(
-                AF_INET6,
-                SOCK_STREAM,
-                1,
-                (mapped(LO), 7001),
-                (mapped(LO), 7002),
-            ), // 8, 9
-            entry(
-                AF_INET6,
-                SOCK_STREAM,
-                1,
-                (mapped(LO), 7002),
-                (mapped(LO), 7001),
-            ),
-            tcp(8, (w(POD), 40003), (w([192, 0, 2, 9]), 80)), // 10 CLOSE_WAIT, out of the pod
+            v6((mapped(LO), 7001), (mapped(LO), 7002)), // 8, 9 a mapped loopback pair
+            v6((mapped(LO), 7002), (mapped(LO), 7001)),
+            tcp(8, (w(POD), 40003), (w([192, 0, 2, 9]), 80)), // 10 CLOSE_WAIT, out
         ];
         let d = image(&entries);
-        let got = rewrite(
-            d.path(),
-            Target {
-                new_netns: true,
-                pod: false,
-            },
-        )
-        .unwrap();
-        let fates: Vec<(SocketAddr, Fate)> = got.iter().map(|(s, f)| (s.local, *f)).collect();
+        let got = rewrite(d.path(), NEW_POD).unwrap();
+        let fates = got.iter().map(|(s, f)| (s.local, *f)).collect();
+        (entries, d, fates)
+    }
+
+    #[test]
+    fn each_socket_gets_its_rule() {
+        let (entries, d, fates) = each_case();
         assert_eq!(
             fates,
             [
@@ -411,17 +404,22 @@ mod tests {
         for i in [0, 1, 3, 4, 8, 9] {
             assert_eq!(back[i], entries[i], "entry {i} changed");
         }
+        // What the hold of loopback connections then sees: the pairs, kept.
+        let held = super::super::tcp_hold::loopback_connections(d.path()).unwrap();
+        assert_eq!(held.len(), 4, "{held:?}");
+    }
+
+    #[test]
+    fn a_rewritten_socket_keeps_every_field_it_does_not_change() {
+        let (_, d, _) = each_case();
+        let back = read_back(d.path());
         let closed = isk(&back[6]);
+        let c = &closed;
         assert_eq!(
-            (
-                closed.state,
-                closed.src_port,
-                closed.dst_port,
-                closed.shutdown
-            ),
+            (c.state, c.src_port, c.dst_port, c.shutdown),
             (7, 0, 0, Some(3))
         );
-        assert_eq!((closed.src_addr, closed.dst_addr), (vec![0], vec![0]));
+        assert_eq!((&c.src_addr, &c.dst_addr), (&vec![0], &vec![0]));
         assert_eq!(closed.ifname, None);
         let udp = isk(&back[7]);
         assert_eq!((udp.src_addr, udp.src_port), (vec![0], 53));
@@ -434,10 +432,8 @@ mod tests {
                 back[i].windows(4).any(|x| x == [0x6a, 0x02, 0x08, 0x05]),
                 "entry {i} lost a field it does not declare"
             );
+            assert_eq!(FileEntry::decode(back[i].as_slice()).unwrap().id, 7);
         }
-        // What the hold of loopback connections then sees: the pair, kept.
-        let held = super::super::tcp_hold::loopback_connections(d.path()).unwrap();
-        assert_eq!(held.len(), 4, "{held:?}");
     }
 
     #[test]
@@ -466,15 +462,7 @@ mod tests {
     fn nothing_to_change_leaves_the_image_alone_and_a_bad_one_is_refused() {
         let d = image(&[tcp(10, (w([0; 4]), 80), (w([0; 4]), 0))]);
         let before = std::fs::metadata(d.path().join(FILES_IMG)).unwrap();
-        assert!(rewrite(
-            d.path(),
-            Target {
-                new_netns: true,
-                pod: false
-            }
-        )
-        .unwrap()
-        .is_empty());
+        assert!(rewrite(d.path(), NEW_POD).unwrap().is_empty());
         let after = std::fs::metadata(d.path().join(FILES_IMG)).unwrap();
         use std::os::unix::fs::MetadataExt;
         assert_eq!(before.ino(), after.ino(), "rewritten for nothing");
