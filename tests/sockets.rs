@@ -12,6 +12,9 @@
 
 mod common;
 
+#[path = "../hack/cri_pods.rs"]
+mod cri_pods;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -511,4 +514,40 @@ async fn a_shim_killed_mid_dump_leaves_no_lock() {
     assert_eq!(ask(&mut client), served + 1);
     let mut again = in_netns(pid, || TcpStream::connect("127.0.0.1:8080").unwrap());
     assert_eq!(ask(&mut again), served + 2);
+}
+
+/// CheckpointPod, as called with no options: one CRIU per container, each
+/// locking the same namespace. No lock is left, and the pod's connection
+/// goes on without a reset.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_checkpoint_leaves_no_lock() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let probe = workload();
+    let server = config("server", probe.path(), &["serve", "9000"], false);
+    let client = config(
+        "client",
+        probe.path(),
+        &["dial", "127.0.0.1", "9000"],
+        false,
+    );
+    let pod = env.run_pod(&mut c, "podlock", false).await;
+    let (a, pid) = run(&mut c, &pod, server).await;
+    let (b, _) = run(&mut c, &pod, client).await;
+    wait_count(&env.rootfs(&b), |v| v >= 3);
+    let out = out_dir();
+    let req = cri_pods::CheckpointPodRequest {
+        pod_sandbox_id: pod.0.clone(),
+        output_path: out.path().to_string_lossy().into_owned(),
+        container_ids: vec![a, b.clone()],
+        options: Default::default(),
+    };
+    cri_pods::checkpoint_pod(env.channel().await, req, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(lock_rules(pid), Vec::<String>::new(), "the lock stayed");
+    let now = env.count(&b).unwrap();
+    wait_count(&env.rootfs(&b), |v| v > now + 3);
+    let log = std::fs::read_to_string(log_of(&pod.1, "client")).unwrap();
+    assert!(!log.contains("reset"), "{log}");
 }
