@@ -298,10 +298,7 @@ fn attach_and_say(env: &Env, id: &str, log: &Path, line: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_container_with_a_terminal_comes_back_on_a_new_one() {
-    // The restore policy refuses runc's /dev/console (a bind of the pty on
-    // devpts) that a spec with a terminal brings: until it allows it for
-    // such a spec, this restore runs with the policy off (issue 26).
-    let mut env = start("restore_policy = \"off\"\n");
+    let mut env = start("");
     let mut c = env.client().await;
     let p = pod(&mut env, &mut c, "tty", false).await;
     let mut cfg = config("shell", &["/bin/sh", "-c", TTY_LOOP], false);

@@ -123,6 +123,20 @@ fn one(m: &MntEntry, at: &str, a: &Allowed) -> Result<()> {
         .iter()
         .find(|s| s.kind.starts_with("cgroup") && at.starts_with(&format!("{}/", s.destination)));
     let refuse = || privilege(WHO, "mount", describe(m, at), "only the new spec's mounts");
+    if at == "/dev/console" && a.terminal {
+        // For a spec with a terminal, runc binds the container's pty (a
+        // node of its devpts, root "/<index>") over /dev/console: a fresh
+        // container of that spec has the same mount.
+        let pty = m.fstype == 6
+            && m.root
+                .strip_prefix('/')
+                .is_some_and(|n| n.parse::<u32>().is_ok());
+        return if pty && !external {
+            Ok(())
+        } else {
+            Err(refuse())
+        };
+    }
     if external {
         // runc maps these to the new spec's sources by their key: a bind
         // mount's and a cgroup hierarchy's is its own destination, a masked

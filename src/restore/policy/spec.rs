@@ -53,6 +53,8 @@ pub struct Allowed {
     /// What the init of a fresh container holds.
     pub init: Caps,
     pub no_new_privs: bool,
+    /// `process.terminal`: runc binds the container's pty over /dev/console.
+    pub terminal: bool,
     pub lsm_label: Option<String>,
     /// (resource number, soft, hard) for the resources the spec sets.
     pub rlimits: Vec<(u32, u64, u64)>,
@@ -134,6 +136,7 @@ impl Allowed {
                 amb,
             },
             no_new_privs,
+            terminal: process["terminal"].as_bool().unwrap_or(false),
             lsm_label: process["apparmorProfile"]
                 .as_str()
                 .or(process["selinuxLabel"].as_str())
