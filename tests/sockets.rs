@@ -437,7 +437,8 @@ async fn a_failed_dump_leaves_no_lock_and_the_pod_its_network() {
     assert_eq!(ask(&mut again), served + 2);
     // A lock that a CRIU killed mid-dump left (the shim's reaper kills one
     // that outlives its grace) goes with the pod's next dump, even a failed
-    // one: CRIU's unlock removes every jump to its chain, then the chain.
+    // one: CRIU's unlock removes the jumps to its chain (its own and one
+    // more), then the chain.
     plant_criu_lock(pid);
     assert!(!lock_rules(pid).is_empty());
     checkpoint(&mut c, &id, &out.path().join("y.tar"))
