@@ -352,15 +352,11 @@ fn host_server() -> u16 {
 /// A client in a pod on the node's network, connected to a server outside
 /// the pod (the test's, on the host's loopback): restored into a new pod,
 /// while the original runs on, its connection is closed and it connects
-/// again to the same server.
-///
-/// The restore policy refuses any restore on the node's network (containerd
-/// has the container join the pause's network namespace by path, which the
-/// policy takes for one of its own, unlike the checkpoint's, the host's), so
-/// it is off here.
+/// again to the same server. The restore policy is on: containerd has the
+/// container join the pause's network namespace (the host's) by path.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_connection_out_of_the_pod_is_reset_and_the_client_reconnects() {
-    let mut env = Env::start_configured("restore_policy = \"off\"\n");
+    let mut env = Env::start();
     let mut c = env.client().await;
     let probe = workload();
     let port = host_server().to_string();

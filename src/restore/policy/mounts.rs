@@ -14,8 +14,11 @@
 //!
 //! Namespaces: CRIU creates a namespace for the restored tree where the root
 //! task's differs from the dumping CRIU's own (`root_ids`), and otherwise
-//! leaves the tree in CRIU's, the host's. So the root task's set must be the
-//! spec's, and no task may hold a user namespace of its own.
+//! leaves the tree in CRIU's, the host's. So for each namespace the spec
+//! creates, the root task must have its own, and none where the spec has
+//! none; a namespace the spec joins by path (the pod's, or the host's for a
+//! hostNetwork pod) runc has CRIU join, whatever the images say. No task may
+//! hold a user namespace of its own.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -233,6 +236,9 @@ fn namespaces(images: &Images, a: &Allowed) -> Result<()> {
         )
     })?;
     for ((ns, h), (_, m)) in ids(host).into_iter().zip(ids(mine)) {
+        if a.joined.contains(&ns) {
+            continue;
+        }
         let own = h != m;
         match (a.has_ns(ns), own) {
             (true, false) => {

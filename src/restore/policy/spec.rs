@@ -63,6 +63,9 @@ pub struct Allowed {
     pub masked: Vec<String>,
     pub readonly: Vec<String>,
     pub namespaces: Vec<Ns>,
+    /// Those of them the spec joins by path (a pod's, or the host's for a
+    /// hostNetwork pod): runc has CRIU join the path, whatever the images say.
+    pub joined: Vec<Ns>,
     /// Device nodes the container may have: (`c` or `b`, major, minor), the
     /// spec's `linux.devices` and those runc always makes.
     pub devices: Vec<(char, u64, u64)>,
@@ -148,6 +151,15 @@ impl Allowed {
             masked: strings(&spec["linux"]["maskedPaths"]),
             readonly: strings(&spec["linux"]["readonlyPaths"]),
             namespaces: namespaces(&spec["linux"]["namespaces"])?,
+            joined: namespaces(&Value::Array(
+                spec["linux"]["namespaces"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|n| n["path"].as_str().is_some_and(|p| !p.is_empty()))
+                    .cloned()
+                    .collect(),
+            ))?,
             devices: devices(&spec["linux"]["devices"]),
             seccomp: Some(spec["linux"]["seccomp"].clone()).filter(|v| !v.is_null()),
         })
@@ -347,6 +359,7 @@ mod tests {
         );
         assert_eq!(user.rlimits, vec![(7, 1024, 4096)]);
         assert_eq!(user.namespaces, vec![Ns::Pid, Ns::Mnt, Ns::Net]);
+        assert_eq!(user.joined, vec![Ns::Net]);
         assert_eq!(user.mounts[0].destination, "/proc");
     }
 

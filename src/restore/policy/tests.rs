@@ -628,3 +628,41 @@ fn an_external_mount_is_only_the_spec_source_at_its_own_destination() {
         "an external mount without a key"
     );
 }
+
+#[test]
+fn a_namespace_the_spec_joins_by_path_may_be_the_hosts_in_the_images() {
+    let d = images(creds(0, u64::MAX));
+    // A hostNetwork checkpoint: the root task in CRIU's own network namespace.
+    let ids = TaskKobjIdsEntry {
+        pid_ns_id: Some(11),
+        mnt_ns_id: Some(12),
+        net_ns_id: Some(3),
+        ipc_ns_id: Some(4),
+        uts_ns_id: Some(5),
+        user_ns_id: Some(6),
+        time_ns_id: Some(7),
+        ..Default::default()
+    };
+    std::fs::write(
+        d.path().join("ids-1.img"),
+        encode(Kind::Ids, &[ids.encode_to_vec()]),
+    )
+    .unwrap();
+    assert!(
+        confine(d.path(), &default_spec()).is_ok(),
+        "joined by path: runc has CRIU join it"
+    );
+    let mut created = default_spec();
+    created["linux"]["namespaces"][2] = json!({"type": "network"});
+    let e = confine(d.path(), &created).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Privilege {
+                field: "namespace",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
