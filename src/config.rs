@@ -242,6 +242,11 @@ mod shipped {
         let f = super::FileConfig::load(&p, false).unwrap();
         assert_eq!(f.upstream.as_deref(), Some(super::DEFAULT_UPSTREAM));
         assert_eq!(f.checkpoint_enabled, Some(true));
+        assert_eq!(f.tcp_established, Some(true));
+        assert_eq!(
+            f.restore_policy,
+            Some(crate::restore::policy::Mode::Enforce)
+        );
         assert_eq!(f.hold_pages, Some(crate::hold::HoldPages::Auto));
         let mut c = super::Config::default();
         f.apply(&mut c);
