@@ -20,18 +20,12 @@ use std::path::Path;
 
 use super::archive::{check_entry, extract_except, regular_file};
 use super::pagemap::{Pagemap, PAGE_SIZE};
-use super::source::pagemaps;
+use super::source::{pagemaps, Member, Plan, PLAN};
 use crate::error::{Context, Error, Result};
 
 /// The CreateContainer annotation that asks for a lazy restore (`"true"`) or
 /// a full one (`"false"`), whatever the config's `lazy_pages` says.
 pub const ANNOTATION: &str = "io.ckpt-shim.lazy-pages";
-
-// Where the pages are and whether CRIU can be served them are the page
-// source's and the page server's to say; named here too for the restore
-// paths that ask this module.
-pub use super::page_server::criu_supported;
-pub use super::source::{Member, Plan, PLAN};
 
 /// Whether a lazy restore is asked for: the request's annotation, else the config.
 pub fn wanted(annotations: &HashMap<String, String>, config_default: bool) -> bool {

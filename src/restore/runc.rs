@@ -128,7 +128,7 @@ fn restore(inv: &Invocation, s: &Staged) -> Result<()> {
     std::fs::create_dir_all(s.work()).ctx(|| format!("create {}", s.work().display()))?;
     // A served restore's page source starts first: it comes up while the
     // file changes are applied.
-    let plan = super::lazy::Plan::read(&s.dir)?;
+    let plan = super::source::Plan::read(&s.dir)?;
     let lazy = match &plan {
         Some(_) => Some(LazyServer::spawn(s, inv.option(&["--pid-file"]))?),
         None => None,

@@ -25,17 +25,31 @@ pub fn hard_limit(a: &Allowed, resource: u32) -> u64 {
 }
 
 fn own_hard_limit(resource: u32) -> u64 {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit into the struct we own; nix's
-    // getrlimit takes only the resources it names, and CRIU's images index
-    // them by number.
-    match unsafe { libc::getrlimit(resource as _, &mut r) } {
-        0 => r.rlim_max,
-        _ => 0,
-    }
+    use nix::sys::resource::{getrlimit, Resource::*};
+    // CRIU's images index the limits by resource number, in this order.
+    let by_number = [
+        RLIMIT_CPU,
+        RLIMIT_FSIZE,
+        RLIMIT_DATA,
+        RLIMIT_STACK,
+        RLIMIT_CORE,
+        RLIMIT_RSS,
+        RLIMIT_NPROC,
+        RLIMIT_NOFILE,
+        RLIMIT_MEMLOCK,
+        RLIMIT_AS,
+        RLIMIT_LOCKS,
+        RLIMIT_SIGPENDING,
+        RLIMIT_MSGQUEUE,
+        RLIMIT_NICE,
+        RLIMIT_RTPRIO,
+        RLIMIT_RTTIME,
+    ];
+    // A resource this kernel has that nix does not name: none of it.
+    by_number
+        .get(resource as usize)
+        .and_then(|&r| getrlimit(r).ok())
+        .map_or(0, |(_, hard)| hard)
 }
 
 pub fn rlimits(r: &TaskRlimitsEntry, a: &Allowed) -> TaskRlimitsEntry {
