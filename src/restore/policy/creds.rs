@@ -211,6 +211,7 @@ fn like_fresh(process: &str, c: &CredsEntry, a: &Allowed) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::creds;
     use super::*;
     use serde_json::json;
 
@@ -219,31 +220,6 @@ mod tests {
             "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
             "noNewPrivileges": nnp}}))
         .unwrap()
-    }
-
-    fn creds(uid: u32, caps: u64) -> CredsEntry {
-        let mut c = CredsEntry {
-            uid,
-            gid: uid,
-            euid: uid,
-            egid: uid,
-            suid: uid,
-            sgid: uid,
-            fsuid: uid,
-            fsgid: uid,
-            ..Default::default()
-        };
-        set_caps(
-            &mut c,
-            Caps {
-                eff: caps,
-                prm: caps,
-                inh: 0,
-                bnd: caps,
-                amb: 0,
-            },
-        );
-        c
     }
 
     #[test]

@@ -51,7 +51,7 @@ fn words(m: u64) -> Vec<u32> {
     vec![m as u32, (m >> 32) as u32]
 }
 
-fn creds(uid: u32, caps: u64) -> CredsEntry {
+pub(super) fn creds(uid: u32, caps: u64) -> CredsEntry {
     CredsEntry {
         uid,
         gid: uid,
@@ -87,26 +87,33 @@ fn mount(id: u32, parent: u32, fstype: u32, at: &str, flags: u32, ext: Option<&s
     .encode_to_vec()
 }
 
-/// A one-process image set: init with `c`, in new pid, mnt and net
-/// namespaces (ids 11, 12, 13; CRIU's own are 1, 2, 3).
-fn write_images(dir: &Path, c: CredsEntry) {
-    let w = |name: &str, bytes: Vec<u8>| std::fs::write(dir.join(name), bytes).unwrap();
-    let host = TaskKobjIdsEntry {
-        pid_ns_id: Some(1),
-        mnt_ns_id: Some(2),
-        net_ns_id: Some(3),
+/// Namespace ids: these pid, mount and network ones, the rest CRIU's own.
+fn ids(pid: u32, mnt: u32, net: u32) -> TaskKobjIdsEntry {
+    TaskKobjIdsEntry {
+        pid_ns_id: Some(pid),
+        mnt_ns_id: Some(mnt),
+        net_ns_id: Some(net),
         ipc_ns_id: Some(4),
         uts_ns_id: Some(5),
         user_ns_id: Some(6),
         time_ns_id: Some(7),
         ..Default::default()
-    };
-    let mine = TaskKobjIdsEntry {
-        pid_ns_id: Some(11),
-        mnt_ns_id: Some(12),
-        net_ns_id: Some(13),
-        ..host
-    };
+    }
+}
+
+fn write_ids(dir: &Path, ids: TaskKobjIdsEntry) {
+    std::fs::write(
+        dir.join("ids-1.img"),
+        encode(Kind::Ids, &[ids.encode_to_vec()]),
+    )
+    .unwrap();
+}
+
+/// A one-process image set: init with `c`, in new pid, mnt and net
+/// namespaces (ids 11, 12, 13; CRIU's own are 1, 2, 3).
+fn write_images(dir: &Path, c: CredsEntry) {
+    let w = |name: &str, bytes: Vec<u8>| std::fs::write(dir.join(name), bytes).unwrap();
+    let host = ids(1, 2, 3);
     w(
         "inventory.img",
         encode(
@@ -133,7 +140,7 @@ fn write_images(dir: &Path, c: CredsEntry) {
             .encode_to_vec()],
         ),
     );
-    w("ids-1.img", encode(Kind::Ids, &[mine.encode_to_vec()]));
+    write_ids(dir, ids(11, 12, 13));
     let rlimits = TaskRlimitsEntry {
         rlimits: vec![
             RlimitEntry {
@@ -259,21 +266,7 @@ fn refusals_name_the_rule() {
     ));
 
     // The root task in CRIU's own (the host's) pid namespace.
-    let ids = TaskKobjIdsEntry {
-        pid_ns_id: Some(1),
-        mnt_ns_id: Some(12),
-        net_ns_id: Some(13),
-        ipc_ns_id: Some(4),
-        uts_ns_id: Some(5),
-        user_ns_id: Some(6),
-        time_ns_id: Some(7),
-        ..Default::default()
-    };
-    std::fs::write(
-        d.path().join("ids-1.img"),
-        encode(Kind::Ids, &[ids.encode_to_vec()]),
-    )
-    .unwrap();
+    write_ids(d.path(), ids(1, 12, 13));
     assert!(matches!(
         confine(d.path(), &default_spec()),
         Err(Error::Privilege {
@@ -633,21 +626,7 @@ fn an_external_mount_is_only_the_spec_source_at_its_own_destination() {
 fn a_namespace_the_spec_joins_by_path_may_be_the_hosts_in_the_images() {
     let d = images(creds(0, u64::MAX));
     // A hostNetwork checkpoint: the root task in CRIU's own network namespace.
-    let ids = TaskKobjIdsEntry {
-        pid_ns_id: Some(11),
-        mnt_ns_id: Some(12),
-        net_ns_id: Some(3),
-        ipc_ns_id: Some(4),
-        uts_ns_id: Some(5),
-        user_ns_id: Some(6),
-        time_ns_id: Some(7),
-        ..Default::default()
-    };
-    std::fs::write(
-        d.path().join("ids-1.img"),
-        encode(Kind::Ids, &[ids.encode_to_vec()]),
-    )
-    .unwrap();
+    write_ids(d.path(), ids(11, 12, 3));
     assert!(
         confine(d.path(), &default_spec()).is_ok(),
         "joined by path: runc has CRIU join it"
