@@ -190,11 +190,11 @@ class RestoreBench(Bench):
         self.warm("R", [f"{self.w}/ck-{mib}/runc-img"])
         cmd = (f"cd {b} && exec runc --root {self.w}/runc-state restore -d --image-path {self.w}/ck-{mib}/runc-img "
                f"--work-path {b}/restore-work {name} </dev/null > >(exec cat >/dev/null 2>&1) 2>&1")
+        # Before the restore: a failed one leaves its overlay too.
+        self.cleanups.append(lambda: sh(f"runc --root {self.w}/runc-state kill {name} KILL; sleep 0.3; runc --root {self.w}/runc-state delete -f {name}; umount {b}/rootfs; rm -rf {b}", check=False))
         t = time.monotonic()
         detached(["setsid", "bash", "-c", cmd])
-        wall = time.monotonic() - t
-        self.cleanups.append(lambda: sh(f"runc --root {self.w}/runc-state kill {name} KILL; sleep 0.3; runc --root {self.w}/runc-state delete -f {name}; umount {b}/rootfs; rm -rf {b}", check=False))
-        return wall
+        return time.monotonic() - t
 
     def run_S(self, mib):
         name = f"rs-{mib}-{self.n}"
@@ -205,21 +205,26 @@ class RestoreBench(Bench):
         open(f"{b}/config.json", "w").write(cfg)
         # The restored process keeps the command's stdio: a file, not a pipe we wait on.
         out = f"{b}.out"
+
+        def clean():  # registered before the restore: a failed one leaves its overlay too
+            pid = re.search(r"as pid (\d+)", text(out))
+            kill = f"kill -9 {pid.group(1)}; sleep 0.3; " if pid else ""
+            sh(f"{kill}umount {b}/rootfs; rm -rf {b} {out}; find /sys/fs/cgroup/*/ckpt-shim-bench/{name} -depth -type d -exec rmdir {{}} \\; 2>/dev/null", check=False)
+        self.cleanups.append(clean)
         t = time.monotonic()
         detached([SHIM, "restore", f"{self.w}/ck-{mib}/shim.tar", "--bundle", b, "--id", name], stdout=out)
         wall = time.monotonic() - t
-        pid = re.search(r"as pid (\d+)", open(out).read()).group(1)
-        self.cleanups.append(lambda: sh(f"kill -9 {pid}; sleep 0.3; umount {b}/rootfs; rm -rf {b}; find /sys/fs/cgroup/*/ckpt-shim-bench/{name} -depth -type d -exec rmdir {{}} \\; 2>/dev/null", check=False))
+        if not re.search(r"as pid (\d+)", text(out)):
+            raise RuntimeError(f"ckpt-shim restore did not say which pid it restored: {text(out)!r}")
         return wall
 
     def run_P(self, mib):
         name = f"pr-{mib}-{self.n}"
         self.n += 1
+        self.cleanups.append(lambda: sh(self.podman + ["rm", "-f", "-t", "0", name], check=False))
         t = time.monotonic()
         sh(self.podman + ["container", "restore", "--import", f"{self.w}/ck-{mib}/podman.tar", "--name", name])
-        wall = time.monotonic() - t
-        self.cleanups.append(lambda: sh(self.podman + ["rm", "-f", "-t", "0", name], check=False))
-        return wall
+        return time.monotonic() - t
 
     def run(self):
         self.cleanups = []
@@ -288,7 +293,7 @@ def main():
             c()
         b.teardown()
         if a.xfs:
-            sh(f"umount {a.work}; rm -f {a.work}.xfs.img; rmdir {a.work}", check=False)
+            sh(f"umount -l {a.work}; rm -f {a.work}.xfs.img; rmdir {a.work}", check=False)
     print(out)
 
 

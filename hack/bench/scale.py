@@ -186,7 +186,8 @@ def main():
         for c in getattr(b, "cleanups", []):
             c()
         b.teardown()
-        sh(f"umount {a.work}; rm -f {img}; rmdir {a.work}", check=False)
+        # Lazily: a process that has not let go yet must not leave the mount behind.
+        sh(f"umount -l {a.work}; rm -f {img}; rmdir {a.work}", check=False)
     print(out)
 
 
