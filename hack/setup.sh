@@ -34,6 +34,8 @@ PKGS=(
   libseccomp-dev
   # the reflink test (XFS on a loop device)
   xfsprogs
+  # the benchmarks' peer (podman), which tests/bench_smoke.rs runs in CI
+  podman conmon golang-github-containers-common uidmap
   # checkpoint images: a registry the tests start on 127.0.0.1, and buildah,
   # which builds them the way the Kubernetes docs do
   docker-registry buildah
