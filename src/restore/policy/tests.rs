@@ -551,36 +551,20 @@ fn a_zombie_child_passes_without_credentials_but_a_live_thread_never_does() {
         thread_core: None,
     };
     tree(&[(1, 0), (2, 1)]);
-    std::fs::write(
-        d.path().join("core-2.img"),
-        encode(Kind::Core, &[dead(Some(2)).encode_to_vec()]),
-    )
-    .unwrap();
-    let c = confine(d.path(), &default_spec()).unwrap();
+    let core2 = |state| {
+        let core = encode(Kind::Core, &[dead(Some(state)).encode_to_vec()]);
+        std::fs::write(d.path().join("core-2.img"), core).unwrap();
+        confine(d.path(), &default_spec())
+    };
+    let c = core2(2).unwrap();
     assert_eq!(c.threads, 1, "the zombie's image is left as it is");
-    std::fs::write(
-        d.path().join("core-2.img"),
-        encode(Kind::Core, &[dead(Some(1)).encode_to_vec()]),
-    )
-    .unwrap();
     assert!(
-        matches!(
-            confine(d.path(), &default_spec()),
-            Err(Error::BadImage { .. })
-        ),
+        matches!(core2(1), Err(Error::BadImage { .. })),
         "alive, without credentials"
     );
     tree(&[(2, 0)]);
-    std::fs::write(
-        d.path().join("core-2.img"),
-        encode(Kind::Core, &[dead(Some(2)).encode_to_vec()]),
-    )
-    .unwrap();
     assert!(
-        matches!(
-            confine(d.path(), &default_spec()),
-            Err(Error::BadImage { .. })
-        ),
+        matches!(core2(2), Err(Error::BadImage { .. })),
         "a dead root"
     );
 }
