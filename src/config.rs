@@ -51,7 +51,7 @@ pub struct Config {
     /// On SIGTERM, how long checkpoints in flight may go on before they are stopped.
     pub shutdown_grace_seconds: u64,
     /// Restore through CRI lazily: the process runs before its memory is in,
-    /// its pages served from the archive as it touches them (see README); a
+    /// its pages served from the archive as it touches them (docs/restore.md, "Lazy restore"); a
     /// CreateContainer annotation `io.ckpt-shim.lazy-pages` overrides it.
     pub lazy_pages: bool,
     /// Restores hold the checkpoint's images against the new container's

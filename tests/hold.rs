@@ -1,4 +1,4 @@
-//! Pages held in memory while the container is frozen (README, "Pages held
+//! Pages held in memory while the container is frozen (docs/design.md, "Holding pages
 //! during the pause"): by default, within one budget that every checkpoint in
 //! flight shares, with what does not fit written through.
 

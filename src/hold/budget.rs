@@ -1,7 +1,7 @@
 //! How much memory the checkpoints in flight may hold pages in while their
 //! containers are frozen: one budget per process, shared by all of them.
 //!
-//! The rule (README, "Pages held during the pause"): a checkpoint asks for its
+//! The rule (docs/design.md, "Holding pages during the pause"): a checkpoint asks for its
 //! container's anonymous and shared memory plus a margin, and gets what is
 //! left of the budget now. The budget is the least of
 //! - the ceiling (`hold_pages = "auto"`: `hold_ceiling_mib`; a number: that many MiB),

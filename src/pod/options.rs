@@ -1,5 +1,5 @@
 //! The `options` of CheckpointPod and RestorePod: every key the shim accepts is
-//! here (and in README); any other key, or a value that does not parse, is
+//! here (and in docs/pods.md); any other key, or a value that does not parse, is
 //! refused before anything runs.
 
 use std::collections::HashMap;

@@ -139,7 +139,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
 }
 
 /// Relays each client connection until SIGTERM or SIGINT. SIGHUP runs the
-/// readiness checks again; the config is read at start only (see README).
+/// readiness checks again; the config is read at start only (docs/operations.md, "Stopping and reloading").
 async fn accept(
     listener: tokio::net::UnixListener,
     upstream: &Arc<PathBuf>,

@@ -60,7 +60,7 @@ fn wait_socket(p: &Path, what: &str, log: &Path) {
 #[derive(Clone, Copy, PartialEq)]
 pub enum Runc {
     /// ckpt-runc (the built ckpt-shim, linked under that name), which
-    /// restores; the node set-up the README describes.
+    /// restores; the node set-up docs/restore.md describes.
     CkptRunc,
     /// runc itself, as on a node without the shim.
     Plain,
