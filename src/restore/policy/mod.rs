@@ -155,15 +155,15 @@ fn task_core_fields(
 
 impl Confined {
     /// Replaces the images, each file whole (a new file renamed over it).
-    pub fn write(self) -> Result<()> {
-        for (path, bytes) in self.writes {
+    pub fn write(&self) -> Result<()> {
+        for (path, bytes) in &self.writes {
             use std::io::Write;
             let tmp = path.with_extension("img.confined");
             let _ = std::fs::remove_file(&tmp);
             crate::safefs::create_new(&tmp, 0o600)?
-                .write_all(&bytes)
+                .write_all(bytes)
                 .ctx(|| format!("write {}", tmp.display()))?;
-            std::fs::rename(&tmp, &path).ctx(|| format!("replace {}", path.display()))?;
+            std::fs::rename(&tmp, path).ctx(|| format!("replace {}", path.display()))?;
         }
         Ok(())
     }
@@ -177,13 +177,8 @@ pub fn enforce(dir: &Path, spec: &Value, mode: Mode) -> Result<Option<Confined>>
         return Ok(None);
     }
     let c = confine(dir, spec)?;
-    let summary = Confined {
-        writes: Vec::new(),
-        threads: c.threads,
-        filtered: c.filtered,
-    };
     c.write()?;
-    Ok(Some(summary))
+    Ok(Some(c))
 }
 
 #[cfg(test)]
