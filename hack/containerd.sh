@@ -18,7 +18,7 @@ start() {
   runc_bin=${CKPT_RUNC:-$(command -v ckpt-runc || echo /usr/sbin/runc)}
   mkdir -p "$dir/cni" "$dir/cni-bin"
   ln -sf /usr/lib/cni/loopback "$dir/cni-bin/loopback"
-  install -m 0755 "$here/cni/ckpt-loopback" "$dir/cni-bin/ckpt-loopback"
+  install -m 0755 "$here/../tests/fixtures/cni/ckpt-loopback" "$dir/cni-bin/ckpt-loopback"
   cat > "$dir/cni/10-ckpt-loopback.conflist" <<JSON
 {"cniVersion": "1.0.0", "name": "ckpt-loopback", "plugins": [{"type": "ckpt-loopback"}]}
 JSON

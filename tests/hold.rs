@@ -109,7 +109,7 @@ fn probe_verdict(c: &common::Runc, name: &str) -> u64 {
     v["longest_us"].as_u64().unwrap()
 }
 
-/// The pause as the container sees it (hack/workloads/pauseprobe.c spinning
+/// The pause as the container sees it (tests/fixtures/workloads/pauseprobe.c spinning
 /// inside it) of one checkpoint with `pages` into `location`, and the bytes
 /// of pages it held.
 async fn pause_of(

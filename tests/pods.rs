@@ -814,9 +814,10 @@ async fn an_encrypted_pod_checkpoint_needs_the_identity_to_restore() {
     }
 }
 
-/// A static workload from hack/workloads, built into `dir`.
+/// A static workload from tests/fixtures/workloads, built into `dir`.
 fn workload(dir: &Path, name: &str) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("hack/workloads/{name}.c"));
+    let src =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/workloads/{name}.c"));
     let bin = dir.join(name);
     common::run_ok(
         std::process::Command::new("cc")

@@ -152,7 +152,7 @@ fn py(script: &str) -> PathBuf {
         .join(script)
 }
 
-/// A CRI client process in its `hold` mode (hack/go-cri, tests/py/hold.py):
+/// A CRI client process in its `hold` mode (tests/fixtures/go-cri, tests/py/hold.py):
 /// an ExecSync and a GetContainerEvents in flight on one connection.
 struct Holder {
     child: Child,

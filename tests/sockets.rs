@@ -3,7 +3,7 @@
 //! and restored with CreateContainer into a new pod, in front of a real
 //! containerd whose runc is ckpt-runc. The rules: docs/sockets.md.
 //!
-//! The pods here get their network from hack/cni/ckpt-loopback: a network
+//! The pods here get their network from tests/fixtures/cni/ckpt-loopback: a network
 //! namespace of their own with only `lo`, and 127.0.0.2 as the pod's
 //! address. So nothing outside a pod is reachable from it: a peer "outside
 //! the pod" is another container of the old pod, left behind, or a server
@@ -27,11 +27,11 @@ use common::cri::{
 use common::{out_dir, wait_count};
 use k8s_cri::v1 as cri;
 
-/// hack/workloads/sockets.c, built into a dir the containers mount at /probe.
+/// tests/fixtures/workloads/sockets.c, built into a dir the containers mount at /probe.
 fn workload() -> tempfile::TempDir {
     common::require(&["cc", "iptables-save", "ip6tables-save", "nsenter"]);
     let dir = tempfile::tempdir().unwrap();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("hack/workloads/sockets.c");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/workloads/sockets.c");
     common::run_ok(
         Command::new("cc")
             .args(["-O2", "-static", "-o"])

@@ -3,7 +3,7 @@
 //!
 //! - a process tree holding threads, children, epoll, eventfd, timerfd,
 //!   signalfd, inotify, System V and POSIX shared memory, a memfd, a
-//!   deleted file and flock and fcntl locks (hack/workloads/trees.c),
+//!   deleted file and flock and fcntl locks (tests/fixtures/workloads/trees.c),
 //!   checkpointed and restored into a new pod: every object still works and
 //!   the count goes on;
 //! - a container with a terminal and stdin open (what `kubectl run -it`
@@ -27,7 +27,7 @@ use common::restore::{create, restore_config};
 use k8s_cri::v1 as cri;
 
 /// The images these tests run: hack/build-oci-images.sh's, with
-/// hack/workloads/trees.c built in (hack/build-image.sh), in a directory
+/// tests/fixtures/workloads/trees.c built in (hack/build-image.sh), in a directory
 /// named after their sources. The node-wide cache
 /// (`/var/cache/ckpt-shim/images`) is rebuilt only when its stamp changes,
 /// so one made before trees.c would lack it.

@@ -27,11 +27,12 @@ fn criu() -> Criu {
     Criu::new("criu")
 }
 
-/// Builds hack/workloads/counter.c once per test binary.
+/// Builds tests/fixtures/workloads/counter.c once per test binary.
 fn counter_binary() -> PathBuf {
     static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BIN.get_or_init(|| {
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/workloads/counter.c");
+        let src =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/workloads/counter.c");
         let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("counter");
         let st = Command::new("cc")
             .args(["-O2", "-static", "-o"])

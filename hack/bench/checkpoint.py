@@ -6,7 +6,7 @@ Issue 21's question: with the pages held in memory while the container is frozen
 shim's peak memory and the bytes written while frozen, against writing through
 (`hold_pages = 0`), raw CRIU, runc and podman, on the normal disk and a slow one.
 
-For containers touching N MiB of incompressible memory (hack/workloads/counter.c),
+For containers touching N MiB of incompressible memory (tests/fixtures/workloads/counter.c),
 each round runs, in an order that rotates from round to round:
   through CRI (CheckpointContainer on a `ckpt-shim serve` socket in front of containerd;
   one shim per variant, each with its own config, socket and log):
@@ -36,7 +36,7 @@ each round runs, in an order that rotates from round to round:
 
 Every run records:
   - the pause as the application sees it: a probe inside the container
-    (hack/workloads/pauseprobe.c, started by the container's init, so that it is
+    (tests/fixtures/workloads/pauseprobe.c, started by the container's init, so that it is
     in the tree that is dumped) spins on CLOCK_MONOTONIC across the checkpoint
     (--probe-secs) and reports its longest gap; beside it the tool's own frozen
     figure and CRIU's;

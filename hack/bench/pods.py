@@ -2,7 +2,7 @@
 """Pod checkpoint benchmark (not a test: it asserts nothing). Every variant in the same run.
 
 For a pod of N containers (N = 2 and 4 by default), each touching M MiB of
-incompressible memory (hack/workloads/counter.c, 64 MiB by default), each round
+incompressible memory (tests/fixtures/workloads/counter.c, 64 MiB by default), each round
 runs, in an order that rotates from round to round:
   POD      CheckpointPod of every container (the cut: all frozen, dumped in parallel, all thawed)
   POD-1    CheckpointPod with parallel-dumps=1 (the same cut, one dump at a time)
@@ -12,7 +12,7 @@ runs, in an order that rotates from round to round:
   SEQ      CheckpointContainer of each container, one after the other
 and after them RestorePod of that round's POD checkpoint into a new pod, then
 StartContainer of each (each is restored then), timed to all running.
-The pause is seen from inside: every container also runs hack/workloads/ticker.c,
+The pause is seen from inside: every container also runs tests/fixtures/workloads/ticker.c,
 which wakes every millisecond and logs each gap over 5 ms with its CLOCK_MONOTONIC
 start and end. A variant's pod pause is the longest gap any container saw during
 the call; `one` is the median of the containers' own gaps in SEQ (one container
@@ -52,7 +52,7 @@ class Bench:
             time.sleep(0.05)
         for d in ("probe", "probe-restored"):
             os.makedirs(f"{self.w}/{d}")
-            sh(["cc", "-O2", "-static", "-o", f"{self.w}/{d}/ticker", f"{ROOT}/hack/workloads/ticker.c"])
+            sh(["cc", "-O2", "-static", "-o", f"{self.w}/{d}/ticker", f"{ROOT}/tests/fixtures/workloads/ticker.c"])
 
     def teardown(self):
         self.shim.terminate()

@@ -65,7 +65,7 @@ def go_client(work):
     out = f"{work}/go-cri"
     # The build cache the tests use too (tests/common: go_client), kept between runs.
     env = dict(os.environ, GO111MODULE="off", GOPATH="/usr/share/gocode", GOCACHE=f"{TARGET}/tmp/go-cache")
-    sh(["go", "build", "-o", out, "."], cwd=f"{ROOT}/hack/go-cri", env=env)
+    sh(["go", "build", "-o", out, "."], cwd=f"{ROOT}/tests/fixtures/go-cri", env=env)
     return out
 
 

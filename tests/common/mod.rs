@@ -600,10 +600,10 @@ pub fn restore_opts(
 /// The venv with grpcio and h2 (hack/setup.sh).
 pub const PYTHON: &str = "/var/cache/ckpt-shim/venv/bin/python3";
 
-/// The Go CRI client (hack/go-cri), built once per test binary.
+/// The Go CRI client (tests/fixtures/go-cri), built once per test binary.
 pub fn go_client() -> PathBuf {
     let bin = Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-cri");
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("hack/go-cri");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/go-cri");
     let out = Command::new("go")
         .args(["build", "-o"])
         .arg(&bin)
