@@ -40,8 +40,8 @@ pub struct Config {
     /// runtime's `ckpt-runc` must see the same (`CKPT_SHIM_RESTORE_DIR`).
     pub restore_dir: PathBuf,
     /// Memory to hold frozen containers' pages in, so the pause never waits
-    /// for the disk (see [`crate::hold::budget`]).
-    pub hold: crate::hold::Policy,
+    /// for the disk (see [`crate::checkpoint::hold::budget`]).
+    pub hold: crate::checkpoint::hold::Policy,
     /// Seal every checkpoint to these age recipients (`age1…`, `ssh-ed25519 …`).
     pub encrypt_to: Vec<String>,
     /// Root-only identity files that open sealed checkpoints restored here.
@@ -74,7 +74,7 @@ impl Default for Config {
             durable: true,
             stream: true,
             restore_dir: crate::restore::stage::DEFAULT_ROOT.into(),
-            hold: crate::hold::Policy::default(),
+            hold: crate::checkpoint::hold::Policy::default(),
             encrypt_to: Vec::new(),
             identities: Vec::new(),
             metrics_listen: None,
@@ -124,7 +124,7 @@ pub struct FileConfig {
     pub stream: Option<bool>,
     pub restore_dir: Option<PathBuf>,
     /// `"auto"` or MiB.
-    pub hold_pages: Option<crate::hold::HoldPages>,
+    pub hold_pages: Option<crate::checkpoint::hold::HoldPages>,
     /// The number form's older name.
     pub hold_pages_mib: Option<u64>,
     pub hold_ceiling_mib: Option<u64>,
@@ -178,7 +178,10 @@ impl FileConfig {
             c.staging_dir = self.staging_dir;
         }
         let h = &mut c.hold;
-        if let Some(p) = self.hold_pages_mib.map(crate::hold::HoldPages::Mib) {
+        if let Some(p) = self
+            .hold_pages_mib
+            .map(crate::checkpoint::hold::HoldPages::Mib)
+        {
             h.pages = p;
         }
         if let Some(p) = self.hold_pages {
@@ -219,7 +222,7 @@ mod tests {
             ("unix:///x.sock", false, DEFAULT_LISTEN)
         );
         assert!(toml::from_str::<FileConfig>("listne = \"/x\"").is_err());
-        use crate::hold::HoldPages;
+        use crate::checkpoint::hold::HoldPages;
         assert_eq!(c.hold.pages, HoldPages::Auto, "pages are held by default");
         let f: FileConfig = toml::from_str("hold_pages_mib = 64\nhold_floor_mib = 100").unwrap();
         f.apply(&mut c);
@@ -247,12 +250,12 @@ mod shipped {
             f.restore_policy,
             Some(crate::restore::policy::Mode::Enforce)
         );
-        assert_eq!(f.hold_pages, Some(crate::hold::HoldPages::Auto));
+        assert_eq!(f.hold_pages, Some(crate::checkpoint::hold::HoldPages::Auto));
         let mut c = super::Config::default();
         f.apply(&mut c);
         assert_eq!(
             c.hold,
-            crate::hold::Policy::default(),
+            crate::checkpoint::hold::Policy::default(),
             "it says the defaults"
         );
     }

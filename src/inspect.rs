@@ -7,7 +7,7 @@ use std::path::Path;
 
 use criu_rpc::proto::DumpStatsEntry;
 
-use crate::collect::ConfigDump;
+use crate::checkpoint::collect::ConfigDump;
 use crate::error::{Context, Error, Result};
 use crate::seal::decrypt::{self, PartAt, Parts};
 use crate::seal::{self, Identities, Marker};

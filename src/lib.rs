@@ -8,7 +8,6 @@
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
-pub mod archive;
 pub mod cri {
     //! Generated from `proto/cri.proto`: the CRI messages the shim decodes.
     tonic::include_proto!("runtime.v1");
@@ -29,15 +28,10 @@ pub mod cri {
     }
 }
 pub mod checkpoint;
-pub mod collect;
 pub mod config;
-pub mod dump;
 pub mod error;
 pub mod fcopy;
-pub mod freeze;
-pub mod hold;
 pub mod image;
-pub mod locate;
 pub mod meminfo;
 pub mod metrics;
 pub mod mountinfo;
@@ -51,5 +45,3 @@ pub mod restore;
 pub mod safefs;
 pub mod seal;
 pub mod server;
-pub mod sink;
-pub mod stream;

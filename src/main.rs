@@ -6,12 +6,13 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 
+use ckpt_shim::checkpoint::dump::DumpSettings;
+use ckpt_shim::checkpoint::locate;
 use ckpt_shim::checkpoint::{self, Options};
 use ckpt_shim::config::Config;
-use ckpt_shim::dump::DumpSettings;
 use ckpt_shim::restore::{self, RestoreOptions};
 use ckpt_shim::server;
-use ckpt_shim::{inspect, locate, preflight};
+use ckpt_shim::{inspect, preflight};
 
 #[derive(Parser)]
 #[command(
@@ -156,7 +157,7 @@ struct CheckpointArgs {
     /// (within the node's available memory, as the server does) or MiB; 0
     /// writes them straight into the archive.
     #[arg(long, default_value = "auto")]
-    hold_pages: ckpt_shim::hold::HoldPages,
+    hold_pages: ckpt_shim::checkpoint::hold::HoldPages,
     /// The number form's older name.
     #[arg(long, conflicts_with = "hold_pages")]
     hold_pages_mib: Option<u64>,
@@ -351,10 +352,10 @@ async fn checkpoint(a: CheckpointArgs, criu: criu_rpc::Criu) -> ckpt_shim::Resul
         freeze_journal: None,
         durable: !a.no_fsync,
         stream: !a.no_stream,
-        hold: ckpt_shim::hold::Budget::new(ckpt_shim::hold::Policy {
+        hold: ckpt_shim::checkpoint::hold::Budget::new(ckpt_shim::checkpoint::hold::Policy {
             pages: a
                 .hold_pages_mib
-                .map_or(a.hold_pages, ckpt_shim::hold::HoldPages::Mib),
+                .map_or(a.hold_pages, ckpt_shim::checkpoint::hold::HoldPages::Mib),
             ..Default::default()
         }),
         hold_cap: None,

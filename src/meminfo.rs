@@ -1,5 +1,5 @@
 //! The node's memory as `/proc/meminfo` reports it, read in one place: the
-//! hold budget ([`crate::hold::budget`]) and the sink's writeback estimate
+//! hold budget ([`crate::checkpoint::hold::budget`]) and the sink's writeback estimate
 //! both ask for `MemAvailable`.
 
 /// `MemAvailable` in bytes: what can be had without swapping.

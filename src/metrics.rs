@@ -363,7 +363,7 @@ impl Metrics {
     }
 }
 
-/// Where the pages of frozen containers went (see [`crate::hold`]).
+/// Where the pages of frozen containers went (see [`crate::checkpoint::hold`]).
 #[derive(Default)]
 struct HoldSeries {
     in_use: Gauge,

@@ -69,13 +69,13 @@ pub async fn run_checks(cfg: &Config) -> Vec<Check> {
 }
 
 /// How much the frozen containers' pages may be held in right now (see
-/// [`crate::hold::budget`]): nothing is a warning, since every checkpoint's
+/// [`crate::checkpoint::hold::budget`]): nothing is a warning, since every checkpoint's
 /// pause then waits for the disk.
-fn hold_pages(p: &crate::hold::Policy) -> Check {
+fn hold_pages(p: &crate::checkpoint::hold::Policy) -> Check {
     let (budget, why) = p.budget_now();
     let mode = match p.pages {
-        crate::hold::HoldPages::Auto => "auto".to_string(),
-        crate::hold::HoldPages::Mib(n) => format!("{n} MiB"),
+        crate::checkpoint::hold::HoldPages::Auto => "auto".to_string(),
+        crate::checkpoint::hold::HoldPages::Mib(n) => format!("{n} MiB"),
     };
     let detail = format!("{mode}: {} now (set by the {why})", gib(budget));
     let status = if budget > 0 { Status::Ok } else { Status::Warn };
@@ -447,7 +447,7 @@ fn freezer() -> Check {
     }
 }
 
-/// Which cgroup freezer [`crate::freeze`] will use: on a hybrid host the v1
+/// Which cgroup freezer [`crate::checkpoint::freeze`] will use: on a hybrid host the v1
 /// freezer, as runc does there.
 pub fn judge_freezer(mounts: &[Mount]) -> Check {
     let v1 = mounts

@@ -11,10 +11,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use age::secrecy::ExposeSecret;
+use ckpt_shim::checkpoint::locate;
 use ckpt_shim::checkpoint::{checkpoint, Options};
 use ckpt_shim::restore::{restore, Checkpoint};
 use ckpt_shim::seal::{Identities, Recipients};
-use ckpt_shim::{locate, Error};
+use ckpt_shim::Error;
 use common::*;
 
 /// A fresh key pair: the identity in a root-only file, and the recipient.

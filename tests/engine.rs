@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ckpt_shim::checkpoint::locate;
 use ckpt_shim::checkpoint::{checkpoint, Options};
 use ckpt_shim::restore::restore;
-use ckpt_shim::{locate, Error};
+use ckpt_shim::Error;
 use common::*;
 
 fn opts(location: &Path) -> Options {
@@ -59,7 +60,7 @@ async fn streamed_checkpoint_keeps_running_and_both_restores_continue_the_count(
 /// and the rest written through, or none; streamed and staged.
 #[tokio::test(flavor = "multi_thread")]
 async fn held_pages_make_the_same_archive_and_both_restores_continue_the_count() {
-    use ckpt_shim::hold::{Budget, HoldPages, Policy};
+    use ckpt_shim::checkpoint::hold::{Budget, HoldPages, Policy};
     for (id, mib, stream) in [
         ("engine-hold-all", 1024, true),
         ("engine-hold-part", 1, true),
@@ -108,12 +109,13 @@ async fn cycle_with(id: &str, prefix: &str, o: Options) {
     let after = c.count().unwrap();
     assert_eq!(report.streamed, stream);
     match o.hold.policy().pages {
-        ckpt_shim::hold::HoldPages::Mib(0) => {
+        ckpt_shim::checkpoint::hold::HoldPages::Mib(0) => {
             assert_eq!(report.pages_held, 0);
             assert!(report.frozen_written > 1 << 20, "{report:?}");
         }
         // Held whole (streamed: the first pages image; staged: every image).
-        ckpt_shim::hold::HoldPages::Mib(1024) | ckpt_shim::hold::HoldPages::Auto => {
+        ckpt_shim::checkpoint::hold::HoldPages::Mib(1024)
+        | ckpt_shim::checkpoint::hold::HoldPages::Auto => {
             assert!(report.pages_held > 1 << 20, "{report:?}");
             assert!(report.frozen_written < 1 << 20, "{report:?}");
         }

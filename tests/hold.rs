@@ -115,7 +115,7 @@ fn probe_verdict(c: &common::Runc, name: &str) -> u64 {
 async fn pause_of(
     c: &common::Runc,
     n: usize,
-    pages: ckpt_shim::hold::HoldPages,
+    pages: ckpt_shim::checkpoint::hold::HoldPages,
     location: &Path,
 ) -> (u64, u64) {
     let name = format!("pause-{n}");
@@ -123,10 +123,10 @@ async fn pause_of(
         "/bin/pauseprobe /tmp/{name} 5 </dev/null >/dev/null 2>&1 &"
     ));
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let found = ckpt_shim::locate::from_runtime_root(&c.root, &c.id).unwrap();
+    let found = ckpt_shim::checkpoint::locate::from_runtime_root(&c.root, &c.id).unwrap();
     let opts = ckpt_shim::checkpoint::Options {
         stream: true,
-        hold: ckpt_shim::hold::Budget::new(ckpt_shim::hold::Policy {
+        hold: ckpt_shim::checkpoint::hold::Budget::new(ckpt_shim::checkpoint::hold::Policy {
             pages,
             ..Default::default()
         }),
@@ -145,7 +145,7 @@ async fn pause_of(
 /// time, in turn: holding keeps the disk out of the pause.
 #[tokio::test(flavor = "multi_thread")]
 async fn held_pages_keep_a_slow_disk_out_of_the_pause() {
-    use ckpt_shim::hold::HoldPages;
+    use ckpt_shim::checkpoint::hold::HoldPages;
     common::require(&["runc", "criu", "cc"]);
     let dir = tempfile::tempdir().unwrap();
     let slow = common::slowfs::SlowFs::mount(dir.path(), 50.0);

@@ -7,7 +7,7 @@ mod common;
 use std::io::Read;
 use std::path::Path;
 
-use ckpt_shim::archive::{ArchiveWriter, Target};
+use ckpt_shim::checkpoint::archive::{ArchiveWriter, Target};
 
 fn free(p: &Path) -> u64 {
     let s = nix::sys::statvfs::statvfs(p).unwrap();

@@ -9,7 +9,7 @@ use std::path::Path;
 use serde_json::json;
 
 use super::build::{Blob, Built};
-use crate::archive::{ArchiveWriter, Target};
+use crate::checkpoint::archive::{ArchiveWriter, Target};
 use crate::error::{Context, Result};
 
 fn index(b: &Built, name: &str) -> Vec<u8> {

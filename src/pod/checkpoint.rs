@@ -12,11 +12,11 @@ use futures_util::StreamExt;
 
 use super::manifest::{self, ContainerEntry, Manifest};
 use super::output::Staging;
+use crate::checkpoint::freeze::{CriuWatch, FreezeGuard, Freezer, Gate, GateKeeper, JournalEntry};
+use crate::checkpoint::locate::Container;
+use crate::checkpoint::sink::Cancelled;
 use crate::checkpoint::{self, Captured, Options, Report, Setup};
 use crate::error::{Error, Result};
-use crate::freeze::{CriuWatch, FreezeGuard, Freezer, Gate, GateKeeper, JournalEntry};
-use crate::locate::Container;
-use crate::sink::Cancelled;
 
 /// A validated CheckpointPod: what to cut, where, how.
 pub struct Plan {

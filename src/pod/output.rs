@@ -8,8 +8,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::manifest::{self, Manifest};
+use crate::checkpoint::freeze::JournalEntry;
 use crate::error::{Context, Error, Result};
-use crate::freeze::JournalEntry;
 
 /// The committed checkpoint's directory, in `output_path`.
 pub const POD_DIR: &str = "pod";

@@ -20,8 +20,8 @@ use oci_spec::runtime::Spec;
 use serde::Deserialize;
 
 use super::rootfs::{self, DELETED, DIFF};
-use crate::archive::{safe_member_name, ArchiveWriter, Target};
-use crate::collect::ConfigDump;
+use crate::checkpoint::archive::{safe_member_name, ArchiveWriter, Target};
+use crate::checkpoint::collect::ConfigDump;
 use crate::error::{Context, Error, Result};
 use crate::safefs;
 use crate::seal::decrypt::{self, PartAt, Parts};

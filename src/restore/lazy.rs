@@ -67,10 +67,13 @@ pub fn stage(archive: &Path, dest: &Path, full: bool) -> Result<Plan> {
                 .ctx(|| format!("extract {}", member_name(*id)))?;
         }
     }
+    // A forged working set is refused here, like any other bad member.
+    super::working_set::WorkingSet::read(&dest.join(super::working_set::MEMBER))?;
     let plan = Plan {
         archive: std::fs::canonicalize(archive).ctx(|| format!("resolve {}", archive.display()))?,
         pages: lazy,
         full,
+        push_slots: None,
     };
     let json = serde_json::to_vec_pretty(&plan).expect("plain struct serialises");
     let mut f = crate::safefs::create_new(&dest.join(PLAN), 0o600)?;

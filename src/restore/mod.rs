@@ -4,8 +4,10 @@
 //! - [`create`]: CreateContainer of a checkpoint, rewritten for the runtime;
 //! - [`lazy`], [`pagemap`], [`page_server`], [`lazy_serve`]: a lazy restore,
 //!   its memory served from the archive as the process touches it;
-//! - [`push`], [`spans`], [`uffd`]: a full restore's memory put in from the
-//!   archive by the shim itself, one copy per page;
+//! - [`push`], [`spans`], [`uffd`]: a served restore's memory put in from the
+//!   archive by the shim itself, one copy per page, faults first;
+//! - [`slots`], [`working_set`]: the node's bound on background pushes, and
+//!   the pages a lazy restore puts in before the rest;
 //! - [`policy`]: the images held against the new container's spec: a restore
 //!   never gives a process more than a fresh container of that spec;
 //! - [`rootfs`]: the checkpoint's file changes applied to a new root file system;
@@ -24,6 +26,7 @@ pub mod policy;
 pub mod push;
 pub mod rootfs;
 pub mod runc;
+pub mod slots;
 pub mod sockets;
 pub mod source;
 pub mod spans;
@@ -31,6 +34,7 @@ pub mod stage;
 pub mod standalone;
 pub mod tcp_hold;
 pub mod uffd;
+pub mod working_set;
 
 pub use archive::{extract, Checkpoint};
 pub use rootfs::{apply_rootfs_diff, create_mount_points};

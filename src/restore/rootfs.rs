@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use oci_spec::runtime::Spec;
 
 use super::archive::{normal, Guard, Key, Seen};
-use crate::archive::safe_member_name;
+use crate::checkpoint::archive::safe_member_name;
 use crate::error::{Context, Error, Result};
 use crate::safefs;
 

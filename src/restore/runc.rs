@@ -352,7 +352,7 @@ fn has_established_tcp(images: &Path) -> bool {
 /// Rewrites the checkpoint's UTS images with the names of the UTS namespace the
 /// container joins (the new pod's), if it joins one.
 fn rename_uts(spec: &Spec, images: &Path) -> Result<()> {
-    let Some(ns) = crate::locate::namespaces(spec)
+    let Some(ns) = crate::checkpoint::locate::namespaces(spec)
         .into_iter()
         .find(|n| n.typ() == LinuxNamespaceType::Uts)
         .and_then(|n| n.path().clone())

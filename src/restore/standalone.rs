@@ -11,7 +11,7 @@ use criu_rpc::{ack_all, Criu};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
 use super::{apply_rootfs_diff, create_mount_points, Checkpoint};
-use crate::dump::{bind_destinations, DumpSettings};
+use crate::checkpoint::dump::{bind_destinations, DumpSettings};
 use crate::error::{Context, Error, Result};
 use crate::mountinfo;
 use crate::safefs;
@@ -177,7 +177,7 @@ impl Handed {
     /// The pod's network and pid namespaces are handed over as the dump's
     /// external keys; its IPC and UTS namespaces are joined.
     fn namespaces(&mut self, spec: &Spec) -> Result<()> {
-        for ns in crate::locate::namespaces(spec) {
+        for ns in crate::checkpoint::locate::namespaces(spec) {
             let Some(path) = ns.path() else { continue };
             let (key, join) = match ns.typ() {
                 LinuxNamespaceType::Network => ("extRootNetNS", None),

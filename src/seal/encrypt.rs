@@ -23,7 +23,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use super::{part_name, Marker, Recipients, SealedMember, PART};
-use crate::archive::ArchiveWriter;
+use crate::checkpoint::archive::ArchiveWriter;
 use crate::error::{Context, Error, Result};
 
 /// Where sealed parts go.
@@ -163,7 +163,7 @@ impl Sealer {
             let (parts, bytes) = written?;
             read?;
             if stop.load(Ordering::SeqCst) {
-                return Err(crate::archive::abandoned()).ctx(|| format!("seal {name}"));
+                return Err(crate::checkpoint::archive::abandoned()).ctx(|| format!("seal {name}"));
             }
             self.record(name, parts, bytes);
             Ok(bytes)
@@ -189,7 +189,7 @@ impl Sealer {
                 .pop()
                 .unwrap_or_else(|| Vec::with_capacity(PART + (64 << 10)));
             let r = if failed.load(Ordering::Relaxed) {
-                Err(crate::archive::abandoned()).ctx(|| "seal".into())
+                Err(crate::checkpoint::archive::abandoned()).ctx(|| "seal".into())
             } else {
                 self.seal_part(&slot[..n], &mut ct)
             };
@@ -259,7 +259,7 @@ fn read_parts<'s>(
     loop {
         let slot = loop {
             if halt() {
-                return Err(crate::archive::abandoned()).ctx(|| "read a part".into());
+                return Err(crate::checkpoint::archive::abandoned()).ctx(|| "read a part".into());
             }
             match free.recv_timeout(Duration::from_millis(50)) {
                 Ok(s) => break s,

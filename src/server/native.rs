@@ -12,6 +12,8 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::Channel;
 
+use crate::checkpoint::dump::DumpSettings;
+use crate::checkpoint::locate::Container;
 use crate::checkpoint::{self, Options};
 use crate::config::Config;
 use crate::cri::runtime_service_client::RuntimeServiceClient;
@@ -19,9 +21,7 @@ use crate::cri::{
     CheckpointContainerRequest, CheckpointContainerResponse, ContainerState, ContainerStatus,
     ContainerStatusRequest, ListContainersRequest,
 };
-use crate::dump::DumpSettings;
 use crate::error::{Error, Result};
-use crate::locate::Container;
 use crate::seal::Recipients;
 use crate::server::relay::{Call, Reply};
 
@@ -33,7 +33,7 @@ pub struct Native {
     staging_dir: Option<PathBuf>,
     durable: bool,
     stream: bool,
-    hold: Arc<crate::hold::Budget>,
+    hold: Arc<crate::checkpoint::hold::Budget>,
     journal: PathBuf,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     seal: Option<Arc<Recipients>>,
@@ -65,7 +65,7 @@ impl Native {
             staging_dir: cfg.staging_dir.clone(),
             durable: cfg.durable,
             stream: cfg.stream,
-            hold: crate::hold::Budget::new(cfg.hold),
+            hold: crate::checkpoint::hold::Budget::new(cfg.hold),
             journal: cfg.journal_dir(),
             locks: Mutex::default(),
             seal,
@@ -190,10 +190,10 @@ impl Native {
 
     /// Runs `work` as a task a stopping server waits for. If this future is
     /// dropped (the caller went away) or the server stops, the work's
-    /// [`Cancelled`](crate::sink::Cancelled) fires, and it winds down itself.
+    /// [`Cancelled`](crate::checkpoint::sink::Cancelled) fires, and it winds down itself.
     pub(super) async fn tracked<T, F>(
         &self,
-        work: impl FnOnce(crate::sink::Cancelled) -> F,
+        work: impl FnOnce(crate::checkpoint::sink::Cancelled) -> F,
     ) -> Result<T>
     where
         F: std::future::Future<Output = Result<T>> + Send + 'static,
@@ -382,7 +382,7 @@ fn log_checkpointed(id: &str, report: &checkpoint::Report, total: Duration) {
 fn runc_bundle(root: &Path, id: &str) -> Option<PathBuf> {
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(root.join(id).join("state.json")).ok()?).ok()?;
-    crate::locate::bundle_of(&state)
+    crate::checkpoint::locate::bundle_of(&state)
 }
 
 /// The deadline a `grpc-timeout` header sets (digits and a unit: H M S m u n).

@@ -14,6 +14,7 @@ use super::containers::{blocking, open_checkpoint, Containers};
 use super::native::{self, Native};
 use super::relay::{Call, Reply};
 use super::upstream::Upstream;
+use crate::checkpoint::locate::Container;
 use crate::cri::{
     CheckpointPodRequest, CheckpointPodResponse, ContainerConfig, ContainerState,
     ListContainersRequest, NamespaceMode, PodSandboxState, PodSandboxStatus,
@@ -22,7 +23,6 @@ use crate::cri::{
     StopPodSandboxRequest,
 };
 use crate::error::{Error, Result};
-use crate::locate::Container;
 use crate::pbwire::{grpc_frame, Fields};
 use crate::pod::checkpoint::{Plan, PodReport};
 use crate::pod::manifest::{ContainerEntry, Manifest, NamespaceOptions, Sandbox};

@@ -571,7 +571,7 @@ pub fn checkpoint_opts(location: &Path) -> ckpt_shim::checkpoint::Options {
         freeze_journal: None,
         durable: true,
         stream: false,
-        hold: ckpt_shim::hold::Budget::new(Default::default()),
+        hold: ckpt_shim::checkpoint::hold::Budget::new(Default::default()),
         hold_cap: None,
         seal: None,
     }

@@ -3,6 +3,15 @@
 //! is ready to seize it and thawed as soon as CRIU is done; nothing is left
 //! behind on failure.
 
+pub mod archive;
+pub mod collect;
+pub mod dump;
+pub mod freeze;
+pub mod hold;
+pub mod locate;
+pub mod sink;
+pub mod stream;
+
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::DirBuilderExt;
@@ -13,18 +22,18 @@ use std::time::{Duration, Instant};
 use criu_rpc::proto::DumpStatsEntry;
 use criu_rpc::Criu;
 
-use crate::archive::Target;
-use crate::collect::{self, Overlay, RootfsDiff};
-use crate::dump::{self, DumpSettings, DumpTarget};
 use crate::error::{Context, Error, Result};
-use crate::freeze::{self, FreezeAt, Freezer};
-use crate::hold::Budget;
-use crate::locate::Container;
 use crate::mountinfo::{self, Mount};
 use crate::safefs;
 use crate::seal::encrypt::{CipherSpool, SealWriter, Sealer};
 use crate::seal::Recipients;
-use crate::sink::{Cancelled, Dumped, Member, Sink, Wait};
+use archive::Target;
+use collect::{Overlay, RootfsDiff};
+use dump::{DumpSettings, DumpTarget};
+use freeze::{FreezeAt, Freezer};
+use hold::Budget;
+use locate::Container;
+use sink::{Cancelled, Dumped, Member, Sink, Wait};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -47,7 +56,7 @@ pub struct Options {
     /// the staged dump where the stream socket cannot be placed.
     pub stream: bool,
     /// The memory every checkpoint in flight may hold pages in during its
-    /// pause (see [`crate::hold`]).
+    /// pause (see [`hold`]).
     pub hold: Arc<Budget>,
     /// Most this checkpoint may hold, whatever the budget says.
     pub hold_cap: Option<u64>,
@@ -66,7 +75,7 @@ pub struct Report {
     pub archive_written_bytes: u64,
     /// Whether CRIU streamed its images into the archive.
     pub streamed: bool,
-    /// Bytes of pages held in memory during the pause (see [`crate::hold`]).
+    /// Bytes of pages held in memory during the pause (see [`hold`]).
     pub pages_held: u64,
     /// Bytes written to disk while the container was frozen.
     pub frozen_written: u64,
@@ -197,7 +206,7 @@ impl Stage {
     }
 
     fn log_in_memory(&mut self) -> Result<()> {
-        self.log = Some(crate::hold::memfd(c"ckpt-shim-criu-log")?);
+        self.log = Some(hold::memfd(c"ckpt-shim-criu-log")?);
         Ok(())
     }
 
@@ -330,7 +339,7 @@ fn diff_when_frozen(
                         &ov,
                         &mounts,
                         &spec,
-                        crate::hold::memfd(c"ckpt-shim-rootfs-diff")?,
+                        hold::memfd(c"ckpt-shim-rootfs-diff")?,
                     )?;
                     Ok(Diffed {
                         diff,
@@ -384,8 +393,8 @@ pub struct Setup {
 }
 
 /// Memory to hold `c`'s pages in during the pause, from the shared budget.
-fn reserve_hold(c: &Container, opts: &Options) -> crate::hold::Reservation {
-    let want = crate::hold::estimate(c.pid).unwrap_or(0);
+fn reserve_hold(c: &Container, opts: &Options) -> hold::Reservation {
+    let want = hold::estimate(c.pid).unwrap_or(0);
     let r = opts
         .hold
         .reserve(want.min(opts.hold_cap.unwrap_or(u64::MAX)));

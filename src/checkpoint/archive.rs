@@ -327,7 +327,7 @@ impl ArchiveWriter {
     /// Adds a member whose size is known only at its end: CRIU's image arriving
     /// through a pipe. Its headers are reserved for any size (a PAX header that
     /// 4 KiB-aligns the data), the data is read from the pipe into `hold` (see
-    /// [`crate::hold`]) and what does not fit spliced into place, `drained` is
+    /// [`super::hold`]) and what does not fit spliced into place, `drained` is
     /// called once the pipe has ended; then, once `thawed` opens, the held data
     /// and the headers are written. Stops early with an error once `stop` is
     /// set, which drops the pipe and makes CRIU abort. Returns the member's
@@ -337,7 +337,7 @@ impl ArchiveWriter {
         name: &str,
         pipe: &OwnedFd,
         stop: &std::sync::atomic::AtomicBool,
-        (mut hold, thawed): (Option<&mut crate::hold::Hold>, &crate::hold::Thawed),
+        (mut hold, thawed): (Option<&mut super::hold::Hold>, &super::hold::Thawed),
         drained: &dyn Fn(),
     ) -> Result<(u64, u64)> {
         let start = self.offset;
@@ -880,14 +880,14 @@ mod tests {
         let writer = std::thread::spawn(move || File::from(tx).write_all(&sent).unwrap());
         let t = Target::new(&d.path().join("h.tar")).unwrap();
         let mut w = ArchiveWriter::create(&t).unwrap();
-        let thawed = crate::hold::Thawed::default();
+        let thawed = crate::checkpoint::hold::Thawed::default();
         let (drained_tx, drained_rx) = std::sync::mpsc::channel();
         let streaming = {
             let thawed = thawed.clone();
             std::thread::spawn(move || {
                 let mut hold = match in_file {
-                    true => crate::hold::Hold::in_file(2 << 20).unwrap(),
-                    false => crate::hold::Hold::new(2 << 20).unwrap(),
+                    true => crate::checkpoint::hold::Hold::in_file(2 << 20).unwrap(),
+                    false => crate::checkpoint::hold::Hold::new(2 << 20).unwrap(),
                 };
                 let stop = AtomicBool::new(false);
                 let drained = move || drained_tx.send(()).unwrap();
@@ -957,7 +957,7 @@ mod tests {
                 "checkpoint/pages-1.img",
                 &rx,
                 &AtomicBool::new(false),
-                (None, &crate::hold::Thawed::already()),
+                (None, &crate::checkpoint::hold::Thawed::already()),
                 &|| {},
             )
             .unwrap();

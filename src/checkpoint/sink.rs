@@ -16,12 +16,12 @@ use criu_rpc::proto::Opts;
 use criu_rpc::streamer::CaptureSocket;
 use criu_rpc::{Criu, Notify};
 
-use crate::archive::{self, ArchiveWriter, Target};
+use super::archive::{self, ArchiveWriter, Target};
+use super::freeze::{self, CriuWatch, FreezeAt};
+use super::hold::{Hold, OpenOnDrop, Reservation, Thawed};
+use super::stream;
 use crate::error::{Context, Error, Result};
-use crate::freeze::{self, CriuWatch, FreezeAt};
-use crate::hold::{Hold, OpenOnDrop, Reservation, Thawed};
 use crate::seal::encrypt::{CipherSpool, Sealer};
-use crate::stream;
 
 /// Where CRIU's images go. There is one per checkpoint, so the streamed
 /// variant's size costs nothing worth a box.
@@ -31,7 +31,7 @@ pub enum Sink {
     Streamed {
         writer: ArchiveWriter,
         socket: CaptureSocket,
-        /// Memory for the pages during the pause (see [`crate::hold`]).
+        /// Memory for the pages during the pause (see [`super::hold`]).
         hold: Option<Hold>,
         sealer: Option<Arc<Sealer>>,
     },

@@ -527,7 +527,7 @@ pub fn outside_tree(freezer: &Freezer, root: i32) -> Result<Vec<(i32, String)>> 
     procs.dedup();
     Ok(procs
         .into_iter()
-        .filter(|p| !tree.contains(p) && crate::locate::process_alive(*p))
+        .filter(|p| !tree.contains(p) && super::locate::process_alive(*p))
         .map(|p| (p, comm(p)))
         .collect())
 }

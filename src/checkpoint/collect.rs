@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use oci_spec::runtime::Spec;
 use serde::Serialize;
 
-use crate::dump::bind_destinations;
+use super::dump::bind_destinations;
+use super::locate::Container;
 use crate::error::{Context, Result};
-use crate::locate::Container;
 use crate::mountinfo::{self, Mount};
 
 /// checkpointctl's `ContainerConfig` (config.dump).

@@ -215,7 +215,7 @@ pub fn bind_destinations(spec: &Spec) -> Vec<PathBuf> {
 /// CRIU must neither dump nor recreate them. Keys as runc and crun name them.
 pub fn external_namespaces(spec: &Spec) -> Result<Vec<String>> {
     let mut out = Vec::new();
-    for ns in crate::locate::namespaces(spec) {
+    for ns in super::locate::namespaces(spec) {
         let (kind, key) = match ns.typ() {
             LinuxNamespaceType::Network => ("net", "extRootNetNS"),
             LinuxNamespaceType::Pid => ("pid", "extRootPidNS"),

@@ -16,9 +16,9 @@ use std::sync::Mutex;
 
 use criu_rpc::streamer::CaptureSocket;
 
-use crate::archive::{self, safe_member_name, ArchiveWriter};
+use super::archive::{self, safe_member_name, ArchiveWriter};
+use super::hold::Thawed;
 use crate::error::{Context, Error, Result};
-use crate::hold::Thawed;
 use crate::seal::encrypt::{self, CipherSpool, Sealer};
 use crate::seal::PART;
 
@@ -95,7 +95,7 @@ pub fn capture(
     spool_dir: &Path,
     criu_gone: impl Fn() -> bool,
     progress: &Progress,
-    (hold, thawed): (Option<crate::hold::Hold>, Thawed),
+    (hold, thawed): (Option<super::hold::Hold>, Thawed),
     sealer: Option<&Sealer>,
 ) -> Result<Captured> {
     let Some(conn) = sock
@@ -195,8 +195,8 @@ fn receive_all<'scope, 'env>(
 
 struct Shared<'w> {
     w: Mutex<&'w mut ArchiveWriter>,
-    /// Memory for the pages image during the pause (see [`crate::hold`]).
-    hold: Mutex<Option<crate::hold::Hold>>,
+    /// Memory for the pages image during the pause (see [`super::hold`]).
+    hold: Mutex<Option<super::hold::Hold>>,
     /// What writes into the archive wait for: the thaw when pages are held,
     /// nothing otherwise.
     gate: Thawed,
