@@ -49,3 +49,20 @@ def crictl_path():
             return p
     raise SystemExit("crictl (cri-tools 1.34) is needed: put it on PATH or in ../shared/bin beside the repository "
                      "(https://github.com/kubernetes-sigs/cri-tools/releases)")
+
+
+def run_bench(bench, after=lambda: None):
+    """Sets `bench` up, runs it and returns its report. Whatever happens (a failure,
+    Ctrl-C), then runs the clean-ups it registered (`bench.cleanups`), tears it
+    down, and calls `after`."""
+    try:
+        bench.setup()
+        bench.run()
+        return bench.report()
+    finally:
+        try:
+            for c in getattr(bench, "cleanups", []):
+                c()
+            bench.teardown()
+        finally:
+            after()

@@ -38,7 +38,7 @@ import sys
 import time
 
 from checkpoint import Bench
-from common import CRICTL, SHIM, sh, text
+from common import CRICTL, SHIM, run_bench, sh, text
 
 
 def detached(cmd, stdout=None):
@@ -284,17 +284,10 @@ def main():
         sh(f"truncate -s {max(8, 4 * max(int(x) for x in a.sizes.split(',')) // 1024 + 6)}G {img} && "
            f"mkfs.xfs -q -f -m reflink=1 {img} && mount -o loop {img} {a.work}")
     b = RestoreBench(a.work, [int(s) for s in a.sizes.split(",")], a.rounds, a.only.split(",") if a.only else None)
-    try:
-        b.setup()
-        b.run()
-        out = b.report()
-    finally:
-        for c in getattr(b, "cleanups", []):
-            c()
-        b.teardown()
+    def unmount():
         if a.xfs:
             sh(f"umount -l {a.work}; rm -f {a.work}.xfs.img; rmdir {a.work}", check=False)
-    print(out)
+    print(run_bench(b, after=unmount))
 
 
 if __name__ == "__main__":
