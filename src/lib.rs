@@ -27,6 +27,7 @@ pub mod cri {
         )
     }
 }
+pub mod cgroup;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
@@ -34,6 +35,7 @@ pub mod fcopy;
 pub mod image;
 pub mod meminfo;
 pub mod metrics;
+pub mod oci;
 pub mod mountinfo;
 pub mod pbwire;
 pub mod pod;

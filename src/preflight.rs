@@ -11,6 +11,7 @@ use caps::{CapSet, Capability, CapsHashSet};
 use criu_rpc::Version;
 use nix::sys::statvfs::{statvfs, FsFlags};
 
+use crate::cgroup;
 use crate::config::{socket_path, Config};
 use crate::mountinfo::{self, Mount};
 
@@ -450,10 +451,8 @@ fn freezer() -> Check {
 /// Which cgroup freezer [`crate::checkpoint::freeze`] will use: on a hybrid host the v1
 /// freezer, as runc does there.
 pub fn judge_freezer(mounts: &[Mount]) -> Check {
-    let v1 = mounts
-        .iter()
-        .find(|m| m.fs_type == "cgroup" && m.super_options.split(',').any(|o| o == "freezer"));
-    let v2 = mounts.iter().find(|m| m.fs_type == "cgroup2");
+    let v1 = cgroup::v1_mount(mounts, "freezer");
+    let v2 = cgroup::v2_mount(mounts);
     let also_v2 = v2
         .map(|m| format!("; cgroup2 at {} too", m.mount_point.display()))
         .unwrap_or_default();

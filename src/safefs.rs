@@ -1,5 +1,6 @@
 //! Root-only file system primitives used wherever the shim writes: files are
-//! new (never reused), never created through a symlink, and private from birth.
+//! new (never reused), never created through a symlink, and private from birth;
+//! or in memory only.
 
 use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt;
@@ -44,4 +45,11 @@ pub fn free_space(path: &Path) -> Result<Free> {
         bytes: (s.blocks_available() as u64).saturating_mul(s.fragment_size() as u64),
         inodes: (s.files() > 0).then_some(s.files_available() as u64),
     })
+}
+
+/// An unnamed file in memory (never on disk, gone with its last descriptor).
+pub fn memfd(name: &std::ffi::CStr) -> Result<std::fs::File> {
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC).ctx(|| "create a memory file".into())?;
+    Ok(std::fs::File::from(fd))
 }

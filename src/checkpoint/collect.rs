@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use oci_spec::runtime::Spec;
 use serde::Serialize;
 
-use super::dump::bind_destinations;
 use super::locate::Container;
 use crate::error::{Context, Result};
 use crate::mountinfo::{self, Mount};
+use crate::oci::bind_destinations;
 
 /// checkpointctl's `ContainerConfig` (config.dump).
 #[derive(Debug, Serialize, serde::Deserialize, Default)]

@@ -129,9 +129,8 @@ fn network_lock(s: &DumpSettings) -> NetworkLockMethod {
 /// the layout differs.
 pub fn cgroup_yard(pid: i32, host_mounts: &[Mount]) -> Option<PathBuf> {
     const YARD: &str = "/sys/fs/cgroup";
-    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    for line in cgroups.lines() {
-        let controllers = line.split(':').nth(1)?;
+    for line in crate::cgroup::memberships(pid).ok()? {
+        let controllers = line.controllers.as_str();
         let (dir, kind) = match controllers {
             "" => ("unified", "cgroup2"),
             c => (c.strip_prefix("name=").unwrap_or(c), "cgroup"),
@@ -164,7 +163,7 @@ pub fn external_mounts(spec: &Spec, mounts: &[Mount]) -> Vec<ExtMountMap> {
         .into_iter()
         .map(PathBuf::from)
         .collect();
-    let binds = bind_destinations(spec);
+    let binds = crate::oci::bind_destinations(spec);
     let mut out: Vec<ExtMountMap> = Vec::new();
     for m in mounts {
         let mp = &m.mount_point;
@@ -193,29 +192,11 @@ pub fn external_mounts(spec: &Spec, mounts: &[Mount]) -> Vec<ExtMountMap> {
     out
 }
 
-/// Destinations of the spec's bind mounts.
-pub fn bind_destinations(spec: &Spec) -> Vec<PathBuf> {
-    spec.mounts()
-        .as_ref()
-        .map(|ms| {
-            ms.iter()
-                .filter(|m| {
-                    m.typ().as_deref() == Some("bind")
-                        || m.options()
-                            .as_ref()
-                            .is_some_and(|o| o.iter().any(|o| o == "bind" || o == "rbind"))
-                })
-                .map(|m| m.destination().clone())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// Namespaces the container joined by path (the pod's) belong to the sandbox:
 /// CRIU must neither dump nor recreate them. Keys as runc and crun name them.
 pub fn external_namespaces(spec: &Spec) -> Result<Vec<String>> {
     let mut out = Vec::new();
-    for ns in super::locate::namespaces(spec) {
+    for ns in crate::oci::namespaces(spec) {
         let (kind, key) = match ns.typ() {
             LinuxNamespaceType::Network => ("net", "extRootNetNS"),
             LinuxNamespaceType::Pid => ("pid", "extRootPidNS"),

@@ -2,13 +2,15 @@
 //! (CRIU's own wait sleeps in 100 ms steps), behind a guard that thaws on every
 //! path: error, deadline, cancellation (drop) and panic (unwind).
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::journal::JournalEntry;
+use super::tree::{describe, outside_tree};
+use super::watch::{wait_exit, CriuWatch};
+use crate::cgroup;
 use crate::error::{Context, Error, Result};
-use crate::mountinfo;
 
 const POLL: Duration = Duration::from_millis(1);
 
@@ -24,30 +26,13 @@ impl Freezer {
     /// The freezer of `pid`'s cgroup. On a hybrid host the v1 freezer wins, as runc
     /// uses it there; CRIU is later given this same path.
     pub fn for_pid(pid: i32) -> Result<Freezer> {
-        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-            .ctx(|| format!("read /proc/{pid}/cgroup"))?;
-        let host = mountinfo::read(std::process::id() as i32)?;
-        let mut v2 = None;
-        for line in cgroup.lines() {
-            let mut parts = line.splitn(3, ':');
-            let (_, controllers, path) = (
-                parts.next(),
-                parts.next().unwrap_or(""),
-                parts.next().unwrap_or(""),
-            );
-            if controllers.split(',').any(|c| c == "freezer") {
-                if let Some(m) = host.iter().find(|m| {
-                    m.fs_type == "cgroup" && m.super_options.split(',').any(|o| o == "freezer")
-                }) {
-                    return Ok(Freezer::V1(join_cgroup(&m.mount_point, &m.root, path)));
-                }
-            } else if controllers.is_empty() {
-                if let Some(m) = host.iter().find(|m| m.fs_type == "cgroup2") {
-                    v2 = Some(Freezer::V2(join_cgroup(&m.mount_point, &m.root, path)));
-                }
-            }
+        match cgroup::of(pid, "freezer")? {
+            Some(cgroup::Dir::V1(p)) => Ok(Freezer::V1(p)),
+            Some(cgroup::Dir::V2(p)) => Ok(Freezer::V2(p)),
+            None => Err(Error::Other(format!(
+                "no freezer cgroup found for pid {pid}"
+            ))),
         }
-        v2.ok_or_else(|| Error::Other(format!("no freezer cgroup found for pid {pid}")))
     }
 
     pub fn path(&self) -> &Path {
@@ -83,7 +68,7 @@ impl Freezer {
             .replace('\n', " ")
     }
 
-    fn request(&self, frozen: bool) -> Result<()> {
+    pub(super) fn request(&self, frozen: bool) -> Result<()> {
         let (file, value) = match self {
             Freezer::V1(p) => (
                 p.join("freezer.state"),
@@ -344,9 +329,6 @@ pub struct FreezeGuard {
     journal: Option<JournalEntry>,
 }
 
-/// A pidfd of the CRIU working on this cgroup, set once it is spawned.
-pub type CriuWatch = Arc<Mutex<Option<OwnedFd>>>;
-
 /// How long a dropped guard waits for CRIU to exit before its final thaw.
 const CRIU_EXIT_WAIT: Duration = Duration::from_secs(60);
 
@@ -404,230 +386,9 @@ impl Drop for FreezeGuard {
     }
 }
 
-/// A note on disk, removed when dropped, for [`recover`] after a crash: that we
-/// froze a cgroup ([`record`](Self::record)), or that a staging dir is in use
-/// ([`staging`](Self::staging)).
-#[derive(Debug)]
-pub struct JournalEntry(PathBuf);
-
-impl JournalEntry {
-    /// Written before freezing and removed once the cgroup is thawed for good. If
-    /// the shim dies in between (SIGKILL skips every guard) and CRIU, aborting,
-    /// re-freezes the cgroup it found frozen, the restarted shim thaws it.
-    pub fn record(dir: &Path, freezer: &Freezer) -> Result<JournalEntry> {
-        let (kind, cg) = match freezer {
-            Freezer::V1(p) => ("v1", p),
-            Freezer::V2(p) => ("v2", p),
-        };
-        // One entry per cgroup: checkpoints of one container are serialised.
-        Self::write(dir, cg, "frozen", &format!("{kind} {}\n", cg.display()))
-    }
-
-    /// Kept from the staging dir's creation until it is removed: a shim that dies
-    /// at any point (during the dump, or after the thaw while it builds the
-    /// archive) leaves its staging, with images or an unfinished archive inside,
-    /// for [`recover`] to remove.
-    pub fn staging(dir: &Path, staging: &Path) -> Result<JournalEntry> {
-        Self::write(
-            dir,
-            staging,
-            "staging",
-            &format!("staging {}\n", staging.display()),
-        )
-    }
-
-    /// The entry `<hash of key>.<kind>` in `dir`, holding `text`.
-    fn write(dir: &Path, key: &Path, kind: &str, text: &str) -> Result<JournalEntry> {
-        std::fs::create_dir_all(dir).ctx(|| format!("create {}", dir.display()))?;
-        let name = format!("{:016x}.{kind}", fnv1a(key.as_os_str().as_encoded_bytes()));
-        let path = dir.join(name);
-        std::fs::write(&path, text).ctx(|| format!("write {}", path.display()))?;
-        Ok(JournalEntry(path))
-    }
-}
-
-impl Drop for JournalEntry {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// Thaws every cgroup a previous shim left recorded as frozen by it, removes its
-/// staging dir, and forgets the entry. Returns the cgroups it thawed.
-pub fn recover(dir: &Path) -> Vec<PathBuf> {
-    let mut thawed = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-        for line in text.lines() {
-            let freezer = match line.split_once(' ') {
-                Some(("v1", p)) => Freezer::V1(PathBuf::from(p)),
-                Some(("v2", p)) => Freezer::V2(PathBuf::from(p)),
-                Some(("staging", p)) => {
-                    let p = Path::new(p);
-                    if p.file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.starts_with(".ckpt-shim-staging-"))
-                    {
-                        let _ = std::fs::remove_dir_all(p);
-                    }
-                    continue;
-                }
-                _ => continue,
-            };
-            // A cgroup that is gone (container removed) needs nothing.
-            if freezer.path().exists() && freezer.request(false).is_ok() {
-                thawed.push(freezer.path().to_path_buf());
-            }
-        }
-        let _ = std::fs::remove_file(e.path());
-    }
-    thawed
-}
-
-fn fnv1a(b: &[u8]) -> u64 {
-    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &c| {
-        (h ^ c as u64).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-/// Registers `pid` (CRIU) in a watch slot, as a pidfd.
-pub fn watch_pid(slot: &CriuWatch, pid: u32) {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd >= 0 {
-        // SAFETY: a fresh descriptor owned from here on.
-        *slot.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(unsafe { OwnedFd::from_raw_fd(fd as i32) });
-    }
-}
-
-/// Waits (blocking) up to `timeout` for the process behind `pidfd` to exit.
-fn wait_exit(pidfd: &OwnedFd, timeout: Duration) {
-    let mut p = libc::pollfd {
-        fd: pidfd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd; a pidfd polls readable when the process exits.
-    unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) };
-}
-
-/// The processes in `freezer`'s cgroup, or one below it, outside the tree
-/// of `root`: (pid, comm). CRIU dumps the tree under the container's init,
-/// so these would silently be left out of the checkpoint. In a pod that
-/// shares one PID namespace, a process that daemonizes is reparented to the
-/// pod's init (its pause), out of that tree, while it stays in the
-/// container's cgroup; a process that `exec` started is the runtime's
-/// child. Read while frozen, so that nothing forks or exits meanwhile.
-pub fn outside_tree(freezer: &Freezer, root: i32) -> Result<Vec<(i32, String)>> {
-    let tree = tree_of(root);
-    let mut procs = Vec::new();
-    cgroup_procs(freezer.path(), &mut procs)?;
-    procs.sort_unstable();
-    procs.dedup();
-    Ok(procs
-        .into_iter()
-        .filter(|p| !tree.contains(p) && super::locate::process_alive(*p))
-        .map(|p| (p, comm(p)))
-        .collect())
-}
-
-/// `root` and its descendants, through every thread's `children`, as CRIU
-/// walks them.
-fn tree_of(root: i32) -> std::collections::HashSet<i32> {
-    let mut tree = std::collections::HashSet::from([root]);
-    let mut todo = vec![root];
-    while let Some(pid) = todo.pop() {
-        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter();
-        for t in tasks.flatten().flatten() {
-            let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
-            for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
-                if tree.insert(child) {
-                    todo.push(child);
-                }
-            }
-        }
-    }
-    tree
-}
-
-/// Every pid in `dir`'s `cgroup.procs` and in those of the cgroups below it.
-fn cgroup_procs(dir: &Path, out: &mut Vec<i32>) -> Result<()> {
-    let procs = read_trim(&dir.join("cgroup.procs"))?;
-    out.extend(procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
-    for e in std::fs::read_dir(dir).ctx(|| format!("list {}", dir.display()))? {
-        let e = e.ctx(|| format!("list {}", dir.display()))?;
-        if e.file_type().is_ok_and(|t| t.is_dir()) {
-            cgroup_procs(&e.path(), out)?;
-        }
-    }
-    Ok(())
-}
-
-/// Its command name, and its pid in its own PID namespace where that differs.
-fn comm(pid: i32) -> String {
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|c| c.trim().to_string())
-        .unwrap_or_else(|_| "?".into());
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let inner = status
-        .lines()
-        .find_map(|l| l.strip_prefix("NSpid:"))
-        .and_then(|l| l.split_whitespace().last())
-        .filter(|p| *p != pid.to_string());
-    match inner {
-        Some(p) => format!("{comm}, pid {p} in the container"),
-        None => comm,
-    }
-}
-
-/// "pid 4711 (httpd, pid 9 in the container), pid 4712 (nc, …)".
-fn describe(procs: &[(i32, String)]) -> String {
-    let each: Vec<String> = procs
-        .iter()
-        .map(|(pid, comm)| format!("pid {pid} ({comm})"))
-        .collect();
-    each.join(", ")
-}
-
-fn join_cgroup(mount_point: &Path, mount_root: &str, path: &str) -> PathBuf {
-    // A cgroup namespace or a bind of a sub-hierarchy shows a mount root other than "/".
-    let rel = path
-        .strip_prefix(mount_root)
-        .filter(|_| mount_root != "/")
-        .unwrap_or(path);
-    mount_point.join(rel.trim_start_matches('/'))
-}
-
 fn read_trim(p: &Path) -> Result<String> {
     Ok(std::fs::read_to_string(p)
         .ctx(|| format!("read {}", p.display()))?
         .trim()
         .to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn recover_removes_a_noted_staging_dir_and_the_note() {
-        let d = tempfile::tempdir().unwrap();
-        let journal = d.path().join("frozen");
-        let staging = d.path().join(".ckpt-shim-staging-abc");
-        std::fs::create_dir_all(staging.join("checkpoint")).unwrap();
-        std::fs::write(staging.join(".x.tar.1.ckpt-shim-tmp"), b"pages").unwrap();
-        let other = d.path().join("not-staging");
-        std::fs::create_dir(&other).unwrap();
-        // A crash: the notes are never dropped.
-        std::mem::forget(JournalEntry::staging(&journal, &staging).unwrap());
-        std::mem::forget(JournalEntry::staging(&journal, &other).unwrap());
-        assert_eq!(recover(&journal), Vec::<PathBuf>::new());
-        assert!(!staging.exists(), "staging left");
-        assert!(
-            other.exists(),
-            "only the shim's own staging dirs are removed"
-        );
-        assert_eq!(std::fs::read_dir(&journal).unwrap().count(), 0);
-    }
 }

@@ -142,14 +142,6 @@ fn resolve_prefix(root: &Path, prefix: &str) -> Result<String> {
     }
 }
 
-/// The spec's namespaces (empty when it has none).
-pub fn namespaces(spec: &Spec) -> Vec<oci_spec::runtime::LinuxNamespace> {
-    spec.linux()
-        .as_ref()
-        .and_then(|l| l.namespaces().clone())
-        .unwrap_or_default()
-}
-
 /// Alive and not a zombie.
 pub fn process_alive(pid: i32) -> bool {
     stat_field(pid, 0).is_some_and(|state| state != "Z" && state != "X")

@@ -8,6 +8,9 @@ pub mod collect;
 pub mod dump;
 pub mod freeze;
 pub mod hold;
+pub mod journal;
+pub mod tree;
+pub mod watch;
 pub mod locate;
 pub mod sink;
 pub mod stream;
@@ -46,7 +49,7 @@ pub struct Options {
     pub settings: DumpSettings,
     /// fdatasync the archive and fsync its directory (on by default).
     pub durable: bool,
-    /// Where to note cgroups frozen by us, for [`freeze::recover`] after a crash.
+    /// Where to note cgroups frozen by us, for [`journal::recover`] after a crash.
     pub freeze_journal: Option<PathBuf>,
     /// Parent dir for staging; `None` stages beside the archive (same file system,
     /// so the copy into the archive can share extents).
@@ -161,7 +164,7 @@ pub async fn checkpoint_tracked(
 /// as long as it exists.
 struct Stage {
     dir: tempfile::TempDir,
-    note: Option<freeze::JournalEntry>,
+    note: Option<journal::JournalEntry>,
     /// CRIU's log in memory while pages are held: CRIU writes it line by line
     /// while the container is frozen, and on a slow disk each line waits.
     log: Option<File>,
@@ -174,7 +177,7 @@ impl Stage {
             opts.staging_dir.as_ref().unwrap_or(&target.dir_path),
         )?;
         let note = match &opts.freeze_journal {
-            Some(j) => Some(freeze::JournalEntry::staging(j, dir.path())?),
+            Some(j) => Some(journal::JournalEntry::staging(j, dir.path())?),
             None => None,
         };
         std::fs::DirBuilder::new()
@@ -206,7 +209,7 @@ impl Stage {
     }
 
     fn log_in_memory(&mut self) -> Result<()> {
-        self.log = Some(hold::memfd(c"ckpt-shim-criu-log")?);
+        self.log = Some(crate::safefs::memfd(c"ckpt-shim-criu-log")?);
         Ok(())
     }
 
@@ -339,7 +342,7 @@ fn diff_when_frozen(
                         &ov,
                         &mounts,
                         &spec,
-                        hold::memfd(c"ckpt-shim-rootfs-diff")?,
+                        crate::safefs::memfd(c"ckpt-shim-rootfs-diff")?,
                     )?;
                     Ok(Diffed {
                         diff,
@@ -388,7 +391,7 @@ pub struct Setup {
     w: Work,
     sink: Sink,
     p: Prepared,
-    criu: Option<freeze::CriuWatch>,
+    criu: Option<watch::CriuWatch>,
     gate: Option<freeze::Gate>,
 }
 
@@ -474,7 +477,7 @@ impl Setup {
     /// Registers the CRIU this dump runs in `watch` too: a caller that froze
     /// the container itself (a pod's cut) thaws it again once CRIU exits,
     /// since CRIU re-freezes a cgroup it found frozen.
-    pub fn share_criu(&mut self, watch: freeze::CriuWatch) {
+    pub fn share_criu(&mut self, watch: watch::CriuWatch) {
         self.criu = Some(watch);
     }
 

@@ -17,9 +17,11 @@ use criu_rpc::streamer::CaptureSocket;
 use criu_rpc::{Criu, Notify};
 
 use super::archive::{self, ArchiveWriter, Target};
-use super::freeze::{self, CriuWatch, FreezeAt};
+use super::freeze::FreezeAt;
 use super::hold::{Hold, OpenOnDrop, Reservation, Thawed};
+use super::journal;
 use super::stream;
+use super::watch::{self, CriuWatch};
 use crate::error::{Context, Error, Result};
 use crate::seal::encrypt::{CipherSpool, Sealer};
 
@@ -45,7 +47,7 @@ pub enum Sink {
 /// in the journal meanwhile, so a crashed shim's is removed on its restart.
 pub struct HeldDir {
     _dir: tempfile::TempDir,
-    _note: Option<freeze::JournalEntry>,
+    _note: Option<journal::JournalEntry>,
     _memory: Reservation,
 }
 
@@ -71,7 +73,7 @@ impl HeldDir {
         }
         let dir = crate::safefs::private_tempdir(".ckpt-shim-staging-", Path::new(HELD_STAGING))?;
         let note = journal
-            .map(|j| freeze::JournalEntry::staging(j, dir.path()))
+            .map(|j| journal::JournalEntry::staging(j, dir.path()))
             .transpose()?;
         let images = staging.join("checkpoint");
         std::fs::remove_dir(&images).ctx(|| format!("remove {}", images.display()))?;
@@ -234,7 +236,7 @@ impl criu_rpc::NotifyHandler for DumpHandler<'_> {
     }
 
     fn spawned(&mut self, pid: u32) {
-        freeze::watch_pid(&self.criu, pid);
+        watch::watch_pid(&self.criu, pid);
     }
 }
 
@@ -255,7 +257,7 @@ async fn dump_streamed(
     cancelled: &mut Cancelled,
 ) -> Result<Dumped> {
     let mut cli = criu.dump_cli(opts, &staging.join("checkpoint"), staging, true, true)?;
-    freeze::watch_pid(&wait.freeze.criu_watch(), cli.pid());
+    watch::watch_pid(&wait.freeze.criu_watch(), cli.pid());
     let criu_gone = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(stream::Progress::default());
     let thawed = Thawed::default();

@@ -12,9 +12,11 @@ use futures_util::StreamExt;
 
 use super::manifest::{self, ContainerEntry, Manifest};
 use super::output::Staging;
-use crate::checkpoint::freeze::{CriuWatch, FreezeGuard, Freezer, Gate, GateKeeper, JournalEntry};
+use crate::checkpoint::freeze::{FreezeGuard, Freezer, Gate, GateKeeper};
+use crate::checkpoint::journal::JournalEntry;
 use crate::checkpoint::locate::Container;
 use crate::checkpoint::sink::Cancelled;
+use crate::checkpoint::watch::CriuWatch;
 use crate::checkpoint::{self, Captured, Options, Report, Setup};
 use crate::error::{Error, Result};
 

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::manifest::{self, Manifest};
-use crate::checkpoint::freeze::JournalEntry;
+use crate::checkpoint::journal::JournalEntry;
 use crate::error::{Context, Error, Result};
 
 /// The committed checkpoint's directory, in `output_path`.

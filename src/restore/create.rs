@@ -150,7 +150,7 @@ fn mount_sources(
             .find(|m| Path::new(&m.container_path) == dest)
     };
     let mut undeclared = Vec::new();
-    for dest in crate::checkpoint::dump::bind_destinations(&ckpt.spec) {
+    for dest in crate::oci::bind_destinations(&ckpt.spec) {
         if !RUNTIME_MOUNTS.iter().any(|m| Path::new(m) == dest) && declared(&dest).is_none() {
             undeclared.push(dest.display().to_string());
         }

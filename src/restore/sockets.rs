@@ -122,10 +122,7 @@ pub fn prepare(s: &Staged, spec: &Spec) -> Result<()> {
 /// containers join the pause's namespace by path too, which is the host's.
 fn new_netns(spec: &Spec) -> bool {
     let ino = |p: &Path| std::fs::metadata(p).map(|m| m.ino()).ok();
-    match crate::checkpoint::locate::namespaces(spec)
-        .into_iter()
-        .find(|n| n.typ() == LinuxNamespaceType::Network)
-    {
+    match crate::oci::namespace(spec, LinuxNamespaceType::Network) {
         None => false,
         Some(n) => match n.path() {
             None => true,

@@ -11,9 +11,10 @@ use criu_rpc::{ack_all, Criu};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
 use super::{apply_rootfs_diff, create_mount_points, Checkpoint};
-use crate::checkpoint::dump::{bind_destinations, DumpSettings};
+use crate::checkpoint::dump::DumpSettings;
 use crate::error::{Context, Error, Result};
 use crate::mountinfo;
+use crate::oci::bind_destinations;
 use crate::safefs;
 use crate::seal::Identities;
 use std::sync::Arc;
@@ -177,7 +178,7 @@ impl Handed {
     /// The pod's network and pid namespaces are handed over as the dump's
     /// external keys; its IPC and UTS namespaces are joined.
     fn namespaces(&mut self, spec: &Spec) -> Result<()> {
-        for ns in crate::checkpoint::locate::namespaces(spec) {
+        for ns in crate::oci::namespaces(spec) {
             let Some(path) = ns.path() else { continue };
             let (key, join) = match ns.typ() {
                 LinuxNamespaceType::Network => ("extRootNetNS", None),
@@ -222,10 +223,7 @@ fn restore_mounts(spec: &Spec, cg_path: &Path) -> Result<Vec<ExtMountMap>> {
         }
     }
     // cgroup v1 hierarchies appear inside the container as binds of its own cgroup.
-    for h in mountinfo::read(std::process::id() as i32)?
-        .iter()
-        .filter(|m| m.fs_type == "cgroup")
-    {
+    for h in crate::cgroup::v1_mounts(&mountinfo::read(std::process::id() as i32)?) {
         let Some(name) = h.mount_point.file_name() else {
             continue;
         };

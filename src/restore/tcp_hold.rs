@@ -240,9 +240,7 @@ impl Hold {
     /// Nothing to hold: a checkpoint without any, or a new namespace of the
     /// container's own, where no peer can come.
     pub fn before_restore(images: &Path, spec: &Spec) -> Result<Hold> {
-        let net = crate::checkpoint::locate::namespaces(spec)
-            .into_iter()
-            .find(|n| n.typ() == LinuxNamespaceType::Network);
+        let net = crate::oci::namespace(spec, LinuxNamespaceType::Network);
         let (netns, conns) = match net {
             Some(n) if n.path().is_none() => (None, Vec::new()),
             n => (

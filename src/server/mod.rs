@@ -105,7 +105,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
         scrape::spawn(m).await?;
     }
     // A previous shim killed mid-checkpoint may have left containers frozen.
-    for cg in crate::checkpoint::freeze::recover(&cfg.journal_dir()) {
+    for cg in crate::checkpoint::journal::recover(&cfg.journal_dir()) {
         tracing::warn!(cgroup = %cg.display(), "thawed a container a previous ckpt-shim left frozen");
     }
     tracing::info!(listen = %cfg.listen.display(), upstream = %cfg.upstream, "serving CRI");

@@ -15,7 +15,6 @@
 
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -311,36 +310,10 @@ pub(crate) fn own_memory_cgroup() -> Option<(std::path::PathBuf, bool)> {
 /// `pid`'s memory cgroup dir: v1's memory controller where it is mounted,
 /// else v2's unified hierarchy; and whether it is v2.
 fn memory_cgroup(pid: i32) -> Option<(std::path::PathBuf, bool)> {
-    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    let (v1, v2) = cgroups.lines().fold((None, None), |(v1, v2), l| {
-        let mut p = l.splitn(3, ':');
-        let (_, ctl, path) = (
-            p.next(),
-            p.next().unwrap_or(""),
-            p.next().unwrap_or("").to_string(),
-        );
-        match ctl {
-            c if c.split(',').any(|c| c == "memory") => (Some(path), v2),
-            "" => (v1, Some(path)),
-            _ => (v1, v2),
-        }
-    });
-    match (v1, v2) {
-        (Some(p), _) => Some((
-            Path::new("/sys/fs/cgroup/memory").join(p.trim_start_matches('/')),
-            false,
-        )),
-        (None, Some(p)) => Some((cgroup2_root()?.join(p.trim_start_matches('/')), true)),
-        _ => None,
+    match crate::cgroup::of(pid, "memory").ok()?? {
+        crate::cgroup::Dir::V1(p) => Some((p, false)),
+        crate::cgroup::Dir::V2(p) => Some((p, true)),
     }
-}
-
-fn cgroup2_root() -> Option<std::path::PathBuf> {
-    crate::mountinfo::read(std::process::id() as i32)
-        .ok()?
-        .into_iter()
-        .find(|m| m.fs_type == "cgroup2")
-        .map(|m| m.mount_point)
 }
 
 /// An unnamed file in memory for a pages image: on a tmpfs of its own
@@ -353,7 +326,7 @@ fn pages_file() -> Result<std::fs::File> {
             if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
                 tracing::info!("holding pages in memfds: no tmpfs of our own: {e}");
             }
-            return memfd(c"ckpt-shim-pages");
+            return crate::safefs::memfd(c"ckpt-shim-pages");
         }
     };
     let flags = OFlag::O_TMPFILE | OFlag::O_RDWR | OFlag::O_CLOEXEC;
@@ -444,13 +417,6 @@ fn new_fd(r: libc::c_long) -> std::io::Result<OwnedFd> {
     // SAFETY: the syscalls passed here (fsopen, fsmount) return a new fd
     // installed for us alone: open, and owned by nothing else.
     Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
-}
-
-/// An unnamed file in memory (what a frozen container's data is held in).
-pub fn memfd(name: &std::ffi::CStr) -> Result<std::fs::File> {
-    use nix::sys::memfd::{memfd_create, MFdFlags};
-    let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC).ctx(|| "create a memory file".into())?;
-    Ok(std::fs::File::from(fd))
 }
 
 /// Opens once the container runs again. Writes of what was held wait for it,

@@ -120,7 +120,7 @@ fn add(
 /// libseccomp 2.5 exports only to a file descriptor: a memfd here.
 fn export(ctx: &ScmpFilterContext) -> Result<Vec<u8>> {
     use std::io::{Read, Seek};
-    let mut f = crate::checkpoint::hold::memfd(c"seccomp-bpf")?;
+    let mut f = crate::safefs::memfd(c"seccomp-bpf")?;
     ctx.export_bpf(&f)
         .map_err(|e| Error::Other(format!("export the seccomp filter: {e}")))?;
     let mut bpf = Vec::new();
