@@ -56,6 +56,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 
@@ -232,6 +233,30 @@ def client_main(argv):
 
 
 # --- the benchmark ---
+def criu_profile(log):
+    """Where CRIU's frozen time went, from its dump.log's timestamps (s): seizing and
+    collecting until the first task's pages, dumping pages (every task's, from
+    "Dumping pages" to its "Dumping core"), the network unlock until the thaw,
+    and the rest."""
+    at = lambda l: float(l[1:l.index(")")])  # "(SS.UUUUUU) …", seconds since CRIU started
+    lines = [l for l in (log or "").splitlines() if l.startswith("(")]
+    frozen = next((at(l) for l in lines if "freezing cgroup" in l or "SEIZE " in l), None)
+    thaw = next((at(l) for l in lines if "Unfreezing tasks" in l), None)
+    if frozen is None or thaw is None:
+        return {}
+    pages, first, start = 0.0, None, None
+    for l in lines:
+        if "Dumping pages (type" in l:
+            start = at(l)
+            first = first if first is not None else start
+        elif "Dumping core (pid" in l and start is not None:
+            pages += at(l) - start
+            start = None
+    unlock = next((thaw - at(l) for l in lines if "Unlock network" in l), 0.0)
+    before = (first if first is not None else frozen) - frozen
+    return dict(p_before=before, p_pages=pages, p_unlock=unlock, p_rest=thaw - frozen - before - pages - unlock)
+
+
 class WorkloadsBench(Bench):
     shim_configs = {"S": ""}  # the defaults
     probed = False
@@ -358,8 +383,12 @@ class WorkloadsBench(Bench):
         sh([CRICTL, s["sock"], "checkpoint", c["cid"], f"{d}/a.tar", "600"])
         total = time.monotonic() - t
         line = [l for l in text(s["log"]).splitlines() if "checkpointed" in l and c["cid"] in l][-1]
-        print(f"    SHIM: {re.search(r'phases=.*', line).group(0) if 'phases=' in line else line}", file=sys.stderr)
-        return dict(total=total, frozen=last_logged(s["log"], "frozen_ms"), criu=frozen_ms(stats_in_tar(f"{d}/a.tar")))
+        print(f"    SHIM: {line[line.index('checkpointed'):]}", file=sys.stderr)
+        with tarfile.open(f"{d}/a.tar") as t:
+            log = t.extractfile("dump.log").read().decode(errors="replace")
+        return dict(total=total, frozen=last_logged(s["log"], "frozen_ms"), criu=frozen_ms(stats_in_tar(f"{d}/a.tar")),
+                    held=last_logged(s["log"], "pages_held"), frozen_written=last_logged(s["log"], "frozen_written"),
+                    **criu_profile(log))
 
     def run_RUNC(self, app, d):
         r = self.ctr[(app, "runc")]
@@ -368,7 +397,8 @@ class WorkloadsBench(Bench):
             "--image-path", f"{d}/img", "--work-path", f"{d}/work", r["name"]])
         dump = time.monotonic() - t
         sh(["tar", "cf", f"{d}/c.tar", "-C", f"{d}/img", "."])
-        return dict(total=time.monotonic() - t, dump=dump, criu=frozen_ms(read(f"{d}/work/stats-dump")))
+        return dict(total=time.monotonic() - t, dump=dump, criu=frozen_ms(read(f"{d}/work/stats-dump")),
+                    **criu_profile(text(f"{d}/work/dump.log")))
 
     def run_CRIU(self, app, d):
         r = self.ctr[(app, "runc")]
@@ -380,7 +410,7 @@ class WorkloadsBench(Bench):
                "-v4", "-o", "dump.log"] + self.mount_maps(r)
         t = time.monotonic()
         sh(cmd)
-        return dict(total=time.monotonic() - t, criu=frozen_ms(read(f"{d}/work/stats-dump")))
+        return dict(total=time.monotonic() - t, criu=frozen_ms(read(f"{d}/work/stats-dump")), **criu_profile(text(f"{d}/work/dump.log")))
 
     def mount_maps(self, r):
         """--ext-mount-map for what runc bind-mounts from the host: the masked paths
@@ -472,6 +502,16 @@ class WorkloadsBench(Bench):
                 lines.append(f"| {self.label(app)} | {v}: {what} | {rng(m('gap'), 1e3, '.0f')} | {one(m('before'), 1e3, '.1f')} | "
                              f"{rng(m('total'), 1, '.3f')} | {one(m('dump'), 1, '.3f') if v == 'RUNC' else '-'} | "
                              f"{one(frozen, 1, '.0f')} | {one(m('during'), 1, '.0f')} | {errors} |")
+        lines += ["", "Where the frozen time went, from CRIU's dump.log (medians, ms): seizing and collecting until the first "
+                  "pages; dumping pages (for SHIM into the shim's held tmpfs, for the peers into the page cache); the rest "
+                  "(core, files, namespaces; for SHIM also the shim's own steps at CRIU's action hooks); the network "
+                  "unlock until the thaw.", "",
+                  "| workload | variant | until pages | pages | rest | network unlock → thaw |", "|---|---|---|---|---|---|"]
+        for app in self.apps:
+            for v, _ in VARIANTS:
+                if (app, v) in self.rows:
+                    p = lambda k: one(self.med(app, v, k), 1e3, ".0f")
+                    lines.append(f"| {self.label(app)} | {v} | {p('p_before')} | {p('p_pages')} | {p('p_rest')} | {p('p_unlock')} |")
         lines += ["", "Against the peers, same run (medians). Goal (issue 26): the client's gap through the shim ≤ 0.5× "
                   "`runc checkpoint`'s, at 1 GiB.", "",
                   "| workload | gap SHIM / RUNC | gap SHIM / CRIU | total SHIM / RUNC (dump + tar) | total SHIM / CRIU |",
