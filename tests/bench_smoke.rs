@@ -376,3 +376,41 @@ fn proxy_three_clients_direct_and_through_the_shim() {
         }
     }
 }
+
+#[test]
+fn workloads_redis_and_nginx_against_runc_and_criu_at_16_mib() {
+    let w = work("wl");
+    let out = bench(
+        &["workloads", "--mib", "16", "--rounds", "1", "--work", &w],
+        LIMIT,
+    );
+    assert!(
+        out.contains("(redis: 1, nginx: 1 of 1)"),
+        "the one round did not finish: {out}"
+    );
+    let t = tables(&out);
+    assert_eq!(
+        t.len(),
+        3,
+        "the runs, where their frozen time went, the ratios"
+    );
+    for app in ["redis, 16 MiB", "nginx"] {
+        for v in ["SHIM", "RUNC", "CRIU"] {
+            let row = t[0]
+                .rows
+                .iter()
+                .find(|r| r[0] == app && r[1].starts_with(&format!("{v}: ")))
+                .unwrap_or_else(|| panic!("no row {app} {v}: {:?}", t[0].rows));
+            for i in [2, 3, 4, 6, 7] {
+                filled(&row[i], &format!("{app} {v}: {}", t[0].header[i]));
+            }
+            assert_eq!(row[8], "0", "{app} {v}: the client counted errors");
+            for c in &t[1].row(&[app, v])[2..] {
+                filled(c, &format!("{app} {v}: CRIU's phases"));
+            }
+        }
+        for c in &t[2].row(&[app])[1..] {
+            filled(c, app);
+        }
+    }
+}
