@@ -1,10 +1,12 @@
 //! ckpt-shim: checkpoints running containers into the archive Kubernetes tools read,
 //! driving CRIU itself.
 //!
-//! The data path, one module per step: [`locate`] → [`freeze`] → [`dump`] →
-//! [`collect`] → [`archive`], run by [`checkpoint`]; [`stream`] fuses the dump and
-//! the archive when CRIU streams its images; [`restore`] and [`inspect`] read
-//! archives back.
+//! The data path: [`checkpoint`] (one module per step: locate → freeze →
+//! dump → collect → sink → archive), [`pod`] for a pod's cut, [`restore`] and
+//! [`inspect`] reading archives back, [`image`] for checkpoint images, and
+//! [`server`], the CRI endpoint in front of containerd or CRI-O. Shared facts
+//! have one home each: [`cgroup`], [`oci`], [`mountinfo`], [`meminfo`],
+//! [`safefs`]; CRIU's RPC and image framing are in the `criu-rpc` crate.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -35,8 +37,8 @@ pub mod fcopy;
 pub mod image;
 pub mod meminfo;
 pub mod metrics;
-pub mod oci;
 pub mod mountinfo;
+pub mod oci;
 pub mod pbwire;
 pub mod pod;
 pub mod preflight;

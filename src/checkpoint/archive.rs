@@ -1,4 +1,4 @@
-//! Step 5: one uncompressed POSIX tar, root-only from its first byte, atomic.
+//! Step 6: one uncompressed POSIX tar, root-only from its first byte, atomic.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -631,6 +631,47 @@ pub fn safe_member_name(name: &Path) -> bool {
                 std::path::Component::Normal(_) | std::path::Component::CurDir
             )
         })
+}
+
+/// One archive member, before it is written. Secret ones carry the
+/// container's data, and are sealed when the checkpoint is.
+pub enum Member {
+    Dir(&'static str),
+    Bytes(String, Vec<u8>),
+    File(String, std::path::PathBuf),
+    Secret(String, Vec<u8>),
+    SecretFile(String, std::path::PathBuf),
+    /// An open file (in memory) with the data.
+    Open(String, std::fs::File),
+    /// Parts sealed already (the rootfs diff, sealed as it was walked).
+    Sealed(std::cell::RefCell<Option<crate::seal::encrypt::CipherSpool>>),
+}
+
+impl Member {
+    pub(super) fn name(&self) -> &str {
+        match self {
+            Member::Dir(n) => n,
+            Member::Bytes(n, _)
+            | Member::File(n, _)
+            | Member::Open(n, _)
+            | Member::Secret(n, _)
+            | Member::SecretFile(n, _) => n,
+            Member::Sealed(_) => "(sealed parts)",
+        }
+    }
+
+    /// Data size (`None` for a directory), as the archive plan needs it.
+    pub(super) fn size(&self) -> Result<Option<u64>> {
+        let stat =
+            |p: &std::path::Path| std::fs::metadata(p).ctx(|| format!("stat {}", p.display()));
+        Ok(match self {
+            Member::Dir(_) => None,
+            Member::Bytes(_, d) | Member::Secret(_, d) => Some(d.len() as u64),
+            Member::File(_, p) | Member::SecretFile(_, p) => Some(stat(p)?.len()),
+            Member::Open(n, f) => Some(f.metadata().ctx(|| format!("stat {n}"))?.len()),
+            Member::Sealed(_) => return Err(Error::Other("sealed parts are only streamed".into())),
+        })
+    }
 }
 
 #[cfg(test)]

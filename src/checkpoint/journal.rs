@@ -1,7 +1,7 @@
-//! The crash journal of step 2 (freeze): a note on disk for each cgroup the
-//! shim froze and each staging dir it uses, so that a shim restarted after a
-//! crash ([`recover`]) thaws what it left frozen and removes what it left
-//! staged. SIGKILL skips every guard; the journal does not need them.
+//! Part of step 2 (freeze): the crash journal. A note on disk for each cgroup
+//! the shim froze and each staging dir it uses, so that a shim restarted
+//! after a crash ([`recover`]) thaws what it left frozen and removes what it
+//! left staged. SIGKILL skips every guard; the journal does not need them.
 
 use std::path::{Path, PathBuf};
 

@@ -1,7 +1,20 @@
-//! The whole checkpoint, as its five steps: locate (done by the caller) →
-//! freeze → dump → collect → archive. The container is frozen only once CRIU
-//! is ready to seize it and thawed as soon as CRIU is done; nothing is left
-//! behind on failure.
+//! The whole checkpoint, its steps in order, one module each:
+//!
+//! 1. [`locate`]: find the container and what the checkpoint needs of it
+//!    (done by the caller);
+//! 2. [`freeze`]: freeze its cgroup once CRIU is ready to seize it, noted in
+//!    the crash [`journal`], with CRIU [`watch`]ed so that nothing stays
+//!    frozen, and no process of the cgroup left out of the dumped [`tree`];
+//! 3. [`dump`]: CRIU's options, in runc's naming;
+//! 4. [`collect`]: what goes beside the images (config, descriptors, the
+//!    root file system's changes);
+//! 5. the images reach the archive through one of two sinks ([`sink`]):
+//!    streamed ([`stream`], every image written once, into the archive) or
+//!    staged; [`hold`] keeps the pages in memory during the pause;
+//! 6. [`archive`]: one root-only POSIX tar, atomic.
+//!
+//! This module runs them: the container is thawed as soon as CRIU is done,
+//! and nothing is left behind on failure.
 
 pub mod archive;
 pub mod collect;
@@ -9,11 +22,11 @@ pub mod dump;
 pub mod freeze;
 pub mod hold;
 pub mod journal;
-pub mod tree;
-pub mod watch;
 pub mod locate;
 pub mod sink;
 pub mod stream;
+pub mod tree;
+pub mod watch;
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
@@ -30,13 +43,13 @@ use crate::mountinfo::{self, Mount};
 use crate::safefs;
 use crate::seal::encrypt::{CipherSpool, SealWriter, Sealer};
 use crate::seal::Recipients;
-use archive::Target;
+use archive::{Member, Target};
 use collect::{Overlay, RootfsDiff};
 use dump::{DumpSettings, DumpTarget};
 use freeze::{FreezeAt, Freezer};
 use hold::Budget;
 use locate::Container;
-use sink::{Cancelled, Dumped, Member, Sink, Wait};
+use sink::{Cancelled, Dumped, Sink, Wait};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 

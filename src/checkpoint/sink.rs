@@ -1,4 +1,4 @@
-//! Steps 3 and 5 as the two ways CRIU's images reach the archive, behind one
+//! Step 5: the two sinks, the ways CRIU's images reach the archive, behind one
 //! type: [`Sink::Streamed`] (`criu dump --stream`, every image going straight
 //! into the archive as CRIU writes it) or [`Sink::Staged`] (`criu swrk` dumps
 //! into staging; the archive is built after). Either way the container is
@@ -16,14 +16,14 @@ use criu_rpc::proto::Opts;
 use criu_rpc::streamer::CaptureSocket;
 use criu_rpc::{Criu, Notify};
 
-use super::archive::{self, ArchiveWriter, Target};
+use super::archive::{self, ArchiveWriter, Member, Target};
 use super::freeze::FreezeAt;
 use super::hold::{Hold, OpenOnDrop, Reservation, Thawed};
 use super::journal;
 use super::stream;
 use super::watch::{self, CriuWatch};
 use crate::error::{Context, Error, Result};
-use crate::seal::encrypt::{CipherSpool, Sealer};
+use crate::seal::encrypt::Sealer;
 
 /// Where CRIU's images go. There is one per checkpoint, so the streamed
 /// variant's size costs nothing worth a box.
@@ -580,46 +580,6 @@ pub fn write_members(
 
 /// Images at least this big are adopted as the archive rather than copied.
 const ADOPT_FROM: u64 = 1 << 20;
-
-/// One archive member, before it is written. Secret ones carry the
-/// container's data, and are sealed when the checkpoint is.
-pub enum Member {
-    Dir(&'static str),
-    Bytes(String, Vec<u8>),
-    File(String, PathBuf),
-    Secret(String, Vec<u8>),
-    SecretFile(String, PathBuf),
-    /// An open file (in memory) with the data.
-    Open(String, File),
-    /// Parts sealed already (the rootfs diff, sealed as it was walked).
-    Sealed(std::cell::RefCell<Option<CipherSpool>>),
-}
-
-impl Member {
-    fn name(&self) -> &str {
-        match self {
-            Member::Dir(n) => n,
-            Member::Bytes(n, _)
-            | Member::File(n, _)
-            | Member::Open(n, _)
-            | Member::Secret(n, _)
-            | Member::SecretFile(n, _) => n,
-            Member::Sealed(_) => "(sealed parts)",
-        }
-    }
-
-    /// Data size (`None` for a directory), as the archive plan needs it.
-    fn size(&self) -> Result<Option<u64>> {
-        let stat = |p: &Path| std::fs::metadata(p).ctx(|| format!("stat {}", p.display()));
-        Ok(match self {
-            Member::Dir(_) => None,
-            Member::Bytes(_, d) | Member::Secret(_, d) => Some(d.len() as u64),
-            Member::File(_, p) | Member::SecretFile(_, p) => Some(stat(p)?.len()),
-            Member::Open(n, f) => Some(f.metadata().ctx(|| format!("stat {n}"))?.len()),
-            Member::Sealed(_) => return Err(Error::Other("sealed parts are only streamed".into())),
-        })
-    }
-}
 
 /// Would copying `len` more bytes of fresh page cache, on top of CRIU's `len`,
 /// cross the kernel's background dirty threshold? Then the copy is throttled to

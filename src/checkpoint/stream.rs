@@ -1,4 +1,4 @@
-//! Steps 3 and 5 fused: CRIU's images, streamed (`criu dump --stream`), written
+//! Step 5, the streamed sink: CRIU's images, streamed (`criu dump --stream`), written
 //! straight into the archive, so every page is written once, where it stays.
 //!
 //! CRIU keeps several images open at once. The first `pages-*` image (the bulk)

@@ -1,7 +1,7 @@
-//! The watch on CRIU that outlives a freeze's guard: the CRIU working on a
-//! cgroup is registered as a pidfd, so that a guard dropped while CRIU still
-//! runs can thaw again once it has exited (CRIU writes FROZEN back as it
-//! ends, also when it aborts).
+//! Part of step 2 (freeze): the watch on CRIU that outlives a freeze's
+//! guard. The CRIU working on a cgroup is registered as a pidfd, so that a
+//! guard dropped while CRIU still runs can thaw again once it has exited
+//! (CRIU writes FROZEN back as it ends, also when it aborts).
 
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};

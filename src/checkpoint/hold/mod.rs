@@ -1,5 +1,5 @@
-//! Memory that holds the pages during the pause, so the pause never waits
-//! for the disk.
+//! Part of step 5: memory that holds the pages during the pause, so the
+//! pause never waits for the disk.
 //!
 //! While the container is frozen, CRIU can go no faster than the streamer reads
 //! its pipes. Writing the pages into the archive's page cache means allocating
