@@ -82,6 +82,16 @@ pub enum Error {
         fresh: String,
     },
 
+    /// A restore into a joined IPC namespace that holds a SysV object with
+    /// the id or key of one in the checkpoint, but not that object
+    /// ([`crate::restore::ipc`]).
+    #[error("restore refused: the IPC namespace it joins holds SysV {class} {live}, where the checkpoint has {image}")]
+    IpcTaken {
+        class: &'static str,
+        live: String,
+        image: String,
+    },
+
     /// A CRIU image that is not what CRIU writes: forged or damaged.
     #[error("malformed checkpoint image {image}: {why}")]
     BadImage { image: String, why: String },
@@ -135,6 +145,7 @@ impl From<Error> for tonic::Status {
             Error::NotRunning { .. }
             | Error::ChecksFailed { .. }
             | Error::Unlike { .. }
+            | Error::IpcTaken { .. }
             | Error::LeftOut { .. } => Code::FailedPrecondition,
             Error::Privilege { .. } => Code::PermissionDenied,
             Error::AlreadyExists(_) => Code::AlreadyExists,

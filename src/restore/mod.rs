@@ -2,6 +2,7 @@
 //!
 //! - [`archive`]: an archive checked member by member, its metadata, extraction;
 //! - [`create`]: CreateContainer of a checkpoint, rewritten for the runtime;
+//! - [`ipc`]: the SysV objects a joined IPC namespace already holds, left out;
 //! - [`lazy`], [`pagemap`], [`page_server`], [`lazy_serve`]: a lazy restore,
 //!   its memory served from the archive as the process touches it;
 //! - [`push`], [`spans`], [`uffd`]: a served restore's memory put in from the
@@ -18,6 +19,7 @@
 
 pub mod archive;
 pub mod create;
+pub mod ipc;
 pub mod lazy;
 pub mod lazy_serve;
 pub mod page_server;

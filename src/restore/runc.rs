@@ -18,7 +18,9 @@
 //!
 //! CRIU restores the checkpoint's hostname into the UTS namespace it joins,
 //! which would rename the whole new pod. So before the restore, the UTS image
-//! is rewritten to hold the new pod's names.
+//! is rewritten to hold the new pod's names. It recreates the checkpoint's
+//! SysV objects in the IPC namespace it joins too, where the pod's first
+//! restored container already did: those are left out ([`super::ipc`]).
 
 use std::ffi::{OsStr, OsString};
 use std::io::Write;
@@ -123,6 +125,10 @@ pub fn main(args: Vec<OsString>) -> i32 {
     }
 }
 
+/// A create turned into a restore, step by step: the page source started
+/// (a served restore), the bundle's spec read, the checkpoint made fit for
+/// the new container ([`prepare`]), CRIU run by runc ([`run_restore`]), and a
+/// full restore's pages waited for.
 fn restore(inv: &Invocation, s: &Staged) -> Result<()> {
     let started = std::time::Instant::now();
     std::fs::create_dir_all(s.work()).ctx(|| format!("create {}", s.work().display()))?;
@@ -136,21 +142,56 @@ fn restore(inv: &Invocation, s: &Staged) -> Result<()> {
     let bundle = PathBuf::from(inv.option(&["--bundle", "-b"]).unwrap_or(OsStr::new(".")));
     let spec = Spec::load(bundle.join("config.json"))
         .map_err(|e| Error::Other(format!("{}/config.json: {e}", bundle.display())))?;
-    confine(s, &spec)?;
-    super::sockets::prepare(s, &spec)?;
-    let rootfs = super::rootfs::bundle_rootfs(&spec, &bundle);
-    super::apply_rootfs_diff(&s.dir, &rootfs)?;
-    rename_uts(&spec, &s.images())?;
+    prepare(s, &spec, &bundle)?;
     let lazy = match lazy {
         Some(l) => Some(l.ready(s)?),
         None => None,
     };
     let ready_ms = started.elapsed().as_millis();
+    let ran = run_restore(inv, s, &spec, &bundle, lazy.is_some());
+    if let Some(l) = &lazy {
+        l.note(&format!(
+            "ckpt-runc: page source ready after {ready_ms} ms, runc restore done after {} ms",
+            started.elapsed().as_millis()
+        ));
+    }
+    if let Err(e) = ran {
+        // Its daemon would wait for the restore forever.
+        if let Some(l) = lazy {
+            l.stop();
+        }
+        return Err(e);
+    }
+    match (lazy, plan.is_some_and(|p| p.full)) {
+        (Some(l), true) => all_pages_in(inv, s, l, started)?,
+        (Some(l), false) => l.detach(),
+        (None, _) => {}
+    }
+    s.mark_restored()
+}
+
+/// The checkpoint made fit for the container this create sets up, before
+/// CRIU reads it: held to its spec, its sockets as the new pod allows, its
+/// file changes in the bundle's root, its UTS names the pod's, and the SysV
+/// objects the pod's IPC namespace already holds left out ([`super::ipc`]).
+fn prepare(s: &Staged, spec: &Spec, bundle: &Path) -> Result<()> {
+    confine(s, spec)?;
+    super::sockets::prepare(s, spec)?;
+    let rootfs = super::rootfs::bundle_rootfs(spec, bundle);
+    super::apply_rootfs_diff(&s.dir, &rootfs)?;
+    rename_uts(spec, &s.images())?;
+    super::ipc::drop_live_objects(spec, &s.images())
+}
+
+/// `runc restore` of the images into the container: loopback connections
+/// held around it ([`super::tcp_hold`]); an error if it fails, with the end
+/// of CRIU's log.
+fn run_restore(inv: &Invocation, s: &Staged, spec: &Spec, bundle: &Path, lazy: bool) -> Result<()> {
     let mut cmd = Command::new(real_runc());
     cmd.args(&inv.globals)
         .args(["restore", "--detach", "--no-subreaper", "--file-locks"])
         .arg("--bundle")
-        .arg(&bundle)
+        .arg(bundle)
         .arg("--image-path")
         .arg(s.images())
         .arg("--work-path")
@@ -158,7 +199,7 @@ fn restore(inv: &Invocation, s: &Staged) -> Result<()> {
     if has_established_tcp(&s.images()) {
         cmd.arg("--tcp-established");
     }
-    if lazy.is_some() {
+    if lazy {
         cmd.arg("--lazy-pages");
     }
     for (k, v) in &inv.options {
@@ -167,31 +208,17 @@ fn restore(inv: &Invocation, s: &Staged) -> Result<()> {
             cmd.arg(k).args(v);
         }
     }
-    let held = super::tcp_hold::Hold::before_restore(&s.images(), &spec)?;
+    let held = super::tcp_hold::Hold::before_restore(&s.images(), spec)?;
     let status = cmd.arg(&inv.id).status();
     held.after_restore(status.as_ref().is_ok_and(|s| s.success()));
     let status = status.ctx(|| format!("run {:?}", real_runc()))?;
-    if let Some(l) = &lazy {
-        l.note(&format!(
-            "ckpt-runc: page source ready after {ready_ms} ms, runc restore done after {} ms",
-            started.elapsed().as_millis()
-        ));
-    }
     if !status.success() {
-        if let Some(l) = lazy {
-            l.stop();
-        }
         return Err(Error::Other(format!(
             "runc restore failed ({status}); CRIU's restore log ends: {}",
             log_tail(&s.work().join("restore.log"))
         )));
     }
-    match (lazy, plan.is_some_and(|p| p.full)) {
-        (Some(l), true) => all_pages_in(inv, s, l, started)?,
-        (Some(l), false) => l.detach(),
-        (None, _) => {}
-    }
-    s.mark_restored()
+    Ok(())
 }
 
 /// The images held against the spec this create runs, the last word on
@@ -352,10 +379,7 @@ fn has_established_tcp(images: &Path) -> bool {
 /// Rewrites the checkpoint's UTS images with the names of the UTS namespace the
 /// container joins (the new pod's), if it joins one.
 fn rename_uts(spec: &Spec, images: &Path) -> Result<()> {
-    let Some(ns) = crate::checkpoint::locate::namespaces(spec)
-        .into_iter()
-        .find(|n| n.typ() == LinuxNamespaceType::Uts)
-        .and_then(|n| n.path().clone())
+    let Some(ns) = crate::oci::joined(spec, LinuxNamespaceType::Uts)
     else {
         return Ok(());
     };
