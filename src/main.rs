@@ -80,8 +80,8 @@ enum Cmd {
     /// Make an archive a checkpoint image: into containerd, an OCI layout or
     /// archive, or a registry. CreateContainer restores it by that name.
     Image(ImageArgs),
-    /// The page source of one lazy restore (started by ckpt-runc, not by hand):
-    /// CRIU's lazy-pages daemon on the staged restore DIR, fed from the archive.
+    /// The page source of one served restore (started by ckpt-runc, not by hand):
+    /// the lazy-pages daemon of the staged restore DIR, fed from the archive.
     #[command(hide = true)]
     LazyServe(LazyServeArgs),
 }
@@ -280,7 +280,6 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
         Cmd::LazyServe(a) => {
             ckpt_shim::restore::lazy_serve::run(&ckpt_shim::restore::lazy_serve::Options {
                 dir: a.dir,
-                criu: criu.unwrap_or_else(|| "criu".into()),
                 pid_file: a.pid_file,
             })
         }

@@ -1,7 +1,8 @@
 //! Served restores through CRI, on real CRIU, runc and containerd: the
-//! pages stay in the archive and `ckpt-shim lazy-serve` puts them into the
-//! restored process. Lazily, the process runs before its memory is in (CRIU's
-//! lazy-pages daemon fed by the shim's page server); in full (the default),
+//! pages stay in the archive and `ckpt-shim lazy-serve`, the restore's
+//! lazy-pages daemon, puts them into the restored process. Lazily, the
+//! process runs before its memory is in (its faults served first, the rest
+//! pushed while the node's push slot allows); in full (the default),
 //! StartContainer is answered once the shim has put every page in. Either
 //! way no page is copied into the restore dir, the memory ends up whole (the
 //! counter hashes it again), and the page source is gone on every path.
@@ -11,6 +12,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use ckpt_shim::restore::slots::{Slot, Slots};
 use common::cri::{Client, Env};
 use common::out_dir;
 use common::restore::{assert_continues, checkpoint_to, create, restore_config};
@@ -140,8 +142,8 @@ async fn a_lazy_restore_continues_and_gets_all_its_memory_from_the_archive() {
     // Every page pushed, the page source ends by itself; the container runs on.
     wait_gone(&staged.to_string_lossy(), Duration::from_secs(60));
     let served = lazy_log(&env, &id);
-    assert!(served.contains("daemon exit status: 0"), "{served}");
-    assert!(!served.contains("pages: 0 "), "{served}");
+    assert!(served.contains(ALL_IN), "{served}");
+    assert!(pushed_pages(&served) > 0, "{served}");
     env.assert_running(&mut c, &id).await;
     eprintln!("{served}");
     remove(&mut c, &id, &pod.0).await;
@@ -267,7 +269,7 @@ async fn a_checkpoint_image_restores_lazily_from_its_layer_in_place() {
     let staged = env.dir.join("restore").join(&id);
     wait_gone(&staged.to_string_lossy(), Duration::from_secs(60));
     let served = lazy_log(&env, &id);
-    assert!(served.contains("daemon exit status: 0"), "{served}");
+    assert!(served.contains(ALL_IN), "{served}");
     assert!(
         env.shim_log().contains("content store"),
         "{}",
@@ -326,32 +328,53 @@ async fn cut_before_start(lazy: bool) {
     wait_gone(&staged.to_string_lossy(), Duration::from_secs(20));
 }
 
+/// Takes every background push slot of the test node (as another restore's
+/// push in flight would hold one): no page source pushes in the background
+/// until they are dropped; faults and working sets go on.
+fn hold_push_slots(env: &Env) -> Vec<Slot> {
+    let slots = Slots::under(&env.dir.join("restore"), Slots::default_count());
+    let held: Vec<Slot> = std::iter::from_fn(|| slots.try_take().unwrap()).collect();
+    assert_eq!(held.len(), slots.count());
+    held
+}
+
+/// Waits until `id`'s page source has logged `what`.
+fn wait_logged(env: &Env, id: &str, what: &str) -> String {
+    let t = Instant::now();
+    loop {
+        let log = lazy_log(env, id);
+        if log.contains(what) {
+            return log;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "never {what:?}: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn a_page_source_that_dies_takes_the_container_with_it() {
+async fn a_page_source_that_cannot_serve_takes_the_container_with_it() {
     let mut env = Env::start();
     let mut c = env.client().await;
     let out = out_dir();
     let (archive, _, _) = checkpointed(&mut env, &mut c, out.path(), BIG_MIB).await;
-    let (pod, id) = restore_lazily(&mut env, &mut c, "daemon-dies", &archive).await;
+    let slots = hold_push_slots(&env);
+    let (pod, id) = restore_lazily(&mut env, &mut c, "cut-mid-push", &archive).await;
     let staged = env.dir.join("restore").join(&id);
-    // CRIU's daemon, which this test's restore started, killed mid-push.
-    let daemon = std::fs::read_dir("/proc")
+    // Running, its pages not pushed yet (no slot): the archive loses the
+    // pages' second half, then the push may go on.
+    env.assert_running(&mut c, &id).await;
+    let bytes = std::fs::read(&archive).unwrap();
+    let pages_at = find_member(&bytes, "checkpoint/pages-1.img").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&archive)
         .unwrap()
-        .flatten()
-        .find(|e| {
-            std::fs::read(e.path().join("cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-                .is_ok_and(|c| c.contains("lazy-pages") && c.contains(&*staged.to_string_lossy()))
-        })
-        .and_then(|e| e.file_name().to_string_lossy().parse::<i32>().ok());
-    let Some(daemon) = daemon else {
-        eprintln!("every page was in before the daemon could be killed; nothing to test");
-        return;
-    };
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon),
-        nix::sys::signal::Signal::SIGKILL,
-    );
+        .set_len((pages_at + ((BIG_MIB as usize) << 19)) as u64)
+        .unwrap();
+    drop(slots);
     // The container does not run on with memory it cannot get: it exits.
     let t = Instant::now();
     while env.state(&mut c, &id).await == cri::ContainerState::ContainerRunning {
@@ -359,12 +382,143 @@ async fn a_page_source_that_dies_takes_the_container_with_it() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     wait_gone(&staged.to_string_lossy(), Duration::from_secs(20));
-    assert!(
-        lazy_log(&env, &id).contains("killing the restored process"),
-        "{}",
-        lazy_log(&env, &id)
-    );
+    let log = lazy_log(&env, &id);
+    assert!(log.contains("killing the restored process"), "{log}");
+    assert!(!log.contains(ALL_IN), "{log}");
     remove(&mut c, &id, &pod.0).await;
+}
+
+/// Faults first: with every background push slot of the node taken (another
+/// restore's push in flight), two lazy restores run and answer: the counter's
+/// next lines, and one of them hashes all its memory through its own faults,
+/// while the other's page source has not pushed in the background (it is not
+/// done). Then the slots are let go: every page of both arrives, both hashes
+/// match.
+#[tokio::test(flavor = "multi_thread")]
+async fn faults_are_answered_while_another_restores_push_holds_the_node() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let out = out_dir();
+    let (archive, before, after) = checkpointed(&mut env, &mut c, out.path(), BIG_MIB).await;
+    let slots = hold_push_slots(&env);
+    let a = restore_lazily(&mut env, &mut c, "first", &archive).await;
+    let b = restore_lazily(&mut env, &mut c, "second", &archive).await;
+    for (pod, id) in [&a, &b] {
+        let log = Path::new(&pod.1.log_directory).join("restored.log");
+        assert_continues(&env, id, &log, (before, after), "under another push");
+    }
+    assert!(
+        verify_memory(&env, &b.1).starts_with("ok "),
+        "memory differs"
+    );
+    // Ordering, not time: the first one's page source is still waiting for
+    // a slot, its pages not all in (the second's may be done: its hash
+    // faulted every page in).
+    let staged = env.dir.join("restore").join(&a.1);
+    assert!(!processes_with(&staged.to_string_lossy()).is_empty());
+    assert!(
+        !lazy_log(&env, &a.1).contains(ALL_IN),
+        "{}",
+        lazy_log(&env, &a.1)
+    );
+    drop(slots);
+    for (pod, id) in [&a, &b] {
+        let staged = env.dir.join("restore").join(id);
+        wait_gone(&staged.to_string_lossy(), Duration::from_secs(60));
+        let served = lazy_log(&env, id);
+        assert!(served.contains(ALL_IN), "{served}");
+        assert!(pushed(&served, "slot_waits") > 0, "{served}");
+        assert!(verify_memory(&env, id).starts_with("ok "), "memory differs");
+        env.assert_running(&mut c, id).await;
+        remove(&mut c, id, &pod.0).await;
+    }
+}
+
+/// A working set in the archive (`working-set.json`) survives the archive's
+/// import as a checkpoint image and a lazy restore from it: its pages go in
+/// first, with no push slot (every one is held), before anything else is
+/// pushed; then every page arrives and the hash matches.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_working_set_goes_in_first_after_an_image_round_trip() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let out = out_dir();
+    let (archive, before, after) = checkpointed(&mut env, &mut c, out.path(), MIB).await;
+    let ws = add_working_set(&archive);
+    let sock = env.containerd_sock.to_string_lossy().into_owned();
+    common::run_ok(
+        std::process::Command::new(env!("CARGO_BIN_EXE_ckpt-shim")).args([
+            "image",
+            archive.to_str().unwrap(),
+            "lazy-ws:1",
+            "--import",
+            &sock,
+        ]),
+    );
+    std::fs::remove_file(&archive).unwrap();
+    let slots = hold_push_slots(&env);
+    let image = Path::new("localhost/lazy-ws:1");
+    let (pod, id) = restore_lazily(&mut env, &mut c, "ws", image).await;
+    let log = wait_logged(&env, &id, "working set in");
+    assert!(!log.contains(ALL_IN), "{log}");
+    drop(slots);
+    let restored = Path::new(&pod.1.log_directory).join("restored.log");
+    assert_continues(&env, &id, &restored, (before, after), "working set first");
+    assert!(
+        verify_memory(&env, &id).starts_with("ok "),
+        "memory differs"
+    );
+    let staged = env.dir.join("restore").join(&id);
+    wait_gone(&staged.to_string_lossy(), Duration::from_secs(60));
+    let served = lazy_log(&env, &id);
+    assert_eq!(pushed(&served, "working_set_pages"), ws, "{served}");
+    remove(&mut c, &id, &pod.0).await;
+}
+
+/// Appends a `working-set.json` to `archive`: two runs of its counter's
+/// largest lazy run, the later one first. Returns its pages.
+fn add_working_set(archive: &Path) -> u64 {
+    use ckpt_shim::restore::pagemap::Pagemap;
+    use std::io::{Read, Seek};
+    let mut f = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(archive)
+        .unwrap();
+    let (mut end, mut pagemap, mut pid) = (0, Vec::new(), String::new());
+    for e in tar::Archive::new(&f).entries_with_seek().unwrap() {
+        let mut e = e.unwrap();
+        end = (e.raw_file_position() + e.size()).next_multiple_of(512);
+        let name = e.path().unwrap().to_string_lossy().into_owned();
+        if let Some(p) = name.strip_prefix("checkpoint/pagemap-") {
+            pid = p.trim_end_matches(".img").to_string();
+            pagemap.clear();
+            e.read_to_end(&mut pagemap).unwrap();
+        }
+    }
+    let pm = Pagemap::parse(&pagemap).unwrap();
+    let run = pm
+        .runs
+        .iter()
+        .filter(|r| r.lazy())
+        .max_by_key(|r| r.nr_pages)
+        .unwrap();
+    assert!(run.nr_pages > 200, "{run:?}");
+    let (p, at) = (4096, run.vaddr);
+    let json = format!(
+        r#"{{"version":1,"processes":{{"{pid}":[[{},50],[{at},10]]}}}}"#,
+        at + 100 * p
+    );
+    f.seek(std::io::SeekFrom::Start(end)).unwrap();
+    let mut b = tar::Builder::new(f);
+    let mut h = tar::Header::new_gnu();
+    h.set_size(json.len() as u64);
+    h.set_mode(0o600);
+    h.set_cksum();
+    b.append_data(&mut h, "working-set.json", json.as_bytes())
+        .unwrap();
+    b.into_inner().unwrap();
+    60
 }
 
 /// The bytes `dir`'s files take on disk (allocated blocks, so holes are free).
@@ -437,7 +591,7 @@ async fn one_checkpoint_image_restores_lazily_into_several_pods_at_once() {
         let staged = env.dir.join("restore").join(id);
         wait_gone(&staged.to_string_lossy(), Duration::from_secs(60));
         let served = lazy_log(&env, id);
-        assert!(served.contains("daemon exit status: 0"), "{served}");
+        assert!(served.contains(ALL_IN), "{served}");
         env.assert_running(&mut c, id).await;
         remove(&mut c, id, &pod.0).await;
     }
@@ -483,14 +637,22 @@ async fn a_full_restore_copies_no_page_and_has_all_its_memory_when_started() {
     assert!(!env.restores().contains(&id));
 }
 
-/// How many pages the page source of a full restore put in, from its log.
-fn pushed_pages(log: &str) -> u64 {
-    log.split("pushed Ok(Pushed {")
+/// What a page source logs once every page is in.
+const ALL_IN: &str = "lazy-serve: every page in after";
+
+/// A count the page source logged with every page in (`pages`, `faults`, …).
+fn pushed(log: &str, what: &str) -> u64 {
+    log.split(ALL_IN)
         .nth(1)
-        .and_then(|s| s.split("pages: ").nth(1))
-        .and_then(|s| s.split(',').next())
+        .and_then(|s| s.split(&format!(" {what}: ")).nth(1))
+        .and_then(|s| s.split([',', ' ']).next())
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// How many pages the page source put in, from its log.
+fn pushed_pages(log: &str) -> u64 {
+    pushed(log, "pages")
 }
 
 /// A full restore of a fresh checkpoint into a new pod, its StartContainer
@@ -561,7 +723,7 @@ async fn a_full_restore_whose_page_source_dies_fails_its_start_and_leaves_nothin
         let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
     }
     let answer = start.await.unwrap();
-    if lazy_log(&env, &id).contains("lazy-serve: pushed Ok") {
+    if lazy_log(&env, &id).contains(ALL_IN) {
         eprintln!("every page was in before the page source could be killed; nothing to test");
         return;
     }

@@ -1,138 +1,114 @@
 //! `ckpt-shim lazy-serve DIR`: the page source of one served restore, a
 //! process of its own so that it outlives the shim and the runtime's `create`
-//! call. For a full restore it is the lazy-pages daemon itself and puts every
-//! page in at once ([`super::push`]); `ckpt-runc` waits for it. For a lazy
-//! one, described here, it runs on after the restore.
+//! call. It is the restore's lazy-pages daemon ([`super::push`]): CRIU's
+//! restore hands it each process's userfaultfd, and it puts the pages in
+//! straight from the archive, each process's faults ahead of everything else.
+//! For a full restore it pushes every page at once and `ckpt-runc` waits
+//! for it. For a lazy one it runs on after the restore: it puts the working
+//! set in first ([`super::working_set`]), then the rest only while it holds
+//! one of the node's background push slots ([`super::slots`]), serving faults
+//! all the while, and records the pages faulted on for the next restore of
+//! the same archive when none is known yet.
 //!
-//! It starts CRIU's lazy-pages daemon on the staged images (`DIR/checkpoint`,
-//! work dir `DIR/work`, where the restore finds `lazy-pages.socket`), hands it
-//! one end of a socket pair as its page server (`--ps-socket`: no TCP port
-//! another local user could ask for the container's memory on), says `ready`
-//! on stdout once the daemon listens, and serves pages until the daemon ends
-//! the session: when every page is in (the daemon pushes what was not
-//! touched in the background), or when the restored processes are gone.
-//!
-//! If the daemon fails, or the pages cannot be served, the restored process
-//! would fault forever or, its userfaultfd closed, read zeros where its
-//! memory was. So then its init (from the runtime's pid file) is killed: the
-//! container is reported exited, never running with wrong memory.
+//! If the pages cannot be served, the restored process would fault forever
+//! or, its userfaultfd closed, read zeros where its memory was. So then its
+//! init (from the runtime's pid file) is killed: the container is reported
+//! exited, never running with wrong memory.
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
-use super::page_server;
-use super::source::Source;
+use super::push::{Mode, FULL_CHUNK, LAZY_CHUNK};
+use super::slots::Slots;
+use super::source::Plan;
+use super::working_set::{self, WorkingSet};
 use crate::error::{Context, Error, Result};
-
-/// The daemon's fds in its own table: the page server socket, its status pipe.
-const PS_FD: i32 = 3;
-const STATUS_FD: i32 = 4;
 
 pub struct Options {
     pub dir: PathBuf,
-    pub criu: PathBuf,
     /// The restored init's pid file, to kill it if its pages cannot be served.
     pub pid_file: Option<PathBuf>,
 }
 
 /// Runs the page source to its end; `Err` when the pages were not all served.
 pub fn run(o: &Options) -> Result<()> {
-    let full = super::source::Plan::read(&o.dir)?.is_some_and(|p| p.full);
-    match full {
-        true => push(o),
-        false => serve(o),
-    }
-}
-
-/// A full restore: the shim is the lazy-pages daemon and puts every page in
-/// at once ([`super::push`]).
-fn push(o: &Options) -> Result<()> {
-    let started = Instant::now();
-    let restored = Restored::watch(o.pid_file.clone());
-    let pushed = super::push::run(&o.dir, say_ready);
-    eprintln!(
-        "lazy-serve: pushed {pushed:?} after {} ms",
-        started.elapsed().as_millis()
-    );
-    pushed.map(drop).inspect_err(|_| restored.kill())
-}
-
-/// A lazy restore: CRIU's lazy-pages daemon, fed by our page server.
-fn serve(o: &Options) -> Result<()> {
-    let started = Instant::now();
-    let src = Source::open(&o.dir)?;
-    let (mut ours, theirs) = UnixStream::pair().ctx(|| "socket pair".into())?;
-    let (status_r, status_w) = nix::unistd::pipe().ctx(|| "pipe".into())?;
-    let restored = Restored::watch(o.pid_file.clone());
-    let mut daemon = spawn_daemon(o, theirs.into(), status_w)?;
-    wait_ready(status_r, &mut daemon)?;
-    say_ready()?;
-    eprintln!(
-        "lazy-serve: daemon listening after {} ms",
-        started.elapsed().as_millis()
-    );
-    let served = page_server::serve(&mut ours, &src);
-    drop(ours);
-    let status = daemon.wait().ctx(|| "wait for criu lazy-pages".into())?;
-    eprintln!(
-        "lazy-serve: {:?} after {} ms; daemon {status}; {} lazy pages in the checkpoint",
-        served,
-        started.elapsed().as_millis(),
-        src.lazy_pages()
-    );
-    let failed = match (&served, status.success()) {
-        (Ok(_), true) => return Ok(()),
-        (Err(e), _) => e.to_string(),
-        (Ok(_), false) => format!("criu lazy-pages {status}"),
+    let plan = Plan::read(&o.dir)?
+        .ok_or_else(|| Error::Other(format!("{} is not a served restore", o.dir.display())))?;
+    let root = o.dir.parent().unwrap_or(Path::new("/"));
+    let record = match plan.full {
+        true => None,
+        false => unrecorded(&o.dir, root, &plan.archive),
     };
-    restored.kill();
-    Err(Error::Other(format!(
-        "lazy restore's pages: {failed}; see {}",
-        o.dir.join("work/lazy-pages.log").display()
-    )))
+    let mode = match plan.full {
+        true => Mode {
+            chunk: FULL_CHUNK,
+            slots: None,
+            record: false,
+        },
+        false => Mode {
+            chunk: LAZY_CHUNK,
+            slots: Some(Slots::under(
+                root,
+                plan.push_slots.unwrap_or_else(Slots::default_count),
+            )),
+            record: record.is_some(),
+        },
+    };
+    let started = Instant::now();
+    let restored = Restored::watch(o.pid_file.clone());
+    let pushed = super::push::run(&o.dir, mode, say_ready);
+    let ms = started.elapsed().as_millis();
+    match pushed {
+        Ok((pushed, faulted)) => {
+            eprintln!("lazy-serve: every page in after {ms} ms: {pushed:?}");
+            if let (Some(path), Some(ws)) = (record, faulted.filter(|w| w.pages() > 0)) {
+                keep_record(&path, &ws);
+            }
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("lazy-serve: failed after {ms} ms: {e}");
+            restored.kill();
+            Err(e)
+        }
+    }
 }
 
-fn spawn_daemon(o: &Options, ps: OwnedFd, status: OwnedFd) -> Result<Child> {
-    let mut cmd = Command::new(&o.criu);
-    cmd.arg("lazy-pages")
-        .arg("--images-dir")
-        .arg(o.dir.join("checkpoint"))
-        .arg("--work-dir")
-        .arg(o.dir.join("work"))
-        .args(["--page-server", "--ps-socket", "3", "--status-fd", "4"])
-        .args(["--log-file", "lazy-pages.log"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-    let (ps_raw, status_raw) = (ps.as_raw_fd(), status.as_raw_fd());
-    // SAFETY: pre_exec's closure runs in the forked child, where only
-    // async-signal-safe calls are sound: it makes only dup2 and close_range
-    // calls, on fds open in the child, and allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            for (from, to) in [(ps_raw, PS_FD + 100), (status_raw, STATUS_FD + 100)] {
-                if libc::dup2(from, to) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            for (from, to) in [(PS_FD + 100, PS_FD), (STATUS_FD + 100, STATUS_FD)] {
-                if libc::dup2(from, to) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            mark_cloexec_from(STATUS_FD + 1);
-            Ok(())
-        });
+/// Where to record this restore's faults, if no working set is known for
+/// its archive yet (none in it, none recorded on this node).
+fn unrecorded(dir: &Path, root: &Path, archive: &Path) -> Option<PathBuf> {
+    if dir.join(working_set::MEMBER).exists() {
+        return None;
     }
-    let child = cmd
-        .spawn()
-        .ctx(|| format!("run {} lazy-pages", o.criu.display()))?;
-    drop((ps, status));
-    Ok(child)
+    let path = working_set::recorded_path(root, archive).ok()?;
+    (!path.exists()).then_some(path)
+}
+
+/// Keeps the pages faulted on as the archive's working set on this node (a
+/// hint: failing to keep it fails nothing).
+fn keep_record(path: &Path, ws: &WorkingSet) {
+    let kept = path
+        .parent()
+        .ok_or_else(|| Error::Other("no dir".into()))
+        .and_then(|d| {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)
+                .ctx(|| format!("create {}", d.display()))
+        })
+        .and_then(|()| ws.write(path));
+    match kept {
+        Ok(()) => eprintln!(
+            "lazy-serve: recorded a working set of {} pages in {}",
+            ws.pages(),
+            path.display()
+        ),
+        Err(e) => eprintln!("lazy-serve: working set not recorded: {e}"),
+    }
 }
 
 /// Marks every fd from `first` on close-on-exec (`close_range` with
@@ -152,20 +128,7 @@ pub fn mark_cloexec_from(first: i32) {
     }
 }
 
-/// Waits for the daemon's status byte: it listens on `lazy-pages.socket`.
-fn wait_ready(status: OwnedFd, daemon: &mut Child) -> Result<()> {
-    let mut b = [0u8; 1];
-    let n = nix::unistd::read(&status, &mut b).unwrap_or(0);
-    if n == 1 {
-        return Ok(());
-    }
-    let st = daemon.wait().ctx(|| "wait for criu lazy-pages".into())?;
-    Err(Error::Other(format!(
-        "criu lazy-pages did not start ({st})"
-    )))
-}
-
-/// Tells the caller the daemon is listening, and lets go of its pipe.
+/// Tells the caller the restore may connect, and lets go of its pipe.
 fn say_ready() -> Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "ready")

@@ -33,18 +33,38 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::mman::{madvise, mmap, munmap, MapFlags, MmapAdvise, ProtFlags};
 
 use super::pagemap::PAGE_SIZE;
+use super::slots::{Slot, Slots};
 use super::source::Source;
 use super::spans::Spans;
 use super::uffd::{self, Event};
+use super::working_set::{Recorder, WorkingSet};
 use crate::error::{Context, Error, Result};
 
 const SOCKET: &str = "lazy-pages.socket";
 const RESTORE_FINISHED: u32 = 0x5253_5446;
-/// The most one background copy fills: large enough that the ioctl's own
-/// cost vanishes, small enough that faults and events wait little.
-const PUSH_CHUNK: u64 = 16 << 20;
+/// The most one background copy of a full restore fills: large enough that
+/// the ioctl's own cost vanishes, small enough that faults and events wait
+/// little.
+pub const FULL_CHUNK: u64 = 16 << 20;
+/// The same for a lazy restore, whose process runs meanwhile: a fault waits
+/// for at most one piece in flight (with a cold page cache, its read from
+/// disk too), so pieces are smaller; 512 pages still make the ioctl's own
+/// cost small.
+pub const LAZY_CHUNK: u64 = 2 << 20;
 /// What a fault fills from its page on, within its run.
 const FAULT_CHUNK: u64 = 1 << 20;
+
+/// How the pages go in besides the faults.
+pub struct Mode {
+    /// The most one background copy fills ([`FULL_CHUNK`], [`LAZY_CHUNK`]).
+    pub chunk: u64,
+    /// The node's slots a background copy needs ([`super::slots`]); `None`
+    /// for a full restore, whose pushing is the restore itself. Faults and
+    /// the working set ([`super::source::Source::working_set`]) need none.
+    pub slots: Option<Slots>,
+    /// Note the pages faulted on, in order ([`Pushed`]'s working set).
+    pub record: bool,
+}
 
 /// What a push did.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
@@ -53,12 +73,21 @@ pub struct Pushed {
     pub pages: u64,
     pub faults: u64,
     pub zero_pages: u64,
+    /// Pages of the checkpoint's working set, put in before any other
+    /// background copy.
+    pub working_set_pages: u64,
+    /// Background copies that had to wait for a slot.
+    pub slot_waits: u64,
 }
 
 /// One restored process (or a child it forked): its userfaultfd, what is left.
 struct Task {
+    /// Its image pid; `None` for a child it forked.
+    pid: Option<u64>,
     uffd: OwnedFd,
     left: Spans,
+    /// The part of `left` in the working set: put in first.
+    hot: Spans,
     /// Faults that could not be served yet (the memory was changing).
     waiting: Vec<u64>,
     gone: bool,
@@ -125,13 +154,16 @@ impl Drop for Mapping {
     }
 }
 
-/// Serves the restore in `dir` (a served full restore's staging): listens on
+/// Serves the restore in `dir` (a served restore's staging): listens on
 /// `work/lazy-pages.socket`, calls `ready`, and returns once every page of
-/// every restored process is in (or the process is gone).
-pub fn run(dir: &Path, ready: impl FnOnce() -> Result<()>) -> Result<Pushed> {
+/// every restored process is in (or the process is gone), with the pages
+/// faulted on if `mode` asks for them.
+pub fn run(
+    dir: &Path,
+    mode: Mode,
+    ready: impl FnOnce() -> Result<()>,
+) -> Result<(Pushed, Option<WorkingSet>)> {
     let src = Source::open(dir)?;
-    let map = Mapping::new(src.file())?;
-    read_ahead(src.file(), src.extents());
     // The restore connects to the socket by its name in its work dir (CRIU's
     // fixed relative name; the full path could exceed sun_path).
     let work = dir.join("work");
@@ -142,15 +174,26 @@ pub fn run(dir: &Path, ready: impl FnOnce() -> Result<()>) -> Result<Pushed> {
     let (conn, _) = listener.accept().ctx(|| format!("accept on {SOCKET}"))?;
     drop(listener);
     let _ = std::fs::remove_file(SOCKET);
+    serve(conn, &src, mode)
+}
+
+/// Serves one restore connected on `conn` from `src`.
+fn serve(conn: UnixStream, src: &Source, mode: Mode) -> Result<(Pushed, Option<WorkingSet>)> {
+    // A bounded push reads ahead once it may push (see `push_all`).
+    if mode.slots.is_none() {
+        read_ahead(src.file(), src.extents());
+    }
     let mut p = Pusher {
-        src: &src,
-        map,
+        src,
+        map: Mapping::new(src.file())?,
         tasks: Vec::new(),
         done: Pushed::default(),
+        faulted: mode.record.then(Recorder::default),
+        mode,
     };
     p.receive(conn)?;
     p.push_all()?;
-    Ok(p.done)
+    Ok((p.done, p.faulted.map(Recorder::finish)))
 }
 
 /// Has the kernel read the pages from disk ahead of the copies, if they are
@@ -170,12 +213,14 @@ struct Pusher<'a> {
     map: Mapping,
     tasks: Vec<Task>,
     done: Pushed,
+    mode: Mode,
+    faulted: Option<Recorder>,
 }
 
 /// How a fill went.
 enum Fill {
-    /// Some or all of it went in (or was found gone): go on.
-    Progress,
+    /// Up to this address it went in (or was found gone): go on.
+    Progress(u64),
     /// The process's memory is changing: read its events first.
     Busy,
 }
@@ -214,9 +259,13 @@ impl Pusher<'_> {
 
     fn add(&mut self, pid: u64, uffd: OwnedFd) {
         self.done.processes += 1;
+        let left = Spans::new(&self.src.lazy_runs(pid));
+        let hot = left.within(&self.src.working_set(pid));
         self.tasks.push(Task {
+            pid: Some(pid),
             uffd,
-            left: Spans::new(&self.src.lazy_runs(pid)),
+            left,
+            hot,
             waiting: Vec::new(),
             gone: false,
         });
@@ -236,20 +285,91 @@ impl Pusher<'_> {
         Ok(fds[0].revents() != Some(PollFlags::empty()))
     }
 
-    /// Fills everything left, process by process, following their events.
+    /// Fills everything left, following the processes' events. Before every
+    /// copy, every process's faults are served first: a fault waits for at
+    /// most the one copy in flight. Then the working sets go in, then the
+    /// rest, each background copy only while a slot of the node is held.
     fn push_all(&mut self) -> Result<()> {
+        let mut slot: Option<Slot> = None;
         loop {
             self.all_events()?;
-            let Some(i) = self
-                .tasks
-                .iter()
-                .position(|t| !t.gone && !t.left.is_empty())
-            else {
+            let Some((i, start, len, hot)) = self.next_piece() else {
                 return Ok(());
             };
-            let s = self.tasks[i].left.first().expect("not empty");
-            let len = (s.end - s.start).min(PUSH_CHUNK);
-            self.fill(i, s.start, len)?;
+            if !hot && slot.is_none() {
+                if self.done.working_set_pages > 0 && self.done.slot_waits == 0 {
+                    eprintln!(
+                        "lazy-serve: working set in ({} pages), the rest follows",
+                        self.done.working_set_pages
+                    );
+                }
+                slot = self.take_slot()?;
+                let Some(s) = &slot else {
+                    self.done.slot_waits += 1;
+                    self.idle(super::slots::RETRY)?;
+                    continue;
+                };
+                // Not before: eight restores waiting for a slot would
+                // otherwise read the pages in ahead of the faults' reads.
+                if s.held() {
+                    read_ahead(self.src.file(), self.src.extents());
+                }
+            }
+            let filled = self.fill(i, start, len)?;
+            if let (true, Fill::Progress(end)) = (hot, filled) {
+                let t = &mut self.tasks[i];
+                let before = t.hot.pages();
+                t.hot.cut(start, end.max(start + PAGE_SIZE));
+                self.done.working_set_pages += before - t.hot.pages();
+            }
+        }
+    }
+
+    /// What to copy next: a piece of some process's working set, else of
+    /// what is left (`true` with the working set's).
+    fn next_piece(&self) -> Option<(usize, u64, u64, bool)> {
+        let live = |t: &&Task| !t.gone;
+        let chunk = self.mode.chunk;
+        let piece = |i: usize, spans: &Spans, hot| {
+            let s = spans.first().expect("not empty");
+            (i, s.start, (s.end - s.start).min(chunk), hot)
+        };
+        let hot = self
+            .tasks
+            .iter()
+            .enumerate()
+            .find(|(_, t)| live(t) && !t.hot.is_empty());
+        if let Some((i, t)) = hot {
+            return Some(piece(i, &t.hot, true));
+        }
+        let (i, t) = self
+            .tasks
+            .iter()
+            .enumerate()
+            .find(|(_, t)| live(t) && !t.left.is_empty())?;
+        Some(piece(i, &t.left, false))
+    }
+
+    /// A slot of the node for background copies, if the mode bounds them.
+    fn take_slot(&self) -> Result<Option<Slot>> {
+        match &self.mode.slots {
+            Some(s) => s.try_take(),
+            None => Ok(Some(Slot::unbounded())),
+        }
+    }
+
+    /// Waits up to `limit` for a process to fault (or report an event).
+    fn idle(&self, limit: std::time::Duration) -> Result<()> {
+        let mut fds: Vec<PollFd> = self
+            .tasks
+            .iter()
+            .filter(|t| !t.gone)
+            .map(|t| PollFd::new(t.uffd.as_fd(), PollFlags::POLLIN))
+            .collect();
+        let ms = u16::try_from(limit.as_millis()).unwrap_or(u16::MAX);
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(_) | Err(Errno::EINTR) => Ok(()),
+            Err(e) => Err(e).ctx(|| "poll".into()),
         }
     }
 
@@ -285,15 +405,24 @@ impl Pusher<'_> {
                 let uffd = unsafe { OwnedFd::from_raw_fd(uffd) };
                 // The child has the parent's memory, missing the same pages.
                 let left = self.tasks[i].left.clone();
+                let hot = self.tasks[i].hot.clone();
                 self.tasks.push(Task {
+                    pid: None,
                     uffd,
                     left,
+                    hot,
                     waiting: Vec::new(),
                     gone: false,
                 });
             }
-            Event::Remap { from, to, len } => self.tasks[i].left.remap(from, to, len),
-            Event::Remove { start, end } => self.tasks[i].left.cut(start, end),
+            Event::Remap { from, to, len } => {
+                self.tasks[i].left.remap(from, to, len);
+                self.tasks[i].hot.remap(from, to, len);
+            }
+            Event::Remove { start, end } => {
+                self.tasks[i].left.cut(start, end);
+                self.tasks[i].hot.cut(start, end);
+            }
             Event::Other(e) => {
                 return Err(Error::Other(format!("unexpected userfaultfd event {e:#x}")))
             }
@@ -325,8 +454,13 @@ impl Pusher<'_> {
             };
         };
         let len = (s.end - addr).min(FAULT_CHUNK);
-        if let Fill::Busy = self.fill(i, addr, len)? {
-            self.tasks[i].waiting.push(addr);
+        match self.fill(i, addr, len)? {
+            Fill::Busy => self.tasks[i].waiting.push(addr),
+            Fill::Progress(end) => {
+                if let (Some(r), Some(pid)) = (&mut self.faulted, self.tasks[i].pid) {
+                    r.note(pid, addr, end.saturating_sub(addr));
+                }
+            }
         }
         Ok(())
     }
@@ -335,7 +469,9 @@ impl Pusher<'_> {
     fn fill(&mut self, i: usize, start: u64, len: u64) -> Result<Fill> {
         let t = &mut self.tasks[i];
         let Some(s) = t.left.find(start) else {
-            return Ok(Fill::Progress);
+            // In already: up to where something is still left.
+            let next = t.left.next(start).map_or(u64::MAX, |s| s.start);
+            return Ok(Fill::Progress(next.min(start + len)));
         };
         let at = s.at + (start - s.start);
         let mut chunk = len.min(s.end - start);
@@ -348,8 +484,8 @@ impl Pusher<'_> {
             t.left.cut(start, start + copied);
             self.done.pages += copied / PAGE_SIZE;
             match err {
-                None => return Ok(Fill::Progress),
-                Some(_) if copied > 0 => return Ok(Fill::Progress),
+                None => return Ok(Fill::Progress(start + chunk)),
+                Some(_) if copied > 0 => return Ok(Fill::Progress(start + copied)),
                 Some(Errno::EAGAIN) => return Ok(Fill::Busy),
                 // Its first page is in already (a fault raced the push).
                 Some(Errno::EEXIST) => t.left.cut(start, start + PAGE_SIZE),
@@ -368,7 +504,7 @@ impl Pusher<'_> {
                     )))
                 }
             }
-            return Ok(Fill::Progress);
+            return Ok(Fill::Progress(start + PAGE_SIZE));
         }
     }
 }
@@ -398,4 +534,183 @@ fn recv_fd(conn: &UnixStream) -> Result<OwnedFd> {
     Err(Error::Other(
         "the restore sent a pid without its userfaultfd".into(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    //! A pusher on the test process's own memory: a mapping registered with
+    //! a userfaultfd as CRIU's restore registers the restored process's, and
+    //! handed to the pusher over the socket as CRIU hands it.
+
+    use super::super::pagemap::{encode, PE_LAZY, PE_PRESENT};
+    use super::super::slots::Slots;
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+
+    const PAGES: u64 = 1024;
+    const PID: u64 = 7;
+
+    /// `PAGES` pages of fresh anonymous memory, unmapped when dropped.
+    struct Region(NonNull<u8>);
+
+    impl Region {
+        fn new() -> Region {
+            let len = NonZeroUsize::new((PAGES * PAGE_SIZE) as usize).unwrap();
+            let flags = MapFlags::MAP_PRIVATE | MapFlags::MAP_ANONYMOUS;
+            // SAFETY: a new anonymous mapping where the kernel picks, over
+            // nothing else.
+            let p =
+                unsafe { nix::sys::mman::mmap_anonymous(None, len, ProtFlags::PROT_READ, flags) };
+            Region(p.unwrap().cast())
+        }
+
+        fn addr(&self, page: u64) -> u64 {
+            self.0.as_ptr() as u64 + page * PAGE_SIZE
+        }
+
+        /// Which pages are in (bit 63 of `/proc/self/pagemap`), without touching them.
+        fn resident(&self) -> Vec<u64> {
+            let pm = std::fs::File::open("/proc/self/pagemap").unwrap();
+            let mut b = vec![0u8; (PAGES * 8) as usize];
+            pm.read_exact_at(&mut b, self.addr(0) / PAGE_SIZE * 8)
+                .unwrap();
+            (0..PAGES)
+                .filter(|&i| {
+                    let e = u64::from_ne_bytes(b[i as usize * 8..][..8].try_into().unwrap());
+                    e >> 63 == 1
+                })
+                .collect()
+        }
+
+        /// Reads a byte of page `page` in a thread of its own: a fault
+        /// until the pusher serves it.
+        fn touch(&self, page: u64) -> u8 {
+            let at = self.addr(page) as usize;
+            let (tx, rx) = std::sync::mpsc::channel();
+            // SAFETY: `at` is in our mapping, alive until the region drops
+            // (after this returns); a read of a byte changes nothing.
+            std::thread::spawn(move || tx.send(unsafe { (at as *const u8).read_volatile() }));
+            rx.recv_timeout(std::time::Duration::from_secs(60))
+                .expect("the fault was never served")
+        }
+    }
+
+    impl Drop for Region {
+        fn drop(&mut self) {
+            // SAFETY: exactly the mapping `new` made; nothing refers into it.
+            let _ = unsafe { munmap(self.0.cast(), (PAGES * PAGE_SIZE) as usize) };
+        }
+    }
+
+    /// CRIU's side: the pid, its userfaultfd, then "restore finished".
+    fn hand_over(sock: &Path, uffd: &OwnedFd) -> UnixStream {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        let mut c = UnixStream::connect(sock).unwrap();
+        c.write_all(&(PID as i32).to_ne_bytes()).unwrap();
+        let fds = [uffd.as_raw_fd()];
+        let iov = [std::io::IoSlice::new(b"\0")];
+        let cmsg = [ControlMessage::ScmRights(&fds)];
+        sendmsg::<()>(c.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None).unwrap();
+        c.write_all(&RESTORE_FINISHED.to_ne_bytes()).unwrap();
+        c
+    }
+
+    /// Runs a lazy push of `region` from `src` while the test holds the
+    /// node's only slot (another restore's push in flight); `during` acts
+    /// meanwhile, then the slot is let go and the push ends.
+    fn push_while_slot_is_taken(
+        region: &Region,
+        src: &Source,
+        during: impl FnOnce(),
+    ) -> (Pushed, Option<WorkingSet>) {
+        let dir = tempfile::tempdir().unwrap();
+        let slots = Slots::under(dir.path(), 1);
+        let other = slots.try_take().unwrap().expect("the only slot");
+        let sock = dir.path().join("lazy-pages.socket");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let uffd = uffd::register_for_test(region.addr(0), PAGES * PAGE_SIZE);
+        let mode = Mode {
+            chunk: 64 * PAGE_SIZE,
+            slots: Some(slots),
+            record: true,
+        };
+        std::thread::scope(|s| {
+            let pusher = s.spawn(move || serve(listener.accept().unwrap().0, src, mode));
+            let _conn = hand_over(&sock, &uffd);
+            during();
+            drop(other);
+            pusher.join().unwrap().unwrap()
+        })
+    }
+
+    fn source(dir: &Path, region: &Region) -> Source {
+        let lazy = PE_LAZY | PE_PRESENT;
+        Source::for_test(
+            dir,
+            PID,
+            &encode(1, &[(region.addr(0), PAGES as u32, lazy)]),
+        )
+    }
+
+    fn assert_every_page_is_the_checkpoints(region: &Region) {
+        for i in 0..PAGES {
+            assert_eq!(region.touch(i), Source::test_byte(i), "page {i}");
+        }
+    }
+
+    #[test]
+    fn a_fault_is_served_while_another_restores_push_holds_the_nodes_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let region = Region::new();
+        let src = source(dir.path(), &region);
+        let (pushed, faulted) = push_while_slot_is_taken(&region, &src, || {
+            assert_eq!(region.touch(700), Source::test_byte(700));
+            // Only the fault's own piece is in: no background copy went
+            // ahead of it, nor after it while the other push held the slot.
+            let fault_piece: Vec<u64> = (700..700 + FAULT_CHUNK / PAGE_SIZE).collect();
+            assert_eq!(region.resident(), fault_piece);
+        });
+        assert_eq!(
+            (pushed.pages, pushed.faults, pushed.processes),
+            (PAGES, 1, 1)
+        );
+        assert!(pushed.slot_waits >= 1, "{pushed:?}");
+        assert_every_page_is_the_checkpoints(&region);
+        // What the fault put in is recorded as the working set, in order.
+        let ws = faulted.unwrap();
+        assert_eq!(
+            ws.processes[&PID],
+            [(region.addr(700), FAULT_CHUNK / PAGE_SIZE)]
+        );
+    }
+
+    #[test]
+    fn the_working_set_goes_in_before_any_background_copy_and_needs_no_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let region = Region::new();
+        let mut src = source(dir.path(), &region);
+        let mut ws = WorkingSet {
+            version: WorkingSet::VERSION,
+            ..Default::default()
+        };
+        ws.processes
+            .insert(PID, vec![(region.addr(900), 5), (region.addr(100), 10)]);
+        src.set_working_set(ws);
+        let (pushed, _) = push_while_slot_is_taken(&region, &src, || {
+            let want: Vec<u64> = (100..110).chain(900..905).collect();
+            let t = std::time::Instant::now();
+            while region.resident() != want {
+                let got = region.resident();
+                assert!(
+                    got.iter().all(|p| want.contains(p)),
+                    "not the working set: {got:?}"
+                );
+                assert!(t.elapsed().as_secs() < 60, "the working set never went in");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        });
+        assert_eq!((pushed.pages, pushed.working_set_pages), (PAGES, 15));
+        assert_every_page_is_the_checkpoints(&region);
+    }
 }

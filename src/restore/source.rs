@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::archive::regular_file;
 use super::pagemap::{Pagemap, PAGE_SIZE};
+use super::working_set::{self, WorkingSet};
 use crate::error::{Context, Error, Result};
 
 /// The plan's file name in a served restore's dir.
@@ -31,6 +32,10 @@ pub struct Plan {
     /// StartContainer is answered, as after a restore from copied images.
     #[serde(default)]
     pub full: bool,
+    /// Background pushes in flight on the node at once (lazy restores'
+    /// [`super::slots`]); unset: [`super::slots::Slots::default_count`].
+    #[serde(default)]
+    pub push_slots: Option<usize>,
 }
 
 impl Plan {
@@ -79,6 +84,17 @@ pub fn pagemaps(images: &Path) -> Result<Vec<(u64, Pagemap)>> {
 pub struct Source {
     file: File,
     procs: HashMap<u64, (Pagemap, u64)>,
+    working_set: WorkingSet,
+    /// Where the working set came from: the archive, a record of an
+    /// earlier restore of it, or nowhere.
+    pub working_set_from: WorkingSetFrom,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WorkingSetFrom {
+    Archive,
+    Recorded,
+    None,
 }
 
 impl Source {
@@ -106,7 +122,18 @@ impl Source {
                 procs.insert(pid, (pm, m.at));
             }
         }
-        Ok(Source { file, procs })
+        let (working_set, working_set_from) = find_working_set(dir, &plan.archive)?;
+        Ok(Source {
+            file,
+            procs,
+            working_set,
+            working_set_from,
+        })
+    }
+
+    /// Process `pid`'s working set, to go in first: (address, bytes) runs.
+    pub fn working_set(&self, pid: u64) -> Vec<(u64, u64)> {
+        self.working_set.ranges(pid)
     }
 
     /// Where in the archive process `pid`'s pages from `vaddr` on are, and how
@@ -152,6 +179,23 @@ impl Source {
     }
 }
 
+/// The working set staged from the archive, else one recorded by an earlier
+/// lazy restore of it on this node (under the restore root, `dir`'s parent).
+fn find_working_set(dir: &Path, archive: &Path) -> Result<(WorkingSet, WorkingSetFrom)> {
+    if let Some(ws) = WorkingSet::read(&dir.join(working_set::MEMBER))? {
+        return Ok((ws, WorkingSetFrom::Archive));
+    }
+    let recorded = dir
+        .parent()
+        .map(|root| working_set::recorded_path(root, archive))
+        .transpose()?;
+    // A record is only a hint of this node's: an unreadable one is ignored.
+    match recorded.and_then(|p| WorkingSet::read(&p).ok().flatten()) {
+        Some(ws) => Ok((ws, WorkingSetFrom::Recorded)),
+        None => Ok((WorkingSet::default(), WorkingSetFrom::None)),
+    }
+}
+
 /// A source for page-server tests: process `pid`'s pagemap image `pm`, its
 /// pages image in a file of its own in `dir`, page `i` of it filled with
 /// [`Source::test_byte`]`(i)`.
@@ -168,7 +212,14 @@ impl Source {
         Source {
             file: File::open(path).unwrap(),
             procs: HashMap::from([(pid, (pm, 0))]),
+            working_set: WorkingSet::default(),
+            working_set_from: WorkingSetFrom::None,
         }
+    }
+
+    pub fn set_working_set(&mut self, ws: WorkingSet) {
+        self.working_set = ws;
+        self.working_set_from = WorkingSetFrom::Archive;
     }
 
     pub fn test_byte(page: u64) -> u8 {

@@ -46,6 +46,41 @@ impl Spans {
         self.0.get(i).filter(|s| s.start <= addr).copied()
     }
 
+    /// The first span ending after `addr` (holding it, or the next one).
+    pub fn next(&self, addr: u64) -> Option<Span> {
+        let i = self.0.partition_point(|s| s.end <= addr);
+        self.0.get(i).copied()
+    }
+
+    /// The parts of these spans within `ranges` (address, bytes): each
+    /// page-aligned outward, out of order or overlapping as they may be.
+    pub fn within(&self, ranges: &[(u64, u64)]) -> Spans {
+        let mut out = Vec::new();
+        for &(addr, len) in ranges {
+            let from = addr & !(PAGE_SIZE - 1);
+            let to = addr.saturating_add(len).next_multiple_of(PAGE_SIZE);
+            let first = self.0.partition_point(|s| s.end <= from);
+            for s in self.0[first..].iter().take_while(|s| s.start < to) {
+                let (a, b) = (s.start.max(from), s.end.min(to));
+                out.push(Span {
+                    start: a,
+                    end: b,
+                    at: s.at + (a - s.start),
+                });
+            }
+        }
+        out.sort_by_key(|s| s.start);
+        out.dedup_by(|next, prev| {
+            // Overlapping pieces of one span: join them.
+            let join = next.start < prev.end;
+            if join {
+                prev.end = prev.end.max(next.end);
+            }
+            join
+        });
+        Spans(out)
+    }
+
     /// Takes `[start, end)` out: filled, or gone from the process.
     pub fn cut(&mut self, start: u64, end: u64) {
         let mut out = Vec::with_capacity(self.0.len() + 1);

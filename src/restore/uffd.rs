@@ -141,6 +141,33 @@ pub fn zeropage(uffd: BorrowedFd, dst: u64, len: u64) -> Result<(), Errno> {
     }
 }
 
+/// A userfaultfd of the test process over `[addr, addr + len)` (missing
+/// pages), as CRIU's restore makes one in the restored process, so that a
+/// pusher can be tested on this process's own memory.
+#[cfg(test)]
+pub fn register_for_test(addr: u64, len: u64) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    const UFFDIO_API: u64 = iowr(0x3f, 24);
+    const UFFDIO_REGISTER: u64 = iowr(0x00, 32);
+    // SAFETY: no safe wrapper exists; userfaultfd takes flags and returns a
+    // new fd or -1, reading no memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    assert!(fd >= 0, "userfaultfd: {}", Errno::last());
+    // SAFETY: a new fd, owned by nothing else.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let mut api = [UFFDIO as u64, 0, 0];
+    // SAFETY: `struct uffdio_api` is three u64s (api, features, ioctls);
+    // the kernel reads and writes only those, in `api`, alive across the call.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, api.as_mut_ptr()) };
+    assert_eq!(r, 0, "UFFDIO_API: {}", Errno::last());
+    let mut reg = [addr, len, 1, 0]; // range, UFFDIO_REGISTER_MODE_MISSING, ioctls
+                                     // SAFETY: `struct uffdio_register` is four u64s (start, len, mode,
+                                     // ioctls), read and written only there; the range is the caller's mapping.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_REGISTER as _, reg.as_mut_ptr()) };
+    assert_eq!(r, 0, "UFFDIO_REGISTER: {}", Errno::last());
+    fd
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
