@@ -3,7 +3,7 @@
 # (its runc runtime is ckpt-runc) and ckpt-shim in front of it, run a counter pod
 # through the shim's CRI socket, checkpoint it with CheckpointContainer while it
 # keeps running, inspect the archive, then restore it through CRI into a new pod
-# and watch the count continue (hack/cri-demo.rs). Then what an operator sees:
+# and watch the count continue (hack/cri-client/src/bin/cri-demo.rs). Then what an operator sees:
 # the CheckpointReady condition, the metrics, and a clean stop on SIGTERM.
 # crictl (cri-tools 1.34): the one on PATH, else ../shared/bin/crictl beside the repository.
 set -euo pipefail
@@ -18,13 +18,13 @@ if [ -z "$crictl_bin" ]; then
 fi
 bash hack/setup.sh
 export PATH="/usr/local/sbin:$PATH"
-cargo build --release --locked -q --bin ckpt-shim --example cri-demo --example cri-ctl
+cargo build --release --locked -q -p ckpt-shim -p cri-client --bins
 
 source hack/node.sh
 node_start ckpt-shim-demo release --metrics-listen 127.0.0.1:9464
 echo "== containerd $(containerd --version | awk '{print $3}') on $work/containerd/containerd.sock (its CheckpointContainer: UNIMPLEMENTED)"
 echo "== its runc runtime: $(grep BinaryName "$work/containerd/config.toml" | xargs)"
-target/release/examples/cri-demo "$sock" "$PWD/target/release/ckpt-shim" "$work"
+target/release/cri-demo "$sock" "$PWD/target/release/ckpt-shim" "$work"
 echo "== the shim's log lines for the checkpoint and the restore:"
 grep -E "checkpointed|restore|restored" "$work/shim.log"
 crictl() { "$crictl_bin" --config /dev/null --runtime-endpoint "unix://$sock" "$@"; }
@@ -54,7 +54,7 @@ echo "crictl create + start: $(( ($(date +%s%N) - started) / 1000000 )) ms; its 
 until grep -q . "$CKPT_SHIM_RESTORE_DIR/$lazy/work/lazy-serve.log" 2>/dev/null; do sleep 0.1; done
 sleep 1
 echo "its page source (lazy-serve.log), last line: $(tail -1 "$CKPT_SHIM_RESTORE_DIR/$lazy/work/lazy-serve.log")"
-echo "== a whole pod: CheckpointPod and RestorePod (KEP-5823) with hack/cri-ctl, started with crictl"
+echo "== a whole pod: CheckpointPod and RestorePod (KEP-5823) with cri-ctl (hack/cri-client), started with crictl"
 BUILD=release bash hack/pod-roundtrip.sh "$crictl_bin" "$sock" "$work/pods"
 grep -E "pod checkpointed|pod restored" "$work/shim.log"
 echo "== an application with a client connected: redis checkpointed with crictl while redis-cli INCRs on one connection, restored into a new pod serving its keys (hack/apps/redis-demo.sh)"

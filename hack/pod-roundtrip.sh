@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A pod checkpoint's round trip as a user runs it: a private containerd (its runc
 # runtime is ckpt-runc) with ckpt-shim in front, a pod of two counters made with
-# crictl, CheckpointPod and RestorePod with hack/cri-ctl (crictl 1.34 has no pod
+# crictl, CheckpointPod and RestorePod with cri-ctl (hack/cri-client; crictl 1.34 has no pod
 # commands), then crictl start of each restored container. Needs hack/setup.sh run.
 #   hack/pod-roundtrip.sh [CRICTL [SOCKET WORKDIR]]   # CRICTL: default crictl on PATH, else ../shared/bin/crictl;
 #   with SOCKET, against a shim that runs already (hack/demo.sh), its files in WORKDIR
@@ -22,7 +22,7 @@ if [ -n "${2:-}" ]; then # a node that runs already (hack/demo.sh)
   mkdir -p "$work"
 else
   flag=$([ "$build" = release ] && echo --release || true)
-  cargo build --locked -q $flag --bin ckpt-shim --example cri-ctl
+  cargo build --locked -q $flag -p ckpt-shim -p cri-client --bins
   source hack/node.sh
   node_start ckpt-shim-pods "$build"
   shim_log=$work/shim.log
@@ -30,7 +30,7 @@ fi
 mkdir -p "$work/logs/src" "$work/logs/dst" "$work/out"
 # (crictl warns of a missing /etc/crictl.yaml on each call: not shown.)
 cri() { "$crictl" --runtime-endpoint "unix://$sock" --timeout 60s "$@" 2> >(grep -v 'crictl.yaml' >&2); }
-ctl() { "target/$build/examples/cri-ctl" "$sock" "$@"; }
+ctl() { "target/$build/cri-ctl" "$sock" "$@"; }
 
 pod_json() { # NAME: a pod in its own cgroup, with its own network and UTS namespace
   cat > "$work/$1.json" <<JSON

@@ -19,8 +19,7 @@
 
 mod common;
 
-#[path = "../hack/cri_pods.rs"]
-mod cri_pods;
+use cri_client::pods as cri_pods;
 
 use common::apps::{self, sh_in, sh_in_env, try_in, wait_for, Background};
 use common::cri::Env;

@@ -5,8 +5,7 @@
 
 mod common;
 
-#[path = "../hack/cri_pods.rs"]
-mod cri_pods;
+use cri_client::pods as cri_pods;
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;

@@ -7,14 +7,13 @@
 //!
 //! Everything goes through the real CRI path: crictl 1.34 (grpc-go) on the
 //! shim's socket, in front of containerd 1.6 whose runc is ckpt-runc, except
-//! RestorePod, which crictl lacks (hack/cri_pods.rs). The forged checkpoint is
+//! RestorePod, which crictl lacks (cri-client's pods module, hack/cri-client). The forged checkpoint is
 //! forged by this file's helpers (tests/common/security.rs), from CRIU's image
 //! format, not by anything of src/.
 
 mod common;
 
-#[path = "../hack/cri_pods.rs"]
-mod cri_pods;
+use cri_client::pods as cri_pods;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -12,8 +12,7 @@
 
 mod common;
 
-#[path = "../hack/cri_pods.rs"]
-mod cri_pods;
+use cri_client::pods as cri_pods;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};

@@ -15,9 +15,9 @@ PROFILE = os.environ.get("CKPT_BENCH_PROFILE") or "release"
 TARGET = os.path.join(ROOT, os.environ.get("CARGO_TARGET_DIR") or "target")
 OUT = os.path.join(TARGET, "debug" if PROFILE == "dev" else PROFILE)
 SHIM = os.path.join(OUT, "ckpt-shim")
-CRICTL = os.path.join(OUT, "examples/cri-ctl")  # hack/cri-ctl.rs, not cri-tools' crictl
-SLOWFS = os.path.join(OUT, "examples/slowfs")
-PROXY_BENCH = os.path.join(OUT, "examples/proxy-bench")
+CRICTL = os.path.join(OUT, "cri-ctl")  # hack/cri-client's cri-ctl, not cri-tools' crictl
+SLOWFS = os.path.join(OUT, "slowfs")
+PROXY_BENCH = os.path.join(OUT, "proxy-bench")
 
 
 def sh(cmd, check=True, **kw):

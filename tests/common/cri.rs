@@ -11,8 +11,7 @@ use k8s_cri::v1 as cri;
 
 use super::{sh, wait_count};
 
-#[path = "../../hack/cri_common.rs"]
-mod cri_common;
+use cri_client::client as cri_common;
 
 pub type Client = cri_common::Client;
 pub type Images = cri::image_service_client::ImageServiceClient<tonic::transport::Channel>;

@@ -15,8 +15,9 @@ pub struct SlowFs {
     child: Option<Child>,
 }
 
-/// hack/slowfs, built (an example, which `cargo test` does not build for one
-/// test target) into the target dir and profile of this test binary.
+/// hack/slowfs, built (a workspace crate of its own, which `cargo test` of
+/// this crate does not build) into the target dir and profile of this test
+/// binary.
 pub fn binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().and_then(Path::parent).unwrap();
@@ -28,7 +29,7 @@ pub fn binary() -> PathBuf {
         .args([
             "build",
             "--quiet",
-            "--example",
+            "--package",
             "slowfs",
             "--profile",
             profile,
@@ -37,13 +38,13 @@ pub fn binary() -> PathBuf {
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
         .env("CARGO_TARGET_DIR", profile_dir.parent().unwrap())
         .output()
-        .expect("cargo build --example slowfs");
+        .expect("cargo build --package slowfs");
     assert!(
         out.status.success(),
-        "cargo build --example slowfs: {}",
+        "cargo build --package slowfs: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    profile_dir.join("examples/slowfs")
+    profile_dir.join("slowfs")
 }
 
 /// Whether `mnt` is a mount point now.

@@ -1,6 +1,5 @@
 //! Shared by the hack/ CRI tools and the CRI tests: a client on a unix socket,
 //! and the pod and container configs kubelet would send for the counter workload.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 

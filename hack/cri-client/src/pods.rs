@@ -2,7 +2,6 @@
 //! crate predates them, so their messages are declared here (the published
 //! field numbers, around k8s-cri's own types) and called by path. Shared by
 //! cri-ctl and the pod tests.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 

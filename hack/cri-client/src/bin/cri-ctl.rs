@@ -26,12 +26,8 @@
 //! The JSON files hold CRI's PodSandboxConfig and ContainerConfig with CRI's field
 //! names (snake_case, as crictl's); fields left out take their defaults, enums are numbers.
 
-#[path = "cri_common.rs"]
-mod cri_common;
-#[path = "cri_pods.rs"]
-mod cri_pods;
-
-use cri_common::*;
+use cri_client::client::*;
+use cri_client::pods as cri_pods;
 use k8s_cri::v1 as cri;
 
 #[tokio::main]

@@ -5,14 +5,11 @@
 //! continuing in the runtime's own container.
 //! usage: cri-demo SHIM_SOCK CKPT_SHIM_BIN WORK_DIR
 
-#[path = "cri_common.rs"]
-mod cri_common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cri_common::*;
+use cri_client::client::*;
 use k8s_cri::v1 as cri;
 
 fn run(cmd: &mut Command) -> Res<String> {

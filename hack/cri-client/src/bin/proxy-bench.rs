@@ -5,13 +5,10 @@
 //!   proxy-bench DIRECT_SOCK SHIM_SOCK [--calls N] [--clients N] [--seconds S]
 //! Prints one JSON object.
 
-#[path = "cri_common.rs"]
-mod cri_common;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cri_common::*;
+use cri_client::client::*;
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use tonic::transport::Channel;
