@@ -131,7 +131,7 @@ fn a_criu_other_than_4_2_warns_and_fails_the_dump_row() {
     let (result, detail) = row(&stdout, "criu-version");
     assert_eq!(result, "warn", "{stdout}");
     assert!(
-        detail.contains("4.1.1") && detail.contains("CRIU 4.2.x's page-server protocol only"),
+        detail.contains("4.1.1") && detail.contains("tested on CRIU 4.2.x only"),
         "{stdout}"
     );
     let (result, detail) = row(&stdout, "criu-tcp-dump");

@@ -1,17 +1,18 @@
 //! A lazy restore's checkpoint: everything but the memory pages staged, the
 //! pages left where they are in the archive and served from there as the
-//! restored process touches them ([`super::page_server`]).
+//! restored process touches them ([`super::push`]).
 //!
 //! CRIU's restore still reads the pages it does not leave to the lazy-pages
 //! daemon (those not marked `PE_LAZY`: the stack, a few KiB) from
-//! `pages-<id>.img`, at their usual offset, and opens that file even in the
-//! daemon. So each process's pages image is staged as a sparse file of its
-//! full length holding only those pages. Pages images no process's pagemap
-//! names (shared memory's, restored in full by CRIU) are copied whole.
+//! `pages-<id>.img`, at their usual offset. So each process's pages image is
+//! staged as a sparse file of its full length holding only those pages.
+//! Pages images no process's pagemap names (shared memory's, restored in
+//! full by CRIU) are copied whole.
 //!
 //! `lazy.json` beside the images ([`super::source::Plan`]) says where the
 //! pages are, and whether the restore is a full one. Either way no page is
-//! copied into the restore dir.
+//! copied into the restore dir. An archive's `working-set.json`
+//! ([`super::working_set`]) is checked here like any other member.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;

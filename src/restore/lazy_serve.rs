@@ -62,7 +62,10 @@ pub fn run(o: &Options) -> Result<()> {
     let ms = started.elapsed().as_millis();
     match pushed {
         Ok((pushed, faulted)) => {
-            eprintln!("lazy-serve: every page in after {ms} ms: {pushed:?}");
+            eprintln!(
+                "lazy-serve: every page in after {ms} ms ({:.3} s CPU): {pushed:?}",
+                cpu_seconds()
+            );
             if let (Some(path), Some(ws)) = (record, faulted.filter(|w| w.pages() > 0)) {
                 keep_record(&path, &ws);
             }
@@ -74,6 +77,13 @@ pub fn run(o: &Options) -> Result<()> {
             Err(e)
         }
     }
+}
+
+/// The CPU time this page source used so far (user and system).
+fn cpu_seconds() -> f64 {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    getrusage(UsageWho::RUSAGE_SELF).map_or(0.0, |u| secs(u.user_time()) + secs(u.system_time()))
 }
 
 /// Where to record this restore's faults, if no working set is known for

@@ -3,8 +3,9 @@
 //! - [`archive`]: an archive checked member by member, its metadata, extraction;
 //! - [`create`]: CreateContainer of a checkpoint, rewritten for the runtime;
 //! - [`ipc`]: the SysV objects a joined IPC namespace already holds, left out;
-//! - [`lazy`], [`pagemap`], [`page_server`], [`lazy_serve`]: a lazy restore,
-//!   its memory served from the archive as the process touches it;
+//! - [`lazy`], [`pagemap`], [`lazy_serve`]: a lazy restore, its memory
+//!   served from the archive as the process touches it;
+//! - [`page_server`]: the CRIU versions a served restore relies on;
 //! - [`push`], [`spans`], [`uffd`]: a served restore's memory put in from the
 //!   archive by the shim itself, one copy per page, faults first;
 //! - [`slots`], [`working_set`]: the node's bound on background pushes, and

@@ -1,7 +1,7 @@
 //! Where a served restore's pages are: the plan staged beside the images
 //! (`lazy.json`, written by [`super::lazy::stage`]), and the page source
-//! built from it, which the page server ([`super::page_server`]) and the
-//! full restore's push ([`super::push`]) read the pages through.
+//! built from it, which the restore's pusher ([`super::push`]) reads the
+//! pages through, its working set ([`super::working_set`]) first.
 //!
 //! The plan names the archive and each pages image's offset and length in
 //! it, and whether the restore is a full one: served the same way, but
