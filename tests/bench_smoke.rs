@@ -296,24 +296,19 @@ fn scale_two_restores_of_one_image_full_and_lazy() {
     let w = work("sc");
     let out = bench(
         &[
-            "scale", "--mib", "0", "--scale", "2", "--rounds", "1", "--work", &w,
+            "scale", "--mib", "0", "--scale", "2", "--wide", "0", "--rounds", "1", "--work", &w,
         ],
         LIMIT,
     );
     let t = tables(&out);
     assert_eq!(t.len(), 2, "the restores and their ratios");
     for v in ["FULL-1", "FULL-2", "LAZY-1", "LAZY-2"] {
-        let row = t[0].row(&[v]);
-        for (i, c) in row.iter().enumerate().skip(1) {
-            if i != 2 || v.starts_with("LAZY") {
-                filled(c, &format!("{v}: {}", t[0].header[i]));
-            }
+        for (i, c) in t[0].row(&["0", v]).iter().enumerate().skip(2) {
+            filled(c, &format!("{v}: {}", t[0].header[i]));
         }
     }
-    for kind in ["FULL", "LAZY"] {
-        for c in &t[1].row(&[kind])[1..] {
-            filled(c, kind);
-        }
+    for (h, c) in t[1].header.iter().zip(t[1].row(&["0", "2"])).skip(2) {
+        filled(c, h);
     }
 }
 

@@ -1,55 +1,84 @@
 #!/usr/bin/env python3
 """Scale-out benchmark: N restores of ONE checkpoint image started together. Not a test.
 
-A counter touching MIB MiB of incompressible memory is checkpointed through CRI
-and imported into containerd as a checkpoint image (`ckpt-shim image --import`).
-Each round then runs, in an order that rotates from round to round:
-  FULL-1  one restore of the image through CRI (CreateContainer + StartContainer
-          in a new pod), every page put in from the layer's blob before
-          StartContainer answers
-  FULL-N  N restores of it: N pods made first (untimed), then every pod's
-          CreateContainer + StartContainer at once (`cri-ctl restore-n`),
-          timed until the last StartContainer is answered
-  LAZY-1, LAZY-N  the same through a shim with lazy_pages = true: the pages are
-          served from the layer's blob in containerd's content store
+For each size (--mib, default 512 and 2048 MiB), a counter touching that much
+incompressible memory is checkpointed through CRI and imported into containerd
+as a checkpoint image (`ckpt-shim image --import`). Each round then runs, in an
+order that rotates from round to round, for every N in 1 and --scale (16 only up
+to --wide-max-mib):
+  FULL-N  N restores of the image through CRI (CreateContainer + StartContainer
+          in new pods): N pods made first (untimed), then every pod's
+          CreateContainer + StartContainer at once (`cri-ctl restore-n`), timed
+          until the last StartContainer is answered; every page is put in from
+          the layer's blob before StartContainer answers
+  LAZY-N  the same through a shim with lazy_pages = true: the pages are served
+          from the layer's blob in containerd's content store as the process
+          touches them, the rest pushed in the background (bounded per node)
 Before each, the page cache is dropped (`echo 1 > /proc/sys/vm/drop_caches`), so
 every restore starts cold, and after each, every restored counter is made to hash
-its memory again (/tmp/verify; a mismatch fails the benchmark) and, for lazy
-restores, each page source must have pushed every page and exited cleanly.
+its memory again (/tmp/verify; a mismatch fails the benchmark) and each page
+source must have put every page in and exited cleanly.
 
-Disk: the whole work dir (containerd's root and content store, the restore dirs,
-the image's rootfs) is a file system of its own on a loop device (ext4 as the
-host's; --xfs for reflink XFS), so that device's /sys/block/loopN/stat counts
-this benchmark's I/O only, not the other users of the machine's disk:
-  read    bytes read from the device from the drop until every page is in
-          (lazy) and every memory hash is done: the pages' reads from the
-          layer; "read once" means about MIB MiB for N restores, as for one
-  written bytes written to the device, after `sync`, from the start of the
-          restores until after the memory hashes
-  dirtied `write_bytes` of the ckpt-shim serve process in /proc/PID/io: what
-          it wrote into the page cache (a full restore's pages copied into
-          the restore dir), whether or not that reached the disk; a restore
-          dir removed before writeback cancels its pages' writes (the shim's
-          cancelled_write_bytes), which is why "written" can stay small
+Measured, per restore, from the moment the N CreateContainers are sent:
+  running   its StartContainer answered
+  first     its first response: the counter's first line after the restore, as
+            containerd's log timestamps it (CRIU's restore interrupts the
+            counter's sleep, so it answers at once, touching its stack, heap and
+            stdout's buffer)
+  all in    its page source's last line ("every page in"), by the log's mtime
+  CPU       the page sources' own CPU seconds (getrusage, in their logs), and
+            the whole node's busy CPU seconds from the restores' start until
+            every page is in (other users of the machine count in this one)
+Disk: the whole work dir is a file system of its own on a loop device, so that
+device's /sys/block/loopN/stat counts this benchmark's I/O only:
+  read    bytes read from the device from the drop until every page is in and
+          every memory hash is done: "read once" means about MIB MiB for N
+          restores, as for one
 """
 import argparse
 import os
 import re
+import shutil
 import statistics
 import sys
 import time
+from datetime import datetime
 
-from common import CRICTL, SHIM, sh, text
+from common import CRICTL, SHIM, run_bench, sh, text
 from restore import RestoreBench
 
 MIB = 1 << 20
 
 
+ALL_IN = re.compile(r"every page in after (\d+) ms \(([\d.]+) s CPU\)")
+
+
+def busy_seconds():
+    """The node's CPU seconds spent on anything but idle and iowait, so far."""
+    f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return (sum(f) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def first_line_at(log):
+    """The wall-clock time containerd logged the container's first stdout line."""
+    for line in text(log).splitlines():
+        ts, stream, _tag, msg = (line.split(" ", 3) + ["", "", ""])[:4]
+        if stream == "stdout" and msg.startswith("counter"):
+            whole, _, frac = ts.partition(".")
+            digits = "".join(ch for ch in frac if ch.isdigit())
+            zone = frac[len(digits):]
+            return datetime.fromisoformat(f"{whole}.{digits[:6]:0<6}{zone.replace('Z', '+00:00')}").timestamp()
+    return None
+
+
 class ScaleBench(RestoreBench):
-    def __init__(self, work, mib, n, rounds, only):
-        super().__init__(work, [mib], rounds, only)
-        self.mib, self.scale = mib, n
-        self.rows = {}  # variant -> list of dicts
+    def __init__(self, work, sizes, scale, wide, wide_max_mib, rounds, only):
+        super().__init__(work, sizes, rounds, only)
+        self.scale, self.wide, self.wide_max_mib = scale, wide, wide_max_mib
+        self.rows = {}  # (mib, variant) -> list of dicts
+
+    def counts(self, mib):
+        return [1, self.scale] + ([self.wide] if self.wide and mib <= self.wide_max_mib else [])
 
     def device_stat(self):
         """(bytes read, bytes written) so far on the work dir's loop device."""
@@ -57,40 +86,37 @@ class ScaleBench(RestoreBench):
         f = open(f"/sys/block/{dev}/stat").read().split()
         return int(f[2]) * 512, int(f[6]) * 512
 
-    def shim_written(self, proc):
-        io = dict(line.split(": ") for line in open(f"/proc/{proc.pid}/io").read().splitlines())
-        return int(io["write_bytes"])
+    def image(self, mib):
+        return f"localhost/ckpt-scale-{mib}:1"
 
-    def counter_started(self):
-        self.cri_pod, self.cri_id = sh([CRICTL, self.sock, "run-counter", "bench-orig", str(self.mib)]).split()
-        count = f"{self.w}/ctrd/state/io.containerd.runtime.v2.task/k8s.io/{self.cri_id}/rootfs/tmp/count"
-        deadline = time.time() + 120
+    def prepare_image(self, mib):
+        pod, cid = sh([CRICTL, self.sock, "run-counter", f"bench-orig-{mib}", str(mib)]).split()
+        count = f"{self.rootfs(cid)}/tmp/count"
+        deadline = time.time() + 300
         while not os.path.exists(count):
             if time.time() > deadline:
                 raise RuntimeError("the counter did not start")
             time.sleep(0.2)
-
-    def prepare_image(self):
         ck = f"{self.w}/ck"
         os.makedirs(ck, mode=0o700, exist_ok=True)
-        sh([CRICTL, self.sock, "checkpoint", self.cri_id, f"{ck}/cri.tar", "600"])
-        sh([SHIM, "image", f"{ck}/cri.tar", "ckpt-scale:1", "--import", f"{self.w}/ctrd/containerd.sock"])
+        sh([CRICTL, self.sock, "checkpoint", cid, f"{ck}/cri.tar", "600"])
+        sh([SHIM, "image", f"{ck}/cri.tar", self.image(mib)[len("localhost/"):], "--import", f"{self.w}/ctrd/containerd.sock"])
         # Only the image is restored from; the original and its archive go.
-        sh([CRICTL, self.sock, "rm-pod", self.cri_pod])
+        sh([CRICTL, self.sock, "rm-pod", pod])
         os.remove(f"{ck}/cri.tar")
 
     def rootfs(self, cid):
         return f"{self.w}/ctrd/state/io.containerd.runtime.v2.task/k8s.io/{cid}/rootfs"
 
-    def lazy_done(self, cid, deadline):
-        """Seconds from the page source's start until every page was pushed."""
+    def all_in(self, cid, deadline):
+        """(wall-clock time every page was in, the page source's CPU seconds)."""
         log = f"{self.restore_dir}/{cid}/work/lazy-serve.log"
-        while time.time() < deadline and "lazy pages in the checkpoint" not in text(log):
+        while time.time() < deadline and not ALL_IN.search(text(log)):
             time.sleep(0.05)
-        m = re.search(r"pages: (\d+) .* after (\d+) ms; daemon exit status: 0", text(log))
+        m = ALL_IN.search(text(log))
         if not m:
-            raise RuntimeError(f"{cid}: lazy restore did not serve its pages: {text(log)!r}")
-        return int(m.group(2)) / 1000
+            raise RuntimeError(f"{cid}: the restore did not get its pages: {text(log)!r}")
+        return os.stat(log).st_mtime, float(m.group(2))
 
     def verify(self, cids, deadline):
         for cid in cids:
@@ -103,92 +129,112 @@ class ScaleBench(RestoreBench):
             if not verdict.startswith("ok"):
                 raise RuntimeError(f"{cid}: memory differs after the restore: {verdict!r}")
 
-    def one(self, variant):
-        lazy, n = variant.startswith("LAZY"), (1 if variant.endswith("-1") else self.scale)
-        sock, proc = (self.sock_lazy, self.shims["L"]["proc"]) if lazy else (self.sock, self.shims["A"]["proc"])
-        sh("sync; echo 1 > /proc/sys/vm/drop_caches")
-        r0, w0, s0 = *self.device_stat(), self.shim_written(proc)
-        out = sh([CRICTL, sock, "restore-n", f"s{self.n}", str(n), "localhost/ckpt-scale:1"])
+    def one(self, mib, variant, n):
+        lazy = variant == "LAZY"
+        sock = self.sock_lazy if lazy else self.sock
+        prefix = f"s{self.n}"
         self.n += 1
+        logs = [f"/tmp/cri-ctl-logs-{prefix}-{i}" for i in range(n)]
+        for d in logs:
+            shutil.rmtree(d, ignore_errors=True)
+        sh("sync; echo 1 > /proc/sys/vm/drop_caches")
+        r0, cpu0 = self.device_stat()[0], busy_seconds()
+        out = sh([CRICTL, sock, "restore-n", prefix, str(n), self.image(mib)])
+        t_end = time.time()
         lines = [line.split() for line in out.splitlines()]
         pods = [p for p, _, _ in lines[:-1]]
         cids = [c for _, c, _ in lines[:-1]]
         self.cleanups += [lambda p=p: sh([CRICTL, self.sock, "rm-pod", p], check=False) for p in pods]
-        row = {"all": float(lines[-1][1]) / 1000, "each": [float(ms) / 1000 for _, _, ms in lines[:-1]]}
-        deadline = time.time() + 300
-        if lazy:
-            row["pages in"] = max(self.lazy_done(c, deadline) for c in cids)
+        self.cleanups += [lambda d=d: shutil.rmtree(d, ignore_errors=True) for d in logs]
+        t0 = t_end - float(lines[-1][1]) / 1000  # restore-n's clock started with the first CreateContainer
+        deadline = time.time() + 600
+        ins = [self.all_in(c, deadline) for c in cids]
+        cpu1 = busy_seconds()
+        firsts = []
+        for i in range(n):
+            at = None
+            while at is None and time.time() < deadline:
+                at = next((first_line_at(f"{logs[i]}/{f}") for f in os.listdir(logs[i]) if f.endswith(".log")), None)
+                if at is None:
+                    time.sleep(0.05)
+            firsts.append(at - t0)
         self.verify(cids, deadline)
-        r1 = self.device_stat()[0]
-        sh("sync")
-        w1 = self.device_stat()[1]
-        row.update(read=r1 - r0, written=w1 - w0, shim_w=self.shim_written(proc) - s0)
-        return row
+        return {"all": float(lines[-1][1]) / 1000, "each": [float(ms) / 1000 for _, _, ms in lines[:-1]],
+                "first": firsts, "in": max(t for t, _ in ins) - t0, "cpu_src": sum(c for _, c in ins),
+                "cpu_node": cpu1 - cpu0, "read": self.device_stat()[0] - r0}
 
     def run(self):
         self.cleanups = []
-        self.counter_started()
-        self.prepare_image()
-        variants = [v for v in ("FULL-1", "FULL-N", "LAZY-1", "LAZY-N") if not self.only or v in self.only]
-        for rnd in range(self.rounds):
-            k = rnd % len(variants)
-            for v in variants[k:] + variants[:k]:
-                self.settle()
-                row = self.one(v)
-                for c in self.cleanups:
-                    c()
-                self.cleanups = []
-                self.rows.setdefault(v, []).append(row)
-                print(f"  round {rnd + 1} {v}: {row['all']:.3f}s, read {row['read'] / MIB:.0f} MiB, "
-                      f"written {row['written'] / MIB:.0f} MiB, shim dirtied {row['shim_w'] / MIB:.0f} MiB; each: {' '.join(f'{x:.2f}' for x in sorted(row['each']))}",
-                      file=sys.stderr, flush=True)
+        variants = [v for v in ("FULL", "LAZY") if not self.only or v in self.only]
+        for mib in self.sizes:
+            self.prepare_image(mib)
+            todo = [(v, n) for v in variants for n in self.counts(mib)]
+            for rnd in range(self.rounds):
+                k = rnd % len(todo)
+                for v, n in todo[k:] + todo[:k]:
+                    self.settle()
+                    load = os.getloadavg()[0]
+                    row = self.one(mib, v, n)
+                    row["load"] = load
+                    for c in self.cleanups:
+                        c()
+                    self.cleanups = []
+                    self.rows.setdefault((mib, v, n), []).append(row)
+                    print(f"  {mib} MiB round {rnd + 1} {v}-{n}: running {row['all']:.3f}s, first response max "
+                          f"{max(row['first']):.3f}s, all in {row['in']:.3f}s, CPU {row['cpu_src']:.2f}s sources, "
+                          f"{row['cpu_node']:.2f}s node, read {row['read'] / MIB:.0f} MiB, load {load:.1f}",
+                          file=sys.stderr, flush=True)
+
+    def med(self, key, f):
+        rows = self.rows.get(key)
+        return statistics.median(f(r) for r in rows) if rows else float("nan")
 
     def report(self):
-        n = self.scale
-        med = lambda v, k: statistics.median(r[k] for r in self.rows[v]) if v in self.rows else float("nan")
-        span = lambda v: f"{min(r['all'] for r in self.rows[v]):.3f}–{max(r['all'] for r in self.rows[v]):.3f}" if v in self.rows else "-"
-        mib = lambda b: f"{b / MIB:.0f}"
-        lines = [f"{self.mib} MiB counter, one checkpoint image, {self.rounds} rounds, medians; page cache dropped before each",
-                 "", "| variant | s to all running (min–max) | pages all in, s | read from disk, MiB | written to disk, MiB | dirtied by the shim, MiB |",
-                 "|---|---|---|---|---|---|"]
-        for v in ("FULL-1", "FULL-N", "LAZY-1", "LAZY-N"):
-            label = v.replace("-N", f"-{n}")
-            pages = f"{med(v, 'pages in'):.3f}" if v.startswith("LAZY") and v in self.rows else "-"
-            lines.append(f"| {label} | {med(v, 'all'):.3f} ({span(v)}) | {pages} | {mib(med(v, 'read'))} | "
-                         f"{mib(med(v, 'written'))} | {mib(med(v, 'shim_w'))} |")
-        lines += ["", f"| | {n} together / one | read, {n} / one | per restore: written to disk, MiB (alone, of {n}) | per restore: dirtied by the shim, MiB (alone, of {n}) |", "|---|---|---|---|---|"]
-        for kind in ("FULL", "LAZY"):
-            one, many = f"{kind}-1", f"{kind}-N"
-            lines.append(f"| {kind} | {med(many, 'all') / med(one, 'all'):.2f}× | {med(many, 'read') / max(med(one, 'read'), 1):.2f} | "
-                         f"{mib(med(one, 'written'))}, {mib(med(many, 'written') / n)} | {mib(med(one, 'shim_w'))}, {mib(med(many, 'shim_w') / n)} |")
+        loads = [r["load"] for rows in self.rows.values() for r in rows]
+        lines = [f"{self.rounds} rounds, medians over rounds; page cache dropped before each; "
+                 f"load average (1 min) at the rounds' starts {min(loads, default=0):.1f}–{max(loads, default=0):.1f}", "",
+                 "| MiB | variant | s to all running | s to running, each (median, max) | s to first response, each (median, max) | "
+                 "first response / running (max) | s until every page in | CPU s: page sources, node | read, MiB |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        for (mib, v, n) in sorted(self.rows):
+            k = (mib, v, n)
+            each = lambda f: self.med(k, lambda r: f(r["each"]))
+            first = lambda f: self.med(k, lambda r: f(r["first"]))
+            ratio = self.med(k, lambda r: max(a / b for a, b in zip(r["first"], r["each"])))
+            lines.append(f"| {mib} | {v}-{n} | {self.med(k, lambda r: r['all']):.3f} | {each(statistics.median):.3f}, {each(max):.3f} | "
+                         f"{first(statistics.median):.3f}, {first(max):.3f} | {ratio:.2f} | {self.med(k, lambda r: r['in']):.3f} | "
+                         f"{self.med(k, lambda r: r['cpu_src']):.2f}, {self.med(k, lambda r: r['cpu_node']):.2f} | "
+                         f"{self.med(k, lambda r: r['read']) / MIB:.0f} |")
+        lines += ["", "| MiB | N | FULL: N / 1, to all running | LAZY: N / 1, to all running (goal ≤ 3×) | "
+                  "LAZY: read, N / 1 | LAZY-N: slowest restore to running, s |", "|---|---|---|---|---|---|"]
+        for mib in self.sizes:
+            for n in self.counts(mib)[1:]:
+                r = lambda v: self.med((mib, v, n), lambda x: x["all"]) / self.med((mib, v, 1), lambda x: x["all"])
+                rd = self.med((mib, "LAZY", n), lambda x: x["read"]) / max(self.med((mib, "LAZY", 1), lambda x: x["read"]), 1)
+                lines.append(f"| {mib} | {n} | {r('FULL'):.2f}× | {r('LAZY'):.2f}× | {rd:.2f} | "
+                             f"{self.med((mib, 'LAZY', n), lambda x: max(x['each'])):.3f} |")
         return "\n".join(lines)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mib", type=int, default=512)
+    ap.add_argument("--mib", default="512,2048", help="sizes, comma-separated")
     ap.add_argument("--scale", type=int, default=8, help="restores started together")
+    ap.add_argument("--wide", type=int, default=16, help="and this many, at sizes up to --wide-max-mib (0: not)")
+    ap.add_argument("--wide-max-mib", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--work", default="/var/tmp/ckpt-shim-bench-scale")
-    ap.add_argument("--only", help="run just these variants, comma-separated (FULL-1,FULL-N,LAZY-1,LAZY-N)")
+    ap.add_argument("--only", help="run just these kinds, comma-separated (FULL,LAZY)")
     ap.add_argument("--xfs", action="store_true", help="the work dir's file system is reflink XFS, not ext4")
     a = ap.parse_args()
+    sizes = [int(m) for m in a.mib.split(",")]
     img = f"{a.work}.img"
     os.makedirs(a.work, exist_ok=True)
     mkfs = "mkfs.xfs -q -f -m reflink=1" if a.xfs else "mkfs.ext4 -q -F"
-    sh(f"truncate -s {(a.scale + 4) * a.mib // 1024 + 8}G {img} && {mkfs} {img} && mount -o loop {img} {a.work}")
-    b = ScaleBench(a.work, a.mib, a.scale, a.rounds, a.only.split(",") if a.only else None)
-    try:
-        b.setup()
-        b.run()
-        out = b.report()
-    finally:
-        for c in getattr(b, "cleanups", []):
-            c()
-        b.teardown()
-        # Lazily: a process that has not let go yet must not leave the mount behind.
-        sh(f"umount -l {a.work}; rm -f {img}; rmdir {a.work}", check=False)
-    print(out)
+    sh(f"truncate -s {(max(a.scale, a.wide) + 4) * max(sizes) // 1024 + 8}G {img} && {mkfs} {img} && mount -o loop {img} {a.work}")
+    b = ScaleBench(a.work, sizes, a.scale, a.wide, a.wide_max_mib, a.rounds, a.only.split(",") if a.only else None)
+    # Lazily: a process that has not let go yet must not leave the mount behind.
+    print(run_bench(b, after=lambda: sh(f"umount -l {a.work}; rm -f {img}; rmdir {a.work}", check=False)))
 
 
 if __name__ == "__main__":

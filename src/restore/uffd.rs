@@ -155,7 +155,7 @@ pub fn register_for_test(addr: u64, len: u64) -> std::os::fd::OwnedFd {
     assert!(fd >= 0, "userfaultfd: {}", Errno::last());
     // SAFETY: a new fd, owned by nothing else.
     let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
-    let mut api = [UFFDIO as u64, 0, 0];
+    let mut api = [UFFDIO, 0, 0];
     // SAFETY: `struct uffdio_api` is three u64s (api, features, ioctls);
     // the kernel reads and writes only those, in `api`, alive across the call.
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, api.as_mut_ptr()) };
