@@ -92,6 +92,12 @@ pub enum Error {
         image: String,
     },
 
+    /// A restore whose processes attach a SysV segment that the IPC
+    /// namespace it joins already holds: CRIU attaches a restored process
+    /// only to a segment it creates ([`crate::restore::ipc`]).
+    #[error("restore refused: its processes attach SysV shm id {id}, which the IPC namespace it joins already holds (another container's restore there made it); CRIU can attach them only to a segment it creates: start this container before the others that share the segment")]
+    IpcAttached { id: u32 },
+
     /// A CRIU image that is not what CRIU writes: forged or damaged.
     #[error("malformed checkpoint image {image}: {why}")]
     BadImage { image: String, why: String },
@@ -146,6 +152,7 @@ impl From<Error> for tonic::Status {
             | Error::ChecksFailed { .. }
             | Error::Unlike { .. }
             | Error::IpcTaken { .. }
+            | Error::IpcAttached { .. }
             | Error::LeftOut { .. } => Code::FailedPrecondition,
             Error::Privilege { .. } => Code::PermissionDenied,
             Error::AlreadyExists(_) => Code::AlreadyExists,

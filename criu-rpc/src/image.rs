@@ -32,6 +32,7 @@ pub enum Kind {
     IpcShm,
     IpcMsg,
     IpcSem,
+    Mm,
 }
 
 impl Kind {
@@ -56,6 +57,7 @@ impl Kind {
             IpcShm => (common, 0x4628_3044),
             IpcMsg => (common, 0x5545_3737),
             IpcSem => (common, 0x5957_3019),
+            Mm => (common, 0x5749_2820),
         }
     }
 

@@ -106,11 +106,42 @@ pub fn drop_live_objects(spec: &Spec, images: &Path) -> Result<()> {
     let live = live_objects(&ns)?;
     for (class, path) in files {
         let bytes = std::fs::read(&path).ctx(|| format!("read {}", path.display()))?;
-        if let Some(kept) = without_live(&bytes, class, &live[class as usize])? {
+        let attached = match class {
+            Class::Shm => attached_segments(images)?,
+            _ => Vec::new(),
+        };
+        if let Some(kept) = without_live(&bytes, class, &live[class as usize], &attached)? {
             std::fs::write(&path, kept).ctx(|| format!("write {}", path.display()))?;
         }
     }
     Ok(())
+}
+
+/// CRIU's mark of a mapping of a SysV segment (criu/include/image.h).
+const VMA_AREA_SYSVIPC: u32 = 1 << 10;
+
+/// The ids of the SysV segments the checkpoint's processes attach (their
+/// `mm-<pid>.img` mappings).
+fn attached_segments(images: &Path) -> Result<Vec<u32>> {
+    use prost::Message;
+    let mut ids = Vec::new();
+    for e in std::fs::read_dir(images).ctx(|| format!("list {}", images.display()))? {
+        let e = e.ctx(|| format!("list {}", images.display()))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("mm-") && name.ends_with(".img")) {
+            continue;
+        }
+        let bad = |why: String| Error::BadImage {
+            image: name.clone(),
+            why,
+        };
+        let bytes = std::fs::read(e.path()).ctx(|| format!("read {}", e.path().display()))?;
+        let entry = image::first(&bytes, Kind::Mm).map_err(|e| bad(e.to_string()))?;
+        let mm = criu_rpc::images::MmEntry::decode(entry).map_err(|e| bad(e.to_string()))?;
+        let sysv = mm.vmas.iter().filter(|v| v.status & VMA_AREA_SYSVIPC != 0);
+        ids.extend(sysv.map(|v| v.shmid as u32));
+    }
+    Ok(ids)
 }
 
 /// The IPC namespace the spec joins by path, if it does.
@@ -210,8 +241,15 @@ fn image_object(class: Class, o: &IpcObject<'_>) -> Object {
 /// The image without the objects `live` holds; `None` when it holds none of
 /// them (the image stays as it is). Refused if one of `live` takes the id or
 /// the key (other than IPC_PRIVATE, 0) of an object of the image and is not
-/// that object.
-pub fn without_live(bytes: &[u8], class: Class, live: &[Object]) -> Result<Option<Vec<u8>>> {
+/// that object, or if a segment it holds is one of `attached`: CRIU attaches
+/// a restored process only to a segment it created in this restore (it
+/// fails on any other: `Can't find sysv shmem`).
+pub fn without_live(
+    bytes: &[u8],
+    class: Class,
+    live: &[Object],
+    attached: &[u32],
+) -> Result<Option<Vec<u8>>> {
     let objects = image::ipc_objects(bytes, class.kind()).map_err(|e| Error::BadImage {
         image: format!("ipcns-{}", class.name()),
         why: e.to_string(),
@@ -223,6 +261,9 @@ pub fn without_live(bytes: &[u8], class: Class, live: &[Object]) -> Result<Optio
             .iter()
             .find(|l| l.id == mine.id || (mine.key != 0 && l.key == mine.key));
         match taken {
+            Some(l) if *l == mine && attached.contains(&mine.id) => {
+                return Err(Error::IpcAttached { id: mine.id })
+            }
             Some(l) if *l == mine => {}
             Some(l) => {
                 return Err(Error::IpcTaken {
@@ -297,11 +338,11 @@ mod tests {
         let img = encode_spans(Kind::IpcShm, &[&a, &b, &c]);
         // Segment 0 is there, as it was; 1 (IPC_PRIVATE) and 2 are not.
         let held = [live(0, 0x52e2c1, Some(56)), live(5, 0, Some(10))];
-        let kept = without_live(&img, Class::Shm, &held).unwrap().unwrap();
+        let kept = without_live(&img, Class::Shm, &held, &[]).unwrap().unwrap();
         assert_eq!(kept, encode_spans(Kind::IpcShm, &[&b, &c]));
         // Nothing held: the image stays as it is.
         assert_eq!(
-            without_live(&img, Class::Shm, &[live(9, 9, Some(1))]).unwrap(),
+            without_live(&img, Class::Shm, &[live(9, 9, Some(1))], &[]).unwrap(),
             None
         );
         // Everything held: an image of no object.
@@ -310,7 +351,7 @@ mod tests {
             live(1, 0, Some(10)),
             live(2, 7, Some(4096)),
         ];
-        let none = without_live(&img, Class::Shm, &all).unwrap().unwrap();
+        let none = without_live(&img, Class::Shm, &all, &[]).unwrap().unwrap();
         assert_eq!(image::ipc_objects(&none, Kind::IpcShm).unwrap(), vec![]);
     }
 
@@ -325,7 +366,7 @@ mod tests {
         let other_key = live(0, 0x1234, Some(56));
         let other_id = live(3, 0x52e2c1, Some(56));
         for held in [other_size, other_perms, other_owner, other_key, other_id] {
-            let err = without_live(&img, Class::Shm, std::slice::from_ref(&held)).unwrap_err();
+            let err = without_live(&img, Class::Shm, std::slice::from_ref(&held), &[]).unwrap_err();
             assert!(
                 matches!(&err, Error::IpcTaken { class: "shm", live, .. } if *live == held.to_string()),
                 "{held}: {err}"
@@ -355,7 +396,7 @@ mod tests {
         let img = encode_spans(Kind::IpcMsg, &[&q0, &q1]);
         // A queue's messages come and go: no size to hold it to.
         let held = [live(0, 100, None)];
-        let kept = without_live(&img, Class::Msg, &held).unwrap().unwrap();
+        let kept = without_live(&img, Class::Msg, &held, &[]).unwrap().unwrap();
         assert_eq!(kept, encode_spans(Kind::IpcMsg, &[&q1]));
 
         let set = |id, nsems| {
@@ -370,18 +411,56 @@ mod tests {
         };
         let (s0, s1) = (set(0, 5), set(1, 1));
         let img = encode_spans(Kind::IpcSem, &[&s0, &s1]);
-        let kept = without_live(&img, Class::Sem, &[live(1, 201, Some(1))])
+        let kept = without_live(&img, Class::Sem, &[live(1, 201, Some(1))], &[])
             .unwrap()
             .unwrap();
         assert_eq!(kept, encode_spans(Kind::IpcSem, &[&s0]));
-        let err = without_live(&img, Class::Sem, &[live(1, 201, Some(2))]).unwrap_err();
+        let err = without_live(&img, Class::Sem, &[live(1, 201, Some(2))], &[]).unwrap_err();
         assert!(matches!(err, Error::IpcTaken { class: "sem", .. }), "{err}");
+    }
+
+    #[test]
+    fn a_held_segment_the_checkpoint_attaches_is_refused() {
+        use criu_rpc::images::{MmEntry, VmaEntry};
+        let dir = tempfile::tempdir().unwrap();
+        let vma = |shmid, status| VmaEntry {
+            start: 0x7f00_0000_0000,
+            end: 0x7f00_0000_1000,
+            shmid,
+            status,
+        };
+        // A private mapping (status: anonymous, private) names no segment.
+        let mm = MmEntry {
+            vmas: vec![vma(7, 1 | 1 << 5), vma(0, 1 | VMA_AREA_SYSVIPC)],
+        };
+        let img = image::encode(Kind::Mm, &[mm.encode_to_vec()]);
+        std::fs::write(dir.path().join("mm-1.img"), img).unwrap();
+        let attached = attached_segments(dir.path()).unwrap();
+        assert_eq!(attached, [0]);
+
+        let img = encode_spans(
+            Kind::IpcShm,
+            &[shm(0, 0x52e2c1, 56, false), shm(1, 0, 8, false)],
+        );
+        let held = [live(0, 0x52e2c1, Some(56))];
+        let err = without_live(&img, Class::Shm, &held, &attached).unwrap_err();
+        assert!(matches!(err, Error::IpcAttached { id: 0 }), "{err}");
+        assert_eq!(
+            tonic::Status::from(err).code(),
+            tonic::Code::FailedPrecondition
+        );
+        // Not held, CRIU creates it and attaches the process: kept.
+        let kept = without_live(&img, Class::Shm, &[live(1, 0, Some(8))], &attached).unwrap();
+        assert_eq!(
+            kept,
+            Some(encode_spans(Kind::IpcShm, &[shm(0, 0x52e2c1, 56, false)]))
+        );
     }
 
     #[test]
     fn a_cut_image_is_a_bad_image() {
         let img = encode_spans(Kind::IpcShm, &[shm(1, 0, 10, true)]);
-        let err = without_live(&img[..img.len() - 1], Class::Shm, &[]).unwrap_err();
+        let err = without_live(&img[..img.len() - 1], Class::Shm, &[], &[]).unwrap_err();
         assert!(matches!(err, Error::BadImage { .. }), "{err}");
     }
 

@@ -379,8 +379,7 @@ fn has_established_tcp(images: &Path) -> bool {
 /// Rewrites the checkpoint's UTS images with the names of the UTS namespace the
 /// container joins (the new pod's), if it joins one.
 fn rename_uts(spec: &Spec, images: &Path) -> Result<()> {
-    let Some(ns) = crate::oci::joined(spec, LinuxNamespaceType::Uts)
-    else {
+    let Some(ns) = crate::oci::joined(spec, LinuxNamespaceType::Uts) else {
         return Ok(());
     };
     let names = uts_names(&ns)?;
