@@ -229,81 +229,21 @@ impl Drop for Throwaway {
 }
 
 async fn tcp_dump_probe(criu: &Path) -> Result<String, String> {
-    use std::io::{Read, Write};
-    use std::net::{TcpListener, TcpStream};
-    use std::os::fd::{AsFd, AsRawFd};
-    use std::os::unix::process::CommandExt;
-
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("listen: {e}"))?;
-    let addr = listener.local_addr().map_err(|e| format!("listen: {e}"))?;
-    let client = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
-    let (server, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
-    let dup = |s: &TcpStream| s.try_clone().map_err(|e| format!("dup a socket: {e}"));
-    let (mut ours_client, mut ours_server) = (dup(&client)?, dup(&server)?);
-    let mut cmd = std::process::Command::new("sleep");
-    cmd.arg("600")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let held = (listener, client, server);
-    // SAFETY: between fork and exec only fcntl and setsid run, both
-    // async-signal-safe; nothing is allocated.
-    unsafe {
-        cmd.pre_exec(move || {
-            use nix::fcntl::{fcntl, FcntlArg, FdFlag};
-            // Kept across exec; in its own session, so CRIU needs no shell-job.
-            for fd in [held.0.as_fd(), held.1.as_fd(), held.2.as_fd()] {
-                fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty()))?;
-            }
-            nix::unistd::setsid()?;
-            Ok(())
-        });
-    }
-    let child = Throwaway(cmd.spawn().map_err(|e| format!("start sleep: {e}"))?);
-    drop(cmd);
-
+    let pair = LoopbackPair::new()?;
+    let (mut client, mut server) = (pair.dup(&pair.client)?, pair.dup(&pair.server)?);
+    let child = pair.hold_in_sleep()?;
     let dir = tempfile::Builder::new()
         .prefix("ckpt-shim-tcp-probe-")
         .tempdir()
         .map_err(|e| format!("temp dir: {e}"))?;
-    let dir_fd = std::fs::File::open(dir.path()).map_err(|e| format!("temp dir: {e}"))?;
-    let opts = criu_rpc::proto::Opts {
-        images_dir_fd: dir_fd.as_raw_fd(),
-        pid: Some(child.0.id() as i32),
-        leave_running: Some(true),
-        tcp_established: Some(true),
-        shell_job: Some(false),
-        network_lock: Some(criu_rpc::proto::NetworkLockMethod::Skip as i32),
-        log_level: Some(4),
-        log_file: Some("dump.log".into()),
-        ..Default::default()
-    };
-    if let Err(e) = criu_rpc::Criu::new(criu)
-        .dump(opts, &mut criu_rpc::ack_all())
-        .await
-    {
-        let log = std::fs::read_to_string(dir.path().join("dump.log")).unwrap_or_default();
-        return Err(format!(
-            "CRIU cannot dump TCP sockets: {}",
-            criu_failure(&log, &e)
-        ));
-    }
-    let streams = std::fs::read_dir(dir.path())
-        .map_err(|e| format!("list the images: {e}"))?
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("tcp-stream-"))
-        .count();
-    if streams != 2 {
-        return Err(format!(
-            "CRIU dumped {streams} established TCP streams of the 2 (tcp-stream-*.img)"
-        ));
-    }
+    dump_established(criu, child.0.id() as i32, dir.path()).await?;
     // Left running: the connection must work as before.
     let carried = tokio::task::spawn_blocking(move || {
-        ours_server.set_read_timeout(Some(Duration::from_secs(5)))?;
-        ours_client.write_all(b"ok")?;
+        use std::io::{Read, Write};
+        server.set_read_timeout(Some(Duration::from_secs(5)))?;
+        client.write_all(b"ok")?;
         let mut b = [0u8; 2];
-        ours_server.read_exact(&mut b)?;
+        server.read_exact(&mut b)?;
         Ok::<_, std::io::Error>(b == *b"ok")
     })
     .await
@@ -319,6 +259,100 @@ async fn tcp_dump_probe(criu: &Path) -> Result<String, String> {
          left running: the connection works on) with {}",
         criu.display()
     ))
+}
+
+/// A listening loopback TCP socket and a connection to it, both ends.
+struct LoopbackPair {
+    listener: std::net::TcpListener,
+    client: std::net::TcpStream,
+    server: std::net::TcpStream,
+}
+
+impl LoopbackPair {
+    fn new() -> Result<LoopbackPair, String> {
+        let listener =
+            std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("listen: {e}"))?;
+        let addr = listener.local_addr().map_err(|e| format!("listen: {e}"))?;
+        let client =
+            std::net::TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+        let (server, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+        Ok(LoopbackPair {
+            listener,
+            client,
+            server,
+        })
+    }
+
+    fn dup(&self, s: &std::net::TcpStream) -> Result<std::net::TcpStream, String> {
+        s.try_clone().map_err(|e| format!("dup a socket: {e}"))
+    }
+
+    /// A throwaway `sleep` holding the three sockets, in a session of its own
+    /// (so CRIU needs no shell-job); ours are closed.
+    fn hold_in_sleep(self) -> Result<Throwaway, String> {
+        use std::os::fd::AsFd;
+        use std::os::unix::process::CommandExt;
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("600")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let held = (self.listener, self.client, self.server);
+        // SAFETY: between fork and exec only fcntl and setsid run, both
+        // async-signal-safe; nothing is allocated.
+        unsafe {
+            cmd.pre_exec(move || {
+                use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+                for fd in [held.0.as_fd(), held.1.as_fd(), held.2.as_fd()] {
+                    fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty()))?;
+                }
+                nix::unistd::setsid()?;
+                Ok(())
+            });
+        }
+        Ok(Throwaway(
+            cmd.spawn().map_err(|e| format!("start sleep: {e}"))?,
+        ))
+    }
+}
+
+/// `criu dump --tcp-established --leave-running` of `pid` into `dir`, which
+/// must then hold the two streams of the connection.
+async fn dump_established(criu: &Path, pid: i32, dir: &Path) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let dir_fd = std::fs::File::open(dir).map_err(|e| format!("temp dir: {e}"))?;
+    let opts = criu_rpc::proto::Opts {
+        images_dir_fd: dir_fd.as_raw_fd(),
+        pid: Some(pid),
+        leave_running: Some(true),
+        tcp_established: Some(true),
+        shell_job: Some(false),
+        network_lock: Some(criu_rpc::proto::NetworkLockMethod::Skip as i32),
+        log_level: Some(4),
+        log_file: Some("dump.log".into()),
+        ..Default::default()
+    };
+    if let Err(e) = criu_rpc::Criu::new(criu)
+        .dump(opts, &mut criu_rpc::ack_all())
+        .await
+    {
+        let log = std::fs::read_to_string(dir.join("dump.log")).unwrap_or_default();
+        return Err(format!(
+            "CRIU cannot dump TCP sockets: {}",
+            criu_failure(&log, &e)
+        ));
+    }
+    let streams = std::fs::read_dir(dir)
+        .map_err(|e| format!("list the images: {e}"))?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("tcp-stream-"))
+        .count();
+    match streams {
+        2 => Ok(()),
+        n => Err(format!(
+            "CRIU dumped {n} established TCP streams of the 2 (tcp-stream-*.img)"
+        )),
+    }
 }
 
 /// Why a CRIU dump failed, from its whole `log` (else the tail in `e`): see

@@ -141,14 +141,11 @@ fn one(m: &MntEntry, at: &str, a: &Allowed) -> Result<()> {
         };
     }
     if external {
-        // runc maps these to the new spec's sources by their key: a bind
-        // mount's and a cgroup hierarchy's is its own destination, a masked
-        // file's the host's /dev/null. Any other key would put one of the
-        // spec's sources somewhere the spec does not.
-        let key = m.ext_key.as_deref().map(clean);
-        let own = key.as_deref() == Some(at) && (spec.is_some_and(is_bind) || cgroup.is_some());
-        let masked = key.as_deref() == Some("/dev/null") && a.masked.iter().any(|p| clean(p) == at);
-        return if own || masked { Ok(()) } else { Err(refuse()) };
+        let bound = spec.is_some_and(is_bind) || cgroup.is_some();
+        return match external_key_fits(m, at, bound, a) {
+            true => Ok(()),
+            false => Err(refuse()),
+        };
     }
     if let Some(s) = spec.filter(|s| !is_bind(s)) {
         if !fstypes(&s.kind).contains(&m.fstype) {
@@ -182,6 +179,17 @@ fn one(m: &MntEntry, at: &str, a: &Allowed) -> Result<()> {
         Some(c) if fstypes(&c.kind).contains(&m.fstype) => flags(m, at, &c.options),
         _ => Err(refuse()),
     }
+}
+
+/// runc maps external mounts to the new spec's sources by their key: a bind
+/// mount's and a cgroup hierarchy's (`bound`) is its own destination, a
+/// masked file's the host's /dev/null. Any other key would put one of the
+/// spec's sources somewhere the spec does not.
+fn external_key_fits(m: &MntEntry, at: &str, bound: bool, a: &Allowed) -> bool {
+    let key = m.ext_key.as_deref().map(clean);
+    let own = key.as_deref() == Some(at) && bound;
+    let masked = key.as_deref() == Some("/dev/null") && a.masked.iter().any(|p| clean(p) == at);
+    own || masked
 }
 
 fn flags(m: &MntEntry, at: &str, options: &[String]) -> Result<()> {

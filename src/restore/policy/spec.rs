@@ -99,24 +99,10 @@ impl Allowed {
     pub fn from_json(spec: &Value) -> Result<Allowed> {
         let process = &spec["process"];
         let user = &process["user"];
-        let set = |name: &str| caps_mask(&process["capabilities"][name]);
-        let (inh, bnd, prm) = (set("inheritable")?, set("bounding")?, set("permitted")?);
-        // An ambient capability is raised only if it is permitted and
-        // inheritable; runc lets the others go without a word.
-        let amb = set("ambient")? & inh & prm;
         let uid = u32_of(&user["uid"]);
         let no_new_privs = process["noNewPrivileges"].as_bool().unwrap_or(false);
-        // After the exec of the container's process: root gains its
-        // inheritable and bounding sets (the file's sets are all ones for
-        // root); anyone else keeps only its ambient set, unless it may still
-        // exec a set-user-ID root program (no no_new_privs).
-        let root_max = inh | bnd | amb;
-        let init_eff = if uid == 0 { root_max } else { amb };
-        let bound_eff = if uid != 0 && no_new_privs {
-            amb
-        } else {
-            root_max
-        };
+        let (bound, init) = capabilities(&process["capabilities"], uid, no_new_privs)?;
+        let linux = &spec["linux"];
         Ok(Allowed {
             uid,
             gid: u32_of(&user["gid"]),
@@ -124,20 +110,8 @@ impl Allowed {
                 .as_array()
                 .map(|a| a.iter().map(u32_of).collect())
                 .unwrap_or_default(),
-            bound: Caps {
-                eff: bound_eff,
-                prm: bound_eff,
-                inh,
-                bnd,
-                amb,
-            },
-            init: Caps {
-                eff: init_eff,
-                prm: init_eff,
-                inh,
-                bnd,
-                amb,
-            },
+            bound,
+            init,
             no_new_privs,
             terminal: process["terminal"].as_bool().unwrap_or(false),
             lsm_label: process["apparmorProfile"]
@@ -148,11 +122,11 @@ impl Allowed {
             rlimits: rlimits(&process["rlimits"])?,
             oom_score_adj: process["oomScoreAdj"].as_i64().map(|v| v as i32),
             mounts: mounts(&spec["mounts"]),
-            masked: strings(&spec["linux"]["maskedPaths"]),
-            readonly: strings(&spec["linux"]["readonlyPaths"]),
-            namespaces: namespaces(&spec["linux"]["namespaces"])?,
+            masked: strings(&linux["maskedPaths"]),
+            readonly: strings(&linux["readonlyPaths"]),
+            namespaces: namespaces(&linux["namespaces"])?,
             joined: namespaces(&Value::Array(
-                spec["linux"]["namespaces"]
+                linux["namespaces"]
                     .as_array()
                     .into_iter()
                     .flatten()
@@ -160,8 +134,8 @@ impl Allowed {
                     .cloned()
                     .collect(),
             ))?,
-            devices: devices(&spec["linux"]["devices"]),
-            seccomp: Some(spec["linux"]["seccomp"].clone()).filter(|v| !v.is_null()),
+            devices: devices(&linux["devices"]),
+            seccomp: Some(linux["seccomp"].clone()).filter(|v| !v.is_null()),
         })
     }
 
@@ -238,6 +212,35 @@ fn mounts(v: &Value) -> Vec<Mount> {
             options: strings(&m["options"]),
         })
         .collect()
+}
+
+/// The most any process of a fresh container may hold (`bound`), and what its
+/// init holds (`init`), from the spec's capability sets.
+fn capabilities(sets: &Value, uid: u32, no_new_privs: bool) -> Result<(Caps, Caps)> {
+    let set = |name: &str| caps_mask(&sets[name]);
+    let (inh, bnd, prm) = (set("inheritable")?, set("bounding")?, set("permitted")?);
+    // An ambient capability is raised only if it is permitted and
+    // inheritable; runc lets the others go without a word.
+    let amb = set("ambient")? & inh & prm;
+    // After the exec of the container's process: root gains its inheritable
+    // and bounding sets (the file's sets are all ones for root); anyone else
+    // keeps only its ambient set, unless it may still exec a set-user-ID root
+    // program (no no_new_privs).
+    let root_max = inh | bnd | amb;
+    let init_eff = if uid == 0 { root_max } else { amb };
+    let bound_eff = if uid != 0 && no_new_privs {
+        amb
+    } else {
+        root_max
+    };
+    let caps = |eff| Caps {
+        eff,
+        prm: eff,
+        inh,
+        bnd,
+        amb,
+    };
+    Ok((caps(bound_eff), caps(init_eff)))
 }
 
 /// A path as an absolute one without `.` parts or trailing slashes.

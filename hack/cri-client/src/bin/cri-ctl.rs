@@ -39,56 +39,23 @@ async fn main() -> Res<()> {
     if a.len() < 3 {
         return Err(usage.into());
     }
-    let mut c = connect(std::path::Path::new(&a[1])).await?;
+    let sock = std::path::Path::new(&a[1]);
+    let mut c = connect(sock).await?;
     match (a[2].as_str(), &a[3..]) {
         ("run-counter", [pod, mib]) => {
-            let logs = std::env::temp_dir().join(format!("cri-ctl-logs-{pod}"));
             let (p, id) =
-                run_counter(&mut c, pod, "/ckpt-shim-bench", &logs, mib.parse()?, 1000).await?;
+                run_counter(&mut c, pod, BENCH_CG, &logs(pod), mib.parse()?, 1000).await?;
             println!("{p} {id}");
         }
         ("create", [pod, image]) => {
-            let logs = std::env::temp_dir().join(format!("cri-ctl-logs-{pod}"));
             let (p, id) =
-                create_in_new_pod(&mut c, pod, "/ckpt-shim-bench", &logs, Some(image), 0, 1000)
-                    .await?;
+                create_in_new_pod(&mut c, pod, BENCH_CG, &logs(pod), Some(image), 0, 1000).await?;
             println!("{p} {id}");
         }
-        ("restore", [pod, archive]) => {
-            let logs = std::env::temp_dir().join(format!("cri-ctl-logs-{pod}"));
-            let pod = new_pod(&mut c, pod, "/ckpt-shim-bench", &logs).await?;
-            let t = std::time::Instant::now();
-            let id = create_counter(&mut c, &pod, Some(archive), 0, 1000).await?;
-            c.start_container(cri::StartContainerRequest {
-                container_id: id.clone(),
-            })
-            .await?;
-            println!("{} {id} {:.1}", pod.0, t.elapsed().as_secs_f64() * 1e3);
-        }
+        ("restore", [pod, archive]) => restore_one(&mut c, pod, archive).await?,
         ("restore-n", [prefix, n, image]) => restore_n(&mut c, prefix, n.parse()?, image).await?,
-        ("pull", [image]) => {
-            let t = std::time::Instant::now();
-            let mut images = cri::image_service_client::ImageServiceClient::new(
-                channel(std::path::Path::new(&a[1])).await?,
-            );
-            let r = images
-                .pull_image(cri::PullImageRequest {
-                    image: Some(cri::ImageSpec {
-                        image: image.clone(),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                })
-                .await?
-                .into_inner();
-            println!("{} {:.1}", r.image_ref, t.elapsed().as_secs_f64() * 1e3);
-        }
-        ("start", [id]) => {
-            c.start_container(cri::StartContainerRequest {
-                container_id: id.clone(),
-            })
-            .await?;
-        }
+        ("pull", [image]) => pull(sock, image).await?,
+        ("start", [id]) => start(&mut c, id).await?,
         ("checkpoint", [id, location, rest @ ..]) => {
             let timeout = rest.first().map(|t| t.parse()).transpose()?.unwrap_or(600);
             c.checkpoint_container(cri::CheckpointContainerRequest {
@@ -98,45 +65,92 @@ async fn main() -> Res<()> {
             })
             .await?;
         }
-        ("rm-pod", [pod]) => {
-            c.stop_pod_sandbox(cri::StopPodSandboxRequest {
-                pod_sandbox_id: pod.clone(),
-            })
-            .await?;
-            c.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                pod_sandbox_id: pod.clone(),
-            })
-            .await?;
-        }
-        ("info", []) => {
-            let s = c
-                .status(cri::StatusRequest { verbose: false })
-                .await?
-                .into_inner();
-            let conditions: Vec<serde_json::Value> = s
-                .status
-                .unwrap_or_default()
-                .conditions
-                .into_iter()
-                .map(|c| {
-                    serde_json::json!({"type": c.r#type, "status": c.status,
-                        "reason": c.reason, "message": c.message})
-                })
-                .collect();
-            let info = serde_json::json!({"status": {"conditions": conditions}});
-            println!("{}", serde_json::to_string_pretty(&info)?);
-        }
+        ("rm-pod", [pod]) => remove_pod(&mut c, pod).await?,
+        ("info", []) => info(&mut c).await?,
         ("checkpointp", [pod, rest @ ..]) => {
-            let flags = Flags::parse(rest)?;
-            let sock = std::path::Path::new(&a[1]);
-            checkpoint_pod(&mut c, sock, pod, &flags).await?;
+            checkpoint_pod(&mut c, sock, pod, &Flags::parse(rest)?).await?
         }
-        ("restorep", [dir, rest @ ..]) => {
-            let flags = Flags::parse(rest)?;
-            restore_pod(std::path::Path::new(&a[1]), dir, &flags).await?;
-        }
+        ("restorep", [dir, rest @ ..]) => restore_pod(sock, dir, &Flags::parse(rest)?).await?,
         _ => return Err(usage.into()),
     }
+    Ok(())
+}
+
+/// The cgroup parent of the pods this tool makes.
+const BENCH_CG: &str = "/ckpt-shim-bench";
+
+/// Where a pod's container logs go.
+fn logs(pod: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("cri-ctl-logs-{pod}"))
+}
+
+/// A new pod, the counter restored into it from `archive` and started;
+/// prints the pod, the container and the milliseconds Create+Start took.
+async fn restore_one(c: &mut Client, pod: &str, archive: &str) -> Res<()> {
+    let pod = new_pod(c, pod, BENCH_CG, &logs(pod)).await?;
+    let t = std::time::Instant::now();
+    let id = create_counter(c, &pod, Some(archive), 0, 1000).await?;
+    start(c, &id).await?;
+    println!("{} {id} {:.1}", pod.0, t.elapsed().as_secs_f64() * 1e3);
+    Ok(())
+}
+
+async fn start(c: &mut Client, id: &str) -> Res<()> {
+    c.start_container(cri::StartContainerRequest {
+        container_id: id.to_string(),
+    })
+    .await?;
+    Ok(())
+}
+
+/// PullImage; prints the image's ref and the milliseconds it took.
+async fn pull(sock: &std::path::Path, image: &str) -> Res<()> {
+    let t = std::time::Instant::now();
+    let mut images = cri::image_service_client::ImageServiceClient::new(channel(sock).await?);
+    let r = images
+        .pull_image(cri::PullImageRequest {
+            image: Some(cri::ImageSpec {
+                image: image.to_string(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    println!("{} {:.1}", r.image_ref, t.elapsed().as_secs_f64() * 1e3);
+    Ok(())
+}
+
+async fn remove_pod(c: &mut Client, pod: &str) -> Res<()> {
+    c.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: pod.to_string(),
+    })
+    .await?;
+    c.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod.to_string(),
+    })
+    .await?;
+    Ok(())
+}
+
+/// The runtime's conditions, as `crictl info` prints them.
+async fn info(c: &mut Client) -> Res<()> {
+    let s = c
+        .status(cri::StatusRequest { verbose: false })
+        .await?
+        .into_inner();
+    let conditions: Vec<serde_json::Value> = s
+        .status
+        .unwrap_or_default()
+        .conditions
+        .into_iter()
+        .map(|c| {
+            serde_json::json!({"type": c.r#type, "status": c.status,
+                "reason": c.reason, "message": c.message})
+        })
+        .collect();
+    let info = serde_json::json!({"status": {"conditions": conditions}});
+    println!("{}", serde_json::to_string_pretty(&info)?);
     Ok(())
 }
 
