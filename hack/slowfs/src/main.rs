@@ -11,6 +11,8 @@
 //! and a second signal exits at once. A mount left by a killed slowfs answers
 //! ENOTCONN; slowfs detaches such a mount at MOUNTPOINT before mounting.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 mod fs;
 mod inodes;
 mod ops;
