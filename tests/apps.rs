@@ -9,7 +9,9 @@
 //! process (its run id), and a client connecting to the new pod goes on
 //! where the checkpoint left off. A pod of PostgreSQL and a psql client
 //! talking over the pod's loopback comes back whole with RestorePod: the
-//! same session goes on inserting the next rows.
+//! same session goes on inserting the next rows (the SysV segment of the
+//! pod's IPC namespace recreated once, by the first restore); started in an
+//! order CRIU cannot restore, the server is refused naming the segment.
 //!
 //! The clients run on the host, in the pod's network namespace (which has
 //! only loopback). Their connections cross from outside the container, so
@@ -21,8 +23,11 @@ mod common;
 
 use cri_client::pods as cri_pods;
 
+use std::time::Duration;
+
 use common::apps::{self, sh_in, sh_in_env, try_in, wait_for, Background};
 use common::cri::Env;
+use k8s_cri::v1::ContainerConfig;
 
 /// The shim's settings for these tests: established connections are dumped.
 const SETTINGS: &str = "tcp_established = true\n";
@@ -73,7 +78,7 @@ async fn redis_serves_its_keys_and_run_id_after_a_restore_under_load() {
     let run_id = info_field(&redis(&net, "INFO server"), "run_id");
 
     // A client at work: INCR every 10 ms on one connection, for ever.
-    let mut client = Background::start(
+    let client = Background::start(
         &net,
         "exec redis-cli -h 127.0.0.1 -r -1 -i 0.01 INCR ticks",
         &env.dir.join("redis-client.log"),
@@ -88,20 +93,18 @@ async fn redis_serves_its_keys_and_run_id_after_a_restore_under_load() {
         "the looping client is not connected"
     );
 
-    let out = common::out_dir();
-    let archive = out.path().join("redis.tar");
-    let before = ticks(&net);
-    apps::checkpoint(&env, &mut c, &id, &archive).await;
-    let after = ticks(&net);
-    // The original and its client went on through the checkpoint.
-    wait_for("the client to go on", || {
-        (ticks(&net) > after + 5).then_some(())
-    });
-    assert!(client.running(), "{}", client.output());
-    client.stop();
-    apps::remove_pod(&mut env, &mut c, &pod.0).await;
-
-    let (_, net2) = apps::restore(&mut env, &mut c, "redis-restored", cfg, &archive).await;
+    // The original and its client go on through the checkpoint.
+    let m = apps::move_under_load(
+        &mut env,
+        &mut c,
+        (&pod.0, &id),
+        cfg,
+        client,
+        |_| ticks(&net),
+        |after, now| *now > after + 5,
+    )
+    .await;
+    let (before, after, net2) = (m.before, m.after, m.net);
     // A client connecting to the new pod.
     assert_eq!(redis(&net2, "PING"), "PONG");
     assert_eq!(
@@ -209,7 +212,7 @@ async fn postgres_keeps_its_rows_whole_and_takes_writes_after_a_restore_under_lo
     );
     let started = psql(&net, "SELECT pg_postmaster_start_time()");
 
-    let mut client = Background::start(
+    let client = Background::start(
         &net,
         "while :; do echo 'INSERT INTO ticks (backend) VALUES (pg_backend_pid());'; sleep 0.01; done \
          | psql -h 127.0.0.1 -U postgres -Xq -v ON_ERROR_STOP=1",
@@ -219,19 +222,17 @@ async fn postgres_keeps_its_rows_whole_and_takes_writes_after_a_restore_under_lo
         (max_tick(&net) >= 20).then_some(())
     });
 
-    let out = common::out_dir();
-    let archive = out.path().join("postgres.tar");
-    let before = max_tick(&net);
-    apps::checkpoint(&env, &mut c, &id, &archive).await;
-    let after = max_tick(&net);
-    wait_for("the client to go on", || {
-        (max_tick(&net) > after + 5).then_some(())
-    });
-    assert!(client.running(), "{}", client.output());
-    client.stop();
-    apps::remove_pod(&mut env, &mut c, &pod.0).await;
-
-    let (_, net2) = apps::restore(&mut env, &mut c, "postgres-restored", cfg, &archive).await;
+    let m = apps::move_under_load(
+        &mut env,
+        &mut c,
+        (&pod.0, &id),
+        cfg,
+        client,
+        |_| max_tick(&net),
+        |after, now| *now > after + 5,
+    )
+    .await;
+    let (before, after, net2) = (m.before, m.after, m.net);
     let reconnected = wait_for("the restored postgres to take connections", || {
         try_psql(&net2, "SELECT pg_postmaster_start_time()")
     });
@@ -295,7 +296,7 @@ async fn nginx_serves_its_page_and_counts_on_after_a_restore_under_load() {
     .await;
     assert_eq!(wrote, "ok");
 
-    let mut client = Background::start(
+    let client = Background::start(
         &net,
         "exec stdbuf -oL curl -sS --rate 100/s -o /dev/null -w '%{http_code} %{num_connects}\\n' \
          'http://127.0.0.1:8080/page.html?[1-100000000]'",
@@ -310,24 +311,22 @@ async fn nginx_serves_its_page_and_counts_on_after_a_restore_under_load() {
     assert_eq!(lines[0], "200 1", "{fetched}");
     assert!(lines[1..].iter().all(|l| *l == "200 0"), "{fetched}");
 
-    let out = common::out_dir();
-    let archive = out.path().join("nginx.tar");
-    let before = nginx_requests(&net);
-    apps::checkpoint(&env, &mut c, &id, &archive).await;
-    let after = nginx_requests(&net);
-    wait_for("the client to go on", || {
-        (nginx_requests(&net) > after + 10).then_some(())
-    });
-    assert!(client.running(), "{}", client.output());
-    let fetched = client.output();
+    let m = apps::move_under_load(
+        &mut env,
+        &mut c,
+        (&pod.0, &id),
+        cfg,
+        client,
+        |_| nginx_requests(&net),
+        |after, now| *now > after + 10,
+    )
+    .await;
+    let (before, after, net2) = (m.before, m.after, m.net);
     assert!(
-        fetched.lines().skip(1).all(|l| l == "200 0"),
-        "the connection broke: {fetched}"
+        m.output.lines().skip(1).all(|l| l == "200 0"),
+        "the connection broke: {}",
+        m.output
     );
-    client.stop();
-    apps::remove_pod(&mut env, &mut c, &pod.0).await;
-
-    let (_, net2) = apps::restore(&mut env, &mut c, "nginx-restored", cfg, &archive).await;
     // Each status request counts itself: the checkpoint's count, plus one.
     let restored = nginx_requests(&net2);
     assert!(
@@ -383,7 +382,7 @@ async fn a_jvm_service_counts_on_in_every_thread_after_a_restore_under_load() {
         counts.iter().all(|&n| n >= 50).then_some((run, counts))
     });
 
-    let mut client = Background::start(
+    let client = Background::start(
         &net,
         &format!(
             "exec python3 {} 9000 --loop counts 0.01",
@@ -395,21 +394,19 @@ async fn a_jvm_service_counts_on_in_every_thread_after_a_restore_under_load() {
         (client.output().lines().count() >= 20).then_some(())
     });
 
-    let out = common::out_dir();
-    let archive = out.path().join("jvm.tar");
-    let (_, before) = jvm_counts(&net);
+    // (every thread's count, the client's answers so far)
+    let m = apps::move_under_load(
+        &mut env,
+        &mut c,
+        (&pod.0, &id),
+        cfg,
+        client,
+        |client| (jvm_counts(&net).1, client.output().lines().count()),
+        |after, now| now.1 > after.1 + 10,
+    )
+    .await;
+    let ((before, _), (after, _), net2) = (m.before, m.after, m.net);
     assert_eq!(before.len(), 4, "{before:?}");
-    apps::checkpoint(&env, &mut c, &id, &archive).await;
-    let (_, after) = jvm_counts(&net);
-    let asked = client.output().lines().count();
-    wait_for("the client to go on", || {
-        (client.output().lines().count() > asked + 10).then_some(())
-    });
-    assert!(client.running(), "{}", client.output());
-    client.stop();
-    apps::remove_pod(&mut env, &mut c, &pod.0).await;
-
-    let (_, net2) = apps::restore(&mut env, &mut c, "jvm-restored", cfg, &archive).await;
     let (run2, restored) = jvm_counts(&net2);
     assert_eq!(run2, run, "not the same JVM");
     assert_eq!(restored.len(), before.len());
@@ -466,7 +463,7 @@ async fn a_python_asyncio_service_answers_with_its_data_after_a_restore_under_lo
     let gets: String = (0..keys).map(|i| format!("GET key:{i}\n")).collect();
     let values: String = (0..keys).map(|i| format!("value:{i}:{salt}\n")).collect();
 
-    let mut client = Background::start(
+    let client = Background::start(
         &net,
         &format!(
             "exec python3 {} 7379 --loop 'INCR ticks' 0.01",
@@ -477,19 +474,17 @@ async fn a_python_asyncio_service_answers_with_its_data_after_a_restore_under_lo
     let ticks = |net: &str| -> u64 { kv(net, "GET ticks\n").parse().unwrap_or(0) };
     wait_for("the client to count", || (ticks(&net) >= 20).then_some(()));
 
-    let out = common::out_dir();
-    let archive = out.path().join("pykv.tar");
-    let before = ticks(&net);
-    apps::checkpoint(&env, &mut c, &id, &archive).await;
-    let after = ticks(&net);
-    wait_for("the client to go on", || {
-        (ticks(&net) > after + 5).then_some(())
-    });
-    assert!(client.running(), "{}", client.output());
-    client.stop();
-    apps::remove_pod(&mut env, &mut c, &pod.0).await;
-
-    let (_, net2) = apps::restore(&mut env, &mut c, "pykv-restored", cfg, &archive).await;
+    let m = apps::move_under_load(
+        &mut env,
+        &mut c,
+        (&pod.0, &id),
+        cfg,
+        client,
+        |_| ticks(&net),
+        |after, now| *now > after + 5,
+    )
+    .await;
+    let (before, after, net2) = (m.before, m.after, m.net);
     assert_eq!(kv(&net2, "RUN\n"), run, "not the same process");
     assert_eq!(kv(&net2, &gets), values.trim_end());
     assert_eq!(kv(&net2, "DBSIZE\n"), (keys + 1).to_string());
@@ -501,6 +496,268 @@ async fn a_python_asyncio_service_answers_with_its_data_after_a_restore_under_lo
     let counted = kv(&net2, "INCR ticks\nINCR ticks\nINCR ticks\n");
     let want: Vec<String> = (1..=3).map(|i| (restored + i).to_string()).collect();
     assert_eq!(counted.lines().collect::<Vec<_>>(), want);
+}
+
+/// What the pod's psql client runs: once the table is there, one psql
+/// session fed `INSERT … VALUES (i, pg_backend_pid())` for i = 1, 2, 3, … by
+/// a shell loop, every 20 ms. `n` is the table's key: a number twice stops
+/// the client (ON_ERROR_STOP).
+const POD_CLIENT: &str = "until psql -h 127.0.0.1 -U postgres -XAtqc 'SELECT 1 FROM seq LIMIT 0' >/dev/null 2>&1; do sleep 0.2; done; \
+     i=0; while :; do i=$((i+1)); echo \"INSERT INTO seq (n, backend) VALUES ($i, pg_backend_pid());\"; sleep 0.02; done \
+     | psql -h 127.0.0.1 -U postgres -Xq -v ON_ERROR_STOP=1";
+
+/// `seq` as the pod's client writes it.
+#[derive(Debug, PartialEq)]
+struct Seq {
+    rows: u64,
+    lowest: u64,
+    highest: u64,
+    sessions: u64,
+    backend: u64,
+}
+
+fn seq_state(net: &str) -> Seq {
+    let row = psql(
+        net,
+        "SELECT count(*), coalesce(min(n), 0), coalesce(max(n), 0), count(DISTINCT backend), coalesce(min(backend), 0) FROM seq",
+    );
+    let v: Vec<u64> = row.split('|').map(|x| x.parse().unwrap()).collect();
+    Seq {
+        rows: v[0],
+        lowest: v[1],
+        highest: v[2],
+        sessions: v[3],
+        backend: v[4],
+    }
+}
+
+/// The pod `pgpod`: PostgreSQL (`db`) with a table `seq`, and the psql
+/// client (`client`) inserting into it. Returns the pod, both containers,
+/// the pod's network namespace and both configs.
+async fn postgres_pod(
+    env: &mut Env,
+    c: &mut common::cri::Client,
+) -> (String, [String; 2], String, Vec<ContainerConfig>) {
+    let image = apps::image("postgres");
+    let db_cfg = apps::config("db", &image, &[]);
+    let client_cfg = apps::config("client", &image, &["/bin/sh", "-c", POD_CLIENT]);
+    let (pod, db, net) = apps::run(env, c, "pgpod", db_cfg.clone()).await;
+    wait_for("postgres to take connections", || {
+        try_psql(&net, "SELECT 1")
+    });
+    psql(
+        &net,
+        "CREATE EXTENSION amcheck; CREATE TABLE seq (n int PRIMARY KEY, backend int NOT NULL)",
+    );
+    let client = common::cri::create(c, &pod, client_cfg.clone()).await;
+    common::cri::start_container(c, &client).await;
+    (pod.0, [db, client], net, vec![db_cfg, client_cfg])
+}
+
+/// The pod `pgpod` checkpointed with CheckpointPod while its client inserts.
+struct PgCheckpoint {
+    out: tempfile::TempDir,
+    configs: Vec<ContainerConfig>,
+    /// `seq` just before the checkpoint.
+    before: Seq,
+    /// The highest number just after it.
+    after: u64,
+}
+
+/// Runs the pod `pgpod`, checkpoints it with `tcp-established` once its
+/// client inserts, sees the original go on, and removes it.
+async fn checkpointed_postgres_pod(env: &mut Env, c: &mut common::cri::Client) -> PgCheckpoint {
+    let (pod, [db, client], net, configs) = postgres_pod(env, c).await;
+    wait_for("the client to insert", || {
+        (seq_state(&net).highest >= 20).then_some(())
+    });
+    let before = seq_state(&net);
+    assert_eq!(before.sessions, 1);
+    let out = common::out_dir();
+    let req = cri_pods::CheckpointPodRequest {
+        pod_sandbox_id: pod.clone(),
+        output_path: out.path().to_string_lossy().into_owned(),
+        container_ids: vec![db, client],
+        options: [("tcp-established".to_string(), "true".to_string())].into(),
+    };
+    cri_pods::checkpoint_pod(env.channel().await, req, Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|e| panic!("CheckpointPod: {e:?}"));
+    let after = seq_state(&net).highest;
+    wait_for("the original to go on", || {
+        (seq_state(&net).highest > after + 5).then_some(())
+    });
+    apps::remove_pod(env, c, &pod).await;
+    PgCheckpoint {
+        out,
+        configs,
+        before,
+        after,
+    }
+}
+
+/// RestorePod of the checkpoint into a new pod `pgpod-restored`: the pod
+/// and its containers, `db` then `client`, created and not started.
+async fn restore_postgres_pod(env: &mut Env, ckpt: &PgCheckpoint) -> (String, Vec<String>) {
+    let sandbox = env.sandbox_config("pgpod-restored", false);
+    std::fs::create_dir_all(&sandbox.log_directory).unwrap();
+    let req = cri_pods::RestorePodRequest {
+        checkpoint_path: ckpt.out.path().to_string_lossy().into_owned(),
+        config: Some(sandbox),
+        runtime_handler: String::new(),
+        options: Default::default(),
+        container_configs: ckpt.configs.clone(),
+    };
+    let r = cri_pods::restore_pod(env.channel().await, req, Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|e| panic!("RestorePod: {e:?}"));
+    env.pods.push(r.pod_sandbox_id.clone());
+    let names: Vec<&str> = r
+        .restored_containers
+        .iter()
+        .map(|x| x.name.as_str())
+        .collect();
+    assert_eq!(names, ["db", "client"]);
+    let ids = r
+        .restored_containers
+        .into_iter()
+        .map(|x| x.container_id)
+        .collect();
+    (r.pod_sandbox_id, ids)
+}
+
+/// A pod of PostgreSQL and a psql client container inserting numbered rows
+/// over the pod's loopback in one session. CheckpointPod (with
+/// `tcp-established`) takes both at one cut while the client inserts;
+/// RestorePod brings them into a new pod. Each container's checkpoint holds
+/// the pod's IPC namespace with PostgreSQL's SysV segment: the first restore
+/// recreates it, the second finds it there and leaves it out
+/// (src/restore/ipc.rs). Started, the server first (its end of the session
+/// is held until the client's is back), the same session (the same backend
+/// PID) goes on inserting: the numbers run on from where the checkpoint left
+/// off, with none missing and none twice; the rows committed before the
+/// checkpoint are there, the database takes a new session's writes, and
+/// removing the pod leaves nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_of_postgres_and_its_psql_client_goes_on_in_the_same_session_after_restore_pod() {
+    let mut env = Env::start_configured(SETTINGS);
+    apps::import(&env, "postgres");
+    let mut c = env.client().await;
+    let ckpt = checkpointed_postgres_pod(&mut env, &mut c).await;
+    let (before, after) = (&ckpt.before, ckpt.after);
+
+    let (pod2, ids) = restore_postgres_pod(&mut env, &ckpt).await;
+    for id in &ids {
+        common::cri::start_container(&mut c, id).await;
+    }
+    let net2 = apps::netns(&env, &ids[0]);
+    let restored = wait_for("the restored postgres to take connections", || {
+        try_psql(&net2, "SELECT 1")?;
+        Some(seq_state(&net2))
+    });
+    assert!(
+        (before.highest..=after).contains(&restored.highest),
+        "restored with rows up to {}, the checkpoint saw {}..{after}",
+        restored.highest,
+        before.highest
+    );
+    // Rows the restored session inserted, well past what the checkpoint saw.
+    wait_for("the restored client to insert", || {
+        (seq_state(&net2).highest > after + 20).then_some(())
+    });
+    assert_same_session_went_on(&net2, before);
+    remove_all(&mut env, &mut c, &pod2, &ids).await;
+}
+
+/// The same pod restored, but the client started first: its restore
+/// recreates PostgreSQL's segment in the new pod's IPC namespace, and the
+/// server's, whose processes attach that segment, is refused naming it
+/// (CRIU attaches a restored process only to a segment it creates), rather
+/// than fail inside CRIU. Removing the pod leaves nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_restore_that_would_attach_postgres_to_a_segment_it_did_not_create_is_refused() {
+    let mut env = Env::start_configured(SETTINGS);
+    apps::import(&env, "postgres");
+    let mut c = env.client().await;
+    let ckpt = checkpointed_postgres_pod(&mut env, &mut c).await;
+    let (pod2, ids) = restore_postgres_pod(&mut env, &ckpt).await;
+    common::cri::start_container(&mut c, &ids[1]).await;
+    let err = c
+        .start_container(k8s_cri::v1::StartContainerRequest {
+            container_id: ids[0].clone(),
+        })
+        .await
+        .expect_err("the server's restore onto the client's segment");
+    assert!(
+        err.message()
+            .contains("restore refused: its processes attach SysV shm id"),
+        "{err:?}"
+    );
+    remove_all(&mut env, &mut c, &pod2, &ids).await;
+}
+
+/// Every number from 1 on is there once, each inserted by the session the
+/// checkpoint had; the index is whole; a new session writes.
+fn assert_same_session_went_on(net: &str, before: &Seq) {
+    let now = seq_state(net);
+    assert_eq!(
+        (now.lowest, now.rows),
+        (1, now.highest),
+        "the numbers 1..={} are not all there once",
+        now.highest
+    );
+    assert_eq!(
+        (now.sessions, now.backend),
+        (1, before.backend),
+        "another session inserted: not the client's own session going on"
+    );
+    assert_eq!(
+        psql(net, "SELECT bt_index_check('seq_pkey', true)"),
+        "",
+        "amcheck"
+    );
+    let wrote = psql(
+        net,
+        "CREATE TABLE probe AS SELECT g FROM generate_series(1, 100) g; SELECT count(*) FROM probe",
+    );
+    assert_eq!(wrote, "100");
+}
+
+/// Removes the restored containers and their pod: no pod, container or
+/// restore is left.
+async fn remove_all(env: &mut Env, c: &mut common::cri::Client, pod: &str, ids: &[String]) {
+    use k8s_cri::v1 as cri;
+    for id in ids {
+        c.stop_container(cri::StopContainerRequest {
+            container_id: id.clone(),
+            timeout: 0,
+        })
+        .await
+        .unwrap();
+        c.remove_container(cri::RemoveContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap();
+    }
+    apps::remove_pod(env, c, pod).await;
+    assert!(env.restores().is_empty(), "left {:?}", env.restores());
+    let pods = c
+        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+        .await
+        .unwrap();
+    let ctrs = c
+        .list_containers(cri::ListContainersRequest { filter: None })
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            pods.into_inner().items.len(),
+            ctrs.into_inner().containers.len()
+        ),
+        (0, 0),
+        "a pod or container was left"
+    );
 }
 
 /// A fresh random number (the run's salt for data that must come back).

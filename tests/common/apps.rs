@@ -268,3 +268,57 @@ pub async fn restore(
     let net = netns(env, &id);
     (id, net)
 }
+
+/// What [`move_under_load`] saw: the progress read just before and just after
+/// the checkpoint, the original's client's output when it was stopped, and
+/// the restored container with its network namespace.
+pub struct Moved<T> {
+    pub before: T,
+    pub after: T,
+    pub output: String,
+    pub id: String,
+    pub net: String,
+}
+
+/// A pod moved while a client works in it: `progress` (given the client)
+/// read before and after CheckpointContainer of `id` into `NAME.tar` (NAME
+/// the container's, in `cfg`); the original and its client go on, until
+/// `went_on(after, now)`, and the client is still running; then the client
+/// is stopped, the original pod removed, and the archive restored through
+/// CRI with `cfg` into a new pod `NAME-restored`.
+pub async fn move_under_load<T>(
+    env: &mut Env,
+    c: &mut Client,
+    (pod, id): (&str, &str),
+    cfg: cri::ContainerConfig,
+    mut client: Background,
+    progress: impl Fn(&Background) -> T,
+    went_on: impl Fn(&T, &T) -> bool,
+) -> Moved<T> {
+    let app = cfg
+        .metadata
+        .as_ref()
+        .map(|m| m.name.clone())
+        .unwrap_or_default();
+    let out = super::out_dir();
+    let archive = out.path().join(format!("{app}.tar"));
+    let before = progress(&client);
+    checkpoint(env, c, id, &archive).await;
+    let after = progress(&client);
+    wait_for("the client to go on", || {
+        went_on(&after, &progress(&client)).then_some(())
+    });
+    assert!(client.running(), "{}", client.output());
+    let output = client.output();
+    client.stop();
+    remove_pod(env, c, pod).await;
+    let restored = format!("{app}-restored");
+    let (id, net) = restore(env, c, &restored, cfg, &archive).await;
+    Moved {
+        before,
+        after,
+        output,
+        id,
+        net,
+    }
+}
