@@ -402,14 +402,16 @@ class WorkloadsBench(Bench):
 
     def run_CRIU(self, app, d):
         r = self.ctr[(app, "runc")]
-        os.makedirs(f"{d}/img")
-        os.makedirs(f"{d}/work")
+        for sub in ("img", "work"):
+            os.makedirs(f"{d}/{sub}")
         cmd = ["criu", "dump", "-t", str(r["pid"]), "-D", f"{d}/img", "-W", f"{d}/work", "--leave-running", "--tcp-established",
                "--root", f"{r['bundle']}/rootfs", "--freeze-cgroup", f"/sys/fs/cgroup/freezer/ckpt-shim-bench/{r['name']}",
                "--manage-cgroups=soft", "--file-locks", "--external", f"net[{os.stat(r['net']).st_ino}]:extRootNetNS",
                "-v4", "-o", "dump.log"] + self.mount_maps(r)
         t = time.monotonic()
-        sh(cmd)
+        if subprocess.run(cmd, capture_output=True).returncode:
+            errors = [l for l in text(f"{d}/work/dump.log").splitlines() if "Error" in l]
+            raise RuntimeError(f"criu dump failed: {' / '.join(errors[-3:])}")
         return dict(total=time.monotonic() - t, criu=frozen_ms(read(f"{d}/work/stats-dump")), **criu_profile(text(f"{d}/work/dump.log")))
 
     def mount_maps(self, r):
@@ -500,7 +502,7 @@ class WorkloadsBench(Bench):
                 errors = sum(r["errors"] for r in self.rows[(app, v)])
                 frozen = m("frozen") or m("criu")
                 lines.append(f"| {self.label(app)} | {v}: {what} | {rng(m('gap'), 1e3, '.0f')} | {one(m('before'), 1e3, '.1f')} | "
-                             f"{rng(m('total'), 1, '.3f')} | {one(m('dump'), 1, '.3f') if v == 'RUNC' else '-'} | "
+                             f"{rng(m('total'), 1, '.3f')} | {one(m('dump'), 1, '.3f')} | "
                              f"{one(frozen, 1, '.0f')} | {one(m('during'), 1, '.0f')} | {errors} |")
         lines += ["", "Where the frozen time went, from CRIU's dump.log (medians, ms): seizing and collecting until the first "
                   "pages; dumping pages (for SHIM into the shim's held tmpfs, for the peers into the page cache); the rest "
