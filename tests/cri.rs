@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::time::Duration;
 
@@ -64,7 +64,7 @@ async fn pod_checkpointed_through_the_shim_is_restored_and_continues() {
             cmd: vec![
                 "/bin/sh".into(),
                 "-c".into(),
-                "echo written > /root/newfile && rm /bin/vi".into(),
+                "echo written > /root/newfile && mkfifo -m 0640 /root/pipe && rm /bin/vi".into(),
             ],
             timeout: 10,
         })
@@ -163,6 +163,10 @@ async fn pod_checkpointed_through_the_shim_is_restored_and_continues() {
     restored.assert_in_own_cgroup();
     assert_resumed(&ov.rootfs, before, after);
     assert!(ov.rootfs.join("root/newfile").exists() && !ov.rootfs.join("bin/vi").exists());
+    // A FIFO in the writable layer comes back a FIFO, with its mode.
+    let pipe = std::fs::symlink_metadata(ov.rootfs.join("root/pipe")).unwrap();
+    assert!(pipe.file_type().is_fifo(), "{:?}", pipe.file_type());
+    assert_eq!(pipe.mode() & 0o7777, 0o640);
     // The restored process is in the pod's network namespace.
     let pod_net = std::fs::read_link(format!("/proc/{}/ns/net", spec_pause_pid(&spec))).unwrap();
     assert_eq!(

@@ -233,14 +233,32 @@ fn walk(
         if ft.is_char_device() || ft.is_block_device() || ft.is_socket() {
             continue;
         }
-        tar.append_path_with_name(&full, &p)
-            .ctx(|| format!("add {} to rootfs-diff.tar", full.display()))?;
+        let added = match ft.is_fifo() {
+            true => append_fifo(tar, &meta, &p),
+            false => tar.append_path_with_name(&full, &p),
+        };
+        added.ctx(|| format!("add {} to rootfs-diff.tar", full.display()))?;
         diff.entries += 1;
         if ft.is_dir() {
             walk(ov, &p, mps, tar, diff)?;
         }
     }
     Ok(())
+}
+
+/// A FIFO as a tar member named `name`. The tar crate's own path for special
+/// files names the member by its host path, not `name`, and so fails on
+/// every absolute one.
+fn append_fifo(
+    tar: &mut tar::Builder<impl std::io::Write>,
+    meta: &std::fs::Metadata,
+    name: &Path,
+) -> std::io::Result<()> {
+    let mut h = tar::Header::new_gnu();
+    h.set_metadata_in_mode(meta, tar::HeaderMode::Complete);
+    h.set_entry_type(tar::EntryType::Fifo);
+    h.set_size(0);
+    tar.append_data(&mut h, name, std::io::empty())
 }
 
 fn is_opaque(dir: &Path) -> bool {

@@ -71,6 +71,8 @@ enum Kind {
     Dir,
     Symlink,
     HardLink,
+    /// A named pipe: no data, no device, nothing a process gains by it.
+    Fifo,
 }
 
 /// The bundle's root file system a spec names: `root.path`, relative to the
@@ -96,8 +98,8 @@ pub(crate) fn unreadable(e: std::io::Error) -> Error {
 
 /// Checks every member of a rootfs diff, writing nothing; what it takes once
 /// unpacked. Refused (UnsafeArchive, naming the member and why):
-/// - any type but a regular file, a directory, a symlink or a hard link
-///   (device nodes, FIFOs, sparse files, PAX global headers, anything else);
+/// - any type but a regular file, a directory, a symlink, a hard link or a
+///   FIFO (device nodes, sparse files, PAX global headers, anything else);
 /// - a name that is absolute, climbs (`..`), is past `PATH_MAX`, or puts a
 ///   non-directory in the root's place;
 /// - a name met before (`./a/` and `a` are one name);
@@ -158,7 +160,7 @@ impl DiffCheck {
         match kind {
             Kind::HardLink => self.check_hard_link(e).map_err(bad)?,
             Kind::Symlink => check_symlink(e).map_err(bad)?,
-            Kind::File | Kind::Dir => {}
+            Kind::File | Kind::Dir | Kind::Fifo => {}
         }
         self.count(kind, e.size())?;
         self.seen
@@ -172,7 +174,7 @@ impl DiffCheck {
         for (i, k) in above.iter().enumerate() {
             let what = match self.seen.get(k) {
                 Some(Kind::Symlink) => "the symlink",
-                Some(Kind::File | Kind::HardLink) => "the file",
+                Some(Kind::File | Kind::HardLink | Kind::Fifo) => "the file",
                 _ => continue,
             };
             let at: PathBuf = parts[..=i].iter().collect();
@@ -219,7 +221,7 @@ impl DiffCheck {
                 s.inodes += 1;
             }
             Kind::Dir => (s.need, s.inodes) = (s.need.saturating_add(BLOCK), s.inodes + 1),
-            Kind::Symlink => s.inodes += 1,
+            Kind::Symlink | Kind::Fifo => s.inodes += 1,
             Kind::HardLink => {}
         }
         if s.members > self.max_members {
@@ -263,12 +265,12 @@ fn kind_of<R: Read>(e: &tar::Entry<R>) -> Result<Kind, String> {
         T::Symlink => Kind::Symlink,
         T::Link => Kind::HardLink,
         T::Char | T::Block => return Err("a device node; device nodes are refused".into()),
-        T::Fifo => return Err("a FIFO; FIFOs are refused".into()),
+        T::Fifo => Kind::Fifo,
         T::GNUSparse => return Err("a sparse file; sparse entries are refused".into()),
         T::XGlobalHeader => return Err("a PAX global header; they are refused".into()),
         t => {
             return Err(format!(
-                "entry type {:?}; only files, directories and links are unpacked",
+                "entry type {:?}; only files, directories, links and FIFOs are unpacked",
                 t.as_byte() as char
             ))
         }
@@ -438,7 +440,11 @@ fn unpack_diff(diff: &Path, root: &Path) -> Result<()> {
                 "it would be written through a link out of the root",
             ));
         }
-        if !e
+        if kind == Kind::Fifo {
+            let mode = e.header().mode().map_err(unreadable)? & 0o1777;
+            make_fifo(&root.join(&name), mode)
+                .ctx(|| format!("apply {DIFF}: {}", name.display()))?;
+        } else if !e
             .unpack_in(root)
             .ctx(|| format!("apply {DIFF}: {}", name.display()))?
         {
@@ -446,6 +452,23 @@ fn unpack_diff(diff: &Path, root: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A FIFO at `path` (its parent checked inside the root), replacing what
+/// is there but a directory. The tar crate would unpack one as an empty
+/// regular file.
+fn make_fifo(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.is_dir() => std::fs::remove_file(path)?,
+        _ => {}
+    }
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(mode))?;
+    // The umask took some bits off; the member's own mode it is.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
 /// Whether the nearest existing directory above `root/name` resolves inside
@@ -739,14 +762,13 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn only_files_directories_and_links_are_unpacked() {
+    fn only_files_directories_links_and_fifos_are_unpacked() {
         assert_refused(vec![
             (
                 vec![dir("dev"), special("dev/null2", T::Char)],
                 "dev/null2 (a device node",
             ),
             (vec![special("sda", T::Block)], "sda (a device node"),
-            (vec![special("run/fifo", T::Fifo)], "run/fifo (a FIFO"),
             (vec![special("s", T::new(b'Z'))], "s (entry type 'Z'"),
             (
                 vec![special("g", T::XGlobalHeader)],
@@ -1030,6 +1052,21 @@ pub(crate) mod tests {
             let size = r.unwrap();
             assert_eq!((size.members, size.bytes), (2, 6));
         }
+    }
+
+    #[test]
+    fn a_fifo_is_unpacked_as_a_fifo_without_set_id_bits_and_nothing_goes_under_it() {
+        use std::os::unix::fs::FileTypeExt;
+        let root = tempfile::tempdir().unwrap();
+        let members = [dir("run"), special("run/pipe", T::Fifo).mode(0o6640)];
+        apply_rootfs_diff(staged(&members, "[]").path(), root.path()).unwrap();
+        let meta = std::fs::symlink_metadata(root.path().join("run/pipe")).unwrap();
+        assert!(meta.file_type().is_fifo(), "{:?}", meta.file_type());
+        assert_eq!(meta.mode() & 0o7777, 0o640);
+        assert_refused(vec![(
+            vec![special("p", T::Fifo), file("p/x", "y")],
+            "p/x (under the file p",
+        )]);
     }
 
     #[test]
