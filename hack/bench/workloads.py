@@ -41,7 +41,10 @@ runs (timed: its total, and for RUNC the dump alone), then the client works on
 until every connection has been answered after it. The client reports its
 longest gap between consecutive completed requests (over all its connections)
 that overlaps the checkpoint, its longest gap in the second before (the noise
-floor), its requests and errors. Outputs go to a fresh directory, and are
+floor), its requests and errors. Each variant's frozen time is also split by
+the timestamps of CRIU's dump.log (until the first pages, the pages, the rest,
+the network unlock until the thaw): where the pause goes. Outputs go to a
+fresh directory, and are
 deleted and synced after each run, outside the timing. Not a test: it asserts
 nothing (but an error a client counts is reported).
 """
