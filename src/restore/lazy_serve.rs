@@ -26,6 +26,11 @@ use super::source::Plan;
 use super::working_set::{self, WorkingSet};
 use crate::error::{Context, Error, Result};
 
+/// The niceness of a lazy restore's background copies: they yield the CPUs
+/// to restores starting beside them (and to the processes' faults, served at
+/// the normal niceness), yet still get a tenth or so of a busy CPU.
+const BACKGROUND_NICE: i32 = 10;
+
 pub struct Options {
     pub dir: PathBuf,
     /// The restored init's pid file, to kill it if its pages cannot be served.
@@ -46,6 +51,7 @@ pub fn run(o: &Options) -> Result<()> {
             chunk: FULL_CHUNK,
             slots: None,
             record: false,
+            background_nice: None,
         },
         false => Mode {
             chunk: LAZY_CHUNK,
@@ -54,6 +60,7 @@ pub fn run(o: &Options) -> Result<()> {
                 plan.push_slots.unwrap_or_else(Slots::default_count),
             )),
             record: record.is_some(),
+            background_nice: Some(BACKGROUND_NICE),
         },
     };
     let started = Instant::now();

@@ -64,6 +64,10 @@ pub struct Mode {
     pub slots: Option<Slots>,
     /// Note the pages faulted on, in order ([`Pushed`]'s working set).
     pub record: bool,
+    /// The niceness background copies run at (faults at the page source's
+    /// own): a lazy restore's push then leaves the CPUs to the restores and
+    /// processes starting beside it. `None`: no change (a full restore).
+    pub background_nice: Option<i32>,
 }
 
 /// What a push did.
@@ -190,6 +194,8 @@ fn serve(conn: UnixStream, src: &Source, mode: Mode) -> Result<(Pushed, Option<W
         done: Pushed::default(),
         faulted: mode.record.then(Recorder::default),
         mode,
+        niced: false,
+        own_nice: own_nice(),
     };
     p.receive(conn)?;
     p.push_all()?;
@@ -215,6 +221,10 @@ struct Pusher<'a> {
     done: Pushed,
     mode: Mode,
     faulted: Option<Recorder>,
+    /// Whether this thread runs at `mode.background_nice` now.
+    niced: bool,
+    /// Its own niceness, which faults are served at.
+    own_nice: i32,
 }
 
 /// How a fill went.
@@ -315,6 +325,7 @@ impl Pusher<'_> {
                     read_ahead(self.src.file(), self.src.extents());
                 }
             }
+            self.background(!hot);
             let filled = self.fill(i, start, len)?;
             if let (true, Fill::Progress(end)) = (hot, filled) {
                 let t = &mut self.tasks[i];
@@ -348,6 +359,27 @@ impl Pusher<'_> {
             .enumerate()
             .find(|(_, t)| live(t) && !t.left.is_empty())?;
         Some(piece(i, &t.left, false))
+    }
+
+    /// Runs this thread at the background niceness (`on`) or its own. Nice
+    /// is per thread on Linux, and `who` 0 is the caller.
+    fn background(&mut self, on: bool) {
+        let Some(nice) = self.mode.background_nice else {
+            return;
+        };
+        if on == self.niced {
+            return;
+        }
+        // SAFETY: no safe wrapper exists (neither std nor nix has
+        // setpriority); it takes plain integers and reads no memory of ours.
+        // Going back down needs CAP_SYS_NICE, which the page source (root)
+        // has; a failure only leaves the thread at the other niceness.
+        let r = unsafe {
+            libc::setpriority(libc::PRIO_PROCESS, 0, if on { nice } else { self.own_nice })
+        };
+        if r == 0 {
+            self.niced = on;
+        }
     }
 
     /// A slot of the node for background copies, if the mode bounds them.
@@ -433,6 +465,7 @@ impl Pusher<'_> {
     /// Serves a fault at `addr`: its pages from the archive, or the zero
     /// page where the checkpoint has none.
     fn fault(&mut self, i: usize, addr: u64) -> Result<()> {
+        self.background(false);
         self.done.faults += 1;
         let t = &mut self.tasks[i];
         if t.gone {
@@ -507,6 +540,18 @@ impl Pusher<'_> {
             return Ok(Fill::Progress(start + PAGE_SIZE));
         }
     }
+}
+
+/// This thread's niceness (`/proc/thread-self/stat`'s 19th field; the
+/// command name before it is in parentheses and may hold spaces).
+fn own_nice() -> i32 {
+    std::fs::read_to_string("/proc/thread-self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1.to_string();
+            rest.split_whitespace().nth(16)?.parse().ok()
+        })
+        .unwrap_or(0)
 }
 
 /// The fd CRIU sends after a pid: SCM_RIGHTS on a one-byte message.
@@ -634,6 +679,7 @@ mod tests {
             chunk: 64 * PAGE_SIZE,
             slots: Some(slots),
             record: true,
+            background_nice: Some(10),
         };
         std::thread::scope(|s| {
             let pusher = s.spawn(move || serve(listener.accept().unwrap().0, src, mode));
