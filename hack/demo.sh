@@ -8,19 +8,12 @@
 # crictl (cri-tools 1.34): the one on PATH, else ../shared/bin/crictl beside the repository.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-crictl_bin=$(command -v crictl || true)
-if [ -z "$crictl_bin" ] && [ -x ../shared/bin/crictl ]; then crictl_bin="$(cd .. && pwd)/shared/bin/crictl"; fi
-if [ -z "$crictl_bin" ]; then
-  echo "demo.sh: crictl is missing: neither on PATH nor in ../shared/bin beside the repository." >&2
-  echo "  Install cri-tools' crictl (1.34 is what this was tested with) from https://github.com/kubernetes-sigs/cri-tools/releases," >&2
-  echo "  e.g. into /usr/local/bin, or put it in $(cd .. && pwd)/shared/bin." >&2
-  exit 1
-fi
+source hack/node.sh
+crictl_bin=$(find_crictl demo.sh)
 bash hack/setup.sh
 export PATH="/usr/local/sbin:$PATH"
 cargo build --release --locked -q -p ckpt-shim -p cri-client --bins
 
-source hack/node.sh
 node_start ckpt-shim-demo release --metrics-listen 127.0.0.1:9464
 echo "== containerd $(containerd --version | awk '{print $3}') on $work/containerd/containerd.sock (its CheckpointContainer: UNIMPLEMENTED)"
 echo "== its runc runtime: $(grep BinaryName "$work/containerd/config.toml" | xargs)"

@@ -8,14 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="/usr/local/sbin:$PATH"
-crictl=${1:-$(command -v crictl || true)}
-if [ -z "$crictl" ] && [ -x ../shared/bin/crictl ]; then crictl="$(cd .. && pwd)/shared/bin/crictl"; fi
-if [ -z "$crictl" ]; then
-  echo "pod-roundtrip.sh: crictl is missing: neither on PATH nor in ../shared/bin beside the repository." >&2
-  echo "  Install cri-tools' crictl (1.34 is what this was tested with) from https://github.com/kubernetes-sigs/cri-tools/releases," >&2
-  echo "  e.g. into /usr/local/bin, or put it in $(cd .. && pwd)/shared/bin; or pass its path as the first argument." >&2
-  exit 1
-fi
+source hack/node.sh
+crictl=$(find_crictl pod-roundtrip.sh "${1:-}")
 build=${BUILD:-debug}
 if [ -n "${2:-}" ]; then # a node that runs already (hack/demo.sh)
   sock=$2 work=$3 node_tag=ckpt-shim-demo
@@ -23,7 +17,6 @@ if [ -n "${2:-}" ]; then # a node that runs already (hack/demo.sh)
 else
   flag=$([ "$build" = release ] && echo --release || true)
   cargo build --locked -q $flag -p ckpt-shim -p cri-client --bins
-  source hack/node.sh
   node_start ckpt-shim-pods "$build"
   shim_log=$work/shim.log
 fi
