@@ -45,6 +45,25 @@ fn info_field(info: &str, field: &str) -> String {
         .to_string()
 }
 
+/// Keys `key:I` = `value:I:SALT` for I < `keys`, written with redis-cli's pipe.
+fn set_keys(env: &Env, net: &str, keys: u64, salt: u64) {
+    let cmds: String = (0..keys)
+        .map(|i| format!("SET key:{i} value:{i}:{salt}\n"))
+        .collect();
+    let cmds_file = env.dir.join("redis-keys.txt");
+    std::fs::write(&cmds_file, cmds).unwrap();
+    let piped = redis(net, &format!("--pipe < {}", cmds_file.display()));
+    assert!(piped.contains(&format!("replies: {keys}")), "{piped}");
+}
+
+/// Every key [`set_keys`] wrote holds its value.
+fn assert_keys(net: &str, keys: u64, salt: u64) {
+    let names: Vec<String> = (0..keys).map(|i| format!("key:{i}")).collect();
+    let values = redis(net, &format!("MGET {}", names.join(" ")));
+    let want: Vec<String> = (0..keys).map(|i| format!("value:{i}:{salt}")).collect();
+    assert_eq!(values.lines().collect::<Vec<_>>(), want);
+}
+
 fn ticks(net: &str) -> u64 {
     redis(net, "GET ticks").parse().unwrap()
 }
@@ -65,16 +84,8 @@ async fn redis_serves_its_keys_and_run_id_after_a_restore_under_load() {
         try_in(&net, "redis-cli -h 127.0.0.1 PING").filter(|s| s == "PONG")
     });
 
-    // The data: keys whose values are drawn now, written with redis-cli's pipe.
-    let salt: u64 = rand_u64();
-    let keys = 2000;
-    let cmds: String = (0..keys)
-        .map(|i| format!("SET key:{i} value:{i}:{salt}\n"))
-        .collect();
-    let cmds_file = env.dir.join("redis-keys.txt");
-    std::fs::write(&cmds_file, cmds).unwrap();
-    let piped = redis(&net, &format!("--pipe < {}", cmds_file.display()));
-    assert!(piped.contains(&format!("replies: {keys}")), "{piped}");
+    let (keys, salt) = (2000, rand_u64());
+    set_keys(&env, &net, keys, salt);
     let run_id = info_field(&redis(&net, "INFO server"), "run_id");
 
     // A client at work: INCR every 10 ms on one connection, for ever.
@@ -118,10 +129,7 @@ async fn redis_serves_its_keys_and_run_id_after_a_restore_under_load() {
         "restored at ticks {restored}, the checkpoint saw {before}..{after}"
     );
     assert_eq!(redis(&net2, "DBSIZE"), (keys + 1).to_string());
-    let names: Vec<String> = (0..keys).map(|i| format!("key:{i}")).collect();
-    let values = redis(&net2, &format!("MGET {}", names.join(" ")));
-    let want: Vec<String> = (0..keys).map(|i| format!("value:{i}:{salt}")).collect();
-    assert_eq!(values.lines().collect::<Vec<_>>(), want);
+    assert_keys(&net2, keys, salt);
     // The client, connected anew, counts on from there.
     let counted = redis(&net2, "-r 5 INCR ticks");
     let want: Vec<String> = (1..=5).map(|i| (restored + i).to_string()).collect();
@@ -178,6 +186,26 @@ fn assert_whole(net: &str, items: &str) {
     assert_eq!(failures, "0", "page checksum failures");
 }
 
+/// 50 000 rows drawn now in `items`, with two indexes, and an empty `ticks`;
+/// returns the rows' count and checksum.
+fn create_items(net: &str) -> String {
+    let salt = rand_u64();
+    psql(
+        net,
+        &format!(
+            "CREATE EXTENSION amcheck; \
+             CREATE TABLE items (id int PRIMARY KEY, body text NOT NULL); \
+             INSERT INTO items SELECT g, md5(g::text || '{salt}') FROM generate_series(1, 50000) g; \
+             CREATE INDEX items_body ON items (body); \
+             CREATE TABLE ticks (n bigserial PRIMARY KEY, backend int NOT NULL);"
+        ),
+    );
+    psql(
+        net,
+        "SELECT count(*) || ' ' || md5(string_agg(id || ':' || body, ',' ORDER BY id)) FROM items",
+    )
+}
+
 /// PostgreSQL 15: 50 000 rows and two indexes committed before the
 /// checkpoint, and psql inserting a row every 10 ms in one session while
 /// CheckpointContainer runs. The restore in a new pod is the same postmaster
@@ -195,21 +223,7 @@ async fn postgres_keeps_its_rows_whole_and_takes_writes_after_a_restore_under_lo
     wait_for("postgres to take connections", || {
         try_psql(&net, "SELECT 1")
     });
-    let salt = rand_u64();
-    psql(
-        &net,
-        &format!(
-            "CREATE EXTENSION amcheck; \
-             CREATE TABLE items (id int PRIMARY KEY, body text NOT NULL); \
-             INSERT INTO items SELECT g, md5(g::text || '{salt}') FROM generate_series(1, 50000) g; \
-             CREATE INDEX items_body ON items (body); \
-             CREATE TABLE ticks (n bigserial PRIMARY KEY, backend int NOT NULL);"
-        ),
-    );
-    let items = psql(
-        &net,
-        "SELECT count(*) || ' ' || md5(string_agg(id || ':' || body, ',' ORDER BY id)) FROM items",
-    );
+    let items = create_items(&net);
     let started = psql(&net, "SELECT pg_postmaster_start_time()");
 
     let client = Background::start(
