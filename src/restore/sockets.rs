@@ -44,11 +44,11 @@ use super::stage::Staged;
 use crate::error::{Context, Error, Result};
 use crate::pbwire::Fields;
 
-const FILES_IMG: &str = "files.img";
-const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
-const SOCK_STREAM: u32 = 1;
-const IPPROTO_TCP: u32 = 6;
+pub(super) const FILES_IMG: &str = "files.img";
+pub(super) const AF_INET: u32 = 2;
+pub(super) const AF_INET6: u32 = 10;
+pub(super) const SOCK_STREAM: u32 = 1;
+pub(super) const IPPROTO_TCP: u32 = 6;
 const TCP_CLOSE: u64 = 7;
 /// `sk_shutdown` BOTH (images/sk-opts.proto).
 const SHUTDOWN_BOTH: u64 = 3;
@@ -141,14 +141,36 @@ fn of_pod_checkpoint(archive: &Path) -> bool {
         .is_ok_and(|m| m.containers.iter().any(|c| name == c.archive.as_str()))
 }
 
+/// `images/files.img`, if the checkpoint has one.
+fn files_img(images: &Path) -> Result<Option<Vec<u8>>> {
+    let path = images.join(FILES_IMG);
+    match std::fs::read(&path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).ctx(|| format!("read {}", path.display())),
+    }
+}
+
+/// Every inet socket of `images/files.img`, with its entry.
+pub fn inet_socks(images: &Path) -> Result<Vec<(Sock, InetSkEntry)>> {
+    let Some(bytes) = files_img(images)? else {
+        return Ok(Vec::new());
+    };
+    let entries = image::entries(&bytes, Kind::Files).map_err(|e| bad(e.to_string()))?;
+    let socks = entries.iter().map(|e| inet_sock(e));
+    Ok(socks
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+        .collect())
+}
+
 /// Rewrites `images/files.img` for `target`; the sockets changed, and how.
 pub fn rewrite(images: &Path, target: Target) -> Result<Vec<(Sock, Fate)>> {
-    let path = images.join(FILES_IMG);
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).ctx(|| format!("read {}", path.display())),
+    let Some(bytes) = files_img(images)? else {
+        return Ok(Vec::new());
     };
+    let path = images.join(FILES_IMG);
     let entries = image::entries(&bytes, Kind::Files).map_err(|e| bad(e.to_string()))?;
     let decoded = entries
         .iter()
@@ -244,7 +266,7 @@ fn rewritten(raw: &[u8], isk: &InetSkEntry, fate: Fate) -> Result<Vec<u8>> {
 
 /// An address from CRIU's words (network-order bytes, as the host stores
 /// them), as the IPv4 one where it is IPv4-mapped.
-fn addr(family: u32, words: &[u32], port: u32) -> Option<SocketAddr> {
+pub(super) fn addr(family: u32, words: &[u32], port: u32) -> Option<SocketAddr> {
     let port = u16::try_from(port).ok()?;
     let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
     let ip = match family {

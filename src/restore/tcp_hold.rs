@@ -22,23 +22,17 @@
 //! connection to anything but loopback is not held: its peer is not
 //! restored here.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use oci_spec::runtime::{LinuxNamespaceType, Spec};
-use prost::Message;
-
+use super::sockets::{addr, AF_INET, AF_INET6};
 use crate::error::{Context, Error, Result};
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
 /// The mark of the packets CRIU's repair code sends itself (soccr/soccr.h),
 /// which its own lock lets through.
 const SOCCR_MARK: &str = "0xC114";
-const FILES_IMG: &str = "files.img";
-const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
-const SOCK_STREAM: u32 = 1;
-const IPPROTO_TCP: u32 = 6;
 const TCP_ESTABLISHED: u32 = 1;
 
 /// One end of a connection, as its socket sees it.
@@ -108,93 +102,17 @@ fn loopback(ip: IpAddr) -> bool {
     }
 }
 
-/// An IPv4-mapped address as the IPv4 one (what iptables, not ip6tables,
-/// sees of it).
-fn unmapped(a: SocketAddr) -> SocketAddr {
-    match a {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
-            None => a,
-        },
-        v4 => v4,
-    }
-}
-
-/// The part of CRIU's `file_entry` (fdinfo.proto) that names an inet socket.
-#[derive(Clone, PartialEq, Message)]
-struct FileEntry {
-    #[prost(uint32, optional, tag = "1")]
-    r#type: Option<u32>,
-    #[prost(message, optional, tag = "4")]
-    isk: Option<InetSkEntry>,
-}
-
-/// The part of CRIU's `inet_sk_entry` (sk-inet.proto) that says what a
-/// socket is connected to. Addresses are the raw network-order words.
-#[derive(Clone, PartialEq, Message)]
-struct InetSkEntry {
-    #[prost(uint32, optional, tag = "3")]
-    family: Option<u32>,
-    #[prost(uint32, optional, tag = "4")]
-    r#type: Option<u32>,
-    #[prost(uint32, optional, tag = "5")]
-    proto: Option<u32>,
-    #[prost(uint32, optional, tag = "6")]
-    state: Option<u32>,
-    #[prost(uint32, optional, tag = "7")]
-    src_port: Option<u32>,
-    #[prost(uint32, optional, tag = "8")]
-    dst_port: Option<u32>,
-    #[prost(uint32, repeated, packed = "false", tag = "11")]
-    src_addr: Vec<u32>,
-    #[prost(uint32, repeated, packed = "false", tag = "12")]
-    dst_addr: Vec<u32>,
-}
-
-fn addr(family: u32, words: &[u32], port: u32) -> Option<SocketAddr> {
-    let port = u16::try_from(port).ok()?;
-    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
-    let ip = match family {
-        AF_INET => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(bytes.get(..4)?).ok()?)),
-        AF_INET6 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(bytes.get(..16)?).ok()?)),
-        _ => return None,
-    };
-    Some(SocketAddr::new(ip, port))
-}
-
 /// The established TCP connections over loopback in a checkpoint's
 /// `files.img`.
 pub fn loopback_connections(images: &Path) -> Result<Vec<Conn>> {
-    let path = images.join(FILES_IMG);
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).ctx(|| format!("read {}", path.display())),
-    };
-    let bad = |why: String| Error::InvalidArgument(format!("{FILES_IMG}: {why}"));
-    let entries = criu_rpc::image::entries(&bytes, criu_rpc::image::Kind::Files)
-        .map_err(|e| bad(e.to_string()))?;
     let mut out = Vec::new();
-    for body in entries {
-        let e = FileEntry::decode(body).map_err(|e| bad(e.to_string()))?;
-        let Some(sk) = e.isk else { continue };
-        let tcp = sk.r#type == Some(SOCK_STREAM) && sk.proto == Some(IPPROTO_TCP);
-        if !tcp || sk.state != Some(TCP_ESTABLISHED) {
+    for (sk, isk) in super::sockets::inet_socks(images)? {
+        let Some(remote) = sk.remote.filter(|_| sk.tcp && isk.state == TCP_ESTABLISHED) else {
             continue;
-        }
-        let family = sk.family.unwrap_or(0);
-        let ends = (
-            addr(family, &sk.src_addr, sk.src_port.unwrap_or(0)),
-            addr(family, &sk.dst_addr, sk.dst_port.unwrap_or(0)),
-        );
-        let (Some(local), Some(remote)) = ends else {
-            return Err(bad(format!(
-                "an established socket with no address: {sk:?}"
-            )));
         };
         let c = Conn {
-            local: unmapped(local),
-            remote: unmapped(remote),
+            local: sk.local,
+            remote,
         };
         if c.is_loopback() && !out.contains(&c) {
             out.push(c);
@@ -213,7 +131,7 @@ pub fn parse_proc_tcp(text: &str) -> Vec<Conn> {
             .map(|i| u32::from_str_radix(ip.get(i * 8..i * 8 + 8)?, 16).ok())
             .collect();
         let family = if ip.len() == 8 { AF_INET } else { AF_INET6 };
-        addr(family, &words?, u32::from(port)).map(unmapped)
+        addr(family, &words?, u32::from(port))
     };
     text.lines()
         .skip(1)
@@ -351,7 +269,11 @@ fn tcp_table() -> Result<Vec<Conn>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::restore::sockets::{FILES_IMG, IPPROTO_TCP, SOCK_STREAM};
     use criu_rpc::image::{encode, Kind};
+    use criu_rpc::images::{FileEntry, InetSkEntry};
+    use prost::Message;
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     fn v4(ip: [u8; 4], port: u16) -> SocketAddr {
         SocketAddr::new(IpAddr::V4(Ipv4Addr::from(ip)), port)
@@ -360,16 +282,18 @@ mod tests {
     /// An inet socket's file entry as CRIU writes it (type 3: INETSK).
     fn isk(family: u32, state: u32, src: &[u32], sport: u32, dst: &[u32], dport: u32) -> Vec<u8> {
         FileEntry {
-            r#type: Some(3),
+            r#type: 3,
+            id: 1,
             isk: Some(InetSkEntry {
-                family: Some(family),
-                r#type: Some(SOCK_STREAM),
-                proto: Some(IPPROTO_TCP),
-                state: Some(state),
-                src_port: Some(sport),
-                dst_port: Some(dport),
+                family,
+                r#type: SOCK_STREAM,
+                proto: IPPROTO_TCP,
+                state,
+                src_port: sport,
+                dst_port: dport,
                 src_addr: src.to_vec(),
                 dst_addr: dst.to_vec(),
+                ..Default::default()
             }),
         }
         .encode_to_vec()
@@ -382,7 +306,8 @@ mod tests {
         let lo6 = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
         let mapped = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), lo];
         let reg = FileEntry {
-            r#type: Some(1),
+            r#type: 1,
+            id: 2,
             isk: None,
         }
         .encode_to_vec();
