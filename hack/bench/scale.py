@@ -14,6 +14,8 @@ to --wide-max-mib):
   LAZY-N  the same through a shim with lazy_pages = true: the pages are served
           from the layer's blob in containerd's content store as the process
           touches them, the rest pushed in the background (bounded per node)
+  BESIDE  (LAZY-1 beside N-1 pushing) N-1 lazy restores at once (untimed), and
+          once they all run, their pages still being pushed, one more, timed
 Before each, the page cache is dropped (`echo 1 > /proc/sys/vm/drop_caches`), so
 every restore starts cold, and after each, every restored counter is made to hash
 its memory again (/tmp/verify; a mismatch fails the benchmark) and each page
@@ -51,6 +53,7 @@ MIB = 1 << 20
 
 
 ALL_IN = re.compile(r"every page in after (\d+) ms \(([\d.]+) s CPU\)")
+RUNC = re.compile(r"page source ready after (\d+) ms, runc restore done after (\d+) ms")
 
 
 def busy_seconds():
@@ -109,14 +112,17 @@ class ScaleBench(RestoreBench):
         return f"{self.w}/ctrd/state/io.containerd.runtime.v2.task/k8s.io/{cid}/rootfs"
 
     def all_in(self, cid, deadline):
-        """(wall-clock time every page was in, the page source's CPU seconds)."""
+        """(wall-clock time every page was in, the page source's CPU seconds,
+        ckpt-runc's ms from its start until the page source was ready and until
+        runc restore was done)."""
         log = f"{self.restore_dir}/{cid}/work/lazy-serve.log"
         while time.time() < deadline and not ALL_IN.search(text(log)):
             time.sleep(0.05)
         m = ALL_IN.search(text(log))
         if not m:
             raise RuntimeError(f"{cid}: the restore did not get its pages: {text(log)!r}")
-        return os.stat(log).st_mtime, float(m.group(2))
+        r = RUNC.search(text(log))
+        return os.stat(log).st_mtime, float(m.group(2)), (int(r.group(1)), int(r.group(2))) if r else (0, 0)
 
     def verify(self, cids, deadline):
         for cid in cids:
@@ -129,39 +135,51 @@ class ScaleBench(RestoreBench):
             if not verdict.startswith("ok"):
                 raise RuntimeError(f"{cid}: memory differs after the restore: {verdict!r}")
 
-    def one(self, mib, variant, n):
-        lazy = variant == "LAZY"
-        sock = self.sock_lazy if lazy else self.sock
+    def restore_n(self, sock, mib, n):
+        """`cri-ctl restore-n` of n new pods at once; what it timed, and where the logs are."""
         prefix = f"s{self.n}"
         self.n += 1
         logs = [f"/tmp/cri-ctl-logs-{prefix}-{i}" for i in range(n)]
         for d in logs:
             shutil.rmtree(d, ignore_errors=True)
-        sh("sync; echo 1 > /proc/sys/vm/drop_caches")
-        r0, cpu0 = self.device_stat()[0], busy_seconds()
         out = sh([CRICTL, sock, "restore-n", prefix, str(n), self.image(mib)])
         t_end = time.time()
         lines = [line.split() for line in out.splitlines()]
-        pods = [p for p, _, _ in lines[:-1]]
-        cids = [c for _, c, _ in lines[:-1]]
-        self.cleanups += [lambda p=p: sh([CRICTL, self.sock, "rm-pod", p], check=False) for p in pods]
+        self.cleanups += [lambda p=p: sh([CRICTL, self.sock, "rm-pod", p], check=False) for p, _, _ in lines[:-1]]
         self.cleanups += [lambda d=d: shutil.rmtree(d, ignore_errors=True) for d in logs]
-        t0 = t_end - float(lines[-1][1]) / 1000  # restore-n's clock started with the first CreateContainer
-        deadline = time.time() + 600
-        ins = [self.all_in(c, deadline) for c in cids]
-        cpu1 = busy_seconds()
-        firsts = []
-        for i in range(n):
+        return {"all": float(lines[-1][1]) / 1000, "each": [float(ms) / 1000 for _, _, ms in lines[:-1]],
+                "cids": [c for _, c, _ in lines[:-1]], "logs": logs,
+                # restore-n's clock started with the first CreateContainer
+                "t0": t_end - float(lines[-1][1]) / 1000}
+
+    def firsts(self, r, deadline):
+        out = []
+        for d in r["logs"]:
             at = None
             while at is None and time.time() < deadline:
-                at = next((first_line_at(f"{logs[i]}/{f}") for f in os.listdir(logs[i]) if f.endswith(".log")), None)
+                at = next((first_line_at(f"{d}/{f}") for f in os.listdir(d) if f.endswith(".log")), None)
                 if at is None:
                     time.sleep(0.05)
-            firsts.append(at - t0)
-        self.verify(cids, deadline)
-        return {"all": float(lines[-1][1]) / 1000, "each": [float(ms) / 1000 for _, _, ms in lines[:-1]],
-                "first": firsts, "in": max(t for t, _ in ins) - t0, "cpu_src": sum(c for _, c in ins),
-                "cpu_node": cpu1 - cpu0, "read": self.device_stat()[0] - r0}
+            out.append(at - r["t0"])
+        return out
+
+    def one(self, mib, variant, n):
+        """FULL-n, LAZY-n, or BESIDE-n: one lazy restore started once n - 1
+        others run, their pages being pushed."""
+        sock = self.sock if variant == "FULL" else self.sock_lazy
+        sh("sync; echo 1 > /proc/sys/vm/drop_caches")
+        r0, cpu0 = self.device_stat()[0], busy_seconds()
+        others = self.restore_n(sock, mib, n - 1) if variant == "BESIDE" else {"cids": []}
+        r = self.restore_n(sock, mib, 1 if variant == "BESIDE" else n)
+        deadline = time.time() + 600
+        ins = [self.all_in(c, deadline) for c in r["cids"]]
+        cpu1 = busy_seconds()
+        firsts = self.firsts(r, deadline)
+        for c in others["cids"]:
+            self.all_in(c, deadline)
+        self.verify(r["cids"] + others["cids"], deadline)
+        return {"all": r["all"], "each": r["each"], "first": firsts, "in": max(t for t, _, _ in ins) - r["t0"],
+                "cpu_src": sum(c for _, c, _ in ins), "runc": [x for _, _, x in ins], "cpu_node": cpu1 - cpu0, "read": self.device_stat()[0] - r0}
 
     def run(self):
         self.cleanups = []
@@ -169,6 +187,8 @@ class ScaleBench(RestoreBench):
         for mib in self.sizes:
             self.prepare_image(mib)
             todo = [(v, n) for v in variants for n in self.counts(mib)]
+            if "LAZY" in variants:
+                todo.append(("BESIDE", self.scale))
             for rnd in range(self.rounds):
                 k = rnd % len(todo)
                 for v, n in todo[k:] + todo[:k]:
@@ -194,25 +214,30 @@ class ScaleBench(RestoreBench):
         lines = [f"{self.rounds} rounds, medians over rounds; page cache dropped before each; "
                  f"load average (1 min) at the rounds' starts {min(loads, default=0):.1f}–{max(loads, default=0):.1f}", "",
                  "| MiB | variant | s to all running | s to running, each (median, max) | s to first response, each (median, max) | "
-                 "first response / running (max) | s until every page in | CPU s: page sources, node | read, MiB |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+                 "first response / running (max) | s until every page in | CPU s: page sources, node | read, MiB | "
+                 "ckpt-runc (max): page source ready, runc restore done, ms |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
         for (mib, v, n) in sorted(self.rows):
             k = (mib, v, n)
+            label = f"LAZY-1 beside {n - 1} pushing" if v == "BESIDE" else f"{v}-{n}"
             each = lambda f: self.med(k, lambda r: f(r["each"]))
             first = lambda f: self.med(k, lambda r: f(r["first"]))
             ratio = self.med(k, lambda r: max(a / b for a, b in zip(r["first"], r["each"])))
-            lines.append(f"| {mib} | {v}-{n} | {self.med(k, lambda r: r['all']):.3f} | {each(statistics.median):.3f}, {each(max):.3f} | "
+            lines.append(f"| {mib} | {label} | {self.med(k, lambda r: r['all']):.3f} | {each(statistics.median):.3f}, {each(max):.3f} | "
                          f"{first(statistics.median):.3f}, {first(max):.3f} | {ratio:.2f} | {self.med(k, lambda r: r['in']):.3f} | "
                          f"{self.med(k, lambda r: r['cpu_src']):.2f}, {self.med(k, lambda r: r['cpu_node']):.2f} | "
-                         f"{self.med(k, lambda r: r['read']) / MIB:.0f} |")
+                         f"{self.med(k, lambda r: r['read']) / MIB:.0f} | "
+                         f"{self.med(k, lambda r: max(a for a, _ in r['runc'])):.0f}, {self.med(k, lambda r: max(b for _, b in r['runc'])):.0f} |")
         lines += ["", "| MiB | N | FULL: N / 1, to all running | LAZY: N / 1, to all running (goal ≤ 3×) | "
-                  "LAZY: read, N / 1 | LAZY-N: slowest restore to running, s |", "|---|---|---|---|---|---|"]
+                  "LAZY: read, N / 1 | LAZY-N: slowest restore to running, s | LAZY-1 beside N - 1 pushing: s to running |",
+                  "|---|---|---|---|---|---|---|"]
         for mib in self.sizes:
             for n in self.counts(mib)[1:]:
                 r = lambda v: self.med((mib, v, n), lambda x: x["all"]) / self.med((mib, v, 1), lambda x: x["all"])
                 rd = self.med((mib, "LAZY", n), lambda x: x["read"]) / max(self.med((mib, "LAZY", 1), lambda x: x["read"]), 1)
                 lines.append(f"| {mib} | {n} | {r('FULL'):.2f}× | {r('LAZY'):.2f}× | {rd:.2f} | "
-                             f"{self.med((mib, 'LAZY', n), lambda x: max(x['each'])):.3f} |")
+                             f"{self.med((mib, 'LAZY', n), lambda x: max(x['each'])):.3f} | "
+                             f"{self.med((mib, 'BESIDE', n), lambda x: x['all']):.3f} |")
         return "\n".join(lines)
 
 

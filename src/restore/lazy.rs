@@ -74,7 +74,6 @@ pub fn stage(archive: &Path, dest: &Path, full: bool) -> Result<Plan> {
         archive: std::fs::canonicalize(archive).ctx(|| format!("resolve {}", archive.display()))?,
         pages: lazy,
         full,
-        push_slots: None,
     };
     let json = serde_json::to_vec_pretty(&plan).expect("plain struct serialises");
     let mut f = crate::safefs::create_new(&dest.join(PLAN), 0o600)?;

@@ -32,10 +32,6 @@ pub struct Plan {
     /// StartContainer is answered, as after a restore from copied images.
     #[serde(default)]
     pub full: bool,
-    /// Background pushes in flight on the node at once (lazy restores'
-    /// [`super::slots`]); unset: [`super::slots::Slots::default_count`].
-    #[serde(default)]
-    pub push_slots: Option<usize>,
 }
 
 impl Plan {
