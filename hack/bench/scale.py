@@ -237,7 +237,7 @@ class ScaleBench(RestoreBench):
                 rd = self.med((mib, "LAZY", n), lambda x: x["read"]) / max(self.med((mib, "LAZY", 1), lambda x: x["read"]), 1)
                 lines.append(f"| {mib} | {n} | {r('FULL'):.2f}× | {r('LAZY'):.2f}× | {rd:.2f} | "
                              f"{self.med((mib, 'LAZY', n), lambda x: max(x['each'])):.3f} | "
-                             f"{self.med((mib, 'BESIDE', n), lambda x: x['all']):.3f} |")
+                             f"{self.med((mib, 'BESIDE', n), lambda x: x['all']):.3f} |".replace("nan", "-"))
         return "\n".join(lines)
 
 
