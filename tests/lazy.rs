@@ -475,6 +475,54 @@ async fn the_working_set_goes_in_first_after_an_image_round_trip() {
     remove(&mut c, &id, &pod.0).await;
 }
 
+/// REAP's record: the pages the first lazy restore of an archive faulted on
+/// before its push (here, with every push slot held, what the counter
+/// touches to count on) are kept on the node, and the next lazy restore of
+/// the same archive puts them in first, before any background copy.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_lazy_restore_puts_in_first_what_the_first_faulted_on() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let out = out_dir();
+    let (archive, before, after) = checkpointed(&mut env, &mut c, out.path(), MIB).await;
+    let slots = hold_push_slots(&env);
+    let first = restore_lazily(&mut env, &mut c, "first", &archive).await;
+    let restored = Path::new(&first.0 .1.log_directory).join("restored.log");
+    assert_continues(&env, &first.1, &restored, (before, after), "first restore");
+    drop(slots);
+    let log = wait_logged(&env, &first.1, "recorded a working set of");
+    assert!(log.contains(ALL_IN), "{log}");
+    assert!(
+        verify_memory(&env, &first.1).starts_with("ok "),
+        "memory differs"
+    );
+    let slots = hold_push_slots(&env);
+    let second = restore_lazily(&mut env, &mut c, "second", &archive).await;
+    let log = wait_logged(&env, &second.1, "working set in (");
+    assert!(!log.contains(ALL_IN), "{log}");
+    drop(slots);
+    let restored = Path::new(&second.0 .1.log_directory).join("restored.log");
+    assert_continues(
+        &env,
+        &second.1,
+        &restored,
+        (before, after),
+        "second restore",
+    );
+    assert!(
+        verify_memory(&env, &second.1).starts_with("ok "),
+        "memory differs"
+    );
+    let staged = env.dir.join("restore").join(&second.1);
+    wait_gone(&staged.to_string_lossy(), Duration::from_secs(60));
+    let served = lazy_log(&env, &second.1);
+    assert!(pushed(&served, "working_set_pages") > 0, "{served}");
+    assert!(!served.contains("recorded a working set"), "{served}");
+    for (pod, id) in [&first, &second] {
+        remove(&mut c, id, &pod.0).await;
+    }
+}
+
 /// Appends a `working-set.json` to `archive`: two runs of its counter's
 /// largest lazy run, the later one first. Returns its pages.
 fn add_working_set(archive: &Path) -> u64 {
