@@ -34,13 +34,15 @@ use k8s_cri::v1 as cri;
 fn use_own_images() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("hack");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let workloads = root.join("tests/fixtures/workloads");
         let mut hash = 0xcbf2_9ce4_8422_2325u64;
-        let mut sources: Vec<PathBuf> = common::entries(&root.join("workloads"))
+        let mut sources: Vec<PathBuf> = common::entries(&workloads)
             .into_iter()
-            .map(|n| root.join("workloads").join(n))
+            .map(|n| workloads.join(n))
             .collect();
-        sources.extend(["build-image.sh", "build-oci-images.sh"].map(|s| root.join(s)));
+        sources
+            .extend(["build-image.sh", "build-oci-images.sh"].map(|s| root.join("hack").join(s)));
         for s in sources {
             for b in std::fs::read(&s).unwrap() {
                 hash = (hash ^ b as u64).wrapping_mul(0x0100_0000_01b3);
