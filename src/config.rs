@@ -54,6 +54,9 @@ pub struct Config {
     /// its pages served from the archive as it touches them (docs/restore.md, "Lazy restore"); a
     /// CreateContainer annotation `io.ckpt-shim.lazy-pages` overrides it.
     pub lazy_pages: bool,
+    /// Lazy restores' background pushes in flight on the node at once (faults
+    /// never wait for one); unset: one per two CPUs.
+    pub lazy_push_slots: Option<usize>,
     /// Restores hold the checkpoint's images against the new container's
     /// spec (`enforce`, the default), or restore them as they are (`off`).
     pub restore_policy: crate::restore::policy::Mode,
@@ -80,6 +83,7 @@ impl Default for Config {
             metrics_listen: None,
             shutdown_grace_seconds: DEFAULT_SHUTDOWN_GRACE_SECONDS,
             lazy_pages: false,
+            lazy_push_slots: None,
             restore_policy: crate::restore::policy::Mode::Enforce,
         }
     }
@@ -135,6 +139,7 @@ pub struct FileConfig {
     pub metrics_listen: Option<String>,
     pub shutdown_grace_seconds: Option<u64>,
     pub lazy_pages: Option<bool>,
+    pub lazy_push_slots: Option<usize>,
     /// `"enforce"` or `"off"`.
     pub restore_policy: Option<crate::restore::policy::Mode>,
 }
@@ -198,6 +203,9 @@ impl FileConfig {
         }
         if self.metrics_listen.is_some() {
             c.metrics_listen = self.metrics_listen;
+        }
+        if self.lazy_push_slots.is_some() {
+            c.lazy_push_slots = self.lazy_push_slots;
         }
     }
 }

@@ -523,6 +523,37 @@ async fn a_second_lazy_restore_puts_in_first_what_the_first_faulted_on() {
     }
 }
 
+/// The config's `lazy_push_slots` reaches the page sources: with the first of
+/// two slots held, a lazy restore still gets every page in (through the
+/// second), as it could not with one slot.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_configured_push_slots_are_the_page_sources() {
+    let mut env = Env::start_configured("lazy_push_slots = 2\n");
+    let mut c = env.client().await;
+    let out = out_dir();
+    let (archive, before, after) = checkpointed(&mut env, &mut c, out.path(), MIB).await;
+    let one = Slots::under(&env.dir.join("restore"), 1);
+    let first = one.try_take().unwrap().expect("slot 0");
+    let (pod, id) = restore_lazily(&mut env, &mut c, "two-slots", &archive).await;
+    let staged = env.dir.join("restore").join(&id);
+    let plan = std::fs::read_to_string(staged.join("lazy.json")).unwrap();
+    assert!(plan.contains("\"push_slots\": 2"), "{plan}");
+    wait_gone(&staged.to_string_lossy(), Duration::from_secs(60));
+    assert!(
+        lazy_log(&env, &id).contains(ALL_IN),
+        "{}",
+        lazy_log(&env, &id)
+    );
+    drop(first);
+    let log = Path::new(&pod.1.log_directory).join("restored.log");
+    assert_continues(&env, &id, &log, (before, after), "two slots");
+    assert!(
+        verify_memory(&env, &id).starts_with("ok "),
+        "memory differs"
+    );
+    remove(&mut c, &id, &pod.0).await;
+}
+
 /// Appends a `working-set.json` to `archive`: two runs of its counter's
 /// largest lazy run, the later one first. Returns its pages.
 fn add_working_set(archive: &Path) -> u64 {

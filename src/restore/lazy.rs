@@ -42,7 +42,7 @@ pub fn wanted(annotations: &HashMap<String, String>, config_default: bool) -> bo
 /// checked against the pagemaps and the archive's length, so a truncated
 /// archive fails here, before anything runs, not when the process touches the
 /// missing page.
-pub fn stage(archive: &Path, dest: &Path, full: bool) -> Result<Plan> {
+pub fn stage(archive: &Path, dest: &Path, full: bool, push_slots: Option<usize>) -> Result<Plan> {
     let members = pages_members(archive)?;
     let skip: Vec<String> = members.keys().map(|id| member_name(*id)).collect();
     extract_except(archive, dest, &skip)?;
@@ -74,6 +74,7 @@ pub fn stage(archive: &Path, dest: &Path, full: bool) -> Result<Plan> {
         archive: std::fs::canonicalize(archive).ctx(|| format!("resolve {}", archive.display()))?,
         pages: lazy,
         full,
+        push_slots,
     };
     let json = serde_json::to_vec_pretty(&plan).expect("plain struct serialises");
     let mut f = crate::safefs::create_new(&dest.join(PLAN), 0o600)?;
@@ -190,7 +191,7 @@ mod tests {
         let ar = archive(tmp.path(), 0);
         let dest = tmp.path().join("stage");
         std::fs::create_dir(&dest).unwrap();
-        let plan = stage(&ar, &dest, false).unwrap();
+        let plan = stage(&ar, &dest, false, None).unwrap();
         let staged = dest.join("checkpoint/pages-1.img");
         let data = std::fs::read(&staged).unwrap();
         assert_eq!(data.len() as u64, 5 * PAGE_SIZE);
@@ -215,7 +216,7 @@ mod tests {
         let ar = archive(tmp.path(), 1024 + 3 * 512 + 100);
         let dest = tmp.path().join("stage");
         std::fs::create_dir(&dest).unwrap();
-        let err = stage(&ar, &dest, true).unwrap_err().to_string();
+        let err = stage(&ar, &dest, true, None).unwrap_err().to_string();
         assert!(err.contains("truncated") || err.contains("read"), "{err}");
     }
 

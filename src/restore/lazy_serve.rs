@@ -55,7 +55,10 @@ pub fn run(o: &Options) -> Result<()> {
         },
         false => Mode {
             chunk: LAZY_CHUNK,
-            slots: Some(Slots::under(root, Slots::default_count())),
+            slots: Some(Slots::under(
+                root,
+                plan.push_slots.unwrap_or_else(Slots::default_count),
+            )),
             record: record.is_some(),
             background_nice: Some(BACKGROUND_NICE),
         },

@@ -32,6 +32,10 @@ pub struct Plan {
     /// StartContainer is answered, as after a restore from copied images.
     #[serde(default)]
     pub full: bool,
+    /// Background pushes in flight on the node at once (the config's
+    /// `lazy_push_slots`; unset: [`super::slots::Slots::default_count`]).
+    #[serde(default)]
+    pub push_slots: Option<usize>,
 }
 
 impl Plan {

@@ -36,6 +36,8 @@ pub struct Containers {
     identities: Arc<Identities>,
     /// Restore lazily unless the request's annotation says otherwise.
     lazy_default: bool,
+    /// The node's background push slots, for the page sources (`None`: theirs).
+    push_slots: Option<usize>,
     /// Hold the images against the new container's spec (the config's
     /// `restore_policy`).
     policy: Mode,
@@ -77,6 +79,7 @@ impl Containers {
             images: CheckpointImages::default(),
             identities,
             lazy_default: false,
+            push_slots: None,
             policy: Mode::Enforce,
         }
     }
@@ -88,8 +91,9 @@ impl Containers {
     }
 
     /// Restores lazily by default (the config's `lazy_pages`).
-    pub fn with_lazy_pages(mut self, on: bool) -> Containers {
+    pub fn with_lazy_pages(mut self, on: bool, push_slots: Option<usize>) -> Containers {
         self.lazy_default = on;
+        self.push_slots = push_slots;
         self
     }
 
@@ -187,9 +191,10 @@ impl Containers {
         };
         let dest = staging.path().to_path_buf();
         let pages = self.pages(call, &ckpt, fetched.is_some());
+        let slots = self.push_slots;
         let extract = blocking(move || match pages {
             Pages::Served { full } => {
-                crate::restore::lazy::stage(&ckpt.path, &dest, full).map(drop)
+                crate::restore::lazy::stage(&ckpt.path, &dest, full, slots).map(drop)
             }
             Pages::Copied => ckpt.extract(&dest),
         });

@@ -112,7 +112,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let up = Arc::new(upstream::Upstream::new(&upstream));
     let containers = Arc::new(
         containers::Containers::new(up.clone(), &cfg.restore_dir, identities.clone())
-            .with_lazy_pages(cfg.lazy_pages)
+            .with_lazy_pages(cfg.lazy_pages, cfg.lazy_push_slots)
             .with_restore_policy(cfg.restore_policy),
     );
     tokio::spawn({
