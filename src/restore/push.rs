@@ -1,14 +1,16 @@
-//! A full restore's pages, put into the restored processes by the shim itself
-//! straight from the archive's page cache.
+//! A served restore's pages, put into the restored processes by the shim
+//! itself straight from the archive's page cache: the restore's lazy-pages
+//! daemon, for full and lazy restores alike.
 //!
-//! A served restore leaves the processes' private memory to a lazy-pages
-//! daemon ([`super::lazy`]). CRIU's daemon gets each page from the page
-//! server through a socket into a buffer of its own and then into the
-//! process: three copies of every byte, slower than CRIU's plain restore
-//! reading a pages image. A full restore wants every page in at once, so
-//! here the shim is the daemon: it maps the archive and fills each run of
-//! pages with one `UFFDIO_COPY` from the mapping, one copy, as a plain
-//! restore's read.
+//! CRIU's own daemon gets each page from a page server through a socket
+//! into a buffer of its own and then into the process: three copies of
+//! every byte. Here the shim maps the archive and fills each run of pages
+//! with one `UFFDIO_COPY` from the mapping, one copy, as a plain restore's
+//! read. Every process's faults are served before each background copy; a
+//! full restore pushes everything at once ([`FULL_CHUNK`] pieces), a lazy
+//! one ([`LAZY_CHUNK`]) puts the working set in first and the rest only
+//! while it holds one of the node's push slots ([`super::slots`]), at a
+//! lower priority than its faults.
 //!
 //! The protocol with CRIU's restore (CRIU 4.x, criu/uffd.c): the restore
 //! connects to `lazy-pages.socket` in its work dir and sends, for each
