@@ -92,6 +92,10 @@ struct LazyServeArgs {
     /// The restored init's pid file: killed if its memory cannot be served.
     #[arg(long)]
     pid_file: Option<PathBuf>,
+    /// Be the page source's guard: kill the restored init unless the page
+    /// source says on stdin that every page is in.
+    #[arg(long)]
+    guard: bool,
 }
 
 #[derive(Args)]
@@ -281,6 +285,7 @@ async fn run(cli: Cli) -> ckpt_shim::Result<()> {
             ckpt_shim::restore::lazy_serve::run(&ckpt_shim::restore::lazy_serve::Options {
                 dir: a.dir,
                 pid_file: a.pid_file,
+                guard: a.guard,
             })
         }
     }

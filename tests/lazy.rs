@@ -388,6 +388,40 @@ async fn a_page_source_that_cannot_serve_takes_the_container_with_it() {
     remove(&mut c, &id, &pod.0).await;
 }
 
+/// A page source SIGKILLed mid-restore (the OOM killer, say) cannot answer
+/// faults any more, and the kernel would fill them with zeros: its guard
+/// kills the restored process instead, and the container exits.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_page_source_takes_the_container_with_it() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let out = out_dir();
+    let (archive, _, _) = checkpointed(&mut env, &mut c, out.path(), MIB).await;
+    let slots = hold_push_slots(&env);
+    let (pod, id) = restore_lazily(&mut env, &mut c, "killed", &archive).await;
+    let staged = env.dir.join("restore").join(&id);
+    env.assert_running(&mut c, &id).await;
+    let source: Vec<nix::unistd::Pid> = pids_with(&staged.to_string_lossy())
+        .into_iter()
+        .filter(|p| {
+            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            !String::from_utf8_lossy(&cmd).contains("--guard")
+        })
+        .collect();
+    assert_eq!(source.len(), 1, "one page source: {source:?}");
+    nix::sys::signal::kill(source[0], nix::sys::signal::Signal::SIGKILL).unwrap();
+    let t = Instant::now();
+    while env.state(&mut c, &id).await == cri::ContainerState::ContainerRunning {
+        assert!(t.elapsed() < Duration::from_secs(20), "still running");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_gone(&staged.to_string_lossy(), Duration::from_secs(20));
+    let log = lazy_log(&env, &id);
+    assert!(log.contains("guard: the page source ended"), "{log}");
+    drop(slots);
+    remove(&mut c, &id, &pod.0).await;
+}
+
 /// Faults first: with every background push slot of the node taken (another
 /// restore's push in flight), two lazy restores run and answer: the counter's
 /// next lines, and one of them hashes all its memory through its own faults,

@@ -35,10 +35,15 @@ pub struct Options {
     pub dir: PathBuf,
     /// The restored init's pid file, to kill it if its pages cannot be served.
     pub pid_file: Option<PathBuf>,
+    /// Run as the page source's guard ([`Guard`]) instead.
+    pub guard: bool,
 }
 
 /// Runs the page source to its end; `Err` when the pages were not all served.
 pub fn run(o: &Options) -> Result<()> {
+    if o.guard {
+        return guard(o.pid_file.clone());
+    }
     let plan = Plan::read(&o.dir)?
         .ok_or_else(|| Error::Other(format!("{} is not a served restore", o.dir.display())))?;
     let root = o.dir.parent().unwrap_or(Path::new("/"));
@@ -64,6 +69,11 @@ pub fn run(o: &Options) -> Result<()> {
         },
     };
     let started = Instant::now();
+    // A full restore's page source is watched by ckpt-runc, which waits for it.
+    let guard = match plan.full {
+        true => None,
+        false => Some(Guard::spawn(o)?),
+    };
     let restored = Restored::watch(o.pid_file.clone());
     let pushed = super::push::run(&o.dir, mode, say_ready);
     let ms = started.elapsed().as_millis();
@@ -75,6 +85,9 @@ pub fn run(o: &Options) -> Result<()> {
             );
             if let (Some(path), Some(ws)) = (record, faulted.filter(|w| w.pages() > 0)) {
                 keep_record(&path, &ws);
+            }
+            if let Some(g) = guard {
+                g.done();
             }
             Ok(())
         }
@@ -91,6 +104,51 @@ fn cpu_seconds() -> f64 {
     use nix::sys::resource::{getrusage, UsageWho};
     let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
     getrusage(UsageWho::RUSAGE_SELF).map_or(0.0, |u| secs(u.user_time()) + secs(u.system_time()))
+}
+
+/// A lazy restore's page source, killed (SIGKILL, the OOM killer), would
+/// leave its process reading zeros where its memory was: its userfaultfds
+/// closed, the kernel fills what is missing with zero pages. So it starts a
+/// guard, `lazy-serve DIR --guard`, a process of its own holding the read
+/// end of a pipe: unless the page source writes `done` there before it
+/// ends, the guard kills the restored init.
+struct Guard(std::process::ChildStdin);
+
+impl Guard {
+    fn spawn(o: &Options) -> Result<Guard> {
+        let exe = std::env::current_exe().ctx(|| "find ckpt-shim's binary".into())?;
+        let mut cmd = std::process::Command::new(exe);
+        cmd.arg("lazy-serve").arg(&o.dir).arg("--guard");
+        if let Some(p) = &o.pid_file {
+            cmd.arg("--pid-file").arg(p);
+        }
+        // Not our stdout: that is the pipe ckpt-runc waits on for `ready`.
+        let mut child = cmd
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .ctx(|| "start the page source's guard".into())?;
+        Ok(Guard(child.stdin.take().expect("piped")))
+    }
+
+    /// Every page is in: the guard may go.
+    fn done(mut self) {
+        let _ = self.0.write_all(b"done");
+    }
+}
+
+/// The guard's side ([`Guard`]).
+fn guard(pid_file: Option<PathBuf>) -> Result<()> {
+    let restored = Restored::watch(pid_file);
+    let mut said = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut said);
+    if said == b"done" {
+        return Ok(());
+    }
+    eprintln!("lazy-serve guard: the page source ended before every page was in");
+    // Its pid file may still be coming (runc writes it after the restore).
+    restored.kill_within(std::time::Duration::from_secs(10));
+    Ok(())
 }
 
 /// Where to record this restore's faults, if no working set is known for
@@ -186,6 +244,15 @@ impl Restored {
             });
         }
         r
+    }
+
+    /// [`kill`](Self::kill), once it is found, waiting up to `limit` for that.
+    fn kill_within(&self, limit: std::time::Duration) {
+        let t = Instant::now();
+        while t.elapsed() < limit && self.pidfd.lock().is_ok_and(|s| s.is_none()) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        self.kill();
     }
 
     /// SIGKILLs it, if it was found: its memory cannot be served.
