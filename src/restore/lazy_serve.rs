@@ -69,13 +69,18 @@ pub fn run(o: &Options) -> Result<()> {
         },
     };
     let started = Instant::now();
-    // A full restore's page source is watched by ckpt-runc, which waits for it.
-    let guard = match plan.full {
-        true => None,
-        false => Some(Guard::spawn(o)?),
-    };
     let restored = Restored::watch(o.pid_file.clone());
-    let pushed = super::push::run(&o.dir, mode, say_ready);
+    // Started once ckpt-runc has its `ready` (not to delay the restore),
+    // while CRIU restores and before any page is served from the archive; a
+    // full restore's page source is watched by ckpt-runc, which waits for it.
+    let mut guard = None;
+    let pushed = super::push::run(&o.dir, mode, || {
+        say_ready()?;
+        if !plan.full {
+            guard = Some(Guard::spawn(o)?);
+        }
+        Ok(())
+    });
     let ms = started.elapsed().as_millis();
     match pushed {
         Ok((pushed, faulted)) => {
