@@ -66,7 +66,7 @@ import tarfile
 import tempfile
 import time
 
-from common import CRICTL, ROOT, SHIM, SLOWFS, crictl_path, read, sh
+from common import CRICTL, ROOT, SHIM, SLOWFS, crictl_pod, read, sh
 
 
 # --- CRIU's stats-dump: two magics, a length, then a protobuf StatsEntry ---
@@ -279,21 +279,9 @@ class Bench:
         makes it, but with the command of `command`."""
         if not self.probed:
             return sh([CRICTL, self.shims["A"]["sock"], "run-counter", f"bench-{mib}", str(mib)]).split()
-        name = f"bench-{mib}"
-        pod = {"metadata": {"name": name, "uid": f"uid-{name}", "namespace": "default"}, "hostname": name,
-               "log_directory": f"{self.w}/logs/{name}",
-               "linux": {"cgroup_parent": f"/ckpt-shim-bench/{name}", "security_context": {"namespace_options": {"pid": 1}}}}
         ctr = {"metadata": {"name": "counter"}, "image": {"image": "docker.io/library/ckpt-counter:latest"},
-               "command": self.command(mib), "log_path": "counter.log",
-               "linux": {"security_context": {"namespace_options": {"pid": 1}}}}
-        os.makedirs(pod["log_directory"], exist_ok=True)
-        for what, obj in (("pod", pod), ("ctr", ctr)):
-            json.dump(obj, open(f"{self.w}/{what}-{mib}.json", "w"))
-        cri = lambda *a: sh([crictl_path(), "--runtime-endpoint", f"unix://{self.shims['A']['sock']}", "--timeout", "60s", *a]).strip()
-        pod_id = cri("runp", f"{self.w}/pod-{mib}.json")
-        cid = cri("create", pod_id, f"{self.w}/ctr-{mib}.json", f"{self.w}/pod-{mib}.json")
-        cri("start", cid)
-        return pod_id, cid
+               "command": self.command(mib), "log_path": "counter.log"}
+        return crictl_pod(self.w, self.shims["A"]["sock"], f"bench-{mib}", ctr, mib)
 
     def start_containers(self, mib):
         # runc, on an overlay like containerd's, stdio on a pipe.

@@ -5,6 +5,7 @@ The binaries are the release build (`hack/bench/run` builds them) unless
 CKPT_BENCH_PROFILE names another cargo profile (`dev`: target/debug, as
 tests/bench_smoke.rs runs them); CARGO_TARGET_DIR is honoured as cargo does.
 """
+import json
 import os
 import re
 import shutil
@@ -66,3 +67,23 @@ def run_bench(bench, after=lambda: None):
             bench.teardown()
         finally:
             after()
+
+
+def crictl_pod(work, sock, name, ctr, tag):
+    """A pod NAME (cgroup /ckpt-shim-bench/NAME, its own PID namespace per
+    container) running the container CTR (a CRI config), made and started
+    with crictl on the shim's socket SOCK; its JSON files in WORK, named by
+    TAG. Returns (pod id, container id)."""
+    pod = {"metadata": {"name": name, "uid": f"uid-{name}", "namespace": "default"}, "hostname": name,
+           "log_directory": f"{work}/logs/{name}",
+           "linux": {"cgroup_parent": f"/ckpt-shim-bench/{name}", "security_context": {"namespace_options": {"pid": 1}}}}
+    ctr = dict(ctr, linux={"security_context": {"namespace_options": {"pid": 1}}})
+    os.makedirs(pod["log_directory"], exist_ok=True)
+    for what, obj in (("pod", pod), ("ctr", ctr)):
+        with open(f"{work}/{what}-{tag}.json", "w") as f:
+            json.dump(obj, f)
+    cri = lambda *a: sh([crictl_path(), "--runtime-endpoint", f"unix://{sock}", "--timeout", "60s", *a]).strip()
+    pod_id = cri("runp", f"{work}/pod-{tag}.json")
+    cid = cri("create", pod_id, f"{work}/ctr-{tag}.json", f"{work}/pod-{tag}.json")
+    cri("start", cid)
+    return pod_id, cid

@@ -64,7 +64,7 @@ import threading
 import time
 
 from checkpoint import Bench, frozen_ms, last_logged, stats_in_tar
-from common import CRICTL, ROOT, SHIM, crictl_path, read, run_bench, sh, text
+from common import CRICTL, ROOT, SHIM, crictl_pod, read, run_bench, sh, text
 
 HERE = os.path.abspath(__file__)
 APPS = ("redis", "nginx")
@@ -292,19 +292,8 @@ class WorkloadsBench(Bench):
 
     # --- the containers ---
     def start_cri(self, app):
-        name = f"wl-{app}"
-        pod = {"metadata": {"name": name, "uid": f"uid-{name}", "namespace": "default"}, "hostname": name,
-               "log_directory": f"{self.w}/logs/{name}",
-               "linux": {"cgroup_parent": f"/ckpt-shim-bench/{name}", "security_context": {"namespace_options": {"pid": 1}}}}
-        ctr = {"metadata": {"name": app}, "image": {"image": f"docker.io/library/ckpt-{app}:latest"}, "log_path": f"{app}.log",
-               "linux": {"security_context": {"namespace_options": {"pid": 1}}}}
-        os.makedirs(pod["log_directory"], exist_ok=True)
-        for what, obj in (("pod", pod), ("ctr", ctr)):
-            json.dump(obj, open(f"{self.w}/{what}-{app}.json", "w"))
-        cri = lambda *a: sh([crictl_path(), "--runtime-endpoint", f"unix://{self.shims['S']['sock']}", "--timeout", "60s", *a]).strip()
-        pod_id = cri("runp", f"{self.w}/pod-{app}.json")
-        cid = cri("create", pod_id, f"{self.w}/ctr-{app}.json", f"{self.w}/pod-{app}.json")
-        cri("start", cid)
+        ctr = {"metadata": {"name": app}, "image": {"image": f"docker.io/library/ckpt-{app}:latest"}, "log_path": f"{app}.log"}
+        pod_id, cid = crictl_pod(self.w, self.shims["S"]["sock"], f"wl-{app}", ctr, app)
         pid = int(open(f"{self.w}/ctrd/state/io.containerd.runtime.v2.task/k8s.io/{cid}/init.pid").read())
         return dict(pod=pod_id, cid=cid, pid=pid, net=f"/proc/{pid}/ns/net",
                     page=f"{self.w}/ctrd/state/io.containerd.runtime.v2.task/k8s.io/{cid}/rootfs{PAGE}")
