@@ -107,6 +107,7 @@ class ScaleBench(RestoreBench):
         # Only the image is restored from; the original and its archive go.
         sh([CRICTL, self.sock, "rm-pod", pod])
         os.remove(f"{ck}/cri.tar")
+        shutil.rmtree(f"/tmp/cri-ctl-logs-bench-orig-{mib}", ignore_errors=True)
 
     def rootfs(self, cid):
         return f"{self.w}/ctrd/state/io.containerd.runtime.v2.task/k8s.io/{cid}/rootfs"
