@@ -135,7 +135,8 @@ async fn criu(binary: &Path) -> Vec<Check> {
 }
 
 /// Read from `criu --version`, which also works for a CRIU that cannot serve RPC.
-/// A version whose page-server protocol the lazy restore does not speak warns.
+/// A version served (lazy) restores are not tested on warns: they copy the
+/// pages there instead.
 async fn criu_version(criu: &Path) -> Check {
     let fail = |why: String| Check::new("criu-version", Status::Fail, why);
     let out = match run(criu, &["--version"]).await {
@@ -145,10 +146,12 @@ async fn criu_version(criu: &Path) -> Check {
     };
     let text = String::from_utf8_lossy(&out.stdout);
     match parse_criu_version(&text) {
-        Some(v) if new_enough(&v) => match crate::restore::page_server::check_criu_version(&text) {
-            Ok(()) => Check::new("criu-version", Status::Ok, v.to_string()),
-            Err(why) => Check::new("criu-version", Status::Warn, format!("{v}: {why}")),
-        },
+        Some(v) if new_enough(&v) => {
+            match crate::restore::criu_version::check_criu_version(&text) {
+                Ok(()) => Check::new("criu-version", Status::Ok, v.to_string()),
+                Err(why) => Check::new("criu-version", Status::Warn, format!("{v}: {why}")),
+            }
+        }
         Some(v) => fail(format!("{v} is older than {MIN_CRIU}")),
         None => fail("no `Version:` in `criu --version`".into()),
     }

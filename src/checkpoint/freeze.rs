@@ -192,7 +192,7 @@ impl FreezeAt {
         self
     }
 
-    /// Where to register the CRIU process (see [`watch_pid`]).
+    /// Where to register the CRIU process (see [`super::watch::watch_pid`]).
     pub fn criu_watch(&self) -> CriuWatch {
         self.criu.clone()
     }
@@ -333,7 +333,7 @@ pub struct FreezeGuard {
 const CRIU_EXIT_WAIT: Duration = Duration::from_secs(60);
 
 impl FreezeGuard {
-    /// Where to register the CRIU process (see [`watch_pid`]).
+    /// Where to register the CRIU process (see [`super::watch::watch_pid`]).
     pub fn criu_watch(&self) -> CriuWatch {
         self.criu.clone()
     }

@@ -5,7 +5,7 @@
 //! - [`ipc`]: the SysV objects a joined IPC namespace already holds, left out;
 //! - [`lazy`], [`pagemap`], [`lazy_serve`]: a lazy restore, its memory
 //!   served from the archive as the process touches it;
-//! - [`page_server`]: the CRIU versions a served restore relies on;
+//! - [`criu_version`]: the CRIU versions a served restore relies on;
 //! - [`push`], [`spans`], [`uffd`]: a served restore's memory put in from the
 //!   archive by the shim itself, one copy per page, faults first;
 //! - [`slots`], [`working_set`]: the node's bound on background pushes, and
@@ -14,16 +14,19 @@
 //!   never gives a process more than a fresh container of that spec;
 //! - [`rootfs`]: the checkpoint's file changes applied to a new root file system;
 //! - [`runc`]: `ckpt-runc`, the runtime's runc, which turns a create into a restore;
+//! - [`sockets`]: each inet socket of the checkpoint kept, closed or rebound,
+//!   as the new pod allows;
+//! - [`source`]: where a served restore's pages are in the archive;
 //! - [`stage`]: a CRI restore's checkpoint, kept by container ID until it starts;
 //! - [`tcp_hold`]: loopback TCP connections held until both their ends are back;
 //! - [`standalone`]: `ckpt-shim restore`, CRIU driven directly into a bundle.
 
 pub mod archive;
 pub mod create;
+pub mod criu_version;
 pub mod ipc;
 pub mod lazy;
 pub mod lazy_serve;
-pub mod page_server;
 pub mod pagemap;
 pub mod policy;
 pub mod push;

@@ -261,7 +261,7 @@ impl Containers {
         } else if fetched {
             Some("the checkpoint image's layer is not in the runtime's content store".into())
         } else {
-            crate::restore::page_server::criu_supported().err()
+            crate::restore::criu_version::criu_supported().err()
         };
         match why_not {
             None => Pages::Served { full: !lazy },
