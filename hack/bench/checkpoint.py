@@ -66,7 +66,7 @@ import tarfile
 import tempfile
 import time
 
-from common import CRICTL, ROOT, SHIM, SLOWFS, crictl_pod, read, sh
+from common import CRICTL, ROOT, SHIM, SLOWFS, crictl_pod, criu_mount_maps, read, sh
 
 
 # --- CRIU's stats-dump: two magics, a length, then a protobuf StatsEntry ---
@@ -408,16 +408,7 @@ class Bench:
         os.makedirs(f"{d}/img")
         os.makedirs(f"{d}/work")
         pid = self.runc_pid(mib)
-        cfg = json.load(open(f"{self.w}/runc-{mib}/config.json"))
-        masked = set(cfg["linux"].get("maskedPaths", []))
-        ext = []
-        for line in open(f"/proc/{pid}/mountinfo"):
-            pre, post = line.split(" - ")
-            mp, fstype = pre.split()[4], post.split()[0]
-            if mp in masked and not (fstype == "tmpfs" and pre.split()[3] == "/"):
-                ext += ["--ext-mount-map", f"{mp}:/dev/null"]
-            elif fstype == "cgroup":
-                ext += ["--ext-mount-map", f"{mp}:{mp}"]
+        ext = criu_mount_maps(json.load(open(f"{self.w}/runc-{mib}/config.json")), pid)
         # Frozen through its cgroup, as runc and containerd have CRIU do it, so
         # the whole container stops, the probe included.
         cmd = ["criu", "dump", "-t", str(pid), "-D", f"{d}/img", "-W", f"{d}/work", "--leave-running", "--root", f"{self.w}/runc-{mib}/rootfs",

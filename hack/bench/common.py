@@ -87,3 +87,20 @@ def crictl_pod(work, sock, name, ctr, tag):
     cid = cri("create", pod_id, f"{work}/ctr-{tag}.json", f"{work}/pod-{tag}.json")
     cri("start", cid)
     return pod_id, cid
+
+
+def criu_mount_maps(config, pid):
+    """`criu dump`'s --ext-mount-map for what runc bind-mounts from the host
+    into the container of init PID, whose OCI config is CONFIG (a dict): the
+    masked paths (/dev/null over a file; a masked directory is a tmpfs CRIU
+    dumps itself) and the cgroup mounts."""
+    masked = set(config["linux"].get("maskedPaths", []))
+    ext = []
+    for line in open(f"/proc/{pid}/mountinfo"):
+        pre, post = line.split(" - ")
+        mp, fstype = pre.split()[4], post.split()[0]
+        if mp in masked and not (fstype == "tmpfs" and pre.split()[3] == "/"):
+            ext += ["--ext-mount-map", f"{mp}:/dev/null"]
+        elif fstype == "cgroup":
+            ext += ["--ext-mount-map", f"{mp}:{mp}"]
+    return ext

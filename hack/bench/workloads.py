@@ -64,7 +64,7 @@ import threading
 import time
 
 from checkpoint import Bench, frozen_ms, last_logged, stats_in_tar
-from common import CRICTL, ROOT, SHIM, crictl_pod, read, run_bench, sh, text
+from common import CRICTL, ROOT, SHIM, crictl_pod, criu_mount_maps, read, run_bench, sh, text
 
 HERE = os.path.abspath(__file__)
 APPS = ("redis", "nginx")
@@ -399,26 +399,12 @@ class WorkloadsBench(Bench):
         cmd = ["criu", "dump", "-t", str(r["pid"]), "-D", f"{d}/img", "-W", f"{d}/work", "--leave-running", "--tcp-established",
                "--root", f"{r['bundle']}/rootfs", "--freeze-cgroup", f"/sys/fs/cgroup/freezer/ckpt-shim-bench/{r['name']}",
                "--manage-cgroups=soft", "--file-locks", "--external", f"net[{os.stat(r['net']).st_ino}]:extRootNetNS",
-               "-v4", "-o", "dump.log"] + self.mount_maps(r)
+               "-v4", "-o", "dump.log"] + criu_mount_maps(json.load(open(f"{r['bundle']}/config.json")), r["pid"])
         t = time.monotonic()
         if subprocess.run(cmd, capture_output=True).returncode:
             errors = [l for l in text(f"{d}/work/dump.log").splitlines() if "Error" in l]
             raise RuntimeError(f"criu dump failed: {' / '.join(errors[-3:])}")
         return dict(total=time.monotonic() - t, criu=frozen_ms(read(f"{d}/work/stats-dump")), **criu_profile(text(f"{d}/work/dump.log")))
-
-    def mount_maps(self, r):
-        """--ext-mount-map for what runc bind-mounts from the host: the masked paths
-        (/dev/null) and the cgroup mounts."""
-        masked = set(json.load(open(f"{r['bundle']}/config.json"))["linux"].get("maskedPaths", []))
-        ext = []
-        for line in open(f"/proc/{r['pid']}/mountinfo"):
-            pre, post = line.split(" - ")
-            mp, fstype = pre.split()[4], post.split()[0]
-            if mp in masked and not (fstype == "tmpfs" and pre.split()[3] == "/"):
-                ext += ["--ext-mount-map", f"{mp}:/dev/null"]
-            elif fstype == "cgroup":
-                ext += ["--ext-mount-map", f"{mp}:{mp}"]
-        return ext
 
     def one(self, app, v):
         """A fresh client at work across one checkpoint of variant v: the row."""
