@@ -12,7 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::cri::{counter_config, create, start_container, Client, Env};
+use common::cri::{counter_config, create, probe_config, start_container, Client, Env};
 use common::restore::first_logged_count;
 use common::{entries, out_dir};
 use cri_pods::{CheckpointPodRequest, RestorePodRequest, RestorePodResponse};
@@ -230,14 +230,8 @@ async fn ticking(
     name: &str,
     probe: &Path,
 ) -> String {
-    let mut cfg = counter_config(name, false);
-    cfg.command = vec!["/probe/ticker".into(), format!("/probe/{name}.gaps")];
-    cfg.args = vec![];
-    cfg.mounts = vec![cri::Mount {
-        container_path: "/probe".into(),
-        host_path: probe.to_string_lossy().into_owned(),
-        ..Default::default()
-    }];
+    let gaps = format!("/probe/{name}.gaps");
+    let cfg = probe_config(name, (probe, "ticker"), &[&gaps], false);
     let id = create(c, pod, cfg).await;
     start_container(c, &id).await;
     id
@@ -282,7 +276,7 @@ async fn the_cut_is_consistent_one_instant_lies_inside_every_pause() {
     let mut env = Env::start();
     let mut c = env.client().await;
     let probe = tempfile::tempdir().unwrap();
-    workload(probe.path(), "ticker");
+    common::fixture(probe.path(), "ticker");
     let pod = env.run_pod(&mut c, "cut", false).await;
     let a = ticking(&mut c, &pod, "a", probe.path()).await;
     let b = ticking(&mut c, &pod, "b", probe.path()).await;
@@ -813,33 +807,6 @@ async fn an_encrypted_pod_checkpoint_needs_the_identity_to_restore() {
     }
 }
 
-/// A static workload from tests/fixtures/workloads, built into `dir`.
-fn workload(dir: &Path, name: &str) -> PathBuf {
-    let src =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/workloads/{name}.c"));
-    let bin = dir.join(name);
-    common::run_ok(
-        std::process::Command::new("cc")
-            .args(["-O2", "-static", "-o"])
-            .arg(&bin)
-            .arg(src),
-    );
-    bin
-}
-
-/// `args` of the tcppair workload (mounted at /probe) as container `name`.
-fn tcppair_config(name: &str, probe: &Path, args: &[&str]) -> cri::ContainerConfig {
-    let mut cfg = counter_config(name, false);
-    cfg.command = vec!["/probe/tcppair".into()];
-    cfg.args = args.iter().map(|s| s.to_string()).collect();
-    cfg.mounts = vec![cri::Mount {
-        container_path: "/probe".into(),
-        host_path: probe.to_string_lossy().into_owned(),
-        ..Default::default()
-    }];
-    cfg
-}
-
 /// The numbers "pair N port P" lines of a client's log give: (first N, its P).
 fn first_pair(log: &Path) -> (u64, String) {
     let t = std::time::Instant::now();
@@ -877,9 +844,19 @@ async fn a_loopback_tcp_pair_comes_back_connected_and_carries_the_next_bytes() {
     let mut env = Env::start();
     let mut c = env.client().await;
     let probe = tempfile::tempdir().unwrap();
-    workload(probe.path(), "tcppair");
-    let server_cfg = tcppair_config("server", probe.path(), &["server", "7000"]);
-    let client_cfg = tcppair_config("client", probe.path(), &["client", "7000", "/tmp/count"]);
+    common::fixture(probe.path(), "tcppair");
+    let server_cfg = probe_config(
+        "server",
+        (probe.path(), "tcppair"),
+        &["server", "7000"],
+        false,
+    );
+    let client_cfg = probe_config(
+        "client",
+        (probe.path(), "tcppair"),
+        &["client", "7000", "/tmp/count"],
+        false,
+    );
     let pod = env.run_pod(&mut c, "pair", false).await;
     let mut ids = Vec::new();
     for cfg in [&server_cfg, &client_cfg] {

@@ -20,9 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::cri::{
-    checkpoint, container_pid, counter_config, create, start_container, Client, Env,
-};
+use common::cri::{checkpoint, container_pid, create, probe_config, start_container, Client, Env};
 use common::{out_dir, wait_count};
 use k8s_cri::v1 as cri;
 
@@ -30,27 +28,13 @@ use k8s_cri::v1 as cri;
 fn workload() -> tempfile::TempDir {
     common::require(&["cc", "iptables-save", "ip6tables-save", "nsenter"]);
     let dir = tempfile::tempdir().unwrap();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/workloads/sockets.c");
-    common::run_ok(
-        Command::new("cc")
-            .args(["-O2", "-static", "-o"])
-            .arg(dir.path().join("sockets"))
-            .arg(src),
-    );
+    common::fixture(dir.path(), "sockets");
     dir
 }
 
 /// The sockets workload with `args` as container `name`.
 fn config(name: &str, probe: &Path, args: &[&str], host_network: bool) -> cri::ContainerConfig {
-    let mut cfg = counter_config(name, host_network);
-    cfg.command = vec!["/probe/sockets".into()];
-    cfg.args = args.iter().map(|s| s.to_string()).collect();
-    cfg.mounts = vec![cri::Mount {
-        container_path: "/probe".into(),
-        host_path: probe.to_string_lossy().into_owned(),
-        ..Default::default()
-    }];
-    cfg
+    probe_config(name, (probe, "sockets"), args, host_network)
 }
 
 /// `cfg`'s container restored from `archive` (its bind mount declared again).

@@ -26,6 +26,25 @@ pub fn counter_config(name: &str, host_network: bool) -> cri::ContainerConfig {
     cri_common::counter(name, 8, 50, host_network)
 }
 
+/// Container `name` running `/probe/<bin> args…` in the counter's image, with
+/// `probe` (a dir holding [`super::fixture`]'s binaries) mounted at /probe.
+pub fn probe_config(
+    name: &str,
+    (probe, bin): (&Path, &str),
+    args: &[&str],
+    host_network: bool,
+) -> cri::ContainerConfig {
+    let mut cfg = counter_config(name, host_network);
+    cfg.command = vec![format!("/probe/{bin}")];
+    cfg.args = args.iter().map(|s| s.to_string()).collect();
+    cfg.mounts = vec![cri::Mount {
+        container_path: "/probe".into(),
+        host_path: probe.to_string_lossy().into_owned(),
+        ..Default::default()
+    }];
+    cfg
+}
+
 /// CheckpointContainer of `id` into `location`, with no timeout of its own.
 pub async fn checkpoint(c: &mut Client, id: &str, location: &Path) -> Result<(), tonic::Status> {
     c.checkpoint_container(cri::CheckpointContainerRequest {

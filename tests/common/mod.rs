@@ -43,6 +43,20 @@ pub fn sh(cmd: &str) -> String {
     run_ok(Command::new("sh").arg("-c").arg(cmd))
 }
 
+/// The static workload tests/fixtures/workloads/<name>.c, built into `dir`.
+pub fn fixture(dir: &Path, name: &str) -> PathBuf {
+    let src =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/workloads/{name}.c"));
+    let bin = dir.join(name);
+    run_ok(
+        Command::new("cc")
+            .args(["-O2", "-static", "-o"])
+            .arg(&bin)
+            .arg(src),
+    );
+    bin
+}
+
 /// Runs `cmd` to its end; its stdout. Fails the test, with the command and
 /// its stderr, if it does not succeed.
 pub fn run_ok(cmd: &mut Command) -> String {
