@@ -84,7 +84,7 @@ async fn redis_serves_its_keys_and_run_id_after_a_restore_under_load() {
         try_in(&net, "redis-cli -h 127.0.0.1 PING").filter(|s| s == "PONG")
     });
 
-    let (keys, salt) = (2000, rand_u64());
+    let (keys, salt) = (2000, common::rand_u64());
     set_keys(&env, &net, keys, salt);
     let run_id = info_field(&redis(&net, "INFO server"), "run_id");
 
@@ -189,7 +189,7 @@ fn assert_whole(net: &str, items: &str) {
 /// 50 000 rows drawn now in `items`, with two indexes, and an empty `ticks`;
 /// returns the rows' count and checksum.
 fn create_items(net: &str) -> String {
-    let salt = rand_u64();
+    let salt = common::rand_u64();
     psql(
         net,
         &format!(
@@ -301,7 +301,7 @@ async fn nginx_serves_its_page_and_counts_on_after_a_restore_under_load() {
     wait_for("nginx to serve", || {
         try_in(&net, "curl -sSf http://127.0.0.1:8080/")
     });
-    let page = format!("page {}\n", rand_u64());
+    let page = format!("page {}\n", common::rand_u64());
     let wrote = common::cri::exec(
         &mut c,
         &id,
@@ -468,7 +468,7 @@ async fn a_python_asyncio_service_answers_with_its_data_after_a_restore_under_lo
             &format!("echo RUN | python3 {} 7379 2>/dev/null", apps::lineclient()),
         )
     });
-    let salt = rand_u64();
+    let salt = common::rand_u64();
     let keys = 500;
     let sets: String = (0..keys)
         .map(|i| format!("SET key:{i} value:{i}:{salt}\n"))
@@ -772,13 +772,4 @@ async fn remove_all(env: &mut Env, c: &mut common::cri::Client, pod: &str, ids: 
         (0, 0),
         "a pod or container was left"
     );
-}
-
-/// A fresh random number (the run's salt for data that must come back).
-fn rand_u64() -> u64 {
-    let mut b = [0u8; 8];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
-        .unwrap();
-    u64::from_le_bytes(b)
 }

@@ -90,7 +90,7 @@ async fn an_encrypted_checkpoint_keeps_no_plaintext_and_the_identity_restores_it
     let recipients = Recipients::parse(&[age.recipient.clone(), ssh.recipient.clone()])
         .unwrap()
         .map(Arc::new);
-    let marker = format!("CKPT-MARKER-{:016x}", rand_u64());
+    let marker = format!("CKPT-MARKER-{:016x}", common::rand_u64());
     // 40 MiB: the pages span several parts, sealed by both cores.
     let c = marked_counter("enc-marker", &marker, 40);
     let found = locate::from_runtime_root(&c.root, &c.id).unwrap();
@@ -392,14 +392,6 @@ fn flip_byte(file: &Path, at: u64) {
     let mut b = [0u8];
     f.read_exact_at(&mut b, at).unwrap();
     f.write_all_at(&[b[0] ^ 0x5a], at).unwrap();
-}
-
-fn rand_u64() -> u64 {
-    let mut b = [0u8; 8];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
-        .unwrap();
-    u64::from_le_bytes(b)
 }
 
 /// Through CRI: a node with `encrypt_to` seals every checkpoint, and one with

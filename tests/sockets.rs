@@ -37,6 +37,13 @@ fn config(name: &str, probe: &Path, args: &[&str], host_network: bool) -> cri::C
     probe_config(name, (probe, "sockets"), args, host_network)
 }
 
+/// A server on port 9000 and a client dialling it over the pod's loopback.
+fn server_and_client(probe: &Path) -> (cri::ContainerConfig, cri::ContainerConfig) {
+    let server = config("server", probe, &["serve", "9000"], false);
+    let client = config("client", probe, &["dial", "127.0.0.1", "9000"], false);
+    (server, client)
+}
+
 /// `cfg`'s container restored from `archive` (its bind mount declared again).
 fn restored(cfg: &cri::ContainerConfig, archive: &Path) -> cri::ContainerConfig {
     let mut cfg = cfg.clone();
@@ -257,13 +264,7 @@ async fn a_connection_to_a_peer_left_behind_is_reset_and_the_client_reconnects()
     let mut env = Env::start();
     let mut c = env.client().await;
     let probe = workload();
-    let server = config("server", probe.path(), &["serve", "9000"], false);
-    let client = config(
-        "client",
-        probe.path(),
-        &["dial", "127.0.0.1", "9000"],
-        false,
-    );
+    let (server, client) = server_and_client(probe.path());
     let pod = env.run_pod(&mut c, "dial", false).await;
     run(&mut c, &pod, server.clone()).await;
     let (id, _) = run(&mut c, &pod, client.clone()).await;
@@ -504,13 +505,7 @@ async fn a_pod_checkpoint_leaves_no_lock() {
     let mut env = Env::start();
     let mut c = env.client().await;
     let probe = workload();
-    let server = config("server", probe.path(), &["serve", "9000"], false);
-    let client = config(
-        "client",
-        probe.path(),
-        &["dial", "127.0.0.1", "9000"],
-        false,
-    );
+    let (server, client) = server_and_client(probe.path());
     let pod = env.run_pod(&mut c, "podlock", false).await;
     let (a, pid) = run(&mut c, &pod, server).await;
     let (b, _) = run(&mut c, &pod, client).await;

@@ -180,12 +180,18 @@ class RestoreBench(Bench):
     def run_IMG(self, mib):
         return self.run_CRI(mib, f"localhost/ckpt-bench-{mib}:1", v="IMG")
 
-    def run_R(self, mib):
-        name = f"rr-{mib}-{self.n}"
+    def bundle(self, prefix, mib):
+        """A fresh bundle for one restore: an overlay of the image and the runc
+        container's spec, in a cgroup of its own. (name, bundle dir)."""
+        name = f"{prefix}-{mib}-{self.n}"
         self.n += 1
         b = self.overlay(name)
         cfg = open(self.spec).read().replace(f"/ckpt-shim-bench/runc-{mib}", f"/ckpt-shim-bench/{name}")
         open(f"{b}/config.json", "w").write(cfg)
+        return name, b
+
+    def run_R(self, mib):
+        name, b = self.bundle("rr", mib)
         # stdio on a pipe, as at checkpoint time; runc returns once the process runs.
         self.warm("R", [f"{self.w}/ck-{mib}/runc-img"])
         cmd = (f"cd {b} && exec runc --root {self.w}/runc-state restore -d --image-path {self.w}/ck-{mib}/runc-img "
@@ -197,12 +203,8 @@ class RestoreBench(Bench):
         return time.monotonic() - t
 
     def run_S(self, mib):
-        name = f"rs-{mib}-{self.n}"
-        self.n += 1
-        b = self.overlay(name)
         # The runc container's own spec: the restore is held to it.
-        cfg = open(self.spec).read().replace(f"/ckpt-shim-bench/runc-{mib}", f"/ckpt-shim-bench/{name}")
-        open(f"{b}/config.json", "w").write(cfg)
+        name, b = self.bundle("rs", mib)
         # The restored process keeps the command's stdio: a file, not a pipe we wait on.
         out = f"{b}.out"
 

@@ -43,6 +43,15 @@ pub fn sh(cmd: &str) -> String {
     run_ok(Command::new("sh").arg("-c").arg(cmd))
 }
 
+/// A fresh random number (a run's salt for data that must come back).
+pub fn rand_u64() -> u64 {
+    let mut b = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .unwrap();
+    u64::from_le_bytes(b)
+}
+
 /// The static workload tests/fixtures/workloads/<name>.c, built into `dir`.
 pub fn fixture(dir: &Path, name: &str) -> PathBuf {
     let src =
