@@ -737,6 +737,19 @@ fn assert_same_session_went_on(net: &str, before: &Seq) {
     assert_eq!(wrote, "100");
 }
 
+/// The container's state as ContainerStatus reports it.
+async fn container_state(c: &mut common::cri::Client, id: &str) -> i32 {
+    let r = c
+        .container_status(k8s_cri::v1::ContainerStatusRequest {
+            container_id: id.into(),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    r.status.map_or(-1, |s| s.state)
+}
+
 /// Removes the restored containers and their pod: no pod, container or
 /// restore is left.
 async fn remove_all(env: &mut Env, c: &mut common::cri::Client, pod: &str, ids: &[String]) {
@@ -748,6 +761,14 @@ async fn remove_all(env: &mut Env, c: &mut common::cri::Client, pod: &str, ids: 
         })
         .await
         .unwrap();
+        // containerd 1.6 can answer StopContainer before its exit event
+        // marks the container exited; RemoveContainer then says "still
+        // running". Remove once the status says exited, as kubelet does.
+        let t = std::time::Instant::now();
+        while container_state(c, id).await != cri::ContainerState::ContainerExited as i32 {
+            assert!(t.elapsed() < Duration::from_secs(30), "{id} never exited");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         c.remove_container(cri::RemoveContainerRequest {
             container_id: id.clone(),
         })
