@@ -68,7 +68,22 @@ if dpkg-query -W -f='${Status}' criu 2>/dev/null | grep -q "install ok installed
   apt-get remove -y -qq criu >/dev/null
 fi
 
-criu_ok() { [ -x /usr/local/sbin/criu ] && /usr/local/sbin/criu --version 2>/dev/null | grep -q "Version: ${CRIU_VERSION}"; }
+# CRIU probes the kernel for ~25 ms at every call unless it can keep what it found
+# in RUNDIR/criu.kdat, which it does only on tmpfs. A node's /run is tmpfs; this
+# VM's is ext4, so CRIU here keeps it on a root-only tmpfs of its own. (On a
+# non-tmpfs /run, CRIU 4.2.1 also leaves criu.kdat.tmp behind, which stops every
+# later save: it goes.)
+KDAT_DIR=/run
+if [ "$(findmnt -no FSTYPE -T /run)" != tmpfs ]; then
+  KDAT_DIR=/run/criu-kdat
+  mkdir -p -m 0700 "$KDAT_DIR"
+  mountpoint -q "$KDAT_DIR" || mount -t tmpfs -o size=1m,mode=0700,nosuid,nodev,noexec criu-kdat "$KDAT_DIR"
+  rm -f /run/criu.kdat.tmp
+fi
+criu_ok() {
+  [ -x /usr/local/sbin/criu ] && /usr/local/sbin/criu --version 2>/dev/null | grep -q "Version: ${CRIU_VERSION}" &&
+    grep -qa "$KDAT_DIR/criu.kdat" /usr/local/sbin/criu
+}
 if ! criu_ok; then
   mkdir -p "$CACHE" && chmod 0700 "$CACHE"
   if [ ! -f "$CACHE/$CRIU_TARBALL" ] || ! echo "$CRIU_SHA256  $CACHE/$CRIU_TARBALL" | sha256sum -c --quiet; then
@@ -88,7 +103,7 @@ if ! criu_ok; then
   build=$(mktemp -d)
   tar -xf "$CACHE/$CRIU_TARBALL" -C "$build"
   src=$(find "$build" -maxdepth 1 -mindepth 1 -type d | head -n1)
-  make -C "$src" -j"$(nproc)" criu >"$build/build.log" 2>&1 || { tail -n 40 "$build/build.log" >&2; exit 1; }
+  make -C "$src" -j"$(nproc)" RUNDIR="$KDAT_DIR" criu >"$build/build.log" 2>&1 || { tail -n 40 "$build/build.log" >&2; exit 1; }
   install -D -m 0755 "$src/criu/criu" /usr/local/sbin/criu
   rm -rf "$build"
   installed+=("criu-$CRIU_VERSION")
