@@ -177,6 +177,7 @@ fn restore(inv: &Invocation, s: &Staged) -> Result<()> {
 fn prepare(s: &Staged, spec: &Spec, bundle: &Path) -> Result<()> {
     confine(s, spec)?;
     super::sockets::prepare(s, spec)?;
+    super::sockets::skip_network_unlock(spec, &s.images())?;
     let rootfs = super::rootfs::bundle_rootfs(spec, bundle);
     super::apply_rootfs_diff(&s.dir, &rootfs)?;
     rename_uts(spec, &s.images())?;

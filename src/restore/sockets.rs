@@ -45,6 +45,7 @@ use crate::error::{Context, Error, Result};
 use crate::pbwire::Fields;
 
 pub(super) const FILES_IMG: &str = "files.img";
+const INVENTORY_IMG: &str = "inventory.img";
 pub(super) const AF_INET: u32 = 2;
 pub(super) const AF_INET6: u32 = 10;
 pub(super) const SOCK_STREAM: u32 = 1;
@@ -115,6 +116,35 @@ pub fn prepare(s: &Staged, spec: &Spec) -> Result<()> {
         eprintln!("ckpt-runc: {sk}: restored {fate:?}");
     }
     Ok(())
+}
+
+/// `inventory_entry.network_lock_method` (images/inventory.proto) and its
+/// value `skip` (`NETWORK_LOCK_SKIP`).
+const NETWORK_LOCK_METHOD: u32 = 11;
+const NETWORK_LOCK_SKIP: u64 = 3;
+
+/// A restore into a network namespace CRIU joins (the pod's, by path) set
+/// not to unlock it. CRIU locks only a namespace it creates itself, yet
+/// unlocks any it restores into, with the method the dump used, which it takes
+/// from `inventory.img` over any option (criu/image.c): with iptables, up to
+/// seven `iptables-restore` and `sh` runs in the pod's namespace to remove a
+/// chain that is not there, about half of CRIU's restore time here
+/// (criu/net.c, `network_unlock`). Nothing is locked either way; loopback
+/// connections are held around the restore by [`super::tcp_hold`].
+pub fn skip_network_unlock(spec: &Spec, images: &Path) -> Result<()> {
+    if crate::oci::joined(spec, LinuxNamespaceType::Network).is_none() {
+        return Ok(());
+    }
+    let path = images.join(INVENTORY_IMG);
+    let bytes = std::fs::read(&path).ctx(|| format!("read {}", path.display()))?;
+    let bad = |why: String| Error::BadImage {
+        image: INVENTORY_IMG.into(),
+        why,
+    };
+    let entry = image::first(&bytes, Kind::Inventory).map_err(|e| bad(e.to_string()))?;
+    let mut inv = Fields::parse(entry).map_err(|e| bad(e.to_string()))?;
+    inv.set_varint(NETWORK_LOCK_METHOD, NETWORK_LOCK_SKIP);
+    replace(&path, &image::encode(Kind::Inventory, &[inv.encode()]))
 }
 
 /// Whether the container gets a network namespace other than the host's
@@ -283,7 +313,7 @@ pub(super) fn addr(family: u32, words: &[u32], port: u32) -> Option<SocketAddr> 
 /// Replaces `path` whole: a new private file renamed over it.
 fn replace(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let tmp = path.with_extension("img.sockets");
+    let tmp = path.with_extension("img.rewrite");
     let _ = std::fs::remove_file(&tmp);
     crate::safefs::create_new(&tmp, 0o600)?
         .write_all(bytes)
@@ -495,5 +525,56 @@ mod tests {
         // An inet socket without an address is no socket CRIU wrote.
         let d = image(&[entry(AF_INET, SOCK_STREAM, 1, (vec![], 1), (vec![], 2))]);
         assert!(rewrite(d.path(), Target::default()).is_err());
+    }
+
+    fn netns_spec(path: Option<&str>) -> Spec {
+        let ns = match path {
+            Some(p) => serde_json::json!({"type": "network", "path": p}),
+            None => serde_json::json!({"type": "network"}),
+        };
+        serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "linux": {"namespaces": [ns]}
+        }))
+        .unwrap()
+    }
+
+    /// An inventory as CRIU 4.2.1 writes it, in part: img_version,
+    /// network_lock_method iptables, and the dump's run id (field 13,
+    /// undeclared here), which must survive.
+    fn inventory(dir: &Path) -> Vec<u8> {
+        let mut f = Fields::default();
+        f.set_varint(1, 2);
+        f.set_varint(NETWORK_LOCK_METHOD, 1);
+        f.push(13, b"241a349d");
+        let bytes = image::encode(Kind::Inventory, &[f.encode()]);
+        std::fs::write(dir.join(INVENTORY_IMG), &bytes).unwrap();
+        bytes
+    }
+
+    #[test]
+    fn a_restore_into_a_joined_netns_skips_the_unlock_and_keeps_every_other_field() {
+        let d = tempfile::tempdir().unwrap();
+        let before = inventory(d.path());
+        skip_network_unlock(&netns_spec(Some("/var/run/netns/p")), d.path()).unwrap();
+        let after = std::fs::read(d.path().join(INVENTORY_IMG)).unwrap();
+        let entry = image::first(&after, Kind::Inventory).unwrap();
+        let inv = criu_rpc::images::InventoryEntry::decode(entry).unwrap();
+        assert_eq!(inv.network_lock_method, Some(NETWORK_LOCK_SKIP as u32));
+        assert_eq!(inv.img_version, 2);
+        let f = Fields::parse(entry).unwrap();
+        assert_eq!(f.get(13), Some(&b"241a349d"[..]));
+        assert_ne!(before, after);
+        // A namespace CRIU creates was locked by it, and is unlocked as dumped.
+        let own = tempfile::tempdir().unwrap();
+        let before = inventory(own.path());
+        skip_network_unlock(&netns_spec(None), own.path()).unwrap();
+        assert_eq!(
+            std::fs::read(own.path().join(INVENTORY_IMG)).unwrap(),
+            before
+        );
+        // A forged inventory is refused, not passed on.
+        std::fs::write(d.path().join(INVENTORY_IMG), b"junk").unwrap();
+        assert!(skip_network_unlock(&netns_spec(Some("/p")), d.path()).is_err());
     }
 }

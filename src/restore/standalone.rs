@@ -53,6 +53,7 @@ pub async fn restore(o: &RestoreOptions) -> Result<i32> {
     apply_rootfs_diff(&x, &rootfs)?;
     create_mount_points(&spec, &rootfs)?;
     super::ipc::drop_live_objects(&spec, &x.join("checkpoint"))?;
+    super::sockets::skip_network_unlock(&spec, &x.join("checkpoint"))?;
     let criu_root = private_dir(work.path(), "criu-root")?;
     bind_root(&rootfs, &criu_root)?;
     let _unmount = Unmount(criu_root.clone());

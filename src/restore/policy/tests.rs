@@ -122,6 +122,7 @@ fn write_images(dir: &Path, c: CredsEntry) {
                 img_version: 2,
                 root_ids: Some(host),
                 lsmtype: Some(0),
+                network_lock_method: Some(1),
             }
             .encode_to_vec()],
         ),
