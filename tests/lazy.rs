@@ -468,6 +468,43 @@ async fn faults_are_answered_while_another_restores_push_holds_the_node() {
     }
 }
 
+/// Restores first: while another restore is in flight on the node (marked as
+/// ckpt-runc marks its own), a lazy restore still runs and answers, but its
+/// page source copies nothing in the background, though it holds a push
+/// slot. Once the other restore is done, every page arrives and the hash
+/// matches.
+#[tokio::test(flavor = "multi_thread")]
+async fn background_pushes_wait_while_another_restore_is_in_flight() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let out = out_dir();
+    let (archive, before, after) = checkpointed(&mut env, &mut c, out.path(), MIB).await;
+    let root = env.dir.join("restore");
+    let other = ckpt_shim::restore::slots::restoring(&root).unwrap();
+    let (pod, id) = restore_lazily(&mut env, &mut c, "behind-a-restore", &archive).await;
+    let log = Path::new(&pod.1.log_directory).join("restored.log");
+    assert_continues(&env, &id, &log, (before, after), "beside a restore");
+    // Ordering, not time: its page source is there, not done.
+    let staged = root.join(&id);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!processes_with(&staged.to_string_lossy()).is_empty());
+    assert!(
+        !lazy_log(&env, &id).contains(ALL_IN),
+        "{}",
+        lazy_log(&env, &id)
+    );
+    drop(other);
+    wait_gone(&staged.to_string_lossy(), Duration::from_secs(60));
+    let served = lazy_log(&env, &id);
+    assert!(pushed(&served, "restore_waits") > 0, "{served}");
+    assert_eq!(pushed(&served, "slot_waits"), 0, "{served}");
+    assert!(
+        verify_memory(&env, &id).starts_with("ok "),
+        "memory differs"
+    );
+    remove(&mut c, &id, &pod.0).await;
+}
+
 /// A working set in the archive (`working-set.json`) survives the archive's
 /// import as a checkpoint image and a lazy restore from it: its pages go in
 /// first, with no push slot (every one is held), before anything else is

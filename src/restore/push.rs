@@ -84,6 +84,8 @@ pub struct Pushed {
     pub working_set_pages: u64,
     /// Background copies that had to wait for a slot.
     pub slot_waits: u64,
+    /// Background copies that waited for a restore in flight on the node.
+    pub restore_waits: u64,
 }
 
 /// One restored process (or a child it forked): its userfaultfd, what is left.
@@ -327,6 +329,11 @@ impl Pusher<'_> {
                     read_ahead(self.src.file(), self.src.extents());
                 }
             }
+            if !hot && self.restore_in_flight()? {
+                self.done.restore_waits += 1;
+                self.idle(super::slots::RETRY)?;
+                continue;
+            }
             self.background(!hot);
             let filled = self.fill(i, start, len)?;
             if let (true, Fill::Progress(end)) = (hot, filled) {
@@ -389,6 +396,15 @@ impl Pusher<'_> {
         match &self.mode.slots {
             Some(s) => s.try_take(),
             None => Ok(Some(Slot::unbounded())),
+        }
+    }
+
+    /// Whether a restore on the node is in flight, which background copies
+    /// wait for ([`super::slots`]).
+    fn restore_in_flight(&self) -> Result<bool> {
+        match &self.mode.slots {
+            Some(s) => s.restore_in_flight(),
+            None => Ok(false),
         }
     }
 

@@ -142,6 +142,8 @@ fn restore(inv: &Invocation, s: &Staged) -> Result<()> {
     let bundle = PathBuf::from(inv.option(&["--bundle", "-b"]).unwrap_or(OsStr::new(".")));
     let spec = Spec::load(bundle.join("config.json"))
         .map_err(|e| Error::Other(format!("{}/config.json: {e}", bundle.display())))?;
+    // Background pushes on the node wait until this restore is done.
+    let in_flight = super::slots::restoring(s.dir.parent().unwrap_or(Path::new("/")))?;
     prepare(s, &spec, &bundle)?;
     let lazy = match lazy {
         Some(l) => Some(l.ready(s)?),
@@ -149,6 +151,7 @@ fn restore(inv: &Invocation, s: &Staged) -> Result<()> {
     };
     let ready_ms = started.elapsed().as_millis();
     let ran = run_restore(inv, s, &spec, &bundle, lazy.is_some());
+    drop(in_flight);
     if let Some(l) = &lazy {
         l.note(&format!(
             "ckpt-runc: page source ready after {ready_ms} ms, runc restore done after {} ms",
