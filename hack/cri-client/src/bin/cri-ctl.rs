@@ -8,8 +8,9 @@
 //!                                                timed: "<pod id> <container id> <ms>"
 //!   cri-ctl SOCK restore-n POD_PREFIX N IMAGE  → N new pods (untimed), then every pod's
 //!                                                CreateContainer + StartContainer at once,
-//!                                                timed: "<pod id> <container id> <ms>" a
-//!                                                line each, then "all <ms>" (until the last)
+//!                                                timed: "<pod id> <container id> <ms to
+//!                                                started> <ms to created>" a line each,
+//!                                                then "all <ms>" (until the last start)
 //!   cri-ctl SOCK checkpoint ID LOCATION [TIMEOUT_S]
 //!   cri-ctl SOCK pull IMAGE                    → PullImage, as the kubelet: "<image ref> <ms>"
 //!   cri-ctl SOCK rm-pod POD_ID
@@ -171,17 +172,19 @@ async fn restore_n(c: &mut Client, prefix: &str, n: usize, image: &str) -> Res<(
             let id = create_counter(&mut c, &pod, Some(&image), 0, 1000)
                 .await
                 .map_err(|e| format!("CreateContainer in {}: {e}", pod.0))?;
+            let created = t.elapsed();
             c.start_container(cri::StartContainerRequest {
                 container_id: id.clone(),
             })
             .await
             .map_err(|e| format!("StartContainer {id}: {e}"))?;
-            Ok::<_, String>((pod.0, id, t.elapsed()))
+            Ok::<_, String>((pod.0, id, created, t.elapsed()))
         }));
     }
     for call in calls {
-        let (pod, id, took) = call.await??;
-        println!("{pod} {id} {:.1}", took.as_secs_f64() * 1e3);
+        let (pod, id, created, took) = call.await??;
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        println!("{pod} {id} {:.1} {:.1}", ms(took), ms(created));
     }
     println!("all {:.1}", t.elapsed().as_secs_f64() * 1e3);
     Ok(())
