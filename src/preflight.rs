@@ -58,6 +58,7 @@ impl Check {
 pub async fn run_checks(cfg: &Config) -> Vec<Check> {
     let mut checks = criu(&cfg.criu).await;
     checks.push(criu_features(&cfg.criu).await);
+    checks.push(criu_kdat_cache(&cfg.criu).await);
     checks.push(tcp_dump(&cfg.criu).await);
     checks.push(kernel());
     checks.push(freezer());
@@ -155,6 +156,38 @@ async fn criu_version(criu: &Path) -> Check {
         Some(v) => fail(format!("{v} is older than {MIN_CRIU}")),
         None => fail("no `Version:` in `criu --version`".into()),
     }
+}
+
+/// Whether CRIU keeps what it probes of the kernel between calls: it saves
+/// that (`criu.kdat`) only on tmpfs, normally `/run`; without it every
+/// checkpoint and restore probes again, about 25 ms here. `criu check` has
+/// saved it where it could; a second one says whether it loads it.
+async fn criu_kdat_cache(criu: &Path) -> Check {
+    match run(criu, &["check", "-v4", "--log-file", "/dev/stdout"]).await {
+        Ok(out) => judge_kdat_cache(&String::from_utf8_lossy(&out.stdout)),
+        Err(why) => Check::new("criu-kdat-cache", Status::Warn, why),
+    }
+}
+
+/// The cache row from a `criu check -v4` log.
+pub fn judge_kdat_cache(log: &str) -> Check {
+    let after = |key: &str| {
+        log.lines()
+            .find_map(|l| l.split_once(key).map(|(_, rest)| rest.trim().to_string()))
+    };
+    if let Some(file) = after("Loaded kdat cache from") {
+        return Check::new("criu-kdat-cache", Status::Ok, format!("kept in {file}"));
+    }
+    let why = match (after("File "), log.contains("kdat cache on non-tempfs")) {
+        (_, true) => "its dir is not on tmpfs".to_string(),
+        (Some(f), false) => f,
+        (None, false) => "CRIU did not say".to_string(),
+    };
+    Check::new(
+        "criu-kdat-cache",
+        Status::Warn,
+        format!("not kept ({why}): every CRIU call probes the kernel again (about 25 ms); build CRIU with RUNDIR on a tmpfs"),
+    )
 }
 
 /// CRIU's own test of the kernel's features.
@@ -685,6 +718,29 @@ fn status_chain(status: &tonic::Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_kdat_cache_row_says_where_it_is_kept_or_why_not() {
+        let kept =
+            "(00.000066) Version: 4.2.1\n(00.000107) Loaded kdat cache from /run/criu.kdat\n";
+        let c = judge_kdat_cache(kept);
+        assert_eq!(
+            (c.status, c.detail.as_str()),
+            (Status::Ok, "kept in /run/criu.kdat")
+        );
+        let missing = "(00.000066) File /run/criu.kdat does not exist\n(00.027) Looks good.\n";
+        let c = judge_kdat_cache(missing);
+        assert_eq!(c.status, Status::Warn);
+        assert!(
+            c.detail.contains("/run/criu.kdat does not exist"),
+            "{}",
+            c.detail
+        );
+        let ext4 = "File /run/criu.kdat does not exist\nWarn (criu/kerndat.c:1282): Can't keep kdat cache on non-tempfs\n";
+        let c = judge_kdat_cache(ext4);
+        assert!(c.detail.contains("not on tmpfs"), "{}", c.detail);
+        assert_eq!(judge_kdat_cache("").status, Status::Warn);
+    }
 
     #[test]
     fn criu_version_is_parsed_and_compared_with_4_0() {

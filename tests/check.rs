@@ -53,6 +53,8 @@ fn a_failing_criu_check_fails_the_preflight() {
         stdout.contains("soft-dirty tracking (pre-copy): no; userfaultfd (lazy restore): no"),
         "{stdout}"
     );
+    // A CRIU that never says it loaded its kernel probe cache: a warning.
+    assert_eq!(result(&stdout, "criu-kdat-cache"), "warn", "{stdout}");
 }
 
 #[test]
@@ -68,6 +70,14 @@ fn the_real_criu_passes_and_an_absent_upstream_fails() {
         assert_eq!(result(&stdout, row), "ok", "{stdout}");
     }
     assert_eq!(result(&stdout, "upstream"), "FAIL", "{stdout}");
+    // The real CRIU keeps its kernel probe cache (hack/setup.sh sees to it
+    // here), in a file that is there.
+    assert_eq!(result(&stdout, "criu-kdat-cache"), "ok", "{stdout}");
+    let kept = stdout
+        .lines()
+        .find_map(|l| l.split_once("kept in ").map(|(_, f)| f.trim()))
+        .unwrap_or_else(|| panic!("no file named in:\n{stdout}"));
+    assert!(Path::new(kept).is_file(), "{kept}");
     // The features row says what CRIU itself finds on this kernel.
     let has = |f: &str| {
         let ok = Command::new(REAL_CRIU)
