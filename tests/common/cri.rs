@@ -286,10 +286,14 @@ impl Env {
     }
 
     /// What the shim keeps of restores (none once their containers are gone).
+    /// The restore dirs under the restore root; not the node's own dot dirs
+    /// there (push slots, working sets), which no restore owns.
     pub fn restores(&self) -> Vec<String> {
         let d = self.dir.join("restore");
         if d.exists() {
-            super::entries(&d)
+            let mut v = super::entries(&d);
+            v.retain(|n| !n.starts_with('.'));
+            v
         } else {
             Vec::new()
         }
