@@ -734,6 +734,11 @@ mod tests {
             // ahead of it, nor after it while the other push held the slot.
             let fault_piece: Vec<u64> = (700..700 + FAULT_CHUNK / PAGE_SIZE).collect();
             assert_eq!(region.resident(), fault_piece);
+            // The slot stays taken for ten of the pusher's retries: it has
+            // asked for it (the fault may have come before its first ask),
+            // and still copied nothing.
+            std::thread::sleep(crate::restore::slots::RETRY * 10);
+            assert_eq!(region.resident(), fault_piece);
         });
         assert_eq!(
             (pushed.pages, pushed.faults, pushed.processes),
