@@ -607,6 +607,21 @@ fn an_external_mount_is_only_the_spec_source_at_its_own_destination() {
     );
 }
 
+/// A checkpoint of a restored container: CRIU put the first restore in a
+/// time namespace of its own, as it does every restore, and the dump has it.
+#[test]
+fn a_time_namespace_of_its_own_is_what_every_restore_gets() {
+    let d = images(creds(0, u64::MAX));
+    let mut own = ids(11, 12, 13);
+    own.time_ns_id = Some(17);
+    write_ids(d.path(), own);
+    assert!(confine(d.path(), &default_spec()).is_ok());
+    // The other namespaces are still compared.
+    own.uts_ns_id = Some(15);
+    write_ids(d.path(), own);
+    assert!(confine(d.path(), &default_spec()).is_err());
+}
+
 #[test]
 fn a_namespace_the_spec_joins_by_path_may_be_the_hosts_in_the_images() {
     let d = images(creds(0, u64::MAX));
