@@ -34,6 +34,11 @@ pub enum Error {
     #[error("container {id} is not running ({state})")]
     NotRunning { id: String, state: String },
 
+    /// A lazy restore's page source failed before every page was in: its
+    /// memory cannot be checkpointed whole.
+    #[error("container {id}'s lazy restore could not put its pages in: {why}")]
+    PagesMissing { id: String, why: String },
+
     #[error("{0} already exists")]
     AlreadyExists(PathBuf),
 
@@ -149,6 +154,7 @@ impl From<Error> for tonic::Status {
                 Code::NotFound
             }
             Error::NotRunning { .. }
+            | Error::PagesMissing { .. }
             | Error::ChecksFailed { .. }
             | Error::Unlike { .. }
             | Error::IpcTaken { .. }

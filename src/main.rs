@@ -364,6 +364,8 @@ async fn checkpoint(a: CheckpointArgs, criu: criu_rpc::Criu) -> ckpt_shim::Resul
         }),
         hold_cap: None,
         seal,
+        // The node's restore dir, as the server has it (its config file).
+        restore_dir: Some(Config::load(None)?.restore_dir),
     };
     let r = checkpoint::checkpoint(&c, &opts).await?;
     let phases: Vec<String> = r

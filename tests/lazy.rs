@@ -505,6 +505,65 @@ async fn background_pushes_wait_while_another_restore_is_in_flight() {
     remove(&mut c, &id, &pod.0).await;
 }
 
+/// A lazily restored container checkpointed before its pages are all in (no
+/// push slot: only what it faulted on is in memory) gives an archive with all
+/// of its memory: the checkpoint has its page source push the rest first.
+/// Restored from that archive, its hash matches (without the push first, it
+/// did not: the pages never put in were left out of the dump). The second
+/// restore also checks that a checkpoint of a restored container (in the time
+/// namespace CRIU gives every restore) restores again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lazy_restore_checkpointed_before_its_pages_are_in_keeps_all_its_memory() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let out = out_dir();
+    let (archive, before, after) = checkpointed(&mut env, &mut c, out.path(), MIB).await;
+    let slots = hold_push_slots(&env);
+    let (pod, id) = restore_lazily(&mut env, &mut c, "half-in", &archive).await;
+    let log = Path::new(&pod.1.log_directory).join("restored.log");
+    assert_continues(
+        &env,
+        &id,
+        &log,
+        (before, after),
+        "lazily, before a checkpoint",
+    );
+    assert!(
+        !lazy_log(&env, &id).contains(ALL_IN),
+        "{}",
+        lazy_log(&env, &id)
+    );
+    let again = out.path().join("again.tar");
+    let (before, after) = checkpoint_to(&env, &mut c, &id, &again).await;
+    // Every page went in first, though every push slot is still held.
+    let served = lazy_log(&env, &id);
+    assert!(served.contains("asked to push every page now"), "{served}");
+    assert!(served.contains(ALL_IN), "{served}");
+    drop(slots);
+    let pod2 = env.run_pod(&mut c, "from-half-in", false).await;
+    let cfg = restore_config(&env, "restored", &again.to_string_lossy());
+    let id2 = create(&mut c, &pod2, cfg).await.unwrap();
+    c.start_container(cri::StartContainerRequest {
+        container_id: id2.clone(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("StartContainer: {e:?}\n{}", env.shim_log()));
+    let log2 = Path::new(&pod2.1.log_directory).join("restored.log");
+    assert_continues(
+        &env,
+        &id2,
+        &log2,
+        (before, after),
+        "from the second archive",
+    );
+    assert!(
+        verify_memory(&env, &id2).starts_with("ok "),
+        "memory differs"
+    );
+    remove(&mut c, &id2, &pod2.0).await;
+    remove(&mut c, &id, &pod.0).await;
+}
+
 /// A working set in the archive (`working-set.json`) survives the archive's
 /// import as a checkpoint image and a lazy restore from it: its pages go in
 /// first, with no push slot (every one is held), before anything else is

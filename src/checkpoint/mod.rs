@@ -78,6 +78,10 @@ pub struct Options {
     pub hold_cap: Option<u64>,
     /// Seal the archive to these recipients (see [`crate::seal`]).
     pub seal: Option<Arc<Recipients>>,
+    /// The node's restore dir: a container lazily restored there has its
+    /// pages all put in before its memory is read
+    /// ([`crate::restore::complete`]).
+    pub restore_dir: Option<PathBuf>,
 }
 
 /// What a checkpoint did and how long each phase took.
@@ -435,6 +439,9 @@ fn setup_blocking(c: &Container, opts: &Options) -> Result<Setup> {
     let deadline = opts
         .deadline
         .unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 86400));
+    if let Some(root) = &opts.restore_dir {
+        crate::restore::complete::before_checkpoint(root, &c.id, deadline)?;
+    }
     let terminal = has_terminal(c, opts)?;
     let target = Target::new(&opts.location)?;
     let stage = Stage::new(&target, opts)?;

@@ -56,6 +56,7 @@ pub fn run(o: &Options) -> Result<()> {
             chunk: FULL_CHUNK,
             slots: None,
             record: false,
+            hurry: None,
             background_nice: None,
         },
         false => Mode {
@@ -65,6 +66,7 @@ pub fn run(o: &Options) -> Result<()> {
                 plan.push_slots.unwrap_or_else(Slots::default_count),
             )),
             record: record.is_some(),
+            hurry: Some(o.dir.join("work").join(super::complete::HURRY)),
             background_nice: Some(BACKGROUND_NICE),
         },
     };
@@ -93,6 +95,12 @@ pub fn run(o: &Options) -> Result<()> {
             }
             if let Some(g) = guard {
                 g.done();
+            }
+            // What a checkpoint of the container waits for; without it, the
+            // checkpoint waits until its deadline, and fails.
+            let done = o.dir.join("work").join(super::complete::DONE);
+            if let Err(e) = crate::safefs::create_new(&done, 0o600) {
+                eprintln!("lazy-serve: could not mark every page in: {e}");
             }
             Ok(())
         }

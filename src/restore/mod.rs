@@ -22,6 +22,7 @@
 //! - [`standalone`]: `ckpt-shim restore`, CRIU driven directly into a bundle.
 
 pub mod archive;
+pub mod complete;
 pub mod create;
 pub mod criu_version;
 pub mod ipc;

@@ -66,6 +66,10 @@ pub struct Mode {
     pub slots: Option<Slots>,
     /// Note the pages faulted on, in order ([`Pushed`]'s working set).
     pub record: bool,
+    /// A file whose presence says: push everything now, past the slots and
+    /// the restores in flight ([`super::complete`]); `None` for a full
+    /// restore, which does so anyway.
+    pub hurry: Option<std::path::PathBuf>,
     /// The niceness background copies run at (faults at the page source's
     /// own): a lazy restore's push then leaves the CPUs to the restores and
     /// processes starting beside it. `None`: no change (a full restore).
@@ -199,6 +203,7 @@ fn serve(conn: UnixStream, src: &Source, mode: Mode) -> Result<(Pushed, Option<W
         faulted: mode.record.then(Recorder::default),
         mode,
         niced: false,
+        hurried: false,
         own_nice: own_nice(),
     };
     p.receive(conn)?;
@@ -227,6 +232,8 @@ struct Pusher<'a> {
     faulted: Option<Recorder>,
     /// Whether this thread runs at `mode.background_nice` now.
     niced: bool,
+    /// `mode.hurry` was seen: nothing waits any more.
+    hurried: bool,
     /// Its own niceness, which faults are served at.
     own_nice: i32,
 }
@@ -317,24 +324,27 @@ impl Pusher<'_> {
                         self.done.working_set_pages
                     );
                 }
-                slot = self.take_slot()?;
-                let Some(s) = &slot else {
-                    self.done.slot_waits += 1;
-                    self.idle(super::slots::RETRY)?;
-                    continue;
+                slot = match self.take_slot()? {
+                    Some(s) => Some(s),
+                    None if self.hurry() => Some(Slot::unbounded()),
+                    None => {
+                        self.done.slot_waits += 1;
+                        self.idle(super::slots::RETRY)?;
+                        continue;
+                    }
                 };
                 // Not before: eight restores waiting for a slot would
                 // otherwise read the pages in ahead of the faults' reads.
-                if s.held() {
+                if slot.as_ref().is_some_and(Slot::held) || self.hurried {
                     read_ahead(self.src.file(), self.src.extents());
                 }
             }
-            if !hot && self.restore_in_flight()? {
+            if !hot && self.restore_in_flight()? && !self.hurry() {
                 self.done.restore_waits += 1;
                 self.idle(super::slots::RETRY)?;
                 continue;
             }
-            self.background(!hot);
+            self.background(!hot && !self.hurried);
             let filled = self.fill(i, start, len)?;
             if let (true, Fill::Progress(end)) = (hot, filled) {
                 let t = &mut self.tasks[i];
@@ -397,6 +407,15 @@ impl Pusher<'_> {
             Some(s) => s.try_take(),
             None => Ok(Some(Slot::unbounded())),
         }
+    }
+
+    /// Whether everything is to go in now ([`Mode::hurry`]); once seen, for good.
+    fn hurry(&mut self) -> bool {
+        if !self.hurried && self.mode.hurry.as_ref().is_some_and(|f| f.exists()) {
+            eprintln!("lazy-serve: asked to push every page now");
+            self.hurried = true;
+        }
+        self.hurried
     }
 
     /// Whether a restore on the node is in flight, which background copies
@@ -697,6 +716,7 @@ mod tests {
             chunk: 64 * PAGE_SIZE,
             slots: Some(slots),
             record: true,
+            hurry: None,
             background_nice: Some(10),
         };
         std::thread::scope(|s| {

@@ -37,6 +37,7 @@ pub struct Native {
     journal: PathBuf,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     seal: Option<Arc<Recipients>>,
+    restore_dir: PathBuf,
     stop: Stop,
 }
 
@@ -69,6 +70,7 @@ impl Native {
             journal: cfg.journal_dir(),
             locks: Mutex::default(),
             seal,
+            restore_dir: cfg.restore_dir.clone(),
             stop: Stop::default(),
         }
     }
@@ -185,6 +187,7 @@ impl Native {
             hold_cap: None,
             freeze_journal: Some(self.journal.clone()),
             seal: self.seal.clone(),
+            restore_dir: Some(self.restore_dir.clone()),
         }
     }
 

@@ -597,6 +597,7 @@ pub fn checkpoint_opts(location: &Path) -> ckpt_shim::checkpoint::Options {
         hold: ckpt_shim::checkpoint::hold::Budget::new(Default::default()),
         hold_cap: None,
         seal: None,
+        restore_dir: None,
     }
 }
 
