@@ -39,10 +39,21 @@ async fn restore_lazily(
     name: &str,
     archive: &Path,
 ) -> ((String, cri::PodSandboxConfig), String) {
+    restore_in_pod(env, c, name, archive, "true").await
+}
+
+/// The same, with `lazy` as the annotation's value.
+async fn restore_in_pod(
+    env: &mut Env,
+    c: &mut Client,
+    name: &str,
+    archive: &Path,
+    lazy: &str,
+) -> ((String, cri::PodSandboxConfig), String) {
     let pod = env.run_pod(c, name, false).await;
     let mut cfg = restore_config(env, "restored", &archive.to_string_lossy());
     cfg.annotations
-        .insert("io.ckpt-shim.lazy-pages".into(), "true".into());
+        .insert("io.ckpt-shim.lazy-pages".into(), lazy.into());
     let id = create(c, &pod, cfg).await.unwrap();
     c.start_container(cri::StartContainerRequest {
         container_id: id.clone(),
@@ -67,6 +78,12 @@ fn verify_memory(env: &Env, id: &str) -> String {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Has the counter hash its memory again, and checks it is what it was.
+fn assert_memory_whole(env: &Env, id: &str) {
+    let verdict = verify_memory(env, id);
+    assert!(verdict.starts_with("ok "), "memory differs: {verdict}");
 }
 
 /// Processes whose command line mentions `what` (the page source of one restore).
@@ -135,10 +152,7 @@ async fn a_lazy_restore_continues_and_gets_all_its_memory_from_the_archive() {
     // Nothing of the pages was extracted: only CRIU's non-lazy pages are on disk.
     let log = Path::new(&pod.1.log_directory).join("restored.log");
     assert_continues(&env, &id, &log, (before, after), "lazy restore");
-    assert!(
-        verify_memory(&env, &id).starts_with("ok "),
-        "memory differs"
-    );
+    assert_memory_whole(&env, &id);
     // Every page pushed, the page source ends by itself; the container runs on.
     wait_gone(&staged.to_string_lossy(), Duration::from_secs(60));
     let served = lazy_log(&env, &id);
@@ -179,10 +193,7 @@ async fn a_shim_killed_during_a_lazy_restore_leaves_it_whole() {
     let mut c = env.client().await;
     let log = Path::new(&pod.1.log_directory).join("restored.log");
     assert_continues(&env, &id, &log, (before, after), "after a shim restart");
-    assert!(
-        verify_memory(&env, &id).starts_with("ok "),
-        "memory differs"
-    );
+    assert_memory_whole(&env, &id);
     let staged = env.dir.join("restore").join(&id);
     wait_gone(&staged.to_string_lossy(), Duration::from_secs(60));
     env.assert_running(&mut c, &id).await;
@@ -262,10 +273,7 @@ async fn a_checkpoint_image_restores_lazily_from_its_layer_in_place() {
         (before, after),
         "lazy restore from an image",
     );
-    assert!(
-        verify_memory(&env, &id).starts_with("ok "),
-        "memory differs"
-    );
+    assert_memory_whole(&env, &id);
     let staged = env.dir.join("restore").join(&id);
     wait_gone(&staged.to_string_lossy(), Duration::from_secs(60));
     let served = lazy_log(&env, &id);
@@ -441,10 +449,7 @@ async fn faults_are_answered_while_another_restores_push_holds_the_node() {
         let log = Path::new(&pod.1.log_directory).join("restored.log");
         assert_continues(&env, id, &log, (before, after), "under another push");
     }
-    assert!(
-        verify_memory(&env, &b.1).starts_with("ok "),
-        "memory differs"
-    );
+    assert_memory_whole(&env, &b.1);
     // Ordering, not time: the first one's page source is still waiting for
     // a slot, its pages not all in (the second's may be done: its hash
     // faulted every page in).
@@ -462,7 +467,7 @@ async fn faults_are_answered_while_another_restores_push_holds_the_node() {
         let served = lazy_log(&env, id);
         assert!(served.contains(ALL_IN), "{served}");
         assert!(pushed(&served, "slot_waits") > 0, "{served}");
-        assert!(verify_memory(&env, id).starts_with("ok "), "memory differs");
+        assert_memory_whole(&env, id);
         env.assert_running(&mut c, id).await;
         remove(&mut c, id, &pod.0).await;
     }
@@ -498,10 +503,7 @@ async fn background_pushes_wait_while_another_restore_is_in_flight() {
     let served = lazy_log(&env, &id);
     assert!(pushed(&served, "restore_waits") > 0, "{served}");
     assert_eq!(pushed(&served, "slot_waits"), 0, "{served}");
-    assert!(
-        verify_memory(&env, &id).starts_with("ok "),
-        "memory differs"
-    );
+    assert_memory_whole(&env, &id);
     remove(&mut c, &id, &pod.0).await;
 }
 
@@ -540,14 +542,7 @@ async fn a_lazy_restore_checkpointed_before_its_pages_are_in_keeps_all_its_memor
     assert!(served.contains("asked to push every page now"), "{served}");
     assert!(served.contains(ALL_IN), "{served}");
     drop(slots);
-    let pod2 = env.run_pod(&mut c, "from-half-in", false).await;
-    let cfg = restore_config(&env, "restored", &again.to_string_lossy());
-    let id2 = create(&mut c, &pod2, cfg).await.unwrap();
-    c.start_container(cri::StartContainerRequest {
-        container_id: id2.clone(),
-    })
-    .await
-    .unwrap_or_else(|e| panic!("StartContainer: {e:?}\n{}", env.shim_log()));
+    let (pod2, id2) = restore_in_pod(&mut env, &mut c, "from-half-in", &again, "false").await;
     let log2 = Path::new(&pod2.1.log_directory).join("restored.log");
     assert_continues(
         &env,
@@ -556,10 +551,7 @@ async fn a_lazy_restore_checkpointed_before_its_pages_are_in_keeps_all_its_memor
         (before, after),
         "from the second archive",
     );
-    assert!(
-        verify_memory(&env, &id2).starts_with("ok "),
-        "memory differs"
-    );
+    assert_memory_whole(&env, &id2);
     remove(&mut c, &id2, &pod2.0).await;
     remove(&mut c, &id, &pod.0).await;
 }
@@ -594,10 +586,7 @@ async fn the_working_set_goes_in_first_after_an_image_round_trip() {
     drop(slots);
     let restored = Path::new(&pod.1.log_directory).join("restored.log");
     assert_continues(&env, &id, &restored, (before, after), "working set first");
-    assert!(
-        verify_memory(&env, &id).starts_with("ok "),
-        "memory differs"
-    );
+    assert_memory_whole(&env, &id);
     let staged = env.dir.join("restore").join(&id);
     wait_gone(&staged.to_string_lossy(), Duration::from_secs(60));
     let served = lazy_log(&env, &id);
@@ -622,10 +611,7 @@ async fn a_second_lazy_restore_puts_in_first_what_the_first_faulted_on() {
     drop(slots);
     let log = wait_logged(&env, &first.1, "recorded a working set of");
     assert!(log.contains(ALL_IN), "{log}");
-    assert!(
-        verify_memory(&env, &first.1).starts_with("ok "),
-        "memory differs"
-    );
+    assert_memory_whole(&env, &first.1);
     let slots = hold_push_slots(&env);
     let second = restore_lazily(&mut env, &mut c, "second", &archive).await;
     let log = wait_logged(&env, &second.1, "working set in (");
@@ -639,10 +625,7 @@ async fn a_second_lazy_restore_puts_in_first_what_the_first_faulted_on() {
         (before, after),
         "second restore",
     );
-    assert!(
-        verify_memory(&env, &second.1).starts_with("ok "),
-        "memory differs"
-    );
+    assert_memory_whole(&env, &second.1);
     let staged = env.dir.join("restore").join(&second.1);
     wait_gone(&staged.to_string_lossy(), Duration::from_secs(60));
     let served = lazy_log(&env, &second.1);
@@ -677,10 +660,7 @@ async fn the_configured_push_slots_are_the_page_sources() {
     drop(first);
     let log = Path::new(&pod.1.log_directory).join("restored.log");
     assert_continues(&env, &id, &log, (before, after), "two slots");
-    assert!(
-        verify_memory(&env, &id).starts_with("ok "),
-        "memory differs"
-    );
+    assert_memory_whole(&env, &id);
     remove(&mut c, &id, &pod.0).await;
 }
 
@@ -838,10 +818,7 @@ async fn a_full_restore_copies_no_page_and_has_all_its_memory_when_started() {
     assert!(pushed_pages(&served) >= u64::from(BIG_MIB) << 8, "{served}");
     let log = Path::new(&pod.1.log_directory).join("restored.log");
     assert_continues(&env, &id, &log, (before, after), "full restore");
-    assert!(
-        verify_memory(&env, &id).starts_with("ok "),
-        "memory differs"
-    );
+    assert_memory_whole(&env, &id);
     remove(&mut c, &id, &pod.0).await;
     assert!(!env.restores().contains(&id));
 }
@@ -1004,10 +981,7 @@ async fn a_shim_killed_during_a_full_restore_leaves_it_whole() {
     }
     let log = Path::new(&pod.1.log_directory).join("restored.log");
     assert_continues(&env, &id, &log, (before, after), "after a shim restart");
-    assert!(
-        verify_memory(&env, &id).starts_with("ok "),
-        "memory differs"
-    );
+    assert_memory_whole(&env, &id);
     wait_gone(&staged.to_string_lossy(), Duration::from_secs(60));
     remove(&mut c, &id, &pod.0).await;
     assert!(!env.restores().contains(&id));
