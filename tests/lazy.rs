@@ -180,6 +180,27 @@ async fn a_lazy_restore_removed_before_its_pages_are_in_leaves_nothing() {
     assert!(!env.restores().contains(&id));
 }
 
+/// The same while its page source waits for a push slot (every one held):
+/// it ends with its process, nothing of the restore stays, though the slots
+/// are never let go.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lazy_restore_removed_while_waiting_for_a_push_slot_leaves_nothing() {
+    let mut env = Env::start();
+    let mut c = env.client().await;
+    let out = out_dir();
+    let (archive, before, after) = checkpointed(&mut env, &mut c, out.path(), MIB).await;
+    let slots = hold_push_slots(&env);
+    let (pod, id) = restore_lazily(&mut env, &mut c, "gone-waiting", &archive).await;
+    let log = Path::new(&pod.1.log_directory).join("restored.log");
+    assert_continues(&env, &id, &log, (before, after), "waiting for a slot");
+    let staged = env.dir.join("restore").join(&id);
+    assert!(!processes_with(&staged.to_string_lossy()).is_empty());
+    remove(&mut c, &id, &pod.0).await;
+    wait_gone(&staged.to_string_lossy(), Duration::from_secs(30));
+    assert!(!env.restores().contains(&id));
+    drop(slots);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_shim_killed_during_a_lazy_restore_leaves_it_whole() {
     let mut env = Env::start();

@@ -51,12 +51,14 @@ pub fn run(o: &Options) -> Result<()> {
         true => None,
         false => unrecorded(&o.dir, root, &plan.archive),
     };
+    let restored = Restored::watch(o.pid_file.clone());
     let mode = match plan.full {
         true => Mode {
             chunk: FULL_CHUNK,
             slots: None,
             record: false,
             hurry: None,
+            init: None,
             background_nice: None,
         },
         false => Mode {
@@ -67,11 +69,11 @@ pub fn run(o: &Options) -> Result<()> {
             )),
             record: record.is_some(),
             hurry: Some(o.dir.join("work").join(super::complete::HURRY)),
+            init: Some(restored.pidfd.clone()),
             background_nice: Some(BACKGROUND_NICE),
         },
     };
     let started = Instant::now();
-    let restored = Restored::watch(o.pid_file.clone());
     // Started once ckpt-runc has its `ready` (not to delay the restore),
     // while CRIU restores and before any page is served from the archive; a
     // full restore's page source is watched by ckpt-runc, which waits for it.
@@ -234,7 +236,7 @@ fn say_ready() -> Result<()> {
 /// names it (while the restore is still being answered), so that a kill
 /// never reaches another process that got the number later.
 struct Restored {
-    pidfd: std::sync::Arc<std::sync::Mutex<Option<OwnedFd>>>,
+    pidfd: super::push::InitFd,
     done: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 

@@ -56,6 +56,12 @@ pub const LAZY_CHUNK: u64 = 2 << 20;
 /// What a fault fills from its page on, within its run.
 const FAULT_CHUNK: u64 = 1 << 20;
 
+/// The restored init's pidfd, filled in by the page source once the
+/// runtime's pid file names it. A userfaultfd reports no exit, and a push
+/// waiting for a slot tries no copy (which would fail with ESRCH), so without
+/// this a page source waiting outlived its removed container.
+pub type InitFd = std::sync::Arc<std::sync::Mutex<Option<OwnedFd>>>;
+
 /// How the pages go in besides the faults.
 pub struct Mode {
     /// The most one background copy fills ([`FULL_CHUNK`], [`LAZY_CHUNK`]).
@@ -70,6 +76,9 @@ pub struct Mode {
     /// the restores in flight ([`super::complete`]); `None` for a full
     /// restore, which does so anyway.
     pub hurry: Option<std::path::PathBuf>,
+    /// The restored init, once known ([`InitFd`]): once it has exited,
+    /// nothing waits either, so that the push ends with its processes.
+    pub init: Option<InitFd>,
     /// The niceness background copies run at (faults at the page source's
     /// own): a lazy restore's push then leaves the CPUs to the restores and
     /// processes starting beside it. `None`: no change (a full restore).
@@ -409,10 +418,19 @@ impl Pusher<'_> {
         }
     }
 
-    /// Whether everything is to go in now ([`Mode::hurry`]); once seen, for good.
+    /// Whether everything is to go in now, once seen for good: asked to
+    /// ([`Mode::hurry`]), or the restored init has exited ([`Mode::init`]):
+    /// then each copy either fails for a process that is gone, which ends
+    /// its push, or serves one that lives on.
     fn hurry(&mut self) -> bool {
-        if !self.hurried && self.mode.hurry.as_ref().is_some_and(|f| f.exists()) {
+        if self.hurried {
+            return true;
+        }
+        if self.mode.hurry.as_ref().is_some_and(|f| f.exists()) {
             eprintln!("lazy-serve: asked to push every page now");
+            self.hurried = true;
+        } else if self.mode.init.as_ref().is_some_and(exited) {
+            eprintln!("lazy-serve: the restored init has exited: no more waiting");
             self.hurried = true;
         }
         self.hurried
@@ -581,6 +599,16 @@ impl Pusher<'_> {
 
 /// This thread's niceness (`/proc/thread-self/stat`'s 19th field; the
 /// command name before it is in parentheses and may hold spaces).
+/// Whether the process of the pidfd in `init` (if it is known yet) has
+/// exited: its pidfd polls readable then.
+fn exited(init: &InitFd) -> bool {
+    let slot = init.lock().unwrap_or_else(|p| p.into_inner());
+    slot.as_ref().is_some_and(|fd| {
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
+    })
+}
+
 fn own_nice() -> i32 {
     std::fs::read_to_string("/proc/thread-self/stat")
         .ok()
@@ -717,6 +745,7 @@ mod tests {
             slots: Some(slots),
             record: true,
             hurry: None,
+            init: None,
             background_nice: Some(10),
         };
         std::thread::scope(|s| {
