@@ -42,10 +42,13 @@ pub fn before_checkpoint(root: &Path, id: &str, deadline: Instant) -> Result<()>
         }
     }
     tracing::info!(container = %id, "its lazy restore's pages are not all in: pushing the rest before the checkpoint");
-    let log = s.work().join("lazy-serve.log");
+    let log = s.lazy_log();
     while !s.work().join(DONE).exists() {
         let said = std::fs::read_to_string(&log).unwrap_or_default();
-        if let Some(failed) = said.lines().find(|l| l.starts_with("lazy-serve: failed")) {
+        if let Some(failed) = said
+            .lines()
+            .find(|l| l.starts_with(super::lazy_serve::FAILED))
+        {
             return Err(Error::PagesMissing {
                 id: id.to_string(),
                 why: failed.to_string(),

@@ -31,6 +31,10 @@ use crate::error::{Context, Error, Result};
 /// the normal niceness), yet still get a tenth or so of a busy CPU.
 const BACKGROUND_NICE: i32 = 10;
 
+/// How the page source's log says it failed; a checkpoint waiting for its
+/// pages looks for it ([`super::complete`]).
+pub const FAILED: &str = "lazy-serve: failed";
+
 pub struct Options {
     pub dir: PathBuf,
     /// The restored init's pid file, to kill it if its pages cannot be served.
@@ -52,6 +56,7 @@ pub fn run(o: &Options) -> Result<()> {
         false => unrecorded(&o.dir, root, &plan.archive),
     };
     let restored = Restored::watch(o.pid_file.clone());
+    let staged = super::stage::Staged { dir: o.dir.clone() };
     let mode = match plan.full {
         true => Mode {
             chunk: FULL_CHUNK,
@@ -68,7 +73,7 @@ pub fn run(o: &Options) -> Result<()> {
                 plan.push_slots.unwrap_or_else(Slots::default_count),
             )),
             record: record.is_some(),
-            hurry: Some(o.dir.join("work").join(super::complete::HURRY)),
+            hurry: Some(staged.work().join(super::complete::HURRY)),
             init: Some(restored.pidfd.clone()),
             background_nice: Some(BACKGROUND_NICE),
         },
@@ -100,14 +105,14 @@ pub fn run(o: &Options) -> Result<()> {
             }
             // What a checkpoint of the container waits for; without it, the
             // checkpoint waits until its deadline, and fails.
-            let done = o.dir.join("work").join(super::complete::DONE);
+            let done = staged.work().join(super::complete::DONE);
             if let Err(e) = crate::safefs::create_new(&done, 0o600) {
                 eprintln!("lazy-serve: could not mark every page in: {e}");
             }
             Ok(())
         }
         Err(e) => {
-            eprintln!("lazy-serve: failed after {ms} ms: {e}");
+            eprintln!("{FAILED} after {ms} ms: {e}");
             restored.kill();
             Err(e)
         }

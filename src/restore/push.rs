@@ -187,7 +187,10 @@ pub fn run(
     let src = Source::open(dir)?;
     // The restore connects to the socket by its name in its work dir (CRIU's
     // fixed relative name; the full path could exceed sun_path).
-    let work = dir.join("work");
+    let work = super::stage::Staged {
+        dir: dir.to_path_buf(),
+    }
+    .work();
     std::env::set_current_dir(&work).ctx(|| format!("enter {}", work.display()))?;
     let _ = std::fs::remove_file(SOCKET);
     let listener = UnixListener::bind(SOCKET).ctx(|| format!("listen on {SOCKET}"))?;

@@ -256,7 +256,7 @@ fn all_pages_in(
             .status();
         return Err(Error::Other(format!(
             "the restore's pages were not all served ({e}): {}",
-            log_tail(&s.work().join("lazy-serve.log"))
+            log_tail(&s.lazy_log())
         )));
     }
     Ok(())
@@ -295,7 +295,7 @@ impl LazyServer {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(s.work().join("lazy-serve.log"))
+            .open(s.lazy_log())
             .ctx(|| "create lazy-serve.log".into())?;
         let mut cmd = Command::new(exe);
         cmd.arg("lazy-serve").arg(&s.dir);
@@ -335,7 +335,7 @@ impl Spawned {
         if line.trim() != "ready" {
             return Err(Error::Other(format!(
                 "the lazy restore's page source did not start: {}",
-                log_tail(&s.work().join("lazy-serve.log"))
+                log_tail(&s.lazy_log())
             )));
         }
         let log = self.log.try_clone().ctx(|| "lazy-serve.log".into())?;

@@ -103,6 +103,11 @@ impl Staged {
         self.dir.join("work")
     }
 
+    /// A served restore's page source's log (its stderr), in the work dir.
+    pub fn lazy_log(&self) -> PathBuf {
+        self.work().join("lazy-serve.log")
+    }
+
     pub fn info(&self) -> Option<RestoreInfo> {
         serde_json::from_slice(&std::fs::read(self.dir.join(INFO)).ok()?).ok()
     }
