@@ -287,7 +287,9 @@ async fn cycle_with(id: &str, prefix: &str, o: Options) {
     assert!(st.success(), "runc restore failed");
     let first = wait_count(&ov.rootfs, |_| true);
     assert!(
-        first > before && first <= after + 3,
+        // As common::restore::continues, the count file read: the dump may
+        // come between the counter's write of `before` and its next count.
+        first >= before && first <= after + 3,
         "runc-restored count {first}, dump saw {before}..{after}"
     );
     wait_count(&ov.rootfs, |v| v >= first + 3);

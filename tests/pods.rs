@@ -182,7 +182,7 @@ async fn a_pod_comes_back_as_a_new_pod_with_its_containers_created() {
         let log = Path::new(&sb.log_directory).join(format!("{name}.log"));
         let first = first_logged_count(&log);
         assert!(
-            first > before[i] && first <= after[i] + 1,
+            common::restore::continues(first, (before[i], after[i])),
             "{name}: restored at {first}, checkpoint saw {}..{}",
             before[i],
             after[i]

@@ -61,7 +61,7 @@ async fn a_checkpoint_comes_back_as_a_container_the_runtime_manages() {
     let log = Path::new(&pod.1.log_directory).join("restored.log");
     let first = first_logged_count(&log);
     assert!(
-        first > before && first <= after + 1,
+        common::restore::continues(first, (before, after)),
         "restored at {first}, checkpoint saw {before}..{after}"
     );
     common::wait_count(&env.rootfs(&id), |v| v > first + 2);

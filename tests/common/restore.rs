@@ -91,13 +91,21 @@ pub fn first_logged_count(log: &Path) -> u64 {
     }
 }
 
+/// Whether `first`, the first count a restored counter logs, goes on from
+/// a checkpoint that read `counts` from its count file just before and just
+/// after. The counter writes its count file before it prints the line, so a
+/// checkpoint between the two restores a process that prints the count read
+/// just before: `counts.0` itself (CI saw it once).
+pub fn continues(first: u64, counts: (u64, u64)) -> bool {
+    first >= counts.0 && first <= counts.1 + 1
+}
+
 /// The restored container `id` goes on from the count its checkpoint saw
-/// (`counts`: just before and just after it): its first line in `log`, then
-/// counting on in its root.
+/// ([`continues`]): its first line in `log`, then counting on in its root.
 pub fn assert_continues(env: &Env, id: &str, log: &Path, counts: (u64, u64), what: &str) {
     let first = first_logged_count(log);
     assert!(
-        first > counts.0 && first <= counts.1 + 1,
+        continues(first, counts),
         "{what}: restored at {first}, the checkpoint saw {}..{}",
         counts.0,
         counts.1
